@@ -1,0 +1,3 @@
+from pyvirtiofsd.supervisor.main import main
+
+raise SystemExit(main())

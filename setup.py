@@ -1,0 +1,5 @@
+# The native helpers (memory fences, atomics, the shared-arena lock, credential switching) are
+# built with cffi at install time; everything else is declared in pyproject.toml.
+from setuptools import setup
+
+setup(cffi_modules=["common/native_build.py:ffi"])
