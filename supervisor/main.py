@@ -1,0 +1,276 @@
+"""pyvirtiofsd's entry point: configuration, set-up, and the supervisor's event loop.
+
+Order: parse and check the configuration (exit 2 on any error, before anything starts), lock
+the pid file, open the shared directory and the listening socket, create the shared-state
+arena, start the spawner and one worker per virtqueue, then serve the vhost-user connection.
+Signal handlers only record the signal; the loop acts on it (gunicorn's arbiter habit).
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+
+import prctl
+
+from pyvirtiofsd import __version__
+from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
+from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
+from pyvirtiofsd.supervisor.pidfile import PidFile
+from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, ProcessTable
+from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
+from pyvirtiofsd.worker.filesystem import FsOptions
+from pyvirtiofsd.worker.fuse_server import FuseServer
+from pyvirtiofsd.worker.main import Worker
+from pyvirtiofsd.worker.passthrough import PassthroughFs
+
+log = logging.getLogger("pyvirtiofsd")
+
+MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
+
+
+class Shutdown(Exception):
+    pass
+
+
+def fs_options(config: Config) -> FsOptions:
+    return FsOptions(
+        cache=str(config.cache),
+        readonly=config.readonly,
+        xattr=config.xattr,
+        writeback=config.writeback,
+        allow_direct_io=config.allow_direct_io,
+        announce_submounts=config.announce_submounts,
+        readdirplus=config.use_readdirplus,
+    )
+
+
+def open_listener(config: Config) -> socket.socket:
+    if config.fd is not None:
+        return socket.socket(fileno=config.fd)
+    path = config.socket_path
+    assert path is not None
+    if os.path.exists(path):
+        os.unlink(path)          # stale: check_startup refused a live one
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if config.socket_group is not None:
+        os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+        os.chmod(path, 0o660)
+    sock.listen(1)
+    return sock
+
+
+def recv_message(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
+    """One vhost-user message: the header arrives with any fds (spec "Communication")."""
+    fds: list[int] = []
+    data, anc, flags, _ = conn.recvmsg(HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(cdata[i:i + 4], sys.byteorder)
+                       for i in range(0, len(cdata) - len(cdata) % 4, 4))
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise Disconnect(f"more than {MAX_FDS} file descriptors in one message")
+        if not data:
+            if fds:
+                raise Disconnect("file descriptors without a message")
+            return None
+        conn.settimeout(MESSAGE_TIMEOUT)
+        try:
+            while len(data) < HEADER_SIZE:
+                more = conn.recv(HEADER_SIZE - len(data))
+                if not more:
+                    raise Disconnect("connection closed inside a message header")
+                data += more
+            hdr = Header.unpack(data)
+            if not hdr.is_valid():
+                raise Disconnect(f"request {hdr.request}: invalid header (flags {hdr.flags:#x},"
+                                 f" size {hdr.size})")
+            payload = b""
+            while len(payload) < hdr.size:
+                more = conn.recv(hdr.size - len(payload))
+                if not more:
+                    raise Disconnect(f"request {hdr.request}: connection closed inside payload")
+                payload += more
+        except TimeoutError:
+            raise Disconnect("a message stayed incomplete for"
+                             f" {MESSAGE_TIMEOUT:.0f} s") from None
+        finally:
+            conn.settimeout(None)
+        return hdr, payload, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.num_queues = 1 + config.request_queues
+        self.signals: list[int] = []
+        self.arena = Arena.create(max_queues=max(64, self.num_queues))
+        self.procs = ProcessTable(self.num_queues, self.worker_entry)
+        self.root_fd = -1
+
+    # -- set-up ----------------------------------------------------------------------------
+    def open_share(self) -> None:
+        self.root_fd = os.open(self.config.shared_dir, os.O_PATH | os.O_DIRECTORY)
+        st = os.fstat(self.root_fd)
+        self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+
+    def worker_entry(self, queue: int, channel: socket.socket) -> None:
+        """Runs in the worker process, which shares the spawner's fd table."""
+        logsetup.set_role(f"worker q{queue}")
+        prctl.set_name(f"pyvfs-q{queue}")
+        prctl.set_pdeathsig(signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        try:
+            proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+        except OSError as e:
+            log.error("worker for queue %d cannot open /proc/self/fd: %s", queue, e)
+            os._exit(EXIT_SETUP_FAILED)
+        fs = PassthroughFs(self.arena, proc_fd, fs_options(self.config))
+        server = FuseServer(fs, queue)
+        Worker(queue, channel, server, self.arena).run()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, listener: socket.socket) -> int:
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
+        keep = {self.root_fd}
+        self.procs.start(keep)
+        os.close(self.root_fd)        # the spawner's fd table holds it now
+        for warning in self.config.unimplemented():
+            log.warning("%s is accepted but not implemented yet; it has no effect", warning)
+        log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
+                 self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
+        try:
+            conn = self.accept(listener, wake_r)
+            listener.close()
+            self.serve(conn, wake_r)
+        except Shutdown:
+            log.info("terminating on signal")
+        finally:
+            counts = self.arena.counters.snapshot()[: self.num_queues]
+            log.info("requests served per queue: %s",
+                     ", ".join(f"q{q}={n}" for q, n in enumerate(counts)))
+            self.procs.shutdown()
+        return 0
+
+    def wait(self, sock: socket.socket, wake: socket.socket) -> bool:
+        """Block until `sock` is readable (True) while handling signals and worker deaths."""
+        while True:
+            pidfds = self.procs.pidfds()
+            ready, _, _ = select.select([sock, wake, *pidfds], [], [])
+            if wake in ready:
+                try:
+                    wake.recv(64)
+                except BlockingIOError:
+                    pass
+                while self.signals:
+                    sig = self.signals.pop(0)
+                    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                        raise Shutdown
+            for fd in ready:
+                if fd in pidfds:
+                    self.procs.worker_exited(pidfds[fd])
+            if sock in ready:
+                return True
+
+    def accept(self, listener: socket.socket, wake: socket.socket) -> socket.socket:
+        self.wait(listener, wake)
+        conn, _ = listener.accept()
+        log.info("front-end connected")
+        return conn
+
+    def serve(self, conn: socket.socket, wake: socket.socket) -> None:
+        backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+        try:
+            while True:
+                self.wait(conn, wake)
+                try:
+                    msg = recv_message(conn)
+                    if msg is None:
+                        log.info("front-end disconnected")
+                        return
+                    hdr, payload, fds = msg
+                    reply = backend.handle(hdr, payload, fds)
+                except Disconnect as e:
+                    log.error("closing the vhost-user connection: %s", e)
+                    return
+                except ConnectionError as e:
+                    log.info("front-end connection lost: %s", e)
+                    return
+                if reply is not None:
+                    rhdr = Header(hdr.request, 1 | HeaderFlag.REPLY, len(reply))
+                    try:
+                        conn.sendall(rhdr.pack() + reply)
+                    except OSError as e:
+                        log.info("front-end connection lost: %s", e)
+                        return
+        finally:
+            backend.close()
+            conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = run_cli(sys.argv[1:] if argv is None else argv)
+    try:
+        check_startup(config)
+    except ConfigError as e:
+        error_exit(str(e))
+    logsetup.setup(config.log_level, config.syslog, "supervisor")
+    for line in config.deprecations:
+        log.warning("%s", line)
+    pidfile = PidFile()
+    try:
+        if config.socket_path is not None:
+            pidfile.acquire(config.socket_path)
+    except ConfigError as e:
+        error_exit(str(e))
+    prctl.set_name("pyvirtiofsd")
+    sup = Supervisor(config)
+    try:
+        sup.open_share()
+        listener = open_listener(config)
+    except OSError as e:
+        pidfile.release()
+        error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'socket'})")
+    log.debug("pyvirtiofsd %s starting", __version__)
+    try:
+        return sup.run(listener)
+    except OSError as e:
+        if e.errno == errno.EPIPE:
+            return 0
+        log.error("fatal: %s", e)
+        return 1
+    finally:
+        if config.socket_path is not None:
+            try:
+                os.unlink(config.socket_path)
+            except OSError:
+                pass
+        pidfile.release()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,478 @@
+"""The vhost-user control plane (QEMU docs/interop/vhost-user.rst; protocol.md section 1).
+
+`Backend` holds one connection's device state and answers every request a virtio-fs front-end
+sends.  Ring and memory changes are forwarded to the queue workers through `QueueControl`; the
+supervisor itself never maps guest memory.  All checks on a message's shape happen in one place,
+`Backend.gate()`, before any handler runs: payload size, owner state, negotiated protocol
+features, and which requests may carry fds and how many.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyvirtiofsd.common import virtio
+from pyvirtiofsd.common.control import RingFlag, RingGeometry
+from pyvirtiofsd.common.vhost_user import (
+    F_PROTOCOL_FEATURES,
+    U64,
+    ConfigSpace,
+    Header,
+    MemoryRegion,
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    VringState,
+    unpack_memory_table,
+    unpack_single_region,
+)
+
+log = logging.getLogger("pyvirtiofsd.vhost")
+
+FEATURES = (
+    virtio.Feature.VERSION_1
+    | virtio.Feature.INDIRECT_DESC
+    | virtio.Feature.EVENT_IDX
+    | F_PROTOCOL_FEATURES
+)
+BASE_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+MAX_MEM_SLOTS = 32
+
+
+class RequestError(Exception):
+    """The request is refused; the front-end gets a failure ack (or, without one, a log line)."""
+
+
+class Disconnect(Exception):
+    """The connection cannot continue (bad framing, or a reply we cannot give)."""
+
+
+class QueueControl(Protocol):
+    """What the control plane needs from the process table (supervisor/procs.py)."""
+
+    def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None: ...
+    def start_ring(self, index: int, geometry: RingGeometry, kick: int | None,
+                   call: int | None) -> None: ...
+    def stop_ring(self, index: int) -> int: ...
+    def set_call(self, index: int, call: int | None) -> None: ...
+    def set_enable(self, index: int, enabled: bool) -> None: ...
+
+
+@dataclass
+class Vring:
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick: int | None = None
+    call: int | None = None
+    err: int | None = None
+    started: bool = False
+    enabled: bool = False
+
+    def close_fds(self) -> None:
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one request is framed: payload size (None = checked by its handler), fds allowed,
+    whether the reply is part of the message definition, the protocol feature it needs, and
+    whether SET_OWNER must have been seen."""
+
+    size: int | None
+    fds: tuple[int, int] = (0, 0)
+    replies: bool = False
+    gate: ProtocolFeature | None = None
+    owner: bool = True
+
+
+_U64 = U64.size
+_STATE = VringState.STRUCT.size
+_REGION_MSG = 8 + MemoryRegion.STRUCT.size
+
+RULES: dict[Request, Rule] = {
+    Request.GET_FEATURES: Rule(0, replies=True, owner=False),
+    Request.SET_FEATURES: Rule(_U64),
+    Request.SET_OWNER: Rule(0, owner=False),
+    Request.RESET_OWNER: Rule(0),
+    Request.SET_MEM_TABLE: Rule(None, fds=(1, 8)),
+    Request.SET_VRING_NUM: Rule(_STATE),
+    Request.SET_VRING_ADDR: Rule(VringAddr.STRUCT.size),
+    Request.SET_VRING_BASE: Rule(_STATE),
+    Request.GET_VRING_BASE: Rule(_STATE, replies=True),
+    Request.SET_VRING_KICK: Rule(_U64, fds=(0, 1)),
+    Request.SET_VRING_CALL: Rule(_U64, fds=(0, 1)),
+    Request.SET_VRING_ERR: Rule(_U64, fds=(0, 1)),
+    Request.GET_PROTOCOL_FEATURES: Rule(0, replies=True, owner=False),
+    Request.SET_PROTOCOL_FEATURES: Rule(_U64, owner=False),
+    Request.GET_QUEUE_NUM: Rule(0, replies=True, gate=ProtocolFeature.MQ, owner=False),
+    Request.SET_VRING_ENABLE: Rule(_STATE),
+    Request.GET_CONFIG: Rule(None, replies=True, gate=ProtocolFeature.CONFIG, owner=False),
+    Request.SET_CONFIG: Rule(None, gate=ProtocolFeature.CONFIG),
+    Request.RESET_DEVICE: Rule(0, gate=ProtocolFeature.RESET_DEVICE),
+    Request.GET_MAX_MEM_SLOTS: Rule(0, replies=True, gate=ProtocolFeature.CONFIGURE_MEM_SLOTS,
+                                    owner=False),
+    Request.ADD_MEM_REG: Rule(_REGION_MSG, fds=(1, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    # The spec says no fd SHOULD come with REM_MEM_REG, but a back-end MAY accept one.
+    Request.REM_MEM_REG: Rule(_REGION_MSG, fds=(0, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
+    Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
+}
+
+
+def _name(code: int) -> str:
+    try:
+        return Request(code).name
+    except ValueError:
+        return f"request {code}"
+
+
+@dataclass
+class Backend:
+    queues: QueueControl
+    num_queues: int
+    max_queue_size: int = 1024
+    tag: str | None = None
+    owner: bool = False
+    acked_features: int = 0
+    protocol_features: int = 0
+    status: int = 0
+    regions: list[tuple[MemoryRegion, int]] = field(default_factory=list)
+    vrings: list[Vring] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.vrings = [Vring() for _ in range(self.num_queues)]
+        self._handlers: dict[Request, Callable[[bytes, list[int]], bytes | None]] = {
+            req: getattr(self, "on_" + req.name.lower()) for req in RULES
+        }
+
+    @property
+    def offered_protocol_features(self) -> int:
+        # QEMU 7.1-8.0 crash when a back-end offers CONFIG, so only with --tag (as virtiofsd).
+        extra = ProtocolFeature.CONFIG if self.tag else 0
+        return int(BASE_PROTOCOL_FEATURES | extra)
+
+    # -- the one validation gate ----------------------------------------------------------
+    def gate(self, hdr: Header, payload: bytes, fds: list[int]) -> Rule:
+        if not hdr.is_valid():
+            raise Disconnect(f"{_name(hdr.request)}: invalid header flags {hdr.flags:#x}"
+                             f" or size {hdr.size}")
+        try:
+            req = Request(hdr.request)
+        except ValueError:
+            raise RequestError(f"unknown {_name(hdr.request)}") from None
+        rule = RULES.get(req)
+        if rule is None:
+            raise RequestError(f"{req.name} is not supported by this back-end")
+        if rule.size is not None and len(payload) != rule.size:
+            raise RequestError(f"{req.name}: payload of {len(payload)} bytes, expected {rule.size}")
+        lo, hi = rule.fds
+        if not lo <= len(fds) <= hi:
+            raise RequestError(f"{req.name}: {len(fds)} file descriptors, expected {lo}..{hi}")
+        if rule.gate is not None and not self.protocol_features & rule.gate:
+            raise RequestError(f"{req.name} needs protocol feature {rule.gate.name},"
+                               " which was not negotiated")
+        if rule.owner and not self.owner:
+            raise RequestError(f"{req.name} before SET_OWNER")
+        return rule
+
+    def handle(self, hdr: Header, payload: bytes, fds: list[int]) -> bytes | None:
+        """Process one request; returns the reply payload to send, if any.
+
+        A handler takes ownership of an fd by removing it from the list it is given; whatever
+        is left there is closed here, on success and on error alike.  Raises Disconnect when
+        the connection must end.
+        """
+        owned = list(fds)
+        try:
+            rule = self.gate(hdr, payload, owned)
+            reply = self._handlers[Request(hdr.request)](payload, owned)
+        except RequestError as e:
+            log.warning("vhost-user %s refused: %s", _name(hdr.request), e)
+            if self._acks(hdr):
+                return U64.pack(1)
+            if hdr.request in RULES and RULES[Request(hdr.request)].replies:
+                raise Disconnect(f"{_name(hdr.request)} cannot be answered: {e}") from None
+            return None
+        finally:
+            for fd in owned:
+                os.close(fd)
+        if rule.replies:
+            return reply
+        return U64.pack(0) if self._acks(hdr) else None
+
+    def _acks(self, hdr: Header) -> bool:
+        """REPLY_ACK (spec "REPLY_ACK"): ack only when negotiated and asked for."""
+        return bool(self.protocol_features & ProtocolFeature.REPLY_ACK and hdr.need_reply)
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < self.num_queues:
+            raise RequestError(f"vring index {index} out of range (0..{self.num_queues - 1})")
+        return self.vrings[index]
+
+    # -- session and features -------------------------------------------------------------
+    def on_get_features(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(int(FEATURES))
+
+    def on_set_features(self, payload: bytes, fds: list[int]) -> None:
+        (features,) = U64.unpack(payload)
+        if features & ~int(FEATURES):
+            raise RequestError(f"features {features & ~int(FEATURES):#x} were never offered")
+        self.acked_features = features
+        if not features & F_PROTOCOL_FEATURES:
+            # Without protocol features every ring is enabled at once (spec "Ring states").
+            for i, vring in enumerate(self.vrings):
+                self._set_enabled(i, vring, True)
+        return None
+
+    def on_set_owner(self, payload: bytes, fds: list[int]) -> None:
+        if self.owner:
+            raise RequestError("SET_OWNER on a connection that already has an owner")
+        self.owner = True
+
+    def on_reset_owner(self, payload: bytes, fds: list[int]) -> None:
+        # Deprecated; the spec recommends ignoring it or disabling the rings: disable them.
+        self.stop_all()
+
+    def on_get_protocol_features(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(self.offered_protocol_features)
+
+    def on_set_protocol_features(self, payload: bytes, fds: list[int]) -> None:
+        (features,) = U64.unpack(payload)
+        if features & ~self.offered_protocol_features:
+            raise RequestError(f"protocol features {features:#x} include bits never offered")
+        self.protocol_features = features
+
+    def on_get_queue_num(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(self.num_queues)
+
+    def on_reset_device(self, payload: bytes, fds: list[int]) -> None:
+        # Disable all rings and forget negotiated virtio features; keep ownership (spec).
+        self.stop_all()
+        self.acked_features = 0
+        self.status = 0
+
+    def on_set_status(self, payload: bytes, fds: list[int]) -> None:
+        (status,) = U64.unpack(payload)
+        if status > 0xFF:
+            raise RequestError(f"device status {status:#x} is wider than 8 bits")
+        self.status = status
+
+    def on_get_status(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(self.status)
+
+    def on_get_config(self, payload: bytes, fds: list[int]) -> bytes:
+        cfg = ConfigSpace.unpack(payload) if len(payload) >= ConfigSpace.STRUCT.size else None
+        if cfg is None or not cfg.is_valid(len(payload)):
+            # A zero-size config payload tells the front-end the request failed (spec).
+            return ConfigSpace(0, 0, 0).pack()
+        space = virtio.FS_CONFIG.pack((self.tag or "").encode(), self.num_queues - 1)
+        data = space[cfg.offset : cfg.offset + cfg.size].ljust(cfg.size, b"\0")
+        return cfg.pack() + data
+
+    def on_set_config(self, payload: bytes, fds: list[int]) -> None:
+        raise RequestError("the virtio-fs configuration space is read-only")
+
+    # -- memory ----------------------------------------------------------------------------
+    def on_set_mem_table(self, payload: bytes, fds: list[int]) -> None:
+        try:
+            regions = unpack_memory_table(payload)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if len(regions) != len(fds):
+            raise RequestError(f"{len(regions)} regions but {len(fds)} file descriptors")
+        self._check_regions(regions)
+        table = list(zip(regions, fds, strict=True))
+        fds.clear()
+        self._apply_regions(table)
+
+    def on_get_max_mem_slots(self, payload: bytes, fds: list[int]) -> bytes:
+        return U64.pack(MAX_MEM_SLOTS)
+
+    def on_add_mem_reg(self, payload: bytes, fds: list[int]) -> None:
+        region = unpack_single_region(payload)
+        if len(self.regions) >= MAX_MEM_SLOTS:
+            raise RequestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
+        self._check_regions([r for r, _ in self.regions] + [region])
+        self._apply_regions([*self.regions, (region, fds.pop())])
+
+    def on_rem_mem_reg(self, payload: bytes, fds: list[int]) -> None:
+        gone = unpack_single_region(payload)
+        for i, (r, _fd) in enumerate(self.regions):
+            # The mmap offset is ignored when matching (spec REM_MEM_REG).
+            if (r.guest_phys_addr, r.memory_size, r.userspace_addr) == (
+                gone.guest_phys_addr, gone.memory_size, gone.userspace_addr):
+                self._apply_regions(self.regions[:i] + self.regions[i + 1:])
+                return
+        raise RequestError(f"REM_MEM_REG: no region at guest address {gone.guest_phys_addr:#x}")
+
+    @staticmethod
+    def _check_regions(regions: list[MemoryRegion]) -> None:
+        for r in regions:
+            if not r.is_valid():
+                raise RequestError(f"memory region at {r.guest_phys_addr:#x} size"
+                                   f" {r.memory_size:#x} is empty or overflows")
+        for key in ("guest_phys_addr", "userspace_addr"):
+            spans = sorted((getattr(r, key), getattr(r, key) + r.memory_size) for r in regions)
+            for (_, end), (start, _) in itertools.pairwise(spans):
+                if start < end:
+                    raise RequestError(f"memory regions overlap at {key} {start:#x}")
+
+    def _apply_regions(self, table: list[tuple[MemoryRegion, int]]) -> None:
+        """Hand the whole new table to every worker; the supervisor keeps the region fds (a
+        respawned worker needs them).  Fds end up owned by exactly one table, old or new."""
+        kept = {fd for _, fd in table}
+        known = {fd for _, fd in self.regions}
+        try:
+            self.queues.set_mem_table([r for r, _ in table], [fd for _, fd in table])
+        except OSError as e:
+            for fd in kept - known:
+                os.close(fd)
+            raise RequestError(f"a queue worker could not map the memory table: {e}") from None
+        for fd in known - kept:
+            os.close(fd)
+        self.regions = table
+
+    def close_regions(self) -> None:
+        for _, fd in self.regions:
+            os.close(fd)
+        self.regions = []
+
+    # -- rings -----------------------------------------------------------------------------
+    def on_set_vring_num(self, payload: bytes, fds: list[int]) -> None:
+        st = VringState.unpack(payload)
+        vring = self._vring(st.index)
+        if st.num == 0 or st.num & (st.num - 1) or st.num > self.max_queue_size:
+            raise RequestError(f"queue size {st.num} is not a power of two in"
+                               f" 1..{self.max_queue_size}")
+        if vring.started:
+            raise RequestError(f"SET_VRING_NUM on running vring {st.index}")
+        vring.num = st.num
+
+    def on_set_vring_addr(self, payload: bytes, fds: list[int]) -> None:
+        addr = VringAddr.unpack(payload)
+        vring = self._vring(addr.index)
+        if not addr.is_valid():
+            raise RequestError(f"vring {addr.index}: misaligned ring address or unknown flags")
+        if addr.flags & VringAddr.F_LOG:
+            raise RequestError("dirty logging was not negotiated")
+        if vring.started:
+            raise RequestError(f"SET_VRING_ADDR on running vring {addr.index}")
+        vring.addr = addr
+
+    def on_set_vring_base(self, payload: bytes, fds: list[int]) -> None:
+        st = VringState.unpack(payload)
+        vring = self._vring(st.index)
+        if st.num > 0xFFFF:
+            raise RequestError(f"vring base {st.num:#x} does not fit 16 bits (split ring)")
+        if vring.started:
+            raise RequestError(f"SET_VRING_BASE on running vring {st.index}")
+        vring.base = st.num
+
+    def on_get_vring_base(self, payload: bytes, fds: list[int]) -> bytes:
+        st = VringState.unpack(payload)
+        vring = self._vring(st.index)
+        if vring.started:
+            vring.base = self.queues.stop_ring(st.index)
+            vring.started = False
+        # The ring is stopped; its notifiers go with it (rust-vmm drops kick and call too).
+        vring.close_fds()
+        return VringState(st.index, vring.base).pack()
+
+    def _vring_fd(self, payload: bytes, fds: list[int]) -> tuple[int, Vring, int | None]:
+        (value,) = U64.unpack(payload)
+        index = value & 0xFF
+        if value & ~0x1FF:
+            raise RequestError(f"vring fd message with unknown bits {value:#x}")
+        nofd = bool(value & 0x100)
+        if nofd == bool(fds):
+            raise RequestError("invalid-FD flag and attached fds disagree")
+        vring = self._vring(index)
+        fd = fds.pop() if fds else None
+        return index, vring, fd
+
+    def on_set_vring_kick(self, payload: bytes, fds: list[int]) -> None:
+        index, vring, fd = self._vring_fd(payload, fds)
+        if vring.kick is not None:
+            os.close(vring.kick)
+        vring.kick = fd
+        self._start(index, vring)
+
+    def on_set_vring_call(self, payload: bytes, fds: list[int]) -> None:
+        index, vring, fd = self._vring_fd(payload, fds)
+        if vring.call is not None:
+            os.close(vring.call)
+        vring.call = fd
+        if vring.started:
+            self.queues.set_call(index, fd)
+
+    def on_set_vring_err(self, payload: bytes, fds: list[int]) -> None:
+        _index, vring, fd = self._vring_fd(payload, fds)
+        if vring.err is not None:
+            os.close(vring.err)
+        vring.err = fd
+
+    def on_set_vring_enable(self, payload: bytes, fds: list[int]) -> None:
+        st = VringState.unpack(payload)
+        vring = self._vring(st.index)
+        if not self.acked_features & F_PROTOCOL_FEATURES:
+            raise RequestError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        if st.num > 1:
+            raise RequestError(f"SET_VRING_ENABLE with value {st.num}")
+        self._set_enabled(st.index, vring, bool(st.num))
+
+    def _set_enabled(self, index: int, vring: Vring, enabled: bool) -> None:
+        vring.enabled = enabled
+        if vring.started:
+            self.queues.set_enable(index, enabled)
+
+    def _start(self, index: int, vring: Vring) -> None:
+        """Rings start with SET_VRING_KICK (spec "Ring states", current wording)."""
+        if vring.addr is None or vring.num == 0:
+            raise RequestError(f"SET_VRING_KICK on vring {index} before its size and addresses")
+        if vring.started:
+            vring.base = self.queues.stop_ring(index)
+            vring.started = False
+        flags = RingFlag(0)
+        if self.acked_features & virtio.Feature.EVENT_IDX:
+            flags |= RingFlag.EVENT_IDX
+        if vring.enabled:
+            flags |= RingFlag.ENABLED
+        geometry = RingGeometry(vring.num, flags, vring.addr.desc, vring.addr.avail,
+                                vring.addr.used, vring.base)
+        try:
+            self.queues.start_ring(index, geometry, vring.kick, vring.call)
+        except OSError as e:
+            raise RequestError(f"vring {index} could not start: {e}") from None
+        vring.started = True
+
+    def stop_all(self) -> None:
+        for i, vring in enumerate(self.vrings):
+            if vring.started:
+                try:
+                    vring.base = self.queues.stop_ring(i)
+                except OSError as e:
+                    log.warning("stopping vring %d: %s", i, e)
+                vring.started = False
+            vring.enabled = False
+            vring.close_fds()
+
+    def close(self) -> None:
+        """End of the connection: stop rings, drop memory and notifiers."""
+        self.stop_all()
+        self.close_regions()
