@@ -31,7 +31,9 @@ class _Cursor:
 
     def _take(self, n: int) -> list[memoryview]:
         """Consume n bytes, returning the views that cover them."""
-        if n > self._left:
+        if not 0 <= n <= self._left:
+            # n may come from a guest-supplied length field: a negative one must not walk
+            # the cursor backwards.
             raise ChainTooShort(f"need {n} bytes, {self._left} left in the chain")
         out: list[memoryview] = []
         segs = self._segs
@@ -62,7 +64,7 @@ class Reader(_Cursor):
         if self._seg < len(segs):
             seg = segs[self._seg]
             end = self._off + n
-            if end <= len(seg) and n <= self._left:   # fast path: inside one buffer
+            if end <= len(seg) and n >= 0:   # fast path: inside one buffer
                 data = bytes(seg[self._off : end])
                 self._left -= n
                 if end == len(seg):
@@ -71,7 +73,7 @@ class Reader(_Cursor):
                 else:
                     self._off = end
                 return data
-        return b"".join(bytes(v) for v in self._take(n))
+        return b"".join(self._take(n))
 
     def read_struct(self, st: struct.Struct) -> tuple:
         return st.unpack(self.read(st.size))
@@ -110,7 +112,7 @@ class Writer(_Cursor):
 
     def views(self, n: int) -> list[memoryview]:
         """Views of up to n next bytes (for preadv); nothing is consumed or counted."""
-        n = min(n, self._left)
+        n = max(0, min(n, self._left))
         seg, off, out = self._seg, self._off, []
         while n:
             s = self._segs[seg]
@@ -125,9 +127,14 @@ class Writer(_Cursor):
         self._take(n)
         self._written += n
 
+    def skip(self, n: int) -> None:
+        """Leave n bytes as they are; they still count in `written`, which is the cursor
+        position (used.len must cover every byte up to the last one written)."""
+        self.advance(n)
+
     def write_at(self, offset: int, data: bytes) -> None:
         """Write at an absolute offset already covered by earlier writes/advances (headers)."""
-        if offset + len(data) > self._written:
+        if offset < 0 or offset + len(data) > self._written:
             raise ChainTooShort("write_at beyond written bytes")
         for seg in self._all:
             if offset >= len(seg):

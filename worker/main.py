@@ -34,7 +34,8 @@ class Worker:
         self.counters = arena.counters
         self.mem = GuestMemory()
         self.queue: SplitQueue | None = None
-        self.geometry: tuple[int, int, int, int, bool] | None = None   # num, desc, avail, used, event_idx
+        # num, desc, avail, used, event_idx of the running ring
+        self.geometry: tuple[int, int, int, int, bool] | None = None
         self.kick: int | None = None
         self.call: int | None = None
         self.enabled = False
