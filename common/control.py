@@ -46,6 +46,7 @@ class RingFlag(enum.IntFlag):
     ENABLED = 2
     HAS_KICK = 4
     HAS_CALL = 8
+    INDIRECT = 32
     RESUME_FROM_USED = 16   # a respawned worker resumes at used.idx (re-serving in-flight heads)
 
 

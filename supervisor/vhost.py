@@ -451,6 +451,8 @@ class Backend:
         flags = RingFlag(0)
         if self.acked_features & virtio.Feature.EVENT_IDX:
             flags |= RingFlag.EVENT_IDX
+        if self.acked_features & virtio.Feature.INDIRECT_DESC:
+            flags |= RingFlag.INDIRECT
         if vring.enabled:
             flags |= RingFlag.ENABLED
         geometry = RingGeometry(vring.num, flags, vring.addr.desc, vring.addr.avail,

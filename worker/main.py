@@ -34,8 +34,8 @@ class Worker:
         self.counters = arena.counters
         self.mem = GuestMemory()
         self.queue: SplitQueue | None = None
-        # num, desc, avail, used, event_idx of the running ring
-        self.geometry: tuple[int, int, int, int, bool] | None = None
+        # num, desc, avail, used, event_idx, indirect of the running ring
+        self.geometry: tuple[int, int, int, int, bool, bool] | None = None
         self.kick: int | None = None
         self.call: int | None = None
         self.enabled = False
@@ -96,9 +96,9 @@ class Worker:
         finally:
             control.close_fds(msg.fds)
         if self.queue is not None and self.geometry is not None:
-            num, desc, avail, used, event_idx = self.geometry
+            num, desc, avail, used, event_idx, indirect = self.geometry
             self.queue = SplitQueue(new, num, desc, avail, used, self.queue.next_avail,
-                                    event_idx=event_idx)
+                                    event_idx=event_idx, indirect=indirect)
         self.mem.clear()
         self.mem = new
 
@@ -110,17 +110,19 @@ class Worker:
         call = fds.pop(0) if flags & RingFlag.HAS_CALL and fds else None
         control.close_fds(fds)
         event_idx = bool(flags & RingFlag.EVENT_IDX)
+        indirect = bool(flags & RingFlag.INDIRECT)
         try:
-            queue = SplitQueue(self.mem, num, desc, avail, used, next_avail, event_idx=event_idx)
+            queue = SplitQueue(self.mem, num, desc, avail, used, next_avail,
+                               event_idx=event_idx, indirect=indirect)
             if flags & RingFlag.RESUME_FROM_USED:
                 queue = SplitQueue(self.mem, num, desc, avail, used, queue.next_used,
-                                   event_idx=event_idx)
+                                   event_idx=event_idx, indirect=indirect)
         except BaseException:
             control.close_fds([fd for fd in (kick, call) if fd is not None])
             raise
         self.stop_ring()
         self.queue = queue
-        self.geometry = (num, desc, avail, used, event_idx)
+        self.geometry = (num, desc, avail, used, event_idx, indirect)
         self.kick = kick
         if kick is not None:
             self.poll.register(kick, select.POLLIN)
@@ -164,6 +166,8 @@ class Worker:
                         log.warning("queue %d: malformed descriptor chain %d: %s",
                                     self.index, e.head, e)
                         queue.push(e.head, 0)
+                        if queue.should_notify():
+                            self.signal()
                         continue
                     if chain is None:
                         break
