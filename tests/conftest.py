@@ -1,0 +1,100 @@
+"""Shared fixtures: a running pyvirtiofsd on a fresh share."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DAEMON = ROOT / ".venv" / "bin" / "pyvirtiofsd"
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class Daemon:
+    """A pyvirtiofsd process; `log` collects its stderr lines as they arrive."""
+
+    proc: subprocess.Popen
+    socket: str
+    share: Path
+    lines: queue.Queue = field(default_factory=queue.Queue)
+    log: list[str] = field(default_factory=list)
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT) -> str:
+        """Block until a log line containing `text` arrives (or the daemon exits)."""
+        for line in self.log:
+            if text in line:
+                return line
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"daemon never logged {text!r}; log:\n"
+                                     + "".join(self.log)) from None
+            if line is None:
+                raise AssertionError(f"daemon exited ({self.proc.wait()}) before logging "
+                                     f"{text!r}; log:\n" + "".join(self.log))
+            if text in line:
+                return line
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.log)
+
+
+def start_daemon(share: Path, sock: str, *args: str) -> Daemon:
+    argv = [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+            "--sandbox=none", "--log-level=debug", *args]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    d = Daemon(proc, sock, share)
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            d.log.append(line)
+            d.lines.put(line)
+            if os.environ.get("PYVIRTIOFSD_TEST_ECHO"):
+                sys.stderr.write(line)
+        d.lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    d.wait_for("serving ")
+    return d
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    d = tmp_path / "share"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, share: Path) -> Iterator:
+    started: list[Daemon] = []
+
+    def start(*args: str, share_dir: Path | None = None) -> Daemon:
+        d = start_daemon(share_dir or share, str(tmp_path / f"vfs{len(started)}.sock"), *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
