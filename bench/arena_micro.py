@@ -1,0 +1,69 @@
+"""Micro-benchmark of the shared arena's hot path: acquire+release pairs per second.
+
+Every FUSE request pins its inode (and, for I/O, its handle) once, so this bounds how much of a
+request's budget the shared tables take.  Run: .venv/bin/python bench/arena_micro.py
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from pyvirtiofsd.common.arena import Arena
+
+
+def _rate(fn, ident: int, rounds: int) -> float:
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fn(ident)
+    return rounds / (time.perf_counter() - start)
+
+
+def main(rounds: int = 200_000) -> None:
+    arena = Arena.create()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.open(tmp, os.O_PATH)
+        st = os.fstat(root)
+        arena.inodes.set_root(root, st.st_dev, st.st_ino)
+        path = os.path.join(tmp, "f")
+        with open(path, "w"):
+            pass
+        fd = os.open(path, os.O_PATH)
+        fst = os.fstat(fd)
+        nodeid, _ = arena.inodes.lookup_or_insert(fd, fst.st_dev, fst.st_ino)
+        fh = arena.handles.insert(os.open(path, os.O_RDONLY), nodeid, os.O_RDONLY)
+
+        inodes, handles = arena.inodes, arena.handles
+
+        def inode_pair(ident: int) -> None:
+            inodes.acquire(ident)
+            inodes.release(ident)
+
+        def handle_pair(ident: int) -> None:
+            handles.acquire(ident)
+            handles.release(ident)
+
+        def inode_with(ident: int) -> None:
+            with inodes.pinned(ident):
+                pass
+
+        def lookup_forget(ident: int) -> None:
+            n, _ = inodes.lookup_or_insert(fd, fst.st_dev, fst.st_ino)
+            inodes.forget(n, 1)
+
+        for name, fn, ident in (("inode acquire+release", inode_pair, nodeid),
+                                ("handle acquire+release", handle_pair, fh),
+                                ("inode pinned() block", inode_with, nodeid),
+                                ("lookup_or_insert(known)+forget", lookup_forget, nodeid)):
+            fn(ident)
+            rate = _rate(fn, ident, rounds)
+            print(f"{name:32s} {rate / 1e6:6.2f} M/s  ({1e6 / rate:5.2f} us each)")
+
+        handles.remove(fh)
+        inodes.forget(nodeid, 1)
+    arena.close()
+
+
+if __name__ == "__main__":
+    main()
