@@ -234,19 +234,18 @@ class Supervisor:
 
 def main(argv: list[str] | None = None) -> int:
     config = run_cli(sys.argv[1:] if argv is None else argv)
-    try:
-        check_startup(config)
-    except ConfigError as e:
-        error_exit(str(e))
-    logsetup.setup(config.log_level, config.syslog, "supervisor")
-    for line in config.deprecations:
-        log.warning("%s", line)
+    # The pid file first: a second daemon on the same socket is told who holds it.
     pidfile = PidFile()
     try:
         if config.socket_path is not None:
             pidfile.acquire(config.socket_path)
+        check_startup(config)
     except ConfigError as e:
+        pidfile.release()
         error_exit(str(e))
+    logsetup.setup(config.log_level, config.syslog, "supervisor")
+    for line in config.deprecations:
+        log.warning("%s", line)
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
     try:
