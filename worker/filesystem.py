@@ -1,0 +1,228 @@
+"""The filesystem interface the FUSE server calls (cf. virtiofsd filesystem.rs).
+
+Handlers take decoded Python values and return Python values -- never wire bytes -- and report
+failure by raising OSError with the errno the guest should see.  Every operation defaults to
+ENOSYS, so an implementation only overrides what it serves and the server answers the rest
+the way the kernel expects for "not implemented" (protocol.md 4.2).
+
+Data-moving operations take buffer lists (iovecs) instead of byte strings: `read` fills the
+views of the reply's guest buffers and `write` consumes the views of the request's guest
+buffers, so file data moves between the file and guest memory with no intermediate copy.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pyvirtiofsd.common.fuse_abi import SetattrIn
+
+CACHE_MODES = ("never", "metadata", "auto", "always")
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Who asks: the caller's ids from fuse_in_header, plus extension data.
+
+    `groups` are the supplementary groups of a FUSE_EXT_GROUPS extension (protocol.md 4.9),
+    `umask` the caller's umask for creation requests (0 otherwise).
+    """
+
+    uid: int
+    gid: int
+    pid: int
+    umask: int = 0
+    groups: tuple[int, ...] = ()
+
+
+class Entry(NamedTuple):
+    """A LOOKUP-like result; each returned Entry with nodeid != 0 counts one lookup."""
+
+    nodeid: int
+    generation: int
+    attr: os.stat_result
+    entry_timeout: float
+    attr_timeout: float
+    attr_flags: int = 0  # fuse_attr.flags (FUSE_ATTR_SUBMOUNT)
+
+
+class DirEntry(NamedTuple):
+    """One directory record; `off` is the cookie that resumes the listing after it."""
+
+    ino: int
+    off: int
+    type: int  # DT_* (st_mode >> 12)
+    name: bytes
+
+
+@dataclass(frozen=True)
+class FsOptions:
+    """What the configuration lets the filesystem do (built by the supervisor)."""
+
+    cache: str = "auto"
+    readonly: bool = False
+    xattr: bool = False
+    writeback: bool = False
+    allow_direct_io: bool = False
+    announce_submounts: bool = True
+    readdirplus: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
+
+
+def _enosys() -> OSError:
+    return OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+
+class Filesystem:
+    """Every operation the server may call; the defaults answer ENOSYS.
+
+    Ids are FUSE nodeids and file handles (fh).  Names are bytes without the NUL; the server
+    has checked they are NUL-terminated on the wire but not what they contain.
+    """
+
+    # -- session ---------------------------------------------------------------------------
+    def init(self, capable: int) -> int:
+        """A new session starts; `capable` is the kernel's INIT flag set (InitFlag bits).
+        Returns the optional INIT flags this filesystem wants on top of the server's."""
+        return 0
+
+    def destroy(self) -> None:
+        """The session ended (DESTROY)."""
+
+    # -- names and inodes ------------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        raise _enosys()
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Drop `nlookup` lookups of `nodeid`; never fails (FORGET has no reply)."""
+
+    def batch_forget(self, items: Iterable[tuple[int, int]]) -> None:
+        for nodeid, nlookup in items:
+            self.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        """(attributes, attr timeout in seconds); `fh` is set for GETATTR_FH requests."""
+        raise _enosys()
+
+    def setattr(self, ctx: Context, nodeid: int, attr: SetattrIn,
+                fh: int | None) -> tuple[os.stat_result, float]:
+        """Apply the fields `attr.valid` (SetattrValid) selects; `fh` is set with FATTR_FH."""
+        raise _enosys()
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        raise _enosys()
+
+    def symlink(self, ctx: Context, target: bytes, parent: int, name: bytes) -> Entry:
+        raise _enosys()
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        raise _enosys()
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
+        raise _enosys()
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        raise _enosys()
+
+    def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes,
+               flags: int) -> None:
+        """RENAME (flags 0) and RENAME2 (RENAME_NOREPLACE / EXCHANGE / WHITEOUT)."""
+        raise _enosys()
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        raise _enosys()
+
+    # -- files -----------------------------------------------------------------------------
+    def open(self, ctx: Context, nodeid: int, flags: int, kill_priv: bool) -> tuple[int, int]:
+        """(fh, FOPEN_* flags) for open(2) `flags`."""
+        raise _enosys()
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               kill_priv: bool) -> tuple[Entry, int, int]:
+        """(entry, fh, FOPEN_* flags); creates `name` unless it exists and O_EXCL is unset."""
+        raise _enosys()
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
+             bufs: Sequence[memoryview]) -> int:
+        """Fill `bufs` in order from `offset`; returns the bytes read (short only at EOF)."""
+        raise _enosys()
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence[memoryview],
+              write_flags: int, open_flags: int) -> int:
+        """Write `bufs` in order at `offset`; returns the bytes written.  `write_flags` are
+        FUSE_WRITE_*, `open_flags` the file's open(2) flags as the kernel sees them."""
+        raise _enosys()
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        raise _enosys()
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        raise _enosys()
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
+                  length: int) -> None:
+        raise _enosys()
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        raise _enosys()
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        raise _enosys()
+
+    # -- directories -----------------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        raise _enosys()
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                size: int) -> Iterable[DirEntry]:
+        """Entries after cookie `offset`, at least as many as fit in `size` reply bytes.
+
+        READDIRPLUS uses the same listing; the server looks each returned name up itself.
+        """
+        raise _enosys()
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        raise _enosys()
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    # -- whole filesystem, permissions, xattrs ---------------------------------------------
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        raise _enosys()
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        raise _enosys()
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        raise _enosys()
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
+                 setxattr_flags: int) -> None:
+        raise _enosys()
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        """The value, or with `size == 0` its length (protocol.md 4.3 GETXATTR)."""
+        raise _enosys()
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        """NUL-separated names, or with `size == 0` the list's length."""
+        raise _enosys()
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        raise _enosys()
