@@ -1,0 +1,743 @@
+"""Passthrough filesystem over the shared directory (cf. virtiofsd passthrough/mod.rs).
+
+Every inode the guest knows is one O_PATH|O_NOFOLLOW fd in the shared inode table and every
+open file one fd in the shared handle table (common/arena.py), so any queue worker serves any
+nodeid or fh.  Each operation pins the entries it uses for its whole duration; an fd is never
+closed under a request in flight on another queue.
+
+Staying inside the share:
+* names are single path components opened relative to the parent's fd with O_NOFOLLOW, never
+  '.', '..', empty, or containing '/' (LOOKUP of '.' returns the parent itself, LOOKUP of '..'
+  only works at the root, which is its own parent); symlinks are never followed;
+* a file is opened for I/O by re-opening its O_PATH fd through the /proc/self/fd directory the
+  worker holds -- the magic link names the inode itself, so no path is resolved again;
+* only regular files and directories are ever opened for I/O: opening a device node or FIFO
+  the guest created could reach host devices or block the worker.
+
+Credentials: every operation runs with the caller's uid/gid as fsuid/fsgid and with the
+supplementary groups the request carried (FUSE_EXT_GROUPS, else none), so the host kernel
+checks permissions exactly as for that user; with a non-zero fsuid the kernel also ignores the
+daemon's file-access capabilities.  The ids are switched only when they change.  The process
+umask is 0: the guest kernel already applied the caller's umask because FUSE_DONT_MASK is not
+negotiated (fuse.h), so applying one here again would be wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import struct
+from collections.abc import Sequence
+
+from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common import native
+from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EACCESS = 0x200
+AT_EMPTY_PATH = 0x1000
+STATX_MNT_ID = 0x1000
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+_STATX_SIZE = 256
+_STATX_MASK = struct.Struct("=I")
+_STATX_MNT_ID = struct.Struct("=Q")
+_STATX_MNT_ID_OFF = 144
+_DIRENT64 = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; name follows at 19
+MAX_BUFFER_SIZE = 1 << 20
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = (("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long))
+
+
+def _fn(name: str, restype, *argtypes):
+    f = getattr(_libc, name)
+    f.restype = restype
+    f.argtypes = argtypes
+    return f
+
+
+_c_int, _c_uint, _c_char_p, _c_void_p = (ctypes.c_int, ctypes.c_uint, ctypes.c_char_p,
+                                         ctypes.c_void_p)
+# glibc >= 2.28 wrappers for the calls os does not expose (or not with the flags needed).
+_renameat2 = _fn("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
+_fchownat = _fn("fchownat", _c_int, _c_int, _c_char_p, ctypes.c_uint32, ctypes.c_uint32, _c_int)
+_utimensat = _fn("utimensat", _c_int, _c_int, _c_char_p, ctypes.POINTER(_Timespec), _c_int)
+_faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
+_fallocate = _fn("fallocate", _c_int, _c_int, _c_int, ctypes.c_int64, ctypes.c_int64)
+_syncfs = _fn("syncfs", _c_int, _c_int)
+_statx = _fn("statx", _c_int, _c_int, _c_char_p, _c_int, _c_uint, _c_void_p)
+_getdents64 = _fn("getdents64", ctypes.c_ssize_t, _c_int, _c_void_p, ctypes.c_size_t)
+
+
+def _check(res: int) -> int:
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _check_name(name: bytes) -> None:
+    """A single path component that can only name an entry of the directory itself."""
+    if len(name) > fa.NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name or name == b"." or name == b"..":
+        raise _err(errno.EINVAL)
+
+
+def _signed64(v: int) -> int:
+    """A u64 cookie from the wire as the off_t it came from."""
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+# O_* flags a FUSE OPEN may carry that must not reach the re-open: creation flags belong to
+# CREATE (the kernel strips them too), O_NOFOLLOW would refuse the /proc magic link, O_APPEND
+# is applied per write (see write()), O_NOATIME could fail for a non-owner (virtiofsd clears it).
+_OPEN_STRIP = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_APPEND | os.O_NOATIME
+               | os.O_PATH)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
+
+_TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
+
+
+class PassthroughFs(Filesystem):
+    def __init__(self, arena: Arena, proc_self_fd: int, options: FsOptions) -> None:
+        self._inodes = arena.inodes
+        self._handles = arena.handles
+        self._proc = proc_self_fd
+        self.options = options
+        self._timeout = _TIMEOUTS[options.cache]
+        self._readonly = options.readonly
+        self._submounts = options.announce_submounts
+        self._writeback = options.writeback
+        self._strip = _OPEN_STRIP | (0 if options.allow_direct_io else os.O_DIRECT)
+        cache = options.cache
+        file_flags = {"never": fa.OpenOutFlag.DIRECT_IO, "metadata": fa.OpenOutFlag.DIRECT_IO,
+                      "always": fa.OpenOutFlag.KEEP_CACHE}.get(cache, 0)
+        dir_flags = {"metadata": fa.OpenOutFlag.CACHE_DIR | fa.OpenOutFlag.KEEP_CACHE,
+                     "always": fa.OpenOutFlag.CACHE_DIR | fa.OpenOutFlag.KEEP_CACHE}.get(cache, 0)
+        self._file_open_flags = int(file_flags)
+        self._dir_open_flags = int(dir_flags)
+        # Credentials currently in force in this process (see the module docstring).  Only a
+        # root daemon can switch; an unprivileged one serves everything as itself.
+        self._switch_creds = os.geteuid() == 0
+        self._fsuid = os.geteuid()
+        self._fsgid = os.getegid()
+        self._groups: tuple[int, ...] | None = None
+        self._statx_buf = ctypes.create_string_buffer(_STATX_SIZE)
+        self._dirbuf = ctypes.create_string_buffer(0)
+        self._cwd = -1
+        os.umask(0)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _as_caller(self, ctx: Context) -> None:
+        if not self._switch_creds:
+            return
+        gid = ctx.gid
+        if gid != self._fsgid:
+            native.setfsgid(gid)
+            # setfsgid reports the previous id and never fails visibly; ask again to know.
+            if native.setfsgid(gid) != gid:
+                raise OSError(errno.EPERM, f"cannot act as gid {gid}")
+            self._fsgid = gid
+        uid = ctx.uid
+        if uid != self._fsuid:
+            native.setfsuid(uid)
+            if native.setfsuid(uid) != uid:
+                raise OSError(errno.EPERM, f"cannot act as uid {uid}")
+            self._fsuid = uid
+        groups = ctx.groups
+        if groups != self._groups:
+            os.setgroups(groups)
+            self._groups = groups
+
+    def restore_credentials(self) -> None:
+        """Act as the daemon itself again (its own fsuid/fsgid; groups as set last)."""
+        if self._switch_creds:
+            native.setfsuid(os.geteuid())
+            native.setfsgid(os.getegid())
+            self._fsuid = os.geteuid()
+            self._fsgid = os.getegid()
+
+    def _writable(self) -> None:
+        if self._readonly:
+            raise _err(errno.EROFS)
+
+    def _mnt_id(self, fd: int) -> int:
+        buf = self._statx_buf
+        _check(_statx(fd, b"", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID, buf))
+        if _STATX_MASK.unpack_from(buf, 0)[0] & STATX_MNT_ID:
+            return _STATX_MNT_ID.unpack_from(buf, _STATX_MNT_ID_OFF)[0]
+        return 0
+
+    def _register(self, fd: int, parent_fd: int) -> Entry:
+        """Count a lookup of the inode behind the O_PATH `fd` (owned by this call)."""
+        try:
+            st = os.fstat(fd)
+            mnt_id = self._mnt_id(fd)
+            attr_flags = 0
+            # A directory on another filesystem or mount is announced as a submount so the
+            # guest gives it its own superblock (FUSE_ATTR_SUBMOUNT, fuse.h 7.32).
+            if self._submounts and stat.S_ISDIR(st.st_mode) and (
+                    os.fstat(parent_fd).st_dev != st.st_dev or self._mnt_id(parent_fd) != mnt_id):
+                attr_flags = fa.AttrFlag.SUBMOUNT
+            nodeid, owned = self._inodes.lookup_or_insert(fd, st.st_dev, st.st_ino, mnt_id)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not owned:
+            os.close(fd)
+        return Entry(nodeid, 0, st, self._timeout, self._timeout, int(attr_flags))
+
+    def _lookup_at(self, parent_fd: int, name: bytes) -> Entry:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        return self._register(fd, parent_fd)
+
+    def _reopen(self, fd: int, flags: int) -> int:
+        """An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link."""
+        return os.open(str(fd), (flags & ~os.O_NOFOLLOW) | os.O_CLOEXEC, dir_fd=self._proc)
+
+    @staticmethod
+    def _check_openable(fd: int, directory: bool) -> os.stat_result:
+        st = os.fstat(fd)
+        mode = st.st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            if directory and not stat.S_ISDIR(mode):
+                raise _err(errno.ENOTDIR)
+            return st
+        # What open(2) of the magic link would say for a symlink; other types are refused.
+        raise _err(errno.ELOOP if stat.S_ISLNK(mode) else errno.ENXIO)
+
+    def _pin_handle(self, fh: int, nodeid: int) -> int:
+        """Pin `fh` and return its fd; EBADF unless it belongs to `nodeid` (virtiofsd)."""
+        fd, owner, _ = self._handles.acquire(fh)
+        if owner != nodeid:
+            self._handles.release(fh)
+            raise _err(errno.EBADF)
+        return fd
+
+    def _chmod_inode(self, fd: int, mode: int) -> None:
+        os.chmod(str(fd), mode, dir_fd=self._proc)
+
+    def _kill_suidgid(self, fd: int, o_path: bool) -> None:
+        """Drop set-user-ID, and set-group-ID if group-executable, as a write by a
+        non-owner would (FATTR_KILL_SUIDGID / FUSE_WRITE_KILL_SUIDGID / FUSE_OPEN_KILL_SUIDGID)."""
+        mode = os.fstat(fd).st_mode
+        drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if mode & drop:
+            new = stat.S_IMODE(mode) & ~drop
+            if o_path:
+                self._chmod_inode(fd, new)
+            else:
+                os.fchmod(fd, new)
+
+    def _in_proc_dir(self, fn, fd: int):
+        """Run fn(name) with the cwd in /proc/self/fd: path-based xattr calls on a magic link
+        reach inodes that must not be opened (symlinks, devices, FIFOs) -- virtiofsd's trick."""
+        if self._cwd < 0:
+            self._cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        os.fchdir(self._proc)
+        try:
+            return fn(str(fd))
+        finally:
+            os.fchdir(self._cwd)
+
+    def _open_flags(self, flags: int) -> int:
+        flags &= ~self._strip
+        # With writeback caching the guest reads pages of files opened write-only (virtiofsd).
+        if self._writeback and flags & os.O_ACCMODE == os.O_WRONLY:
+            flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+        return flags
+
+    def _open_fd(self, ifd: int, flags: int) -> int:
+        try:
+            return self._reopen(ifd, flags)
+        except PermissionError:
+            # The writeback upgrade to O_RDWR needs read permission the caller may lack.
+            if self._writeback and flags & os.O_ACCMODE == os.O_RDWR:
+                return self._reopen(ifd, (flags & ~os.O_ACCMODE) | os.O_WRONLY)
+            raise
+
+    # -- session ---------------------------------------------------------------------------
+    def init(self, capable: int) -> int:
+        want = 0
+        if self.options.readdirplus:
+            want |= fa.InitFlag.DO_READDIRPLUS | fa.InitFlag.READDIRPLUS_AUTO
+        if self._writeback:
+            want |= fa.InitFlag.WRITEBACK_CACHE
+        if self._submounts:
+            want |= fa.InitFlag.SUBMOUNTS
+        return int(want)
+
+    # -- names and inodes ------------------------------------------------------------------
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        self._as_caller(ctx)
+        if name == b"." or name == b"..":
+            if name == b".." and parent != self._inodes.ROOT:
+                # Resolving '..' from an fd could leave the share (a directory moved out of
+                # it); the kernel only asks with FUSE_EXPORT_SUPPORT, which is not offered.
+                raise _err(errno.ENOENT)
+            with self._inodes.pinned(parent) as pfd:
+                # The root is its own parent.  Count one more lookup of `parent` itself.
+                return self._register(os.dup(pfd), pfd)
+        _check_name(name)
+        with self._inodes.pinned(parent) as pfd:
+            return self._lookup_at(pfd, name)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        self._inodes.forget(nodeid, nlookup)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as fd:
+            return os.fstat(fd), self._timeout
+
+    def setattr(self, ctx: Context, nodeid: int, attr: fa.SetattrIn,
+                fh: int | None) -> tuple[os.stat_result, float]:
+        self._writable()
+        self._as_caller(ctx)
+        valid = attr.valid
+        V = fa.SetattrValid
+        with self._inodes.pinned(nodeid) as ifd:
+            hfd = self._pin_handle(fh, nodeid) if fh is not None else -1
+            try:
+                if valid & V.MODE:
+                    if hfd >= 0:
+                        os.fchmod(hfd, attr.mode)
+                    else:
+                        self._chmod_inode(ifd, attr.mode)
+                if valid & (V.UID | V.GID):
+                    uid = attr.uid if valid & V.UID else 0xFFFFFFFF
+                    gid = attr.gid if valid & V.GID else 0xFFFFFFFF
+                    _check(_fchownat(ifd, b"", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW))
+                if valid & V.SIZE:
+                    self._truncate(ifd, hfd, attr.size, bool(valid & V.KILL_SUIDGID)
+                                   and not valid & V.MODE)
+                if valid & (V.ATIME | V.MTIME | V.ATIME_NOW | V.MTIME_NOW):
+                    self._utimens(ifd, hfd, attr, valid)
+                # FATTR_CTIME: the host sets ctime itself on every change above.
+            finally:
+                if hfd >= 0:
+                    self._handles.release(fh)
+            return os.fstat(ifd), self._timeout
+
+    def _truncate(self, ifd: int, hfd: int, size: int, kill: bool) -> None:
+        if size >= 1 << 63:
+            raise _err(errno.EINVAL)
+        if hfd >= 0:
+            os.ftruncate(hfd, size)
+            if kill:
+                self._kill_suidgid(hfd, False)
+            return
+        if stat.S_ISDIR(self._check_openable(ifd, False).st_mode):
+            raise _err(errno.EISDIR)
+        # truncate(2) needs write permission only, so no read access is asked for.
+        fd = self._reopen(ifd, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.ftruncate(fd, size)
+            if kill:
+                self._kill_suidgid(fd, False)
+        finally:
+            os.close(fd)
+
+    def _utimens(self, ifd: int, hfd: int, attr: fa.SetattrIn, valid: int) -> None:
+        V = fa.SetattrValid
+        times = (_Timespec * 2)((0, UTIME_OMIT), (0, UTIME_OMIT))
+        if valid & V.ATIME_NOW:
+            times[0].tv_nsec = UTIME_NOW
+        elif valid & V.ATIME:
+            times[0].tv_sec, times[0].tv_nsec = _signed64(attr.atime), attr.atimensec
+        if valid & V.MTIME_NOW:
+            times[1].tv_nsec = UTIME_NOW
+        elif valid & V.MTIME:
+            times[1].tv_sec, times[1].tv_nsec = _signed64(attr.mtime), attr.mtimensec
+        if hfd >= 0:
+            _check(_utimensat(hfd, None, times, 0))
+        else:
+            _check(_utimensat(self._proc, str(ifd).encode(), times, 0))
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as fd:
+            return os.readlink(b"", dir_fd=fd)
+
+    def symlink(self, ctx: Context, target: bytes, parent: int, name: bytes) -> Entry:
+        self._writable()
+        _check_name(name)
+        if not target:
+            raise _err(errno.ENOENT)
+        self._as_caller(ctx)
+        with self._inodes.pinned(parent) as pfd:
+            os.symlink(target, name, dir_fd=pfd)
+            return self._lookup_at(pfd, name)
+
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
+        self._writable()
+        _check_name(name)
+        self._as_caller(ctx)
+        with self._inodes.pinned(parent) as pfd:
+            os.mknod(name, mode, rdev, dir_fd=pfd)
+            return self._lookup_at(pfd, name)
+
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
+        self._writable()
+        _check_name(name)
+        self._as_caller(ctx)
+        with self._inodes.pinned(parent) as pfd:
+            os.mkdir(name, mode, dir_fd=pfd)
+            return self._lookup_at(pfd, name)
+
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._writable()
+        _check_name(name)
+        self._as_caller(ctx)
+        with self._inodes.pinned(parent) as pfd:
+            os.unlink(name, dir_fd=pfd)
+
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
+        self._writable()
+        _check_name(name)
+        self._as_caller(ctx)
+        with self._inodes.pinned(parent) as pfd:
+            os.rmdir(name, dir_fd=pfd)
+
+    def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes,
+               flags: int) -> None:
+        self._writable()
+        _check_name(oldname)
+        _check_name(newname)
+        if flags & ~(fa.RENAME_NOREPLACE | fa.RENAME_EXCHANGE | fa.RENAME_WHITEOUT):
+            raise _err(errno.EINVAL)
+        self._as_caller(ctx)
+        with self._inodes.pinned(olddir) as ofd, self._inodes.pinned(newdir) as nfd:
+            if flags:
+                _check(_renameat2(ofd, oldname, nfd, newname, flags))
+            else:
+                os.rename(oldname, newname, src_dir_fd=ofd, dst_dir_fd=nfd)
+
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
+        self._writable()
+        _check_name(newname)
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as ifd, self._inodes.pinned(newparent) as pfd:
+            # linkat(AT_SYMLINK_FOLLOW) on the magic link links the inode itself; AT_EMPTY_PATH
+            # would need CAP_DAC_READ_SEARCH.
+            os.link(str(ifd), newname, src_dir_fd=self._proc, dst_dir_fd=pfd,
+                    follow_symlinks=True)
+            return self._lookup_at(pfd, newname)
+
+    # -- files -----------------------------------------------------------------------------
+    def open(self, ctx: Context, nodeid: int, flags: int, kill_priv: bool) -> tuple[int, int]:
+        if self._readonly and (flags & os.O_ACCMODE != os.O_RDONLY
+                               or flags & os.O_TRUNC or flags & _O_TMPFILE == _O_TMPFILE):
+            raise _err(errno.EROFS)
+        self._as_caller(ctx)
+        oflags = self._open_flags(flags)
+        with self._inodes.pinned(nodeid) as ifd:
+            st = self._check_openable(ifd, False)
+            fd = self._open_fd(ifd, oflags)
+            try:
+                if kill_priv and oflags & os.O_TRUNC:
+                    self._kill_suidgid(fd, False)
+                fh = self._handles.insert(fd, nodeid, oflags)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fh, self._dir_open_flags if stat.S_ISDIR(st.st_mode) else self._file_open_flags
+
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               kill_priv: bool) -> tuple[Entry, int, int]:
+        _check_name(name)
+        if self._readonly:
+            # Never create; an existing file may still be opened (read-only) -- virtiofsd.
+            try:
+                entry = self.lookup(ctx, parent, name)
+            except FileNotFoundError:
+                raise _err(errno.EROFS) from None
+            return self._open_entry(ctx, entry, flags, kill_priv)
+        self._as_caller(ctx)
+        oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        with self._inodes.pinned(parent) as pfd:
+            try:
+                fd = os.open(name, oflags | os.O_CLOEXEC, mode, dir_fd=pfd)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                entry = self._lookup_at(pfd, name)
+                return self._open_entry(ctx, entry, flags, kill_priv)
+            try:
+                entry = self._lookup_at(pfd, name)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            fh = self._handles.insert(fd, entry.nodeid, oflags & ~(os.O_CREAT | os.O_EXCL))
+        except BaseException:
+            os.close(fd)
+            self._inodes.forget(entry.nodeid, 1)
+            raise
+        return entry, fh, self._file_open_flags
+
+    def _open_entry(self, ctx: Context, entry: Entry, flags: int,
+                    kill_priv: bool) -> tuple[Entry, int, int]:
+        """Open what CREATE found existing; the lookup it counted is undone on failure."""
+        try:
+            fh, open_flags = self.open(ctx, entry.nodeid, flags & ~(os.O_CREAT | os.O_EXCL),
+                                       kill_priv)
+        except BaseException:
+            self._inodes.forget(entry.nodeid, 1)
+            raise
+        return entry, fh, open_flags
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
+             bufs: Sequence[memoryview]) -> int:
+        self._as_caller(ctx)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            n = os.preadv(fd, bufs, offset)
+            want = sum(map(len, bufs))
+            total = n
+            while n > 0 and total < want:
+                # Short read before EOF (e.g. a signal or a pipe-like file): continue after it.
+                n = os.preadv(fd, _skip(bufs, total), offset + total)
+                total += n
+            return total
+        finally:
+            self._handles.release(fh)
+
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence[memoryview],
+              write_flags: int, open_flags: int) -> int:
+        self._writable()
+        self._as_caller(ctx)
+        # O_APPEND is stripped at open so mmap'd and kernel-cached (WRITE_CACHE) writes land at
+        # the offset the guest chose; direct writes of an O_APPEND file append on the host too,
+        # which keeps appends atomic when several guests share a file (virtiofsd).
+        rwf = os.RWF_APPEND if open_flags & os.O_APPEND and not write_flags & fa.WRITE_CACHE else 0
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            n = os.pwritev(fd, bufs, offset, rwf)
+            want = sum(map(len, bufs))
+            total = n
+            while n > 0 and total < want:
+                n = os.pwritev(fd, _skip(bufs, total), offset + total, rwf)
+                total += n
+            if write_flags & fa.WRITE_KILL_SUIDGID:
+                self._kill_suidgid(fd, False)
+            return total
+        finally:
+            self._handles.release(fh)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        self._as_caller(ctx)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            # The guest closed one of its descriptors: closing a duplicate does what that close
+            # does on the host (reports write-back errors, drops POSIX locks) -- virtiofsd.
+            os.close(os.dup(fd))
+        finally:
+            self._handles.release(fh)
+
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
+        self._pin_handle(fh, nodeid)
+        try:
+            self._handles.remove(fh)
+        finally:
+            self._handles.release(fh)  # the fd closes here, or when the last user unpins
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        self._as_caller(ctx)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            self._handles.release(fh)
+
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
+                  length: int) -> None:
+        self._writable()
+        self._as_caller(ctx)
+        if offset >= 1 << 63 or length >= 1 << 63:
+            raise _err(errno.EINVAL)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            _check(_fallocate(fd, mode, offset, length))
+        finally:
+            self._handles.release(fh)
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        self._as_caller(ctx)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            return os.lseek(fd, offset, whence)
+        finally:
+            self._handles.release(fh)
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        self._writable()
+        if flags:
+            raise _err(errno.EINVAL)   # copy_file_range(2) defines no flags
+        if off_in >= 1 << 63 or off_out >= 1 << 63:
+            raise _err(errno.EINVAL)
+        self._as_caller(ctx)
+        fd_in = self._pin_handle(fh_in, nodeid_in)
+        try:
+            fd_out = self._pin_handle(fh_out, nodeid_out)
+            try:
+                return os.copy_file_range(fd_in, fd_out, length, off_in, off_out)
+            finally:
+                self._handles.release(fh_out)
+        finally:
+            self._handles.release(fh_in)
+
+    # -- directories -----------------------------------------------------------------------
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as ifd:
+            self._check_openable(ifd, True)
+            fd = self._reopen(ifd, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fh = self._handles.insert(fd, nodeid, os.O_RDONLY | os.O_DIRECTORY)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fh, self._dir_open_flags
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                size: int) -> list[DirEntry]:
+        if size == 0:
+            return []
+        self._as_caller(ctx)
+        # getdents64 records are never larger than FUSE's, so `size` bytes of them fill a reply
+        # of `size`; a record too big for a tiny buffer would make getdents64 fail instead.
+        bufsize = min(max(size, 4096), MAX_BUFFER_SIZE)
+        if len(self._dirbuf) < bufsize:
+            self._dirbuf = ctypes.create_string_buffer(bufsize)
+        buf = self._dirbuf
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            # The position is the open file description's, shared by every queue; the guest
+            # serialises getdents on one open directory (f_pos lock), so no two READDIRs of
+            # one fh race here.
+            os.lseek(fd, _signed64(offset), os.SEEK_SET)
+            n = _check(_getdents64(fd, buf, bufsize))
+        finally:
+            self._handles.release(fh)
+        data = buf.raw[:n]
+        out: list[DirEntry] = []
+        pos = 0
+        unpack = _DIRENT64.unpack_from
+        while pos < n:
+            ino, off, reclen, typ = unpack(data, pos)
+            end = data.find(b"\0", pos + 19, pos + reclen)
+            name = data[pos + 19 : end if end >= 0 else pos + reclen]
+            out.append(DirEntry(ino, off & 0xFFFFFFFFFFFFFFFF, typ, name))
+            pos += reclen
+        return out
+
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
+        self.release(ctx, nodeid, fh, flags, 0, 0)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        self.fsync(ctx, nodeid, fh, datasync)
+
+    # -- whole filesystem, permissions, xattrs ---------------------------------------------
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as fd:
+            return os.fstatvfs(fd)
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as ifd:
+            # syncfs(2) needs a real open file; reopen the inode itself (it may sit on a
+            # submount) unless it is not safe to open, then the root's filesystem is synced.
+            try:
+                self._check_openable(ifd, False)
+            except OSError:
+                with self._inodes.pinned(self._inodes.ROOT) as rfd:
+                    fd = self._reopen(rfd, os.O_RDONLY | os.O_DIRECTORY)
+            else:
+                fd = self._reopen(ifd, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                _check(_syncfs(fd))
+            finally:
+                os.close(fd)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        mask &= os.R_OK | os.W_OK | os.X_OK
+        if mask & os.W_OK and self._readonly:
+            raise _err(errno.EROFS)
+        self._as_caller(ctx)
+        with self._inodes.pinned(nodeid) as fd:
+            # AT_EACCESS: check with the fsuid/fsgid, groups and capabilities now in force,
+            # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
+            _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
+
+    def _xattr_call(self, nodeid: int, fn, write: bool):
+        """fn(target) on a re-opened fd for files and directories, else on the magic link."""
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        if write:
+            self._writable()
+        with self._inodes.pinned(nodeid) as ifd:
+            mode = os.fstat(ifd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                fd = self._reopen(ifd, os.O_RDONLY | os.O_NONBLOCK)
+                try:
+                    return fn(fd)
+                finally:
+                    os.close(fd)
+            return self._in_proc_dir(fn, ifd)
+
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
+                 setxattr_flags: int) -> None:
+        self._as_caller(ctx)
+        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), True)
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        self._as_caller(ctx)
+        value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name), False)
+        if size == 0:
+            return len(value)
+        if len(value) > size:
+            raise _err(errno.ERANGE)
+        return value
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        self._as_caller(ctx)
+        names = self._xattr_call(nodeid, os.listxattr, False)
+        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        if size == 0:
+            return len(data)
+        if len(data) > size:
+            raise _err(errno.ERANGE)
+        return data
+
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
+        self._as_caller(ctx)
+        self._xattr_call(nodeid, lambda t: os.removexattr(t, name), True)
+
+
+def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
+    """`bufs` without their first `n` bytes."""
+    out: list[memoryview] = []
+    for b in bufs:
+        if n >= len(b):
+            n -= len(b)
+            continue
+        out.append(b[n:] if n else b)
+        n = 0
+    return out
