@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pyvirtiofsd.common import fuse_abi as fa
 
 # sizeof() of each struct per protocol.md 4.7 / Appendix A.

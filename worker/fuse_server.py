@@ -1,0 +1,591 @@
+"""FUSE request decoding, dispatch and replies (cf. virtiofsd server.rs).
+
+One call of `FuseServer.handle` serves one descriptor chain: it decodes `fuse_in_header` and the
+opcode's body from the Reader, calls the Filesystem, and writes `fuse_out_header` + body into
+the Writer (protocol.md 3.2, 4.2).  It never raises for anything the guest sent:
+
+* a chain shorter than fuse_in_header cannot be answered (there is no `unique`): it is dropped
+  (used length 0) with one warning per worker;
+* `in.len` smaller than the header, or larger than the readable bytes, is a framing error:
+  EIO (the request cannot be decoded at all, so it is not an argument error);
+* `in.len` above max_write plus a page: ENOMEM (virtiofsd);
+* a body too short for the opcode's struct, a name not NUL-terminated or with interior NULs,
+  malformed extensions: EINVAL;
+* an OSError from the filesystem becomes `-errno`; anything else EIO plus one log line naming
+  the opcode; unknown or unserved opcodes ENOSYS;
+* requests before FUSE_INIT get EIO (libfuse refuses them too); FORGET, BATCH_FORGET,
+  INTERRUPT and NOTIFY_REPLY never get a reply (used length 0);
+* a reply that does not fit the writable buffers is logged and answered with EIO if at least
+  the header fits, else nothing is written (used length 0).
+
+Session state (started, negotiated minor and flags) lives in a `Session`: a word of shared
+memory, because FUSE_INIT arrives on one request queue while every queue worker -- and a worker
+respawned later -- must see the same session (virtio spec 5.11.6: all queues share one FUSE
+session).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import struct
+
+from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common import native
+from pyvirtiofsd.common.fuse_abi import InitFlag, Opcode
+from pyvirtiofsd.worker.chain import ChainTooShort, Reader, Writer
+from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem
+
+log = logging.getLogger("pyvirtiofsd.fuse")
+
+MAX_WRITE = 1 << 20
+_MAX_REQUEST = MAX_WRITE + 0x1000      # virtiofsd: MAX_BUFFER_SIZE + FUSE_BUFFER_HEADER_SIZE
+_MAX_PAGES = (MAX_WRITE - 1) // mmap.PAGESIZE + 1
+_NGROUPS_MAX = 65536
+_COPY_RANGE_MAX_32 = 0xFFFFF000        # what fits fuse_write_out.size (libfuse clamps the same)
+
+# INIT flags this server always accepts when the kernel offers them (virtiofsd 1.13's set minus
+# ALLOW_IDMAP: with it the kernel may send uid/gid 0xffffffff, and this server runs every
+# request with the caller's ids).  The filesystem adds what its options enable (init()).
+SERVER_INIT_FLAGS = int(
+    InitFlag.ASYNC_READ | InitFlag.PARALLEL_DIROPS | InitFlag.BIG_WRITES
+    | InitFlag.AUTO_INVAL_DATA | InitFlag.ASYNC_DIO | InitFlag.HAS_IOCTL_DIR
+    | InitFlag.ATOMIC_O_TRUNC | InitFlag.MAX_PAGES | InitFlag.INIT_EXT
+    | InitFlag.CREATE_SUPP_GROUP)
+
+_IN = fa.IN_HEADER
+_IN_SIZE = _IN.size
+_OUT_PACK = fa.OUT_HEADER.pack
+_OUT_SIZE = fa.OUT_HEADER.size
+_ENTRY_PACK = fa.ENTRY_OUT.pack
+_NO_REPLY = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
+                       Opcode.NOTIFY_REPLY))
+_NS = 1_000_000_000
+_INIT = int(Opcode.INIT)
+_WRITE = int(Opcode.WRITE)
+_WRITE_IN_SIZE = fa.WRITE_IN.size
+_WRITE_SIZE_OFF = 16                   # fuse_write_in.size
+
+
+class Session:
+    """The FUSE session shared by every queue worker.
+
+    One 8-byte word in an anonymous MAP_SHARED page: bit 0 started, bits 1..8 the negotiated
+    minor, bits 16..63 the negotiated INIT flags.  It is written by one aligned store, so a
+    reader on another queue sees either the old or the new session, never a mix.  Create it
+    before the workers are forked.
+    """
+
+    def __init__(self) -> None:
+        self._mm = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._base = native.address_of(self._mm)
+        self._word = native.u64_ptr(self._base, 0)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._word[0] & 1)
+
+    @property
+    def minor(self) -> int:
+        return (self._word[0] >> 1) & 0xFF
+
+    @property
+    def flags(self) -> int:
+        return self._word[0] >> 16
+
+    def start(self, minor: int, flags: int) -> None:
+        self._word[0] = 1 | (minor & 0xFF) << 1 | (flags & ((1 << 48) - 1)) << 16
+
+    def stop(self) -> None:
+        self._word[0] = 0
+
+
+# The session of every FuseServer not given one.  Made when this module is first imported --
+# by the supervisor, before it forks -- so all workers, respawned ones included, share it.
+DEFAULT_SESSION = Session()
+
+
+def _einval(what: str) -> OSError:
+    return OSError(errno.EINVAL, what)
+
+
+def _split_time(t: float) -> tuple[int, int]:
+    s = int(t)
+    return s, int((t - s) * _NS)
+
+
+def attr_fields(st: os.stat_result, flags: int = 0) -> tuple:
+    """fuse_attr fields (fa.ATTR order) of a stat result."""
+    a_s, a_ns = divmod(st.st_atime_ns, _NS)
+    m_s, m_ns = divmod(st.st_mtime_ns, _NS)
+    c_s, c_ns = divmod(st.st_ctime_ns, _NS)
+    # st_rdev in glibc's encoding equals the kernel's 32-bit new_encode_dev() for every
+    # major < 4096 and minor < 2**20, which is what fuse_attr.rdev carries.
+    return (st.st_ino, st.st_size, st.st_blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, st.st_mode,
+            st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+
+
+def pack_entry(e: Entry) -> bytes:
+    es, ens = _split_time(e.entry_timeout)
+    as_, ans = _split_time(e.attr_timeout)
+    return _ENTRY_PACK(e.nodeid, e.generation, es, as_, ens, ans, *attr_fields(e.attr,
+                                                                             e.attr_flags))
+
+
+def _unpack(st: struct.Struct, body: bytes) -> tuple:
+    if len(body) < st.size:
+        raise _einval(f"body of {len(body)} bytes, {st.size} expected")
+    return st.unpack_from(body)
+
+
+def _name(payload: bytes) -> bytes:
+    """Exactly one NUL-terminated name."""
+    if not payload or payload[-1] != 0:
+        raise _einval("name not NUL-terminated")
+    name = payload[:-1]
+    if b"\0" in name:
+        raise _einval("NUL inside a name")
+    return name
+
+
+def _two_names(payload: bytes) -> tuple[bytes, bytes]:
+    """Exactly two NUL-terminated names, one after the other."""
+    i = payload.find(b"\0")
+    if i < 0:
+        raise _einval("name not NUL-terminated")
+    return payload[:i], _name(payload[i + 1:])
+
+
+class FuseServer:
+    def __init__(self, fs: Filesystem, queue_index: int = 1,
+                 session: Session | None = None) -> None:
+        self.fs = fs
+        self.queue_index = queue_index
+        self.session = session if session is not None else DEFAULT_SESSION
+        self._warned_short = False
+        op_ = Opcode
+        self._ops = {int(op): fn for op, fn in (
+            (op_.LOOKUP, self._lookup), (op_.FORGET, self._forget), (op_.GETATTR, self._getattr),
+            (op_.SETATTR, self._setattr), (op_.READLINK, self._readlink),
+            (op_.SYMLINK, self._symlink), (op_.MKNOD, self._mknod), (op_.MKDIR, self._mkdir),
+            (op_.UNLINK, self._unlink), (op_.RMDIR, self._rmdir), (op_.RENAME, self._rename),
+            (op_.LINK, self._link), (op_.OPEN, self._open), (op_.READ, self._read),
+            (op_.WRITE, self._write), (op_.STATFS, self._statfs), (op_.RELEASE, self._release),
+            (op_.FSYNC, self._fsync), (op_.SETXATTR, self._setxattr),
+            (op_.GETXATTR, self._getxattr), (op_.LISTXATTR, self._listxattr),
+            (op_.REMOVEXATTR, self._removexattr), (op_.FLUSH, self._flush), (op_.INIT, self._init),
+            (op_.OPENDIR, self._opendir), (op_.READDIR, self._readdir),
+            (op_.RELEASEDIR, self._releasedir), (op_.FSYNCDIR, self._fsyncdir),
+            (op_.ACCESS, self._access), (op_.CREATE, self._create),
+            (op_.INTERRUPT, self._interrupt), (op_.DESTROY, self._destroy),
+            (op_.BATCH_FORGET, self._batch_forget), (op_.FALLOCATE, self._fallocate),
+            (op_.READDIRPLUS, self._readdirplus), (op_.RENAME2, self._rename2),
+            (op_.LSEEK, self._lseek), (op_.COPY_FILE_RANGE, self._copy_file_range),
+            (op_.SYNCFS, self._syncfs), (op_.COPY_FILE_RANGE_64, self._copy_file_range_64),
+        )}
+
+    # -- the request loop's entry point ----------------------------------------------------
+    def handle(self, reader: Reader, writer: Writer | None) -> int:
+        """Serve one request; returns the used length (bytes written to `writer`)."""
+        try:
+            length, opcode, unique, nodeid, uid, gid, pid, extlen = _IN.unpack(
+                reader.read(_IN_SIZE))
+        except ChainTooShort:
+            if not self._warned_short:
+                self._warned_short = True
+                log.warning("queue %d: dropped a request shorter than fuse_in_header"
+                            " (reported once)", self.queue_index)
+            return 0
+        no_reply = opcode in _NO_REPLY
+        if opcode != _INIT and not self.session.started:
+            return 0 if no_reply else self._error(writer, unique, errno.EIO)
+        if length < _IN_SIZE or length - _IN_SIZE > reader.remaining:
+            return 0 if no_reply else self._error(writer, unique, errno.EIO)
+        if length > _MAX_REQUEST:
+            return 0 if no_reply else self._error(writer, unique, errno.ENOMEM)
+        handler = self._ops.get(opcode)
+        if handler is None:
+            return 0 if no_reply else self._error(writer, unique, errno.ENOSYS)
+        try:
+            body_len = length - _IN_SIZE
+            groups: tuple[int, ...] = ()
+            if opcode == _WRITE:
+                # Only fuse_write_in is copied; the data stays in guest memory for pwritev.
+                body = reader.read(min(body_len, _WRITE_IN_SIZE))
+                if len(body) == _WRITE_IN_SIZE and struct.unpack_from(
+                        "<I", body, _WRITE_SIZE_OFF)[0] > body_len - _WRITE_IN_SIZE:
+                    raise _einval("WRITE size larger than its request")
+            else:
+                body = reader.read(body_len)
+                if extlen:
+                    # Extensions are the request's last total_extlen*8 bytes (protocol.md 4.9).
+                    ext_len = extlen * 8
+                    if ext_len > body_len:
+                        raise _einval("extensions longer than the request")
+                    groups = self._extensions(body[body_len - ext_len:])
+                    body = body[:body_len - ext_len]
+            result = handler(Context(uid, gid, pid, 0, groups), nodeid, body, reader, writer)
+        except OSError as e:
+            return 0 if no_reply else self._error(writer, unique, e.errno or errno.EIO)
+        except Exception as e:
+            log.error("queue %d: %s failed: %s: %s", self.queue_index, _op_name(opcode),
+                      type(e).__name__, e)
+            return 0 if no_reply else self._error(writer, unique, errno.EIO)
+        if result is None:
+            return 0
+        if isinstance(result, int):
+            # The handler placed `result` body bytes after the header it reserved.
+            writer.write_at(0, _OUT_PACK(_OUT_SIZE + result, 0, unique))
+            return writer.written
+        return self._reply(writer, unique, result, opcode)
+
+    # -- replies ---------------------------------------------------------------------------
+    def _reply(self, writer: Writer | None, unique: int, body: bytes, opcode: int) -> int:
+        n = _OUT_SIZE + len(body)
+        if writer is None or writer.remaining < n:
+            log.warning("queue %d: %s reply of %d bytes does not fit the %d writable bytes",
+                        self.queue_index, _op_name(opcode), n,
+                        0 if writer is None else writer.remaining)
+            return self._error(writer, unique, errno.EIO)
+        writer.write(_OUT_PACK(n, 0, unique))
+        if body:
+            writer.write(body)
+        return n
+
+    def _error(self, writer: Writer | None, unique: int, err: int) -> int:
+        # protocol.md 4.2: header only, error = -errno within -1..-511.
+        if not 0 < err < 512:
+            err = errno.EIO
+        hdr = _OUT_PACK(_OUT_SIZE, -err, unique)
+        if writer is None:
+            return 0
+        if writer.written >= _OUT_SIZE:      # the header was reserved already (READ)
+            writer.write_at(0, hdr)
+            return _OUT_SIZE
+        if writer.remaining < _OUT_SIZE:
+            return 0
+        writer.write(hdr)
+        return _OUT_SIZE
+
+    def _extensions(self, data: bytes) -> tuple[int, ...]:
+        groups: tuple[int, ...] = ()
+        try:
+            for typ, payload in fa.iter_extensions(data):
+                # Security contexts (types 0..31) are not negotiated and are skipped.
+                if typ == fa.ExtType.GROUPS:
+                    groups = fa.unpack_supp_groups(payload)
+                    if len(groups) > _NGROUPS_MAX:
+                        raise ValueError("too many supplementary groups")
+        except ValueError as e:
+            raise _einval(str(e)) from None
+        return groups
+
+    # -- session ---------------------------------------------------------------------------
+    def _init(self, ctx, nodeid, body, reader, writer):
+        major, minor, max_readahead, flags = _unpack(fa.INIT_IN_COMPAT, body)
+        flags2 = 0
+        if flags & InitFlag.INIT_EXT and len(body) >= fa.INIT_IN_COMPAT.size + 4:
+            flags2 = struct.unpack_from("<I", body, fa.INIT_IN_COMPAT.size)[0]
+        if major < fa.KERNEL_VERSION:
+            log.error("queue %d: FUSE %d.%d is not supported", self.queue_index, major, minor)
+            raise OSError(errno.EPROTO, "FUSE major version too old")
+        if major > fa.KERNEL_VERSION:
+            # protocol.md 4.1: answer with our version and wait for the kernel's next INIT.
+            return fa.InitOut(fa.KERNEL_VERSION, fa.KERNEL_MINOR_VERSION).pack()
+        if minor < fa.MIN_KERNEL_MINOR_VERSION:
+            log.error("queue %d: FUSE 7.%d is older than 7.%d", self.queue_index, minor,
+                      fa.MIN_KERNEL_MINOR_VERSION)
+            raise OSError(errno.EPROTO, "FUSE minor version too old")
+        capable = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
+        if self.session.started:
+            # A second INIT starts a new session (virtio spec 5.11.6.1).
+            self.session.stop()
+            self.fs.destroy()
+        enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable))
+        self.session.start(min(minor, fa.KERNEL_MINOR_VERSION), enabled)
+        log.info("queue %d: FUSE session started: kernel 7.%d, flags %#x", self.queue_index,
+                 minor, enabled)
+        return fa.INIT_OUT.pack(
+            fa.KERNEL_VERSION, fa.KERNEL_MINOR_VERSION, max_readahead, enabled & 0xFFFFFFFF,
+            0xFFFF, 0xFFFF // 4 * 3, MAX_WRITE, 1, _MAX_PAGES, 0, enabled >> 32, 0, 0)
+
+    def _destroy(self, ctx, nodeid, body, reader, writer):
+        self.session.stop()
+        self.fs.destroy()
+        return b""
+
+    def _interrupt(self, ctx, nodeid, body, reader, writer):
+        # Requests are served synchronously, so the target has completed already.
+        return None
+
+    # -- names and inodes ------------------------------------------------------------------
+    def _lookup(self, ctx, nodeid, body, reader, writer):
+        return pack_entry(self.fs.lookup(ctx, nodeid, _name(body)))
+
+    def _forget(self, ctx, nodeid, body, reader, writer):
+        (nlookup,) = _unpack(fa.FORGET_IN, body)
+        self.fs.forget(nodeid, nlookup)
+        return None
+
+    def _batch_forget(self, ctx, nodeid, body, reader, writer):
+        (count,) = _unpack(fa.BATCH_FORGET_IN, body)
+        one = fa.FORGET_ONE
+        start = fa.BATCH_FORGET_IN.size
+        if start + count * one.size > len(body):
+            log.warning("queue %d: BATCH_FORGET of %d entries in %d bytes ignored",
+                        self.queue_index, count, len(body))
+            return None
+        self.fs.batch_forget(one.iter_unpack(body[start:start + count * one.size]))
+        return None
+
+    def _getattr(self, ctx, nodeid, body, reader, writer):
+        getattr_flags, fh = _unpack(fa.GETATTR_IN, body)
+        st, timeout = self.fs.getattr(ctx, nodeid, fh if getattr_flags & fa.GETATTR_FH
+                                      else None)
+        return self._attr_out(st, timeout)
+
+    @staticmethod
+    def _attr_out(st: os.stat_result, timeout: float) -> bytes:
+        s, ns = _split_time(timeout)
+        return fa.ATTR_OUT.pack(s, ns, *attr_fields(st))
+
+    def _setattr(self, ctx, nodeid, body, reader, writer):
+        attr = fa.SetattrIn._make(_unpack(fa.SETATTR_IN, body))
+        fh = attr.fh if attr.valid & fa.SetattrValid.FH else None
+        st, timeout = self.fs.setattr(ctx, nodeid, attr, fh)
+        return self._attr_out(st, timeout)
+
+    def _readlink(self, ctx, nodeid, body, reader, writer):
+        return self.fs.readlink(ctx, nodeid)
+
+    def _symlink(self, ctx, nodeid, body, reader, writer):
+        name, target = _two_names(body)
+        return pack_entry(self.fs.symlink(ctx, target, nodeid, name))
+
+    def _mknod(self, ctx, nodeid, body, reader, writer):
+        mode, rdev, umask = _unpack(fa.MKNOD_IN, body)
+        name = _name(body[fa.MKNOD_IN.size:])
+        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        return pack_entry(self.fs.mknod(ctx, nodeid, name, mode, rdev))
+
+    def _mkdir(self, ctx, nodeid, body, reader, writer):
+        mode, umask = _unpack(fa.MKDIR_IN, body)
+        name = _name(body[fa.MKDIR_IN.size:])
+        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        return pack_entry(self.fs.mkdir(ctx, nodeid, name, mode))
+
+    def _unlink(self, ctx, nodeid, body, reader, writer):
+        self.fs.unlink(ctx, nodeid, _name(body))
+        return b""
+
+    def _rmdir(self, ctx, nodeid, body, reader, writer):
+        self.fs.rmdir(ctx, nodeid, _name(body))
+        return b""
+
+    def _rename(self, ctx, nodeid, body, reader, writer):
+        (newdir,) = _unpack(fa.RENAME_IN, body)
+        old, new = _two_names(body[fa.RENAME_IN.size:])
+        self.fs.rename(ctx, nodeid, old, newdir, new, 0)
+        return b""
+
+    def _rename2(self, ctx, nodeid, body, reader, writer):
+        newdir, flags = _unpack(fa.RENAME2_IN, body)
+        old, new = _two_names(body[fa.RENAME2_IN.size:])
+        self.fs.rename(ctx, nodeid, old, newdir, new, flags)
+        return b""
+
+    def _link(self, ctx, nodeid, body, reader, writer):
+        (oldnodeid,) = _unpack(fa.LINK_IN, body)
+        name = _name(body[fa.LINK_IN.size:])
+        return pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name))
+
+    # -- files -----------------------------------------------------------------------------
+    def _open(self, ctx, nodeid, body, reader, writer):
+        flags, open_flags = _unpack(fa.OPEN_IN, body)
+        fh, fopen = self.fs.open(ctx, nodeid, flags, bool(open_flags & fa.OPEN_KILL_SUIDGID))
+        return fa.OPEN_OUT.pack(fh, fopen, 0)
+
+    def _create(self, ctx, nodeid, body, reader, writer):
+        flags, mode, umask, open_flags = _unpack(fa.CREATE_IN, body)
+        name = _name(body[fa.CREATE_IN.size:])
+        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        entry, fh, fopen = self.fs.create(ctx, nodeid, name, mode, flags,
+                                          bool(open_flags & fa.OPEN_KILL_SUIDGID))
+        return pack_entry(entry) + fa.OPEN_OUT.pack(fh, fopen, 0)
+
+    def _read(self, ctx, nodeid, body, reader, writer):
+        fh, offset, size = _unpack(fa.READ_IN, body)[:3]
+        if writer is None or writer.remaining < _OUT_SIZE:
+            raise OSError(errno.EIO, "no room for the reply header")
+        writer.advance(_OUT_SIZE)               # the header goes in last (handle())
+        n = self.fs.read(ctx, nodeid, fh, offset, writer.views(size))
+        writer.advance(n)
+        return n
+
+    def _write(self, ctx, nodeid, body, reader, writer):
+        fh, offset, size, write_flags, _owner, flags = _unpack(fa.WRITE_IN, body)
+        n = self.fs.write(ctx, nodeid, fh, offset, reader.views(size), write_flags, flags)
+        return fa.WRITE_OUT.pack(n)
+
+    def _flush(self, ctx, nodeid, body, reader, writer):
+        fh, lock_owner = _unpack(fa.FLUSH_IN, body)
+        self.fs.flush(ctx, nodeid, fh, lock_owner)
+        return b""
+
+    def _release(self, ctx, nodeid, body, reader, writer):
+        fh, flags, release_flags, lock_owner = _unpack(fa.RELEASE_IN, body)
+        self.fs.release(ctx, nodeid, fh, flags, release_flags, lock_owner)
+        return b""
+
+    def _fsync(self, ctx, nodeid, body, reader, writer):
+        fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
+        self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
+        return b""
+
+    def _fallocate(self, ctx, nodeid, body, reader, writer):
+        fh, offset, length, mode = _unpack(fa.FALLOCATE_IN, body)
+        self.fs.fallocate(ctx, nodeid, fh, mode, offset, length)
+        return b""
+
+    def _lseek(self, ctx, nodeid, body, reader, writer):
+        fh, offset, whence = _unpack(fa.LSEEK_IN, body)
+        return fa.LSEEK_OUT.pack(self.fs.lseek(ctx, nodeid, fh, offset, whence))
+
+    def _copy_range(self, ctx, nodeid, body, limit: int) -> int:
+        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _unpack(
+            fa.COPY_FILE_RANGE_IN, body)
+        return self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out,
+                                       min(length, limit), flags)
+
+    def _copy_file_range(self, ctx, nodeid, body, reader, writer):
+        return fa.WRITE_OUT.pack(self._copy_range(ctx, nodeid, body, _COPY_RANGE_MAX_32))
+
+    def _copy_file_range_64(self, ctx, nodeid, body, reader, writer):
+        return fa.COPY_FILE_RANGE_OUT.pack(self._copy_range(ctx, nodeid, body, (1 << 63) - 1))
+
+    # -- directories -----------------------------------------------------------------------
+    def _opendir(self, ctx, nodeid, body, reader, writer):
+        flags, _ = _unpack(fa.OPEN_IN, body)
+        fh, fopen = self.fs.opendir(ctx, nodeid, flags)
+        return fa.OPEN_OUT.pack(fh, fopen, 0)
+
+    def _dir_request(self, body, writer) -> tuple[int, int, int]:
+        fh, offset, size = _unpack(fa.READ_IN, body)[:3]
+        if size > MAX_WRITE:
+            raise OSError(errno.ENOMEM, "READDIR buffer larger than max_write")
+        room = 0 if writer is None else writer.remaining - _OUT_SIZE
+        return fh, offset, min(size, room)
+
+    def _readdir(self, ctx, nodeid, body, reader, writer):
+        fh, offset, size = self._dir_request(body, writer)
+        out: list[bytes] = []
+        used = 0
+        pack = fa.pack_dirent
+        for d in self.fs.readdir(ctx, nodeid, fh, offset, size):
+            n = fa.dirent_size(len(d.name))
+            if used + n > size:
+                break
+            out.append(pack(d.ino, d.off, d.type, d.name))
+            used += n
+        return b"".join(out)
+
+    def _readdirplus(self, ctx, nodeid, body, reader, writer):
+        fh, offset, size = self._dir_request(body, writer)
+        out: list[bytes] = []
+        used = 0
+        pack = fa.pack_direntplus
+        fs = self.fs
+        for d in fs.readdir(ctx, nodeid, fh, offset, size):
+            n = fa.direntplus_size(len(d.name))
+            if used + n > size:
+                break                         # checked before the lookup: nothing to undo
+            name = d.name
+            if name == b"." or name == b"..":
+                # Not looked up (no lookup count): a negative entry carrying ino and type.
+                entry = _ENTRY_PACK(0, 0, 0, 0, 0, 0, d.ino, 0, 0, 0, 0, 0, 0, 0, 0,
+                                    d.type << 12, 0, 0, 0, 0, 0, 0)
+            else:
+                try:
+                    entry = pack_entry(fs.lookup(ctx, nodeid, name))
+                except FileNotFoundError:
+                    continue                  # removed since it was listed
+                except OSError:
+                    if out:
+                        break                 # keep what was counted; the guest asks again
+                    raise
+            out.append(pack(entry, d.ino, d.off, d.type, name))
+            used += n
+        return b"".join(out)
+
+    def _releasedir(self, ctx, nodeid, body, reader, writer):
+        fh, flags = _unpack(fa.RELEASE_IN, body)[:2]
+        self.fs.releasedir(ctx, nodeid, fh, flags)
+        return b""
+
+    def _fsyncdir(self, ctx, nodeid, body, reader, writer):
+        fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
+        self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
+        return b""
+
+    # -- whole filesystem, permissions, xattrs ---------------------------------------------
+    def _statfs(self, ctx, nodeid, body, reader, writer):
+        s = self.fs.statfs(ctx, nodeid)
+        return fa.KSTATFS.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+                               s.f_bsize, s.f_namemax, s.f_frsize)
+
+    def _syncfs(self, ctx, nodeid, body, reader, writer):
+        self.fs.syncfs(ctx, nodeid)
+        return b""
+
+    def _access(self, ctx, nodeid, body, reader, writer):
+        (mask,) = _unpack(fa.ACCESS_IN, body)
+        self.fs.access(ctx, nodeid, mask)
+        return b""
+
+    def _setxattr(self, ctx, nodeid, body, reader, writer):
+        if self.session.flags & InitFlag.SETXATTR_EXT:
+            size, flags, setxattr_flags = _unpack(fa.SETXATTR_IN, body)
+            rest = body[fa.SETXATTR_IN.size:]
+        else:
+            size, flags = _unpack(fa.SETXATTR_IN_COMPAT, body)
+            setxattr_flags = 0
+            rest = body[fa.SETXATTR_IN_COMPAT.size:]
+        i = rest.find(b"\0")
+        if i < 0:
+            raise _einval("xattr name not NUL-terminated")
+        value = rest[i + 1:]
+        if len(value) != size:
+            raise _einval(f"xattr value of {len(value)} bytes, size says {size}")
+        self.fs.setxattr(ctx, nodeid, rest[:i], value, flags, setxattr_flags)
+        return b""
+
+    @staticmethod
+    def _xattr_reply(result: bytes | int) -> bytes:
+        return fa.GETXATTR_OUT.pack(result) if isinstance(result, int) else result
+
+    def _getxattr(self, ctx, nodeid, body, reader, writer):
+        (size,) = _unpack(fa.GETXATTR_IN, body)
+        name = _name(body[fa.GETXATTR_IN.size:])
+        if size > MAX_WRITE:
+            raise OSError(errno.ENOMEM, "xattr buffer larger than max_write")
+        return self._xattr_reply(self.fs.getxattr(ctx, nodeid, name, size))
+
+    def _listxattr(self, ctx, nodeid, body, reader, writer):
+        (size,) = _unpack(fa.GETXATTR_IN, body)
+        if size > MAX_WRITE:
+            raise OSError(errno.ENOMEM, "xattr buffer larger than max_write")
+        return self._xattr_reply(self.fs.listxattr(ctx, nodeid, size))
+
+    def _removexattr(self, ctx, nodeid, body, reader, writer):
+        self.fs.removexattr(ctx, nodeid, _name(body))
+        return b""
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
