@@ -427,9 +427,8 @@ class Frontend:
     def __init__(self, sock: socket.socket, *, timeout: float = DEFAULT_TIMEOUT,
                  process: subprocess.Popen | None = None) -> None:
         self.sock = sock
-        self.timeout = timeout
         self.process = process
-        sock.settimeout(timeout)
+        self.timeout = timeout
         self.features = 0               # offered by the daemon
         self.acked_features = 0
         self.protocol_features = 0      # offered
@@ -438,6 +437,16 @@ class Frontend:
         self.memory: GuestMemory | None = None
         self.queues: dict[int, DriverQueue] = {}
         self._closed = False
+
+    @property
+    def timeout(self) -> float:
+        """Seconds any reply or used entry may take before ReplyTimeout."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value: float) -> None:
+        self._timeout = value
+        self.sock.settimeout(value)
 
     # -- construction
 
@@ -733,11 +742,30 @@ class Frontend:
         mem = self.memory
         self.set_vring_addr(index, mem.uaddr(q.desc_gpa), mem.uaddr(q.used_gpa),
                             mem.uaddr(q.avail_gpa))
+        # A kick still pending on the eventfd would wake virtiofsd's ring worker while
+        # SET_VRING_KICK is being handled, before the ring is ready; the worker then spins on
+        # the error holding the ring lock and the daemon never answers.  So the count is
+        # drained here and the kick re-sent once the ring is up, as VU+ asks front-ends to do.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(q.kick_fd)
         self.set_vring_kick(index, q.kick_fd)
         self.set_vring_call(index, q.call_fd)
         if self.acked_features & F_PROTOCOL_FEATURES:
             self.set_vring_enable(index, True)
+        self.sync()
         q.started = True
+        if q.inflight:
+            q.kick(force=True)
+
+    def sync(self) -> None:
+        """Return once the daemon has handled every request sent so far.
+
+        Without REPLY_ACK nothing confirms SET_VRING_ENABLE, and a kick that overtakes it is
+        lost by virtiofsd (its ring worker drains the eventfd while the ring is disabled).
+        QEMU's enforce_reply() uses GET_FEATURES as the barrier; so does this.
+        """
+        if not self.reply_ack:
+            self.get_features()
 
     def close(self) -> None:
         if self._closed:
@@ -1243,8 +1271,18 @@ class FuseClient:
         self.flags = self.init_out.all_flags & flags
         return self.init_out
 
-    def destroy(self) -> None:
-        self.call(fa.Opcode.DESTROY, 0)
+    def destroy(self) -> bool:
+        """DESTROY; True if the daemon answered with a header (protocol.md 4.10), False if it
+        only returned the chain (used.len 0), which is what virtiofsd does."""
+        token = self.submit(fa.Opcode.DESTROY, 0)
+        c = self.vq.wait(token)
+        unique, _opcode, capacity = self._pending.pop(token)
+        if c.used_len == 0:
+            return False
+        r = self.parse(c, unique, capacity)
+        if r.error:
+            raise FuseError(r.error, fa.Opcode.DESTROY)
+        return True
 
     # -- hiprio queue: no reply, done when the used entry appears (protocol.md 3.3)
 
