@@ -43,9 +43,9 @@ def run(client: FuseClient, depth: int, seconds: float) -> float:
     end = start + seconds
     while True:
         replies = client.collect()
-        for r in replies:
-            if r.error:
-                raise SystemExit(f"GETATTR failed: {os.strerror(r.error)}")
+        for _token, (error, _body) in replies:
+            if error:
+                raise SystemExit(f"GETATTR failed: {os.strerror(error)}")
         done += len(replies)
         now = time.monotonic()
         if now >= end:

@@ -59,6 +59,8 @@ from pyvirtiofsd.common.vhost_user import (
 from pyvirtiofsd.common.virtio import DESC, U16, USED_ELEM, DescFlag, Feature
 
 DEFAULT_TIMEOUT = 10.0
+# Plain ints for the descriptor flags: IntFlag arithmetic costs more than the rest of a chain.
+_NEXT, _WRITE = int(DescFlag.NEXT), int(DescFlag.WRITE)
 PAGE = mmap.PAGESIZE
 # Fake front-end user addresses: each region gets its own base so no two regions are adjacent in
 # the "VMM" address space even when they are in guest-physical space.  The daemon only uses them
@@ -328,7 +330,8 @@ class GuestMemory:
 
     def alloc(self, size: int, align: int = 16) -> int:
         """First fit, never straddling a region boundary; raises MemoryError when full."""
-        size = max(size, 1)
+        # Whole alignment units, so freed blocks leave no slivers for later scans to skip.
+        size = _align(max(size, 1), align)
         for rng in self._free:
             start, end = rng
             a = _align(start, align)
@@ -632,9 +635,10 @@ class Frontend:
         return self._call(Request.GET_PROTOCOL_FEATURES).u64()
 
     def set_protocol_features(self, features: int) -> None:
-        # Acks for this very message follow the new set (rust-vmm and libvhost-user do so).
+        # Sent without NEED_REPLY as QEMU does: whether this very message is acked would
+        # depend on the set it is changing.
+        self.send(Request.SET_PROTOCOL_FEATURES, U64.pack(features), flags=VERSION)
         self.acked_protocol_features = features
-        self.send(Request.SET_PROTOCOL_FEATURES, U64.pack(features))
 
     def get_queue_num(self) -> int:
         return self._call(Request.GET_QUEUE_NUM).u64()
@@ -938,7 +942,7 @@ class DriverQueue:
                 self.mem.write(area + off, data)
             segs: list[tuple[int, int, int]] = []
             for i, (off, n) in enumerate(zip(offsets, sizes, strict=True)):
-                flag = DescFlag.WRITE if i >= len(readable) else 0
+                flag = _WRITE if i >= len(readable) else 0
                 parts = max(1, min(split, n))
                 step, pos = -(-n // parts) if n else 0, 0
                 for _ in range(parts):
@@ -952,7 +956,7 @@ class DriverQueue:
                 allocs.append(table)
                 tv = self.mem.view(table, 16 * len(segs))
                 for i, (addr, n, flag) in enumerate(segs):
-                    nxt = DescFlag.NEXT if i + 1 < len(segs) else 0
+                    nxt = _NEXT if i + 1 < len(segs) else 0
                     DESC.pack_into(tv, 16 * i, addr, n, flag | nxt, i + 1 if nxt else 0)
                 tv.release()
                 head = self.alloc_desc()
@@ -965,7 +969,7 @@ class DriverQueue:
                 descs = [self.free_descs.pop() for _ in segs]
                 for i, (addr, n, flag) in enumerate(segs):
                     last = i + 1 == len(segs)
-                    self.write_desc(descs[i], addr, n, flag | (0 if last else DescFlag.NEXT),
+                    self.write_desc(descs[i], addr, n, flag if last else flag | _NEXT,
                                     0 if last else descs[i + 1])
                 head = descs[0]
         except BaseException:
@@ -1097,7 +1101,6 @@ class DriverQueue:
 
 
 class FuseReply(NamedTuple):
-    token: int
     error: int           # positive errno, 0 on success
     body: bytes
 
@@ -1161,7 +1164,7 @@ class FuseClient:
     a sequence is given, e.g. WRITE's fuse_write_in and its data).  Writable part:
     fuse_out_header in its own buffer, then the reply body buffer.
 
-    `request()` returns FuseReply(token, error, body) with a positive errno (0 = success); the
+    `request()` returns FuseReply(error, body) with a positive errno (0 = success); the
     typed helpers raise FuseError instead.  Every reply is checked: unique echoed, out.len
     exact and within the buffers, error in -511..0, no body with an error, and (check_used_len)
     used.len == out.len.  A violation raises ProtocolViolation.
@@ -1221,19 +1224,19 @@ class FuseClient:
             raise ProtocolViolation(f"error reply {out.error} carries {out.len - 16} body bytes")
         if self.check_used_len and c.used_len != out.len:
             raise ProtocolViolation(f"used.len {c.used_len} != fuse_out_header.len {out.len}")
-        return FuseReply(c.token, -out.error, c.data[fa.OUT_HEADER.size : out.len])
+        return FuseReply(-out.error, c.data[fa.OUT_HEADER.size : out.len])
 
     def result(self, token: int, timeout: float | None = None) -> FuseReply:
         c = self.vq.wait(token, timeout)
         unique, _opcode, capacity = self._pending.pop(token)
         return self.parse(c, unique, capacity)
 
-    def collect(self, timeout: float | None = None) -> list[FuseReply]:
-        """Every reply available on this client's queue, waiting for at least one."""
+    def collect(self, timeout: float | None = None) -> list[tuple[int, FuseReply]]:
+        """(token, reply) for every reply available on the queue, waiting for at least one."""
         out = []
         for c in self.vq.complete(timeout):
             unique, _opcode, capacity = self._pending.pop(c.token)
-            out.append(self.parse(c, unique, capacity))
+            out.append((c.token, self.parse(c, unique, capacity)))
         return out
 
     def request(self, opcode: int, nodeid: int, body: bytes | Sequence[bytes] = b"", *,
