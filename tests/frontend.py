@@ -251,7 +251,8 @@ class GuestMemory:
             if fd == region.fd and not any(r.fd == fd for r in self.regions):
                 region.view.release()
                 view.release()
-                mm.close()
+                with contextlib.suppress(BufferError):
+                    mm.close()
                 os.close(fd)
                 del self._maps[i]
                 break
@@ -274,7 +275,9 @@ class GuestMemory:
         self.regions.clear()
         for fd, mm, view in self._maps:
             view.release()
-            mm.close()
+            # A view a test still holds keeps the mapping alive until it is collected.
+            with contextlib.suppress(BufferError):
+                mm.close()
             os.close(fd)
         self._maps.clear()
 
