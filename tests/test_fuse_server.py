@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -169,6 +172,25 @@ def make_env(root: str, options: FsOptions, init: bool = True) -> Env:
     return Env(root, arena, proc, fs, server, client, session)
 
 
+@contextmanager
+def running_env(root: Path, options: FsOptions, init: bool = True) -> Iterator[Env]:
+    """A share at `root` (mode 0755), by default with an initialised session; the process
+    state the filesystem changes (umask, groups) is put back afterwards."""
+    root.mkdir(exist_ok=True)
+    os.chmod(root, 0o755)
+    groups = os.getgroups()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    e = make_env(str(root), options, init)
+    try:
+        yield e
+    finally:
+        os.setgroups(groups)
+        os.umask(umask)
+        os.close(e.proc)
+        e.arena.close()
+
+
 @pytest.fixture
 def options() -> FsOptions:
     return FsOptions(xattr=True)
@@ -176,17 +198,8 @@ def options() -> FsOptions:
 
 @pytest.fixture
 def env(tmp_path, options):
-    root = tmp_path / "share"
-    root.mkdir()
-    groups = os.getgroups()
-    umask = os.umask(0o022)
-    os.umask(umask)
-    e = make_env(str(root), options)
-    yield e
-    os.setgroups(groups)
-    os.umask(umask)
-    os.close(e.proc)
-    e.arena.close()
+    with running_env(tmp_path / "share", options) as e:
+        yield e
 
 
 # -- framing and errors -----------------------------------------------------------------------
@@ -267,36 +280,28 @@ def test_write_size_beyond_its_data_is_einval(env):
 
 
 def test_requests_before_init_get_eio(tmp_path):
-    e = make_env(str(tmp_path), FsOptions(), init=False)
-    try:
+    with running_env(tmp_path / "share", FsOptions(), init=False) as e:
         c = e.client
         assert c.err(Opcode.GETATTR, 1, fa.GETATTR_IN.pack(0, 0)) == errno.EIO
         assert c.call(Opcode.FORGET, 1, fa.FORGET_IN.pack(1)).used == 0
         c.init()
-        assert c.getattr(1).attr.ino == os.stat(tmp_path).st_ino
+        assert c.getattr(1).attr.ino == os.stat(e.root).st_ino
         # DESTROY ends the session: back to EIO until the next INIT.
         assert c.ok(Opcode.DESTROY) == b""
         assert c.err(Opcode.GETATTR, 1, fa.GETATTR_IN.pack(0, 0)) == errno.EIO
         c.init()
-        assert c.getattr(1).attr.ino == os.stat(tmp_path).st_ino
-    finally:
-        os.close(e.proc)
-        e.arena.close()
+        assert c.getattr(1).attr.ino == os.stat(e.root).st_ino
 
 
 def test_init_started_on_one_queue_serves_all_sharing_the_session(tmp_path):
-    e = make_env(str(tmp_path), FsOptions(), init=False)
-    try:
+    with running_env(tmp_path / "share", FsOptions(), init=False) as e:
         other = e.server_like()
         assert other.err(Opcode.GETATTR, 1, fa.GETATTR_IN.pack(0, 0)) == errno.EIO
         e.client.init()
-        assert other.getattr(1).attr.ino == os.stat(tmp_path).st_ino
+        assert other.getattr(1).attr.ino == os.stat(e.root).st_ino
         # A server with its own session has not seen any INIT.
         lone = Client(FuseServer(e.fs, 3, Session()))
         assert lone.err(Opcode.GETATTR, 1, fa.GETATTR_IN.pack(0, 0)) == errno.EIO
-    finally:
-        os.close(e.proc)
-        e.arena.close()
 
 
 def test_init_negotiation(env):
@@ -327,15 +332,11 @@ def test_init_replies_only_offered_flags(env):
 
 
 def test_init_writeback_and_option_flags(tmp_path):
-    e = make_env(str(tmp_path), FsOptions(writeback=True, readdirplus=False,
-                                          announce_submounts=False), init=False)
-    try:
+    opts = FsOptions(writeback=True, readdirplus=False, announce_submounts=False)
+    with running_env(tmp_path / "share", opts, init=False) as e:
         flags = e.client.init().all_flags
         assert flags & InitFlag.WRITEBACK_CACHE
         assert not flags & (InitFlag.DO_READDIRPLUS | InitFlag.SUBMOUNTS)
-    finally:
-        os.close(e.proc)
-        e.arena.close()
 
 
 def test_init_versions(env):

@@ -15,8 +15,8 @@ the Writer (protocol.md 3.2, 4.2).  It never raises for anything the guest sent:
   the opcode; unknown or unserved opcodes ENOSYS;
 * requests before FUSE_INIT get EIO (libfuse refuses them too); FORGET, BATCH_FORGET,
   INTERRUPT and NOTIFY_REPLY never get a reply (used length 0);
-* a reply that does not fit the writable buffers is logged and answered with EIO if at least
-  the header fits, else nothing is written (used length 0).
+* a reply that does not fit the writable buffers is answered with EIO if at least the header
+  fits, else nothing is written (used length 0); the first such reply per worker is logged.
 
 Session state (started, negotiated minor and flags) lives in a `Session`: a word of shared
 memory, because FUSE_INIT arrives on one request queue while every queue worker -- and a worker
@@ -166,6 +166,7 @@ class FuseServer:
         self.queue_index = queue_index
         self.session = session if session is not None else DEFAULT_SESSION
         self._warned_short = False
+        self._warned_room = False
         op_ = Opcode
         self._ops = {int(op): fn for op, fn in (
             (op_.LOOKUP, self._lookup), (op_.FORGET, self._forget), (op_.GETATTR, self._getattr),
@@ -246,9 +247,11 @@ class FuseServer:
     def _reply(self, writer: Writer | None, unique: int, body: bytes, opcode: int) -> int:
         n = _OUT_SIZE + len(body)
         if writer is None or writer.remaining < n:
-            log.warning("queue %d: %s reply of %d bytes does not fit the %d writable bytes",
-                        self.queue_index, _op_name(opcode), n,
-                        0 if writer is None else writer.remaining)
+            if not self._warned_room:
+                self._warned_room = True
+                log.warning("queue %d: %s reply of %d bytes does not fit the %d writable bytes"
+                            " (reported once)", self.queue_index, _op_name(opcode), n,
+                            0 if writer is None else writer.remaining)
             return self._error(writer, unique, errno.EIO)
         writer.write(_OUT_PACK(n, 0, unique))
         if body:
@@ -477,7 +480,7 @@ class FuseServer:
         if size > MAX_WRITE:
             raise OSError(errno.ENOMEM, "READDIR buffer larger than max_write")
         room = 0 if writer is None else writer.remaining - _OUT_SIZE
-        return fh, offset, min(size, room)
+        return fh, offset, max(0, min(size, room))
 
     def _readdir(self, ctx, nodeid, body, reader, writer):
         fh, offset, size = self._dir_request(body, writer)

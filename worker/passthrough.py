@@ -69,6 +69,7 @@ _c_int, _c_uint, _c_char_p, _c_void_p = (ctypes.c_int, ctypes.c_uint, ctypes.c_c
 _renameat2 = _fn("renameat2", _c_int, _c_int, _c_char_p, _c_int, _c_char_p, _c_uint)
 _fchownat = _fn("fchownat", _c_int, _c_int, _c_char_p, ctypes.c_uint32, ctypes.c_uint32, _c_int)
 _utimensat = _fn("utimensat", _c_int, _c_int, _c_char_p, ctypes.POINTER(_Timespec), _c_int)
+_futimens = _fn("futimens", _c_int, _c_int, ctypes.POINTER(_Timespec))
 _faccessat = _fn("faccessat", _c_int, _c_int, _c_char_p, _c_int, _c_int)
 _fallocate = _fn("fallocate", _c_int, _c_int, _c_int, ctypes.c_int64, ctypes.c_int64)
 _syncfs = _fn("syncfs", _c_int, _c_int)
@@ -259,13 +260,15 @@ class PassthroughFs(Filesystem):
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         return flags
 
-    def _open_fd(self, ifd: int, flags: int) -> int:
+    def _open_fd(self, ifd: int, flags: int, requested: int) -> tuple[int, int]:
+        """(fd, the flags it was opened with)."""
         try:
-            return self._reopen(ifd, flags)
+            return self._reopen(ifd, flags), flags
         except PermissionError:
             # The writeback upgrade to O_RDWR needs read permission the caller may lack.
-            if self._writeback and flags & os.O_ACCMODE == os.O_RDWR:
-                return self._reopen(ifd, (flags & ~os.O_ACCMODE) | os.O_WRONLY)
+            if flags & os.O_ACCMODE != requested & os.O_ACCMODE:
+                flags = (flags & ~os.O_ACCMODE) | (requested & os.O_ACCMODE)
+                return self._reopen(ifd, flags), flags
             raise
 
     # -- session ---------------------------------------------------------------------------
@@ -362,7 +365,7 @@ class PassthroughFs(Filesystem):
         elif valid & V.MTIME:
             times[1].tv_sec, times[1].tv_nsec = _signed64(attr.mtime), attr.mtimensec
         if hfd >= 0:
-            _check(_utimensat(hfd, None, times, 0))
+            _check(_futimens(hfd, times))
         else:
             _check(_utimensat(self._proc, str(ifd).encode(), times, 0))
 
@@ -445,7 +448,7 @@ class PassthroughFs(Filesystem):
         oflags = self._open_flags(flags)
         with self._inodes.pinned(nodeid) as ifd:
             st = self._check_openable(ifd, False)
-            fd = self._open_fd(ifd, oflags)
+            fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
                 if kill_priv and oflags & os.O_TRUNC:
                     self._kill_suidgid(fd, False)
