@@ -1,0 +1,318 @@
+"""Real-guest end-to-end tests: a Debian kernel under QEMU (TCG) mounts the daemon's share.
+
+Run against pyvirtiofsd (default) or the Rust virtiofsd anchor::
+
+    GUEST_DAEMON=anchor .venv/bin/pytest -m guest tests/test_guest.py
+
+The first run fetches Debian's kernels into guest/work/ (guest/fetch-kernels.sh).
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.guest_util import (
+    GuestDaemon,
+    GuestResult,
+    Kernel,
+    ensure_kernel,
+    guest_unavailable,
+    parse_steps,
+    parse_values,
+    queue_interrupts,
+    run_guest,
+    selected_daemon,
+)
+
+pytestmark = pytest.mark.guest
+
+BOOT_TIMEOUT = 60.0
+
+# Shared by both workloads: each step runs in a `set -e` subshell (not in an && list, where the
+# shell would ignore -e) and reports "@@STEP ok|FAIL NAME"; the script exits 1 if any failed.
+PRELUDE = r"""
+failed=0
+up() { cut -d' ' -f1 /proc/uptime; }
+step() {
+  t0=$(up)
+  ( set -e; "$1" )
+  rc=$?
+  took=$(echo "$(up) $t0" | awk '{ printf "%.2fs", $1 - $2 }')
+  if [ $rc -eq 0 ]; then echo "@@STEP ok $1 $took"
+  else echo "@@STEP FAIL $1 rc=$rc $took"; failed=1; fi
+}
+val() { echo "@@VAL $1 $2"; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+cd /mnt
+"""
+
+BASIC_WORKLOAD = (
+    PRELUDE
+    + r"""
+mkdir w
+files() {
+  printf 'hello\n' > w/a.txt
+  [ "$(cat w/a.txt)" = hello ]
+  echo more >> w/a.txt
+  printf XY | dd of=w/a.txt bs=1 seek=1 conv=notrunc 2>/dev/null
+  printf 'abcdefgh' > w/t.txt
+  truncate -s 3 w/t.txt
+  # 1 MiB through the daemon and back, with the guest's page cache dropped in between.
+  dd if=/dev/urandom of=/tmp/r.bin bs=64k count=16 2>/dev/null
+  cp /tmp/r.bin w/r.bin
+  drop_caches
+  cmp /tmp/r.bin w/r.bin
+  [ "$(cat w/a.txt)" = "$(printf 'hXYlo\nmore')" ]
+  [ "$(cat w/t.txt)" = abc ]
+}
+dirs() {
+  mkdir -p w/d1/d2/d3
+  [ -d w/d1/d2/d3 ]
+  mkdir w/d1/d2/d3/x
+  rmdir w/d1/d2/d3/x
+}
+rename() {
+  echo r > w/old
+  mv w/old w/d1/new
+  [ ! -e w/old ]
+  echo keep > w/over.src
+  echo lose > w/over.dst
+  mv w/over.src w/over.dst
+  [ "$(cat w/over.dst)" = keep ]
+}
+hardlink() {
+  ln w/a.txt w/hard
+  [ "$(stat -c %h w/a.txt)" = 2 ]
+  [ "$(stat -c %i w/a.txt)" = "$(stat -c %i w/hard)" ]
+}
+symlink() {
+  ln -s a.txt w/sym
+  [ "$(readlink w/sym)" = a.txt ]
+  [ "$(cat w/sym)" = "$(cat w/a.txt)" ]
+  [ -L w/sym ]
+}
+modes() {
+  chmod 0640 w/a.txt
+  [ "$(stat -c %a w/a.txt)" = 640 ]
+  printf '#!/bin/sh\necho ran\n' > w/x.sh
+  chmod 0755 w/x.sh
+  [ "$(w/x.sh)" = ran ]
+  : > w/owned
+  chown 1234:5678 w/owned
+  [ "$(stat -c %u:%g w/owned)" = 1234:5678 ]
+  touch -d '2001-02-03 04:05:06' w/dated
+  mkfifo w/fifo
+  [ -p w/fifo ]
+}
+readdir() {
+  mkdir w/many
+  seq 1 3000 | sed 's/^/f/' | (cd w/many && xargs touch)
+  drop_caches
+  n=$(ls -1 w/many | wc -l)
+  val many.count "$n"
+  [ "$n" -eq 3000 ]
+  [ "$(find w/many -type f | wc -l)" -eq 3000 ]
+}
+unlink() {
+  mkdir w/gone
+  : > w/gone/x
+  echo y > w/gone/y
+  exec 3< w/gone/y
+  rm w/gone/x w/gone/y
+  [ "$(cat <&3)" = y ]
+  exec 3<&-
+  rmdir w/gone
+  [ ! -e w/gone ]
+}
+bigfile() {
+  # Staged in the guest's tmpfs so the share sees 1 MiB writes (a pipe would make them 4 KiB).
+  dd if=/dev/urandom of=/tmp/big.bin bs=1M count=64 2>/dev/null
+  sha256sum < /tmp/big.bin > /tmp/sum.w
+  dd if=/tmp/big.bin of=w/big.bin bs=1M 2>/dev/null
+  rm /tmp/big.bin
+  drop_caches
+  sha256sum < w/big.bin > /tmp/sum.r
+  cmp /tmp/sum.w /tmp/sum.r
+  val big.sha256 "$(cut -d' ' -f1 /tmp/sum.r)"
+  val big.md5 "$(md5sum < w/big.bin | cut -d' ' -f1)"
+}
+stats() {
+  val a.stat "$(stat -c '%s %a %h %F' w/a.txt)"
+  val sym.stat "$(stat -c '%s %F' w/sym)"
+  val big.stat "$(stat -c '%s %F' w/big.bin)"
+  val dated.mtime "$(stat -c %Y w/dated)"
+  val fifo.stat "$(stat -c %F w/fifo)"
+  val statfs "$(stat -f -c '%b %S' /mnt)"
+}
+for s in files dirs rename hardlink symlink modes readdir unlink bigfile stats; do step $s; done
+exit $failed
+"""
+)
+
+BASIC_STEPS = [
+    "files", "dirs", "rename", "hardlink", "symlink", "modes", "readdir", "unlink", "bigfile",
+    "stats",
+]  # fmt: skip
+
+WRITER_FILES = 150
+
+PARALLEL_WORKLOAD = (
+    PRELUDE
+    + rf"""
+mkdir p
+cat > /tmp/writer.sh <<'EOS'
+# $1: writer name. Creates, writes and re-reads files, then one 8 MiB file, all in /mnt/p.
+i=0
+while [ $i -lt {WRITER_FILES} ]; do
+  f=/mnt/p/$1.$i
+  printf '%s %d\n' "$1" "$i" > "$f" || exit 1
+  [ "$(cat "$f")" = "$1 $i" ] || exit 1
+  i=$((i + 1))
+done
+dd if=/dev/zero of=/mnt/p/$1.big bs=1M count=8 2>/dev/null || exit 1
+EOS
+parallel() {{
+  # One writer pinned to each vCPU: the driver picks the request queue from the submitting CPU.
+  taskset -c 0 sh /tmp/writer.sh w0 &
+  p0=$!
+  taskset -c 1 sh /tmp/writer.sh w1 &
+  p1=$!
+  wait "$p0"
+  wait "$p1"
+  drop_caches
+  [ "$(ls p | wc -l)" -eq {2 * WRITER_FILES + 2} ]
+}}
+step parallel
+val cpus "$(nproc)"
+grep virtio /proc/interrupts
+exit $failed
+"""
+)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> GuestDaemon:
+    reason = guest_unavailable()
+    if reason:
+        pytest.skip(reason)
+    d = selected_daemon()
+    missing = d.missing()
+    if missing:
+        pytest.fail(missing)
+    return d
+
+
+@pytest.fixture(scope="session")
+def kernel61(daemon: GuestDaemon) -> Kernel:
+    return ensure_kernel("61")
+
+
+@pytest.fixture(scope="session")
+def kernel612(daemon: GuestDaemon) -> Kernel:
+    return ensure_kernel("612")
+
+
+def assert_ran(result: GuestResult, steps: list[str]) -> dict[str, str]:
+    assert result.ok, result.failure()
+    reported = parse_steps(result.script_output)
+    failed = {name: detail for name, (ok, detail) in reported.items() if not ok}
+    assert not failed, f"guest steps failed: {failed}\n{result.script_output}"
+    assert sorted(reported) == sorted(steps), result.script_output
+    return parse_values(result.script_output)
+
+
+def report(name: str, result: GuestResult) -> None:
+    print(
+        f"{name}: share mounted {result.mounted_at:.2f} s after QEMU start "
+        f"(guest uptime {result.guest_mount_uptime:.2f} s), boot total {result.wall:.2f} s"
+    )
+
+
+def test_guest_basic_ops(daemon: GuestDaemon, kernel61: Kernel, tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    result = run_guest(daemon.command(), share, BASIC_WORKLOAD, kernel=kernel61,
+                       timeout=BOOT_TIMEOUT)  # fmt: skip
+    report(f"basic ops on {kernel61.package} against {daemon.name}", result)
+    vals = assert_ran(result, BASIC_STEPS)
+    w = share / "w"
+
+    a = w / "a.txt"
+    assert a.read_bytes() == b"hXYlo\nmore\n"
+    assert stat.S_IMODE(a.stat().st_mode) == 0o640
+    assert a.stat().st_nlink == 2
+    assert (w / "hard").stat().st_ino == a.stat().st_ino
+    assert vals["a.stat"] == "11 640 2 regular file"
+    assert (w / "t.txt").read_bytes() == b"abc"
+    assert (w / "r.bin").stat().st_size == 1 << 20
+
+    assert (w / "d1" / "d2" / "d3").is_dir()
+    assert not (w / "d1" / "d2" / "d3" / "x").exists()
+    assert (w / "d1" / "new").read_bytes() == b"r\n"
+    assert not (w / "old").exists()
+    assert not (w / "over.src").exists()
+    assert (w / "over.dst").read_bytes() == b"keep\n"
+
+    assert os.readlink(w / "sym") == "a.txt"
+    assert vals["sym.stat"] == "5 symbolic link"
+    assert stat.S_IMODE((w / "x.sh").stat().st_mode) == 0o755
+    owned = (w / "owned").stat()
+    assert (owned.st_uid, owned.st_gid) == (1234, 5678)
+    # The guest has no time zone: touch -d took UTC.
+    dated = calendar.timegm((2001, 2, 3, 4, 5, 6))
+    assert int((w / "dated").stat().st_mtime) == dated
+    assert vals["dated.mtime"] == str(dated)
+    assert stat.S_ISFIFO((w / "fifo").lstat().st_mode)
+    assert vals["fifo.stat"] == "fifo"
+
+    many = sorted(os.listdir(w / "many"))
+    assert vals["many.count"] == "3000"
+    assert many == sorted(f"f{i}" for i in range(1, 3001))
+    assert not (w / "gone").exists()
+
+    big = (w / "big.bin").read_bytes()
+    assert len(big) == 64 << 20
+    assert vals["big.stat"] == f"{64 << 20} regular file"
+    assert hashlib.sha256(big).hexdigest() == vals["big.sha256"]
+    assert hashlib.md5(big).hexdigest() == vals["big.md5"]
+
+    blocks, bsize = (int(v) for v in vals["statfs"].split())
+    st = os.statvfs(share)
+    assert blocks * bsize == st.f_blocks * st.f_frsize
+
+    assert not (share / ".guest-script.sh").exists()
+    assert sorted(p.name for p in share.iterdir()) == ["w"]
+
+
+def test_guest_parallel_queues(daemon: GuestDaemon, kernel612: Kernel, tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    queues = min(2, daemon.max_request_queues)
+    result = run_guest(
+        daemon.command(request_queues=queues), share, PARALLEL_WORKLOAD, kernel=kernel612,
+        smp=2, num_request_queues=queues, timeout=BOOT_TIMEOUT,
+    )  # fmt: skip
+    report(f"parallel writers on {kernel612.package}, {queues} queue(s), {daemon.name}", result)
+    vals = assert_ran(result, ["parallel"])
+    assert vals["cpus"] == "2"
+
+    # The guest saw completions on every request queue it was given, and on no other.
+    irqs = queue_interrupts(result.script_output)
+    request_irqs = {name: n for name, n in irqs.items() if name.startswith("requests.")}
+    assert sorted(request_irqs) == [f"requests.{i}" for i in range(queues)], irqs
+    assert all(n > 0 for n in request_irqs.values()), irqs
+    daemon.check_queues(result, queues)
+
+    names = sorted(os.listdir(share / "p"))
+    expected = [f"w{k}.{i}" for k in (0, 1) for i in range(WRITER_FILES)] + ["w0.big", "w1.big"]
+    assert names == sorted(expected)
+    for k in (0, 1):
+        for i in range(WRITER_FILES):
+            assert (share / "p" / f"w{k}.{i}").read_text() == f"w{k} {i}\n"
+        assert (share / "p" / f"w{k}.big").stat().st_size == 8 << 20
