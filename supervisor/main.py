@@ -156,7 +156,7 @@ class Supervisor:
         signal.set_wakeup_fd(wake_w.fileno())
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
-        keep = {self.root_fd}
+        keep = {self.root_fd, *logsetup.fds()}
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds it now
         for warning in self.config.unimplemented():
