@@ -815,3 +815,20 @@ def test_no_fd_leaks_on_success_or_error_paths(env, outside):
         c.forget(c.lookup(1, name).nodeid, 1)
     assert fd_count() == base
     assert env.arena.handles.live_count() == 0
+
+
+def test_xattr_of_special_file_restores_an_unsearchable_cwd(env, tmp_path):
+    """The detour through /proc/self/fd returns to a cwd the caller could not enter."""
+    private = tmp_path / "private-cwd"
+    private.mkdir(mode=0o700)
+    os.mkfifo(env.path("fifo"))
+    c = env.client
+    fifo = c.lookup(1, b"fifo").nodeid
+    old = os.getcwd()
+    os.chdir(private)
+    try:
+        names = c.ok(Opcode.LISTXATTR, fifo, fa.GETXATTR_IN.pack(4096), uid=1000, gid=1000)
+        assert names == b""
+        assert os.getcwd() == str(private)
+    finally:
+        os.chdir(old)

@@ -230,28 +230,37 @@ class PassthroughFs(Filesystem):
     def _chmod_inode(self, fd: int, mode: int) -> None:
         os.chmod(str(fd), mode, dir_fd=self._proc)
 
-    def _kill_suidgid(self, fd: int, o_path: bool) -> None:
-        """Drop set-user-ID, and set-group-ID if group-executable, as a write by a
-        non-owner would (FATTR_KILL_SUIDGID / FUSE_WRITE_KILL_SUIDGID / FUSE_OPEN_KILL_SUIDGID)."""
+    @staticmethod
+    def _kill_suidgid(fd: int) -> None:
+        """Drop set-user-ID, and set-group-ID if group-executable, on the open file `fd` as a
+        write by a non-owner would (FATTR_ / FUSE_WRITE_ / FUSE_OPEN_KILL_SUIDGID)."""
         mode = os.fstat(fd).st_mode
         drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         if mode & drop:
-            new = stat.S_IMODE(mode) & ~drop
-            if o_path:
-                self._chmod_inode(fd, new)
-            else:
-                os.fchmod(fd, new)
+            os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
 
     def _in_proc_dir(self, fn, fd: int):
         """Run fn(name) with the cwd in /proc/self/fd: path-based xattr calls on a magic link
         reach inodes that must not be opened (symlinks, devices, FIFOs) -- virtiofsd's trick."""
         if self._cwd < 0:
-            self._cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._cwd = self._as_daemon(os.open, ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         os.fchdir(self._proc)
         try:
             return fn(str(fd))
         finally:
-            os.fchdir(self._cwd)
+            # The way back may not be searchable for the caller's fsuid.
+            self._as_daemon(os.fchdir, self._cwd)
+
+    def _as_daemon(self, fn, *args):
+        """fn(*args) with the daemon's own fsuid, then the caller's again."""
+        fsuid = self._fsuid
+        if not self._switch_creds or fsuid == os.geteuid():
+            return fn(*args)
+        native.setfsuid(os.geteuid())
+        try:
+            return fn(*args)
+        finally:
+            native.setfsuid(fsuid)
 
     def _open_flags(self, flags: int) -> int:
         flags &= ~self._strip
@@ -301,6 +310,8 @@ class PassthroughFs(Filesystem):
         self._inodes.forget(nodeid, nlookup)
 
     def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        # An open file and its inode's O_PATH fd are the same inode: `fh` adds nothing
+        # (virtiofsd ignores it too).
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as fd:
             return os.fstat(fd), self._timeout
@@ -340,7 +351,7 @@ class PassthroughFs(Filesystem):
         if hfd >= 0:
             os.ftruncate(hfd, size)
             if kill:
-                self._kill_suidgid(hfd, False)
+                self._kill_suidgid(hfd)
             return
         if stat.S_ISDIR(self._check_openable(ifd, False).st_mode):
             raise _err(errno.EISDIR)
@@ -349,7 +360,7 @@ class PassthroughFs(Filesystem):
         try:
             os.ftruncate(fd, size)
             if kill:
-                self._kill_suidgid(fd, False)
+                self._kill_suidgid(fd)
         finally:
             os.close(fd)
 
@@ -451,7 +462,7 @@ class PassthroughFs(Filesystem):
             fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
                 if kill_priv and oflags & os.O_TRUNC:
-                    self._kill_suidgid(fd, False)
+                    self._kill_suidgid(fd)
                 fh = self._handles.insert(fd, nodeid, oflags)
             except BaseException:
                 os.close(fd)
@@ -535,7 +546,7 @@ class PassthroughFs(Filesystem):
                 n = os.pwritev(fd, _skip(bufs, total), offset + total, rwf)
                 total += n
             if write_flags & fa.WRITE_KILL_SUIDGID:
-                self._kill_suidgid(fd, False)
+                self._kill_suidgid(fd)
             return total
         finally:
             self._handles.release(fh)
