@@ -278,6 +278,7 @@ def run_guest(
     daemon_exit_timeout: float = 10.0,
     keep_script: bool = False,
     on_line: Callable[[ConsoleLine], None] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> GuestResult:
     """Runs one boot: daemon on ``share``, guest runs ``script`` (sh) from the share, powers off.
 
@@ -285,7 +286,8 @@ def run_guest(
     whole boot; on expiry QEMU and the daemon are killed and ``timed_out`` is set. A daemon that
     exits while the guest runs gets QEMU killed a moment later (the guest would hang on its
     requests); a daemon still running ``daemon_exit_timeout`` seconds after QEMU exits is killed
-    (``daemon_rc`` None). Raises GuestError if the daemon never listens.
+    (``daemon_rc`` None). Raises GuestError if the daemon never listens. ``progress`` is told
+    what happens, in plain words, as it happens (the demo prints it).
     """
     share = Path(share)
     script_path = share / SCRIPT_NAME
@@ -300,6 +302,7 @@ def run_guest(
                 result = _boot(
                     daemon_argv, share, sock, daemon_log, qemu_err, kernel, tag, smp,
                     num_request_queues, queue_size, timeout, daemon_exit_timeout, on_line,
+                    progress or (lambda _: None),
                 )  # fmt: skip
             finally:
                 if not keep_script:
@@ -327,6 +330,7 @@ def _boot(
     timeout: float,
     daemon_exit_timeout: float,
     on_line: Callable[[ConsoleLine], None] | None,
+    progress: Callable[[str], None],
 ) -> GuestResult:
     start = time.monotonic()
     deadline = start + timeout
@@ -339,20 +343,37 @@ def _boot(
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own children are killed with the group on timeout
     )
+    progress(f"Starting {os.path.basename(daemon_argv[0])} on {share}, socket {sock}")
     qemu: subprocess.Popen | None = None
     try:
-        wait_listening(sock, daemon, timeout=min(timeout, 30.0))
+        try:
+            wait_listening(sock, daemon, timeout=min(timeout, 30.0))
+        except GuestError as e:
+            daemon_log.seek(0)
+            output = daemon_log.read().decode(errors="replace")[-3000:]
+            raise GuestError(f"{e}; its output:\n{output}") from None
+        progress(f"The daemon (pid {daemon.pid}) is listening on its socket")
         argv = qemu_argv(
             kernel, sock, tag, smp=smp, num_request_queues=num_request_queues,
             queue_size=queue_size,
         )  # fmt: skip
+        progress(f"Booting {kernel.package} under QEMU ({smp} vCPU, software emulation, ~10 s)...")
         qemu_start = time.monotonic()
         qemu = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=qemu_err,
             start_new_session=True,
         )  # fmt: skip
+
+        def tell(line: ConsoleLine) -> None:
+            if line.text.startswith(MARKER + "mounted"):
+                progress(f"The guest mounted the share ({line.at:.1f} s after QEMU started)")
+            elif line.text.startswith(MARKER + "poweroff"):
+                progress("The guest finished its script and is powering off")
+            if on_line:
+                on_line(line)
+
         reader = threading.Thread(
-            target=_read_console, args=(qemu, qemu_start, console, on_line), daemon=True
+            target=_read_console, args=(qemu, qemu_start, console, tell), daemon=True
         )
         reader.start()
         exited = _wait_first([qemu, daemon], deadline)
@@ -373,6 +394,8 @@ def _boot(
         if not timed_out:
             _wait_first([daemon], time.monotonic() + daemon_exit_timeout)
         daemon_rc = daemon.poll()
+        if daemon_rc is not None:
+            progress(f"QEMU exited, and the daemon exited with status {daemon_rc}")
     finally:
         if qemu is not None:
             _kill_group(qemu, grace=0)
@@ -465,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-request-queues", type=int)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--verbose", action="store_true", help="echo the whole console to stderr")
+    ap.add_argument("--progress", action="store_true", help="say what happens on stderr")
     ap.add_argument("daemon", nargs=argparse.REMAINDER, help="-- DAEMON [ARGS...]")
     args = ap.parse_args(argv)
     daemon = args.daemon[1:] if args.daemon[:1] == ["--"] else args.daemon
@@ -482,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
             num_request_queues=args.num_request_queues,
             timeout=args.timeout,
             on_line=(lambda line: print(line.text, file=sys.stderr)) if args.verbose else None,
+            progress=(lambda text: print(text, file=sys.stderr, flush=True))
+            if args.progress
+            else None,
         )
     except (GuestError, OSError) as e:
         print(f"guest run failed: {e}", file=sys.stderr)
