@@ -41,30 +41,40 @@ uint64_t vfs_fetch_add64(uint64_t *word, uint64_t delta) {
     return __atomic_fetch_add(word, delta, __ATOMIC_ACQ_REL);
 }
 
-/* A process-shared lock whose word holds the owner's pid (0 = free).  Waiters sleep on the
- * futex with a timeout and, when the owner no longer exists, take the lock over: a worker that
- * dies holding it must not wedge the other queues.  Returns 0, or 1 when the lock was taken
- * over from a dead owner (the caller may then repair the structure it protects). */
+/* A process-shared lock whose word holds the owner's pid (0 = free) and, in bit 31, a flag
+ * saying someone may be sleeping on it, so an uncontended unlock costs no futex syscall
+ * (Drepper, "Futexes Are Tricky", mutex #2).  Waiters sleep with a timeout and, when the owner
+ * no longer exists, take the lock over: a worker that dies holding it must not wedge the other
+ * queues.  Returns 0, or 1 when the lock was taken over from a dead owner (the caller may then
+ * repair the structure it protects). */
+#define VFS_WAITERS 0x80000000u
+
 int vfs_lock(uint32_t *word, uint32_t me) {
     struct timespec ts = {0, 5 * 1000 * 1000};
+    uint32_t want = me;
     for (;;) {
-        uint32_t seen = vfs_cas32(word, 0, me);
+        uint32_t seen = vfs_cas32(word, 0, want);
         if (seen == 0)
             return 0;
-        if (seen == me)      /* our own stale ownership (e.g. after a respawn with a reused pid) */
+        uint32_t owner = seen & ~VFS_WAITERS;
+        if (owner == me)     /* our own stale ownership (e.g. after a respawn with a reused pid) */
             return 1;
-        if (kill((pid_t)seen, 0) == -1 && errno == ESRCH) {
-            if (vfs_cas32(word, seen, me) == seen)
+        if (kill((pid_t)owner, 0) == -1 && errno == ESRCH) {
+            if (vfs_cas32(word, seen, me | VFS_WAITERS) == seen)
                 return 1;
             continue;
         }
-        syscall(SYS_futex, word, FUTEX_WAIT, seen, &ts, NULL, 0);
+        if (!(seen & VFS_WAITERS) && vfs_cas32(word, seen, seen | VFS_WAITERS) != seen)
+            continue;
+        syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0);
+        /* Others may still sleep: keep the flag set when we get the lock after waiting. */
+        want = me | VFS_WAITERS;
     }
 }
 
 void vfs_unlock(uint32_t *word) {
-    __atomic_store_n(word, 0, __ATOMIC_RELEASE);
-    syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
+    if (__atomic_exchange_n(word, 0, __ATOMIC_RELEASE) & VFS_WAITERS)
+        syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 /* setfsuid/setfsgid return the previous id and never fail visibly (man 2 setfsuid). */
