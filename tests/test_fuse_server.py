@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -501,3 +502,47 @@ def test_two_workers_share_nodeids_and_handles(env):
     assert env.arena.inodes.info(nodeid)[0] == 1
     a.forget(nodeid, 1)
     assert a.err(Opcode.GETATTR, nodeid, fa.GETATTR_IN.pack(0, 0)) == errno.EBADF
+
+
+def test_random_requests_always_get_a_well_formed_answer(env, tmp_path, caplog):
+    """Whatever the bytes, handle() returns a used length and, for a reply, a valid header;
+    no request reaches the catch-all (no 'failed' log) and nothing outside the share moves."""
+    sentinel = tmp_path / "sentinel"
+    sentinel.write_bytes(b"keep")
+    os.mkdir(env.path("d"))
+    with open(env.path("d", "f"), "wb") as f:
+        f.write(b"x" * 100)
+    c = env.client
+    d = c.lookup(1, b"d").nodeid
+    known = [1, d, c.lookup(d, b"f").nodeid]
+    rng = random.Random(1234)
+    opcodes = [int(o) for o in Opcode] + [0, 7, 19, 54, 0xFFFF, 0xFFFFFFFF]
+    caplog.set_level(logging.ERROR)
+    errors: dict[int, int] = {}
+    for i in range(4000):
+        op = opcodes[i % len(opcodes)]
+        body = rng.randbytes(rng.choice((0, 1, 8, 16, 24, 40, 64, 88, 130)))
+        if rng.random() < 0.5:
+            body += rng.choice((b"", b"name\0", b"a\0b\0", b"../x\0", b"user.k\0v"))
+        ext = rng.choice((b"", b"", fa.pack_supp_groups((rng.randrange(1 << 32),)),
+                          rng.randbytes(8)))
+        nodeid = rng.choice([*known, rng.randrange(1 << 64)])
+        req = c.request(op, nodeid, body, uid=rng.choice((0, 1000)), gid=0, ext=ext)
+        if rng.random() < 0.1:                       # lie about the length
+            req = fa.IN_HEADER.pack(rng.randrange(1 << 32), *fa.IN_HEADER.unpack(req[:40])[1:]) \
+                + req[40:]
+        out = rng.choice((None, 8, 16, 100, 4096))
+        used, buf = c.raw(req, out)
+        assert 0 <= used <= (out or 0)
+        if used:
+            hdr = fa.OutHeader.unpack(buf)
+            assert hdr.len == used and hdr.unique == c.unique and hdr.is_valid(), (op, hdr)
+            errors[-hdr.error] = errors.get(-hdr.error, 0) + 1
+        if not env.session.started:
+            c.init()                                  # after a DESTROY
+    # The requests got past the decoding into the filesystem, not just framing errors.
+    assert errors.get(0, 0) > 30 and errors.get(errno.EBADF, 0) > 100
+    assert len(errors) > 8
+    assert not [r.message for r in caplog.records if "failed" in r.message]
+    assert sentinel.read_bytes() == b"keep"
+    assert sorted(os.listdir(tmp_path)) == ["sentinel", "share"]

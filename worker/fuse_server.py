@@ -11,8 +11,9 @@ the Writer (protocol.md 3.2, 4.2).  It never raises for anything the guest sent:
 * `in.len` above max_write plus a page: ENOMEM (virtiofsd);
 * a body too short for the opcode's struct, a name not NUL-terminated or with interior NULs,
   malformed extensions: EINVAL;
-* an OSError from the filesystem becomes `-errno`; anything else EIO plus one log line naming
-  the opcode; unknown or unserved opcodes ENOSYS;
+* an OSError from the filesystem becomes `-errno`, a number too large for the C call it
+  feeds EINVAL; anything else EIO plus one log line naming the opcode; unknown or unserved
+  opcodes ENOSYS;
 * requests before FUSE_INIT get EIO (libfuse refuses them too); FORGET, BATCH_FORGET,
   INTERRUPT and NOTIFY_REPLY never get a reply (used length 0);
 * a reply that does not fit the writable buffers is answered with EIO if at least the header
@@ -167,6 +168,7 @@ class FuseServer:
         self.session = session if session is not None else DEFAULT_SESSION
         self._warned_short = False
         self._warned_room = False
+        self._warned_version = False
         op_ = Opcode
         self._ops = {int(op): fn for op, fn in (
             (op_.LOOKUP, self._lookup), (op_.FORGET, self._forget), (op_.GETATTR, self._getattr),
@@ -231,6 +233,9 @@ class FuseServer:
             result = handler(Context(uid, gid, pid, 0, groups), nodeid, body, reader, writer)
         except OSError as e:
             return 0 if no_reply else self._error(writer, unique, e.errno or errno.EIO)
+        except OverflowError:
+            # A guest number that fits no C type of the call it feeds (an offset, a mode).
+            return 0 if no_reply else self._error(writer, unique, errno.EINVAL)
         except Exception as e:
             log.error("queue %d: %s failed: %s: %s", self.queue_index, _op_name(opcode),
                       type(e).__name__, e)
@@ -292,16 +297,16 @@ class FuseServer:
         flags2 = 0
         if flags & InitFlag.INIT_EXT and len(body) >= fa.INIT_IN_COMPAT.size + 4:
             flags2 = struct.unpack_from("<I", body, fa.INIT_IN_COMPAT.size)[0]
-        if major < fa.KERNEL_VERSION:
-            log.error("queue %d: FUSE %d.%d is not supported", self.queue_index, major, minor)
-            raise OSError(errno.EPROTO, "FUSE major version too old")
         if major > fa.KERNEL_VERSION:
             # protocol.md 4.1: answer with our version and wait for the kernel's next INIT.
             return fa.InitOut(fa.KERNEL_VERSION, fa.KERNEL_MINOR_VERSION).pack()
-        if minor < fa.MIN_KERNEL_MINOR_VERSION:
-            log.error("queue %d: FUSE 7.%d is older than 7.%d", self.queue_index, minor,
-                      fa.MIN_KERNEL_MINOR_VERSION)
-            raise OSError(errno.EPROTO, "FUSE minor version too old")
+        if major < fa.KERNEL_VERSION or minor < fa.MIN_KERNEL_MINOR_VERSION:
+            if not self._warned_version:
+                self._warned_version = True
+                log.error("queue %d: the guest speaks FUSE %d.%d; 7.%d or newer is needed"
+                          " (reported once)", self.queue_index, major, minor,
+                          fa.MIN_KERNEL_MINOR_VERSION)
+            raise OSError(errno.EPROTO, "FUSE version too old")
         capable = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
         if self.session.started:
             # A second INIT starts a new session (virtio spec 5.11.6.1).

@@ -96,6 +96,18 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.EINVAL)
 
 
+def _signed32(v: int) -> int:
+    """A u32 from the wire as the C int it stands for (open(2) flags)."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _offset(v: int) -> int:
+    """A file offset from the wire; loff_t is signed, so the top half is out of range."""
+    if v >= 1 << 63:
+        raise _err(errno.EINVAL)
+    return v
+
+
 def _signed64(v: int) -> int:
     """A u64 cookie from the wire as the off_t it came from."""
     return v - (1 << 64) if v >= 1 << 63 else v
@@ -108,6 +120,7 @@ _OPEN_STRIP = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_APPEN
                | os.O_PATH)
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
+_S_IFMT = 0o170000
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -263,7 +276,7 @@ class PassthroughFs(Filesystem):
             native.setfsuid(fsuid)
 
     def _open_flags(self, flags: int) -> int:
-        flags &= ~self._strip
+        flags = _signed32(flags) & ~self._strip
         # With writeback caching the guest reads pages of files opened write-only (virtiofsd).
         if self._writeback and flags & os.O_ACCMODE == os.O_WRONLY:
             flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
@@ -327,9 +340,9 @@ class PassthroughFs(Filesystem):
             try:
                 if valid & V.MODE:
                     if hfd >= 0:
-                        os.fchmod(hfd, attr.mode)
+                        os.fchmod(hfd, attr.mode & 0o7777)
                     else:
-                        self._chmod_inode(ifd, attr.mode)
+                        self._chmod_inode(ifd, attr.mode & 0o7777)
                 if valid & (V.UID | V.GID):
                     uid = attr.uid if valid & V.UID else 0xFFFFFFFF
                     gid = attr.gid if valid & V.GID else 0xFFFFFFFF
@@ -400,7 +413,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
-            os.mknod(name, mode, rdev, dir_fd=pfd)
+            os.mknod(name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
@@ -408,7 +421,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
-            os.mkdir(name, mode, dir_fd=pfd)
+            os.mkdir(name, mode & 0o7777, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -463,7 +476,7 @@ class PassthroughFs(Filesystem):
             try:
                 if kill_priv and oflags & os.O_TRUNC:
                     self._kill_suidgid(fd)
-                fh = self._handles.insert(fd, nodeid, oflags)
+                fh = self._handles.insert(fd, nodeid, oflags & 0xFFFFFFFF)
             except BaseException:
                 os.close(fd)
                 raise
@@ -483,7 +496,7 @@ class PassthroughFs(Filesystem):
         oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         with self._inodes.pinned(parent) as pfd:
             try:
-                fd = os.open(name, oflags | os.O_CLOEXEC, mode, dir_fd=pfd)
+                fd = os.open(name, oflags | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -495,7 +508,8 @@ class PassthroughFs(Filesystem):
                 os.close(fd)
                 raise
         try:
-            fh = self._handles.insert(fd, entry.nodeid, oflags & ~(os.O_CREAT | os.O_EXCL))
+            fh = self._handles.insert(fd, entry.nodeid,
+                                     oflags & ~(os.O_CREAT | os.O_EXCL) & 0xFFFFFFFF)
         except BaseException:
             os.close(fd)
             self._inodes.forget(entry.nodeid, 1)
@@ -518,7 +532,7 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         fd = self._pin_handle(fh, nodeid)
         try:
-            n = os.preadv(fd, bufs, offset)
+            n = os.preadv(fd, bufs, _offset(offset))
             want = sum(map(len, bufs))
             total = n
             while n > 0 and total < want:
@@ -539,7 +553,7 @@ class PassthroughFs(Filesystem):
         rwf = os.RWF_APPEND if open_flags & os.O_APPEND and not write_flags & fa.WRITE_CACHE else 0
         fd = self._pin_handle(fh, nodeid)
         try:
-            n = os.pwritev(fd, bufs, offset, rwf)
+            n = os.pwritev(fd, bufs, _offset(offset), rwf)
             want = sum(map(len, bufs))
             total = n
             while n > 0 and total < want:
