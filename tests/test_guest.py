@@ -32,7 +32,8 @@ from tests.guest_util import (
 
 pytestmark = pytest.mark.guest
 
-BOOT_TIMEOUT = 60.0
+# A boot takes 8-30 s here (TCG on 2 shared cores); the margin keeps a loaded machine from flaking.
+BOOT_TIMEOUT = 90.0
 
 # Shared by both workloads: each step runs in a `set -e` subshell (not in an && list, where the
 # shell would ignore -e) and reports "@@STEP ok|FAIL NAME"; the script exits 1 if any failed.
