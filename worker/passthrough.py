@@ -50,6 +50,9 @@ _STATX_MNT_ID = struct.Struct("=Q")
 _STATX_MNT_ID_OFF = 144
 _DIRENT64 = struct.Struct("=QqHB")  # d_ino, d_off, d_reclen, d_type; name follows at 19
 MAX_BUFFER_SIZE = 1 << 20
+# preadv/pwritev take at most IOV_MAX buffers (EINVAL beyond); a chain may have more, so
+# longer lists go in slices through the short-transfer loops.
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
 class _Timespec(ctypes.Structure):
@@ -532,12 +535,12 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         fd = self._pin_handle(fh, nodeid)
         try:
-            n = os.preadv(fd, bufs, _offset(offset))
+            n = os.preadv(fd, bufs[:_IOV_MAX], _offset(offset))
             want = sum(map(len, bufs))
             total = n
             while n > 0 and total < want:
                 # Short read before EOF (e.g. a signal or a pipe-like file): continue after it.
-                n = os.preadv(fd, _skip(bufs, total), offset + total)
+                n = os.preadv(fd, _skip(bufs, total)[:_IOV_MAX], offset + total)
                 total += n
             return total
         finally:
@@ -553,11 +556,11 @@ class PassthroughFs(Filesystem):
         rwf = os.RWF_APPEND if open_flags & os.O_APPEND and not write_flags & fa.WRITE_CACHE else 0
         fd = self._pin_handle(fh, nodeid)
         try:
-            n = os.pwritev(fd, bufs, _offset(offset), rwf)
+            n = os.pwritev(fd, bufs[:_IOV_MAX], _offset(offset), rwf)
             want = sum(map(len, bufs))
             total = n
             while n > 0 and total < want:
-                n = os.pwritev(fd, _skip(bufs, total), offset + total, rwf)
+                n = os.pwritev(fd, _skip(bufs, total)[:_IOV_MAX], offset + total, rwf)
                 total += n
             if write_flags & fa.WRITE_KILL_SUIDGID:
                 self._kill_suidgid(fd)
