@@ -21,7 +21,7 @@ the Writer (protocol.md 3.2, 4.2).  It never raises for anything the guest sent:
 
 Session state (started, negotiated minor and flags) lives in a `Session`: a word of shared
 memory, because FUSE_INIT arrives on one request queue while every queue worker -- and a worker
-respawned later -- must see the same session (virtio spec 5.11.6: all queues share one FUSE
+respawned later -- must see the same session (protocol.md 3.2: all queues share one FUSE
 session).
 """
 
@@ -64,6 +64,9 @@ _ENTRY_PACK = fa.ENTRY_OUT.pack
 _NO_REPLY = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
                        Opcode.NOTIFY_REPLY))
 _NS = 1_000_000_000
+# What an opcode handler returns: the reply body, the length of a body it already placed in the
+# Writer after a reserved header (READ), or None for no reply at all.
+_Result = bytes | int | None
 _INIT = int(Opcode.INIT)
 _WRITE = int(Opcode.WRITE)
 _WRITE_IN_SIZE = fa.WRITE_IN.size
@@ -292,7 +295,8 @@ class FuseServer:
         return groups
 
     # -- session ---------------------------------------------------------------------------
-    def _init(self, ctx, nodeid, body, reader, writer):
+    def _init(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+              writer: Writer | None) -> _Result:
         major, minor, max_readahead, flags = _unpack(fa.INIT_IN_COMPAT, body)
         flags2 = 0
         if flags & InitFlag.INIT_EXT and len(body) >= fa.INIT_IN_COMPAT.size + 4:
@@ -309,7 +313,7 @@ class FuseServer:
             raise OSError(errno.EPROTO, "FUSE version too old")
         capable = flags | (flags2 << 32 if flags & InitFlag.INIT_EXT else 0)
         if self.session.started:
-            # A second INIT starts a new session (virtio spec 5.11.6.1).
+            # A second INIT starts a new session (protocol.md 3.2).
             self.session.stop()
             self.fs.destroy()
         enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable))
@@ -320,25 +324,30 @@ class FuseServer:
             fa.KERNEL_VERSION, fa.KERNEL_MINOR_VERSION, max_readahead, enabled & 0xFFFFFFFF,
             0xFFFF, 0xFFFF // 4 * 3, MAX_WRITE, 1, _MAX_PAGES, 0, enabled >> 32, 0, 0)
 
-    def _destroy(self, ctx, nodeid, body, reader, writer):
+    def _destroy(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         self.session.stop()
         self.fs.destroy()
         return b""
 
-    def _interrupt(self, ctx, nodeid, body, reader, writer):
+    def _interrupt(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                   writer: Writer | None) -> _Result:
         # Requests are served synchronously, so the target has completed already.
         return None
 
     # -- names and inodes ------------------------------------------------------------------
-    def _lookup(self, ctx, nodeid, body, reader, writer):
+    def _lookup(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         return pack_entry(self.fs.lookup(ctx, nodeid, _name(body)))
 
-    def _forget(self, ctx, nodeid, body, reader, writer):
+    def _forget(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         (nlookup,) = _unpack(fa.FORGET_IN, body)
         self.fs.forget(nodeid, nlookup)
         return None
 
-    def _batch_forget(self, ctx, nodeid, body, reader, writer):
+    def _batch_forget(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                      writer: Writer | None) -> _Result:
         (count,) = _unpack(fa.BATCH_FORGET_IN, body)
         one = fa.FORGET_ONE
         start = fa.BATCH_FORGET_IN.size
@@ -349,7 +358,8 @@ class FuseServer:
         self.fs.batch_forget(one.iter_unpack(body[start:start + count * one.size]))
         return None
 
-    def _getattr(self, ctx, nodeid, body, reader, writer):
+    def _getattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         getattr_flags, fh = _unpack(fa.GETATTR_IN, body)
         st, timeout = self.fs.getattr(ctx, nodeid, fh if getattr_flags & fa.GETATTR_FH
                                       else None)
@@ -360,63 +370,75 @@ class FuseServer:
         s, ns = _split_time(timeout)
         return fa.ATTR_OUT.pack(s, ns, *attr_fields(st))
 
-    def _setattr(self, ctx, nodeid, body, reader, writer):
+    def _setattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         attr = fa.SetattrIn._make(_unpack(fa.SETATTR_IN, body))
         fh = attr.fh if attr.valid & fa.SetattrValid.FH else None
         st, timeout = self.fs.setattr(ctx, nodeid, attr, fh)
         return self._attr_out(st, timeout)
 
-    def _readlink(self, ctx, nodeid, body, reader, writer):
+    def _readlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                  writer: Writer | None) -> _Result:
         return self.fs.readlink(ctx, nodeid)
 
-    def _symlink(self, ctx, nodeid, body, reader, writer):
+    def _symlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         name, target = _two_names(body)
         return pack_entry(self.fs.symlink(ctx, target, nodeid, name))
 
-    def _mknod(self, ctx, nodeid, body, reader, writer):
+    def _mknod(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         mode, rdev, umask = _unpack(fa.MKNOD_IN, body)
         name = _name(body[fa.MKNOD_IN.size:])
         ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
         return pack_entry(self.fs.mknod(ctx, nodeid, name, mode, rdev))
 
-    def _mkdir(self, ctx, nodeid, body, reader, writer):
+    def _mkdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         mode, umask = _unpack(fa.MKDIR_IN, body)
         name = _name(body[fa.MKDIR_IN.size:])
         ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
         return pack_entry(self.fs.mkdir(ctx, nodeid, name, mode))
 
-    def _unlink(self, ctx, nodeid, body, reader, writer):
+    def _unlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         self.fs.unlink(ctx, nodeid, _name(body))
         return b""
 
-    def _rmdir(self, ctx, nodeid, body, reader, writer):
+    def _rmdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         self.fs.rmdir(ctx, nodeid, _name(body))
         return b""
 
-    def _rename(self, ctx, nodeid, body, reader, writer):
+    def _rename(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         (newdir,) = _unpack(fa.RENAME_IN, body)
         old, new = _two_names(body[fa.RENAME_IN.size:])
         self.fs.rename(ctx, nodeid, old, newdir, new, 0)
         return b""
 
-    def _rename2(self, ctx, nodeid, body, reader, writer):
+    def _rename2(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         newdir, flags = _unpack(fa.RENAME2_IN, body)
         old, new = _two_names(body[fa.RENAME2_IN.size:])
         self.fs.rename(ctx, nodeid, old, newdir, new, flags)
         return b""
 
-    def _link(self, ctx, nodeid, body, reader, writer):
+    def _link(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+              writer: Writer | None) -> _Result:
         (oldnodeid,) = _unpack(fa.LINK_IN, body)
         name = _name(body[fa.LINK_IN.size:])
         return pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name))
 
     # -- files -----------------------------------------------------------------------------
-    def _open(self, ctx, nodeid, body, reader, writer):
+    def _open(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+              writer: Writer | None) -> _Result:
         flags, open_flags = _unpack(fa.OPEN_IN, body)
         fh, fopen = self.fs.open(ctx, nodeid, flags, bool(open_flags & fa.OPEN_KILL_SUIDGID))
         return fa.OPEN_OUT.pack(fh, fopen, 0)
 
-    def _create(self, ctx, nodeid, body, reader, writer):
+    def _create(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         flags, mode, umask, open_flags = _unpack(fa.CREATE_IN, body)
         name = _name(body[fa.CREATE_IN.size:])
         ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
@@ -424,7 +446,8 @@ class FuseServer:
                                           bool(open_flags & fa.OPEN_KILL_SUIDGID))
         return pack_entry(entry) + fa.OPEN_OUT.pack(fh, fopen, 0)
 
-    def _read(self, ctx, nodeid, body, reader, writer):
+    def _read(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+              writer: Writer | None) -> _Result:
         fh, offset, size = _unpack(fa.READ_IN, body)[:3]
         if writer is None or writer.remaining < _OUT_SIZE:
             raise OSError(errno.EIO, "no room for the reply header")
@@ -433,61 +456,71 @@ class FuseServer:
         writer.advance(n)
         return n
 
-    def _write(self, ctx, nodeid, body, reader, writer):
+    def _write(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         fh, offset, size, write_flags, _owner, flags = _unpack(fa.WRITE_IN, body)
         n = self.fs.write(ctx, nodeid, fh, offset, reader.views(size), write_flags, flags)
         return fa.WRITE_OUT.pack(n)
 
-    def _flush(self, ctx, nodeid, body, reader, writer):
+    def _flush(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         fh, lock_owner = _unpack(fa.FLUSH_IN, body)
         self.fs.flush(ctx, nodeid, fh, lock_owner)
         return b""
 
-    def _release(self, ctx, nodeid, body, reader, writer):
+    def _release(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         fh, flags, release_flags, lock_owner = _unpack(fa.RELEASE_IN, body)
         self.fs.release(ctx, nodeid, fh, flags, release_flags, lock_owner)
         return b""
 
-    def _fsync(self, ctx, nodeid, body, reader, writer):
+    def _fsync(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
         self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
         return b""
 
-    def _fallocate(self, ctx, nodeid, body, reader, writer):
+    def _fallocate(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                   writer: Writer | None) -> _Result:
         fh, offset, length, mode = _unpack(fa.FALLOCATE_IN, body)
         self.fs.fallocate(ctx, nodeid, fh, mode, offset, length)
         return b""
 
-    def _lseek(self, ctx, nodeid, body, reader, writer):
+    def _lseek(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
         fh, offset, whence = _unpack(fa.LSEEK_IN, body)
         return fa.LSEEK_OUT.pack(self.fs.lseek(ctx, nodeid, fh, offset, whence))
 
-    def _copy_range(self, ctx, nodeid, body, limit: int) -> int:
+    def _copy_range(self, ctx: Context, nodeid: int, body: bytes, limit: int) -> int:
         fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _unpack(
             fa.COPY_FILE_RANGE_IN, body)
         return self.fs.copy_file_range(ctx, nodeid, fh_in, off_in, nodeid_out, fh_out, off_out,
                                        min(length, limit), flags)
 
-    def _copy_file_range(self, ctx, nodeid, body, reader, writer):
+    def _copy_file_range(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                         writer: Writer | None) -> _Result:
         return fa.WRITE_OUT.pack(self._copy_range(ctx, nodeid, body, _COPY_RANGE_MAX_32))
 
-    def _copy_file_range_64(self, ctx, nodeid, body, reader, writer):
+    def _copy_file_range_64(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                            writer: Writer | None) -> _Result:
         return fa.COPY_FILE_RANGE_OUT.pack(self._copy_range(ctx, nodeid, body, (1 << 63) - 1))
 
     # -- directories -----------------------------------------------------------------------
-    def _opendir(self, ctx, nodeid, body, reader, writer):
+    def _opendir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         flags, _ = _unpack(fa.OPEN_IN, body)
         fh, fopen = self.fs.opendir(ctx, nodeid, flags)
         return fa.OPEN_OUT.pack(fh, fopen, 0)
 
-    def _dir_request(self, body, writer) -> tuple[int, int, int]:
+    def _dir_request(self, body: bytes, writer: Writer | None) -> tuple[int, int, int]:
         fh, offset, size = _unpack(fa.READ_IN, body)[:3]
         if size > MAX_WRITE:
             raise OSError(errno.ENOMEM, "READDIR buffer larger than max_write")
         room = 0 if writer is None else writer.remaining - _OUT_SIZE
         return fh, offset, max(0, min(size, room))
 
-    def _readdir(self, ctx, nodeid, body, reader, writer):
+    def _readdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                 writer: Writer | None) -> _Result:
         fh, offset, size = self._dir_request(body, writer)
         out: list[bytes] = []
         used = 0
@@ -500,7 +533,8 @@ class FuseServer:
             used += n
         return b"".join(out)
 
-    def _readdirplus(self, ctx, nodeid, body, reader, writer):
+    def _readdirplus(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                     writer: Writer | None) -> _Result:
         fh, offset, size = self._dir_request(body, writer)
         out: list[bytes] = []
         used = 0
@@ -528,32 +562,38 @@ class FuseServer:
             used += n
         return b"".join(out)
 
-    def _releasedir(self, ctx, nodeid, body, reader, writer):
+    def _releasedir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                    writer: Writer | None) -> _Result:
         fh, flags = _unpack(fa.RELEASE_IN, body)[:2]
         self.fs.releasedir(ctx, nodeid, fh, flags)
         return b""
 
-    def _fsyncdir(self, ctx, nodeid, body, reader, writer):
+    def _fsyncdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                  writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
         self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
         return b""
 
     # -- whole filesystem, permissions, xattrs ---------------------------------------------
-    def _statfs(self, ctx, nodeid, body, reader, writer):
+    def _statfs(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         s = self.fs.statfs(ctx, nodeid)
         return fa.KSTATFS.pack(s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
                                s.f_bsize, s.f_namemax, s.f_frsize)
 
-    def _syncfs(self, ctx, nodeid, body, reader, writer):
+    def _syncfs(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         self.fs.syncfs(ctx, nodeid)
         return b""
 
-    def _access(self, ctx, nodeid, body, reader, writer):
+    def _access(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
         (mask,) = _unpack(fa.ACCESS_IN, body)
         self.fs.access(ctx, nodeid, mask)
         return b""
 
-    def _setxattr(self, ctx, nodeid, body, reader, writer):
+    def _setxattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                  writer: Writer | None) -> _Result:
         if self.session.flags & InitFlag.SETXATTR_EXT:
             size, flags, setxattr_flags = _unpack(fa.SETXATTR_IN, body)
             rest = body[fa.SETXATTR_IN.size:]
@@ -574,20 +614,23 @@ class FuseServer:
     def _xattr_reply(result: bytes | int) -> bytes:
         return fa.GETXATTR_OUT.pack(result) if isinstance(result, int) else result
 
-    def _getxattr(self, ctx, nodeid, body, reader, writer):
+    def _getxattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                  writer: Writer | None) -> _Result:
         (size,) = _unpack(fa.GETXATTR_IN, body)
         name = _name(body[fa.GETXATTR_IN.size:])
         if size > MAX_WRITE:
             raise OSError(errno.ENOMEM, "xattr buffer larger than max_write")
         return self._xattr_reply(self.fs.getxattr(ctx, nodeid, name, size))
 
-    def _listxattr(self, ctx, nodeid, body, reader, writer):
+    def _listxattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                   writer: Writer | None) -> _Result:
         (size,) = _unpack(fa.GETXATTR_IN, body)
         if size > MAX_WRITE:
             raise OSError(errno.ENOMEM, "xattr buffer larger than max_write")
         return self._xattr_reply(self.fs.listxattr(ctx, nodeid, size))
 
-    def _removexattr(self, ctx, nodeid, body, reader, writer):
+    def _removexattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                     writer: Writer | None) -> _Result:
         self.fs.removexattr(ctx, nodeid, _name(body))
         return b""
 

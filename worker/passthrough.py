@@ -29,7 +29,8 @@ import errno
 import os
 import stat
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
@@ -37,6 +38,7 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
 
 _libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EACCESS = 0x200
@@ -255,7 +257,7 @@ class PassthroughFs(Filesystem):
         if mode & drop:
             os.fchmod(fd, stat.S_IMODE(mode) & ~drop)
 
-    def _in_proc_dir(self, fn, fd: int):
+    def _in_proc_dir(self, fn: Callable[[str], T], fd: int) -> T:
         """Run fn(name) with the cwd in /proc/self/fd: path-based xattr calls on a magic link
         reach inodes that must not be opened (symlinks, devices, FIFOs) -- virtiofsd's trick."""
         if self._cwd < 0:
@@ -267,7 +269,7 @@ class PassthroughFs(Filesystem):
             # The way back may not be searchable for the caller's fsuid.
             self._as_daemon(os.fchdir, self._cwd)
 
-    def _as_daemon(self, fn, *args):
+    def _as_daemon(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) with the daemon's own fsuid, then the caller's again."""
         fsuid = self._fsuid
         if not self._switch_creds or fsuid == os.geteuid():
@@ -717,7 +719,7 @@ class PassthroughFs(Filesystem):
             # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
             _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
 
-    def _xattr_call(self, nodeid: int, fn, write: bool):
+    def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T], write: bool) -> T:
         """fn(target) on a re-opened fd for files and directories, else on the magic link."""
         if not self.options.xattr:
             raise _err(errno.ENOSYS)
