@@ -28,7 +28,7 @@ from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, ProcessTable
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import FuseServer
+from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.main import Worker
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 
@@ -119,6 +119,8 @@ class Supervisor:
         self.num_queues = 1 + config.request_queues
         self.signals: list[int] = []
         self.arena = Arena.create(max_queues=max(64, self.num_queues))
+        # The FUSE session (INIT state) is shared by every queue, like the arena.
+        self.session = Session()
         self.procs = ProcessTable(self.num_queues, self.worker_entry)
         self.root_fd = -1
 
@@ -142,7 +144,7 @@ class Supervisor:
             log.error("worker for queue %d cannot open /proc/self/fd: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
         fs = PassthroughFs(self.arena, proc_fd, fs_options(self.config))
-        server = FuseServer(fs, queue)
+        server = FuseServer(fs, queue, self.session)
         Worker(queue, channel, server, self.arena).run()
 
     def on_signal(self, signum: int, _frame: object) -> None:

@@ -109,7 +109,6 @@ class Session:
 
 # The session of every FuseServer not given one.  Made when this module is first imported --
 # by the supervisor, before it forks -- so all workers, respawned ones included, share it.
-DEFAULT_SESSION = Session()
 
 
 def _einval(what: str) -> OSError:
@@ -168,7 +167,7 @@ class FuseServer:
                  session: Session | None = None) -> None:
         self.fs = fs
         self.queue_index = queue_index
-        self.session = session if session is not None else DEFAULT_SESSION
+        self.session = session if session is not None else Session()
         self._warned_short = False
         self._warned_room = False
         self._warned_version = False
