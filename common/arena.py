@@ -337,6 +337,31 @@ class InodeTable:
         if close_fd >= 0:
             _close_quietly(close_fd)
 
+    def forget_all(self) -> None:
+        """End of a FUSE session (DESTROY, or a new INIT): every inode but the root is
+        forgotten; fds of entries pinned by a request in flight close at their last release."""
+        view = self._view
+        ent = self._ent
+        isize = _INODE.size
+        to_close: list[int] = []
+        self._lock()
+        try:
+            hwm = min(_TABLE_STATE.unpack_from(view, self._hdr + 4)[1], self._cap + 1)
+            for slot in range(2, hwm):
+                off = ent + slot * isize
+                state, _, pins, fd = _INODE_HOT.unpack_from(view, off)
+                if state & _GEN_MASK != _LIVE:
+                    continue
+                if pins == 0:
+                    self._free(slot, off, state)
+                    to_close.append(fd)
+                else:
+                    _U64.pack_into(view, off + _I_NLOOKUP, 0)
+        finally:
+            _vfs_unlock(self._lockp)
+        for fd in to_close:
+            _close_quietly(fd)
+
     def live_count(self) -> int:
         """Entries whose fd is still open, the root included."""
         self._lock()
@@ -576,6 +601,30 @@ class HandleTable:
             raise _bad_id("fh", fh)
         if close_fd >= 0:
             _close_quietly(close_fd)
+
+    def remove_all(self) -> None:
+        """End of a FUSE session: every handle is released as if by RELEASE."""
+        view = self._view
+        ent = self._ent
+        hsize = _HANDLE.size
+        to_close: list[int] = []
+        self._lock()
+        try:
+            hwm = min(_TABLE_STATE.unpack_from(view, self._hdr + 4)[1], self._cap + 1)
+            for slot in range(1, hwm):
+                off = ent + slot * hsize
+                state, _, pins, fd, _ = _HANDLE_HOT.unpack_from(view, off)
+                if state & _GEN_MASK != _LIVE:
+                    continue
+                if pins == 0:
+                    self._free(slot, off, state)
+                    to_close.append(fd)
+                else:
+                    self._words[off >> 3] = state - _LIVE + _CLOSING
+        finally:
+            _vfs_unlock(self._lockp)
+        for fd in to_close:
+            _close_quietly(fd)
 
     def live_count(self) -> int:
         """Handles whose fd is still open, removed-but-pinned ones included."""

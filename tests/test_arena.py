@@ -652,3 +652,55 @@ def test_create_validates_sizes_and_close_is_idempotent():
         arena.inodes.acquire(InodeTable.ROOT)
     arena.close()
     arena.close()
+
+
+def test_session_end_releases_every_inode_and_handle(tmp_path) -> None:
+    """DESTROY / a new INIT: all inodes but the root and all handles go; pinned fds wait."""
+    arena = Arena.create(max_inodes=64, max_handles=16)
+    root = os.open(tmp_path, os.O_PATH)
+    st = os.fstat(root)
+    arena.inodes.set_root(root, st.st_dev, st.st_ino)
+    fds = []
+    ids = []
+    for i in range(5):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(b"x")
+        fd = os.open(p, os.O_PATH)
+        fds.append(fd)
+        fst = os.fstat(fd)
+        ids.append(arena.inodes.lookup_or_insert(fd, fst.st_dev, fst.st_ino)[0])
+    pinned = arena.inodes.acquire(ids[0])
+    fh_fd = os.open(tmp_path / "f1", os.O_RDONLY)
+    fh = arena.handles.insert(fh_fd, ids[1], 0)
+    assert arena.handles.acquire(fh)[0] == fh_fd
+    arena.handles.release(fh)
+    held_fd = os.open(tmp_path / "f2", os.O_RDONLY)
+    held = arena.handles.insert(held_fd, ids[2], 0)
+    arena.handles.acquire(held)
+
+    arena.handles.remove_all()
+    arena.inodes.forget_all()
+
+    assert arena.inodes.acquire(1) == root
+    arena.inodes.release(1)
+    for nodeid in ids:
+        with pytest.raises(OSError) as e:
+            arena.inodes.acquire(nodeid)
+        assert e.value.errno == errno.EBADF
+    for fd in fds[1:]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    os.fstat(pinned)                       # still pinned by a request in flight
+    with pytest.raises(OSError):
+        os.fstat(fh_fd)
+    with pytest.raises(OSError):
+        arena.handles.acquire(fh)
+    os.fstat(held_fd)
+    arena.inodes.release(ids[0])
+    arena.handles.release(held)
+    with pytest.raises(OSError):
+        os.fstat(pinned)
+    with pytest.raises(OSError):
+        os.fstat(held_fd)
+    assert arena.inodes.live_count() == 1
+    assert arena.handles.live_count() == 0

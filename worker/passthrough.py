@@ -299,6 +299,12 @@ class PassthroughFs(Filesystem):
             raise
 
     # -- session ---------------------------------------------------------------------------
+    def destroy(self) -> None:
+        # The session is over: the kernel holds no nodeid or fh any more (virtiofsd drops
+        # every inode and handle here too), so none of their fds may stay open.
+        self._handles.remove_all()
+        self._inodes.forget_all()
+
     def init(self, capable: int) -> int:
         want = 0
         if self.options.readdirplus:
