@@ -17,7 +17,9 @@ import struct
 from dataclasses import dataclass
 
 MAX_MESSAGE = 4096
-MAX_FDS = 16
+# A MEM_TABLE carries one fd per guest memory region, so this bounds the memory slots the
+# supervisor can offer (GET_MAX_MEM_SLOTS).
+MAX_FDS = 32
 
 HEADER = struct.Struct("=HxxI")        # type, sequence number
 REGION = struct.Struct("=QQQQ")        # guest_phys_addr, memory_size, userspace_addr, mmap_offset

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyvirtiofsd.common import virtio
+from pyvirtiofsd.common.control import MAX_FDS as CONTROL_MAX_FDS
 from pyvirtiofsd.common.control import RingFlag, RingGeometry
 from pyvirtiofsd.common.vhost_user import (
     F_PROTOCOL_FEATURES,
@@ -47,7 +48,8 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
 )
-MAX_MEM_SLOTS = 32
+# Every region's fd reaches the workers in one control message.
+MAX_MEM_SLOTS = CONTROL_MAX_FDS
 
 
 class RequestError(Exception):
