@@ -39,6 +39,8 @@ class Worker:
         self.kick: int | None = None
         self.call: int | None = None
         self.enabled = False
+        # Where the last ring stopped, or broke: GET_VRING_BASE reports it (protocol.md 1.7).
+        self.stopped_at = 0
         self.poll = select.poll()
         self.poll.register(channel.fileno(), select.POLLIN)
         self.running = True
@@ -133,12 +135,14 @@ class Worker:
 
     def stop_ring(self) -> int:
         queue, self.queue = self.queue, None
+        if queue is not None:
+            self.stopped_at = queue.next_avail
         if self.kick is not None:
             self.poll.unregister(self.kick)
             os.close(self.kick)
             self.kick = None
         self._replace_call(None)
-        return queue.next_avail if queue is not None else 0
+        return self.stopped_at
 
     def _replace_call(self, fd: int | None) -> None:
         if self.call is not None:
@@ -181,6 +185,8 @@ class Worker:
                     break
         except RingError as e:
             log.error("queue %d: ring is broken, stopped processing it: %s", self.index, e)
+            # pop() left next_avail at the entry it refused.
+            self.stopped_at = queue.next_avail
             self.queue = None
         finally:
             if served:
