@@ -79,7 +79,9 @@ def recv_message(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
                        for i in range(0, len(cdata) - len(cdata) % 4, 4))
     try:
         if flags & socket.MSG_CTRUNC:
-            raise Disconnect(f"more than {MAX_FDS} file descriptors in one message")
+            # Name the request when its header came whole with the fds, as for other errors.
+            what = f"request {Header.unpack(data).request}: " if len(data) == HEADER_SIZE else ""
+            raise Disconnect(f"{what}more than {MAX_FDS} file descriptors in one message")
         if not data:
             if fds:
                 raise Disconnect("file descriptors without a message")
