@@ -56,14 +56,14 @@ class Worker:
         if msg is None:                      # supervisor gone
             self.running = False
             return
+        # dispatch() owns msg.fds and closes them on every path: closing them again here would
+        # close whatever another worker opened under the same numbers in the shared fd table.
         try:
             answer = self.dispatch(msg)
         except OSError as e:
-            control.close_fds(msg.fds)
             log.error("queue %d: %s failed: %s", self.index, msg.type.name, e)
             answer = control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO)
         except (GuestMemoryError, ValueError) as e:
-            control.close_fds(msg.fds)
             log.error("queue %d: %s refused: %s", self.index, msg.type.name, e)
             answer = control.encode(MsgType.FAILED, msg.seq, errno.EINVAL)
         control.send(self.channel, answer)
