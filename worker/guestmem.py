@@ -8,10 +8,12 @@ GuestMemoryError rather than touching memory outside a mapping.
 
 from __future__ import annotations
 
-import mmap
+import ctypes
 import os
 import stat
 from bisect import bisect_right
+
+from pyvirtiofsd.worker.mapping import map_shared
 
 _ADDR_LIMIT = 1 << 64
 
@@ -24,7 +26,7 @@ class _Region:
     __slots__ = ("gpa", "size", "uaddr", "mmap_offset", "map", "view")
 
     def __init__(
-        self, gpa: int, size: int, uaddr: int, mmap_offset: int, mapping: mmap.mmap
+        self, gpa: int, size: int, uaddr: int, mmap_offset: int, mapping: memoryview
     ) -> None:
         self.gpa = gpa
         self.size = size
@@ -37,7 +39,7 @@ class _Region:
         view, self.view = self.view, None
         try:
             view.release()
-            self.map.close()
+            self.map.release()
         except BufferError:
             # Slices handed out for an in-flight request still reference the mapping: it is
             # unmapped when the last of them is dropped, so late accesses never fault.
@@ -95,12 +97,11 @@ class GuestMemory:
                 f"{where}: fd {fd} holds only {st.st_size:#x} bytes, "
                 f"{mmap_offset + size:#x} needed"
             )
-        # Map from offset 0 (libvhost-user style): mmap_offset need not be page aligned.
+        # Map from offset 0 (libvhost-user style): mmap_offset need not be page aligned.  The
+        # mapping keeps no fd (worker/mapping.py): a killed worker leaks none.
         try:
-            mapping = mmap.mmap(
-                fd, mmap_offset + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except (OSError, ValueError, OverflowError) as e:
+            mapping = map_shared(fd, mmap_offset + size)
+        except (OSError, ValueError, OverflowError, ctypes.ArgumentError) as e:
             raise GuestMemoryError(f"{where}: mmap of fd {fd} failed: {e}") from None
         self._by_gpa.append(_Region(gpa, size, uaddr, mmap_offset, mapping))
         self._reindex()
