@@ -156,6 +156,13 @@ class SplitQueue:
         self._next_avail = (last + 1) & 0xFFFF
         return self._walk(head)
 
+    def walk(self, head: int) -> Chain:
+        """The chain at `head` again, without taking anything from the avail ring: for a
+        request a previous worker popped but never completed (worker/recovery.py)."""
+        if not 0 <= head < self._size:
+            raise ChainError(head, f"head {head} is outside the ring of {self._size}")
+        return self._walk(head)
+
     def _walk(self, head: int) -> Chain:
         # Chain rules: spec 2.7.5.3, 2.7.4.2; protocol.md 2.3.
         gpa_views = self._mem.gpa_views
