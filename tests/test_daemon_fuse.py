@@ -725,6 +725,41 @@ def test_files_created_for_a_uid_belong_to_it(session: Session) -> None:
     assert (st.st_uid, st.st_gid) == (1000, 1001)
 
 
+def _with_groups(c: FuseClient, opcode: int, nodeid: int, body: bytes, groups: list[int],
+                 out_size: int, uid: int, gid: int) -> tuple[int, bytes]:
+    """A request carrying a FUSE_EXT_GROUPS extension (protocol.md 4.9)."""
+    ext = fa.pack_supp_groups(groups)
+    unique, readable = c.build(opcode, nodeid, body + ext, uid=uid, gid=gid,
+                               total_extlen=len(ext) // 8)
+    done = c.vq.wait(c.vq.submit(readable, [fa.OUT_HEADER.size, out_size]))
+    return c.parse(done, unique, fa.OUT_HEADER.size + out_size)
+
+
+def test_supplementary_groups_from_the_request(session: Session) -> None:
+    c = session.client
+    assert c.flags & fa.InitFlag.CREATE_SUPP_GROUP
+    grp = session.share / "grp"
+    grp.mkdir(mode=0o770)
+    os.chown(grp, 0, 2000)
+    (grp / "file").write_bytes(b"for group 2000")
+    node = c.lookup(ROOT, "grp").nodeid
+    as_user = {"uid": 1000, "gid": 1000}
+    size = fa.ENTRY_OUT.size
+    assert c.request(fa.Opcode.LOOKUP, node, b"file\0", **as_user).error == errno.EACCES
+    err, body = _with_groups(c, fa.Opcode.LOOKUP, node, b"file\0", [3000, 2000], size,
+                             **as_user)
+    assert err == 0 and fa.EntryOut.unpack(body).attr.size == 14
+    err, _ = _with_groups(c, fa.Opcode.LOOKUP, node, b"file\0", [3000], size, **as_user)
+    assert err == errno.EACCES
+    # The groups of one request do not leak into the next.
+    assert c.request(fa.Opcode.LOOKUP, node, b"file\0", **as_user).error == errno.EACCES
+    # A malformed extension is refused.
+    bad = fa.EXT_HEADER.pack(16, fa.ExtType.GROUPS) + fa.SUPP_GROUPS.pack(100) + bytes(4)
+    unique, readable = c.build(fa.Opcode.LOOKUP, node, b"file\0" + bad, total_extlen=2)
+    done = c.vq.wait(c.vq.submit(readable, [fa.OUT_HEADER.size, size]))
+    assert c.parse(done, unique, fa.OUT_HEADER.size + size).error == errno.EINVAL
+
+
 def test_readonly_refuses_every_modification(open_session) -> None:
     s = open_session("--readonly", "--xattr")
     c = s.client
