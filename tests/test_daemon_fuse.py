@@ -680,6 +680,49 @@ def test_never_issued_nodeids_and_handles_are_ebadf(session: Session) -> None:
     assert (session.share / "f").read_bytes() == b"abc"
 
 
+def test_device_nodes_are_created_but_never_opened(session: Session) -> None:
+    c = session.client
+    e = c.mknod(ROOT, "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    st = os.lstat(session.share / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert e.attr.rdev == os.makedev(1, 3)
+    for flags in (os.O_RDONLY, os.O_RDWR):
+        assert errno_of(c.open, e.nodeid, flags) == errno.ENXIO
+    assert errno_of(c.setattr, e.nodeid, size=0) == errno.ENXIO
+
+
+def test_framing_errors(session: Session) -> None:
+    c = session.client
+    vq = c.vq
+    e, o = c.create(ROOT, "f")
+
+    def raw(opcode: int, nodeid: int, body: bytes, length: int | None = None,
+            out: int = 64) -> tuple[int, bytes]:
+        unique, readable = c.build(opcode, nodeid, body, length=length)
+        done = vq.wait(vq.submit(readable, [fa.OUT_HEADER.size, out] if out else []))
+        if not out:
+            return done.used_len, b""
+        return c.parse(done, unique, fa.OUT_HEADER.size + out)
+
+    getattr_in = fa.GETATTR_IN.pack(0, 0)
+    # in.len beyond the chain, or shorter than the header: the request cannot be decoded.
+    assert raw(fa.Opcode.GETATTR, ROOT, getattr_in, length=40 + 16 + 1)[0] == errno.EIO
+    assert raw(fa.Opcode.GETATTR, ROOT, getattr_in, length=39)[0] == errno.EIO
+    # Bodies too short, names without their NUL, WRITE data shorter than its size.
+    assert raw(fa.Opcode.GETATTR, ROOT, b"\0" * 8)[0] == errno.EINVAL
+    assert raw(fa.Opcode.LOOKUP, ROOT, b"f")[0] == errno.EINVAL
+    assert raw(fa.Opcode.MKDIR, ROOT, fa.MKDIR_IN.pack(0o755, 0) + b"d")[0] == errno.EINVAL
+    assert raw(fa.Opcode.WRITE, e.nodeid, fa.WriteIn(o.fh, 0, 100).pack() + b"x" * 10,
+               out=8)[0] == errno.EINVAL
+    assert os.path.getsize(session.share / "f") == 0
+    assert not (session.share / "d").exists()
+    # A reply that does not fit the writable buffers: only an EIO header.
+    assert raw(fa.Opcode.GETATTR, ROOT, getattr_in, out=10) == (errno.EIO, b"")
+    # No writable buffer at all: nothing can be written, the chain still comes back.
+    assert raw(fa.Opcode.GETATTR, ROOT, getattr_in, out=0)[0] == 0
+    assert c.getattr(ROOT).attr.ino == os.stat(session.share).st_ino
+
+
 # --- permissions and read-only -----------------------------------------------------------
 
 
@@ -791,6 +834,7 @@ def test_readonly_refuses_every_modification(open_session) -> None:
     fh = c.open(f, os.O_RDONLY).fh
     assert errno_of(c.write, f, fh, 0, b"X") in (rofs, errno.EBADF)
     assert errno_of(c.fallocate, f, fh, 0, 8192) in (rofs, errno.EBADF)
+    assert errno_of(c.create, ROOT, "f", flags=os.O_RDONLY | os.O_CREAT | os.O_TRUNC) == rofs
     # CREATE of an existing file opens it for reading only.
     e, o = c.create(ROOT, "f", flags=os.O_RDONLY | os.O_CREAT)
     assert c.read(e.nodeid, o.fh, 0, 10) == b"data"
