@@ -201,6 +201,29 @@ def test_status_and_features_queries(connect) -> None:
     conn.still_serves()
 
 
+def test_config_space_with_a_tag(connect) -> None:
+    conn = connect("--tag=myfs", "--request-queues=2", queues=3,
+                   protocol_features=int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
+                                         | ProtocolFeature.CONFIG))
+    fe = conn.fe
+    assert fe.acked_protocol_features & ProtocolFeature.CONFIG
+    space = fe.get_config()
+    assert space == b"myfs".ljust(36, b"\0") + struct.pack("<I", 2)
+    assert fe.get_config(36, 4) == struct.pack("<I", 2)
+    # A window outside the 40-byte space is answered with an empty (failed) config.
+    reply = fe._call(Request.GET_CONFIG, struct.pack("=III", 300, 8, 0) + bytes(8))
+    assert reply.payload[4:8] == bytes(4)
+    refused(fe, Request.SET_CONFIG, struct.pack("=III", 0, 4, 0) + b"evil")
+    assert fe.get_config()[:4] == b"myfs"
+    conn.still_serves()
+
+
+def test_config_is_not_offered_without_a_tag(connect) -> None:
+    conn = connect()
+    assert not conn.fe.protocol_features & ProtocolFeature.CONFIG
+    conn.still_serves()
+
+
 def test_without_protocol_features_rings_start_enabled(connect) -> None:
     conn = connect(negotiate=False)
     fe = conn.fe
@@ -621,6 +644,17 @@ def test_bad_memory_tables_are_refused(connect) -> None:
         refused(fe, Request.SET_MEM_TABLE, pack_memory_table(nine), [fd] * 8)
         refused(fe, Request.SET_MEM_TABLE, struct.pack("=I4x", 2) + base.describe().pack(),
                 [base.fd])
+        # fds that cannot be mapped shared and writable: a pipe, a read-only file.
+        r, w = os.pipe()
+        ro = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            for bad_fd in (r, ro):
+                refused(fe, Request.ADD_MEM_REG,
+                        pack_single_region(MemoryRegion(top, MIB, 1 << 44, 0)), [bad_fd])
+                conn.still_serves()
+        finally:
+            for x in (r, w, ro):
+                os.close(x)
         # ADD_MEM_REG without its fd.
         refused(fe, Request.ADD_MEM_REG,
                 pack_single_region(MemoryRegion(top, MIB, 1 << 44, 0)))
