@@ -203,9 +203,22 @@ def test_forget_and_batch_forget(session: Session) -> None:
     # The files themselves are untouched, and a new lookup works again.
     assert sorted(p.name for p in session.share.iterdir()) == ["a", "b", "c"]
     assert c.getattr(c.lookup(ROOT, "a").nodeid).attr.size == 1
+    # The largest count drops every lookup at once.
+    d = c.lookup(ROOT, "a").nodeid
+    c.lookup(ROOT, "a")
+    c.forget(d, (1 << 64) - 1)
+    assert errno_of(c.getattr, d) == errno.EBADF
     # The root is never dropped, and forgetting unknown ids is harmless.
     c.forget(ROOT, 1000)
     c.forget(0xDEAD_BEEF, 1)
+    c.batch_forget([])
+    c.batch_forget([(0, 1), ((1 << 64) - 1, 5)])
+    # A BATCH_FORGET whose count overruns its body is ignored as a whole.
+    b2 = c.lookup(ROOT, "b").nodeid
+    body = fa.BATCH_FORGET_IN.pack(1000) + fa.FORGET_ONE.pack(b2, 1)
+    _unique, readable = c.build(fa.Opcode.BATCH_FORGET, 0, body)
+    assert session.fe.queue(0).request([b"".join(readable)]).used_len == 0
+    assert c.getattr(b2).attr.size == 1
     assert c.getattr(ROOT).attr.ino == os.stat(session.share).st_ino
 
 
