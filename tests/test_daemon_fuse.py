@@ -102,13 +102,44 @@ def test_init_reply(session: Session) -> None:
     assert out.all_flags & ~session.client.flags == 0
 
 
-def test_destroy_ends_the_session_and_init_starts_a_new_one(session: Session) -> None:
+def _worker_fds(daemon: Daemon) -> int:
+    """Open fds in the table the workers share (the spawner's)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if name == "pyvfs-spawner" and ppid == daemon.proc.pid:
+                return len(os.listdir(f"/proc/{entry}/fd"))
+    raise AssertionError("no spawner process")
+
+
+@pytest.mark.parametrize("how", ["destroy", "init-again"])
+def test_a_new_session_releases_the_old_ones_inodes_and_handles(session: Session,
+                                                                how: str) -> None:
     c = session.client
-    c.destroy()
-    # Until the next INIT every request is refused (libfuse: got_init).
-    assert c.request(fa.Opcode.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0)).error == errno.EIO
+    for i in range(20):
+        (session.share / f"f{i}").write_bytes(b"x")
+    idle = _worker_fds(session.daemon)
+    nodes = [c.lookup(ROOT, f"f{i}").nodeid for i in range(20)]
+    handles = [c.open(n, os.O_RDONLY).fh for n in nodes]
+    assert _worker_fds(session.daemon) >= idle + 40
+    if how == "destroy":
+        c.destroy()
+        # Until the next INIT every request is refused (libfuse: got_init).
+        r = c.request(fa.Opcode.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0))
+        assert r.error == errno.EIO
     c.init()
+    assert _worker_fds(session.daemon) <= idle
+    assert errno_of(c.getattr, nodes[0]) == errno.EBADF
+    assert errno_of(c.read, nodes[0], handles[0], 0, 1) == errno.EBADF
     assert c.getattr(ROOT).attr.ino == os.stat(session.share).st_ino
+    assert c.read(c.lookup(ROOT, "f1").nodeid, c.open(c.lookup(ROOT, "f1").nodeid).fh,
+                  0, 1) == b"x"
 
 
 def test_requests_before_init_get_eio(daemon_factory) -> None:
