@@ -121,7 +121,10 @@ def connect(daemon_factory) -> Iterator[Callable[..., Conn]]:
     yield start
     for conn in conns:
         conn.fe.close()
-        conn.daemon.proc.wait(timeout=20)
+        # However the connection ended, the daemon then exits 0 and takes its children along.
+        assert conn.daemon.proc.wait(timeout=20) == 0, conn.daemon.text
+        for pid in conn.kids:
+            assert not os.path.exists(f"/proc/{pid}"), f"child {pid} outlived the daemon"
         assert "Traceback" not in conn.daemon.text, conn.daemon.text
         if not conn.kills_expected:
             assert "killed by" not in conn.daemon.text, conn.daemon.text
