@@ -190,7 +190,7 @@ def test_negotiation_variants(connect, event_idx: bool, indirect: bool, reply_ac
     vq = fe.queue(1)
     for _ in range(20):
         c.getattr(ROOT)
-    assert vq.kicks >= 1 and not vq.inflight and vq.calls >= 1
+    assert vq.kicks >= 1 and not vq.inflight
     if not event_idx:
         assert struct.unpack_from("<H", vq.used, 0)[0] & USED_F_NO_NOTIFY == 0
 
@@ -541,7 +541,7 @@ def test_bad_ring_settings_on_a_stopped_ring(connect) -> None:
     mem = fe.memory
     d, u, a = mem.uaddr(q.desc_gpa), mem.uaddr(q.used_gpa), mem.uaddr(q.avail_gpa)
     base = fe.get_vring_base(1)
-    # Refused while running, refused for a bad value while stopped; the ring restarts fine.
+    # A stopped ring still refuses bad values, and restarts fine afterwards.
     refused(fe, Request.SET_VRING_NUM, _state(1, 100))
     refused(fe, Request.SET_VRING_ADDR, _addr(1, d + 4, u, a))
     # Ring parts outside guest memory: refused when the ring is started (SET_VRING_KICK).
