@@ -24,6 +24,7 @@ from tests.frontend import Frontend, FuseClient, FuseError
 
 ROOT = fa.ROOT_ID
 MIB = 1 << 20
+_HANDLER_BUG = re.compile(r"failed: [A-Za-z]*(Error|Exception|Warning)\b")
 
 
 @dataclass
@@ -57,6 +58,10 @@ def open_session(daemon_factory) -> Iterator:
         s.fe.close()
         assert alive, "the daemon died during the test:\n" + s.daemon.text
         assert "Traceback" not in s.daemon.text, s.daemon.text
+        # A handler that raised something other than OSError is a daemon bug, even though
+        # the guest only sees EIO.
+        assert not _HANDLER_BUG.search(s.daemon.text), s.daemon.text
+        assert "killed by" not in s.daemon.text, s.daemon.text
 
 
 @pytest.fixture
