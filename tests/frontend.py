@@ -835,6 +835,9 @@ class DriverQueue:
         self.used_gpa = self.mem.alloc(virtio.used_ring_size(size), 64)
         self.desc = self.mem.view(self.desc_gpa, virtio.desc_table_size(size))
         self.avail = self.mem.view(self.avail_gpa, virtio.avail_ring_size(size))
+        # Indexes the daemon reads concurrently are stored with one 2-byte store: pack_into
+        # zero-fills first, so the daemon could see a transient 0 avail idx or used_event.
+        self.avail16 = self.avail.cast("H")
         self.used = self.mem.view(self.used_gpa, virtio.used_ring_size(size))
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
@@ -886,7 +889,7 @@ class DriverQueue:
         U16.pack_into(self.avail, 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         fence()  # the ring entry is visible before the index that exposes it (spec 2.7.13)
-        U16.pack_into(self.avail, 2, self.avail_idx)
+        self.avail16[1] = self.avail_idx
         if kick:
             self.kick()
         return token
@@ -894,7 +897,7 @@ class DriverQueue:
     def write_avail_idx(self, idx: int) -> None:
         """Store avail.idx directly (fault injection: 'guest moved the index')."""
         fence()
-        U16.pack_into(self.avail, 2, idx & 0xFFFF)
+        self.avail16[1] = idx & 0xFFFF
 
     def kick(self, *, force: bool = False) -> bool:
         """Notify the daemon if its suppression state asks for it (spec 2.7.10, 2.7.13.4)."""
@@ -1037,7 +1040,7 @@ class DriverQueue:
     def _arm(self) -> bool:
         """Ask for a call on the next used entry; True if one arrived meanwhile."""
         if self.event_idx:
-            U16.pack_into(self.avail, self._used_event_off, self.last_used)
+            self.avail16[self._used_event_off >> 1] = self.last_used
         fence()  # used_event store before the used.idx re-check (spec 2.7.10 race)
         return U16.unpack_from(self.used, 2)[0] != self.last_used
 

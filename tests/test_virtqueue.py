@@ -799,3 +799,37 @@ def test_random_chains_round_trip(readable, writable, nread, split, indirect, da
         del chain, w
     finally:
         g.close()
+
+
+def test_driver_never_sees_used_idx_step_back(guest):
+    """The used idx is published with one 2-byte store: a driver polling it from another
+    process only ever sees it move forward.  (struct.pack_into zero-fills before packing, and
+    a real driver once saw the index drop to 0 for an instant.)"""
+    q = guest.queue()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                         # the "driver": polls used.idx until told to stop
+        os.close(w)
+        os.set_blocking(r, False)
+        bad = 0
+        last = guest.used_idx()
+        while True:
+            now = guest.used_idx()
+            if now < last:               # no wrap below: 60,000 pushes from 0
+                bad += 1
+            last = now
+            try:
+                if os.read(r, 1):
+                    break
+            except BlockingIOError:
+                pass
+        os._exit(min(bad, 100))
+    os.close(r)
+    try:
+        for _ in range(60_000):
+            q.push(0, 0)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, "the driver saw the used idx step back"

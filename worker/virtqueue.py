@@ -75,6 +75,7 @@ class SplitQueue:
     __slots__ = (
         "_mem", "_size", "_mask", "_desc", "_avail", "_used", "_event_idx", "_indirect",
         "_next_avail", "_shadow_avail", "_next_used", "_signalled_used", "_signalled_valid",
+        "_used16",
         "_used_event_off", "_avail_event_off",
     )
 
@@ -107,6 +108,10 @@ class SplitQueue:
         self._desc = mem.uaddr_view(desc_uaddr, desc_table_size(size))
         self._avail = mem.uaddr_view(avail_uaddr, avail_ring_size(size) - trailer)
         self._used = mem.uaddr_view(used_uaddr, used_ring_size(size) - trailer)
+        # Fields the driver reads while we write them (used idx, flags, avail_event) are stored
+        # through a u16 view: one 2-byte store.  struct.pack_into zero-fills before it packs,
+        # so the driver could observe a transient 0 (a used idx "jumping" backwards).
+        self._used16 = self._used.cast("H")
         self._event_idx = event_idx
         self._indirect = indirect
         self._next_avail = next_avail & 0xFFFF
@@ -233,7 +238,7 @@ class SplitQueue:
         # spec 2.7.8.2: the element (and the reply bytes) before the used idx that publishes it.
         fence()
         n = (n + 1) & 0xFFFF
-        _U16.pack_into(used, 2, n)
+        self._used16[1] = n
         self._next_used = n
 
     def should_notify(self) -> bool:
@@ -255,7 +260,7 @@ class SplitQueue:
     def disable_notification(self) -> None:
         """Ask the driver not to kick while the device is busy (advisory, spec 2.7.10)."""
         if not self._event_idx:
-            _U16.pack_into(self._used, 0, USED_F_NO_NOTIFY)
+            self._used16[0] = USED_F_NO_NOTIFY
 
     def enable_notification(self) -> bool:
         """Ask for a kick on the next available buffer; True if buffers are already waiting.
@@ -264,9 +269,9 @@ class SplitQueue:
         published before the request became visible would never be kicked for.
         """
         if self._event_idx:
-            _U16.pack_into(self._used, self._avail_event_off, self._next_avail)
+            self._used16[self._avail_event_off >> 1] = self._next_avail
         else:
-            _U16.pack_into(self._used, 0, 0)
+            self._used16[0] = 0
         # Store (avail_event / flags) -> load (avail idx): a full barrier (protocol.md 2.5 step 3).
         fence()
         return _U16.unpack_from(self._avail, 2)[0] != self._next_avail
