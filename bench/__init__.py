@@ -1,0 +1,1 @@
+"""Benchmarks of pyvirtiofsd against the Rust and C virtiofsd (`python -m bench --help`)."""
