@@ -1,0 +1,41 @@
+"""The benchmark harness end to end on its smallest setting: one workload, pyvirtiofsd only.
+
+Checks that a run produces its JSON and its table; speed is never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_quick_run_writes_json_and_table(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--daemons", "py", "--workloads",
+         "getattr-d1", "--queues", "1", "--no-chart", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [json_path] = out.glob("bench-*.json")
+    data = json.loads(json_path.read_text())
+    row = data["rows"]["fe/getattr-d1/q1"]
+    assert row["failures"] == {}, row["failures"]
+    [value] = row["values"]["py"]
+    assert value > 0
+    assert data["summary"]["fe/getattr-d1/q1"]["median"]["py"] == value
+    limits = data["limits"][0]
+    assert limits["memcpy_mb_s"] > 0 and limits["syscall_ns"] > 0
+    # The table names the workload and shows the figure with its share of the limit.
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("| GETATTR, depth 1 "))
+    assert "pyvirtiofsd" in proc.stdout and "%)" in line
+    assert (out / json_path.with_suffix(".md").name).read_text().strip() == \
+        proc.stdout.strip()
