@@ -1155,6 +1155,61 @@ def test_cross_queue_nodeids_and_handles(daemon_factory) -> None:
     assert counts[1] > 0 and counts[2] > 0
 
 
+def _drain(c: FuseClient, tokens: dict[int, object]) -> dict[object, tuple[int, bytes]]:
+    got = {}
+    while len(got) < len(tokens):
+        for token, reply in c.collect():
+            got[tokens[token]] = reply
+    return got
+
+
+def test_same_inodes_looked_up_on_two_queues_at_once(open_session) -> None:
+    s = open_session("--request-queues=2", queues=3, queue_size=256)
+    q1, q2 = s.client, FuseClient(s.fe, queue=2)
+    names = [f"n{i:02d}" for i in range(40)]
+    for n in names:
+        (s.share / n).write_bytes(n.encode())
+    idle = _worker_fds(s.daemon)
+    t1 = {q1.submit(fa.Opcode.LOOKUP, ROOT, n.encode() + b"\0", kick=False): n for n in names}
+    t2 = {q2.submit(fa.Opcode.LOOKUP, ROOT, n.encode() + b"\0", kick=False): n for n in names}
+    s.fe.queue(1).kick(force=True)
+    s.fe.queue(2).kick(force=True)
+    r1, r2 = _drain(q1, t1), _drain(q2, t2)
+    ids = {}
+    for n in names:
+        assert r1[n].error == 0 and r2[n].error == 0
+        e1, e2 = fa.EntryOut.unpack(r1[n].body), fa.EntryOut.unpack(r2[n].body)
+        # One inode, one nodeid, one fd, whichever queue won the race.
+        assert e1.nodeid == e2.nodeid and e1.attr.ino == os.stat(s.share / n).st_ino
+        ids[n] = e1.nodeid
+    assert len(set(ids.values())) == len(names)
+    assert _worker_fds(s.daemon) == idle + len(names)
+    q1.batch_forget([(i, 1) for i in ids.values()])
+    assert q2.read(ids["n07"], q2.open(ids["n07"], os.O_RDONLY).fh, 0, 10) == b"n07"
+    q1.batch_forget([(i, 1) for i in ids.values()])
+    assert errno_of(q1.getattr, ids["n07"]) == errno.EBADF       # counted exactly twice
+
+
+def test_release_on_one_queue_while_reads_run_on_another(open_session) -> None:
+    s = open_session("--request-queues=2", queues=3, queue_size=256)
+    q1, q2 = s.client, FuseClient(s.fe, queue=2)
+    data = _pattern(64 * 4096, 9)
+    (s.share / "f").write_bytes(data)
+    node = q1.lookup(ROOT, "f").nodeid
+    before = _worker_fds(s.daemon)
+    fh = q1.open(node, os.O_RDONLY).fh
+    tokens = {q1.submit(fa.Opcode.READ, node, fa.ReadIn(fh, 4096 * i, 4096).pack(),
+                        out_size=4096, kick=False): i for i in range(60)}
+    s.fe.queue(1).kick(force=True)
+    q2.release(node, fh)
+    # Each READ either ran before the release (and read the right bytes) or after it (EBADF).
+    for i, (err, body) in _drain(q1, tokens).items():
+        assert (err, body) in ((0, data[4096 * i : 4096 * (i + 1)]), (errno.EBADF, b""))
+    assert errno_of(q1.read, node, fh, 0, 1) == errno.EBADF
+    # The file's fd closed with the last READ that had it pinned.
+    assert _worker_fds(s.daemon) == before
+
+
 def test_served_counts_logged_on_sigterm(daemon_factory) -> None:
     d = daemon_factory("--request-queues=2")
     fe = Frontend.connect(d.socket, process=d.proc, queues=3)
