@@ -704,11 +704,11 @@ def test_interrupt_is_harmless(session: Session) -> None:
     assert c.getattr(node).attr.size == 3
 
 
-@pytest.mark.parametrize("opcode", [7, 19, 999, 4096, 0x7FFF_FFFF])
-def test_unknown_opcode_is_enosys(session: Session, opcode: int) -> None:
-    r = session.client.request(opcode, ROOT, b"\0" * 16, out_size=64)
-    assert r == (errno.ENOSYS, b"")
-    assert session.client.getattr(ROOT).attr.ino == os.stat(session.share).st_ino
+def test_unknown_opcodes_are_enosys(session: Session) -> None:
+    for opcode in (7, 19, 999, 4096, 0x7FFF_FFFF):
+        r = session.client.request(opcode, ROOT, b"\0" * 16, out_size=64)
+        assert r == (errno.ENOSYS, b""), opcode
+        assert session.client.getattr(ROOT).attr.ino == os.stat(session.share).st_ino
 
 
 def test_never_issued_nodeids_and_handles_are_ebadf(session: Session) -> None:
@@ -994,13 +994,22 @@ def test_dotdot_at_root_stays_at_root(session: Session, outside: Path) -> None:
     assert {d.name for d in c.readdir_all(e.nodeid, dh)} == {b".", b"..", b"sub"}
 
 
-@pytest.mark.parametrize("name", [b"../outside", b"../outside/secret", b"sub/x", b"/etc",
-                                  b"/", b"a/", b"..//outside"])
-def test_names_with_a_slash_are_refused(session: Session, outside: Path, name: bytes) -> None:
+_SLASHED = (b"../outside", b"../outside/secret", b"sub/x", b"/etc", b"/", b"a/",
+            b"..//outside")
+
+
+def test_names_with_a_slash_are_refused(session: Session, outside: Path) -> None:
     c = session.client
     (session.share / "sub").mkdir()
     (session.share / "sub" / "x").write_bytes(b"x")
     before, before_out = tree(session.share), tree(outside)
+    for name in _SLASHED:
+        _try_slashed_name(c, name)
+    assert tree(session.share) == before
+    assert tree(outside) == before_out
+
+
+def _try_slashed_name(c: FuseClient, name: bytes) -> None:
     op = fa.Opcode
     requests = [
         (op.LOOKUP, name + b"\0"),
@@ -1015,12 +1024,9 @@ def test_names_with_a_slash_are_refused(session: Session, outside: Path, name: b
     ]
     for opcode, body in requests:
         r = c.request(opcode, ROOT, body)
-        assert r.error in (errno.EINVAL, errno.ENOENT), (opcode, r)
-    sub = c.lookup(ROOT, "sub").nodeid
-    assert c.request(op.LINK, ROOT, fa.LINK_IN.pack(sub) + name + b"\0").error in (
-        errno.EINVAL, errno.ENOENT, errno.EPERM)
-    assert tree(session.share) == before
-    assert tree(outside) == before_out
+        assert r.error == errno.EINVAL, (name, opcode, r)
+    x = c.lookup(c.lookup(ROOT, "sub").nodeid, "x").nodeid
+    assert c.request(op.LINK, ROOT, fa.LINK_IN.pack(x) + name + b"\0").error == errno.EINVAL
 
 
 @pytest.mark.parametrize("kind", ["absolute", "relative"])
