@@ -1030,9 +1030,11 @@ def _try_slashed_name(c: FuseClient, name: bytes) -> None:
 
 
 @pytest.mark.parametrize("kind", ["absolute", "relative"])
-def test_symlinks_out_of_the_share_are_never_followed(session: Session, outside: Path,
+def test_symlinks_out_of_the_share_are_never_followed(open_session, outside: Path,
                                                       kind: str) -> None:
+    session = open_session("--xattr")
     c = session.client
+    os.setxattr(outside / "secret", "user.secret", b"outside")
     target = outside if kind == "absolute" else os.path.relpath(outside, session.share)
     secret = outside / "secret"
     os.symlink(target, session.share / "dirlink")
@@ -1062,6 +1064,11 @@ def test_symlinks_out_of_the_share_are_never_followed(session: Session, outside:
     assert os.lstat(session.share / "filelink").st_uid == 4242
     c.setattr(fl.nodeid, mtime=(12345, 0))
     assert c.getattr(fl.nodeid).attr.mtime == 12345
+    # Extended attributes of the link are the link's own, never the target's.
+    assert errno_of(c.getxattr, fl.nodeid, "user.secret") == errno.ENODATA
+    assert b"user.secret" not in c.listxattr(fl.nodeid)
+    # (user.* cannot even exist on a symlink: EPERM.)
+    assert errno_of(c.removexattr, fl.nodeid, "user.secret") in (errno.ENODATA, errno.EPERM)
     # A hard link of the symlink node links the symlink, not the secret.
     hard = c.link(fl.nodeid, ROOT, "hard")
     assert stat.S_ISLNK(hard.attr.mode)
