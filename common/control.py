@@ -28,11 +28,12 @@ REGION = struct.Struct("=QQQQ")        # guest_phys_addr, memory_size, userspace
 class MsgType(enum.IntEnum):
     # supervisor -> worker
     MEM_TABLE = 1      # regions (n <= MAX_FDS) + one fd per region
-    RING_START = 2     # ring geometry and next avail index; fds: kick, then call (flags say which)
+    RING_START = 2     # ring geometry and next avail index; fds: kick, call, err (flags say which)
     RING_STOP = 3      # stop processing; answered by STOPPED with the next avail index
     SET_CALL = 4       # replace the call eventfd (0 or 1 fd)
     SET_ENABLE = 5     # enable (1) / disable (0) processing of a started ring
     SHUTDOWN = 6       # exit cleanly
+    MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker
@@ -48,8 +49,11 @@ class RingFlag(enum.IntFlag):
     ENABLED = 2
     HAS_KICK = 4
     HAS_CALL = 8
+    # A respawned worker continues where its queue's inflight journal says (common/journal.py)
+    # and first completes what the dead worker left in flight.
+    RESUME = 16
     INDIRECT = 32
-    RESUME_FROM_USED = 16   # a respawned worker resumes at used.idx (re-serving in-flight heads)
+    HAS_ERR = 64
 
 
 _PAYLOAD: dict[MsgType, struct.Struct | None] = {
@@ -59,6 +63,7 @@ _PAYLOAD: dict[MsgType, struct.Struct | None] = {
     MsgType.SET_CALL: struct.Struct("=I"),          # 1 = fd attached, 0 = none (polling)
     MsgType.SET_ENABLE: struct.Struct("=I"),
     MsgType.SHUTDOWN: struct.Struct("="),
+    MsgType.MEM_UNMAP: struct.Struct("="),
     MsgType.SPAWN: struct.Struct("=I"),
     MsgType.SPAWNED: struct.Struct("=I"),
     MsgType.READY: struct.Struct("=I"),             # queue index
@@ -70,13 +75,14 @@ _PAYLOAD: dict[MsgType, struct.Struct | None] = {
 # (min fds, max fds) per type; None for MEM_TABLE means "exactly one per region".
 _FDS: dict[MsgType, tuple[int, int] | None] = {
     MsgType.MEM_TABLE: None,
-    MsgType.RING_START: (0, 2),
+    MsgType.RING_START: (0, 3),
     MsgType.SET_CALL: (0, 1),
     MsgType.SPAWN: (1, 1),
 }
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
-                       MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN})
+                       MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
+                       MsgType.MEM_UNMAP})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.SHUTDOWN})
 FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.FAILED})

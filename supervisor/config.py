@@ -143,8 +143,7 @@ class Config:
         if self.thread_pool_size > 0:
             out.append(f"--thread-pool-size={self.thread_pool_size}")
         for flag in ("posix_acl", "security_label", "killpriv_v2", "allow_mmap",
-                     "preserve_noatime", "migration_verify_handles", "migration_confirm_paths",
-                     "reconnect"):
+                     "preserve_noatime", "migration_verify_handles", "migration_confirm_paths"):
             if getattr(self, flag):
                 out.append(_opt(flag))
         for name in ("xattrmap", "modcaps"):

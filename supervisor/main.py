@@ -21,6 +21,7 @@ import prctl
 
 from pyvirtiofsd import __version__
 from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
@@ -28,7 +29,7 @@ from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, ProcessTable
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import FuseServer, Session
+from pyvirtiofsd.worker.fuse_server import Session
 from pyvirtiofsd.worker.main import Worker
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 
@@ -123,7 +124,10 @@ class Supervisor:
         self.arena = Arena.create(max_queues=max(64, self.num_queues))
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
-        self.procs = ProcessTable(self.num_queues, self.worker_entry)
+        # Inflight journals, one per queue: a respawned worker completes what its predecessor
+        # left in flight (common/journal.py).
+        self.journal = Journal.create(self.num_queues, config.queue_size)
+        self.procs = ProcessTable(self.num_queues, self.worker_entry, journal=self.journal)
         self.root_fd = -1
 
     # -- set-up ----------------------------------------------------------------------------
@@ -145,9 +149,10 @@ class Supervisor:
         except OSError as e:
             log.error("worker for queue %d cannot open /proc/self/fd: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
-        fs = PassthroughFs(self.arena, proc_fd, fs_options(self.config))
-        server = FuseServer(fs, queue, self.session)
-        Worker(queue, channel, server, self.arena).run()
+        options = fs_options(self.config)
+        Worker.build(queue, channel, self.arena, self.session, self.journal,
+                     lambda tables: PassthroughFs(tables, proc_fd, options),
+                     owned_fds=(proc_fd,)).run()
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -169,8 +174,14 @@ class Supervisor:
                  self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
         try:
             conn = self.accept(listener, wake_r)
-            listener.close()
+            if not self.config.reconnect:
+                listener.close()
             self.serve(conn, wake_r)
+            # --reconnect: filesystem state (inodes, handles, the FUSE session) stays; each
+            # connection is a fresh vhost-user session (protocol.md 1.14).
+            while self.config.reconnect:
+                log.info("waiting for the next front-end (--reconnect)")
+                self.serve(self.accept(listener, wake_r), wake_r)
         except Shutdown:
             log.info("terminating on signal")
         finally:
@@ -184,7 +195,7 @@ class Supervisor:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
-            ready, _, _ = select.select([sock, wake, *pidfds], [], [])
+            ready, _, _ = select.select([sock, wake, *pidfds], [], [], self.procs.next_respawn())
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -197,6 +208,7 @@ class Supervisor:
             for fd in ready:
                 if fd in pidfds:
                     self.procs.worker_exited(pidfds[fd])
+            self.procs.respawn_due()
             if sock in ready:
                 return True
 

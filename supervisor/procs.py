@@ -9,6 +9,13 @@ every worker, so it reaps them and learns their exit status directly.
 
 Each worker request is a numbered message answered by one ACK/STOPPED/FAILED (common/control).
 A worker that does not answer in time, or answers out of protocol, is killed and respawned.
+
+Deaths are seen at once through each worker's pidfd.  The supervisor logs the signal or exit
+status and the request the worker was serving (from its inflight journal, common/journal.py),
+and starts a successor with the same memory and ring, resumed from the journal; when to respawn
+and when to give up is supervisor/respawn.py.  While a queue has no worker, the control plane
+keeps working: ring settings are kept for the successor and GET_VRING_BASE is answered from
+the journal, which knows exactly where the ring stands.
 """
 
 from __future__ import annotations
@@ -27,7 +34,10 @@ import prctl
 
 from pyvirtiofsd.common import control, native
 from pyvirtiofsd.common.control import Message, MsgType, RingFlag, RingGeometry
+from pyvirtiofsd.common.fuse_abi import Opcode
+from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.vhost_user import MemoryRegion
+from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 
 log = logging.getLogger("pyvirtiofsd.procs")
 
@@ -51,6 +61,8 @@ class WorkerHandle:
     pidfd: int
     seq: int = 0
     served_before: int = 0
+    # Set once it answered READY and resumed its ring: a death before that is a boot failure.
+    up: bool = False
 
     def close(self) -> None:
         self.channel.close()
@@ -65,6 +77,9 @@ class RingSetup:
     kick: int | None
     call: int | None
     enabled: bool
+    err: int | None = None
+    # A worker has run this ring: its successor resumes it from the journal.
+    delivered: bool = False
 
 
 def _spawner_main(channel: socket.socket, entry: WorkerEntry) -> None:
@@ -113,6 +128,8 @@ class ProcessTable:
     memory: tuple[list[MemoryRegion], list[int]] | None = None
     rings: dict[int, RingSetup] = field(default_factory=dict)
     respawns: int = 0
+    journal: Journal | None = None
+    policy: RespawnPolicy = field(default_factory=RespawnPolicy)
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -128,7 +145,11 @@ class ProcessTable:
         theirs.close()
         self.spawner_pid, self.spawner = pid, ours
         for q in range(self.num_queues):
-            self.spawn(q)
+            try:
+                self.spawn(q)
+                self.workers[q].up = True
+            except WorkerGone:
+                pass                  # its death is handled like any other (worker_exited)
 
     def spawn(self, queue: int) -> WorkerHandle:
         assert self.spawner is not None
@@ -143,22 +164,39 @@ class ProcessTable:
             ours.close()
             raise OSError(errno.EIO, f"spawner could not start the worker for queue {queue}")
         (pid,) = answer.fields
-        handle = WorkerHandle(queue, pid, ours, os.pidfd_open(pid))
-        ready = self._wait(ours, control.FROM_WORKER, 0, f"worker for queue {queue}")
-        if ready.type is not MsgType.READY or ready.fields[0] != queue:
-            handle.close()
-            raise OSError(errno.EIO, f"worker for queue {queue} did not report ready")
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            ours.close()
+            raise
+        handle = WorkerHandle(queue, pid, ours, pidfd)
+        # From here on its death, at any point, is seen through the pidfd (worker_exited).
         self.workers[queue] = handle
+        try:
+            ready = self._wait(ours, control.FROM_WORKER, 0, f"worker for queue {queue}", pidfd)
+            if ready.type is not MsgType.READY or ready.fields[0] != queue:
+                raise OSError(errno.EIO, "did not report ready")
+        except (OSError, control.ProtocolError) as e:
+            log.error("worker for queue %d (pid %d) did not start: %s", queue, pid,
+                      e.strerror if isinstance(e, OSError) and e.strerror else e)
+            self.kill(queue)
+            raise WorkerGone(queue, "did not start") from None
         log.debug("worker for queue %d started, pid %d", queue, pid)
         return handle
 
     def _wait(self, sock: socket.socket, allowed: frozenset[MsgType], seq: int,
-              who: str) -> Message:
+              who: str, pidfd: int = -1) -> Message:
+        """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
+        after the worker died, so its death shows on its pidfd, not as EOF."""
         deadline = time.monotonic() + ANSWER_TIMEOUT
+        watch = [sock] if pidfd < 0 else [sock, pidfd]
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([sock], [], [], left)[0]:
+            ready = select.select(watch, [], [], left)[0] if left > 0 else []
+            if not ready:
                 raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
+            if sock not in ready:
+                raise OSError(errno.EPIPE, f"{who} died")
             msg = control.receive(sock, allowed)
             if msg is None:
                 raise OSError(errno.EPIPE, f"{who} hung up")
@@ -197,12 +235,14 @@ class ProcessTable:
         try:
             control.send(handle.channel, data_fn(handle.seq), fds)
             answer = self._wait(handle.channel, control.FROM_WORKER, handle.seq,
-                                f"worker for queue {queue}")
+                                f"worker for queue {queue}", handle.pidfd)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
             raise WorkerGone(queue, "broke the control protocol") from None
         except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise WorkerGone(queue, "died") from None   # worker_exited says how
             log.error("worker for queue %d: %s: killing it", queue, e.strerror or e)
             self.kill(queue)
             raise WorkerGone(queue, "did not answer") from None
@@ -218,85 +258,202 @@ class ProcessTable:
             except ProcessLookupError:
                 pass
 
+    # Each of these works with or without a worker for the queue: a queue whose worker is dead
+    # or not started yet gets the current memory table and ring when its successor starts.
     def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None:
-        rows = tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-                     for r in regions)
+        """Every worker swaps tables between two requests (worker/main.py): in effect each is
+        paused around the swap."""
+        rows = _rows(regions)
         for q in list(self.workers):
-            self.request(q, lambda seq: control.encode(MsgType.MEM_TABLE, seq, regions=rows), fds)
+            try:
+                self.request(q, lambda seq: control.encode(MsgType.MEM_TABLE, seq,
+                                                           regions=rows), fds)
+            except WorkerGone:
+                pass
         self.memory = (list(regions), list(fds))
 
-    def start_ring(self, index: int, geometry: RingGeometry, kick: int | None,
-                   call: int | None) -> None:
-        setup = RingSetup(geometry, kick, call, bool(geometry.flags & RingFlag.ENABLED))
-        self._send_ring(index, setup)
-        self.rings[index] = setup
+    def drop_memory(self) -> None:
+        """The front-end is gone: its memory fds are closed, workers unmap it."""
+        self.memory = None
+        for q in list(self.workers):
+            try:
+                self.request(q, lambda seq: control.encode(MsgType.MEM_UNMAP, seq))
+            except OSError as e:
+                log.warning("worker for queue %d could not drop guest memory: %s", q, e)
 
-    def _send_ring(self, index: int, setup: RingSetup) -> None:
+    def start_ring(self, index: int, geometry: RingGeometry, kick: int | None,
+                   call: int | None, err: int | None = None) -> None:
+        setup = RingSetup(geometry, kick, call, bool(geometry.flags & RingFlag.ENABLED), err)
+        self.rings[index] = setup
+        if self.policy.retry(index):
+            log.info("queue %d: ring restarted; trying a new worker", index)
+            return
+        if index not in self.workers:
+            return                                   # its successor starts it
+        try:
+            self._send_ring(index, setup)
+        except WorkerGone:
+            pass
+
+    def _send_ring(self, index: int, setup: RingSetup, resume: bool = False) -> None:
         g = setup.geometry
-        flags = g.flags & ~(RingFlag.HAS_KICK | RingFlag.HAS_CALL | RingFlag.ENABLED)
+        flags = g.flags & ~(RingFlag.HAS_KICK | RingFlag.HAS_CALL | RingFlag.HAS_ERR
+                            | RingFlag.ENABLED | RingFlag.RESUME)
         fds = []
-        if setup.kick is not None:
-            flags |= RingFlag.HAS_KICK
-            fds.append(setup.kick)
-        if setup.call is not None:
-            flags |= RingFlag.HAS_CALL
-            fds.append(setup.call)
+        for flag, fd in ((RingFlag.HAS_KICK, setup.kick), (RingFlag.HAS_CALL, setup.call),
+                         (RingFlag.HAS_ERR, setup.err)):
+            if fd is not None:
+                flags |= flag
+                fds.append(fd)
         if setup.enabled:
             flags |= RingFlag.ENABLED
+        if resume:
+            flags |= RingFlag.RESUME
         self.request(index, lambda seq: control.encode(
             MsgType.RING_START, seq, g.num, flags, g.desc, g.avail, g.used, g.next_avail, 0), fds)
+        setup.delivered = True
 
     def stop_ring(self, index: int) -> int:
-        answer = self.request(index, lambda seq: control.encode(MsgType.RING_STOP, seq))
-        self.rings.pop(index, None)
-        if answer.type is not MsgType.STOPPED:
-            raise WorkerGone(index, f"answered {answer.type.name} to RING_STOP")
-        return answer.fields[0]
+        setup = self.rings.pop(index, None)
+        if index in self.workers:
+            try:
+                answer = self.request(index, lambda seq: control.encode(MsgType.RING_STOP, seq))
+            except WorkerGone:
+                pass
+            else:
+                if answer.type is MsgType.STOPPED:
+                    return answer.fields[0]
+                self.kill(index)
+        # No worker to ask: the journal says where the ring stands.
+        handle = self.workers.get(index)
+        if handle is not None:
+            # Just killed for not answering: let it die before its journal is read.
+            select.select([handle.pidfd], [], [], ANSWER_TIMEOUT)
+        if setup is not None and not setup.delivered:
+            return setup.geometry.next_avail
+        if self.journal is None:
+            raise WorkerGone(index, "is not running")
+        return self.journal.queue(index).next_avail()[0]
 
     def set_call(self, index: int, call: int | None) -> None:
         setup = self.rings.get(index)
         if setup is not None:
             setup.call = call
-        self.request(index, lambda seq: control.encode(
-            MsgType.SET_CALL, seq, int(call is not None)), [call] if call is not None else [])
+        if index in self.workers:
+            try:
+                self.request(index, lambda seq: control.encode(
+                    MsgType.SET_CALL, seq, int(call is not None)),
+                    [call] if call is not None else [])
+            except WorkerGone:
+                pass
 
     def set_enable(self, index: int, enabled: bool) -> None:
         setup = self.rings.get(index)
         if setup is not None:
             setup.enabled = enabled
-        self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq, int(enabled)))
+        if index in self.workers:
+            try:
+                self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
+                                                               int(enabled)))
+            except WorkerGone:
+                pass
 
     # -- deaths --------------------------------------------------------------------------------
     def pidfds(self) -> dict[int, int]:
         return {h.pidfd: q for q, h in self.workers.items()}
 
     def worker_exited(self, queue: int) -> None:
-        """Reap a dead worker, say why, and start a new one with the same ring and memory."""
+        """Reap a dead worker, say why and what it was doing, and plan its successor."""
         handle = self.workers.pop(queue)
         status = _reap(handle.pid)
         handle.close()
         why = _describe(status)
+        doing = self.last_request(queue)
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED:
             log.error("worker for queue %d (pid %d) failed to set up (%s); not respawning",
                       queue, handle.pid, why)
+            self._fail(queue, f"its worker failed to set up ({why})")
             return
-        log.error("worker for queue %d (pid %d) %s; respawning it", queue, handle.pid, why)
+        delay = self.policy.died(queue, handle.up, why)
+        if delay is None:
+            log.error("worker for queue %d (pid %d) %s while starting (%s)", queue, handle.pid,
+                      why, doing)
+            self._fail(queue, self.policy.failed[queue])
+            return
+        when = "respawning it" if not delay else f"respawning it in {delay:.1f} s"
+        log.error("worker for queue %d (pid %d) %s (%s); %s", queue, handle.pid, why, doing,
+                  when)
+
+    def next_respawn(self) -> float | None:
+        """Seconds until a respawn is due (for the event loop's timeout), None if none is."""
+        return self.policy.next_in()
+
+    def respawn_due(self) -> None:
+        for queue in self.policy.take_due():
+            if queue not in self.workers:
+                self.respawn(queue)
+
+    def respawn(self, queue: int) -> None:
+        """Start a successor with the memory and ring of the queue; it resumes from the
+        journal.  A successor that dies on the way is handled by worker_exited."""
         self.respawns += 1
-        self.spawn(queue)
-        if self.memory is not None:
-            regions, fds = self.memory
-            rows = tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-                         for r in regions)
-            self.request(queue, lambda seq: control.encode(MsgType.MEM_TABLE, seq, regions=rows),
-                         fds)
+        try:
+            handle = self.spawn(queue)
+            if self.memory is not None:
+                regions, fds = self.memory
+                rows = _rows(regions)
+                self.request(queue, lambda seq: control.encode(MsgType.MEM_TABLE, seq,
+                                                               regions=rows), fds)
+            setup = self.rings.get(queue)
+            if setup is not None:
+                self._send_ring(queue, setup, resume=setup.delivered)
+        except WorkerGone:
+            return
+        except OSError as e:
+            # The worker refused its memory or ring: it cannot serve the queue.
+            log.error("worker for queue %d could not resume its ring: %s", queue, e)
+            self.kill(queue)
+            return
+        handle.up = True
+        self.policy.booted(queue)
+
+    def _fail(self, queue: int, why: str) -> None:
+        self.policy.give_up(queue, why)
+        log.error("queue %d is failed: %s.  It is not served until the front-end restarts the"
+                  " ring (SET_VRING_KICK) or the device.", queue, why)
         setup = self.rings.get(queue)
-        if setup is not None:
-            # Without a journal of in-flight heads, resume from the used index: requests the
-            # dead worker popped but never completed are served again.
-            g = setup.geometry
-            resumed = RingGeometry(g.num, g.flags | RingFlag.RESUME_FROM_USED, g.desc, g.avail,
-                                   g.used, g.next_avail)
-            self._send_ring(queue, RingSetup(resumed, setup.kick, setup.call, setup.enabled))
+        if setup is not None and setup.err is not None:
+            try:
+                os.eventfd_write(setup.err, 1)
+            except OSError:
+                pass
+
+    def last_request(self, queue: int) -> str:
+        """What the journal says the worker of `queue` was doing, for the log."""
+        if self.journal is None:
+            return "no journal"
+        pending = self.journal.queue(queue).inflight()
+        if not pending:
+            return "no request in flight"
+        return "; ".join(f"{_op_name(r.opcode)} unique {r.unique:#x} {_STATE[r.state]}"
+                         for r in pending[-3:])
+
+
+_STATE = {SlotState.POPPED: "just taken from the ring",
+          SlotState.EXECUTING: "in its filesystem call",
+          SlotState.REPLIED: "replied, not yet pushed"}
+
+
+def _op_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode}"
+
+
+def _rows(regions: list[MemoryRegion]) -> tuple:
+    return tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+                 for r in regions)
 
 
 def _reap(pid: int) -> int:

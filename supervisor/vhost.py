@@ -64,8 +64,9 @@ class QueueControl(Protocol):
     """What the control plane needs from the process table (supervisor/procs.py)."""
 
     def set_mem_table(self, regions: list[MemoryRegion], fds: list[int]) -> None: ...
+    def drop_memory(self) -> None: ...
     def start_ring(self, index: int, geometry: RingGeometry, kick: int | None,
-                   call: int | None) -> None: ...
+                   call: int | None, err: int | None = None) -> None: ...
     def stop_ring(self, index: int) -> int: ...
     def set_call(self, index: int, call: int | None) -> None: ...
     def set_enable(self, index: int, enabled: bool) -> None: ...
@@ -82,8 +83,8 @@ class Vring:
     started: bool = False
     enabled: bool = False
 
-    def close_fds(self) -> None:
-        for name in ("kick", "call", "err"):
+    def close_fds(self, names: tuple[str, ...] = ("kick", "call", "err")) -> None:
+        for name in names:
             fd = getattr(self, name)
             if fd is not None:
                 os.close(fd)
@@ -392,8 +393,9 @@ class Backend:
         if vring.started:
             vring.base = self.queues.stop_ring(st.index)
             vring.started = False
-        # The ring is stopped; its notifiers go with it (rust-vmm drops kick and call too).
-        vring.close_fds()
+        # The ring is stopped; its notifiers go with it (rust-vmm drops kick and call too).  The
+        # error notifier stays: QEMU sets it once per device, not per ring start.
+        vring.close_fds(("kick", "call"))
         return VringState(st.index, vring.base).pack()
 
     def _vring_fd(self, payload: bytes, fds: list[int]) -> tuple[int, Vring, int | None]:
@@ -460,7 +462,7 @@ class Backend:
         geometry = RingGeometry(vring.num, flags, vring.addr.desc, vring.addr.avail,
                                 vring.addr.used, vring.base)
         try:
-            self.queues.start_ring(index, geometry, vring.kick, vring.call)
+            self.queues.start_ring(index, geometry, vring.kick, vring.call, vring.err)
         except OSError as e:
             raise RequestError(f"vring {index} could not start: {e}") from None
         vring.started = True
@@ -480,3 +482,4 @@ class Backend:
         """End of the connection: stop rings, drop memory and notifiers."""
         self.stop_all()
         self.close_regions()
+        self.queues.drop_memory()

@@ -4,6 +4,13 @@ It maps guest memory from the fds its control channel brings, runs its split rin
 FUSE requests through the passthrough filesystem.  Control messages are handled between
 requests, so a new memory table or a stop request never races a request in progress: when the
 worker answers, it no longer uses what the message replaced (vhost-user "suspended" state).
+That also makes GET_VRING_BASE exact: every request popped before RING_STOP was answered is
+completed, so the index it reports is both the next to pop and the used index reached.
+
+Every request goes through the queue's inflight journal (common/journal.py): popped, executing
+(for non-idempotent calls), replied (reply in guest memory), pushed.  A worker started to replace
+a dead one (RingFlag.RESUME) first finishes what the journal holds (worker/recovery.py), then
+pops where the dead worker would have.
 """
 
 from __future__ import annotations
@@ -13,37 +20,81 @@ import logging
 import os
 import select
 import socket
+import struct
+from collections.abc import Callable, Iterable
 
 from pyvirtiofsd.common import control
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import Message, MsgType, RingFlag
+from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
+from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
-from pyvirtiofsd.worker.fuse_server import FuseServer
+from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
 
 log = logging.getLogger("pyvirtiofsd.worker")
 
+# fuse_in_header.opcode and .unique, read at pop for the journal (and the test hooks).
+_PEEK = struct.Struct("<IQ")
+_PEEK_END = 4 + _PEEK.size
+
+
+def _peek(parts: list[memoryview]) -> tuple[int, int]:
+    if parts and len(parts[0]) >= _PEEK_END:
+        return _PEEK.unpack_from(parts[0], 4)
+    head = bytearray()
+    for p in parts:
+        head += p[:_PEEK_END - len(head)]
+        if len(head) >= _PEEK_END:
+            return _PEEK.unpack_from(head, 4)
+    return 0, 0
+
 
 class Worker:
     def __init__(self, queue_index: int, channel: socket.socket, server: FuseServer,
-                 arena: Arena) -> None:
+                 arena: Arena, journal: QueueJournal, fs: JournaledFs,
+                 hooks: testhooks.Hooks | None = None) -> None:
         self.index = queue_index
         self.channel = channel
         self.server = server
         self.counters = arena.counters
+        self.journal = journal
+        self.fs = fs
+        self.hooks = hooks
         self.mem = GuestMemory()
         self.queue: SplitQueue | None = None
         # num, desc, avail, used, event_idx, indirect of the running ring
         self.geometry: tuple[int, int, int, int, bool, bool] | None = None
         self.kick: int | None = None
         self.call: int | None = None
+        self.err: int | None = None
         self.enabled = False
         # Where the last ring stopped, or broke: GET_VRING_BASE reports it (protocol.md 1.7).
         self.stopped_at = 0
         self.poll = select.poll()
         self.poll.register(channel.fileno(), select.POLLIN)
         self.running = True
+
+    @classmethod
+    def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
+              journal: Journal, make_fs: Callable[[JournaledArena], object],
+              owned_fds: Iterable[int] = ()) -> Worker:
+        """The worker for `queue`, in its own process: takes over what a dead predecessor left
+        (its pins and fds), then builds the filesystem over the journaled tables."""
+        jq = journal.queue(queue)
+        tables = JournaledArena(arena, jq)
+        tables.reclaim()
+        for fd in owned_fds:
+            jq.own_fd(fd)
+        jq.count_boot()
+        hooks = testhooks.load(journal, queue)
+        if hooks is not None:
+            hooks.at_boot()
+        fs = JournaledFs(make_fs(tables), tables, hooks)
+        server = FuseServer(fs, queue, session)
+        return cls(queue, channel, server, arena, jq, fs, hooks)
 
     # -- control channel ------------------------------------------------------------------
     def on_control(self) -> None:
@@ -87,6 +138,11 @@ class Worker:
                 self.process()
         elif t is MsgType.SHUTDOWN:
             self.running = False
+        elif t is MsgType.MEM_UNMAP:
+            if self.queue is not None:
+                log.warning("queue %d: guest memory dropped under a running ring", self.index)
+                self.stop_ring()
+            self.mem.clear()
         return control.encode(MsgType.ACK, msg.seq)
 
     def set_mem_table(self, msg: Message) -> None:
@@ -110,26 +166,46 @@ class Worker:
         fds = list(msg.fds)
         kick = fds.pop(0) if flags & RingFlag.HAS_KICK and fds else None
         call = fds.pop(0) if flags & RingFlag.HAS_CALL and fds else None
+        err = fds.pop(0) if flags & RingFlag.HAS_ERR and fds else None
         control.close_fds(fds)
         event_idx = bool(flags & RingFlag.EVENT_IDX)
         indirect = bool(flags & RingFlag.INDIRECT)
+        j = self.journal
+        key = geometry_key(num, desc, avail, used)
+        journaled, _ = j.next_avail()
+        # The journal continues when this worker replaces a dead one, or when the front-end
+        # restarts the very ring it describes at the index it reported (GET_VRING_BASE while
+        # the worker was down): the requests it holds are still the device's to complete.
+        resume = bool(flags & RingFlag.RESUME) or (
+            j.geometry == key and journaled == next_avail and j.size == num)
         try:
-            queue = SplitQueue(self.mem, num, desc, avail, used, next_avail,
+            if not 0 < num <= j.capacity:
+                raise ValueError(f"queue size {num} is larger than the journal's {j.capacity}")
+            queue = SplitQueue(self.mem, num, desc, avail, used,
+                               journaled if resume else next_avail,
                                event_idx=event_idx, indirect=indirect)
-            if flags & RingFlag.RESUME_FROM_USED:
-                queue = SplitQueue(self.mem, num, desc, avail, used, queue.next_used,
-                                   event_idx=event_idx, indirect=indirect)
         except BaseException:
-            control.close_fds([fd for fd in (kick, call) if fd is not None])
+            control.close_fds([fd for fd in (kick, call, err) if fd is not None])
             raise
         self.stop_ring()
+        for fd in (kick, call, err):
+            if fd is not None:
+                j.own_fd(fd)
+        if resume:
+            j.repair_next()
+        else:
+            self._abandon()
+            j.reset(next_avail, key, num)
         self.queue = queue
         self.geometry = (num, desc, avail, used, event_idx, indirect)
         self.kick = kick
         if kick is not None:
             self.poll.register(kick, select.POLLIN)
         self._replace_call(call)
+        self.err = err
         self.enabled = bool(flags & RingFlag.ENABLED)
+        if resume:
+            self.recover(queue)
         # Rings start with SET_VRING_KICK; a front-end need not kick again (protocol.md 1.8).
         self.process()
 
@@ -139,15 +215,67 @@ class Worker:
             self.stopped_at = queue.next_avail
         if self.kick is not None:
             self.poll.unregister(self.kick)
-            os.close(self.kick)
+            self._close(self.kick)
             self.kick = None
         self._replace_call(None)
+        if self.err is not None:
+            self._close(self.err)
+            self.err = None
         return self.stopped_at
+
+    def _close(self, fd: int) -> None:
+        self.journal.disown_fd(fd)       # before the close: a kill in between only leaks it
+        os.close(fd)
 
     def _replace_call(self, fd: int | None) -> None:
         if self.call is not None:
-            os.close(self.call)
+            self._close(self.call)
+        if fd is not None:
+            self.journal.own_fd(fd)
         self.call = fd
+
+    def _abandon(self) -> None:
+        """The ring restarts elsewhere: requests still journaled will never be completed."""
+        pending = self.journal.inflight()
+        if pending:
+            log.warning("queue %d: ring restarted at another index or address; %d journaled"
+                        " request(s) of the old ring dropped", self.index, len(pending))
+        for rec in pending:
+            self.fs.abandon(rec)
+
+    # -- recovery ------------------------------------------------------------------------
+    def recover(self, queue: SplitQueue) -> None:
+        """Complete, in pop order and exactly once, what the journal holds (recovery.py)."""
+        j = self.journal
+        j.settle_push(queue.next_used)
+        todo = j.inflight()
+        if not todo:
+            # The predecessor may have died between a push and its notification.
+            self.signal()
+            return
+        log.info("queue %d: completing %d request(s) the previous worker left in flight",
+                 self.index, len(todo))
+        for rec in todo:
+            if self.hooks is not None:
+                self.hooks.opcode = rec.opcode
+            if rec.state == SlotState.REPLIED:
+                self._complete(queue, rec.head, rec.used_len)
+                continue
+            try:
+                chain = queue.walk(rec.head)
+            except ChainError as e:
+                log.warning("queue %d: journaled descriptor chain %d: %s", self.index,
+                            rec.head, e)
+                self._complete(queue, rec.head, 0)
+                continue
+            self.fs.begin_replay(rec)
+            try:
+                used = self._serve(chain)
+            finally:
+                self.fs.end_replay()
+            self._complete(queue, rec.head, used)
+        # As libvhost-user after reconnecting: one call, whatever the suppression state says.
+        self.signal()
 
     # -- data plane -----------------------------------------------------------------------
     def signal(self) -> None:
@@ -159,28 +287,30 @@ class Worker:
         queue = self.queue
         if queue is None or not self.enabled:
             return
-        handle = self.server.handle
-        served = 0
+        j = self.journal
+        hooks = self.hooks
         try:
             while True:
                 while True:
+                    pos = queue.next_avail
                     try:
                         chain = queue.pop()
                     except ChainError as e:
+                        j.popped(e.head, pos, 0, 0)
                         log.warning("queue %d: malformed descriptor chain %d: %s",
                                     self.index, e.head, e)
-                        queue.push(e.head, 0)
-                        if queue.should_notify():
-                            self.signal()
+                        if hooks is not None:
+                            hooks.opcode = 0
+                        self._complete(queue, e.head, 0)
                         continue
                     if chain is None:
                         break
-                    writer = Writer(chain.writable) if chain.writable else None
-                    used = handle(Reader(chain.readable), writer)
-                    queue.push(chain.head, used)
-                    served += 1
-                    if queue.should_notify():
-                        self.signal()
+                    opcode, unique = _peek(chain.readable)
+                    j.begin_effects(j.popped(chain.head, pos, opcode, unique))
+                    if hooks is not None:
+                        hooks.opcode = opcode
+                        hooks.at("popped")
+                    self._complete(queue, chain.head, self._serve(chain))
                 if not queue.enable_notification():
                     break
         except RingError as e:
@@ -188,9 +318,30 @@ class Worker:
             # pop() left next_avail at the entry it refused.
             self.stopped_at = queue.next_avail
             self.queue = None
-        finally:
-            if served:
-                self.counters.add(self.index, served)
+            # The front-end learns through the error notifier (vhost-user SET_VRING_ERR); the
+            # device needs a reset (virtio spec 2.1.2, DEVICE_NEEDS_RESET).
+            if self.err is not None:
+                os.eventfd_write(self.err, 1)
+
+    def _serve(self, chain) -> int:
+        writer = Writer(chain.writable) if chain.writable else None
+        return self.server.handle(Reader(chain.readable), writer)
+
+    def _complete(self, queue: SplitQueue, head: int, used: int) -> None:
+        """Journal the reply, push it, free the slot, notify if asked to."""
+        j = self.journal
+        hooks = self.hooks
+        j.replied(head, used)
+        if hooks is not None:
+            hooks.at("replied")
+        j.push_begin(head, queue.next_used)
+        queue.push(head, used)
+        if hooks is not None:
+            hooks.at("pushed")
+        j.pushed(head)
+        self.counters.add(self.index, 1)
+        if queue.should_notify():
+            self.signal()
 
     def on_kick(self) -> None:
         try:

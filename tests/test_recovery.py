@@ -1,0 +1,325 @@
+"""A worker killed in the middle of a request: the guest still gets one correct reply, and the
+request's effect happens exactly once (common/journal.py, worker/recovery.py).
+
+Every kill is placed by the worker's test hooks (worker/testhooks.py): the worker SIGKILLs
+itself at a chosen point of a chosen request, so nothing depends on timing.  After each case
+the shared fd table must hold exactly the fds it held before the request (no lookup counted
+twice, no handle or notifier fd leaked by the dead worker), and the daemon must have logged
+why the worker died and what it was doing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import fuse_abi as fa
+from tests.conftest import Daemon
+from tests.frontend import Frontend, FuseClient, FuseError
+
+ROOT = fa.ROOT_ID
+POINTS = ("popped", "executing", "executed", "replied", "pushed")
+
+
+def children(pid: int) -> dict[int, str]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        comm = st[st.index("(") + 1 : st.rindex(")")]
+        if int(st[st.rindex(")") + 2 :].split()[1]) == pid:
+            out[int(entry)] = comm
+    return out
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Rig:
+    daemon: Daemon
+    fe: Frontend
+    client: FuseClient
+
+    @property
+    def share(self) -> Path:
+        return self.daemon.share
+
+    def spawner(self) -> int:
+        return next(p for p, n in children(self.daemon.proc.pid).items() if n == "pyvfs-spawner")
+
+    def table_fds(self) -> int:
+        """Fds in the table the spawner and every worker share."""
+        return fd_count(self.spawner())
+
+    def worker(self, queue: int) -> int:
+        return next(p for p, n in children(self.daemon.proc.pid).items()
+                    if n == f"pyvfs-q{queue}")
+
+    def settled(self) -> None:
+        """A GETATTR on every queue: each has a live worker that finished its recovery."""
+        for q in (1,):
+            FuseClient(self.fe, queue=q).getattr(ROOT)
+        self.client.forget(ROOT, 0)
+
+
+@pytest.fixture
+def rig(daemon_factory, monkeypatch) -> Iterator[Callable[..., Rig]]:
+    made: list[Rig] = []
+
+    def start(crash: str, *args: str) -> Rig:
+        monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+        monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", crash)
+        # The hook kills its own worker, which no worker seccomp policy allows.
+        d = daemon_factory(*args, "--seccomp=none")
+        fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+        c = FuseClient(fe)
+        c.init()
+        r = Rig(d, fe, c)
+        made.append(r)
+        return r
+
+    yield start
+    for r in made:
+        alive = r.daemon.proc.poll() is None
+        r.fe.close()
+        assert alive, "the daemon died:\n" + r.daemon.text
+        assert "Traceback" not in r.daemon.text, r.daemon.text
+
+
+def killed(rig: Rig, opcode: str) -> None:
+    """The worker of queue 1 died from the hook, and the log says what it was doing."""
+    line = rig.daemon.wait_for("worker for queue 1 (pid")
+    assert "was killed by SIGKILL" in line, line
+    assert opcode in line, line
+    assert "respawning it" in line, line
+
+
+# --- one scenario per opcode -----------------------------------------------------------------
+# Each takes the rig, runs the request that the hook interrupts, and checks the result.  All
+# lookups and handles it makes are dropped again at the end, so the fd table is back where it
+# started.
+
+
+def do_read(r: Rig) -> None:
+    (r.share / "f").write_bytes(b"read me exactly once")
+    node = r.client.lookup(ROOT, "f").nodeid
+    fh = r.client.open(node, os.O_RDONLY).fh
+    base = r.table_fds()
+    assert r.client.read(node, fh, 5, 100) == b"me exactly once"
+    killed(r, "READ")
+    r.settled()
+    assert r.table_fds() == base
+    r.client.release(node, fh)
+    r.client.forget(node, 1)
+
+
+def do_write_append(r: Rig) -> None:
+    # An O_APPEND write is not idempotent: done twice it would append twice.
+    (r.share / "log").write_bytes(b"start;")
+    node = r.client.lookup(ROOT, "log").nodeid
+    flags = os.O_WRONLY | os.O_APPEND
+    fh = r.client.open(node, flags).fh
+    body = [fa.WriteIn(fh, 0, 6, 0, 0, flags).pack(), b"entry;"]
+    assert fa.WRITE_OUT.unpack(r.client.call(fa.Opcode.WRITE, node, body))[0] == 6
+    killed(r, "WRITE")
+    assert (r.share / "log").read_bytes() == b"start;entry;"
+    r.client.release(node, fh)
+    r.client.forget(node, 1)
+
+
+def do_write(r: Rig) -> None:
+    (r.share / "w").write_bytes(b"0123456789")
+    node = r.client.lookup(ROOT, "w").nodeid
+    fh = r.client.open(node, os.O_RDWR).fh
+    assert r.client.write(node, fh, 4, b"ab") == 2
+    killed(r, "WRITE")
+    assert (r.share / "w").read_bytes() == b"0123ab6789"
+    assert r.client.read(node, fh, 0, 20) == b"0123ab6789"
+    r.client.release(node, fh)
+    r.client.forget(node, 1)
+
+
+def do_create(r: Rig) -> None:
+    entry, opened = r.client.create(ROOT, "new", 0o640, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    killed(r, "CREATE")
+    st = (r.share / "new").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640 and entry.attr.ino == st.st_ino
+    # The handle it answered works, and is the only one: after RELEASE and FORGET nothing of
+    # the file stays open (checked by the caller's fd count).
+    assert r.client.write(entry.nodeid, opened.fh, 0, b"via the new fh") == 14
+    assert (r.share / "new").read_bytes() == b"via the new fh"
+    r.client.release(entry.nodeid, opened.fh)
+    r.client.forget(entry.nodeid, 1)
+    assert sorted(os.listdir(r.share)) == ["new"]
+
+
+def do_mkdir(r: Rig) -> None:
+    entry = r.client.mkdir(ROOT, "d", 0o750)
+    killed(r, "MKDIR")
+    st = (r.share / "d").stat()
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o750
+    assert entry.attr.ino == st.st_ino
+    assert r.client.getattr(entry.nodeid).attr.ino == st.st_ino
+    r.client.forget(entry.nodeid, 1)
+
+
+def do_unlink(r: Rig) -> None:
+    (r.share / "x").write_bytes(b"bye")
+    (r.share / "keep").write_bytes(b"stay")
+    r.client.unlink(ROOT, "x")          # success, not ENOENT from a second unlink
+    killed(r, "UNLINK")
+    assert sorted(os.listdir(r.share)) == ["keep"]
+
+
+def do_rename(r: Rig) -> None:
+    (r.share / "a").write_bytes(b"moved")
+    (r.share / "b").write_bytes(b"replaced")
+    r.client.rename(ROOT, "a", ROOT, "b")
+    killed(r, "RENAME")
+    assert sorted(os.listdir(r.share)) == ["b"]
+    assert (r.share / "b").read_bytes() == b"moved"
+
+
+def do_rmdir(r: Rig) -> None:
+    (r.share / "empty").mkdir()
+    r.client.rmdir(ROOT, "empty")
+    killed(r, "RMDIR")
+    assert os.listdir(r.share) == []
+
+
+def do_link(r: Rig) -> None:
+    (r.share / "t").write_bytes(b"target")
+    node = r.client.lookup(ROOT, "t").nodeid
+    entry = r.client.link(node, ROOT, "l")
+    killed(r, "LINK")
+    assert entry.nodeid == node and entry.attr.nlink == 2
+    assert (r.share / "t").stat().st_nlink == 2
+    r.client.forget(node, 2)
+
+
+def do_symlink(r: Rig) -> None:
+    entry = r.client.symlink(ROOT, "s", "some/where")
+    killed(r, "SYMLINK")
+    assert os.readlink(r.share / "s") == "some/where"
+    r.client.forget(entry.nodeid, 1)
+
+
+def do_lookup(r: Rig) -> None:
+    (r.share / "f").write_bytes(b"x")
+    node = r.client.lookup(ROOT, "f").nodeid
+    killed(r, "LOOKUP")
+    # Counted once: one FORGET drops it.
+    r.client.forget(node, 1)
+    r.settled()
+    with pytest.raises(FuseError) as e:
+        r.client.getattr(node)
+    assert e.value.errno == errno.EBADF
+
+
+def do_release(r: Rig) -> None:
+    (r.share / "f").write_bytes(b"x")
+    node = r.client.lookup(ROOT, "f").nodeid
+    fh = r.client.open(node, os.O_RDONLY).fh
+    r.client.release(node, fh)          # success, not EBADF from a second RELEASE
+    killed(r, "RELEASE")
+    with pytest.raises(FuseError) as e:
+        r.client.read(node, fh, 0, 1)
+    assert e.value.errno == errno.EBADF
+    r.client.forget(node, 1)
+
+
+CASES: dict[str, Callable[[Rig], None]] = {
+    "READ": do_read, "WRITE": do_write, "CREATE": do_create, "MKDIR": do_mkdir,
+    "UNLINK": do_unlink, "RENAME": do_rename, "RMDIR": do_rmdir, "LINK": do_link,
+    "SYMLINK": do_symlink, "LOOKUP": do_lookup, "RELEASE": do_release,
+}
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("opcode", sorted(CASES))
+def test_worker_killed_inside_a_request(rig, opcode: str, point: str) -> None:
+    # LOOKUP scenarios look the file up once before the interrupted request only via it.
+    r = rig(f"{opcode}:{point}")
+    base = r.table_fds()
+    CASES[opcode](r)
+    r.settled()
+    assert r.table_fds() == base, r.daemon.text
+    assert r.daemon.text.count("test hook") == 1
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_worker_killed_inside_an_append(rig, point: str) -> None:
+    r = rig(f"WRITE:{point}")
+    base = r.table_fds()
+    do_write_append(r)
+    r.settled()
+    assert r.table_fds() == base
+
+
+@pytest.mark.parametrize("point", ("popped", "executed", "replied"))
+def test_forget_is_applied_once(rig, point: str) -> None:
+    r = rig(f"FORGET:{point}")
+    (r.share / "f").write_bytes(b"x")
+    base = r.table_fds()
+    node = r.client.lookup(ROOT, "f").nodeid
+    assert r.client.lookup(ROOT, "f").nodeid == node       # two lookups counted
+    r.client.forget(node, 1)                                # killed inside this one
+    line = r.daemon.wait_for("worker for queue 0 (pid")
+    assert "FORGET" in line
+    # One lookup left: the inode is still known ...
+    assert r.client.getattr(node).attr.size == 1
+    r.client.forget(node, 1)
+    r.settled()
+    # ... and the second FORGET dropped it.
+    with pytest.raises(FuseError) as e:
+        r.client.getattr(node)
+    assert e.value.errno == errno.EBADF
+    assert r.table_fds() == base
+
+
+@pytest.mark.parametrize("crash", ["MKDIR:executing@1-2", "MKDIR:executed,MKDIR:replied"])
+def test_killed_twice_on_the_same_request(rig, crash: str) -> None:
+    # The successor dies too while replaying it (before the call, or after answering from the
+    # state the first run left); the third worker completes it.
+    r = rig(crash)
+    base = r.table_fds()
+    entry = r.client.mkdir(ROOT, "d")
+    assert (r.share / "d").is_dir() and entry.attr.ino == (r.share / "d").stat().st_ino
+    r.client.forget(entry.nodeid, 1)
+    r.settled()
+    assert r.table_fds() == base
+    assert r.daemon.text.count("test hook") == 2
+
+
+def test_requests_in_flight_on_a_dead_worker_complete_in_order(rig) -> None:
+    # Many requests queued while the worker dies on the first of them: all complete once.
+    r = rig("CREATE:executed@3")
+    vq = r.client.vq
+    tokens = []
+    for i in range(20):
+        body = fa.CREATE_IN.pack(os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644, 0, 0) \
+            + f"f{i:02}".encode() + b"\0"
+        tokens.append(r.client.submit(fa.Opcode.CREATE, ROOT, body, kick=False))
+    vq.kick(force=True)
+    for t in tokens:
+        reply = r.client.result(t)
+        assert reply.error == 0
+        entry = fa.EntryOut.unpack(reply.body)
+        opened = fa.OpenOut.unpack(reply.body, fa.ENTRY_OUT.size)
+        r.client.release(entry.nodeid, opened.fh)
+        r.client.forget(entry.nodeid, 1)
+    killed(r, "CREATE")
+    assert sorted(os.listdir(r.share)) == [f"f{i:02}" for i in range(20)]
