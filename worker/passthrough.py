@@ -248,6 +248,25 @@ class PassthroughFs(Filesystem):
     def _chmod_inode(self, fd: int, mode: int) -> None:
         os.chmod(str(fd), mode, dir_fd=self._proc)
 
+    def _chmod(self, ifd: int, hfd: int, mode: int) -> None:
+        def chmod() -> None:
+            if hfd >= 0:
+                os.fchmod(hfd, mode)
+            else:
+                self._chmod_inode(ifd, mode)
+        try:
+            chmod()
+        except PermissionError:
+            # Without HANDLE_KILLPRIV the guest drops the set-id bits of a file before a write
+            # or truncate by a non-owner with a SETATTR of that writer's own (fuse_setattr()),
+            # which only the owner could do.  Dropping set-id bits and nothing else never
+            # grants anything, so it is done as the daemon (virtiofsd does every chmod so).
+            old = stat.S_IMODE(os.fstat(ifd).st_mode)
+            setid = stat.S_ISUID | stat.S_ISGID
+            if mode == old or mode & ~old or (old ^ mode) & ~setid:
+                raise
+            self._as_daemon(chmod)
+
     @staticmethod
     def _kill_suidgid(fd: int) -> None:
         """Drop set-user-ID, and set-group-ID if group-executable, on the open file `fd` as a
@@ -350,10 +369,7 @@ class PassthroughFs(Filesystem):
             hfd = self._pin_handle(fh, nodeid) if fh is not None else -1
             try:
                 if valid & V.MODE:
-                    if hfd >= 0:
-                        os.fchmod(hfd, attr.mode & 0o7777)
-                    else:
-                        self._chmod_inode(ifd, attr.mode & 0o7777)
+                    self._chmod(ifd, hfd, attr.mode & 0o7777)
                 if valid & (V.UID | V.GID):
                     uid = attr.uid if valid & V.UID else 0xFFFFFFFF
                     gid = attr.gid if valid & V.GID else 0xFFFFFFFF
@@ -734,7 +750,10 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(nodeid) as ifd:
             mode = os.fstat(ifd).st_mode
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-                fd = self._reopen(ifd, os.O_RDONLY | os.O_NONBLOCK)
+                # Opened as the daemon: the xattr calls check the caller's permission
+                # themselves (xattr_permission()), and LISTXATTR needs none -- reading the
+                # file's data is not what is asked.
+                fd = self._as_daemon(self._reopen, ifd, os.O_RDONLY | os.O_NONBLOCK)
                 try:
                     return fn(fd)
                 finally:
