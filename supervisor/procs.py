@@ -419,14 +419,15 @@ class ProcessTable:
 
     def _fail(self, queue: int, why: str) -> None:
         self.policy.give_up(queue, why)
-        log.error("queue %d is failed: %s.  It is not served until the front-end restarts the"
-                  " ring (SET_VRING_KICK) or the device.", queue, why)
+        # The front-end hears of it through the ring's error notifier (SET_VRING_ERR).
         setup = self.rings.get(queue)
         if setup is not None and setup.err is not None:
             try:
                 os.eventfd_write(setup.err, 1)
             except OSError:
                 pass
+        log.error("queue %d is failed: %s.  It is not served until the front-end restarts the"
+                  " ring (SET_VRING_KICK) or the device.", queue, why)
 
     def last_request(self, queue: int) -> str:
         """What the journal says the worker of `queue` was doing, for the log."""

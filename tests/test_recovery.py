@@ -323,3 +323,38 @@ def test_requests_in_flight_on_a_dead_worker_complete_in_order(rig) -> None:
         r.client.forget(entry.nodeid, 1)
     killed(r, "CREATE")
     assert sorted(os.listdir(r.share)) == [f"f{i:02}" for i in range(20)]
+
+
+def test_worker_dying_at_boot_is_backed_off_then_its_queue_failed(rig) -> None:
+    # The first worker of queue 1 dies on a request; its successors all die while starting
+    # (boots 2 to 6); the seventh, after the front-end restarted the ring, lives.
+    r = rig("GETATTR:popped,q1:boot@2-6")
+    fe = r.fe
+    base = fe.get_vring_base(1)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        fe.set_vring_err(1, err)
+        fe.start_queue(1, base=base)
+        token = r.client.submit(fa.Opcode.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0))
+        line = r.daemon.wait_for("queue 1 is failed")
+        assert "died 5 times in a row while starting" in line, line
+        # Growing delays between the attempts, not a loop.
+        text = r.daemon.text
+        delays = [text.index(f"respawning it in {d} s") for d in ("0.1", "0.2", "0.4", "0.8")]
+        assert delays == sorted(delays)
+        assert text.count("respawning it") == 5
+        # The front-end was told through the ring's error notifier.
+        assert os.eventfd_read(err) >= 1
+    finally:
+        os.close(err)
+    assert "pyvfs-q1" not in children(r.daemon.proc.pid).values()
+    # Everything else still works: the control plane and the hiprio queue.
+    assert r.fe.get_features()
+    assert r.client.forget(ROOT, 0).used_len == 0
+    # With no worker, GET_VRING_BASE is answered from the journal: the GETATTR was taken.
+    assert fe.get_vring_base(1) == base + 1
+    # Restarting the ring tries again; the new worker completes the journaled GETATTR.
+    fe.start_queue(1, base=base + 1)
+    assert r.client.result(token).error == 0
+    r.settled()
+    assert "pyvfs-q1" in children(r.daemon.proc.pid).values()

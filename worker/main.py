@@ -75,6 +75,11 @@ class Worker:
         self.stopped_at = 0
         self.poll = select.poll()
         self.poll.register(channel.fileno(), select.POLLIN)
+        # The channel alone, checked between two requests of a batch so that a stop, a pause
+        # or a new memory table need not wait for the ring to run empty.
+        self.control_pending = select.poll()
+        self.control_pending.register(channel.fileno(), select.POLLIN)
+        self.busy = False
         self.running = True
 
     @classmethod
@@ -283,15 +288,33 @@ class Worker:
             os.eventfd_write(self.call, 1)
 
     def process(self) -> None:
-        """Serve every available chain, re-checking after re-enabling notifications."""
-        queue = self.queue
-        if queue is None or not self.enabled:
-            return
+        """Serve every available chain, re-checking after re-enabling notifications.
+
+        Control messages that arrive meanwhile are handled between two requests; one that
+        stops, disables or replaces the ring ends this batch (a replaced ring is then served).
+        """
+        if self.busy:
+            return               # called from a control message handled inside a batch
+        self.busy = True
+        try:
+            while self.running and self.queue is not None and self.enabled:
+                if self._batch(self.queue):
+                    break
+        finally:
+            self.busy = False
+
+    def _batch(self, queue: SplitQueue) -> bool:
+        """Serve `queue` until it is empty (True) or something else took over (False)."""
         j = self.journal
         hooks = self.hooks
+        pending = self.control_pending.poll
         try:
             while True:
                 while True:
+                    if pending(0):
+                        self.on_control()
+                        if self.queue is not queue or not self.enabled or not self.running:
+                            return False
                     pos = queue.next_avail
                     try:
                         chain = queue.pop()
@@ -312,7 +335,7 @@ class Worker:
                         hooks.at("popped")
                     self._complete(queue, chain.head, self._serve(chain))
                 if not queue.enable_notification():
-                    break
+                    return True
         except RingError as e:
             log.error("queue %d: ring is broken, stopped processing it: %s", self.index, e)
             # pop() left next_avail at the entry it refused.
@@ -322,6 +345,7 @@ class Worker:
             # device needs a reset (virtio spec 2.1.2, DEVICE_NEEDS_RESET).
             if self.err is not None:
                 os.eventfd_write(self.err, 1)
+            return True
 
     def _serve(self, chain) -> int:
         writer = Writer(chain.writable) if chain.writable else None
