@@ -10,13 +10,17 @@ what the daemons can do.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +85,13 @@ def unavailable() -> str:
 
 
 class GuestBench:
+    BOOT_ALLOWANCE = 150.0    # seconds from QEMU's start to the first job, under load
+
     def __init__(self, share: str, fio_runtime: float, fio_ramp: float,
-                 log=lambda _m: None) -> None:
+                 log=lambda _m: None, log_dir: Path | None = None) -> None:
         self.runner = _load_runner()
+        self.log_dir = log_dir
+        self.boots = 0
         self.share = Path(share)
         self.runtime = fio_runtime
         self.ramp = fio_ramp
@@ -117,6 +125,7 @@ class GuestBench:
             "}",
         ]
         for j in FIO_JOBS:
+            lines.append(f"echo '@@JOB {j.key}'")
             lines.append(
                 f"timeout -s KILL {limit} fio --name={j.key} --filename=/mnt/{FIO_FILE}"
                 f" --size={FIO_SIZE} --direct=1 --ioengine=libaio --rw={j.rw} --bs={j.bs}"
@@ -125,6 +134,7 @@ class GuestBench:
                 f" --output=/tmp/{j.key}.json || echo \"@@FAILED {j.key} $?\"")
             lines.append(f"check {j.key}")
             lines.append(f"cp /tmp/{j.key}.json /mnt/{OUT_DIR}/ 2>/dev/null || true")
+        lines.append("echo '@@JOB meta'")
         lines.append(f"timeout -s KILL {limit} metaloop /mnt/.bench-meta {META_FILES}"
                      " || echo \"@@FAILED meta $?\"")
         lines.append("check meta")
@@ -135,13 +145,43 @@ class GuestBench:
         out = self.share / OUT_DIR
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(self.share / ".bench-meta", ignore_errors=True)
-        budget = 90 + (len(FIO_JOBS) + 1) * (self.runtime + self.ramp + 10)
-        r = self.runner.run_guest(daemon.command(1), self.share, self.script(),
-                                  kernel=self.kernel, timeout=budget)
+        self.boots += 1
+        # A guest whose request was never answered cannot finish (exiting fio waits for its
+        # AIO): a watchdog ends QEMU when no job has started for a job's time plus slack.
+        job_allowance = self.runtime + self.ramp + 50
+        state = {"last": time.monotonic(), "allowance": self.BOOT_ALLOWANCE, "job": "boot",
+                 "stalled": ""}
+
+        def on_line(line) -> None:
+            if line.text.startswith("@@JOB "):
+                state.update(last=time.monotonic(), allowance=job_allowance,
+                             job=line.text.split()[1])
+
+        stop = threading.Event()
+
+        def watchdog() -> None:
+            while not stop.wait(1.0):
+                if time.monotonic() - state["last"] > state["allowance"]:
+                    state["stalled"] = (f"guest stalled in {state['job']}: nothing for "
+                                        f"{state['allowance']:.0f} s, QEMU killed")
+                    for pid in _children("qemu-system"):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    return
+
+        dog = threading.Thread(target=watchdog, daemon=True)
+        dog.start()
+        try:
+            r = self.runner.run_guest(daemon.command(1), self.share, self.script(),
+                                      kernel=self.kernel, on_line=on_line,
+                                      timeout=self.BOOT_ALLOWANCE + 8 * job_allowance)
+        finally:
+            stop.set()
+            dog.join()
         text = r.script_output
         broken = re.search(r"@@BROKEN (\S+) (.*)", text)
         why = ("guest virtio ring broke: " + broken.group(2).strip() if broken
-               else "timed out" if r.timed_out else "guest run failed")
+               else state["stalled"] or ("timed out" if r.timed_out else "guest run failed"))
         failed = dict(re.findall(r"@@FAILED (\S+) (\d+)", text))
         values: dict[str, float | str] = {}
         for j in FIO_JOBS:
@@ -160,4 +200,27 @@ class GuestBench:
         for i, key in enumerate(("meta-create", "meta-stat", "meta-unlink")):
             values[key] = float(m.group(i + 1)) if m else (
                 f"metaloop exited {failed['meta']}" if "meta" in failed else why)
+        if self.log_dir is not None and any(isinstance(v, str) for v in values.values()):
+            path = self.log_dir / f"guest-{daemon.key}-boot{self.boots}.log"
+            path.write_text(f"{why}\n--- console ---\n{r.console_text}\n--- QEMU stderr ---\n"
+                            f"{r.qemu_stderr}\n--- daemon output ---\n{r.daemon_output}\n")
+            values["log"] = str(path)
         return values
+
+
+def _children(comm_prefix: str) -> list[int]:
+    """This process's children whose command name starts with `comm_prefix`."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        comm = data[data.index("(") + 1 : data.rindex(")")]
+        if int(data[data.rindex(")") + 2 :].split()[1]) == me and comm.startswith(comm_prefix):
+            found.append(int(entry))
+    return found
+

@@ -177,21 +177,23 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         clean(share / SCRATCH_NAME)
                         try:
-                            value, glitches = measure(d, w, q, str(share), str(work),
-                                                      seconds, warmup)
+                            m = measure(d, w, q, str(share), str(work), seconds, warmup)
                         except Exception as e:   # one failure must not end the run
                             row.fail(d.key, str(e))
                             log(f"[{rep + 1}/{reps}] {row.key} {d.label}: FAILED "
                                 f"{str(e).splitlines()[0]}")
                             continue
-                        row.add(d.key, value, glitches)
+                        row.add(d.key, m["value"], int(m["glitches"]), m["cpu_us"])
                         log(f"[{rep + 1}/{reps}] {row.key:24} {d.label:15} "
-                            f"{report.fmt(value):>9} {w.unit}"
-                            + (f"  ({glitches} used.idx glitches)" if glitches else ""))
+                            f"{report.fmt(m['value']):>9} {w.unit:9} daemon CPU "
+                            f"{m['cpu_us']:6.1f} µs/request"
+                            + (f"  ({m['glitches']} used.idx glitches)"
+                               if m["glitches"] else ""))
             results.limits.append(measure_limits(out_dir / ".build", limit_s))
         log(f"front-end level done in {time.monotonic() - t_start:.0f} s")
         if run_guest:
-            run_guest_level(results, chosen, guest_jobs, tmp / "gshare", reps)
+            run_guest_level(results, chosen, guest_jobs, tmp / "gshare", reps,
+                            out_dir / f"bench-{stamp}-logs")
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
     finally:
@@ -220,7 +222,7 @@ def outputs(results: report.Results, base: Path, args: argparse.Namespace) -> No
 
 
 def run_guest_level(results: report.Results, chosen: list[Daemon], jobs, share: Path,
-                    reps: int) -> None:
+                    reps: int, log_dir: Path) -> None:
     from .guest import GuestBench, unavailable
 
     rows = [results.rows[f"guest/{j.key}"] for j in jobs]
@@ -231,7 +233,8 @@ def run_guest_level(results: report.Results, chosen: list[Daemon], jobs, share: 
         return
     t_start = time.monotonic()
     try:
-        gb = GuestBench(str(share), FIO_RUNTIME, FIO_RAMP, log)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        gb = GuestBench(str(share), FIO_RUNTIME, FIO_RAMP, log, log_dir)
     except Exception as e:
         for row in rows:
             for d in chosen:
@@ -258,7 +261,9 @@ def run_guest_level(results: report.Results, chosen: list[Daemon], jobs, share: 
                 else:
                     row.add(d.key, v, 0)
             shown = ", ".join(f"{k}={report.fmt(v) if not isinstance(v, str) else 'n/a'}"
-                              for k, v in values.items())
+                              for k, v in values.items() if k != "log")
+            if "log" in values:
+                shown += f"; console and daemon output in {values['log']}"
             log(f"[{rep + 1}/{reps}] guest {d.label} ({time.monotonic() - t0:.0f} s): {shown}")
     log(f"guest level done in {time.monotonic() - t_start:.0f} s")
 

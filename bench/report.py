@@ -41,13 +41,17 @@ class Row:
     limit: str               # "syscall" | "memcpy"
     queues: int
     values: dict[str, list[float]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)   # daemon CPU per request
     glitches: dict[str, int] = field(default_factory=dict)
     na_reasons: dict[str, str] = field(default_factory=dict)
     failures: dict[str, list[str]] = field(default_factory=dict)
 
-    def add(self, daemon: str, value: float, glitches: int) -> None:
+    def add(self, daemon: str, value: float, glitches: int = 0,
+            cpu_us: float | None = None) -> None:
         self.values.setdefault(daemon, []).append(value)
         self.glitches[daemon] = self.glitches.get(daemon, 0) + glitches
+        if cpu_us is not None:
+            self.cpu_us.setdefault(daemon, []).append(cpu_us)
 
     def na(self, daemon: str, why: str) -> None:
         self.na_reasons[daemon] = why
@@ -165,6 +169,25 @@ class Results:
                                  if py is not None and rs else "n/a")
                 lines.append("| " + " | ".join(cells) + " |")
             lines.append("")
+        cpu_rows = [r for r in self.rows.values() if r.cpu_us]
+        if cpu_rows:
+            lines += ["**Daemon CPU time per request** (µs, median; every process and thread "
+                      "of the daemon, FORGETs counted as requests)", ""]
+            head = ["Workload", "Queues", *labels]
+            if "py" in self.daemons and "rs" in self.daemons:
+                head.append("pyvirtiofsd / Rust")
+            lines.append("| " + " | ".join(head) + " |")
+            lines.append("|" + "|".join("---" for _ in head) + "|")
+            for r in cpu_rows:
+                med = {d: statistics.median(r.cpu_us[d]) if r.cpu_us.get(d) else None
+                       for d in self.daemons}
+                cells = [r.title, str(r.queues),
+                         *(fmt(m) if m is not None else "n/a" for m in med.values())]
+                if len(head) > len(cells):
+                    py, rs = med.get("py"), med.get("rs")
+                    cells.append(f"{py / rs:.1f}" if py is not None and rs else "n/a")
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
         notes = self.notes()
         if any(self.rust_reference(r)[1] for r in self.rows.values()):
             notes.insert(0, "\\* against the Rust virtiofsd's 1-queue figure: it serves one "
@@ -185,13 +208,23 @@ class Results:
                 f"limit (MB/s of memcpy, anything per second of bare syscalls).")
 
     def notes(self) -> list[str]:
+        """Failed runs of figures that still have a median, grouped by daemon and reason."""
         out = []
+        groups: dict[tuple[str, str], list[tuple[str, int, int]]] = {}
         for r in self.rows.values():
             for d, fails in r.failures.items():
-                if r.values.get(d):
-                    out.append(f"{r.title} (q{r.queues}), {self.daemons[d]}: {len(fails)} of "
-                               f"{len(fails) + len(r.values[d])} runs failed: "
-                               f"{_short(fails[0].splitlines()[0], 160)}")
+                if not r.values.get(d):
+                    continue        # the cell itself says n/a and why
+                total = len(fails) + len(r.values[d])
+                for reason in dict.fromkeys(f.splitlines()[0] for f in fails):
+                    n = sum(1 for f in fails if f.splitlines()[0] == reason)
+                    groups.setdefault((d, reason), []).append((r.title, n, total))
+        for (d, reason), items in groups.items():
+            n, total = max(i[1] for i in items), max(i[2] for i in items)
+            titles = "; ".join(i[0] for i in items)
+            out.append(f"{self.daemons[d]}: {n} of {total} runs gave no figure "
+                       f"({_short(reason, 120)}) for: {titles}.  The median is of the others.")
+        for r in self.rows.values():
             for d, g in r.glitches.items():
                 if g:
                     out.append(f"{r.title} (q{r.queues}), {self.daemons[d]}: the driver saw "
@@ -287,6 +320,8 @@ def machine_info(daemons) -> dict:
         "os": os_name,
         "python": platform.python_version(),
         "qemu": _version(["qemu-system-x86_64", "--version"]),
+        # Other work on the machine skews every figure: say how busy it was.
+        "loadavg_at_start": round(os.getloadavg()[0], 2),
     }
     for d in daemons:
         if d.key == "py":
@@ -319,7 +354,9 @@ def update_doc(path: Path, results: Results) -> None:
         + (f", fio {cfg['fio_runtime']:g} s per job" if cfg["guest"] else "") + ").",
         "",
         f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, {m['os']}, "
-        f"Linux {m['kernel']}, Python {m['python']}, {m['qemu']}.  Daemons: {daemons}.",
+        f"Linux {m['kernel']}, Python {m['python']}, {m['qemu']}.  Daemons: {daemons}.  "
+        f"Load average when the run started: {m.get('loadavg_at_start', '?')} "
+        f"(anything above 0 was other work sharing the two cores).",
         "",
         results.table().rstrip(),
         DOC_END,

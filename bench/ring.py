@@ -245,6 +245,7 @@ class Engine:
 
     def __init__(self, fe: Frontend, rings: Sequence[Ring], timeout: float = 10.0) -> None:
         self.fe = fe
+        self.requests = 0     # every request completed by the last run(), FORGETs included
         self.rings = list(rings)
         self.timeout = timeout
         self._poll = select.poll()
@@ -284,6 +285,7 @@ class Engine:
         deadline or when every lane has ended; requests still in flight then are drained.
         """
         stats = [0]
+        self.requests = 0
         count = units or (lambda: stats[0])
         owner: dict[int, Lane] = {}
         start = time.monotonic()
@@ -304,6 +306,7 @@ class Engine:
             touched = set()
             for slot in done:
                 lane = owner.pop(id(slot), None)
+                self.requests += 1
                 if lane is None:            # a posted (fire-and-forget) request
                     slot.ring.free.append(slot)
                     continue
@@ -332,6 +335,7 @@ class Engine:
                 self._wait(done)
                 for slot in done:
                     slot.ring.free.append(slot)
+                self.requests += len(done)
                 done.clear()
         assert result is not None
         return result

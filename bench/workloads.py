@@ -279,9 +279,29 @@ FRONTEND = [
 ]
 
 
+def group_cpu_ns(pgid: int) -> int:
+    """CPU time of every thread in process group `pgid` (/proc/PID/task/TID/schedstat)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                data = f.read()
+            if int(data[data.rindex(")") + 2 :].split()[2]) != pgid:
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue      # exited meanwhile
+    return total
+
+
 def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str,
-            seconds: float, warmup: float) -> tuple[float, int]:
-    """One fresh daemon, one workload: (the figure in wl.unit, used.idx glitches seen)."""
+            seconds: float, warmup: float) -> dict[str, float]:
+    """One fresh daemon, one workload: {value (in wl.unit), glitches (impossible used.idx
+    values seen), cpu_us (the daemon's CPU time per request, all its processes/threads)}."""
     run = Running(daemon, shared, workdir, queues)
     fe = None
     try:
@@ -294,8 +314,13 @@ def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str
         ctx = Ctx(fe, client, queues, wl.depth)
         lanes, units = wl.build(ctx)
         rings = ctx.rings() + ([ctx._hiprio] if ctx._hiprio else [])
-        done, elapsed = Engine(fe, rings).run(lanes, seconds, warmup, units)
-        return done / elapsed * wl.scale, sum(r.glitches for r in rings)
+        engine = Engine(fe, rings)
+        cpu0 = group_cpu_ns(run.proc.pid)
+        done, elapsed = engine.run(lanes, seconds, warmup, units)
+        cpu = group_cpu_ns(run.proc.pid) - cpu0
+        return {"value": done / elapsed * wl.scale,
+                "glitches": sum(r.glitches for r in rings),
+                "cpu_us": cpu / 1000 / max(1, engine.requests)}
     except Exception as e:
         tail = run.log_tail(600).strip()
         raise RuntimeError(f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")) from e
