@@ -2,6 +2,8 @@
 
 Python gives no memory-ordering guarantees on plain mmap reads and writes, has no atomic
 compare-and-swap on shared memory, and no setfsuid(); these few functions supply exactly that.
+The SIGSYS reporter must run without the interpreter (it fires inside a denied system call), and
+openat2 has no Python wrapper.
 """
 
 from cffi import FFI
@@ -15,6 +17,9 @@ void vfs_unlock(uint32_t *word);
 int vfs_setfsuid(uint32_t uid);
 int vfs_setfsgid(uint32_t gid);
 long vfs_raw_clone(unsigned long flags);
+struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
+int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who);
+int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
 """
 
 SOURCE = r"""
@@ -23,9 +28,11 @@ SOURCE = r"""
 #include <linux/futex.h>
 #include <signal.h>
 #include <stdint.h>
+#include <string.h>
 #include <sys/fsuid.h>
 #include <sys/syscall.h>
 #include <time.h>
+#include <ucontext.h>
 #include <unistd.h>
 
 /* Full barrier: orders the used-ring index store before the used_event / avail.idx loads
@@ -85,6 +92,94 @@ int vfs_setfsgid(uint32_t gid) { return setfsgid(gid); }
  * PyOS_BeforeFork/PyOS_AfterFork_* exactly as os.fork() does. */
 long vfs_raw_clone(unsigned long flags) {
     return syscall(SYS_clone, flags, 0, 0, 0, 0);
+}
+
+/* The seccomp "kill" action, with a report.  The filter traps (SECCOMP_RET_TRAP) and this handler
+ * records which system call was refused -- in a slot of a shared page the supervisor reads once
+ * the process is dead, and as one line on `fd` -- then makes the same call again.  SIGSYS is
+ * blocked while its handler runs, so the kernel cannot deliver the second trap and kills the
+ * whole process with SIGSYS instead (force_sig_seccomp), exactly as SECCOMP_RET_KILL_PROCESS
+ * would; the refused call never runs.  Only async-signal-safe code: no stdio, no allocation. */
+struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
+static struct vfs_sigsys_slot *sigsys_slot;
+static uint32_t sigsys_pid;
+static int sigsys_fd = -1;
+static char sigsys_line[96];
+static size_t sigsys_prefix;
+static int sigsys_installed;
+
+static void vfs_on_sigsys(int sig, siginfo_t *info, void *context) {
+    ucontext_t *uc = context;
+    long a[6] = {0, 0, 0, 0, 0, 0};
+#if defined(__x86_64__)
+    greg_t *r = uc->uc_mcontext.gregs;
+    a[0] = r[REG_RDI]; a[1] = r[REG_RSI]; a[2] = r[REG_RDX];
+    a[3] = r[REG_R10]; a[4] = r[REG_R8]; a[5] = r[REG_R9];
+#elif defined(__aarch64__)
+    for (int i = 0; i < 6; i++)
+        a[i] = (long)uc->uc_mcontext.regs[i];
+#endif
+    int nr = info->si_syscall;
+    if (sigsys_slot) {
+        sigsys_slot->nr = nr;
+        sigsys_slot->arch = info->si_arch;
+        __atomic_fetch_add(&sigsys_slot->count, 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&sigsys_slot->pid, sigsys_pid, __ATOMIC_RELEASE);
+    }
+    if (sigsys_fd >= 0) {
+        char digits[12];
+        size_t n = 0, len = sigsys_prefix;
+        unsigned v = nr < 0 ? 0 : (unsigned)nr;
+        do { digits[n++] = (char)('0' + v % 10); v /= 10; } while (v && n < sizeof digits);
+        while (n && len < sizeof sigsys_line - 1)
+            sigsys_line[len++] = digits[--n];
+        sigsys_line[len++] = '\n';
+        ssize_t ignored = write(sigsys_fd, sigsys_line, len);
+        (void)ignored;
+    }
+    syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
+    /* Only reached if the call was allowed after all (no filter): do not carry on as if it ran. */
+    signal(SIGSYS, SIG_DFL);
+    raise(SIGSYS);
+    _exit(128 + SIGSYS);
+}
+
+int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who) {
+    struct sigaction sa;
+    size_t n = strlen(who);
+    static const char what[] = ": seccomp refused system call ";
+    if (n + sizeof what + 12 > sizeof sigsys_line) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(sigsys_line, who, n);
+    memcpy(sigsys_line + n, what, sizeof what - 1);
+    sigsys_prefix = n + sizeof what - 1;
+    sigsys_slot = slot;
+    sigsys_pid = pid;
+    sigsys_fd = fd;
+    /* A child inherits the handler: it only retargets the report, with no system call (its
+     * parent's filter may already refuse rt_sigaction on SIGSYS). */
+    if (sigsys_installed)
+        return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = vfs_on_sigsys;
+    sa.sa_flags = SA_SIGINFO;
+    sigfillset(&sa.sa_mask);
+    if (sigaction(SIGSYS, &sa, NULL) != 0)
+        return -1;
+    sigsys_installed = 1;
+    return 0;
+}
+
+/* openat2(2) (Linux 5.6): struct open_how is {flags, mode, resolve}, all u64.  The number is
+ * the same on every architecture (asm-generic numbering from 5.x on). */
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
+    uint64_t how[3] = {flags, mode, resolve};
+    return (int)syscall(SYS_openat2, dirfd, path, how, sizeof how);
 }
 """
 
