@@ -1,9 +1,11 @@
 """pyvirtiofsd's entry point: configuration, set-up, and the supervisor's event loop.
 
-Order: parse and check the configuration (exit 2 on any error, before anything starts), lock
-the pid file, open the shared directory and the listening socket, create the shared-state
-arena, start the spawner and one worker per virtqueue, then serve the vhost-user connection.
-Signal handlers only record the signal; the loop acts on it (gunicorn's arbiter habit).
+Order: parse and check the configuration and the seccomp policies (exit 2 on any error, before
+anything starts), lock the pid file, create the shared-state arena, open the listening socket,
+enter the sandbox (supervisor/sandbox.py), open the shared directory from inside it, start the
+spawner and one worker per virtqueue, drop the supervisor's own privileges, then serve the
+vhost-user connection.  Signal handlers only record the signal; the loop acts on it (gunicorn's
+arbiter habit).
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import prctl
 from pyvirtiofsd import __version__
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Journal
+from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
 from pyvirtiofsd.supervisor.pidfile import PidFile
-from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, ProcessTable
+from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
+from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
+from pyvirtiofsd.supervisor.sandbox import check as check_sandbox
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -36,6 +41,8 @@ from pyvirtiofsd.worker.passthrough import PassthroughFs
 log = logging.getLogger("pyvirtiofsd")
 
 MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
+# Options Config.unimplemented() still lists that the sandbox implements.
+IMPLEMENTED_HERE = ("--modcaps", "--uid-map", "--gid-map")
 
 
 class Shutdown(Exception):
@@ -124,15 +131,19 @@ class Supervisor:
         self.arena = Arena.create(max_queues=max(64, self.num_queues))
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
+        self.sandbox = Sandbox(config, max(64, self.num_queues))
         # Inflight journals, one per queue: a respawned worker completes what its predecessor
         # left in flight (common/journal.py).
         self.journal = Journal.create(self.num_queues, config.queue_size)
-        self.procs = ProcessTable(self.num_queues, self.worker_entry, journal=self.journal)
+        self.procs = ProcessTable(self.num_queues, self.worker_entry,
+                                  confine_spawner=self.sandbox.confine_spawner,
+                                  report=self.sandbox.report, journal=self.journal)
         self.root_fd = -1
 
     # -- set-up ----------------------------------------------------------------------------
     def open_share(self) -> None:
-        self.root_fd = os.open(self.config.shared_dir, os.O_PATH | os.O_DIRECTORY)
+        """The share's root as seen from inside the sandbox ("/" once pivoted or chrooted)."""
+        self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
 
@@ -145,17 +156,31 @@ class Supervisor:
             signal.signal(sig, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         try:
-            proc_fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+            # Through the sandbox's procfs: there is no /proc at the root of a sandbox.
+            proc_fd = os.open("self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC,
+                              dir_fd=self.sandbox.proc_fd)
         except OSError as e:
             log.error("worker for queue %d cannot open /proc/self/fd: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
         options = fs_options(self.config)
-        Worker.build(queue, channel, self.arena, self.session, self.journal,
-                     lambda tables: PassthroughFs(tables, proc_fd, options),
-                     owned_fds=(proc_fd,)).run()
+        worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
+                              lambda tables: PassthroughFs(tables, proc_fd, options),
+                              owned_fds=(proc_fd,))
+        try:
+            self.sandbox.confine_worker(queue)
+        except OSError as e:
+            log.error("worker for queue %d cannot confine itself: %s", queue, e)
+            os._exit(EXIT_SETUP_FAILED)
+        worker.run()
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
+
+    def catch_signals(self) -> None:
+        # As early as possible: as pid 1 of its namespace, the supervisor never sees a signal
+        # it has no handler for.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, listener: socket.socket) -> int:
@@ -163,15 +188,18 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self.on_signal)
-        keep = {self.root_fd, *logsetup.fds()}
+        self.catch_signals()
+        keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
         self.procs.start(keep)
-        os.close(self.root_fd)        # the spawner's fd table holds it now
+        os.close(self.root_fd)        # the spawner's fd table holds them now
+        os.close(self.sandbox.proc_fd)
+        self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():
-            log.warning("%s is accepted but not implemented yet; it has no effect", warning)
+            if not warning.startswith(IMPLEMENTED_HERE):
+                log.warning("%s is accepted but not implemented yet; it has no effect", warning)
         log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
                  self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
+        status = 0
         try:
             conn = self.accept(listener, wake_r)
             if not self.config.reconnect:
@@ -184,18 +212,23 @@ class Supervisor:
                 self.serve(self.accept(listener, wake_r), wake_r)
         except Shutdown:
             log.info("terminating on signal")
+        except FatalDeath as e:
+            log.error("stopping: %s", e)
+            status = 1
         finally:
             counts = self.arena.counters.snapshot()[: self.num_queues]
             log.info("requests served per queue: %s",
                      ", ".join(f"q{q}={n}" for q, n in enumerate(counts)))
             self.procs.shutdown()
-        return 0
+        return status
 
     def wait(self, sock: socket.socket, wake: socket.socket) -> bool:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
-            ready, _, _ = select.select([sock, wake, *pidfds], [], [], self.procs.next_respawn())
+            # Signals caught before the wake-up fd existed have no byte waiting on it.
+            ready = [wake] if self.signals else select.select(
+                [sock, wake, *pidfds], [], [], self.procs.next_respawn())[0]
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -256,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.socket_path is not None:
             pidfile.acquire(config.socket_path)
         check_startup(config)
+        check_sandbox(config)
     except ConfigError as e:
         pidfile.release()
         error_exit(str(e))
@@ -265,13 +299,32 @@ def main(argv: list[str] | None = None) -> int:
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
     try:
-        sup.open_share()
+        sup.sandbox.compile_policies()
+    except PolicyError as e:
+        pidfile.release()
+        error_exit(f"seccomp policy: {e}")
+    try:
         listener = open_listener(config)
     except OSError as e:
         pidfile.release()
         error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'socket'})")
     log.debug("pyvirtiofsd %s starting", __version__)
+    # Only the process that created the socket and pid file removes them: inside the sandbox
+    # those paths would name files of the share.
+    starter = os.getpid()
     try:
+        try:
+            child = sup.sandbox.enter()
+        except SandboxError as e:
+            log.error("cannot set up the %s sandbox: %s", config.sandbox, e)
+            return 1
+        if child:
+            listener.close()
+            return sup.sandbox.wait(child)
+        sup.catch_signals()
+        if os.getpid() != starter:
+            pidfile.release()        # only closes this process's copy; the lock stays
+        sup.open_share()
         return sup.run(listener)
     except OSError as e:
         if e.errno == errno.EPIPE:
@@ -279,12 +332,13 @@ def main(argv: list[str] | None = None) -> int:
         log.error("fatal: %s", e)
         return 1
     finally:
-        if config.socket_path is not None:
-            try:
-                os.unlink(config.socket_path)
-            except OSError:
-                pass
-        pidfile.release()
+        if os.getpid() == starter:
+            if config.socket_path is not None:
+                try:
+                    os.unlink(config.socket_path)
+                except OSError:
+                    pass
+            pidfile.release()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ every worker, so it reaps them and learns their exit status directly.
 
 Each worker request is a numbered message answered by one ACK/STOPPED/FAILED (common/control).
 A worker that does not answer in time, or answers out of protocol, is killed and respawned.
+One that its seccomp policy killed (SIGSYS) is not: the request it was serving would be served
+again and refused again, so the daemon stops, naming the system call (virtiofsd exits too).
 
 Deaths are seen at once through each worker's pidfd.  The supervisor logs the signal or exit
 status and the request the worker was serving (from its inflight journal, common/journal.py),
@@ -36,6 +38,7 @@ from pyvirtiofsd.common import control, native
 from pyvirtiofsd.common.control import Message, MsgType, RingFlag, RingGeometry
 from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.journal import Journal, SlotState
+from pyvirtiofsd.common.seccomp import SigsysReport
 from pyvirtiofsd.common.vhost_user import MemoryRegion
 from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 
@@ -46,6 +49,12 @@ ANSWER_TIMEOUT = 10.0
 EXIT_SETUP_FAILED = 78
 
 WorkerEntry = Callable[[int, socket.socket], None]
+# pidfds() maps the spawner's pidfd to this instead of a queue number.
+SPAWNER = -1
+
+
+class FatalDeath(Exception):
+    """A child died in a way respawning cannot repair; the daemon must stop."""
 
 
 class WorkerGone(OSError):
@@ -82,12 +91,19 @@ class RingSetup:
     delivered: bool = False
 
 
-def _spawner_main(channel: socket.socket, entry: WorkerEntry) -> None:
+def _spawner_main(channel: socket.socket, entry: WorkerEntry,
+                  confine: Callable[[], None] | None) -> None:
     """Runs in the spawner: clone a worker for each SPAWN request, until EOF or SHUTDOWN."""
     prctl.set_name("pyvfs-spawner")
     prctl.set_pdeathsig(signal.SIGKILL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if confine is not None:
+        try:
+            confine()
+        except Exception:
+            log.exception("spawner: cannot confine itself")
+            os._exit(EXIT_SETUP_FAILED)
     worker_channels: dict[int, int] = {}
     while True:
         try:
@@ -122,7 +138,12 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry) -> None:
 class ProcessTable:
     num_queues: int
     entry: WorkerEntry
+    # Run in the spawner once its fds are closed: capabilities, no_new_privs, seccomp.
+    confine_spawner: Callable[[], None] | None = None
+    # Where a child killed by its seccomp filter left the system call's number.
+    report: SigsysReport | None = None
     spawner_pid: int = 0
+    spawner_pidfd: int = -1
     spawner: socket.socket | None = None
     workers: dict[int, WorkerHandle] = field(default_factory=dict)
     memory: tuple[list[MemoryRegion], list[int]] | None = None
@@ -139,11 +160,12 @@ class ProcessTable:
             ours.close()
             _close_all_but(keep_fds | {theirs.fileno(), 0, 1, 2})
             try:
-                _spawner_main(theirs, self.entry)
+                _spawner_main(theirs, self.entry, self.confine_spawner)
             finally:
                 os._exit(1)
         theirs.close()
         self.spawner_pid, self.spawner = pid, ours
+        self.spawner_pidfd = os.pidfd_open(pid)
         for q in range(self.num_queues):
             try:
                 self.spawn(q)
@@ -221,6 +243,10 @@ class ProcessTable:
             handle.close()
         if self.spawner_pid:
             _reap(self.spawner_pid)
+            self.spawner_pid = 0
+        if self.spawner_pidfd >= 0:
+            os.close(self.spawner_pidfd)
+            self.spawner_pidfd = -1
         self.workers.clear()
         if self.spawner is not None:
             self.spawner.close()
@@ -360,15 +386,30 @@ class ProcessTable:
 
     # -- deaths --------------------------------------------------------------------------------
     def pidfds(self) -> dict[int, int]:
-        return {h.pidfd: q for q, h in self.workers.items()}
+        fds = {h.pidfd: q for q, h in self.workers.items()}
+        if self.spawner_pidfd >= 0:
+            fds[self.spawner_pidfd] = SPAWNER
+        return fds
 
     def worker_exited(self, queue: int) -> None:
         """Reap a dead worker, say why and what it was doing, and plan its successor."""
+        if queue == SPAWNER:
+            # It holds the fd table every worker shares: nothing can be respawned without it.
+            status = _reap(self.spawner_pid)
+            os.close(self.spawner_pidfd)
+            self.spawner_pidfd = -1
+            raise FatalDeath(f"the spawner (pid {self.spawner_pid}) "
+                             + _describe(status, self.report, SigsysReport.SPAWNER,
+                                         self.spawner_pid))
         handle = self.workers.pop(queue)
         status = _reap(handle.pid)
         handle.close()
-        why = _describe(status)
+        why = _describe(status, self.report, SigsysReport.worker_slot(queue), handle.pid)
         doing = self.last_request(queue)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
+            raise FatalDeath(f"worker for queue {queue} (pid {handle.pid}) {why} ({doing}); a"
+                             " respawned worker would be refused the same call (run with"
+                             " --seccomp=log to find what the policy lacks)")
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED:
             log.error("worker for queue %d (pid %d) failed to set up (%s); not respawning",
                       queue, handle.pid, why)
@@ -465,20 +506,23 @@ def _reap(pid: int) -> int:
         return 0
 
 
-def _describe(status: int) -> str:
+def _describe(status: int, report: SigsysReport | None = None, slot: int = 0,
+              pid: int = 0) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        return f"was killed by {signal.Signals(sig).name}" if sig in signal.valid_signals() \
-            else f"was killed by signal {sig}"
+        why = report.describe(slot, pid) if report is not None and sig == signal.SIGSYS else ""
+        name = signal.Signals(sig).name if sig in signal.valid_signals() else f"signal {sig}"
+        return f"was killed by {name}{why}"
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
 def _close_all_but(keep: set[int]) -> None:
-    """Close every fd not in `keep` (crosvm jail style: a child declares what it keeps)."""
-    fds = sorted(int(n) for n in os.listdir("/proc/self/fd"))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every fd not in `keep` (crosvm jail style: a child declares what it keeps).
+
+    close_range(2) over the gaps: no /proc needed (the sandbox has none at its root)."""
+    low = 0
+    for fd in sorted(fd for fd in keep if fd >= 0):
+        if fd > low:
+            os.closerange(low, fd)
+        low = max(low, fd + 1)
+    os.closerange(low, 0x7FFFFFFF)
