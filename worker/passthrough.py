@@ -8,7 +8,14 @@ closed under a request in flight on another queue.
 Staying inside the share:
 * names are single path components opened relative to the parent's fd with O_NOFOLLOW, never
   '.', '..', empty, or containing '/' (LOOKUP of '.' returns the parent itself, LOOKUP of '..'
-  only works at the root, which is its own parent); symlinks are never followed;
+  only works at the root, which is its own parent); symlinks are never followed; where the
+  kernel has openat2 (5.6) the open also says so to the kernel: RESOLVE_BENEATH |
+  RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, so nothing can resolve above the parent even if
+  a check here were wrong;
+* a name is only resolved or created in a directory that is still beneath the share's root:
+  one the host moved out of the share (while the guest holds it) answers ENOENT to LOOKUP,
+  CREATE, MKDIR & co. and to READDIR.  The kernel's name for the directory (its /proc/self/fd
+  link) must lead from the root, without symlinks, back to that same directory;
 * a file is opened for I/O by re-opening its O_PATH fd through the /proc/self/fd directory the
   worker holds -- the magic link names the inode itself, so no path is resolved again;
 * only regular files and directories are ever opened for I/O: opening a device node or FIFO
@@ -153,9 +160,12 @@ class PassthroughFs(Filesystem):
         self._fsuid = os.geteuid()
         self._fsgid = os.getegid()
         self._groups: tuple[int, ...] | None = None
+        self._set_groups = True
         self._statx_buf = ctypes.create_string_buffer(_STATX_SIZE)
         self._dirbuf = ctypes.create_string_buffer(0)
         self._cwd = -1
+        self._root_path: bytes | None = None
+        self._root_fd = -1
         os.umask(0)
 
     # -- helpers ---------------------------------------------------------------------------
@@ -176,8 +186,14 @@ class PassthroughFs(Filesystem):
                 raise OSError(errno.EPERM, f"cannot act as uid {uid}")
             self._fsuid = uid
         groups = ctx.groups
-        if groups != self._groups:
-            os.setgroups(groups)
+        if groups != self._groups and self._set_groups:
+            try:
+                os.setgroups(groups)
+            except PermissionError:
+                # A user namespace with setgroups denied (user_namespaces(7)), which an
+                # unprivileged daemon maps its single id in: no group can be given there.
+                self._set_groups = False
+                return
             self._groups = groups
 
     def restore_credentials(self) -> None:
@@ -219,8 +235,42 @@ class PassthroughFs(Filesystem):
         return Entry(nodeid, 0, st, self._timeout, self._timeout, int(attr_flags))
 
     def _lookup_at(self, parent_fd: int, name: bytes) -> Entry:
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        fd = _open_beneath(parent_fd, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         return self._register(fd, parent_fd)
+
+    def _check_beneath(self, dir_fd: int) -> None:
+        """ENOENT unless the directory `dir_fd` is still beneath the share's root: its path as
+        the kernel names it (/proc/self/fd/N) must lead, from the root and with no symlink, to
+        this very directory.  Done as the daemon: only reachability is asked here."""
+        if self._root_path is None:
+            with self._inodes.pinned(self._inodes.ROOT) as rfd:
+                # The root is never forgotten, so its fd stays valid for the worker's lifetime.
+                self._root_fd = rfd
+                self._root_path = os.readlink(b"%d" % rfd, dir_fd=self._proc)
+        self._as_daemon(self._reachable, dir_fd)
+
+    def _reachable(self, dir_fd: int) -> None:
+        have = os.fstat(dir_fd)
+        if not stat.S_ISDIR(have.st_mode):
+            raise _err(errno.ENOTDIR)     # what resolving a name in it would say
+        path = os.readlink(b"%d" % dir_fd, dir_fd=self._proc)
+        root = self._root_path
+        if root != b"/":
+            # Without a sandbox the kernel names paths from the host's root.
+            if path != root and not path.startswith(root + b"/"):
+                raise _err(errno.ENOENT)
+            path = path[len(root):]
+        try:
+            fd = _open_beneath(self._root_fd, path.lstrip(b"/") or b".",
+                               os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise _err(errno.ENOENT) from None
+        try:
+            found = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if (found.st_dev, found.st_ino) != (have.st_dev, have.st_ino):
+            raise _err(errno.ENOENT)
 
     def _reopen(self, fd: int, flags: int) -> int:
         """An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link."""
@@ -347,6 +397,7 @@ class PassthroughFs(Filesystem):
                 return self._register(os.dup(pfd), pfd)
         _check_name(name)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             return self._lookup_at(pfd, name)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
@@ -432,6 +483,7 @@ class PassthroughFs(Filesystem):
             raise _err(errno.ENOENT)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             os.symlink(target, name, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
@@ -440,6 +492,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             os.mknod(name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
@@ -448,6 +501,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             os.mkdir(name, mode & 0o7777, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
@@ -456,6 +510,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             os.unlink(name, dir_fd=pfd)
 
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -463,6 +518,7 @@ class PassthroughFs(Filesystem):
         _check_name(name)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             os.rmdir(name, dir_fd=pfd)
 
     def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes,
@@ -474,6 +530,8 @@ class PassthroughFs(Filesystem):
             raise _err(errno.EINVAL)
         self._as_caller(ctx)
         with self._inodes.pinned(olddir) as ofd, self._inodes.pinned(newdir) as nfd:
+            self._check_beneath(ofd)
+            self._check_beneath(nfd)
             if flags:
                 _check(_renameat2(ofd, oldname, nfd, newname, flags))
             else:
@@ -484,6 +542,7 @@ class PassthroughFs(Filesystem):
         _check_name(newname)
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as ifd, self._inodes.pinned(newparent) as pfd:
+            self._check_beneath(pfd)
             # linkat(AT_SYMLINK_FOLLOW) on the magic link links the inode itself; AT_EMPTY_PATH
             # would need CAP_DAC_READ_SEARCH.
             os.link(str(ifd), newname, src_dir_fd=self._proc, dst_dir_fd=pfd,
@@ -522,8 +581,9 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         oflags = self._open_flags(flags) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         with self._inodes.pinned(parent) as pfd:
+            self._check_beneath(pfd)
             try:
-                fd = os.open(name, oflags | os.O_CLOEXEC, mode & 0o7777, dir_fd=pfd)
+                fd = _open_beneath(pfd, name, oflags | os.O_CLOEXEC, mode & 0o7777)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
@@ -662,6 +722,7 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as ifd:
             self._check_openable(ifd, True)
+            self._check_beneath(ifd)
             fd = self._reopen(ifd, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 fh = self._handles.insert(fd, nodeid, os.O_RDONLY | os.O_DIRECTORY)
@@ -683,6 +744,7 @@ class PassthroughFs(Filesystem):
         buf = self._dirbuf
         fd = self._pin_handle(fh, nodeid)
         try:
+            self._check_beneath(fd)
             # The position is the open file description's, shared by every queue; the guest
             # serialises getdents on one open directory (f_pos lock), so no two READDIRs of
             # one fh race here.
@@ -787,6 +849,39 @@ class PassthroughFs(Filesystem):
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
         self._xattr_call(nodeid, lambda t: os.removexattr(t, name), True)
+
+
+# openat2(2) resolve flags (linux/openat2.h).
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+_RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+_openat2 = native.lib.vfs_openat2
+_openat2_ok: bool | None = None
+
+
+def _have_openat2() -> bool:
+    """Asked once: a kernel without openat2 (before 5.6) says ENOSYS, or EPERM behind some
+    container runtimes' filters; one with it refuses the empty path otherwise."""
+    global _openat2_ok
+    if _openat2_ok is None:
+        _openat2(-1, b"", 0, 0, 0)
+        _openat2_ok = native.ffi.errno not in (errno.ENOSYS, errno.EPERM)
+    return _openat2_ok
+
+
+def _open_beneath(dir_fd: int, name: bytes, flags: int, mode: int = 0) -> int:
+    """openat(dir_fd, name, flags | O_NOFOLLOW) that the kernel itself keeps beneath `dir_fd`
+    (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS) where it can; an
+    O_PATH|O_NOFOLLOW open of a symlink still yields the link itself (openat2(2))."""
+    flags |= os.O_NOFOLLOW
+    if not _have_openat2():
+        return os.open(name, flags, mode, dir_fd=dir_fd)
+    fd = _openat2(dir_fd, name, flags, mode, _RESOLVE)
+    if fd < 0:
+        err = native.ffi.errno
+        raise OSError(err, os.strerror(err), name)
+    return fd
 
 
 def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
