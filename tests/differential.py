@@ -203,6 +203,7 @@ class DaemonPair:
             shares.append(share)
         py_share, rs_share = shares
         extra = list(extra)
+        self.readonly = "--readonly" in extra
         # DIFF_DAEMON_ARGS: more options for pyvirtiofsd only (e.g. --seccomp=log to debug).
         own = os.environ.get("DIFF_DAEMON_ARGS", "").split()
 
@@ -301,6 +302,27 @@ def _op_name(opcode: int) -> str:
         return fa.Opcode(opcode).name
     except ValueError:
         return str(opcode)
+
+
+def seed_tree(root: Path) -> None:
+    """The same small tree in any directory (for shares the daemons may not change)."""
+    root.mkdir()
+    os.chmod(root, 0o777)
+    (root / "d").mkdir()
+    (root / "b").mkdir(mode=0o700)
+    os.chmod(root / "b", 0o700)
+    with open(root / "a", "wb") as f:
+        f.write(b"seeded" * 1000)
+        f.seek(1 << 20)
+        f.write(b"after a hole")
+    os.chmod(root / "a", 0o644)
+    os.setxattr(root / "a", "user.a", b"value")
+    (root / "d" / "b").write_bytes(b"")
+    os.chmod(root / "d" / "b", 0o4755)
+    os.chown(root / "d" / "b", 1000, 1000)
+    os.symlink("d/b", root / "c")
+    os.mkfifo(root / "d" / "a")
+    os.link(root / "a", root / "d" / "c")
 
 
 # --- normal forms

@@ -66,6 +66,7 @@ from tests.differential import (
     norm_init,
     norm_statfs,
     owner_or_root,
+    seed_tree,
 )
 from tests.frontend import DaemonGone, FuseReply, ReplyTimeout
 
@@ -142,11 +143,18 @@ class DiffMachine(RuleBasedStateMachine):
         self.open: list[Handle] = []
         self.name = pair.new_example()
         self.hosts = [side.share / self.name for side in pair.sides]
-        root = self.entry(f"MKDIR {self.name}", *pair.both(
-            lambda i, s: (Opcode.MKDIR, fa.ROOT_ID, fa.MKDIR_IN.pack(0o777, 0) + _z(self.name),
-                          None)))
+        if pair.readonly:
+            # Nothing can be created through the daemons: both trees are made on the host.
+            for host in self.hosts:
+                seed_tree(host)
+            root = self.entry(f"LOOKUP {self.name}", *pair.both(
+                lambda i, s: (Opcode.LOOKUP, fa.ROOT_ID, _z(self.name), None)))
+        else:
+            root = self.entry(f"MKDIR {self.name}", *pair.both(
+                lambda i, s: (Opcode.MKDIR, fa.ROOT_ID,
+                              fa.MKDIR_IN.pack(0o777, 0) + _z(self.name), None)))
         if root is None:
-            raise Divergence("could not create the example directory on either daemon")
+            raise Divergence("could not make the example directory on either daemon")
         self.root = root
 
     # -- comparing replies
@@ -240,11 +248,10 @@ class DiffMachine(RuleBasedStateMachine):
         return nodes
 
     def searchable(self, path: tuple[str, ...], cred: Cred) -> bool:
-        """May `cred` look up names in the directory at `path` (kernel-side check)?"""
+        """May `cred` look up names in the directory at `path` (kernel-side check)?  A walk
+        through a non-directory ends in the guest's VFS (ENOTDIR) for everyone."""
         st = self.hstat(path)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            return cred == ROOT     # root's request reaches the daemon, which answers
-        return may(cred, st, X)
+        return st is not None and stat.S_ISDIR(st.st_mode) and may(cred, st, X)
 
     def resolve(self, path: tuple[str, ...], cred: Cred) -> tuple[int, int] | None:
         node = self.root
@@ -261,14 +268,14 @@ class DiffMachine(RuleBasedStateMachine):
         return node
 
     def parent_for_change(self, path: tuple[str, ...], cred: Cred) -> tuple[int, int] | None:
-        """The parent of `path` if `cred` may add or remove names in it."""
+        """The parent of `path` if it is a directory `cred` may add or remove names in."""
         parent = self.resolve(path[:-1], cred)
         if parent is None:
             return None
-        if cred != ROOT:
-            st = self.hstat(path[:-1])
-            if st is None or not may(cred, st, W | X):
-                return None
+        st = self.hstat(path[:-1])
+        if st is None or not stat.S_ISDIR(st.st_mode) or (
+                cred != ROOT and not may(cred, st, W | X)):
+            return None
         return parent
 
     def target(self, t, cred: Cred) -> tuple[tuple[int, int], int, os.stat_result | None] | None:
@@ -290,6 +297,9 @@ class DiffMachine(RuleBasedStateMachine):
         """Start most examples from a few entries and an open file, so rules find something."""
         if not populate:
             return multiple()
+        if self.pair.readonly:
+            h = self._open(("a",), os.O_RDONLY, ROOT)      # seed_tree() made the rest
+            return h if h is not None else multiple()
         self.mkdir(("d",), 0o755, 0, ROOT)
         self.mknod(("d", "b"), "reg", 0o644, 0, ROOT)
         self.symlink(("c",), "d/b", ROOT)
@@ -933,17 +943,26 @@ def _short(b: bytes) -> str:
     return repr(b) if len(b) <= 48 else f"{b[:40]!r}... ({len(b)} bytes)"
 
 
-@pytest.fixture(scope="module")
-def pair():
-    p = DaemonPair()
+def _pair(*extra: str):
+    p = DaemonPair(extra)
     p.start()
     yield p
     # Shown with -s or -rP: how much each opcode was exercised.
-    print(f"\n{p.examples} examples, {p.restarts} restarts; requests sent to each daemon: "
-          + ", ".join(f"{k} {v}" for k, v in p.sent.most_common())
+    print(f"\n{' '.join(extra)}: {p.examples} examples, {p.restarts} restarts; requests sent "
+          "to each daemon: " + ", ".join(f"{k} {v}" for k, v in p.sent.most_common())
           + "; known differences met: " + (", ".join(f"{k} {v}" for k, v in
                                                    p.differences.most_common()) or "none"))
     p.close()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    yield from _pair("--xattr")
+
+
+@pytest.fixture(scope="module")
+def readonly_pair():
+    yield from _pair("--xattr", "--readonly", "--cache=never")
 
 
 def test_init_replies_agree(pair):
@@ -970,6 +989,31 @@ def test_generated_sequences(pair):
                           derandomize=not LONG_RUN, database=None, print_blob=LONG_RUN,
                           suppress_health_check=list(HealthCheck)))
     assert set(pair.sent) >= EXERCISED, f"never sent: {sorted(EXERCISED - set(pair.sent))}"
+
+
+@pytest.fixture(scope="module")
+def writeback_pair():
+    yield from _pair("--xattr", "--writeback", "--cache=always")
+
+
+def test_generated_sequences_writeback(writeback_pair):
+    """Write-back caching and cache=always: other open flags and timeouts, O_WRONLY opened
+    O_RDWR on the host (the guest reads pages of write-only files)."""
+    run_state_machine_as_test(
+        lambda: DiffMachine(writeback_pair),
+        settings=settings(max_examples=max(1, EXAMPLES // 3), stateful_step_count=STEPS,
+                          deadline=None, derandomize=not LONG_RUN, database=None,
+                          print_blob=LONG_RUN, suppress_health_check=list(HealthCheck)))
+
+
+def test_generated_sequences_readonly(readonly_pair):
+    """The same machine on --readonly shares seeded on the host: reads agree, and every change
+    fails alike (EROFS or whatever the daemons check first)."""
+    run_state_machine_as_test(
+        lambda: DiffMachine(readonly_pair),
+        settings=settings(max_examples=max(1, EXAMPLES // 3), stateful_step_count=STEPS,
+                          deadline=None, derandomize=not LONG_RUN, database=None,
+                          print_blob=LONG_RUN, suppress_health_check=list(HealthCheck)))
 
 
 # --- divergences the generator found, kept as fixed sequences
