@@ -355,3 +355,33 @@ def test_non_owner_writes_a_setid_file(mounted):
     run("sh", "-c", f"echo mine > {mounted.mnt / 'mine'}", user=1000)
     st = os.stat(mounted.share / "mine")
     assert (st.st_uid, st.st_gid) == (1000, 1000)
+
+
+def test_daemon_death_fails_requests_instead_of_hanging(tmp_path, daemon_factory):
+    """When the daemon dies the bridge aborts the connection: a process holding a file on the
+    mount gets ENOTCONN instead of waiting forever."""
+    d = daemon_factory()
+    mntdir = Path(tempfile.mkdtemp(prefix="vfsmnt-"))
+    try:
+        with Bridge(d.socket, str(mntdir), process=d.proc) as b:
+            (mntdir / "f").write_text("x")
+            child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+                import errno, os, sys
+                fd = os.open(sys.argv[1], os.O_RDWR)
+                print("open", flush=True)
+                sys.stdin.readline()
+                try:
+                    os.fsync(fd)
+                    print("ok")
+                except OSError as e:
+                    print(errno.errorcode[e.errno])
+            """), str(mntdir / "f")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert child.stdout.readline() == "open\n"
+            d.proc.kill()
+            d.proc.wait()
+            assert b.wait(20)
+            out, _ = child.communicate("go\n", timeout=30)
+            assert out.split() == ["ENOTCONN"]
+            assert any("closed the vhost-user connection" in e for e in b.errors)
+    finally:
+        os.rmdir(mntdir)
