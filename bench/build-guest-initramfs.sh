@@ -68,6 +68,10 @@ cc -O2 -static -o "$STAGE/root/bin/metaloop" "$HERE/guest/metaloop.c"
 
 tmp=$OUT.tmp.$$
 cp "$BASE" "$tmp"
+# The kernel looks for the next archive's magic only at 4-byte aligned offsets, skipping zero
+# bytes: pad the first archive to a 512-byte boundary.
+pad=$(( (512 - $(stat -c %s "$tmp") % 512) % 512 ))
+head -c "$pad" /dev/zero >> "$tmp"
 (cd "$STAGE/root" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) \
   >> "$tmp"
 mv "$tmp" "$OUT"

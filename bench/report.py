@@ -249,6 +249,7 @@ class Results:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.32 * len(rows) + 2.2),
                                        sharey=True)
         height = 0.8 / max(1, len(keys))
+        has_rel = has_frac = False
         for i, d in enumerate(keys):
             rel, frac, ys = [], [], []
             for y, r in enumerate(rows):
@@ -259,13 +260,19 @@ class Results:
                 frac.append(100 * m / lim if m is not None and lim else 0)
             ax1.barh(ys, rel, height, label=self.daemons[d], color=colors.get(d))
             ax2.barh(ys, frac, height, label=self.daemons[d], color=colors.get(d))
+            has_rel, has_frac = has_rel or any(rel), has_frac or any(frac)
+        if not (has_rel or has_frac):
+            plt.close(fig)
+            return "no figure to plot"
         ax1.set_yticks(range(len(rows)), labels, fontsize=8)
         ax1.invert_yaxis()
-        ax1.set_xscale("log")
+        if has_rel:             # a log axis needs one positive value
+            ax1.set_xscale("log")
         ax1.axvline(1.0, color="black", lw=0.8)
         ax1.set_xlabel("median relative to the Rust virtiofsd (log scale; no bar: n/a;\n"
                        "* against its 1-queue figure)")
-        ax2.set_xscale("log")
+        if has_frac:
+            ax2.set_xscale("log")
         plain = FuncFormatter(lambda x, _pos: f"{x:g}")
         for ax in (ax1, ax2):
             ax.xaxis.set_major_formatter(plain)
