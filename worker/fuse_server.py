@@ -527,6 +527,8 @@ class FuseServer:
         for d in self.fs.readdir(ctx, nodeid, fh, offset, size):
             n = fa.dirent_size(len(d.name))
             if used + n > size:
+                if not out:
+                    raise _too_small()
                 break
             out.append(pack(d.ino, d.off, d.type, d.name))
             used += n
@@ -542,6 +544,8 @@ class FuseServer:
         for d in fs.readdir(ctx, nodeid, fh, offset, size):
             n = fa.direntplus_size(len(d.name))
             if used + n > size:
+                if not out:
+                    raise _too_small()
                 break                         # checked before the lookup: nothing to undo
             name = d.name
             if name == b"." or name == b"..":
@@ -632,6 +636,12 @@ class FuseServer:
                      writer: Writer | None) -> _Result:
         self.fs.removexattr(ctx, nodeid, _name(body))
         return b""
+
+
+def _too_small() -> OSError:
+    # Not even the next entry fits: an empty reply would read as the end of the directory, so
+    # the rest of it would silently vanish (getdents(2) answers EINVAL too; so does virtiofsd).
+    return OSError(errno.EINVAL, "directory buffer too small for the next entry")
 
 
 def _op_name(opcode: int) -> str:
