@@ -67,6 +67,9 @@ KNOWN_DIFFERENCES: dict[str, str] = {
                    "only for requests that create an inode",
     "malformed-setxattr": "a SETXATTR whose value is not `size` bytes long is answered "
                           "EINVAL; virtiofsd 1.13 panics and exits",
+    "readdirplus-small-buffer": "a READDIRPLUS buffer too small for the next entry is "
+                                "EINVAL; virtiofsd answers an empty page (the end of the "
+                                "directory) when the name alone would fit",
     "open-special": "opening something that is not a regular file or directory (a CREATE that "
                     "finds a symlink) fails like open(2) with O_NOFOLLOW (ELOOP); virtiofsd "
                     "answers EBADF",
@@ -472,8 +475,11 @@ def snapshot(root: Path) -> tuple[dict[str, Node], set[frozenset[str]]]:
                 kind, content = "symlink", os.readlink(path)
             elif stat.S_ISFIFO(mode):
                 kind = "fifo"
-            elif stat.S_ISCHR(mode):
-                kind, content = "chr", f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                kind = "chr" if stat.S_ISCHR(mode) else "blk"
+                content = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+            elif stat.S_ISSOCK(mode):
+                kind = "socket"
             else:
                 kind = f"type {stat.S_IFMT(mode):o}"
             nodes[name] = Node(kind, oct(stat.S_IMODE(mode)), st.st_uid, st.st_gid, size,
