@@ -23,16 +23,26 @@ Staying inside the share:
 
 Credentials: every operation runs with the caller's uid/gid as fsuid/fsgid and with the
 supplementary groups the request carried (FUSE_EXT_GROUPS, else none), so the host kernel
-checks permissions exactly as for that user; with a non-zero fsuid the kernel also ignores the
-daemon's file-access capabilities.  The ids are switched only when they change.  The process
-umask is 0: the guest kernel already applied the caller's umask because FUSE_DONT_MASK is not
-negotiated (fuse.h), so applying one here again would be wrong.
+checks permissions as for that user; with a non-zero fsuid the kernel also ignores the daemon's
+file-access capabilities.  FUSE does not carry the caller's other supplementary groups except,
+for requests that create an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the
+guest allowed through one of them (virtio-fs always mounts with default_permissions: the guest
+kernel checked first) would fail here.  Such an operation the host refuses is tried once more
+with the groups of the inodes it names added (`_member_retry`).  That grants nothing the guest
+could not have by sending that gid as the caller's own, which it is free to do.  ACCESS is a
+question, not an operation the guest checked, and is never retried; LOOKUP is not either, so
+searching a directory takes the caller's gid or the groups the request carried.  The ids are
+switched only when they change.  The process umask is 0: the guest kernel already applied the
+caller's umask because FUSE_DONT_MASK is not negotiated (fuse.h), so applying one here again
+would be wrong.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
+import functools
 import os
 import stat
 import struct
@@ -98,6 +108,32 @@ def _check(res: int) -> int:
 
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _member_retry(*nodeid_args: int, new_gid: bool = False,
+                  entries: tuple[tuple[int, int], ...] = ()):
+    """Serve the operation again, after the host refused it with EACCES/EPERM, with these groups
+    among the caller's supplementary ones (module docstring): those of the inodes in the given
+    positional arguments (after ctx), of the entries named by (directory nodeid, name) argument
+    pairs, and with new_gid of the group a SETATTR assigns."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def op(self, ctx: Context, *args):
+            try:
+                return fn(self, ctx, *args)
+            except PermissionError:
+                gids = {args[1].gid} if new_gid and args[1].valid & fa.SetattrValid.GID else set()
+                more = self._groups_of(ctx, [args[i] for i in nodeid_args],
+                                       [(args[d], args[n]) for d, n in entries], gids)
+                if not more:
+                    raise
+            return fn(self, dataclasses.replace(ctx, groups=ctx.groups + more), *args)
+        return op
+    return wrap
 
 
 def _check_name(name: bytes) -> None:
@@ -195,6 +231,29 @@ class PassthroughFs(Filesystem):
                 self._set_groups = False
                 return
             self._groups = groups
+
+    def _groups_of(self, ctx: Context, nodeids: Sequence[int],
+                   entries: Sequence[tuple[int, bytes]], gids: set[int]) -> tuple[int, ...]:
+        """The groups of `nodeids`, `entries` and `gids` the caller does not have yet (():
+        no retry)."""
+        if not self._switch_creds or not self._set_groups or ctx.uid == 0:
+            return ()               # root's refusals are not about groups
+        for nodeid in nodeids:
+            try:
+                with self._inodes.pinned(nodeid) as fd:
+                    gids.add(os.fstat(fd).st_gid)
+            except OSError:
+                continue
+        for parent, name in entries:
+            try:
+                _check_name(name)
+                with self._inodes.pinned(parent) as fd:
+                    st = self._as_daemon(_lstat_at, fd, name)
+                    gids.add(st.st_gid)
+            except OSError:
+                continue
+        gids.difference_update((ctx.gid, *ctx.groups))
+        return tuple(sorted(gids))
 
     def restore_credentials(self) -> None:
         """Act as the daemon itself again (its own fsuid/fsgid; groups as set last)."""
@@ -410,6 +469,7 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(nodeid) as fd:
             return os.fstat(fd), self._timeout
 
+    @_member_retry(0, new_gid=True)
     def setattr(self, ctx: Context, nodeid: int, attr: fa.SetattrIn,
                 fh: int | None) -> tuple[os.stat_result, float]:
         self._writable()
@@ -505,6 +565,7 @@ class PassthroughFs(Filesystem):
             os.mkdir(name, mode & 0o7777, dir_fd=pfd)
             return self._lookup_at(pfd, name)
 
+    @_member_retry(0)
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         self._writable()
         _check_name(name)
@@ -513,6 +574,7 @@ class PassthroughFs(Filesystem):
             self._check_beneath(pfd)
             os.unlink(name, dir_fd=pfd)
 
+    @_member_retry(0)
     def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         self._writable()
         _check_name(name)
@@ -521,6 +583,9 @@ class PassthroughFs(Filesystem):
             self._check_beneath(pfd)
             os.rmdir(name, dir_fd=pfd)
 
+    # Moving a directory to another parent also needs write permission on it (and, for an
+    # exchange, on the other one): their groups count too.
+    @_member_retry(0, 2, entries=((0, 1), (2, 3)))
     def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes,
                flags: int) -> None:
         self._writable()
@@ -537,6 +602,7 @@ class PassthroughFs(Filesystem):
             else:
                 os.rename(oldname, newname, src_dir_fd=ofd, dst_dir_fd=nfd)
 
+    @_member_retry(0, 1)
     def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         self._writable()
         _check_name(newname)
@@ -550,6 +616,7 @@ class PassthroughFs(Filesystem):
             return self._lookup_at(pfd, newname)
 
     # -- files -----------------------------------------------------------------------------
+    @_member_retry(0)
     def open(self, ctx: Context, nodeid: int, flags: int, kill_priv: bool) -> tuple[int, int]:
         if self._readonly and (flags & os.O_ACCMODE != os.O_RDONLY
                                or flags & os.O_TRUNC or flags & _O_TMPFILE == _O_TMPFILE):
@@ -718,6 +785,7 @@ class PassthroughFs(Filesystem):
             self._handles.release(fh_in)
 
     # -- directories -----------------------------------------------------------------------
+    @_member_retry(0)
     def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as ifd:
@@ -822,11 +890,13 @@ class PassthroughFs(Filesystem):
                     os.close(fd)
             return self._in_proc_dir(fn, ifd)
 
+    @_member_retry(0)
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
                  setxattr_flags: int) -> None:
         self._as_caller(ctx)
         self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), True)
 
+    @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         self._as_caller(ctx)
         value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name), False)
@@ -836,6 +906,7 @@ class PassthroughFs(Filesystem):
             raise _err(errno.ERANGE)
         return value
 
+    @_member_retry(0)
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._as_caller(ctx)
         names = self._xattr_call(nodeid, os.listxattr, False)
@@ -846,6 +917,7 @@ class PassthroughFs(Filesystem):
             raise _err(errno.ERANGE)
         return data
 
+    @_member_retry(0)
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
         self._xattr_call(nodeid, lambda t: os.removexattr(t, name), True)
