@@ -62,10 +62,16 @@ class Divergence(AssertionError):
 # generator and the tests name the key wherever they accept or work around the difference.
 KNOWN_DIFFERENCES: dict[str, str] = {
     "init-minor": "INIT answers FUSE 7.45; virtiofsd 1.13 answers 7.38",
+    "access-root-search": "ACCESS answers what access(2) on the host answers: root may "
+                          "search any directory; virtiofsd says EACCES for X_OK on a directory "
+                          "without execute bits",
     "copy-file-range-64": "COPY_FILE_RANGE_64 is served; virtiofsd answers ENOSYS and the "
                           "kernel falls back to COPY_FILE_RANGE",
     "credentials": "every request runs with the caller's fsuid/fsgid; virtiofsd switches "
                    "only for requests that create an inode",
+    "lookup-supplementary-group": "not intended, open: a LOOKUP whose caller may search the "
+                                  "directory only through a supplementary group is refused "
+                                  "(EACCES); virtiofsd serves it",
     "malformed-setxattr": "a SETXATTR whose value is not `size` bytes long is answered "
                           "EINVAL; virtiofsd 1.13 panics and exits",
     "readdirplus-small-buffer": "a READDIRPLUS buffer too small for the next entry is "
@@ -81,11 +87,19 @@ KNOWN_DIFFERENCES: dict[str, str] = {
 
 
 class Cred(NamedTuple):
+    """A caller: FUSE carries uid and gid; the supplementary groups only the guest knows
+    (except the one FUSE_EXT_GROUPS names for requests that create an inode)."""
+
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()
 
     def __repr__(self) -> str:
-        return f"Cred({self.uid}, {self.gid})"
+        extra = f", {self.groups}" if self.groups else ""
+        return f"Cred({self.uid}, {self.gid}{extra})"
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
 
 
 ROOT = Cred(0, 0)
@@ -99,7 +113,7 @@ def may(cred: Cred, st: os.stat_result, mask: int) -> bool:
         return not (mask & X and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111)
     if st.st_uid == cred.uid:
         bits = st.st_mode >> 6
-    elif st.st_gid == cred.gid:
+    elif cred.in_group(st.st_gid):
         bits = st.st_mode >> 3
     else:
         bits = st.st_mode
@@ -266,9 +280,12 @@ class DaemonPair:
     # -- requests
 
     def both(self, build: Callable[[int, Side], tuple[int, int, bytes | list[bytes], int | None]],
-             cred: Cred = ROOT) -> tuple[FuseReply, FuseReply]:
+             cred: Cred = ROOT, ext: bytes = b"") -> tuple[FuseReply, FuseReply]:
         """Send one request to each daemon (both in flight at once); build(i, side) returns
-        (opcode, nodeid, body, out_size) for that side."""
+        (opcode, nodeid, body, out_size) for that side.  `ext`: request extensions, appended
+        to the body (protocol.md 4.9)."""
+        if ext:
+            return self._both_ext(build, cred, ext)
         tokens = []
         for i, side in enumerate(self.sides):
             opcode, nodeid, body, out_size = build(i, side)
@@ -277,6 +294,30 @@ class DaemonPair:
             tokens.append(side.client.submit(opcode, nodeid, body, out_size=out_size,
                                              uid=cred.uid, gid=cred.gid, pid=1))
         return tuple(self._result(side, t) for side, t in zip(self.sides, tokens, strict=True))
+
+    def _both_ext(self, build, cred: Cred, ext: bytes) -> tuple[FuseReply, FuseReply]:
+        # FuseClient.submit() has no total_extlen: frame the request with build() instead.
+        sent = []
+        for i, side in enumerate(self.sides):
+            opcode, nodeid, body, out_size = build(i, side)
+            if i == 0:
+                self.sent[_op_name(opcode)] += 1
+            parts = [body] if isinstance(body, bytes | bytearray) else list(body)
+            unique, readable = side.client.build(opcode, nodeid, [*parts, ext], uid=cred.uid,
+                                                 gid=cred.gid, pid=1,
+                                                 total_extlen=len(ext) // 8)
+            size = out_size if out_size is not None else fa.ENTRY_OUT.size + fa.OPEN_OUT.size
+            token = side.client.vq.submit(readable, [fa.OUT_HEADER.size, size])
+            sent.append((side, token, unique, fa.OUT_HEADER.size + size))
+        out = []
+        for side, token, unique, capacity in sent:
+            try:
+                c = side.client.vq.wait(token)
+            except (DaemonGone, ReplyTimeout) as e:
+                raise Divergence(f"{side.name} stopped answering: {e}\n"
+                                 + self.describe_death()) from None
+            out.append(side.client.parse(c, unique, capacity))
+        return tuple(out)
 
     def one(self, i: int, opcode: int, nodeid: int, body: bytes | list[bytes],
             out_size: int | None = None, cred: Cred = ROOT) -> FuseReply:

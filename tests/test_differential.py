@@ -84,7 +84,8 @@ NAMES = ("a", "b", "c", "d")
 # Now and then a name of NAME_MAX bytes, or one with a newline and a byte that is not UTF-8.
 ODD_NAMES = ("L" * 255, "odd \n\udcff")
 PATHS = st.lists(st.sampled_from(NAMES * 4 + ODD_NAMES), min_size=1, max_size=2).map(tuple)
-USERS = (Cred(1000, 1000), Cred(1001, 1000), Cred(1002, 1002))
+# 1003 reaches what belongs to group 1000 only through a supplementary group.
+USERS = (Cred(1000, 1000), Cred(1001, 1000), Cred(1002, 1002), Cred(1003, 1003, (1000,)))
 CREDS = st.sampled_from((ROOT, ROOT, ROOT, *USERS))
 FILE_MODES = st.sampled_from((0o644, 0o600, 0o666, 0o640, 0o444, 0o000, 0o755, 0o664, 0o777,
                               0o4755, 0o2775, 0o6777, 0o4666))
@@ -109,7 +110,7 @@ CREATE_FLAGS = st.sampled_from((os.O_RDWR | os.O_CREAT, os.O_WRONLY | os.O_CREAT
 SYMLINK_TARGETS = st.sampled_from(("a", "../b", "d/a", "/etc/passwd", "c" * 200, ".",
                                    "t" * 4095, "dir/"))
 FALLOC_MODES = st.sampled_from((0, 1, 3, 0x10, 0x11))   # KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE
-RENAME_FLAGS = st.sampled_from((None, 0, 0, fa.RENAME_NOREPLACE, fa.RENAME_EXCHANGE,
+RENAME_FLAGS = st.sampled_from((None, None, 0, fa.RENAME_NOREPLACE, fa.RENAME_EXCHANGE,
                                 fa.RENAME_NOREPLACE | fa.RENAME_EXCHANGE, fa.RENAME_WHITEOUT))
 O_DIR = os.O_RDONLY | os.O_DIRECTORY
 
@@ -194,8 +195,9 @@ class DiffMachine(RuleBasedStateMachine):
         self.count(nodes)
         return nodes
 
-    def entry(self, what: str, rp: FuseReply, rr: FuseReply) -> tuple[int, int] | None:
-        if not self.same(what, rp, rr):
+    def entry(self, what: str, rp: FuseReply, rr: FuseReply,
+              known: dict[tuple[int, int], str] | None = None) -> tuple[int, int] | None:
+        if not self.same(what, rp, rr, known):
             return None
         self._bodies(what, rp, rr, fa.ENTRY_OUT.size)
         return self.entry_pair(what, fa.EntryOut.unpack(rp.body), fa.EntryOut.unpack(rr.body))
@@ -215,8 +217,19 @@ class DiffMachine(RuleBasedStateMachine):
         return False
 
     def send(self, opcode: int, nodes: tuple[int, int], body: bytes | list[bytes] = b"",
-             cred: Cred = ROOT, out_size: int | None = None) -> tuple[FuseReply, FuseReply]:
-        return self.pair.both(lambda i, s: (opcode, nodes[i], body, out_size), cred)
+             cred: Cred = ROOT, out_size: int | None = None,
+             ext: bytes = b"") -> tuple[FuseReply, FuseReply]:
+        return self.pair.both(lambda i, s: (opcode, nodes[i], body, out_size), cred, ext)
+
+    def create_ext(self, parent: tuple[str, ...], cred: Cred) -> bytes:
+        """FUSE_EXT_GROUPS the kernel adds to a request that creates an inode: the parent's
+        group, when the caller is in it through a supplementary group (CREATE_SUPP_GROUP)."""
+        if not self.pair.sides[0].client.flags & fa.InitFlag.CREATE_SUPP_GROUP:
+            return b""
+        st = self.hstat(parent)
+        if st is None or st.st_gid == cred.gid or st.st_gid not in cred.groups:
+            return b""
+        return fa.pack_supp_groups([st.st_gid])
 
     def send_fh(self, opcode: int, h: Handle, pack, cred: Cred = ROOT,
                 out_size: int | None = None, extra=b"") -> tuple[FuseReply, FuseReply]:
@@ -244,8 +257,14 @@ class DiffMachine(RuleBasedStateMachine):
     def lookup_pair(self, parent: tuple[int, int], path: tuple[str, ...],
                     cred: Cred) -> tuple[int, int] | None:
         name = _z(path[-1])
+        known = None
+        st = self.hstat(path[:-1])
+        if st is not None and st.st_gid != cred.gid and st.st_gid in cred.groups:
+            # KNOWN_DIFFERENCES['lookup-supplementary-group'] (not fixed yet).
+            known = {(errno.EACCES, 0): "lookup-supplementary-group",
+                     (errno.EACCES, errno.ENOENT): "lookup-supplementary-group"}
         nodes = self.entry(f"LOOKUP {'/'.join(path)}", *self.send(Opcode.LOOKUP, parent, name,
-                                                                  cred))
+                                                                  cred), known)
         if nodes is not None:
             self.cache[path] = nodes
         return nodes
@@ -357,7 +376,8 @@ class DiffMachine(RuleBasedStateMachine):
         if parent is None:
             return
         body = fa.MKDIR_IN.pack(mode & ~umask, umask) + _z(path[-1])
-        nodes = self.entry(f"MKDIR {path} {mode:o}", *self.send(Opcode.MKDIR, parent, body, cred))
+        nodes = self.entry(f"MKDIR {path} {mode:o}", *self.send(
+            Opcode.MKDIR, parent, body, cred, ext=self.create_ext(path[:-1], cred)))
         if nodes:
             self.cache[path] = nodes
 
@@ -373,8 +393,8 @@ class DiffMachine(RuleBasedStateMachine):
                "sock": stat.S_IFSOCK, "blk": stat.S_IFBLK}[kind]
         rdev = {"chr": os.makedev(1, 3), "blk": os.makedev(7, 200)}.get(kind, 0)
         body = fa.MKNOD_IN.pack(fmt | (mode & ~umask), rdev, umask) + _z(path[-1])
-        nodes = self.entry(f"MKNOD {path} {kind} {mode:o}",
-                           *self.send(Opcode.MKNOD, parent, body, cred))
+        nodes = self.entry(f"MKNOD {path} {kind} {mode:o}", *self.send(
+            Opcode.MKNOD, parent, body, cred, ext=self.create_ext(path[:-1], cred)))
         if nodes:
             self.cache[path] = nodes
 
@@ -383,8 +403,9 @@ class DiffMachine(RuleBasedStateMachine):
         parent = self.parent_for_change(path, cred)
         if parent is None:
             return
-        nodes = self.entry(f"SYMLINK {path} -> {dest}",
-                           *self.send(Opcode.SYMLINK, parent, _z(path[-1]) + _z(dest), cred))
+        nodes = self.entry(f"SYMLINK {path} -> {dest}", *self.send(
+            Opcode.SYMLINK, parent, _z(path[-1]) + _z(dest), cred,
+            ext=self.create_ext(path[:-1], cred)))
         if nodes:
             self.cache[path] = nodes
 
@@ -481,12 +502,12 @@ class DiffMachine(RuleBasedStateMachine):
         if cred != ROOT:
             if st is None or not owner_or_root(cred, st):
                 return
-            if st.st_gid != cred.gid:
+            if not cred.in_group(st.st_gid):
                 mode &= ~stat.S_ISGID    # setattr_prepare() for a non-member
         self.setattr(f"SETATTR {t} mode={mode:o}", nodes, cred, mode=kind | mode)
 
-    @rule(t=st.one_of(PATHS, nodes), uid=st.sampled_from((0, 1000, 1001, 1002, None)),
-          gid=st.sampled_from((0, 1000, 1002, None)), cred=CREDS)
+    @rule(t=st.one_of(PATHS, nodes), uid=st.sampled_from((0, 1000, 1001, 1002, 1003, None)),
+          gid=st.sampled_from((0, 1000, 1002, 1003, None)), cred=CREDS)
     def chown(self, t, uid, gid, cred) -> None:
         if uid is None and gid is None:
             return
@@ -496,7 +517,8 @@ class DiffMachine(RuleBasedStateMachine):
         nodes, _kind, st = found
         # chown is for root; the owner may only change the group to its own.
         if cred != ROOT and (st is None or st.st_uid != cred.uid
-                             or uid not in (None, st.st_uid) or gid not in (None, cred.gid)):
+                             or uid not in (None, st.st_uid)
+                             or (gid is not None and not cred.in_group(gid))):
             return
         kw = {}
         if uid is not None:
@@ -585,7 +607,8 @@ class DiffMachine(RuleBasedStateMachine):
             return None
         body = fa.CREATE_IN.pack(flags, stat.S_IFREG | (mode & ~umask), umask, 0) + _z(path[-1])
         what = f"CREATE {path} {mode:o} flags={flags:#o}"
-        rp, rr = self.send(Opcode.CREATE, parent, body, cred)
+        rp, rr = self.send(Opcode.CREATE, parent, body, cred,
+                           ext=self.create_ext(path[:-1], cred))
         if not self.same(what, rp, rr, {(errno.ELOOP, errno.EBADF): "open-special"}):
             return None
         self._bodies(what, rp, rr, fa.ENTRY_OUT.size + fa.OPEN_OUT.size)
@@ -688,7 +711,7 @@ class DiffMachine(RuleBasedStateMachine):
         if how is None:
             if not owner:
                 return
-            if h.cred != ROOT and a.gid != h.cred.gid:
+            if h.cred != ROOT and not h.cred.in_group(a.gid):
                 mode &= ~stat.S_ISGID
             self.setattr(f"SETATTR {h} mode={mode:o} (fh)", h.nodes, h.cred, h=h,
                          mode=stat.S_IFREG | mode)
@@ -931,8 +954,10 @@ class DiffMachine(RuleBasedStateMachine):
     def access(self, t, mask, cred) -> None:
         found = self.target(t, cred if not isinstance(t, NodeRef) else ROOT)
         if found:
+            known = ({(0, errno.EACCES): "access-root-search"}
+                     if cred == ROOT and found[1] == stat.S_IFDIR else None)
             self.same(f"ACCESS {t} mask={mask}", *self.send(
-                Opcode.ACCESS, found[0], fa.ACCESS_IN.pack(mask), cred))
+                Opcode.ACCESS, found[0], fa.ACCESS_IN.pack(mask), cred), known)
 
     @rule(t=st.one_of(st.just(()), PATHS))
     def statfs(self, t) -> None:
@@ -1056,6 +1081,50 @@ def test_non_owner_write_and_truncate_drop_setid_bits(pair):
     # Set-group-ID without group execute is not in fuse_setattr()'s SETATTR; the host drops it
     # itself because the writer is not in the file's group (setattr_should_drop_sgid()).
     assert modes == {"w": 0o777, "t": 0o766, "g": 0o676}
+
+
+def test_access_through_a_supplementary_group(pair):
+    """A user who is in group 1000 only through a supplementary group, which FUSE does not
+    carry: the guest allows it group access, and pyvirtiofsd answered EACCES/EPERM to opening a
+    group-writable file, renaming and removing in a group-writable directory, and chgrp to that
+    group (virtiofsd and the host allow all of it)."""
+    m = DiffMachine(pair)
+    member = USERS[3]
+    assert member.groups == (1000,) and member.gid != 1000
+    m.mkdir(("d",), 0o775, 0, ROOT)
+    m.chown(("d",), None, 1000, ROOT)
+    m._release(m._create(("d", "f"), 0o660, 0, os.O_RDWR | os.O_CREAT, ROOT))
+    m.chown(("d", "f"), None, 1000, ROOT)
+    h = m._open(("d", "f"), os.O_RDWR, member)
+    assert h is not None
+    m.write(h, 0, b"member data")
+    m.read(h, 0, 100)
+    m._release(h)
+    m.lookup(("d", "f"), member)
+    (dh,) = m.opendir(("d",), member).values
+    m.readdir(dh, True, 4096)
+    m.setxattr(("d", "f"), b"user.x", b"1", 0, member)
+    m.rename(("d", "f"), ("d", "g"), None, member)
+    m._release(m._create(("d", "h"), 0o640, 0, os.O_RDWR | os.O_CREAT, member))
+    m.chown(("d", "h"), None, 1000, member)
+    m.remove(("d", "g"), member, False)
+    m.teardown()
+    h_st = os.lstat(m.host(("d", "h")))
+    assert not os.path.exists(m.host(("d", "g"))) and (h_st.st_uid, h_st.st_gid) == (1003, 1000)
+
+
+@pytest.mark.xfail(strict=True, reason="KNOWN_DIFFERENCES['lookup-supplementary-group']: "
+                   "LOOKUP is not retried with the directory's group (docs/differences.md)")
+def test_search_through_a_supplementary_group(pair):
+    """Searching a directory the caller may search only through a supplementary group."""
+    m = DiffMachine(pair)
+    m.mkdir(("d",), 0o770, 0, ROOT)
+    m.chown(("d",), None, 1000, ROOT)
+    m.mkdir(("d", "e"), 0o755, 0, ROOT)
+    before = pair.differences["lookup-supplementary-group"]
+    m.lookup(("d", "e"), USERS[3])
+    m.teardown()
+    assert pair.differences["lookup-supplementary-group"] == before
 
 
 def test_listxattr_needs_no_read_permission(pair):
