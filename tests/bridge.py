@@ -261,6 +261,10 @@ class Bridge:
                 self._fail(f"daemon: {e}")
                 self._abort()
                 return
+            except Exception as e:      # a bug here must not leave the mount hanging
+                self._fail(f"forwarding a request: {type(e).__name__}: {e}")
+                self._abort()
+                return
 
     def _forward(self, req: memoryview) -> None:
         if len(req) < fa.IN_HEADER.size:
@@ -339,13 +343,16 @@ class Bridge:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
             try:
-                done = self._harvest()
+                for pending, completion in self._harvest():
+                    self._reply(pending, completion)
             except FrontendError as e:
                 self._fail(f"daemon: {e}")
                 self._abort()
                 return
-            for pending, completion in done:
-                self._reply(pending, completion)
+            except Exception as e:      # a bug here must not leave the mount hanging
+                self._fail(f"answering the kernel: {type(e).__name__}: {e}")
+                self._abort()
+                return
 
     def _harvest(self) -> list:
         out = []
