@@ -449,6 +449,10 @@ class Backend:
         """Rings start with SET_VRING_KICK (spec "Ring states", current wording)."""
         if vring.addr is None or vring.num == 0:
             raise RequestError(f"SET_VRING_KICK on vring {index} before its size and addresses")
+        if vring.kick is None:
+            # The invalid-FD flag asks the back-end to poll the ring; workers sleep on the kick
+            # eventfd, so refuse at once rather than leave the ring's requests hanging.
+            raise RequestError(f"vring {index}: polling without a kick fd is not supported")
         if vring.started:
             vring.base = self.queues.stop_ring(index)
             vring.started = False

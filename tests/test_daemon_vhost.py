@@ -941,3 +941,16 @@ def test_a_broken_avail_ring_stops_only_its_queue(two_queues: Conn) -> None:
     fe.start_queue(1)
     assert c1.getattr(ROOT).attr.ino > 0
     assert conn.daemon.proc.poll() is None
+
+
+def test_kick_without_fd_is_refused_not_left_hanging(connect) -> None:
+    """The invalid-FD flag on SET_VRING_KICK asks for polling, which the workers do not do:
+    the request is refused at once instead of leaving the ring's requests unanswered."""
+    conn = connect()
+    fe = conn.fe
+    index = 1
+    fe.get_vring_base(index)                 # stop the ring, then try to restart it polled
+    refused(fe, Request.SET_VRING_KICK, U64.pack(index | VRING_NOFD_MASK))
+    assert "polling without a kick fd is not supported" in conn.daemon.text
+    fe.start_queue(index)
+    conn.still_serves()
