@@ -89,7 +89,8 @@ USERS = (Cred(1000, 1000), Cred(1001, 1000), Cred(1002, 1002), Cred(1003, 1003, 
 CREDS = st.sampled_from((ROOT, ROOT, ROOT, *USERS))
 FILE_MODES = st.sampled_from((0o644, 0o600, 0o666, 0o640, 0o444, 0o000, 0o755, 0o664, 0o777,
                               0o4755, 0o2775, 0o6777, 0o4666))
-DIR_MODES = st.sampled_from((0o755, 0o700, 0o777, 0o775, 0o750, 0o555, 0o2777, 0o711))
+DIR_MODES = st.sampled_from((0o755, 0o700, 0o777, 0o775, 0o750, 0o555, 0o2777, 0o711,
+                             0o1777, 0o3775))
 UMASKS = st.sampled_from((0, 0, 0o022, 0o077, 0o002))
 OFFSETS = st.one_of(st.sampled_from((0, 1, 511, 4095, 4096, 8191, 65536, 1 << 20)),
                     st.integers(0, 70000))
@@ -300,6 +301,13 @@ class DiffMachine(RuleBasedStateMachine):
             return None
         return parent
 
+    def unsticky(self, path: tuple[str, ...], cred: Cred) -> bool:
+        """check_sticky(): in a sticky directory only the owner of an entry or of the directory
+        may remove or replace it."""
+        d, e = self.hstat(path[:-1]), self.hstat(path)
+        return (cred == ROOT or d is None or e is None or not d.st_mode & stat.S_ISVTX
+                or cred.uid in (d.st_uid, e.st_uid))
+
     def target(self, t, cred: Cred) -> tuple[tuple[int, int], int, os.stat_result | None] | None:
         """(nodes, S_IFMT, host stat or None) of a path or a held node (None if forgotten)."""
         if isinstance(t, NodeRef):
@@ -433,7 +441,7 @@ class DiffMachine(RuleBasedStateMachine):
     @rule(path=PATHS, cred=CREDS, directory=st.booleans())
     def remove(self, path, cred, directory) -> None:
         parent = self.parent_for_change(path, cred)
-        if parent is None:
+        if parent is None or not self.unsticky(path, cred):
             return
         op = Opcode.RMDIR if directory else Opcode.UNLINK
         self.same(f"{op.name} {path}", *self.send(op, parent, _z(path[-1]), cred))
@@ -445,7 +453,8 @@ class DiffMachine(RuleBasedStateMachine):
             return                       # CAP_MKNOD
         old = self.parent_for_change(src, cred)
         new = self.parent_for_change(dst, cred)
-        if old is None or new is None:
+        if old is None or new is None or not self.unsticky(src, cred) or not self.unsticky(
+                dst, cred):
             return
         st = self.hstat(src)
         if cred != ROOT and st is not None and src[:-1] != dst[:-1]:
@@ -901,6 +910,9 @@ class DiffMachine(RuleBasedStateMachine):
                 return None
             if cred != ROOT and (st is None or not may(cred, st, mask)):
                 return None
+            if (cred != ROOT and mask & W and st.st_mode & stat.S_ISVTX
+                    and st.st_uid != cred.uid and kind == stat.S_IFDIR):
+                return None              # a sticky directory's user.* are its owner's
         return nodes
 
     @rule(t=st.one_of(PATHS, nodes), name=XATTR_NAMES, value=XATTR_VALUES,
