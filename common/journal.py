@@ -29,8 +29,9 @@ equals `next` was popped by a worker that died in between, and `next` is advance
 
 Per queue, also:
 * effects -- what the request being executed changed in the shared tables: lookups counted and
-  handles opened (undone before the request is replayed), FORGETs applied and a handle removed
-  (skipped when it is replayed).  Tagged with the request's pop counter.
+  handles opened (undone before the request is replayed), FORGETs applied (skipped when it is
+  replayed) and the FORGET being applied with the lookup count it found (so a replay can tell
+  whether it went through).  Tagged with the request's pop counter.
 * pins -- inode/handle pins the worker holds (released for it when it dies).
 * fds -- fds the worker owns in the shared fd table (kick/call eventfds, /proc/self/fd), which
   its successor closes.
@@ -67,12 +68,14 @@ _W_SIZE_BOOTS = 3       # u32 size, u32 boots
 _W_EFF_OWNER = 4
 _W_EFF_COUNT = 5        # u32 count, u32 overflow
 _W_EFF_FORGETS = 6
-_W_EFF_REMOVED = 7
+_W_PENDING_NODE = 7     # nodeid of the FORGET being applied (0: none)
 _W_FDS = 8              # 16 x i32 (fd + 1; 0 empty) = 8 words
 MAX_FDS = 16
 _W_PINS = 16            # 8 x u64 ids
 MAX_PINS = 8
 _PIN_KINDS_OFF = 24 * 8  # 8 x u8
+_W_PENDING_BEFORE = 25  # its nlookup before (u64)
+_W_PENDING_INDEX = 26   # which FORGET of the request it is
 _HEADER_SIZE = 256
 _SLOT_SIZE = 64
 _SLOT_WORDS = _SLOT_SIZE // 8
@@ -235,13 +238,14 @@ class QueueJournal:
         self._w[_W_PUSHING] = 0
 
     # -- effects of the request being executed ----------------------------------------------------
-    def begin_effects(self, counter: int, forgets: int = 0, removed: int = 0) -> None:
+    def begin_effects(self, counter: int, forgets: int = 0) -> None:
         """Effects from here on belong to the request popped as `counter`.  A replay passes the
-        FORGETs and the handle removal its first run completed, so a second crash keeps them."""
-        self._w[_W_EFF_OWNER] = 0
+        FORGETs its first run completed, so that a second crash keeps them.  The owner is
+        stored last: until then the record still describes the previous owner, or (replay)
+        the same request."""
+        self._w[_W_PENDING_NODE] = 0
         self._w[_W_EFF_COUNT] = 0
         self._w[_W_EFF_FORGETS] = forgets
-        self._w[_W_EFF_REMOVED] = removed
         self._w[_W_EFF_OWNER] = counter + 1
 
     def add_effect(self, kind: Effect, ident: int) -> None:
@@ -255,21 +259,32 @@ class QueueJournal:
         self._w[self._eff_ids + n] = ident
         self._u32[_W_EFF_COUNT * 2] = n + 1         # commit
 
+    def forgetting(self, nodeid: int, nlookup_before: int) -> None:
+        """A FORGET of `nodeid` is about to be applied; its lookup count is `nlookup_before`."""
+        if self._w[_W_EFF_OWNER]:
+            self._w[_W_PENDING_BEFORE] = nlookup_before
+            self._w[_W_PENDING_INDEX] = self._w[_W_EFF_FORGETS]
+            self._w[_W_PENDING_NODE] = nodeid
+
     def note_forget(self) -> None:
+        """One more FORGET applied (counted first: the pending record then names an index
+        already counted, which a replay ignores)."""
         if self._w[_W_EFF_OWNER]:
             self._w[_W_EFF_FORGETS] += 1
-
-    def note_removed(self, fh: int) -> None:
-        if self._w[_W_EFF_OWNER]:
-            self._w[_W_EFF_REMOVED] = fh
+            self._w[_W_PENDING_NODE] = 0
 
     def owns_effects(self, counter: int) -> bool:
         return self._w[_W_EFF_OWNER] == counter + 1
 
-    def hints(self) -> tuple[int, int, bool]:
-        """(FORGETs applied, handle removed, effects overflowed) of the effects' owner."""
-        return (self._w[_W_EFF_FORGETS], self._w[_W_EFF_REMOVED],
-                bool(self._u32[_W_EFF_COUNT * 2 + 1]))
+    def hints(self) -> tuple[int, tuple[int, int] | None, bool]:
+        """Of the effects' owner: FORGETs applied, the FORGET that may or may not have been
+        applied next as (nodeid, lookup count before), and whether effects overflowed."""
+        forgets = self._w[_W_EFF_FORGETS]
+        node = self._w[_W_PENDING_NODE]
+        pending = None
+        if node and self._w[_W_PENDING_INDEX] == forgets:
+            pending = (node, self._w[_W_PENDING_BEFORE])
+        return forgets, pending, bool(self._u32[_W_EFF_COUNT * 2 + 1])
 
     def pop_effect(self) -> tuple[int, int] | None:
         """Take the last recorded effect off the record, to undo it (record first, then undo:
@@ -307,10 +322,16 @@ class QueueJournal:
 
     # -- fds owned by the worker ------------------------------------------------------------------
     def own_fd(self, fd: int) -> None:
+        """Record an fd the worker owns (once: a second record would outlive the close and
+        make a successor close a number that is no longer this worker's)."""
+        free = -1
         for i in range(MAX_FDS):
-            if not self._fds[i]:
-                self._fds[i] = fd + 1
+            if self._fds[i] == fd + 1:
                 return
+            if free < 0 and not self._fds[i]:
+                free = i
+        if free >= 0:
+            self._fds[free] = fd + 1
 
     def disown_fd(self, fd: int) -> None:
         for i in range(MAX_FDS):

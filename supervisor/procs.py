@@ -221,7 +221,8 @@ class ProcessTable:
                 raise OSError(errno.EPIPE, f"{who} died")
             msg = control.receive(sock, allowed)
             if msg is None:
-                raise OSError(errno.EPIPE, f"{who} hung up")
+                # An empty datagram or a closed channel, from a process that is still alive.
+                raise OSError(errno.ECONNRESET, f"{who} hung up")
             if msg.seq == seq:
                 control.close_fds(msg.fds)
                 return msg

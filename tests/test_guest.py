@@ -12,6 +12,8 @@ from __future__ import annotations
 import calendar
 import hashlib
 import os
+import random
+import signal
 import stat
 from pathlib import Path
 
@@ -328,3 +330,103 @@ def test_guest_parallel_queues(daemon: GuestDaemon, kernel612: Kernel, tmp_path:
         for i in range(WRITER_FILES):
             assert (share / "p" / f"w{k}.{i}").read_text() == f"w{k} {i}\n"
         assert (share / "p" / f"w{k}.big").stat().st_size == 8 << 20
+
+
+KILL_FILES = 60
+
+KILL_WORKLOAD = (
+    PRELUDE
+    + rf"""
+mkdir k
+cat > /tmp/killed.sh <<'EOS'
+# $1: writer name. Files of random data, their checksums kept in the guest's own tmpfs; every
+# sixth file the host is told to kill a worker (@@KILL), and the writer goes on regardless.
+i=0
+while [ $i -lt {KILL_FILES} ]; do
+  dd if=/dev/urandom of=/tmp/$1.$i bs=4k count=$((1 + i % 8)) 2>/dev/null || exit 1
+  cp /tmp/$1.$i /mnt/k/$1.$i || exit 1
+  md5sum < /tmp/$1.$i > /tmp/$1.$i.sum
+  rm /tmp/$1.$i
+  [ $((i % 6)) -eq 0 ] && echo "@@KILL $1 $i"
+  i=$((i + 1))
+done
+EOS
+killed() {{
+  taskset -c 0 sh /tmp/killed.sh w0 &
+  p0=$!
+  taskset -c 1 sh /tmp/killed.sh w1 &
+  p1=$!
+  wait "$p0"
+  wait "$p1"
+  drop_caches
+  for w in w0 w1; do
+    i=0
+    while [ $i -lt {KILL_FILES} ]; do
+      [ "$(md5sum < k/$w.$i)" = "$(cat /tmp/$w.$i.sum)" ]
+      i=$((i + 1))
+    done
+  done
+  mkdir k/d && mv k/w0.0 k/d/moved && rm k/w1.0 && rmdir k/d 2>/dev/null || true
+  [ -f k/d/moved ] && [ ! -e k/w1.0 ] && [ ! -e k/w0.0 ]
+}}
+step killed
+exit $failed
+"""
+)
+
+
+def _daemon_workers() -> list[int]:
+    """Queue workers of the pyvirtiofsd this test process started (children of its child)."""
+    me = os.getpid()
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        procs[int(entry)] = (int(st[st.rindex(")") + 2 :].split()[1]),
+                             st[st.index("(") + 1 : st.rindex(")")])
+    daemons = {pid for pid, (ppid, name) in procs.items() if ppid == me and name == "pyvirtiofsd"}
+    return [pid for pid, (ppid, name) in procs.items()
+            if ppid in daemons and name.startswith("pyvfs-q")]
+
+
+def test_guest_workload_survives_worker_kills(daemon: GuestDaemon, kernel612: Kernel,
+                                              tmp_path: Path) -> None:
+    if daemon.name != "pyvirtiofsd":
+        pytest.skip("only pyvirtiofsd has queue workers to kill")
+    share = tmp_path / "share"
+    share.mkdir()
+    kills: list[int] = []
+    rng = random.Random(7)
+
+    def on_line(line) -> None:
+        if line.text.startswith("@@KILL"):
+            workers = _daemon_workers()
+            if workers:
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    kills.append(victim)
+                except ProcessLookupError:
+                    pass
+
+    result = run_guest(
+        daemon.command(request_queues=2), share, KILL_WORKLOAD, kernel=kernel612, smp=2,
+        num_request_queues=2, timeout=BOOT_TIMEOUT * 2, on_line=on_line,
+    )  # fmt: skip
+    report(f"writers under worker kills on {kernel612.package}", result)
+    assert_ran(result, ["killed"])
+    assert len(kills) >= 10, kills
+    # Every kill was noticed and the worker replaced; nothing else went wrong.
+    assert result.daemon_output.count("respawning it") >= len(kills) - 1, result.daemon_output
+    assert "Traceback" not in result.daemon_output
+    names = sorted(os.listdir(share / "k"))
+    expected = sorted([f"w{k}.{i}" for k in (0, 1) for i in range(1, KILL_FILES)] + ["d"])
+    assert names == expected
+    for k in (0, 1):
+        for i in range(1, KILL_FILES):
+            assert (share / "k" / f"w{k}.{i}").stat().st_size == 4096 * (1 + i % 8)

@@ -193,9 +193,9 @@ class Worker:
             control.close_fds([fd for fd in (kick, call, err) if fd is not None])
             raise
         self.stop_ring()
-        for fd in (kick, call, err):
+        for fd in (kick, err):
             if fd is not None:
-                j.own_fd(fd)
+                j.own_fd(fd)                 # the call fd: _replace_call()
         if resume:
             j.repair_next()
         else:

@@ -1,0 +1,288 @@
+"""Fuzzing the FUSE server: hostile requests against a real share, as a queue worker runs it.
+
+Each example is a short session of requests whose opcodes, header fields and bodies come from
+Hypothesis: truncated headers, `len` larger or smaller than the buffer, unknown opcodes, names
+without NUL or containing '/', '.' and '..', huge sizes and offsets, nodeids and fhs never
+issued, already forgotten or released, readable/writable buffers split anywhere.  The server is
+built the way a worker builds it (journaled tables and filesystem, worker/recovery.py).
+
+After every request: `handle` returned a used length within the writable buffer and, when a
+reply was written, its header is well formed (exact length, errno in 1..511, the request's
+unique).  After every example: a DESTROY leaves exactly the fds there were before, and nothing
+outside the share changed.  Budgets: tests/fuzzing.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.fuse_abi import Opcode
+from pyvirtiofsd.common.journal import Journal
+from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.filesystem import Context, FsOptions
+from pyvirtiofsd.worker.fuse_server import FuseServer, Session
+from pyvirtiofsd.worker.passthrough import PassthroughFs
+from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
+from tests.fuzzing import budget
+
+ROOT = fa.ROOT_ID
+MAX_REPLY = 1 << 17
+
+# Opcode -> (fixed struct before the tail, tail kind).
+BODIES: dict[int, tuple[struct.Struct | None, str]] = {
+    Opcode.LOOKUP: (None, "name"), Opcode.FORGET: (fa.FORGET_IN, ""),
+    Opcode.GETATTR: (fa.GETATTR_IN, ""), Opcode.SETATTR: (fa.SETATTR_IN, ""),
+    Opcode.READLINK: (None, ""), Opcode.SYMLINK: (None, "two"),
+    Opcode.MKNOD: (fa.MKNOD_IN, "name"), Opcode.MKDIR: (fa.MKDIR_IN, "name"),
+    Opcode.UNLINK: (None, "name"), Opcode.RMDIR: (None, "name"),
+    Opcode.RENAME: (fa.RENAME_IN, "two"), Opcode.LINK: (fa.LINK_IN, "name"),
+    Opcode.OPEN: (fa.OPEN_IN, ""), Opcode.READ: (fa.READ_IN, ""),
+    Opcode.WRITE: (fa.WRITE_IN, "data"), Opcode.STATFS: (None, ""),
+    Opcode.RELEASE: (fa.RELEASE_IN, ""), Opcode.FSYNC: (fa.FSYNC_IN, ""),
+    Opcode.SETXATTR: (fa.SETXATTR_IN_COMPAT, "xattr"), Opcode.GETXATTR: (fa.GETXATTR_IN, "name"),
+    Opcode.LISTXATTR: (fa.GETXATTR_IN, ""), Opcode.REMOVEXATTR: (None, "name"),
+    Opcode.FLUSH: (fa.FLUSH_IN, ""), Opcode.OPENDIR: (fa.OPEN_IN, ""),
+    Opcode.READDIR: (fa.READ_IN, ""), Opcode.RELEASEDIR: (fa.RELEASE_IN, ""),
+    Opcode.FSYNCDIR: (fa.FSYNC_IN, ""), Opcode.GETLK: (fa.LK_IN, ""),
+    Opcode.SETLK: (fa.LK_IN, ""), Opcode.ACCESS: (fa.ACCESS_IN, ""),
+    Opcode.CREATE: (fa.CREATE_IN, "name"), Opcode.INTERRUPT: (fa.INTERRUPT_IN, ""),
+    Opcode.BMAP: (fa.BMAP_IN, ""), Opcode.DESTROY: (None, ""), Opcode.IOCTL: (fa.IOCTL_IN, ""),
+    Opcode.POLL: (fa.POLL_IN, ""), Opcode.BATCH_FORGET: (fa.BATCH_FORGET_IN, "forgets"),
+    Opcode.FALLOCATE: (fa.FALLOCATE_IN, ""), Opcode.READDIRPLUS: (fa.READ_IN, ""),
+    Opcode.RENAME2: (fa.RENAME2_IN, "two"), Opcode.LSEEK: (fa.LSEEK_IN, ""),
+    Opcode.COPY_FILE_RANGE: (fa.COPY_FILE_RANGE_IN, ""), Opcode.SYNCFS: (fa.SYNCFS_IN, ""),
+    Opcode.STATX: (fa.STATX_IN, ""), Opcode.COPY_FILE_RANGE_64: (fa.COPY_FILE_RANGE_IN, ""),
+    Opcode.SETUPMAPPING: (fa.SETUPMAPPING_IN, ""), Opcode.TMPFILE: (fa.CREATE_IN, "name"),
+}
+ENTRY_REPLIES = {Opcode.LOOKUP, Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK, Opcode.LINK,
+                 Opcode.CREATE}
+OPEN_REPLIES = {Opcode.OPEN, Opcode.OPENDIR}
+_BITS = {"B": 8, "H": 16, "I": 32, "Q": 64, "b": 8, "h": 16, "i": 32, "q": 64}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fuzzfuse")
+    share = base / "share"
+    outside = base / "outside"
+    share.mkdir()
+    outside.mkdir()
+    (outside / "canary").write_bytes(b"must not change")
+    arena = Arena.create(max_inodes=4096, max_handles=1024, max_queues=4)
+    root = os.open(share, os.O_PATH | os.O_DIRECTORY)
+    st_ = os.fstat(root)
+    arena.inodes.set_root(root, st_.st_dev, st_.st_ino)
+    proc = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+    journal = Journal.create(1, 8)
+    tables = JournaledArena(arena, journal.queue(0))
+    fs = JournaledFs(PassthroughFs(tables, proc, FsOptions(xattr=True)), tables)
+    server = FuseServer(fs, 1, Session())
+    # Extended attributes of a symlink make the filesystem open, once, the directory it
+    # returns to (passthrough _in_proc_dir): open it now so it is part of the baseline.
+    os.symlink("x", share / "warm")
+    ctx = Context(0, 0, 0)
+    link = fs.lookup(ctx, ROOT, b"warm")
+    fs.listxattr(ctx, link.nodeid, 0)
+    fs.forget(link.nodeid, 1)
+    (share / "warm").unlink()
+    yield server, fs, journal.queue(0), share, outside
+    os.close(proc)
+
+
+def _snapshot(path: Path) -> list[tuple[str, int, bytes]]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, n)
+            st_ = os.lstat(p)
+            data = Path(p).read_bytes() if os.path.isfile(p) and not os.path.islink(p) else b""
+            out.append((os.path.relpath(p, path), st_.st_mode, data))
+    return sorted(out)
+
+
+def _int(fmt: str, pool: list[int]):
+    bits = _BITS[fmt]
+    signed = fmt.islower()
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    interesting = [v for v in (0, 1, 2, 4096, hi, hi - 1, lo, 1 << (bits - 1)) if lo <= v <= hi]
+    interesting += [v for v in pool if lo <= v <= hi]
+    return st.one_of(st.sampled_from(interesting), st.integers(0, min(hi, 70000)),
+                     st.integers(lo, hi))
+
+
+def _likely(draw, percent: int) -> bool:
+    return draw(st.integers(0, 99)) < percent
+
+
+# Names that exist in every example's share (see SEED), new ones, and hostile ones.
+GOOD_NAMES = [b"a", b"b", b"dir", b"ln", b"new", b"n2", b"fifo"]
+BAD_NAMES = [b".", b"..", b"", b"a/b", b"../x", b"/etc", b"x" * 256, b"sub/..", b"\xff\xfe"]
+names = st.one_of(st.sampled_from(GOOD_NAMES), st.sampled_from(GOOD_NAMES),
+                  st.sampled_from(BAD_NAMES), st.binary(min_size=0, max_size=12))
+
+
+@st.composite
+def requests(draw, nodes: list[int], fhs: list[int]):
+    if _likely(draw, 90):
+        opcode = draw(st.sampled_from(sorted(BODIES)))
+    else:
+        opcode = draw(st.one_of(st.sampled_from([0, 7, 19, 54, 999, 4096, (1 << 32) - 1]),
+                                st.integers(0, 100)))
+    st_, tail = BODIES.get(opcode, (None, ""))
+    pool = nodes + fhs
+    body = b""
+    if st_ is not None:
+        fmt = st_.format.lstrip("<")
+        fields = []
+        for ch in fmt:
+            if ch == "x" or ch.isdigit():
+                continue
+            if ch == "Q" and pool and _likely(draw, 50):
+                fields.append(draw(st.sampled_from(pool)))       # an id issued before
+            elif _likely(draw, 50):
+                fields.append(draw(st.integers(0, 4096)))
+            else:
+                fields.append(draw(_int(ch, pool)))
+        if opcode == Opcode.FALLOCATE:
+            # Real allocations stay small (the share is on the host's disk).
+            fields[1] %= 1 << 20
+            fields[2] %= 1 << 20
+        body = st_.pack(*fields)
+    if tail == "name":
+        body += draw(names) + (b"\0" if _likely(draw, 85) else draw(
+            st.sampled_from([b"", b"\0\0", b"\0x"])))
+    elif tail == "two":
+        body += draw(names) + b"\0" + draw(names) + draw(st.sampled_from([b"\0", b""]))
+    elif tail == "xattr":
+        body += draw(st.sampled_from([b"user.a", b"trusted.x", b"security.y", b"user."])) \
+            + b"\0" + draw(st.binary(max_size=32))
+    elif tail == "data":
+        body += draw(st.binary(max_size=4096))
+    elif tail == "forgets":
+        n = draw(st.integers(0, 5))
+        body += b"".join(fa.FORGET_ONE.pack(draw(st.sampled_from(pool or [0])),
+                                            draw(_int("Q", [1]))) for _ in range(n))
+    if _likely(draw, 10):
+        body = draw(st.binary(max_size=64)) if draw(st.booleans()) else body[:draw(
+            st.integers(0, len(body)))]
+    nodeid = draw(st.sampled_from(nodes)) if _likely(draw, 80) else draw(_int("Q", nodes))
+    extlen = 0 if _likely(draw, 85) else draw(st.sampled_from([1, 2, 3, 0xFFFF]))
+    ext = b""
+    if extlen and extlen != 0xFFFF:
+        ext = draw(st.binary(min_size=8 * extlen, max_size=8 * extlen))
+    total = 40 + len(body) + len(ext)
+    length = total if _likely(draw, 85) else draw(st.sampled_from(
+        [total + 1, total - 1, 40, 39, 0, (1 << 32) - 1, 1 << 21]))
+    uid = 0 if _likely(draw, 80) else draw(st.sampled_from([1000, 65534, (1 << 32) - 1]))
+    hdr = fa.IN_HEADER.pack(length & 0xFFFFFFFF, opcode, draw(st.integers(1, 1 << 40)), nodeid,
+                            uid, uid, 1, extlen)
+    data = hdr + body + ext
+    if _likely(draw, 5):
+        data = data[:draw(st.integers(0, len(data)))]     # truncated
+    in_split = draw(st.lists(st.integers(1, 64), max_size=3))
+    out_size = draw(st.one_of(st.sampled_from([None, 0, 1, 15, 16, 17, 32, 160, 4096]),
+                              st.integers(0, MAX_REPLY)))
+    out_split = draw(st.lists(st.integers(1, 64), max_size=3))
+    return opcode, data, in_split, out_size, out_split
+
+
+def _split(data: bytes | bytearray, sizes: list[int]) -> list[memoryview]:
+    out, pos = [], 0
+    mv = memoryview(data)
+    for s in sizes:
+        if pos >= len(mv):
+            break
+        out.append(mv[pos:pos + s])
+        pos += s
+    if pos < len(mv):
+        out.append(mv[pos:])
+    return out
+
+
+def _serve(server: FuseServer, jq, data: bytes, in_split, out_size, out_split):
+    buf = bytearray(out_size or 0)
+    writer = Writer(_split(buf, out_split)) if out_size is not None and out_size > 0 else None
+    opcode, unique = struct.unpack_from("<IQ", data.ljust(16, b"\0"), 4)
+    jq.begin_effects(jq.popped(0, 0, opcode, unique))
+    used = server.handle(Reader(_split(bytearray(data), in_split)), writer)
+    jq.replied(0, used)
+    jq.pushed(0)
+    return used, buf
+
+
+def _name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return "unknown opcode"
+
+
+def seed(share: Path) -> None:
+    """A fresh share: a file, a directory with a file, a symlink and a FIFO."""
+    for p in list(share.iterdir()):
+        if not p.is_symlink() and p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    (share / "a").write_bytes(b"0123456789" * 50)
+    (share / "dir").mkdir()
+    (share / "dir" / "b").write_bytes(b"b")
+    (share / "ln").symlink_to("a")
+    os.mkfifo(share / "fifo")
+
+
+def _fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+@budget(400)
+@given(st.data())
+def test_hostile_requests(env, data) -> None:
+    server, fs, jq, share, outside = env
+    before_outside = _snapshot(outside.parent / "outside")
+    if not server.session.started:
+        fs.destroy()
+        server.session.start(fa.KERNEL_MINOR_VERSION, 0)
+    baseline = _fds()
+    seed(share)
+    nodes: list[int] = [ROOT]
+    fhs: list[int] = []
+    try:
+        for _ in range(data.draw(st.integers(1, 8))):
+            opcode, req, in_split, out_size, out_split = data.draw(requests(nodes, fhs))
+            used, buf = _serve(server, jq, req, in_split, out_size, out_split)
+            capacity = out_size or 0
+            assert 0 <= used <= capacity
+            if used == 0:
+                continue
+            assert used >= fa.OUT_HEADER.size
+            length, error, unique = fa.OUT_HEADER.unpack_from(buf)
+            assert length == used
+            assert unique == struct.unpack_from("<Q", req, 8)[0]
+            assert -511 <= error <= 0
+            event(f"{_name(opcode)}: {'ok' if not error else os.strerror(-error)}")
+            if error:
+                assert length == fa.OUT_HEADER.size
+                continue
+            if opcode in ENTRY_REPLIES and used >= 16 + 8:
+                nodes.append(struct.unpack_from("<Q", buf, 16)[0])
+            if opcode == Opcode.CREATE and used >= 16 + fa.ENTRY_OUT.size + 8:
+                fhs.append(struct.unpack_from("<Q", buf, 16 + fa.ENTRY_OUT.size)[0])
+            if opcode in OPEN_REPLIES and used >= 24:
+                fhs.append(struct.unpack_from("<Q", buf, 16)[0])
+    finally:
+        fs.restore_credentials()
+        fs.destroy()
+    # Everything the session opened is closed again, and only the share changed.
+    assert not _fds() - baseline
+    assert _snapshot(outside.parent / "outside") == before_outside
+    assert sorted(os.listdir(outside.parent)) == ["outside", "share"]
