@@ -279,9 +279,10 @@ class Results:
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(axis="x", which="major", lw=0.3)
         ax2.set_xlabel("% of the machine's limit (memcpy MB/s or bare syscalls/s, log scale)")
-        ax1.legend(loc="lower right", fontsize=8)
+        handles, names = ax1.get_legend_handles_labels()
+        fig.legend(handles, names, loc="upper right", ncol=len(keys), fontsize=8)
         fig.suptitle(f"pyvirtiofsd vs Rust and C virtiofsd — {self.started} — "
-                     f"{self.machine.get('cpu', '')}", fontsize=10)
+                     f"{self.machine.get('cpu', '')}", fontsize=10, x=0.02, ha="left")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -339,9 +340,9 @@ def machine_info(daemons) -> dict:
             if re.fullmatch(r"[0-9a-f]{7,}(-dirty)?", commit):
                 info["pyvirtiofsd"] += f" (commit {commit})"
         elif d.key == "rs":
-            info["rust_virtiofsd"] = _version([d.exe, "--version"])
+            info["rust_virtiofsd"] = "Rust " + _version([d.exe, "--version"])
         elif d.key == "c":
-            info["c_virtiofsd"] = _version([d.exe, "-V"])
+            info["c_virtiofsd"] = "C " + _version([d.exe, "-V"])
     return info
 
 
@@ -351,7 +352,7 @@ def update_doc(path: Path, results: Results) -> None:
     if DOC_BEGIN not in text or DOC_END not in text:
         raise RuntimeError(f"{path} has no {DOC_BEGIN} ... {DOC_END} section")
     m = results.machine
-    daemons = ", ".join(f"{k}: {m[k]}" for k in ("pyvirtiofsd", "rust_virtiofsd", "c_virtiofsd")
+    daemons = "; ".join(m[k] for k in ("pyvirtiofsd", "rust_virtiofsd", "c_virtiofsd")
                         if k in m)
     cfg = results.config
     body = "\n".join([
