@@ -725,7 +725,10 @@ class DiffMachine(RuleBasedStateMachine):
             self.setattr(f"SETATTR {h} mode={mode:o} (fh)", h.nodes, h.cred, h=h,
                          mode=stat.S_IFREG | mode)
         elif how == "now":
-            if not owner and not h.writable:
+            # may_setattr(): the owner, or write permission by the mode bits now -- not the
+            # handle's open mode.
+            as_stat = os.stat_result((a.mode, 0, 0, 0, a.uid, a.gid, 0, 0, 0, 0))
+            if not owner and not may(h.cred, as_stat, W):
                 return
             self.setattr(f"SETATTR {h} times=now (fh)", h.nodes, h.cred, h=h,
                          valid=v.ATIME | v.MTIME | v.ATIME_NOW | v.MTIME_NOW)
