@@ -218,6 +218,28 @@ def test_none_mode_warns_once(daemon_factory) -> None:
     assert len(lines) == 1 and "WARN" in lines[0] and "no isolation" in lines[0]
 
 
+def test_a_respawned_worker_is_confined_like_the_first(daemon_factory, share: Path) -> None:
+    (share / "f").write_bytes(b"survives")
+    d = daemon_factory("--sandbox=namespace")
+    with Frontend.connect(d.socket, process=d.proc) as fe:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(fa.ROOT_ID, "f").nodeid
+        fh = c.open(node, os.O_RDONLY).fh
+        old = Tree(d, "namespace")
+        os.kill(old.workers[1], signal.SIGKILL)
+        # Served by the new worker, cloned by the same (confined) spawner.
+        assert c.read(node, fh, 0, 100) == b"survives"
+        d.wait_for("worker for queue 1 (pid")
+        new = Tree(d, "namespace")
+        (respawned,) = set(new.workers) - set(old.workers)
+        s = status(respawned)
+        assert (s["Seccomp"], s["Seccomp_filters"], s["NoNewPrivs"]) == ("2", "2", "1")
+        assert caps(respawned)["CapBnd"] == WORKER_MASK
+        assert ns(respawned, "mnt") == ns(old.workers[0], "mnt")
+    assert "SIGSYS" not in d.text
+
+
 # --- host mounts below the share ---------------------------------------------------------------
 
 
