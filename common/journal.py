@@ -84,6 +84,8 @@ MAX_EFFECTS = 8192
 _SLOT_META = struct.Struct("=IIQ")          # used_len, opcode, unique (offset 8)
 _SLOT_PRE = struct.Struct("=IIQQQQ")        # kind, flags, v0..v3 (offset 24)
 _PUSHING = 1 << 63
+_POPPED = 1
+_REPLIED = 3
 _COUNTER_MASK = (1 << 40) - 1
 
 
@@ -193,18 +195,26 @@ class QueueJournal:
         return self._u32[_W_SIZE_BOOTS * 2]
 
     # -- the request path (worker) ---------------------------------------------------------------
-    def popped(self, head: int, pos: int, opcode: int, unique: int) -> int:
-        """`head` was taken from avail position `pos`; returns its pop counter."""
-        nxt = self._w[_W_NEXT]
+    def popped(self, head: int, pos: int, opcode: int, unique: int,
+               effects: bool = True) -> int:
+        """`head` was taken from avail position `pos`; returns its pop counter.  With
+        `effects`, table changes from here on are the new request's (begin_effects)."""
+        w = self._w
+        nxt = w[_W_NEXT]
         counter = nxt >> 16
         s = self._slots + head * _SLOT_WORDS
         _SLOT_META.pack_into(self._view, self._off + s * 8 + 8, 0, opcode & 0xFFFFFFFF,
                              unique & 0xFFFFFFFFFFFFFFFF)
-        word = SlotState.POPPED | (pos & 0xFFFF) << 8 | (counter & _COUNTER_MASK) << 24
-        self._w[s] = word                                           # commit the slot
-        self._w[_W_NEXT] = (counter + 1) << 16 | ((pos + 1) & 0xFFFF)  # then the index
+        word = _POPPED | (pos & 0xFFFF) << 8 | (counter & _COUNTER_MASK) << 24
+        w[s] = word                                           # commit the slot
+        w[_W_NEXT] = (counter + 1) << 16 | ((pos + 1) & 0xFFFF)  # then the index
         self._head = head
         self._word = word
+        if effects:
+            w[_W_PENDING_NODE] = 0
+            w[_W_EFF_COUNT] = 0
+            w[_W_EFF_FORGETS] = 0
+            w[_W_EFF_OWNER] = counter + 1
         return counter
 
     def resume(self, rec: Inflight) -> None:
@@ -222,16 +232,16 @@ class QueueJournal:
                             v[0], v[1], v[2], v[3])
         self._w[s] = (self._word & ~0xFF) | SlotState.EXECUTING
 
-    def replied(self, head: int, used_len: int) -> None:
-        """The reply is in guest memory; only the used-ring push is left."""
+    def replied(self, head: int, used_len: int, used_idx: int) -> None:
+        """The reply is in guest memory; only the used-ring push is left, and it will go to
+        used index `used_idx` (so a successor can tell whether it did)."""
+        w = self._w
         s = self._slots + head * _SLOT_WORDS
         self._u32[s * 2 + 2] = used_len & 0xFFFFFFFF
-        self._w[s] = (self._w[s] & ~0xFF) | SlotState.REPLIED
-        self._w[_W_EFF_OWNER] = 0
+        w[s] = (w[s] & ~0xFF) | _REPLIED
+        w[_W_EFF_OWNER] = 0
+        w[_W_PUSHING] = _PUSHING | (used_idx & 0xFFFF) << 16 | head
         self._head = -1
-
-    def push_begin(self, head: int, used_idx: int) -> None:
-        self._w[_W_PUSHING] = _PUSHING | (used_idx & 0xFFFF) << 16 | head
 
     def pushed(self, head: int) -> None:
         self._w[self._slots + head * _SLOT_WORDS] = SlotState.FREE
@@ -302,18 +312,20 @@ class QueueJournal:
     # -- pins -------------------------------------------------------------------------------------
     def pin(self, kind: PinKind, ident: int) -> int:
         """Record a pin just taken; returns its record index (-1: no room, the pin may leak)."""
-        for i in range(MAX_PINS):
-            if not self._w[_W_PINS + i]:
-                self._kinds[i] = kind
-                self._w[_W_PINS + i] = ident
-                return i
+        w = self._w
+        for i in range(_W_PINS, _W_PINS + MAX_PINS):
+            if not w[i]:
+                self._kinds[i - _W_PINS] = kind
+                w[i] = ident
+                return i - _W_PINS
         return -1
 
     def unpin(self, kind: PinKind, ident: int) -> None:
         """Forget a pin record before the pin is released."""
-        for i in range(MAX_PINS):
-            if self._w[_W_PINS + i] == ident and self._kinds[i] == kind:
-                self._w[_W_PINS + i] = 0
+        w = self._w
+        for i in range(_W_PINS, _W_PINS + MAX_PINS):
+            if w[i] == ident and self._kinds[i - _W_PINS] == kind:
+                w[i] = 0
                 return
 
     def pins(self) -> list[tuple[int, int]]:

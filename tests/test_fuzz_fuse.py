@@ -212,9 +212,9 @@ def _serve(server: FuseServer, jq, data: bytes, in_split, out_size, out_split):
     buf = bytearray(out_size or 0)
     writer = Writer(_split(buf, out_split)) if out_size is not None and out_size > 0 else None
     opcode, unique = struct.unpack_from("<IQ", data.ljust(16, b"\0"), 4)
-    jq.begin_effects(jq.popped(0, 0, opcode, unique))
+    jq.popped(0, 0, opcode, unique)
     used = server.handle(Reader(_split(bytearray(data), in_split)), writer)
-    jq.replied(0, used)
+    jq.replied(0, used, 0)
     jq.pushed(0)
     return used, buf
 

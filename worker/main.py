@@ -319,7 +319,7 @@ class Worker:
                     try:
                         chain = queue.pop()
                     except ChainError as e:
-                        j.popped(e.head, pos, 0, 0)
+                        j.popped(e.head, pos, 0, 0, effects=False)
                         log.warning("queue %d: malformed descriptor chain %d: %s",
                                     self.index, e.head, e)
                         if hooks is not None:
@@ -329,7 +329,7 @@ class Worker:
                     if chain is None:
                         break
                     opcode, unique = _peek(chain.readable)
-                    j.begin_effects(j.popped(chain.head, pos, opcode, unique))
+                    j.popped(chain.head, pos, opcode, unique)
                     if hooks is not None:
                         hooks.opcode = opcode
                         hooks.at("popped")
@@ -355,10 +355,9 @@ class Worker:
         """Journal the reply, push it, free the slot, notify if asked to."""
         j = self.journal
         hooks = self.hooks
-        j.replied(head, used)
+        j.replied(head, used, queue.next_used)
         if hooks is not None:
             hooks.at("replied")
-        j.push_begin(head, queue.next_used)
         queue.push(head, used)
         if hooks is not None:
             hooks.at("pushed")
