@@ -62,6 +62,7 @@ from collections.abc import Callable
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.journal import Effect, Inflight, PinKind, PreState, QueueJournal, SlotState
+from pyvirtiofsd.worker.filesystem import Filesystem
 
 log = logging.getLogger("pyvirtiofsd.recovery")
 
@@ -150,7 +151,7 @@ class JournaledInodes:
 
 
 class JournaledHandles:
-    """The shared handle table, with this worker's pins and opened/removed handles journaled."""
+    """The shared handle table, with this worker's pins and the handles it opened journaled."""
 
     def __init__(self, table, journal: QueueJournal) -> None:
         self._t = table
@@ -242,13 +243,18 @@ class JournaledFs:
         self._hooks = hooks
         self._restore = getattr(inner, "restore_credentials", None)
         self.replay: Inflight | None = None
+        # Every other method of the inner filesystem is bound here once, so that calling it
+        # costs no __getattr__; with test hooks, the Filesystem operations among them fire
+        # the "executing" and "executed" points around the call.
         own = {n for n in dir(type(self)) if not n.startswith("_")}
+        operations = {n for n in dir(Filesystem) if not n.startswith("_")}
         for name in dir(inner):
             if name.startswith("_") or name in own or name == "options":
                 continue
             fn = getattr(inner, name)
             if callable(fn):
-                setattr(self, name, self._hooked(fn) if hooks is not None else fn)
+                hooked = hooks is not None and name in operations
+                setattr(self, name, self._hooked(fn) if hooked else fn)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
