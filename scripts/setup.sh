@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 echo "setup: installing pyvirtiofsd and its Python dependencies into .venv/"
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 
 # The daemons pyvirtiofsd is compared with (Rust virtiofsd 1.13, QEMU's C virtiofsd).
 if [ -x ../shared/tools/install-anchors.sh ]; then
