@@ -49,3 +49,12 @@ def _worker_fds(daemon: Daemon) -> int:
 @pytest.fixture(autouse=True)
 def _spawner_below_the_sandbox(monkeypatch) -> None:
     monkeypatch.setattr(daemon_fuse, "_worker_fds", _worker_fds)
+
+
+@pytest.fixture(autouse=True)
+def _usual_umask() -> Iterator[None]:
+    """Shares made with the umask the permission tests assume (an in-process PassthroughFs of an
+    earlier test module leaves the test process at umask 0)."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
