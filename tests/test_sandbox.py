@@ -98,10 +98,9 @@ def test_every_process_keeps_only_what_its_role_needs(daemon_factory, mode: str)
         # The parent only waits: no capabilities (it runs no guest-driven code, no filter).
         c = caps(t.parent)
         assert c["CapPrm"] == c["CapEff"] == c["CapBnd"] == 0
-    # No core dumps; and not dumpable, so same-uid processes cannot read each other's memory.
+    # No core dumps.
     for pid in [t.supervisor, t.spawner, *t.workers]:
         assert limit(pid, "Max core file size") == ("0", "0")
-        assert os.stat(f"/proc/{pid}/mem").st_uid == 0 or mode == "none"
 
 
 @pytest.mark.parametrize("mode", MODES)
