@@ -69,9 +69,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
                           "kernel falls back to COPY_FILE_RANGE",
     "credentials": "every request runs with the caller's fsuid/fsgid; virtiofsd switches "
                    "only for requests that create an inode",
-    "lookup-supplementary-group": "not intended, open: a LOOKUP whose caller may search the "
-                                  "directory only through a supplementary group is refused "
-                                  "(EACCES); virtiofsd serves it",
     "malformed-setxattr": "a SETXATTR whose value is not `size` bytes long is answered "
                           "EINVAL; virtiofsd 1.13 panics and exits",
     "readdirplus-small-buffer": "a READDIRPLUS buffer too small for the next entry is "

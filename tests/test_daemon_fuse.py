@@ -837,14 +837,19 @@ def test_supplementary_groups_from_the_request(session: Session) -> None:
     node = c.lookup(ROOT, "grp").nodeid
     as_user = {"uid": 1000, "gid": 1000}
     size = fa.ENTRY_OUT.size
-    assert c.request(fa.Opcode.LOOKUP, node, b"file\0", **as_user).error == errno.EACCES
+    # ACCESS answers what access(2) answers for the caller with the request's groups (it is
+    # never retried with the inode's group, unlike LOOKUP, which the guest kernel checked).
+    search = fa.ACCESS_IN.pack(os.X_OK)
+    assert c.request(fa.Opcode.ACCESS, node, search, **as_user).error == errno.EACCES
+    err, _ = _with_groups(c, fa.Opcode.ACCESS, node, search, [3000, 2000], 0, **as_user)
+    assert err == 0
+    err, _ = _with_groups(c, fa.Opcode.ACCESS, node, search, [3000], 0, **as_user)
+    assert err == errno.EACCES
+    # The groups of one request do not leak into the next.
+    assert c.request(fa.Opcode.ACCESS, node, search, **as_user).error == errno.EACCES
     err, body = _with_groups(c, fa.Opcode.LOOKUP, node, b"file\0", [3000, 2000], size,
                              **as_user)
     assert err == 0 and fa.EntryOut.unpack(body).attr.size == 14
-    err, _ = _with_groups(c, fa.Opcode.LOOKUP, node, b"file\0", [3000], size, **as_user)
-    assert err == errno.EACCES
-    # The groups of one request do not leak into the next.
-    assert c.request(fa.Opcode.LOOKUP, node, b"file\0", **as_user).error == errno.EACCES
     # A malformed extension is refused.
     bad = fa.EXT_HEADER.pack(16, fa.ExtType.GROUPS) + fa.SUPP_GROUPS.pack(100) + bytes(4)
     unique, readable = c.build(fa.Opcode.LOOKUP, node, b"file\0" + bad, total_extlen=2)

@@ -444,6 +444,7 @@ class PassthroughFs(Filesystem):
         return int(want)
 
     # -- names and inodes ------------------------------------------------------------------
+    @_member_retry(0)
     def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
         self._as_caller(ctx)
         if name == b"." or name == b"..":
