@@ -42,6 +42,12 @@ def main() -> int:
         try:
             result = soak.run(factory, share, args.minutes * 60, args.queues, args.kill_every,
                               args.seed)
+        except BaseException:
+            for d in started:
+                d.stop()
+                notable = [line for line in d.log if " ERROR " in line or " WARN " in line]
+                sys.stderr.write("".join([*notable[-40:], "--- last lines\n", *d.log[-40:]]))
+            raise
         finally:
             for d in started:
                 d.stop()

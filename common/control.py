@@ -89,7 +89,14 @@ FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.FAILED})
 
 
 class ProtocolError(Exception):
-    """A malformed or unexpected control message: the sender is not to be trusted further."""
+    """A malformed or unexpected control message: the sender is not to be trusted further.
+
+    `seq` is the message's sequence number when its header could be read, so that a request
+    that cannot be honoured (its fds did not arrive) can still be answered."""
+
+    def __init__(self, what: str, seq: int | None = None) -> None:
+        super().__init__(what)
+        self.seq = seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +184,11 @@ def receive(sock: socket.socket, allowed: frozenset[MsgType]) -> Message | None:
             fds.frombytes(cdata[: len(cdata) - (len(cdata) % fds.itemsize)])
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         close_fds(fds)
-        raise ProtocolError("truncated control message")
+        seq = HEADER.unpack_from(data)[1] if len(data) >= HEADER.size else None
+        if flags & socket.MSG_CTRUNC:
+            # Also what the kernel does when the receiver's fd table is full (EMFILE).
+            raise ProtocolError("control message whose fds could not all be received", seq)
+        raise ProtocolError("truncated control message", seq)
     if not data and not fds:
         return None
     return decode(data, list(fds), allowed)

@@ -72,6 +72,8 @@ class WorkerHandle:
     served_before: int = 0
     # Set once it answered READY and resumed its ring: a death before that is a boot failure.
     up: bool = False
+    # Its wait status, when it was reaped early (reap_dead) before worker_exited ran.
+    status: int | None = None
 
     def close(self) -> None:
         self.channel.close()
@@ -110,6 +112,9 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             msg = control.receive(channel, control.TO_SPAWNER)
         except control.ProtocolError as e:
             log.error("spawner: %s", e)
+            if e.seq is not None:
+                # Say so at once rather than let the supervisor wait for an answer.
+                control.send(channel, control.encode(MsgType.FAILED, e.seq, errno.EMFILE))
             continue
         if msg is None or msg.type is MsgType.SHUTDOWN:
             os._exit(0)
@@ -120,7 +125,13 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         old = worker_channels.pop(queue, None)
         if old is not None:
             control.close_fds([old])
-        pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
+        try:
+            pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
+        except OSError as e:
+            log.error("spawner: cannot start a worker for queue %d: %s", queue, e.strerror)
+            control.close_fds([fd])
+            control.send(channel, control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO))
+            continue
         if pid == 0:
             channel.detach()     # the spawner's socket must survive this process's exit
             status = 0
@@ -184,7 +195,9 @@ class ProcessTable:
         answer = self._wait(self.spawner, control.FROM_SPAWNER, queue, f"spawner (queue {queue})")
         if answer.type is not MsgType.SPAWNED:
             ours.close()
-            raise OSError(errno.EIO, f"spawner could not start the worker for queue {queue}")
+            err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
+            raise OSError(err, f"spawner could not start the worker for queue {queue}"
+                               f" ({os.strerror(err)})")
         (pid,) = answer.fields
         try:
             pidfd = os.pidfd_open(pid)
@@ -211,14 +224,24 @@ class ProcessTable:
         """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
         after the worker died, so its death shows on its pidfd, not as EOF."""
         deadline = time.monotonic() + ANSWER_TIMEOUT
-        watch = [sock] if pidfd < 0 else [sock, pidfd]
         while True:
+            # Other workers that die meanwhile are reaped at once: a dead worker may hold a
+            # lock of the shared tables, which is only taken over once it is no zombie, and the
+            # worker answering here may be waiting for that lock.
+            others = {h.pidfd: h for h in self.workers.values()
+                      if h.status is None and h.pidfd != pidfd}
+            watch = [sock, *others] if pidfd < 0 else [sock, pidfd, *others]
             left = deadline - time.monotonic()
             ready = select.select(watch, [], [], left)[0] if left > 0 else []
             if not ready:
                 raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
+            for fd in ready:
+                if fd in others:
+                    others[fd].status = _reap(others[fd].pid)
             if sock not in ready:
-                raise OSError(errno.EPIPE, f"{who} died")
+                if pidfd >= 0 and pidfd in ready:
+                    raise OSError(errno.EPIPE, f"{who} died")
+                continue
             msg = control.receive(sock, allowed)
             if msg is None:
                 # An empty datagram or a closed channel, from a process that is still alive.
@@ -403,7 +426,7 @@ class ProcessTable:
                              + _describe(status, self.report, SigsysReport.SPAWNER,
                                          self.spawner_pid))
         handle = self.workers.pop(queue)
-        status = _reap(handle.pid)
+        status = _reap(handle.pid) if handle.status is None else handle.status
         handle.close()
         why = _describe(status, self.report, SigsysReport.worker_slot(queue), handle.pid)
         doing = self.last_request(queue)
@@ -441,6 +464,20 @@ class ProcessTable:
         self.respawns += 1
         try:
             handle = self.spawn(queue)
+        except WorkerGone:
+            return                   # it died starting: worker_exited counts that
+        except OSError as e:
+            # No process was started (the spawner could not, or did not answer): that is a
+            # failed start too, retried later or the queue failed like any other.
+            why = e.strerror or str(e)
+            delay = self.policy.died(queue, False, why)
+            if delay is None:
+                self._fail(queue, self.policy.failed[queue])
+            else:
+                log.error("no worker for queue %d: %s; trying again in %.1f s", queue, why,
+                          delay)
+            return
+        try:
             if self.memory is not None:
                 regions, fds = self.memory
                 rows = _rows(regions)

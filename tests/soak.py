@@ -1,12 +1,12 @@
 """The soak: file streams on every request queue while queue workers are SIGKILLed.
 
 One stream per request queue creates a file, writes random data in chunks, closes it, opens it
-again, reads it back and checks its SHA-256; a third of the files are kept to the end, the rest
-unlinked and forgotten.  A killer SIGKILLs a random worker (request queues and hiprio) every
-`kill_every` seconds on average.  Every FUSE error, protocol violation or timeout the client
-sees is an error.  At the end every kept file is verified again through the daemon and on the
-host, all lookups and handles are dropped, and the fd counts and RSS of the daemon's processes
-are compared with those measured after the warm-up.
+again, reads it back and checks its SHA-256; a third of the files (up to KEEP per stream) are
+kept to the end, the rest unlinked and forgotten.  A killer SIGKILLs a random worker (request
+queues and hiprio) every `kill_every` seconds on average.  Every FUSE error, protocol violation
+or timeout the client sees is an error.  At the end every kept file is verified again through
+the daemon and on the host, all lookups and handles are dropped, and the fd counts and RSS of
+the daemon's processes are compared with those measured after the warm-up.
 
 Used by tests/test_soak.py (bounded, in CI) and bench/soak.py (long runs, one command).
 """
@@ -29,6 +29,9 @@ from tests.frontend import Frontend, FrontendError, FuseClient, FuseError
 
 ROOT = fa.ROOT_ID
 CHUNK = 64 << 10
+# Files kept (looked up, so holding an fd in the daemon) per stream: a long run must not fill
+# the daemon's fd table with them.
+KEEP = 300
 
 
 def children(pid: int) -> dict[int, str]:
@@ -136,7 +139,7 @@ class _Stream(threading.Thread):
         self._call(c.release, entry.nodeid, fh)
         if hashlib.sha256(back).hexdigest() != digest:
             raise AssertionError(f"{name}: read back {len(back)} bytes that do not match")
-        if n % 3 == 0:
+        if n % 3 == 0 and len(self.kept) < KEEP:
             self.kept.append((name, entry.nodeid, digest))
         else:
             self._call(c.unlink, ROOT, name)
