@@ -314,20 +314,27 @@ class PassthroughFs(Filesystem):
             raise _err(errno.ENOTDIR)     # what resolving a name in it would say
         path = os.readlink(b"%d" % dir_fd, dir_fd=self._proc)
         root = self._root_path
-        if root != b"/":
-            # Without a sandbox the kernel names paths from the host's root.
-            if path != root and not path.startswith(root + b"/"):
-                raise _err(errno.ENOENT)
-            path = path[len(root):]
         try:
-            fd = _open_beneath(self._root_fd, path.lstrip(b"/") or b".",
-                               os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if root == b"/":
+                # The share is this process's root (pivoted or chrooted): no path, symlinks
+                # included, resolves outside it, so reaching this very directory is the whole
+                # question -- asked without opening anything (a worker killed while it holds an
+                # fd in the shared table would leave that fd behind).
+                found = os.stat(path.lstrip(b"/") or b".", dir_fd=self._root_fd,
+                                follow_symlinks=False)
+            else:
+                # Without a sandbox the kernel names paths from the host's root, and symlinks
+                # could lead anywhere: the path must be under the share's and is walked with none.
+                if path != root and not path.startswith(root + b"/"):
+                    raise _err(errno.ENOENT)
+                fd = _open_beneath(self._root_fd, path[len(root):].lstrip(b"/") or b".",
+                                   os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    found = os.fstat(fd)
+                finally:
+                    os.close(fd)
         except OSError:
             raise _err(errno.ENOENT) from None
-        try:
-            found = os.fstat(fd)
-        finally:
-            os.close(fd)
         if (found.st_dev, found.st_ino) != (have.st_dev, have.st_ino):
             raise _err(errno.ENOENT)
 
