@@ -98,3 +98,13 @@ def daemon_factory(tmp_path: Path, share: Path) -> Iterator:
     yield start
     for d in started:
         d.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """An in-process PassthroughFs sets the process umask to 0 (the guest kernel applies the
+    caller's); no test may leave that to the next one."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
