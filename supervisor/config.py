@@ -146,10 +146,9 @@ class Config:
                      "preserve_noatime", "migration_verify_handles", "migration_confirm_paths"):
             if getattr(self, flag):
                 out.append(_opt(flag))
-        for name in ("xattrmap", "modcaps"):
-            if getattr(self, name) is not None:
-                out.append(_opt(name))
-        for name in ("uid_map", "gid_map", "translate_uid", "translate_gid"):
+        if self.xattrmap is not None:
+            out.append(_opt("xattrmap"))
+        for name in ("translate_uid", "translate_gid"):
             out.extend(f"{_opt(name)}={value}" for value in getattr(self, name))
         for name, default in (("inode_file_handles", "never"), ("migration_mode", "find-paths"),
                               ("migration_on_error", "abort")):

@@ -42,9 +42,6 @@ log = logging.getLogger("pyvirtiofsd")
 
 MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
 # Options Config.unimplemented() still lists that the sandbox implements.
-IMPLEMENTED_HERE = ("--modcaps", "--uid-map", "--gid-map")
-
-
 class Shutdown(Exception):
     pass
 
@@ -195,8 +192,7 @@ class Supervisor:
         os.close(self.sandbox.proc_fd)
         self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():
-            if not warning.startswith(IMPLEMENTED_HERE):
-                log.warning("%s is accepted but not implemented yet; it has no effect", warning)
+            log.warning("%s is accepted but not implemented yet; it has no effect", warning)
         log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
                  self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
         status = 0
