@@ -26,27 +26,13 @@ from pathlib import Path
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import Daemon
 from tests.frontend import Frontend, FrontendError, FuseClient, FuseError
+from tests.proctree import children
 
 ROOT = fa.ROOT_ID
 CHUNK = 64 << 10
 # Files kept (looked up, so holding an fd in the daemon) per stream: a long run must not fill
 # the daemon's fd table with them.
 KEEP = 300
-
-
-def children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        if int(st[st.rindex(")") + 2 :].split()[1]) == pid:
-            out[int(entry)] = st[st.index("(") + 1 : st.rindex(")")]
-    return out
 
 
 def _rss_kib(pid: int) -> int:

@@ -8,23 +8,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import DAEMON
-
-
-def _children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == pid:
-            out[int(entry)] = comm
-    return out
+from tests.proctree import children
 
 
 def _fd_targets(pid: int) -> set[tuple[int, str]]:
@@ -34,13 +18,13 @@ def _fd_targets(pid: int) -> set[tuple[int, str]]:
 
 def test_one_supervisor_one_worker_per_virtqueue(daemon_factory) -> None:
     d = daemon_factory("--request-queues=2")
-    children = _children(d.proc.pid)
-    names = sorted(children.values())
+    kids = children(d.proc.pid)
+    names = sorted(kids.values())
     # hiprio + 2 request queues, and the spawner that holds their shared fd table.
-    assert names == ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2", "pyvfs-spawner"], children
-    workers = [pid for pid, name in children.items() if name.startswith("pyvfs-q")]
-    spawner = next(pid for pid, name in children.items() if name == "pyvfs-spawner")
-    assert _children(spawner) == {}, "workers must be the supervisor's children"
+    assert names == ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2", "pyvfs-spawner"], kids
+    workers = [pid for pid, name in kids.items() if name.startswith("pyvfs-q")]
+    spawner = next(pid for pid, name in kids.items() if name == "pyvfs-spawner")
+    assert children(spawner) == {}, "workers must be the supervisor's children"
     # CLONE_FILES: the workers and the spawner see one and the same fd table ...
     tables = {frozenset(_fd_targets(pid)) for pid in [*workers, spawner]}
     assert len(tables) == 1
@@ -90,7 +74,7 @@ def test_second_daemon_on_same_socket_is_refused(daemon_factory, share: Path) ->
 
 def test_sigterm_stops_every_process(daemon_factory) -> None:
     d = daemon_factory()
-    kids = list(_children(d.proc.pid))
+    kids = list(children(d.proc.pid))
     assert d.stop() == 0
     for pid in kids:
         assert not os.path.exists(f"/proc/{pid}"), f"process {pid} outlived the supervisor"

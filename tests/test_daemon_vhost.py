@@ -47,25 +47,11 @@ from tests.frontend import (
     ReplyTimeout,
     connect_unix,
 )
+from tests.proctree import children
 
 ROOT = fa.ROOT_ID
 MIB = 1 << 20
 _NEXT, _WRITE, _INDIRECT = int(DescFlag.NEXT), int(DescFlag.WRITE), int(DescFlag.INDIRECT)
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(int(entry))
-    return out
 
 
 @dataclass
@@ -109,7 +95,7 @@ def connect(daemon_factory) -> Iterator[Callable[..., Conn]]:
 
     def start(*args: str, negotiate: bool = True, **kw) -> Conn:
         d = daemon_factory(*args)
-        kids = children_of(d.proc.pid)
+        kids = list(children(d.proc.pid))
         if negotiate:
             fe = Frontend.connect(d.socket, process=d.proc, **kw)
         else:

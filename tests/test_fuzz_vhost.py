@@ -216,7 +216,7 @@ def test_backend_answers_refuses_or_disconnects(tmp_path_factory, seq) -> None:
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     from tests.conftest import start_daemon
-    from tests.test_recovery import children, fd_count
+    from tests.proctree import children, fd_count
 
     share = tmp_path_factory.mktemp("vhostfuzz")
     d = start_daemon(share, str(share.parent / "fuzz.sock"), "--reconnect",

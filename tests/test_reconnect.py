@@ -19,7 +19,7 @@ import pytest
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import Daemon
 from tests.frontend import DriverQueue, Frontend, FuseClient, GuestMemory, connect_unix
-from tests.test_recovery import children, fd_count
+from tests.proctree import children, fd_count
 
 ROOT = fa.ROOT_ID
 MIB = 1 << 20

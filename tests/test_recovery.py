@@ -22,29 +22,10 @@ import pytest
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
+from tests.proctree import children, fd_count
 
 ROOT = fa.ROOT_ID
 POINTS = ("popped", "executing", "executed", "replied", "pushed")
-
-
-def children(pid: int) -> dict[int, str]:
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                st = f.read()
-        except OSError:
-            continue
-        comm = st[st.index("(") + 1 : st.rindex(")")]
-        if int(st[st.rindex(")") + 2 :].split()[1]) == pid:
-            out[int(entry)] = comm
-    return out
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 @dataclass
