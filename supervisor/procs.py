@@ -192,7 +192,12 @@ class ProcessTable:
                          [theirs.fileno()])
         finally:
             theirs.close()
-        answer = self._wait(self.spawner, control.FROM_SPAWNER, queue, f"spawner (queue {queue})")
+        try:
+            answer = self._wait(self.spawner, control.FROM_SPAWNER, queue,
+                                f"spawner (queue {queue})")
+        except BaseException:
+            ours.close()
+            raise
         if answer.type is not MsgType.SPAWNED:
             ours.close()
             err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
