@@ -28,10 +28,8 @@ echo "setup: installing pyvirtiofsd and its Python dependencies into .venv/"
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 
 # The daemons pyvirtiofsd is compared with (Rust virtiofsd 1.13, QEMU's C virtiofsd).
-if [ -x ../shared/tools/install-anchors.sh ]; then
-    echo "setup: installing the reference virtiofsd daemons under /opt/anchors"
-    ../shared/tools/install-anchors.sh >/dev/null
-fi
+echo "setup: installing the reference virtiofsd daemons under /opt/anchors"
+bash scripts/install-anchors.sh >/dev/null
 
 # Guest kernels (Debian 6.1 and trixie's 6.12), fetched as packages and unpacked, not installed.
 echo "setup: fetching the guest kernels (cached under guest/work/)"

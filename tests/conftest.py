@@ -108,3 +108,35 @@ def _keep_umask() -> Iterator[None]:
     os.umask(old)
     yield
     os.umask(old)
+
+
+# -- every layer must run ---------------------------------------------------------------------
+# The differential, bridge, anchor and guest layers skip when a prerequisite is missing (an
+# anchor daemon, /dev/fuse, a guest kernel).  A developer running one file may accept that; the
+# README's test command passes --no-skips, so a run with a layer missing fails instead of
+# passing with less tested than it claims.
+
+_skipped: list[str] = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--no-skips", action="store_true",
+                     help="fail the run if any test was skipped (every layer must run)")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        _skipped.append(f"{report.nodeid}: {why}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.getoption("--no-skips") and _skipped and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if config.getoption("--no-skips") and _skipped:
+        terminalreporter.section("skipped tests fail this run (--no-skips)", red=True)
+        for line in _skipped:
+            terminalreporter.write_line(line)

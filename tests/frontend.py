@@ -68,7 +68,9 @@ PAGE = mmap.PAGESIZE
 UADDR_BASE = 0x7F00_0000_0000
 UADDR_STRIDE = 1 << 36
 
-ANCHOR = "/opt/anchors/virtiofsd-rs"
+# The Rust virtiofsd (scripts/install-anchors.sh); the variable lets a test run the suite with
+# the anchor missing, to prove that such a run fails.
+ANCHOR = os.environ.get("PYVIRTIOFSD_ANCHOR_RS", "/opt/anchors/virtiofsd-rs")
 
 # Requests whose definition includes a reply (protocol.md 1.4 "always"); everything else gets
 # only the REPLY_ACK u64, and only when NEED_REPLY is set (1.9).

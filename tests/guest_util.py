@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.frontend import ANCHOR
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -88,7 +90,7 @@ class GuestDaemon:
 DAEMONS = {
     "anchor": GuestDaemon(
         name="anchor",
-        argv=("/opt/anchors/virtiofsd-rs", "--sandbox=none"),
+        argv=(ANCHOR, "--sandbox=none"),
         max_request_queues=1,
         queue_args=lambda n: [],
         check_queues=no_queue_check,

@@ -28,8 +28,8 @@ from pyvirtiofsd.supervisor.config import (
     parse,
     run_cli,
 )
+from tests.frontend import ANCHOR
 
-ANCHOR = "/opt/anchors/virtiofsd-rs"
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "pyvirtiofsd.toml"
 BASE = ["--socket-path=/tmp/vfs.sock", "--shared-dir=/srv"]
 
