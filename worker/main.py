@@ -85,7 +85,7 @@ class Worker:
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
-              owned_fds: Iterable[int] = ()) -> Worker:
+              owned_fds: Iterable[int] = (), data_plane: str = "python") -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
