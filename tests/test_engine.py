@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.worker.engine import Engine, EngineError, Status, buffer_address
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError
-from tests.test_virtqueue import BOUNDARY, GAP, INDIRECT, MALFORMED, NEXT, WRITE, FakeGuest
+from tests.test_virtqueue import BOUNDARY, GAP, INDIRECT, MALFORMED, NEXT, FakeGuest
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 GETATTR = 3
