@@ -62,6 +62,7 @@ class CacheMode(enum.StrEnum):
 LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 SANDBOX_MODES = ("namespace", "chroot", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
+DATA_PLANES = ("native", "python")
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
@@ -123,6 +124,8 @@ class Config:
     request_queues: int = 1
     queue_size: int = 1024
     reconnect: bool = False
+    # Who serves the rings: the C request engine (worker/engine.c) or the Python reference.
+    data_plane: str = "native"
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -338,6 +341,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "migration_on_error": _choice(MIGRATION_ON_ERROR),
     "request_queues": _uint(1, MAX_REQUEST_QUEUES),
     "queue_size": _queue_size,
+    "data_plane": _choice(DATA_PLANES),
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues",
@@ -447,6 +451,8 @@ def _build_parser() -> _Parser:
     value("queue_size", f"largest virtqueue size accepted, a power of two up to "
           f"{MAX_QUEUE_SIZE} [default: 1024]")
     flag("reconnect", "keep state and wait for the next frontend after a disconnect")
+    value("data_plane", "who serves the virtqueues: native (the C request engine) or python "
+          "(the reference implementation) [default: native]")
     return p
 
 

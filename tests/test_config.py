@@ -116,6 +116,8 @@ def test_defaults_are_virtiofsds():
     (["--queue-size", "32768"], "queue_size", 32768),
     (["--queue-size=2"], "queue_size", 2),
     (["--reconnect"], "reconnect", True),
+    (["--data-plane=python"], "data_plane", "python"),
+    (["--data-plane=python", "--data-plane=native"], "data_plane", "native"),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])
@@ -317,6 +319,7 @@ BAD_ARGS = [
     ([*BASE, "--config"], "expected one argument"),
     ([*BASE, "--shared-dir="], "--shared-dir: value must not be empty"),
     ([*BASE, "--xattr=yes"], "ignored explicit argument 'yes'"),
+    ([*BASE, "--data-plane=rust"], "--data-plane: invalid value 'rust'"),
 ]
 
 
