@@ -222,6 +222,17 @@ class QueueJournal:
         self._head = rec.head
         self._word = (self._w[self._slots + rec.head * _SLOT_WORDS] & ~0xFF) | SlotState.POPPED
 
+    def adopt(self, head: int, word: int) -> None:
+        """Make `head`, popped by the native engine with state word `word`, the request being
+        executed here (worker/engine.py hands it to Python)."""
+        self._head = head
+        self._word = word
+
+    @property
+    def address(self) -> int:
+        """Where this queue's region starts (for the native engine)."""
+        return int(native.ffi.cast("uintptr_t", self._w))
+
     def executing(self, pre: PreState) -> None:
         """The current request is about to make a change that must not be repeated."""
         if self._head < 0:

@@ -125,7 +125,7 @@ class Config:
     queue_size: int = 1024
     reconnect: bool = False
     # Who serves the rings: the C request engine (worker/engine.c) or the Python reference.
-    data_plane: str = "python"
+    data_plane: str = "native"
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -452,7 +452,7 @@ def _build_parser() -> _Parser:
           f"{MAX_QUEUE_SIZE} [default: 1024]")
     flag("reconnect", "keep state and wait for the next frontend after a disconnect")
     value("data_plane", "who serves the virtqueues: native (the C request engine) or python "
-          "(the reference implementation) [default: python]")
+          "(the reference implementation) [default: native]")
     return p
 
 
@@ -626,9 +626,6 @@ def _check_combination(v: dict[str, Any]) -> None:
             if v[name]:
                 raise ConfigError(f"{_opt(name)} cannot be used with "
                                   "--migration-mode=file-handles (it is unnecessary there)")
-    if v["data_plane"] == "native":
-        raise ConfigError("--data-plane=native is not available in this build: "
-                          "use --data-plane=python")
     if (v["inode_file_handles"] != "never" and v["modcaps"] is not None
             and "-dac_read_search" in v["modcaps"].lower().split(":")):
         raise ConfigError("--modcaps cannot drop dac_read_search with "

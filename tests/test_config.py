@@ -117,6 +117,7 @@ def test_defaults_are_virtiofsds():
     (["--queue-size=2"], "queue_size", 2),
     (["--reconnect"], "reconnect", True),
     (["--data-plane=python"], "data_plane", "python"),
+    (["--data-plane=python", "--data-plane=native"], "data_plane", "native"),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])

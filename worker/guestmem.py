@@ -64,6 +64,10 @@ class GuestMemory:
         """(gpa, size, uaddr, mmap_offset) of every region, by guest-physical address."""
         return [(r.gpa, r.size, r.uaddr, r.mmap_offset) for r in self._by_gpa]
 
+    def views(self) -> list[tuple[int, int, int, memoryview]]:
+        """(gpa, size, uaddr, view of the mapped region) of every region."""
+        return [(r.gpa, r.size, r.uaddr, r.view) for r in self._by_gpa]
+
     def __len__(self) -> int:
         return len(self._by_gpa)
 

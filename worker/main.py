@@ -29,6 +29,7 @@ from pyvirtiofsd.common.control import Message, MsgType, RingFlag
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
@@ -55,7 +56,7 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
 class Worker:
     def __init__(self, queue_index: int, channel: socket.socket, server: FuseServer,
                  arena: Arena, journal: QueueJournal, fs: JournaledFs,
-                 hooks: testhooks.Hooks | None = None) -> None:
+                 hooks: testhooks.Hooks | None = None, engine: Engine | None = None) -> None:
         self.index = queue_index
         self.channel = channel
         self.server = server
@@ -81,6 +82,14 @@ class Worker:
         self.control_pending.register(channel.fileno(), select.POLLIN)
         self.busy = False
         self.running = True
+        # The native data plane (worker/engine.c), or None for the Python reference.  With it,
+        # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
+        # hands back and replays the journal; the engine owns the ring indices.
+        self.engine = engine
+        self._counted = 0
+        # What an answered control message left to do: recover a resumed ring, then serve it.
+        self._recover_after: SplitQueue | None = None
+        self._serve_after = False
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -99,7 +108,11 @@ class Worker:
             hooks.at_boot()
         fs = JournaledFs(make_fs(tables), tables, hooks)
         server = FuseServer(fs, queue, session)
-        return cls(queue, channel, server, arena, jq, fs, hooks)
+        engine = None
+        # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
+        if data_plane == "native" and hooks is None:
+            engine = Engine(channel.fileno(), jq.address, jq.capacity)
+        return cls(queue, channel, server, arena, jq, fs, hooks, engine)
 
     # -- control channel ------------------------------------------------------------------
     def on_control(self) -> None:
@@ -123,6 +136,14 @@ class Worker:
             log.error("queue %d: %s refused: %s", self.index, msg.type.name, e)
             answer = control.encode(MsgType.FAILED, msg.seq, errno.EINVAL)
         control.send(self.channel, answer)
+        # Serving comes after the answer: the supervisor's answer timeout measures how quickly
+        # this worker answers, never how deep its ring is.
+        queue, self._recover_after = self._recover_after, None
+        if queue is not None and queue is self.queue:
+            self.recover(queue)
+        if self._serve_after:
+            self._serve_after = False
+            self.process()
 
     def dispatch(self, msg: Message) -> bytes:
         t = msg.type
@@ -139,8 +160,7 @@ class Worker:
             self.signal()
         elif t is MsgType.SET_ENABLE:
             self.enabled = bool(msg.fields[0])
-            if self.enabled:
-                self.process()
+            self._serve_after = self.enabled
         elif t is MsgType.SHUTDOWN:
             self.running = False
         elif t is MsgType.MEM_UNMAP:
@@ -158,10 +178,16 @@ class Worker:
                 new.add_region(gpa, size, uaddr, offset, fd)
         finally:
             control.close_fds(msg.fds)
+        queue = None
         if self.queue is not None and self.geometry is not None:
             num, desc, avail, used, event_idx, indirect = self.geometry
-            self.queue = SplitQueue(new, num, desc, avail, used, self.queue.next_avail,
-                                    event_idx=event_idx, indirect=indirect)
+            queue = SplitQueue(new, num, desc, avail, used, self._next_avail(),
+                               event_idx=event_idx, indirect=indirect)
+        if self.engine is not None and self.engine.running and queue is not None:
+            # The ring goes on over the new table; the engine is started again by process().
+            self.engine.stop()
+        if queue is not None:
+            self.queue = queue
         self.mem.clear()
         self.mem = new
 
@@ -210,14 +236,36 @@ class Worker:
         self.err = err
         self.enabled = bool(flags & RingFlag.ENABLED)
         if resume:
-            self.recover(queue)
+            self._recover_after = queue
         # Rings start with SET_VRING_KICK; a front-end need not kick again (protocol.md 1.8).
-        self.process()
+        self._serve_after = True
+
+    def _next_avail(self) -> int:
+        if self.engine is not None and self.engine.running:
+            return self.engine.next_avail
+        return self.queue.next_avail if self.queue is not None else self.stopped_at
+
+    def _start_engine(self, queue: SplitQueue) -> None:
+        """Hand the ring to the engine where the Python queue has brought it (recovery)."""
+        engine = self.engine
+        if engine is None or engine.running or self.geometry is None:
+            return
+        num, desc, avail, used, event_idx, indirect = self.geometry
+        engine.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in self.mem.views()])
+        engine.start(num, desc, avail, used, queue.next_avail, event_idx=event_idx,
+                     indirect=indirect)
+        engine.set_fds(self.call, self.err)
 
     def stop_ring(self) -> int:
-        queue, self.queue = self.queue, None
-        if queue is not None:
-            self.stopped_at = queue.next_avail
+        if self._recover_after is not None:
+            # Stopped before the journal was replayed: the next start replays it.
+            self._recover_after = None
+        if self.queue is not None:
+            self.stopped_at = self._next_avail()
+        self.queue = None
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine.set_fds(None, None)
         if self.kick is not None:
             self.poll.unregister(self.kick)
             self._close(self.kick)
@@ -238,6 +286,8 @@ class Worker:
         if fd is not None:
             self.journal.own_fd(fd)
         self.call = fd
+        if self.engine is not None:
+            self.engine.set_fds(fd, self.err)
 
     def _abandon(self) -> None:
         """The ring restarts elsewhere: requests still journaled will never be completed."""
@@ -297,11 +347,61 @@ class Worker:
             return               # called from a control message handled inside a batch
         self.busy = True
         try:
+            if self.engine is not None:
+                self._process_native(self.engine)
+                return
             while self.running and self.queue is not None and self.enabled:
                 if self._batch(self.queue):
                     break
         finally:
             self.busy = False
+
+    def _process_native(self, engine: Engine) -> None:
+        """process() on the native plane: the engine serves, Python answers what it hands
+        back and handles control messages between two of its batches."""
+        while self.running and self.queue is not None and self.enabled:
+            queue = self.queue
+            self._start_engine(queue)
+            status = engine.run()
+            if status is Status.EMPTY:
+                break
+            if status is Status.CONTROL:
+                self.on_control()
+            elif status is Status.DEFER:
+                head = engine.head
+                self.journal.adopt(head, engine.journal_word)
+                readable, writable = engine.chain()
+                writer = Writer(writable) if writable else None
+                used = self.server.handle(Reader(readable), writer)
+                del readable, writable, writer
+                engine.complete(head, used)
+            elif status is Status.WALK:
+                self._walk_in_python(engine, queue)
+            else:
+                log.error("queue %d: ring is broken, stopped processing it: %s", self.index,
+                          engine.why)
+                # The engine left next_avail at the entry it refused and wrote the err fd.
+                self.stopped_at = engine.next_avail
+                self.queue = None
+        done = engine.completed
+        if done != self._counted:
+            self.counters.add(self.index, done - self._counted)
+            self._counted = done
+
+    def _walk_in_python(self, engine: Engine, queue: SplitQueue) -> None:
+        """A chain the engine would not walk: the reference walker serves or rejects it."""
+        head, pos = engine.head, engine.pos
+        j = self.journal
+        try:
+            chain = queue.walk(head)
+        except ChainError as e:
+            j.popped(head, pos, 0, 0, effects=False)
+            log.warning("queue %d: malformed descriptor chain %d: %s", self.index, head, e)
+            engine.complete(head, 0)
+            return
+        opcode, unique = _peek(chain.readable)
+        j.popped(head, pos, opcode, unique)
+        engine.complete(head, self._serve(chain))
 
     def _batch(self, queue: SplitQueue) -> bool:
         """Serve `queue` until it is empty (True) or something else took over (False)."""

@@ -1,0 +1,84 @@
+/* The native request engine of one queue worker: the split ring, guest memory, the FUSE
+ * in-header and the inflight journal records in C (worker/engine.c; Python face: engine.py).
+ *
+ * One engine serves one virtqueue from one single-threaded worker.  It never allocates per
+ * request: the iovec array is sized when a ring starts.  Everything it reads from the rings
+ * comes from the guest and goes through one bounds-checked translation gate (gpa_to_iov). */
+#ifndef VFS_ENGINE_H
+#define VFS_ENGINE_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "state.h"
+
+#define VFS_ENGINE_MAX_REGIONS 64       /* vhost-user memory slots (the control channel's 32) */
+
+/* What vfs_engine_run() stopped for. */
+enum vfs_engine_status {
+    VFS_ENGINE_EMPTY = 0,     /* ring empty and notifications re-enabled (or no ring) */
+    VFS_ENGINE_CONTROL = 1,   /* a control message waits on the channel */
+    VFS_ENGINE_DEFER = 2,     /* the popped request (head, iov, in) is for Python to serve */
+    VFS_ENGINE_WALK = 3,      /* a chain the engine does not walk (malformed, or more buffers
+                                 than its iovec array): Python walks `head` and serves it */
+    VFS_ENGINE_BROKEN = 4,    /* the ring is broken: stopped, err eventfd written, `why` says */
+};
+
+struct vfs_engine_region {   /* one guest memory region, mapped by the worker at `host` */
+    uint64_t gpa, size, uaddr;
+    uint8_t *host;
+};
+
+struct vfs_fuse_in {         /* fuse_in_header (protocol.md 4.2), decoded once per request */
+    uint32_t len, opcode;
+    uint64_t unique, nodeid;
+    uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+
+struct vfs_engine {
+    struct vfs_engine_region regions[VFS_ENGINE_MAX_REGIONS];
+    uint32_t nregions;
+    /* the ring; size 0 when none runs */
+    uint32_t size;
+    uint8_t *desc, *avail, *used;
+    uint16_t next_avail, shadow_avail, next_used, signalled_used;
+    uint8_t signalled_valid, event_idx, indirect, notify_due;
+    int chan_fd, call_fd, err_fd;
+    uint32_t poll_every;      /* requests served between two looks at the channel */
+    uint32_t since_poll;
+    /* the chain being served: iov[0, nreadable) readable, then nwritable writable buffers */
+    struct iovec *iov;
+    uint32_t iov_cap, nreadable, nwritable;
+    uint64_t readable_bytes, writable_bytes;
+    uint16_t head, pos;       /* its descriptor and avail position */
+    uint32_t has_in;          /* 1: `in` holds a whole fuse_in_header */
+    struct vfs_fuse_in in;
+    /* shared state and counters */
+    struct vfs_jq *jq;
+    uint64_t completed, deferred, walked, batches, notifies;
+    char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
+};
+
+/* Set up an engine for the queue whose control channel is `chan_fd`; no ring yet. */
+void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq);
+/* Release what vfs_engine_start allocated. */
+void vfs_engine_fini(struct vfs_engine *e);
+/* Replace the region table (the caller keeps the mappings alive): 0, or -EINVAL with `why`. */
+int  vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
+                           void *host);
+void vfs_engine_clear_regions(struct vfs_engine *e);
+/* Start (or restart over a new region table) a ring at `next_avail`; the next used index is
+ * read from the ring (vhost-user SET_VRING_BASE).  0, -EINVAL (`why` set) or -ENOMEM. */
+int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64_t avail,
+                      uint64_t used, uint16_t next_avail, int event_idx, int indirect);
+void vfs_engine_stop(struct vfs_engine *e);
+void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
+/* Serve the ring until one of enum vfs_engine_status happens. */
+int  vfs_engine_run(struct vfs_engine *e);
+/* Complete `head` with `used_len` reply bytes: journal, push, notify if the driver asks. */
+void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+/* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */
+void vfs_engine_notify(struct vfs_engine *e);
+
+#endif

@@ -1,0 +1,159 @@
+"""Typed Python face of the native request engine (worker/engine.c).
+
+The engine serves one queue's split ring in C and hands back, in ring order, every request it
+does not serve itself (Status.DEFER: its buffers as memoryviews for the Python FuseServer) and
+every chain it does not walk (Status.WALK: the Python SplitQueue walks it again, so a malformed
+chain is rejected by the reference walker with the reference message).
+
+PYVIRTIOFSD_ENGINE picks the compiled module: unset or "default" for the hardened build,
+"asan" for the AddressSanitizer/UBSan build of worker/engine_build.py (for the fuzzers).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import os
+
+from pyvirtiofsd.common import native
+
+_MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
+ENGINE_VARIANT = os.environ.get("PYVIRTIOFSD_ENGINE", "default")
+if ENGINE_VARIANT not in _MODULES:
+    raise ImportError(f"PYVIRTIOFSD_ENGINE={ENGINE_VARIANT!r}: expected one of "
+                      f"{', '.join(_MODULES)}")
+_mod = importlib.import_module(_MODULES[ENGINE_VARIANT])
+ffi = _mod.ffi
+lib = _mod.lib
+
+
+class Status(enum.IntEnum):
+    """Why Engine.run() returned (enum vfs_engine_status)."""
+
+    EMPTY = lib.VFS_ENGINE_EMPTY
+    CONTROL = lib.VFS_ENGINE_CONTROL
+    DEFER = lib.VFS_ENGINE_DEFER
+    WALK = lib.VFS_ENGINE_WALK
+    BROKEN = lib.VFS_ENGINE_BROKEN
+
+
+class EngineError(ValueError):
+    """The engine refused a region table or a ring (the message says which)."""
+
+
+def buffer_address(view: memoryview) -> int:
+    """The address of a writable buffer, without keeping an export on it."""
+    cdata = ffi.from_buffer("uint8_t[]", view, require_writable=True)
+    try:
+        return int(ffi.cast("uintptr_t", cdata))
+    finally:
+        ffi.release(cdata)
+
+
+class Engine:
+    """One queue's engine.  `journal_address` is that queue's journal region."""
+
+    __slots__ = ("_e", "_jq", "_views")
+
+    def __init__(self, channel_fd: int, journal_address: int, capacity: int) -> None:
+        self._jq = ffi.new("struct vfs_jq *")
+        if lib.vfs_jq_attach(self._jq, ffi.cast("void *", journal_address), capacity) != 0:
+            raise EngineError("the queue journal is not usable by the engine")
+        self._e = ffi.new("struct vfs_engine *")
+        lib.vfs_engine_init(self._e, channel_fd, self._jq)
+        self._views = ffi.buffer
+
+    def close(self) -> None:
+        lib.vfs_engine_fini(self._e)
+
+    # -- configuration (from control messages) ---------------------------------------------
+    def set_regions(self, regions: list[tuple[int, int, int, int]]) -> None:
+        """Replace the region table: (gpa, size, uaddr, host address) each.  The caller keeps
+        the mappings alive for as long as the engine may use them."""
+        e = self._e
+        lib.vfs_engine_clear_regions(e)
+        for gpa, size, uaddr, host in regions:
+            if lib.vfs_engine_add_region(e, gpa, size, uaddr, ffi.cast("void *", host)):
+                lib.vfs_engine_clear_regions(e)
+                raise EngineError(ffi.string(e.why).decode())
+
+    def start(self, size: int, desc: int, avail: int, used: int, next_avail: int, *,
+              event_idx: bool, indirect: bool) -> None:
+        r = lib.vfs_engine_start(self._e, size, desc, avail, used, next_avail & 0xFFFF,
+                                 int(event_idx), int(indirect))
+        if r == -12:
+            raise MemoryError("no memory for the engine's iovec array")
+        if r:
+            raise EngineError(ffi.string(self._e.why).decode())
+
+    def stop(self) -> None:
+        lib.vfs_engine_stop(self._e)
+
+    def set_fds(self, call: int | None, err: int | None) -> None:
+        lib.vfs_engine_set_fds(self._e, -1 if call is None else call,
+                               -1 if err is None else err)
+
+    @property
+    def poll_every(self) -> int:
+        return self._e.poll_every
+
+    @poll_every.setter
+    def poll_every(self, n: int) -> None:
+        self._e.poll_every = max(1, n)
+
+    # -- the data plane -----------------------------------------------------------------------
+    def run(self) -> Status:
+        return Status(lib.vfs_engine_run(self._e))
+
+    def complete(self, head: int, used_len: int) -> None:
+        lib.vfs_engine_complete(self._e, head, used_len)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._e.size)
+
+    @property
+    def next_avail(self) -> int:
+        return self._e.next_avail
+
+    @property
+    def next_used(self) -> int:
+        return self._e.next_used
+
+    @property
+    def head(self) -> int:
+        """Descriptor index of the request handed back by run()."""
+        return self._e.head
+
+    @property
+    def pos(self) -> int:
+        """Its avail-ring position."""
+        return self._e.pos
+
+    @property
+    def journal_word(self) -> int:
+        """The journal state word it was popped with (QueueJournal.adopt)."""
+        return self._jq.word
+
+    @property
+    def why(self) -> str:
+        return ffi.string(self._e.why).decode()
+
+    @property
+    def completed(self) -> int:
+        return self._e.completed
+
+    def chain(self) -> tuple[list[memoryview], list[memoryview]]:
+        """The deferred request's readable and writable buffers, as views of guest memory."""
+        e = self._e
+        iov = e.iov
+        buf = self._views
+        nr = e.nreadable
+        views = [memoryview(buf(iov[k].iov_base, iov[k].iov_len))
+                 for k in range(nr + e.nwritable)]
+        return views[:nr], views[nr:]
+
+
+def journal_address(pointer: object) -> int:
+    """The address behind a common._native pointer (another cffi module's cdata)."""
+    return int(native.ffi.cast("uintptr_t", pointer))

@@ -1,0 +1,116 @@
+"""cffi build script for the native request engine (worker/engine.c + common/state.c).
+
+setup.py builds `pyvirtiofsd.worker._engine` with the hardening flags below.  The same sources
+build a second module, `pyvirtiofsd.worker._engine_asan`, under AddressSanitizer and
+UndefinedBehaviorSanitizer for the fuzzers:
+
+    python worker/engine_build.py --sanitize      # builds _engine_asan next to _engine
+    PYVIRTIOFSD_ENGINE=asan LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest ...
+
+worker/engine.py imports the module PYVIRTIOFSD_ENGINE names (unset or "default": _engine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+
+from cffi import FFI
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_COMMON = os.path.join(os.path.dirname(_HERE), "common")
+
+CDEF = """
+struct vfs_jq { uint8_t *base; uint32_t capacity; int32_t head; uint64_t word; };
+int vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity);
+
+#define VFS_ENGINE_MAX_REGIONS 64
+enum vfs_engine_status {
+    VFS_ENGINE_EMPTY = 0, VFS_ENGINE_CONTROL = 1, VFS_ENGINE_DEFER = 2, VFS_ENGINE_WALK = 3,
+    VFS_ENGINE_BROKEN = 4,
+};
+struct iovec { void *iov_base; size_t iov_len; };
+struct vfs_engine_region { uint64_t gpa, size, uaddr; uint8_t *host; };
+struct vfs_fuse_in {
+    uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid;
+    uint16_t total_extlen, padding;
+};
+struct vfs_engine {
+    struct vfs_engine_region regions[64];
+    uint32_t nregions;
+    uint32_t size;
+    uint8_t *desc, *avail, *used;
+    uint16_t next_avail, shadow_avail, next_used, signalled_used;
+    uint8_t signalled_valid, event_idx, indirect, notify_due;
+    int chan_fd, call_fd, err_fd;
+    uint32_t poll_every;
+    uint32_t since_poll;
+    struct iovec *iov;
+    uint32_t iov_cap, nreadable, nwritable;
+    uint64_t readable_bytes, writable_bytes;
+    uint16_t head, pos;
+    uint32_t has_in;
+    struct vfs_fuse_in in;
+    struct vfs_jq *jq;
+    uint64_t completed, deferred, walked, batches, notifies;
+    char why[160];
+};
+void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq);
+void vfs_engine_fini(struct vfs_engine *e);
+int  vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
+                           void *host);
+void vfs_engine_clear_regions(struct vfs_engine *e);
+int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64_t avail,
+                      uint64_t used, uint16_t next_avail, int event_idx, int indirect);
+void vfs_engine_stop(struct vfs_engine *e);
+void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
+int  vfs_engine_run(struct vfs_engine *e);
+void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_notify(struct vfs_engine *e);
+"""
+
+_HARDENING = ["-O2", "-D_FORTIFY_SOURCE=3", "-fstack-protector-strong", "-fno-strict-aliasing",
+              "-Wall", "-Wextra", "-Werror"]
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+             "-fno-sanitize-recover=undefined"]
+
+
+def make_ffi(sanitize: bool = False) -> FFI:
+    """The engine module; with `sanitize`, the ASan/UBSan build used by the fuzzers."""
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    name = "pyvirtiofsd.worker._engine_asan" if sanitize else "pyvirtiofsd.worker._engine"
+    flags = _HARDENING + (_SANITIZE if sanitize else [])
+    ffi.set_source(
+        name,
+        '#include "engine.h"\n',
+        sources=[os.path.relpath(os.path.join(_HERE, "engine.c")),
+                 os.path.relpath(os.path.join(_COMMON, "state.c"))],
+        include_dirs=[_HERE, _COMMON],
+        extra_compile_args=flags,
+        extra_link_args=["-fsanitize=address,undefined"] if sanitize else [],
+    )
+    return ffi
+
+
+ffi = make_ffi(sanitize=False)
+
+def build_in_place(sanitize: bool) -> str:
+    """Compile next to this file (the editable install's package directory); the module path."""
+    root = os.path.dirname(_HERE)
+    cwd = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(root)
+        try:
+            built = make_ffi(sanitize).compile(tmpdir=tmp, verbose=False)
+        finally:
+            os.chdir(cwd)
+        dest = os.path.join(_HERE, os.path.basename(built))
+        shutil.move(built, dest)
+    return dest
+
+
+if __name__ == "__main__":
+    print(build_in_place("--sanitize" in sys.argv[1:]))
