@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import report
+from . import memory, report
 from .daemons import BENCH, REPO, Daemon, all_daemons
 from .limits import measure as measure_limits
 from .workloads import (
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for w in FRONTEND:
             print(f"{w.key:18} front-end  {w.title}")
+        print(f"{memory.KEY:18} memory     PSS of every process: "
+              + ", ".join(p.key for p in memory.PHASES))
         for j in GUEST_JOBS:
             print(f"{j.key:18} guest      {j.title}")
         return 0
@@ -120,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = [daemons[k] for k in keys]
     wanted = set(args.workloads.split(",")) if args.workloads else None
-    known = {w.key for w in FRONTEND} | {j.key for j in GUEST_JOBS}
+    known = {w.key for w in FRONTEND} | {j.key for j in GUEST_JOBS} | {memory.KEY}
     if wanted and (bad := wanted - known):
         log(f"unknown workload(s) {sorted(bad)}: see --list")
         return 2
     queues = [int(q) for q in args.queues.split(",")]
     frontend = [w for w in FRONTEND if not wanted or w.key in wanted]
     guest_jobs = [j for j in GUEST_JOBS if not wanted or j.key in wanted]
+    run_memory = not wanted or memory.KEY in wanted
     run_guest = mode["guest"] and not args.no_guest and bool(guest_jobs)
 
     out_dir = Path(args.out)
@@ -146,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     for w in frontend:
         for q in queues:
             results.add_row(f"fe/{w.key}/q{q}", "front-end", f"{w.title}", w.unit, w.limit, q)
+    if run_memory:
+        for ph in memory.PHASES:
+            results.add_row(f"{memory.KEY}/{ph.key}", "memory", ph.title, "MB", "none", 1)
+        if memory.EXTRAPOLATED:
+            ph = memory.EXTRAPOLATED
+            results.add_row(f"{memory.KEY}/{ph.key}", "memory", ph.title, "MB", "none", 1)
     if run_guest:
         for j in guest_jobs:
             results.add_row(f"guest/{j.key}", "guest", j.title, j.unit, j.limit, 1)
@@ -157,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         share = tmp / "share"
         log(f"fixture: {share} ({DIR_ENTRIES:,} entries, 2 x {DATA_SIZE >> 20} MiB files)")
         make_fixture(share)
+        if run_memory:
+            log(f"memory fixture: {memory.BIG_ENTRIES:,} files in {memory.BIG_DIR}; "
+                f"{memory.LOOKUPS:,} of them looked up")
+            memory.make_big_dir(share)
         work = tmp / "work"
         work.mkdir()
         limit_s = 0.3 if args.quick else 1.0
@@ -189,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{m['cpu_us']:6.1f} µs/request"
                             + (f"  ({m['glitches']} used.idx glitches)"
                                if m["glitches"] else ""))
+            if run_memory:
+                measure_memory(results, order, rep, reps, share, work)
             results.limits.append(measure_limits(out_dir / ".build", limit_s))
         log(f"front-end level done in {time.monotonic() - t_start:.0f} s")
         if run_guest:
@@ -204,6 +219,44 @@ def main(argv: list[str] | None = None) -> int:
     print(results.table())
     outputs(results, base, args)
     return 0
+
+
+def measure_memory(results: report.Results, order: list[Daemon], rep: int, reps: int,
+                   share: Path, work: Path) -> None:
+    """One fresh daemon per daemon kind through memory.PHASES; every process's PSS kept."""
+    rows = [results.rows[f"{memory.KEY}/{ph.key}"] for ph in memory.PHASES]
+    for d in order:
+        if d.key in rows[0].na_reasons:
+            continue
+        try:
+            m = memory.measure(d, str(share), str(work))
+        except memory.NotSupported as e:
+            for row in rows:
+                row.na(d.key, str(e))
+            continue
+        except Exception as e:
+            m = getattr(e, "partial", {})
+            for row in rows[len(m):] if m else rows:
+                row.fail(d.key, str(e))
+            log(f"[{rep + 1}/{reps}] memory {d.label}: FAILED {str(e).splitlines()[0]}")
+            if not m:
+                continue
+        for ph, row in zip(memory.PHASES, rows, strict=True):
+            if ph.key not in m:
+                continue
+            s = dict(m[ph.key])
+            total = s.pop("total")
+            row.add(d.key, total * 1024 / 1e6)
+            row.procs.setdefault(d.key, []).append(s)
+        if memory.EXTRAPOLATED and "lookup" in m:
+            serving, looked = m["serving"]["total"], m["lookup"]["total"]
+            per_inode = (looked - serving) / memory.LOOKUPS
+            results.rows[f"{memory.KEY}/{memory.EXTRAPOLATED.key}"].add(
+                d.key, (serving + per_inode * memory.BIG_ENTRIES) * 1024 / 1e6)
+        log(f"[{rep + 1}/{reps}] memory {d.label:15} "
+            + ", ".join(f"{ph.key} {m[ph.key]['total'] * 1024 / 1e6:.1f} MB"
+                        for ph in memory.PHASES if ph.key in m)
+            + f" PSS over {len(m['idle']) - 1} process(es)")
 
 
 def outputs(results: report.Results, base: Path, args: argparse.Namespace) -> None:

@@ -45,6 +45,8 @@ class Row:
     glitches: dict[str, int] = field(default_factory=dict)
     na_reasons: dict[str, str] = field(default_factory=dict)
     failures: dict[str, list[str]] = field(default_factory=dict)
+    # memory rows: each measurement's {"comm[pid]": PSS KiB} of every process of the daemon
+    procs: dict[str, list[dict[str, int]]] = field(default_factory=dict)
 
     def add(self, daemon: str, value: float, glitches: int = 0,
             cpu_us: float | None = None) -> None:
@@ -83,7 +85,7 @@ class Results:
 
     def limit_of(self, kind: str) -> float | None:
         """The machine's limit in a row's unit: memcpy MB/s, or bare syscalls per second."""
-        if not self.limits:
+        if not self.limits or kind not in ("memcpy", "syscall"):
             return None
         if kind == "memcpy":
             return statistics.median(m["memcpy_mb_s"] for m in self.limits)
@@ -140,6 +142,9 @@ class Results:
                 if daemon in row.failures else "not run")
             return f"n/a ({_short(why)})"
         cell = fmt(m) + (f" ({pct(m / lim)})" if lim else "")
+        if row.procs.get(daemon):
+            n = statistics.median(len(p) for p in row.procs[daemon])
+            cell += f" ({n:g} process{'es' if n != 1 else ''})"
         n_fail = len(row.failures.get(daemon, []))
         if n_fail:
             cell += f" [{n_fail} failed]"
@@ -149,6 +154,8 @@ class Results:
         lines = [self.limits_line(), ""]
         labels = list(self.daemons.values())
         for level, heading in (("front-end", "Front-end driver level (daemon-bound)"),
+                               ("memory", "Daemon memory: PSS summed over every process of "
+                                          "the daemon (MB = 10^6 bytes; lower is better)"),
                                ("guest", "QEMU guest level (TCG, 1 vCPU)")):
             rows = [r for r in self.rows.values() if r.level == level]
             if not rows:
@@ -240,7 +247,7 @@ class Results:
             from matplotlib.ticker import FuncFormatter, NullFormatter
         except ImportError:
             return "matplotlib is not installed (pip install '.[bench]')"
-        rows = list(self.rows.values())
+        rows = [r for r in self.rows.values() if r.level != "memory"]
         labels = [f"{'guest: ' if r.level == 'guest' else ''}{r.title}"
                   + (f" [{r.queues} queues{'*' if self.rust_reference(r)[1] else ''}]"
                      if r.queues > 1 else "") for r in rows]

@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / ".venv" / "bin" / "pyvirtiofsd"
 START_TIMEOUT = 30.0
+# --data-plane values: the C request engine, and the Python reference implementation.
+DATA_PLANES = ("native", "python")
 
 
 @dataclass
@@ -86,11 +88,31 @@ def share(tmp_path: Path) -> Path:
     return d
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`@pytest.mark.data_planes(*planes)` (on a test, class or module) runs every daemon the
+    test starts through `daemon_factory` once per plane; the closest marker wins, so a module
+    can run on both planes and one slow test on fewer."""
+    marker = metafunc.definition.get_closest_marker("data_planes")
+    if marker is None or "data_plane" not in metafunc.fixturenames:
+        return
+    if not marker.args or set(marker.args) - set(DATA_PLANES):
+        raise ValueError(f"data_planes takes some of {DATA_PLANES}, not {marker.args}")
+    metafunc.parametrize("data_plane", marker.args)
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, share: Path) -> Iterator:
+def data_plane() -> str | None:
+    """The --data-plane daemon_factory passes; None leaves the daemon's default (native)."""
+    return None
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, share: Path, data_plane: str | None) -> Iterator:
     started: list[Daemon] = []
 
     def start(*args: str, share_dir: Path | None = None) -> Daemon:
+        if data_plane is not None and not any(a.startswith("--data-plane") for a in args):
+            args = (*args, f"--data-plane={data_plane}")
         d = start_daemon(share_dir or share, str(tmp_path / f"vfs{len(started)}.sock"), *args)
         started.append(d)
         return d

@@ -1,4 +1,5 @@
-"""Differential testing of pyvirtiofsd against the Rust virtiofsd: daemons, normal forms, model.
+"""Differential testing of pyvirtiofsd against the Rust virtiofsd, and of pyvirtiofsd's two data
+planes against each other: daemons, normal forms, model.
 
 `DaemonPair` runs both daemons as root with `--sandbox=none --xattr` on two directories that
 start out identical, each behind its own Frontend/FuseClient (tests/frontend.py), and sends one
@@ -18,6 +19,11 @@ exactly when the daemons behaved the same:
 request it refuses never reaches the daemon, so the generator does not send it.  Where the two
 daemons are meant to differ, the difference is in `KNOWN_DIFFERENCES` and in the table of
 docs/differences.md (a test keeps the two in step).
+
+`DaemonPair(planes=("native", "python"))` pairs two pyvirtiofsd daemons instead, one per
+`--data-plane`, each on its own fresh tmpfs so that the host answers both alike (inode numbers,
+free counts).  There every reply must also be byte-identical (`SameBytes`), except attribute
+times and the ids each daemon allocates (nodeids, fhs), which must correspond one to one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import os
 import select
 import shutil
 import stat
+import struct
+import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -195,7 +203,8 @@ class Side:
 
 
 class DaemonPair:
-    """pyvirtiofsd and the Rust virtiofsd on two directories that start identical.
+    """pyvirtiofsd and the Rust virtiofsd on two directories that start identical -- or, with
+    `planes`, pyvirtiofsd on each of two data planes, each share a fresh tmpfs.
 
     Both run for as long as the pair is used (a fresh pair per example is too slow); examples
     work in fresh subdirectories (`new_example`).  A daemon that died or hung is restarted
@@ -203,33 +212,53 @@ class DaemonPair:
     example -- the crash itself was already reported as a divergence.
     """
 
-    def __init__(self, extra: Sequence[str] = ("--xattr",)) -> None:
+    def __init__(self, extra: Sequence[str] = ("--xattr",),
+                 planes: tuple[str, str] | None = None) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="vfsdiff-"))
         os.chmod(self.base, 0o755)
         self.examples = 0
         self.restarts = 0
         self.sent: Counter = Counter()       # requests per opcode name, for the run's summary
         self.differences: Counter = Counter()  # KNOWN_DIFFERENCES keys met
+        self.mounts: list[Path] = []
+        self.same_bytes = SameBytes(planes) if planes else None
         shares = []
-        for name in ("py", "rs"):
+        for name in [f"{i}-{p}" for i, p in enumerate(planes)] if planes else ("py", "rs"):
             share = self.base / name
             share.mkdir()
+            if planes:
+                # Its own filesystem per share: inode numbers and free counts then move only
+                # with what that share's daemon did (tmpfs numbers inodes in creation order).
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m,mode=0755",
+                                "vfsdiff", str(share)], check=True, capture_output=True)
+                self.mounts.append(share)
             os.chmod(share, 0o755)
             shares.append(share)
-        py_share, rs_share = shares
         extra = list(extra)
         self.readonly = "--readonly" in extra
         # DIFF_DAEMON_ARGS: more options for pyvirtiofsd only (e.g. --seccomp=log to debug).
         own = os.environ.get("DIFF_DAEMON_ARGS", "").split()
 
-        def ours(sock: str) -> list[str]:
-            return [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={py_share}",
-                    "--sandbox=none", "--log-level=warn", *extra, *own]
+        def ours(share: Path, plane: str):
+            def argv(sock: str) -> list[str]:
+                return [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                        "--sandbox=none", "--log-level=warn", f"--data-plane={plane}", *extra,
+                        *own]
+            return argv
+
+        if planes:
+            names = [f"{p}-plane" + (f"-{i}" if planes[0] == planes[1] else "")
+                     for i, p in enumerate(planes)]
+            self.sides = tuple(Side(n, ours(share, plane), share, self.base)
+                               for n, plane, share in zip(names, planes, shares, strict=True))
+            return
+        py_share, rs_share = shares
 
         def anchor(sock: str) -> list[str]:
             return anchor_argv(sock, str(rs_share), "--log-level=warn", *extra)
 
-        self.sides = (Side("pyvirtiofsd", ours, py_share, self.base),
+        # Against the Rust virtiofsd, pyvirtiofsd runs its default and fastest plane.
+        self.sides = (Side("pyvirtiofsd", ours(py_share, "native"), py_share, self.base),
                       Side("virtiofsd", anchor, rs_share, self.base))
 
     @staticmethod
@@ -246,6 +275,10 @@ class DaemonPair:
 
     def close(self) -> None:
         self.stop()
+        for m in self.mounts:
+            # Lazily: a worker of a daemon killed a moment ago may still hold an fd in it.
+            subprocess.run(["umount", "-l", str(m)], check=True, capture_output=True)
+        self.mounts.clear()
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> DaemonPair:
@@ -283,20 +316,25 @@ class DaemonPair:
         to the body (protocol.md 4.9)."""
         if ext:
             return self._both_ext(build, cred, ext)
-        tokens = []
+        tokens, bodies = [], []
         for i, side in enumerate(self.sides):
             opcode, nodeid, body, out_size = build(i, side)
             if i == 0:
                 self.sent[_op_name(opcode)] += 1
+            bodies.append(body)
             tokens.append(side.client.submit(opcode, nodeid, body, out_size=out_size,
                                              uid=cred.uid, gid=cred.gid, pid=1))
-        return tuple(self._result(side, t) for side, t in zip(self.sides, tokens, strict=True))
+        replies = tuple(self._result(side, t) for side, t in zip(self.sides, tokens, strict=True))
+        if self.same_bytes is not None:
+            self.same_bytes.check(opcode, bodies, replies)
+        return replies
 
     def _both_ext(self, build, cred: Cred, ext: bytes) -> tuple[FuseReply, FuseReply]:
         # FuseClient.submit() has no total_extlen: frame the request with build() instead.
-        sent = []
+        sent, bodies = [], []
         for i, side in enumerate(self.sides):
             opcode, nodeid, body, out_size = build(i, side)
+            bodies.append(body)
             if i == 0:
                 self.sent[_op_name(opcode)] += 1
             parts = [body] if isinstance(body, bytes | bytearray) else list(body)
@@ -314,6 +352,8 @@ class DaemonPair:
                 raise Divergence(f"{side.name} stopped answering: {e}\n"
                                  + self.describe_death()) from None
             out.append(side.client.parse(c, unique, capacity))
+        if self.same_bytes is not None:
+            self.same_bytes.check(opcode, bodies, tuple(out))
         return tuple(out)
 
     def one(self, i: int, opcode: int, nodeid: int, body: bytes | list[bytes],
@@ -337,6 +377,13 @@ class DaemonPair:
             items = [(n, k) for n, k in counter.items() if k > 0 and n != fa.ROOT_ID]
             for i in range(0, len(items), 64):
                 side.client.batch_forget(items[i:i + 64])
+        if self.same_bytes is not None:
+            self.same_bytes.nodes.clear()
+
+    def forgotten(self, nodes: tuple[int, int]) -> None:
+        """Both daemons were sent FORGETs for every lookup of `nodes`: either may reuse it."""
+        if self.same_bytes is not None:
+            self.same_bytes.nodes.drop(*nodes)
 
 
 def _op_name(opcode: int) -> str:
@@ -457,6 +504,127 @@ def mismatch(what: str, a, b) -> Divergence:
 
 def err_name(e: int) -> str:
     return "ok" if e == 0 else errno.errorcode.get(e, str(e))
+
+
+# --- byte-identical replies (two data planes of pyvirtiofsd)
+
+
+class Bijection:
+    """Which id one daemon allocated where the other allocated which: the first reply naming
+    an id pairs it (ids are compared by their order of first appearance), a later reply must
+    keep the pairing.  An id freed on both sides (FORGET to zero, RELEASE) is dropped, since
+    either daemon may then hand the number out again."""
+
+    def __init__(self, kind: str, names: tuple[str, str], fixed: int | None = None) -> None:
+        self.kind, self.names, self.fixed = kind, names, fixed
+        self.clear()
+
+    def clear(self) -> None:
+        self.a2b: dict[int, int] = {}
+        self.b2a: dict[int, int] = {}
+        if self.fixed is not None:
+            self.a2b[self.fixed] = self.b2a[self.fixed] = self.fixed
+
+    def pair(self, a: int, b: int, what: str) -> None:
+        if (a == 0) != (b == 0):
+            raise Divergence(f"{what}: {self.kind} {a} vs {b} (one of them is 0)")
+        if a == 0:
+            return
+        known_b, known_a = self.a2b.get(a), self.b2a.get(b)
+        if known_b is None and known_a is None:
+            self.a2b[a], self.b2a[b] = b, a
+        elif known_b != b or known_a != a:
+            raise Divergence(f"{what}: {self.names[0]} {self.kind} {a} (paired with {known_b}) "
+                             f"vs {self.names[1]} {self.kind} {b} (paired with {known_a})")
+
+    def drop(self, a: int, b: int) -> None:
+        if a != self.fixed:
+            self.a2b.pop(a, None)
+            self.b2a.pop(b, None)
+
+
+_U64 = struct.Struct("<Q")
+_ATTR_TIMES = (24, 60)          # fuse_attr: atime, mtime, ctime, then their nsec fields
+_ENTRY_HEAD = fa.ENTRY_OUT_HEAD.size
+_ATTR_OUT_HEAD = fa.ATTR_OUT_HEAD.size
+_ENTRY_REPLY = frozenset({fa.Opcode.LOOKUP, fa.Opcode.MKNOD, fa.Opcode.MKDIR, fa.Opcode.SYMLINK,
+                          fa.Opcode.LINK})
+_ATTR_REPLY = frozenset({fa.Opcode.GETATTR, fa.Opcode.SETATTR})
+_OPEN_REPLY = frozenset({fa.Opcode.OPEN, fa.Opcode.OPENDIR})
+_RELEASES = frozenset({fa.Opcode.RELEASE, fa.Opcode.RELEASEDIR})
+
+
+def _masked(opcode: int, body: bytes) -> tuple[bytes, list[tuple[str, int]]]:
+    """The reply body with attribute times and allocated ids zeroed, and the ids in the order
+    they appear: ('nodeid' | 'fh', value).  Layouts: protocol.md 4.5 (fuse_entry_out,
+    fuse_attr_out, fuse_open_out, fuse_direntplus)."""
+    buf = bytearray(body)
+    ids: list[tuple[str, int]] = []
+
+    def attr(off: int) -> None:
+        if off + fa.ATTR.size <= len(buf):
+            buf[off + _ATTR_TIMES[0]:off + _ATTR_TIMES[1]] = bytes(_ATTR_TIMES[1] - _ATTR_TIMES[0])
+
+    def take(kind: str, off: int) -> None:
+        if off + 8 <= len(buf):
+            ids.append((kind, _U64.unpack_from(buf, off)[0]))
+            buf[off:off + 8] = bytes(8)
+
+    def entry(off: int) -> None:
+        take("nodeid", off)
+        attr(off + _ENTRY_HEAD)
+
+    if opcode in _ENTRY_REPLY:
+        entry(0)
+    elif opcode == fa.Opcode.CREATE:
+        entry(0)
+        take("fh", fa.ENTRY_OUT.size)
+    elif opcode in _OPEN_REPLY:
+        take("fh", 0)
+    elif opcode in _ATTR_REPLY:
+        attr(_ATTR_OUT_HEAD)
+    elif opcode == fa.Opcode.READDIRPLUS:
+        pos = 0
+        while pos + fa.ENTRY_OUT.size + fa.DIRENT.size <= len(buf):
+            entry(pos)
+            namelen = fa.DIRENT.unpack_from(buf, pos + fa.ENTRY_OUT.size)[2]
+            pos += (fa.ENTRY_OUT.size + fa.DIRENT.size + namelen + 7) & ~7
+    return bytes(buf), ids
+
+
+class SameBytes:
+    """Two data planes of pyvirtiofsd must answer every request byte for byte alike, except
+    attribute times (each host inode has its own) and the nodeids and fhs each daemon
+    allocates, which must correspond one to one (`Bijection`)."""
+
+    def __init__(self, names: tuple[str, str]) -> None:
+        self.names = tuple(f"{n} plane" for n in names)
+        self.nodes = Bijection("nodeid", self.names, fixed=fa.ROOT_ID)
+        self.fhs = Bijection("fh", self.names)
+        self.checked = 0
+
+    def check(self, opcode: int, bodies: Sequence[bytes | list[bytes]],
+              replies: Sequence[FuseReply]) -> None:
+        what = _op_name(opcode)
+        a, b = replies
+        if a.error != b.error:
+            raise Divergence(f"{what}: errno {err_name(a.error)} ({self.names[0]}) vs "
+                             f"{err_name(b.error)} ({self.names[1]})")
+        (ma, ids_a), (mb, ids_b) = _masked(opcode, a.body), _masked(opcode, b.body)
+        if ma != mb:
+            at = next((i for i, (x, y) in enumerate(zip(ma, mb, strict=False)) if x != y),
+                      min(len(ma), len(mb)))
+            raise Divergence(f"{what}: replies differ from byte {at} ({len(ma)} and {len(mb)} "
+                             f"bytes; times and ids masked)\n  {self.names[0]}: "
+                             f"{ma[max(0, at - 16):at + 48].hex()}\n  {self.names[1]}: "
+                             f"{mb[max(0, at - 16):at + 48].hex()}")
+        for (kind, x), (_kind, y) in zip(ids_a, ids_b, strict=True):
+            (self.nodes if kind == "nodeid" else self.fhs).pair(x, y, what)
+        if opcode in _RELEASES and not a.error:
+            fh = [_U64.unpack_from(bd if isinstance(bd, bytes | bytearray) else bd[0])[0]
+                  for bd in bodies]
+            self.fhs.drop(*fh)
+        self.checked += 1
 
 
 # --- trees

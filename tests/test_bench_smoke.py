@@ -39,3 +39,34 @@ def test_quick_run_writes_json_and_table(tmp_path: Path) -> None:
     assert "pyvirtiofsd" in proc.stdout and "%)" in line
     assert (out / json_path.with_suffix(".md").name).read_text().strip() == \
         proc.stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_memory_sample_covers_every_process_of_the_daemon(daemon_factory) -> None:
+    """bench.memory sums the PSS of the supervisor, the spawner and every queue worker."""
+    from bench import memory
+    from tests.frontend import Frontend, FuseClient
+
+    d = daemon_factory("--request-queues=2")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=3)
+    try:
+        FuseClient(fe).init()
+        s = memory.sample(d.proc.pid)
+    finally:
+        fe.close()
+    procs = {k: v for k, v in s.items() if k != "total"}
+    comms = sorted(k.split("[")[0] for k in procs)
+    # The supervisor is the console script's process; hiprio and two request queues.
+    assert comms.count("pyvfs-spawner") == 1, comms
+    assert sorted(c for c in comms if c.startswith("pyvfs-q")) == \
+        ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2"], comms
+    assert len(procs) == 5, comms
+    assert all(v > 0 for v in procs.values()), s
+    assert s["total"] == sum(procs.values())
+    assert f"[{d.proc.pid}]" in " ".join(procs)
+
+
+def test_bench_lists_the_memory_workload() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert any(ln.split()[:2] == ["memory", "memory"] for ln in proc.stdout.splitlines())

@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 
+# Every test on both data planes: the engine must answer as the reference does.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 ROOT = fa.ROOT_ID
 MIB = 1 << 20
 _HANDLER_BUG = re.compile(r"failed: [A-Za-z]*(Error|Exception|Warning)\b")

@@ -369,6 +369,7 @@ class DiffMachine(RuleBasedStateMachine):
             side.client.forget(t.nodes[i], counts[i])
             self.lookups[i][t.nodes[i]] = 0
         self.map.drop(*t.nodes)
+        self.pair.forgotten(t.nodes)
         self.cache = {p: n for p, n in self.cache.items() if n != t.nodes}
 
     @rule(t=st.one_of(PATHS, nodes), cred=CREDS)

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient
 from tests.test_daemon_fuse import errno_of, tree
 
+# Every test on both data planes: the engine must answer as the reference does.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 ROOT = fa.ROOT_ID
 MODES = ["namespace", "chroot", "none"]
 O = fa.Opcode  # noqa: E741

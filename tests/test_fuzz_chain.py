@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
+from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.virtio import DESC, DescFlag
 from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
 from pyvirtiofsd.worker.guestmem import GuestMemory
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
+from tests.conftest import DATA_PLANES
 from tests.fuzzing import budget
 
 KIB = 1 << 10
@@ -127,16 +131,22 @@ def _inside(view: memoryview) -> bool:
     return 0 <= len(view) <= 64 * KIB
 
 
-@budget(800)
-@given(rings())
-def test_hostile_rings_never_escape_guest_memory(guest: Guest, ring) -> None:
-    tables, descs, heads, start, jump, indirect = ring
+def write_ring(guest: Guest, ring) -> None:
+    """Guest memory zeroed, then the drawn descriptor table, indirect tables and avail ring."""
+    tables, descs, heads, start, jump, _indirect = ring
     guest.clear()
     for i, t in enumerate(tables):
         guest.write(TABLES + 0x400 * i, b"".join(DESC.pack(*d) for d in t))
     guest.write(guest.desc, b"".join(DESC.pack(*d) for d in descs))
     guest.write(guest.avail + 4, b"".join(U16.pack(h) for h in heads))
     guest.write(guest.avail + 2, U16.pack((start + jump) & 0xFFFF))
+
+
+@budget(800)
+@given(rings())
+def test_hostile_rings_never_escape_guest_memory(guest: Guest, ring) -> None:
+    _tables, _descs, _heads, start, jump, indirect = ring
+    write_ring(guest, ring)
     q = SplitQueue(guest.mem, QSIZE, guest.uaddr(guest.desc), guest.uaddr(guest.avail),
                    guest.uaddr(guest.used), start, event_idx=False, indirect=indirect)
     popped = 0
@@ -164,6 +174,119 @@ def test_hostile_rings_never_escape_guest_memory(guest: Guest, ring) -> None:
             w.write(b"\xa5" * min(w.remaining, 64))
         q.push(chain.head, 0)
     assert popped <= min(jump, QSIZE) if jump <= QSIZE else popped == 0
+
+
+# --- the same rings through the native engine ---------------------------------------------------
+# The engine walks what it can in C and hands back (WALK) what it will not walk; the worker then
+# walks that chain with the reference walker.  So on any ring the engine must pop the same
+# sequence as the reference: a chain the reference accepts is served by the engine (DEFER, with
+# buffers of the same sizes, every one inside guest memory) or handed back; a chain the reference
+# rejects is handed back, never served; a broken ring breaks both; an empty one is empty for both.
+
+
+def reference_pops(guest: Guest, start: int, indirect: bool) -> list[tuple]:
+    q = SplitQueue(guest.mem, QSIZE, guest.uaddr(guest.desc), guest.uaddr(guest.avail),
+                   guest.uaddr(guest.used), start, event_idx=False, indirect=indirect)
+    out: list[tuple] = []
+    for _ in range(QSIZE + 2):
+        try:
+            chain = q.pop()
+        except ChainError as e:
+            out.append(("rejected", e.head))
+            continue
+        except RingError:
+            out.append(("broken",))
+            break
+        if chain is None:
+            out.append(("empty",))
+            break
+        out.append(("chain", chain.head, [len(v) for v in chain.readable],
+                    [len(v) for v in chain.writable]))
+    return out
+
+
+class EngineRig:
+    """The engine over the fuzz guest's memory, as a worker starts it (worker/main.py)."""
+
+    def __init__(self, guest: Guest, start: int, indirect: bool) -> None:
+        self.journal = Journal.create(1, QSIZE)
+        jq = self.journal.queue(0)
+        jq.reset(start, 1, QSIZE)
+        self.chan, self.peer = socket.socketpair()
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.err = os.eventfd(0, os.EFD_NONBLOCK)
+        self.spans = [(buffer_address(v), n) for _g, n, _u, v in guest.mem.views()]
+        self.e = Engine(self.chan.fileno(), jq.address, jq.capacity)
+        self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in guest.mem.views()])
+        self.e.start(QSIZE, guest.uaddr(guest.desc), guest.uaddr(guest.avail),
+                     guest.uaddr(guest.used), start, event_idx=False, indirect=indirect)
+        self.e.set_fds(self.call, self.err)
+
+    def inside(self, view: memoryview) -> bool:
+        if not len(view):
+            return True
+        a = buffer_address(view)
+        return any(base <= a and a + len(view) <= base + n for base, n in self.spans)
+
+    def pops(self) -> list[tuple]:
+        out: list[tuple] = []
+        e = self.e
+        for _ in range(QSIZE + 2):
+            status = e.run()
+            if status is Status.EMPTY:
+                out.append(("empty",))
+                break
+            if status is Status.BROKEN:
+                out.append(("broken",))
+                break
+            assert status in (Status.DEFER, Status.WALK), status
+            head = e.head
+            assert 0 <= head < QSIZE
+            if status is Status.DEFER:
+                readable, writable = e.chain()
+                assert all(self.inside(v) for v in readable + writable)
+                # Every byte the engine handed out is readable guest memory.
+                assert len(b"".join(bytes(v) for v in readable)) == sum(map(len, readable))
+                out.append(("chain", head, [len(v) for v in readable],
+                            [len(v) for v in writable]))
+                del readable, writable
+            else:
+                out.append(("walk", head))
+            e.complete(head, 0)
+        return out
+
+    def close(self) -> None:
+        self.e.close()
+        for fd in (self.call, self.err):
+            os.close(fd)
+        self.chan.close()
+        self.peer.close()
+
+
+def agree(reference: list[tuple], engine: list[tuple]) -> None:
+    assert len(reference) == len(engine), (reference, engine)
+    for ref, eng in zip(reference, engine, strict=True):
+        if eng[0] == "walk":
+            assert ref[0] in ("chain", "rejected") and ref[1] == eng[1], (ref, eng)
+        else:
+            assert ref == eng, (reference, engine)
+
+
+@budget(800)
+@given(rings())
+def test_hostile_rings_in_the_engine_pop_what_the_reference_pops(guest: Guest, ring) -> None:
+    _tables, _descs, _heads, start, _jump, indirect = ring
+    write_ring(guest, ring)
+    reference = reference_pops(guest, start, indirect)
+    write_ring(guest, ring)
+    rig = EngineRig(guest, start, indirect)
+    try:
+        engine = rig.pops()
+    finally:
+        rig.close()
+    agree(reference, engine)
+    for kind in sorted({e[0] for e in engine}):
+        event(f"engine: {kind}")
 
 
 @budget(400)
@@ -194,14 +317,15 @@ def test_random_bytes_as_rings(guest: Guest, table: bytes, avail: bytes) -> None
 SCRATCH = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    """One daemon, one connection: hostile chains on queue 1 between normal requests."""
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def live(request, tmp_path_factory):
+    """One daemon per data plane, one connection: hostile chains on queue 1 between normal
+    requests."""
     from tests.conftest import start_daemon
     from tests.frontend import Frontend, FuseClient
 
     share = tmp_path_factory.mktemp("share")
-    d = start_daemon(share, str(share.parent / "fuzz.sock"))
+    d = start_daemon(share, str(share.parent / "fuzz.sock"), f"--data-plane={request.param}")
     fe = Frontend.connect(d.socket, process=d.proc, queues=2)
     c = FuseClient(fe)
     c.init()

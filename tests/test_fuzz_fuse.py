@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -28,11 +29,14 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
 from pyvirtiofsd.worker.filesystem import Context, FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
+from tests.conftest import DATA_PLANES
 from tests.fuzzing import budget
+from tests.test_virtqueue import BUF_GPA, FakeGuest
 
 ROOT = fa.ROOT_ID
 MAX_REPLY = 1 << 17
@@ -69,9 +73,10 @@ OPEN_REPLIES = {Opcode.OPEN, Opcode.OPENDIR}
 _BITS = {"B": 8, "H": 16, "I": 32, "Q": 64, "b": 8, "h": 16, "i": 32, "q": 64}
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fuzzfuse")
+QSIZE = 64
+
+
+def _build_env(base: Path, capacity: int):
     share = base / "share"
     outside = base / "outside"
     share.mkdir()
@@ -82,7 +87,7 @@ def env(tmp_path_factory):
     st_ = os.fstat(root)
     arena.inodes.set_root(root, st_.st_dev, st_.st_ino)
     proc = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
-    journal = Journal.create(1, 8)
+    journal = Journal.create(1, capacity)
     tables = JournaledArena(arena, journal.queue(0))
     fs = JournaledFs(PassthroughFs(tables, proc, FsOptions(xattr=True)), tables)
     server = FuseServer(fs, 1, Session())
@@ -94,7 +99,98 @@ def env(tmp_path_factory):
     fs.listxattr(ctx, link.nodeid, 0)
     fs.forget(link.nodeid, 1)
     (share / "warm").unlink()
-    yield server, fs, journal.queue(0), share, outside
+    return (server, fs, journal.queue(0), share, outside), proc
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    built, proc = _build_env(tmp_path_factory.mktemp("fuzzfuse"), 8)
+    yield built
+    os.close(proc)
+
+
+class EngineGuest:
+    """The native engine serving a fake guest's ring, with the FUSE server behind it for what
+    it hands back -- the loop of worker/main.py (_process_native) over fake guest memory."""
+
+    def __init__(self, server: FuseServer, jq) -> None:
+        self.g = FakeGuest(QSIZE)
+        self.server, self.jq = server, jq
+        jq.reset(0, 1, QSIZE)
+        self.chan, self.peer = socket.socketpair()
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.err = os.eventfd(0, os.EFD_NONBLOCK)
+        self.queue = self.g.queue()
+        self.e = Engine(self.chan.fileno(), jq.address, jq.capacity)
+        self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in
+                            self.g.mem.views()])
+        self.e.start(QSIZE, self.g.uaddr(self.g.desc), self.g.uaddr(self.g.avail),
+                     self.g.uaddr(self.g.used), 0, event_idx=False, indirect=True)
+        self.e.set_fds(self.call, self.err)
+        self.served = 0
+
+    def close(self) -> None:
+        self.e.close()
+        for fd in (self.call, self.err):
+            os.close(fd)
+        self.chan.close()
+        self.peer.close()
+        self.g.close()
+
+    def serve(self, data: bytes, in_split, out_size, out_split, indirect: bool):
+        """One request through the ring: (used length, the writable bytes as one buffer)."""
+        g = self.g
+        g.brk = BUF_GPA
+        bufs = []
+        for piece in _split(bytearray(data), in_split) or [memoryview(b"")]:
+            gpa = g.alloc(len(piece))
+            g.write(gpa, bytes(piece))
+            bufs.append((gpa, len(piece), False))
+        outs = []
+        if out_size:
+            for piece in _split(bytearray(out_size), out_split):
+                gpa = g.alloc(len(piece))
+                g.write(gpa, b"\xee" * len(piece))
+                outs.append((gpa, len(piece)))
+                bufs.append((gpa, len(piece), True))
+        head = g.add_chain(bufs, indirect=indirect)
+        g.publish(head)
+        while True:
+            status = self.e.run()
+            if status is Status.EMPTY:
+                break
+            assert status in (Status.DEFER, Status.WALK), (status, self.e.why)
+            h = self.e.head
+            if status is Status.DEFER:
+                self.jq.adopt(h, self.e.journal_word)
+                readable, writable = self.e.chain()
+                used = self.server.handle(Reader(readable),
+                                          Writer(writable) if writable else None)
+                del readable, writable
+            else:
+                chain = self.queue.walk(h)
+                opcode, unique = struct.unpack_from("<IQ", Reader(chain.readable)
+                                                    .read_all().ljust(16, b"\0"), 4)
+                self.jq.popped(h, self.e.pos, opcode, unique)
+                w = Writer(chain.writable) if chain.writable else None
+                used = self.server.handle(Reader(chain.readable), w)
+                del chain, w
+            self.e.complete(h, used)
+        assert g.used_idx() == (self.served + 1) & 0xFFFF
+        done_head, used = g.used_elem(self.served)
+        self.served += 1
+        assert done_head == head
+        reply = b"".join(g.read(gpa, n) for gpa, n in outs)
+        return used, bytearray(reply)
+
+
+@pytest.fixture(scope="module")
+def engine_env(tmp_path_factory):
+    built, proc = _build_env(tmp_path_factory.mktemp("fuzzengine"), QSIZE)
+    server, _fs, jq, _share, _outside = built
+    eg = EngineGuest(server, jq)
+    yield built, eg
+    eg.close()
     os.close(proc)
 
 
@@ -244,10 +340,10 @@ def _fds() -> set[int]:
     return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
-@budget(400)
-@given(st.data())
-def test_hostile_requests(env, data) -> None:
-    server, fs, jq, share, outside = env
+def _session(env, data, serve) -> None:
+    """One example: a fresh share, up to 8 hostile requests served by `serve`, every reply
+    checked; then everything the session opened is closed and only the share changed."""
+    server, fs, _jq, share, outside = env
     before_outside = _snapshot(outside.parent / "outside")
     if not server.session.started:
         fs.destroy()
@@ -259,7 +355,7 @@ def test_hostile_requests(env, data) -> None:
     try:
         for _ in range(data.draw(st.integers(1, 8))):
             opcode, req, in_split, out_size, out_split = data.draw(requests(nodes, fhs))
-            used, buf = _serve(server, jq, req, in_split, out_size, out_split)
+            used, buf = serve(req, in_split, out_size, out_split)
             capacity = out_size or 0
             assert 0 <= used <= capacity
             if used == 0:
@@ -286,3 +382,86 @@ def test_hostile_requests(env, data) -> None:
     assert not _fds() - baseline
     assert _snapshot(outside.parent / "outside") == before_outside
     assert sorted(os.listdir(outside.parent)) == ["outside", "share"]
+
+
+@budget(400)
+@given(st.data())
+def test_hostile_requests(env, data) -> None:
+    jq = env[2]
+    _session(env, data, lambda req, in_split, out_size, out_split:
+             _serve(env[0], jq, req, in_split, out_size, out_split))
+
+
+@budget(400)
+@given(st.data())
+def test_hostile_requests_through_the_engine(engine_env, data) -> None:
+    """The same sessions as chains on a ring the native engine serves over fake guest memory
+    (split at any byte, some through an indirect table, straddling the boundary between two
+    guest memory regions): what it serves natively and what it hands to the FUSE server."""
+    env, eg = engine_env
+    indirect = data.draw(st.booleans())
+    _session(env, data, lambda req, in_split, out_size, out_split:
+             eg.serve(req, in_split, out_size, out_split, indirect))
+
+
+# --- the same requests through a running daemon, on each data plane -----------------------------
+
+
+@pytest.fixture(scope="module", params=DATA_PLANES)
+def live(request, tmp_path_factory):
+    """One daemon per data plane, one connection; its share is re-seeded for every example."""
+    from tests.conftest import start_daemon
+    from tests.frontend import Frontend, FuseClient
+
+    base = tmp_path_factory.mktemp(f"live-{request.param}")
+    share, outside = base / "share", base / "outside"
+    share.mkdir()
+    outside.mkdir()
+    (outside / "canary").write_bytes(b"must not change")
+    d = start_daemon(share, str(base / "fuzz.sock"), "--xattr",
+                     f"--data-plane={request.param}")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    c = FuseClient(fe)
+    c.init()
+    yield d, fe, c, share, outside
+    alive = d.proc.poll() is None
+    fe.close()
+    d.stop()
+    assert alive, d.text
+    assert "Traceback" not in d.text, d.text
+
+
+@budget(150, expensive=True)
+@given(st.data())
+def test_hostile_requests_through_the_daemon(live, data) -> None:
+    d, fe, c, share, outside = live
+    before = _snapshot(outside)
+    seed(share)
+    vq = fe.queue(1)
+    nodes: list[int] = [ROOT]
+    fhs: list[int] = []
+    for _ in range(data.draw(st.integers(1, 8))):
+        opcode, req, in_split, out_size, out_split = data.draw(requests(nodes, fhs))
+        if opcode in (Opcode.INIT, Opcode.DESTROY):
+            continue        # a new session would end this one's nodeids mid-example
+        readable = [bytes(v) for v in _split(bytearray(req), in_split)] or [b""]
+        writable = [len(v) for v in _split(bytearray(out_size or 0), out_split)]
+        done = vq.wait(vq.submit(readable, writable, indirect=data.draw(st.booleans())))
+        used, buf = done.used_len, done.data
+        assert 0 <= used <= (out_size or 0)
+        if used == 0:
+            continue
+        length, error, unique = fa.OUT_HEADER.unpack_from(buf)
+        assert (length, unique) == (used, struct.unpack_from("<Q", req, 8)[0])
+        assert -511 <= error <= 0
+        event(f"{_name(opcode)}: {'ok' if not error else os.strerror(-error)}")
+        if error:
+            continue
+        if opcode in ENTRY_REPLIES and used >= 16 + 8:
+            nodes.append(struct.unpack_from("<Q", buf, 16)[0])
+        if opcode in OPEN_REPLIES and used >= 24:
+            fhs.append(struct.unpack_from("<Q", buf, 16)[0])
+    # The daemon still serves ordinary requests, and nothing outside its share changed.
+    assert c.getattr(ROOT).attr.ino == os.stat(share).st_ino
+    assert d.proc.poll() is None
+    assert _snapshot(outside) == before

@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
+from tests.conftest import DATA_PLANES
 from tests.frontend import Frontend, FuseClient
+
+# Pausing at a request boundary and resuming exactly, on both data planes.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 
 ROOT = fa.ROOT_ID
 BATCH = 120

@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import DriverQueue, Frontend, FuseClient, GuestMemory, connect_unix
 from tests.proctree import children, fd_count
+
+# A new front-end keeps the filesystem state, on both data planes.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 
 ROOT = fa.ROOT_ID
 MIB = 1 << 20

@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
+
+# Every kill point on the native plane; the python plane runs the in-flight case below.
+pytestmark = pytest.mark.data_planes("native")
 
 ROOT = fa.ROOT_ID
 POINTS = ("popped", "executing", "executed", "replied", "pushed")
@@ -285,6 +288,7 @@ def test_killed_twice_on_the_same_request(rig, crash: str) -> None:
     assert r.daemon.text.count("test hook") == 2
 
 
+@pytest.mark.data_planes(*DATA_PLANES)
 def test_requests_in_flight_on_a_dead_worker_complete_in_order(rig) -> None:
     # Many requests queued while the worker dies on the first of them: all complete once.
     r = rig("CREATE:executed@3")
