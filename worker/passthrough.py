@@ -169,6 +169,7 @@ _OPEN_STRIP = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_APPEN
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 _S_IFMT = 0o170000
+XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -381,7 +382,29 @@ class PassthroughFs(Filesystem):
             setid = stat.S_ISUID | stat.S_ISGID
             if mode == old or mode & ~old or (old ^ mode) & ~setid:
                 raise
+            # ... and only for a caller who may write the file: that is what a write does.
+            self._check_caller_may_write(ifd)
             self._as_daemon(chmod)
+
+    def _check_caller_may_write(self, ifd: int) -> None:
+        """EPERM unless the caller now in force may write the inode behind `ifd` (with its
+        fsuid, fsgid, groups and the capabilities the kernel leaves that fsuid)."""
+        if _faccessat(self._proc, str(ifd).encode(), os.W_OK, AT_EACCESS) != 0:
+            raise _err(errno.EPERM)
+
+    def _check_xattr_change(self, ctx: Context, ifd: int, name: bytes, removing: bool) -> None:
+        """security.capability grants capabilities to whoever executes the file.  The kernel
+        asks CAP_SETFCAP to set or remove it (capabilities(7), "File capabilities"), and the
+        worker keeps CAP_SETFCAP whatever fsuid it acts as (setfsuid drops only the
+        file-system capabilities), so the kernel's check would pass for any caller.  Setting
+        is for uid 0 only; removing is what any write by a non-root caller does on the host
+        (killpriv, sent as REMOVEXATTR by a guest without HANDLE_KILLPRIV), so a caller who may
+        write the file may."""
+        if name != XATTR_NAME_CAPS or ctx.uid == 0:
+            return
+        if not removing:
+            raise _err(errno.EPERM)
+        self._check_caller_may_write(ifd)
 
     @staticmethod
     def _kill_suidgid(fd: int) -> None:
@@ -879,13 +902,17 @@ class PassthroughFs(Filesystem):
             # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
             _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
 
-    def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T], write: bool) -> T:
-        """fn(target) on a re-opened fd for files and directories, else on the magic link."""
+    def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T],
+                    check: Callable[[int], None] | None = None) -> T:
+        """fn(target) on a re-opened fd for files and directories, else on the magic link;
+        a change (`check` given) runs check(inode fd) first."""
         if not self.options.xattr:
             raise _err(errno.ENOSYS)
-        if write:
+        if check is not None:
             self._writable()
         with self._inodes.pinned(nodeid) as ifd:
+            if check is not None:
+                check(ifd)
             mode = os.fstat(ifd).st_mode
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 # Opened as the daemon: the xattr calls check the caller's permission
@@ -902,12 +929,13 @@ class PassthroughFs(Filesystem):
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
                  setxattr_flags: int) -> None:
         self._as_caller(ctx)
-        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), True)
+        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags),
+                         lambda ifd: self._check_xattr_change(ctx, ifd, name, False))
 
     @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         self._as_caller(ctx)
-        value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name), False)
+        value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name))
         if size == 0:
             return len(value)
         if len(value) > size:
@@ -917,7 +945,7 @@ class PassthroughFs(Filesystem):
     @_member_retry(0)
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._as_caller(ctx)
-        names = self._xattr_call(nodeid, os.listxattr, False)
+        names = self._xattr_call(nodeid, os.listxattr)
         data = b"".join(os.fsencode(n) + b"\0" for n in names)
         if size == 0:
             return len(data)
@@ -928,7 +956,8 @@ class PassthroughFs(Filesystem):
     @_member_retry(0)
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
-        self._xattr_call(nodeid, lambda t: os.removexattr(t, name), True)
+        self._xattr_call(nodeid, lambda t: os.removexattr(t, name),
+                         lambda ifd: self._check_xattr_change(ctx, ifd, name, True))
 
 
 # openat2(2) resolve flags (linux/openat2.h).
