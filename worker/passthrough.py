@@ -302,18 +302,34 @@ class PassthroughFs(Filesystem):
         """ENOENT unless the directory `dir_fd` is still beneath the share's root: its path as
         the kernel names it (/proc/self/fd/N) must lead, from the root and with no symlink, to
         this very directory.  Done as the daemon: only reachability is asked here."""
+        self._know_root()
+        self._as_daemon(self._reachable, dir_fd, True)
+
+    def _know_root(self) -> None:
         if self._root_path is None:
             with self._inodes.pinned(self._inodes.ROOT) as rfd:
                 # The root is never forgotten, so its fd stays valid for the worker's lifetime.
                 self._root_fd = rfd
                 self._root_path = os.readlink(b"%d" % rfd, dir_fd=self._proc)
-        self._as_daemon(self._reachable, dir_fd)
 
-    def _reachable(self, dir_fd: int) -> None:
-        have = os.fstat(dir_fd)
+    def _check_inode_beneath(self, ifd: int) -> None:
+        """Before anything changes the inode behind `ifd` (its attributes, xattrs, data opened
+        for writing, a new link, an O_TMPFILE in it): ENOENT unless it is still in the share.
+        A directory must be beneath the root (_check_beneath); another inode must be reached
+        from the root by the name the kernel knows it by -- unless it has no name left at all
+        (unlinked while the guest holds it, or made with O_TMPFILE): then only the guest's own
+        nodeid or handle reaches it, and nothing outside the share can."""
+        self._know_root()
+        self._as_daemon(self._reachable, ifd, False)
+
+    def _reachable(self, fd: int, directory: bool) -> None:
+        have = os.fstat(fd)
         if not stat.S_ISDIR(have.st_mode):
-            raise _err(errno.ENOTDIR)     # what resolving a name in it would say
-        path = os.readlink(b"%d" % dir_fd, dir_fd=self._proc)
+            if directory:
+                raise _err(errno.ENOTDIR)     # what resolving a name in it would say
+            if have.st_nlink == 0:
+                return
+        path = os.readlink(b"%d" % fd, dir_fd=self._proc)
         root = self._root_path
         try:
             if root == b"/":
@@ -329,7 +345,7 @@ class PassthroughFs(Filesystem):
                 if path != root and not path.startswith(root + b"/"):
                     raise _err(errno.ENOENT)
                 fd = _open_beneath(self._root_fd, path[len(root):].lstrip(b"/") or b".",
-                                   os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                                   os.O_PATH | os.O_CLOEXEC)
                 try:
                     found = os.fstat(fd)
                 finally:
@@ -393,13 +409,15 @@ class PassthroughFs(Filesystem):
             raise _err(errno.EPERM)
 
     def _check_xattr_change(self, ctx: Context, ifd: int, name: bytes, removing: bool) -> None:
-        """security.capability grants capabilities to whoever executes the file.  The kernel
+        """An xattr change: the inode must still be in the share (_check_inode_beneath).
+        security.capability grants capabilities to whoever executes the file.  The kernel
         asks CAP_SETFCAP to set or remove it (capabilities(7), "File capabilities"), and the
         worker keeps CAP_SETFCAP whatever fsuid it acts as (setfsuid drops only the
         file-system capabilities), so the kernel's check would pass for any caller.  Setting
         is for uid 0 only; removing is what any write by a non-root caller does on the host
         (killpriv, sent as REMOVEXATTR by a guest without HANDLE_KILLPRIV), so a caller who may
         write the file may."""
+        self._check_inode_beneath(ifd)
         if name != XATTR_NAME_CAPS or ctx.uid == 0:
             return
         if not removing:
@@ -508,6 +526,7 @@ class PassthroughFs(Filesystem):
         valid = attr.valid
         V = fa.SetattrValid
         with self._inodes.pinned(nodeid) as ifd:
+            self._check_inode_beneath(ifd)
             hfd = self._pin_handle(fh, nodeid) if fh is not None else -1
             try:
                 if valid & V.MODE:
@@ -640,6 +659,7 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as ifd, self._inodes.pinned(newparent) as pfd:
             self._check_beneath(pfd)
+            self._check_inode_beneath(ifd)
             # linkat(AT_SYMLINK_FOLLOW) on the magic link links the inode itself; AT_EMPTY_PATH
             # would need CAP_DAC_READ_SEARCH.
             os.link(str(ifd), newname, src_dir_fd=self._proc, dst_dir_fd=pfd,
@@ -656,6 +676,8 @@ class PassthroughFs(Filesystem):
         oflags = self._open_flags(flags)
         with self._inodes.pinned(nodeid) as ifd:
             st = self._check_openable(ifd, False)
+            if _open_changes(oflags):
+                self._check_inode_beneath(ifd)
             fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
                 if kill_priv and oflags & os.O_TRUNC:
@@ -991,6 +1013,13 @@ def _open_beneath(dir_fd: int, name: bytes, flags: int, mode: int = 0) -> int:
         err = native.ffi.errno
         raise OSError(err, os.strerror(err), name)
     return fd
+
+
+def _open_changes(oflags: int) -> bool:
+    """Whether an OPEN with these (signed, stripped) flags can change the inode: writing,
+    truncating, or an O_TMPFILE made in a directory."""
+    return (oflags & os.O_ACCMODE != os.O_RDONLY or bool(oflags & os.O_TRUNC)
+            or oflags & _O_TMPFILE == _O_TMPFILE)
 
 
 def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
