@@ -98,6 +98,8 @@ class Config:
     writeback: bool = False
     allow_direct_io: bool = False
     allow_mmap: bool = False
+    # MKNOD of block and character devices (the guest may not make host devices otherwise).
+    allow_device_nodes: bool = False
     thread_pool_size: int = 0
     # None: virtiofsd's rule, min(1000000, /proc/sys/fs/nr_open); 0 leaves the limit alone.
     rlimit_nofile: int | None = None
@@ -426,6 +428,8 @@ def _build_parser() -> _Parser:
           "[default: never]")
     value("cache", "caching policy: auto, always, never, metadata [default: auto]")
     flag("allow_mmap", "allow shared mmap with --cache=metadata or never")
+    flag("allow_device_nodes", "let the guest create block and character device nodes "
+         "[default: refused, EPERM; overlayfs whiteouts (0:0) are always allowed]")
     flag("readdirplus", "disable support for READDIRPLUS operations", const=False,
          opt="--no-readdirplus")
     flag("writeback", "enable writeback cache")

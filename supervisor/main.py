@@ -60,6 +60,7 @@ def fs_options(config: Config) -> FsOptions:
         xattr=config.xattr,
         writeback=config.writeback,
         allow_direct_io=config.allow_direct_io,
+        allow_device_nodes=config.allow_device_nodes,
         announce_submounts=config.announce_submounts,
         readdirplus=config.use_readdirplus,
     )

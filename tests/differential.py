@@ -224,7 +224,8 @@ class DaemonPair:
 
         def ours(sock: str) -> list[str]:
             return [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={py_share}",
-                    "--sandbox=none", "--log-level=warn", *extra, *own]
+                    "--sandbox=none", "--log-level=warn", "--allow-device-nodes", *extra,
+                    *own]
 
         def anchor(sock: str) -> list[str]:
             return anchor_argv(sock, str(rs_share), "--log-level=warn", *extra)

@@ -117,6 +117,7 @@ def test_defaults_are_virtiofsds():
     (["--queue-size", "32768"], "queue_size", 32768),
     (["--queue-size=2"], "queue_size", 2),
     (["--reconnect"], "reconnect", True),
+    (["--allow-device-nodes"], "allow_device_nodes", True),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])

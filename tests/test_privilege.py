@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import struct
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +122,95 @@ def test_set_id_bits_are_dropped_only_by_who_may_write_the_file(env: Env) -> Non
     os.chmod(shared, 0o4777)
     assert errno_of(env.user.setattr, node, mode=0o775) == errno.EPERM
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o4777
+
+
+# --- device nodes ---------------------------------------------------------------------------------
+
+
+def test_guest_root_makes_no_host_device_node(env: Env) -> None:
+    """A guest-made 1:11 is the host's /dev/kmsg for any host user the node's mode lets in;
+    8:0 would be the host's first disk.  Refused (EPERM, what mknod(2) says without
+    CAP_MKNOD) unless --allow-device-nodes; overlayfs whiteouts (0:0) still work."""
+    c = env.root
+    for name, kind, rdev in (("kmsg", stat.S_IFCHR, os.makedev(1, 11)),
+                             ("sda", stat.S_IFBLK, os.makedev(8, 0)),
+                             ("zero-blk", stat.S_IFBLK, 0)):
+        assert errno_of(c.mknod, ROOT, name, kind | 0o666, rdev) == errno.EPERM, name
+    assert os.listdir(env.share) == []
+    wh = c.mknod(ROOT, "wh", stat.S_IFCHR | 0o000, 0)
+    assert stat.S_ISCHR(wh.attr.mode) and wh.attr.rdev == 0
+    c.mknod(ROOT, "a", stat.S_IFREG | 0o644)
+    c.rename2(ROOT, "a", ROOT, "b", fa.RENAME_WHITEOUT)
+    c.mknod(ROOT, "fifo", stat.S_IFIFO | 0o644)
+    kinds = {n: (stat.S_IFMT(os.lstat(env.share / n).st_mode), os.lstat(env.share / n).st_rdev)
+             for n in os.listdir(env.share)}
+    assert kinds == {"wh": (stat.S_IFCHR, 0), "a": (stat.S_IFCHR, 0), "b": (stat.S_IFREG, 0),
+                     "fifo": (stat.S_IFIFO, 0)}
+
+
+def _worker_pids(d: Daemon) -> list[int]:
+    from tests.test_seccomp import descendants
+    return [p for p, n in descendants(d.proc.pid).items() if n.startswith("pyvfs-q")]
+
+
+def _cap_eff(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+
+
+CAP_MKNOD = 27
+
+
+def test_allow_device_nodes_lets_guest_root_make_them(daemon_factory, share: Path) -> None:
+    d = daemon_factory("--sandbox=namespace")
+    # Without the option no worker can make a device node, whatever it is made to do.
+    assert all(not _cap_eff(p) & 1 << CAP_MKNOD for p in _worker_pids(d))
+    d = daemon_factory("--sandbox=namespace", "--allow-device-nodes")
+    assert all(_cap_eff(p) & 1 << CAP_MKNOD for p in _worker_pids(d))
+    with Frontend.connect(d.socket, process=d.proc) as fe:
+        c = FuseClient(fe)
+        c.init()
+        e = c.mknod(ROOT, "kmsg", stat.S_IFCHR | 0o600, os.makedev(1, 11))
+        assert e.attr.rdev == os.makedev(1, 11)
+        # Made, never opened by the daemon.
+        assert errno_of(c.open, e.nodeid, os.O_RDONLY) == errno.ENXIO
+        user = FuseClient(fe, uid=USER, gid=USER)
+        user.flags = c.flags
+        os.chmod(share, 0o777)
+        assert errno_of(user.mknod, ROOT, "null", stat.S_IFCHR | 0o666,
+                        os.makedev(1, 3)) == errno.EPERM
+    st = os.lstat(share / "kmsg")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 11)
+    assert not (share / "null").exists()
+
+
+def _mount_options(pid: int) -> dict[str, set[str]]:
+    """Mount point (as the process sees it) -> its per-mount options."""
+    out = {}
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            out[fields[4]] = set(fields[5].split(","))
+    return out
+
+
+def test_the_share_is_nodev_and_nosuid_inside_the_sandbox(daemon_factory, share: Path) -> None:
+    """A compromised worker that makes or finds a device node in the share cannot open it
+    (the host's disk, /dev/kmsg): every mount of the share the workers see is nodev, and
+    nosuid, since the daemon neither opens devices nor runs programs."""
+    (share / "sub").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "below", str(share / "sub")],
+                   check=True)
+    try:
+        d = daemon_factory("--sandbox=namespace")
+        for pid in _worker_pids(d):
+            mounts = _mount_options(pid)
+            assert {"/", "/sub"} <= mounts.keys(), mounts
+            for point, opts in mounts.items():
+                assert {"nodev", "nosuid"} <= opts, (point, opts)
+        d.stop()
+        # Nothing of it reaches the host's mounts.
+        host = _mount_options(os.getpid())
+        assert "nodev" not in host[str(share / "sub")]
+    finally:
+        subprocess.run(["umount", "-l", str(share / "sub")], check=False)

@@ -144,6 +144,19 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.EINVAL)
 
 
+def _check_device_node(mode: int, rdev: int, allowed: bool) -> None:
+    """EPERM for a block or character device unless --allow-device-nodes: a node the guest
+    makes is a host device node, which any host process allowed by its mode could open (a
+    guest-made 1:11 is the host's /dev/kmsg).  EPERM is what mknod(2) says without
+    CAP_MKNOD.  A whiteout (character device 0:0, overlayfs) opens no device and is allowed."""
+    kind = mode & _S_IFMT
+    if allowed or kind not in (stat.S_IFBLK, stat.S_IFCHR):
+        return
+    if kind == stat.S_IFCHR and rdev == 0:
+        return
+    raise _err(errno.EPERM)
+
+
 def _signed32(v: int) -> int:
     """A u32 from the wire as the C int it stands for (open(2) flags)."""
     return v - (1 << 32) if v >= 1 << 31 else v
@@ -600,6 +613,7 @@ class PassthroughFs(Filesystem):
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         self._writable()
         _check_name(name)
+        _check_device_node(mode, rdev, self.options.allow_device_nodes)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
