@@ -36,10 +36,12 @@ A call made under a foreign architecture (i386 `int 0x80`, x32) always kills the
 from __future__ import annotations
 
 import errno as errno_mod
+import itertools
 import mmap
 import os
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -95,6 +97,32 @@ CONSTANTS: dict[str, int] = {
     "P_PID": 1, "P_PIDFD": 3, "WNOHANG": 1,
 }
 
+# The width of every argument a policy may compare, as the kernel declares it (SYSCALL_DEFINEn):
+# the entry code casts the 64-bit register to the declared type, so an `int` argument is only
+# its low 32 bits, while a seccomp filter sees the whole register (seccomp_data.args are u64).
+# A 32-bit comparison must therefore look at the low half alone: `arg0 != SIGSYS` of
+# rt_sigaction on the full register would let 0x1_0000001F through, which the kernel reads as
+# SIGSYS.  A condition on an argument missing here is refused when the policy is read.
+ARG_BITS: dict[tuple[str, int], int] = {
+    ("rt_sigaction", 0): 32,       # int sig
+    ("kill", 0): 32,               # pid_t pid
+    ("kill", 1): 32,               # int sig
+    ("fcntl", 1): 32,              # unsigned int cmd
+    ("ioctl", 1): 32,              # unsigned int cmd
+    ("prctl", 0): 32,              # int option
+    ("prctl", 1): 64,              # unsigned long arg2
+    ("socket", 0): 32,             # int family
+    ("socket", 1): 32,             # int type
+    ("socketpair", 0): 32,         # int family
+    ("socketpair", 1): 32,         # int type
+    ("seccomp", 0): 32,            # unsigned int op
+    ("openat", 2): 32,             # int flags
+    ("mmap", 2): 64,               # unsigned long prot
+    ("mprotect", 2): 64,           # unsigned long prot
+    ("clone", 0): 64,              # unsigned long clone_flags
+}
+_U32 = (1 << 32) - 1
+
 _OPS = {"==": pyseccomp.EQ, "!=": pyseccomp.NE, "<": pyseccomp.LT, "<=": pyseccomp.LE,
         ">": pyseccomp.GT, ">=": pyseccomp.GE}
 _NAME = re.compile(r"[a-z_][a-z0-9_]*")
@@ -114,10 +142,32 @@ class Comparison:
     value: int
     mask: int | None = None
 
-    def to_arg(self) -> pyseccomp.Arg:
+    def to_args(self, bits: int) -> list[pyseccomp.Arg]:
+        """libseccomp comparisons of which any one holding means this one holds, for an
+        argument of `bits` bits (ARG_BITS)."""
+        if bits == 64:
+            if self.mask is not None:
+                return [pyseccomp.Arg(self.arg, pyseccomp.MASKED_EQ, self.mask, self.value)]
+            return [pyseccomp.Arg(self.arg, _OPS[self.op], self.value)]
+        # Only the low 32 bits count: masks keep the high half out of every comparison.
         if self.mask is not None:
-            return pyseccomp.Arg(self.arg, pyseccomp.MASKED_EQ, self.mask, self.value)
-        return pyseccomp.Arg(self.arg, _OPS[self.op], self.value)
+            return [pyseccomp.Arg(self.arg, pyseccomp.MASKED_EQ, self.mask & _U32, self.value)]
+        if self.op == "==":
+            return [pyseccomp.Arg(self.arg, pyseccomp.MASKED_EQ, _U32, self.value)]
+        # `!=`: some bit of the low half differs from the value's.
+        return [pyseccomp.Arg(self.arg, pyseccomp.MASKED_EQ, 1 << i, ~self.value & (1 << i))
+                for i in range(32)]
+
+    def holds(self, value: int, bits: int) -> bool:
+        """What the comparison means for the argument the kernel receives (the reference the
+        compiled filter is tested against)."""
+        if bits == 32:
+            value &= _U32
+        if self.mask is not None:
+            return value & self.mask == self.value
+        return {"==": value == self.value, "!=": value != self.value, "<": value < self.value,
+                "<=": value <= self.value, ">": value > self.value,
+                ">=": value >= self.value}[self.op]
 
 
 @dataclass(frozen=True)
@@ -127,6 +177,15 @@ class Rule:
     errno: int | None = None  # `return ERRNO`
     # Alternatives (OR) of conjunctions (AND); empty: allowed whatever the arguments.
     alternatives: tuple[tuple[Comparison, ...], ...] = ()
+
+    def allows(self, args: Sequence[int]) -> bool:
+        """Whether the call with these six argument registers is allowed by this rule."""
+        if self.errno is not None:
+            return False
+        if not self.alternatives:
+            return True
+        return any(all(c.holds(args[c.arg], arg_bits(self.syscall, c.arg)) for c in alt)
+                   for alt in self.alternatives)
 
 
 @dataclass(frozen=True)
@@ -170,7 +229,12 @@ def _value(text: str, where: str) -> int:
     return total
 
 
-def _condition(text: str, where: str) -> tuple[tuple[Comparison, ...], ...]:
+def arg_bits(syscall: str, arg: int) -> int:
+    """The declared width of `syscall`'s argument `arg` (KeyError if ARG_BITS lacks it)."""
+    return ARG_BITS[(syscall, arg)]
+
+
+def _condition(text: str, where: str, syscall: str) -> tuple[tuple[Comparison, ...], ...]:
     alternatives = []
     for alternative in text.split("||"):
         comparisons: list[Comparison] = []
@@ -186,8 +250,20 @@ def _condition(text: str, where: str) -> tuple[tuple[Comparison, ...], ...]:
             if mask is not None and op != "==":
                 raise PolicyError(f"{where}: a masked comparison must use == (arg{arg} & ... "
                                   f"{op})")
-            comparisons.append(Comparison(arg, op, _value(value, where),
-                                          None if mask is None else _value(mask, where)))
+            cmp = Comparison(arg, op, _value(value, where),
+                             None if mask is None else _value(mask, where))
+            bits = ARG_BITS.get((syscall, arg))
+            if bits is None:
+                raise PolicyError(f"{where}: the width of {syscall} arg{arg} is not known (add "
+                                  "it to ARG_BITS in common/seccomp.py)")
+            if bits == 32:
+                if cmp.value > _U32 or (cmp.mask or 0) > _U32:
+                    raise PolicyError(f"{where}: {syscall} arg{arg} is a 32-bit argument; "
+                                      f"{cmp.value:#x} does not fit in it")
+                if op not in ("==", "!="):
+                    raise PolicyError(f"{where}: {syscall} arg{arg} is a 32-bit argument: "
+                                      f"compare it with == or != (or a mask), not {op}")
+            comparisons.append(cmp)
         alternatives.append(tuple(comparisons))
     return tuple(alternatives)
 
@@ -232,7 +308,7 @@ def parse(text: str, name: str, read=_read_policy_file,
                                   "EPERM)")
             rules.append(Rule(syscall, where, errno=value))
         else:
-            rules.append(Rule(syscall, where, alternatives=_condition(spec, where)))
+            rules.append(Rule(syscall, where, alternatives=_condition(spec, where, syscall)))
     return rules
 
 
@@ -281,8 +357,11 @@ def compile_filter(policy: Policy, action: str, arch: int | None = None) -> pyse
                 filt.add_rule(pyseccomp.ALLOW, rule.syscall)
             else:
                 for alternative in rule.alternatives:
-                    filt.add_rule(pyseccomp.ALLOW, rule.syscall,
-                                  *(c.to_arg() for c in alternative))
+                    # A comparison may need several libseccomp ones joined by OR (a 32-bit
+                    # `!=`): one rule per combination.
+                    choices = [c.to_args(arg_bits(rule.syscall, c.arg)) for c in alternative]
+                    for combination in itertools.product(*choices):
+                        filt.add_rule(pyseccomp.ALLOW, rule.syscall, *combination)
         except OSError as e:
             raise PolicyError(f"{rule.where}: libseccomp refused the rule for {rule.syscall!r}: "
                               f"{e.strerror or e}") from None

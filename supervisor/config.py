@@ -99,6 +99,8 @@ class Config:
     writeback: bool = False
     allow_direct_io: bool = False
     allow_mmap: bool = False
+    # MKNOD of block and character devices (the guest may not make host devices otherwise).
+    allow_device_nodes: bool = False
     thread_pool_size: int = 0
     # None: virtiofsd's rule, min(1000000, /proc/sys/fs/nr_open); 0 leaves the limit alone.
     rlimit_nofile: int | None = None
@@ -145,19 +147,33 @@ class Config:
         out: list[str] = []
         if self.thread_pool_size > 0:
             out.append(f"--thread-pool-size={self.thread_pool_size}")
-        for flag in ("posix_acl", "security_label", "killpriv_v2", "allow_mmap",
-                     "preserve_noatime", "migration_verify_handles", "migration_confirm_paths"):
+        for flag in ("killpriv_v2", "allow_mmap", "preserve_noatime",
+                     "migration_verify_handles", "migration_confirm_paths"):
             if getattr(self, flag):
                 out.append(_opt(flag))
-        if self.xattrmap is not None:
-            out.append(_opt("xattrmap"))
-        for name in ("translate_uid", "translate_gid"):
-            out.extend(f"{_opt(name)}={value}" for value in getattr(self, name))
         for name, default in (("inode_file_handles", "never"), ("migration_mode", "find-paths"),
                               ("migration_on_error", "abort")):
             if getattr(self, name) != default:
                 out.append(f"{_opt(name)}={getattr(self, name)}")
         return out
+
+    def unimplemented_security(self) -> list[str]:
+        """Options that are set, change what the guest may do or see, and are not implemented:
+        running without them would serve a different security model than the one asked for."""
+        out = [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
+        if self.xattrmap is not None:
+            out.append(_opt("xattrmap"))
+        out.extend(_opt(name) for name in ("translate_uid", "translate_gid")
+                   if getattr(self, name))
+        return out
+
+
+def refuse_unimplemented_security(config: Config) -> None:
+    """ConfigError for the first option of Config.unimplemented_security(): the daemon does not
+    start rather than serve without it (parse() still accepts it, as virtiofsd does)."""
+    for option in config.unimplemented_security():
+        raise ConfigError(f"{option} is not implemented yet and changes what the guest may "
+                          "do; the daemon does not run without it (remove the option)")
 
 
 # Fields that are not options: never in a config file.
@@ -416,6 +432,8 @@ def _build_parser() -> _Parser:
           "[default: never]")
     value("cache", "caching policy: auto, always, never, metadata [default: auto]")
     flag("allow_mmap", "allow shared mmap with --cache=metadata or never")
+    flag("allow_device_nodes", "let the guest create block and character device nodes "
+         "[default: refused, EPERM; overlayfs whiteouts (0:0) are always allowed]")
     flag("readdirplus", "disable support for READDIRPLUS operations", const=False,
          opt="--no-readdirplus")
     flag("writeback", "enable writeback cache")
@@ -600,8 +618,10 @@ def parse(argv: Sequence[str]) -> Config | Action:
         values["inode_file_handles"] = "prefer"
         deprecations.append("use of deprecated value 'fallback' for '--inode-file-handles': "
                             "use 'prefer' instead")
-    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"]
-                           or values["xattrmap"] is not None)
+    # virtiofsd: --posix-acl and --security-label turn --xattr on.  --xattrmap does not here:
+    # without the map applied, that would pass every raw name through (and it is refused at
+    # start until implemented, refuse_unimplemented_security()).
+    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"])
     values["deprecations"] = tuple(deprecations)
     _check_combination(values)
     return Config(**values)

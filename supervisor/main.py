@@ -27,7 +27,14 @@ from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
-from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
+from pyvirtiofsd.supervisor.config import (
+    Config,
+    ConfigError,
+    check_startup,
+    error_exit,
+    refuse_unimplemented_security,
+    run_cli,
+)
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
@@ -53,6 +60,7 @@ def fs_options(config: Config) -> FsOptions:
         xattr=config.xattr,
         writeback=config.writeback,
         allow_direct_io=config.allow_direct_io,
+        allow_device_nodes=config.allow_device_nodes,
         announce_submounts=config.announce_submounts,
         readdirplus=config.use_readdirplus,
     )
@@ -284,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.socket_path is not None:
             pidfile.acquire(config.socket_path)
+        refuse_unimplemented_security(config)
         check_startup(config)
         check_sandbox(config)
     except ConfigError as e:

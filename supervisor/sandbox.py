@@ -29,6 +29,7 @@ procfs they can see.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import resource
@@ -49,9 +50,11 @@ CORE_DUMPS_ENV = "PYVIRTIOFSD_CORE_DUMPS"
 
 # What file serving needs, as virtiofsd keeps it: ownership and mode changes on behalf of the
 # guest, permission checks done by the kernel for the caller's fsuid, setfsuid/setfsgid and
-# setgroups, device nodes, file capabilities.  DAC_READ_SEARCH only for open_by_handle_at.
-WORKER_CAPS = ("chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "mknod",
-               "setfcap")
+# setgroups, file capabilities.  DAC_READ_SEARCH only for open_by_handle_at.  MKNOD only with
+# --allow-device-nodes: since Linux 5.8 a whiteout (0:0) needs no capability, so without it a
+# worker cannot make a device node at all -- not even one a compromised worker would open.
+WORKER_CAPS = ("chown", "dac_override", "fowner", "fsetid", "setgid", "setuid", "setfcap")
+DEVICE_CAP = "mknod"
 FILE_HANDLE_CAP = "dac_read_search"
 # The supervisor and the waiting parent keep none once set up.
 SUPERVISOR_CAPS: tuple[str, ...] = ()
@@ -67,7 +70,9 @@ MS_BIND, MS_REC, MS_SLAVE = 0x1000, 0x4000, 1 << 19
 MNT_DETACH = 2
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 # The new mount API (Linux 5.2); the numbers are the same on every architecture.
-SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 430, 431, 432
+SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT, SYS_MOUNT_SETATTR = 430, 431, 432, 442
+AT_RECURSIVE = 0x8000
+MS_REMOUNT = 32
 FSOPEN_CLOEXEC, FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC = 1, 1, 6, 1
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 1, 2, 4, 8
 
@@ -114,6 +119,14 @@ def check(config: Config) -> None:
                               "--sandbox=namespace")
 
 
+def _kernel_before(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(p) for p in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found < (major, minor)
+
+
 def capability_numbers(names) -> frozenset[int]:
     return frozenset(CAPABILITIES.index(n) for n in names)
 
@@ -123,6 +136,8 @@ def worker_capabilities(config: Config) -> frozenset[int]:
     keep = set(WORKER_CAPS)
     if config.inode_file_handles != "never" or config.migration_mode == "file-handles":
         keep.add(FILE_HANDLE_CAP)
+    if config.allow_device_nodes or _kernel_before(5, 8):
+        keep.add(DEVICE_CAP)    # before 5.8 whiteouts need CAP_MKNOD too
     for item in (config.modcaps or "").split(":"):
         if item:
             (keep.add if item[0] == "+" else keep.discard)(item[1:].lower())
@@ -376,6 +391,37 @@ def _pivot_into(share: str) -> None:
         os.close(new_root)
 
 
+class _MountAttr(ctypes.Structure):
+    """struct mount_attr (linux/mount.h, mount_setattr(2))."""
+    _fields_ = (("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64))
+
+
+def _nodev_nosuid(path: str) -> None:
+    """Mark every mount at and below `path` (in our own mount namespace) nodev and nosuid.
+
+    The daemon never opens a device node or runs a program, so neither costs it anything,
+    and a compromised worker then cannot open a device node it made or found in the share
+    (the host's disk, /dev/kmsg), nor gain from a set-id program.  The guest is not
+    affected: it opens its devices and runs its programs in its own kernel.  Mounts that
+    appear below the share later (propagated from the host) keep the host's flags, which is
+    why the host should mount the share nodev,nosuid as well (README "Security model")."""
+    attr = _MountAttr(MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID, 0, 0, 0)
+    res = _syscall(SYS_MOUNT_SETATTR, -100, os.fsencode(path), AT_RECURSIVE,
+                   ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)))
+    if res == 0:
+        return
+    if ctypes.get_errno() != errno.ENOSYS:
+        _check(res, f"mount_setattr nodev,nosuid {path}")
+    # Before Linux 5.12: a remount of the top mount, keeping the flags it has (a user
+    # namespace may not clear the ones it inherited locked).
+    # ST_RDONLY..ST_RELATIME have the values of the MS_* flags they report.
+    flags = os.statvfs(path).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | 0x1C50)
+    _mount(None, path, None, flags | MS_REMOUNT | MS_BIND | MS_NODEV | MS_NOSUID)
+    log.warning("this kernel has no mount_setattr: mounts below %s keep their own "
+                "nodev/nosuid flags", path)
+
+
 def _same_dir(a: str, b: str) -> bool:
     sa, sb = os.stat(a), os.stat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
@@ -466,8 +512,10 @@ class Sandbox:
         except SandboxError:
             self.proc_fd = _proc_on_slash_proc()
         if _same_dir(share, "/"):
+            _nodev_nosuid("/")
             return    # sharing the root itself: nothing to pivot to
         _mount(share, share, None, MS_BIND | MS_REC)
+        _nodev_nosuid(share)
         _pivot_into(share)
 
     def _set_up_chroot(self, share: str) -> None:

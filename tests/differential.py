@@ -242,8 +242,8 @@ class DaemonPair:
         def ours(share: Path, plane: str):
             def argv(sock: str) -> list[str]:
                 return [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
-                        "--sandbox=none", "--log-level=warn", f"--data-plane={plane}", *extra,
-                        *own]
+                        "--sandbox=none", "--log-level=warn", f"--data-plane={plane}",
+                        "--allow-device-nodes", *extra, *own]
             return argv
 
         if planes:

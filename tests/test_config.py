@@ -28,6 +28,7 @@ from pyvirtiofsd.supervisor.config import (
     parse,
     run_cli,
 )
+from tests.conftest import DAEMON
 from tests.frontend import ANCHOR
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "pyvirtiofsd.toml"
@@ -118,6 +119,7 @@ def test_defaults_are_virtiofsds():
     (["--reconnect"], "reconnect", True),
     (["--data-plane=python"], "data_plane", "python"),
     (["--data-plane=python", "--data-plane=native"], "data_plane", "native"),
+    (["--allow-device-nodes"], "allow_device_nodes", True),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])
@@ -127,17 +129,52 @@ def test_flag_sets_field(args, name, value):
     assert isinstance(c, Config)
     assert getattr(c, name) == value
     # Nothing else moved away from the default, apart from what the flag implies.
-    implied = {"xattr"} if name in ("posix_acl", "security_label", "xattrmap") else set()
+    implied = {"xattr"} if name in ("posix_acl", "security_label") else set()
     for f in dataclasses.fields(Config):
         if f.name in {name, "socket_path", "shared_dir", "deprecations", *implied}:
             continue
         assert getattr(c, f.name) == f.default, f.name
 
 
-def test_posix_acl_security_label_and_xattrmap_imply_xattr():
+def test_posix_acl_and_security_label_imply_xattr_but_xattrmap_does_not():
     assert p("--posix-acl").xattr and p("--security-label").xattr
-    assert p("--xattrmap=:ok:all:::").xattr
+    # A map that is not applied must not pass raw names through instead.
+    assert not p("--xattrmap=:ok:all:::").xattr
+    assert not p("--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::").xattr
     assert not p().xattr
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["--translate-uid=map:0:1000:1"], "--translate-uid"),
+    (["--translate-gid=squash-host:0:1000:1"], "--translate-gid"),
+    (["--xattrmap=:ok:all:::"], "--xattrmap"),
+    (["--xattr", "--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::"], "--xattrmap"),
+    (["--posix-acl"], "--posix-acl"),
+    (["--security-label"], "--security-label"),
+])
+def test_unimplemented_security_options_stop_the_daemon(tmp_path, args, option):
+    """Accepted on the command line as virtiofsd does, but the daemon does not run without
+    what they ask for: one line, exit 2, nothing created."""
+    share = tmp_path / "share"
+    share.mkdir()
+    sock = tmp_path / "s.sock"
+    done = subprocess.run([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                           "--sandbox=none", *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"pyvirtiofsd: error: {option} is not implemented yet and changes what the guest may "
+        "do; the daemon does not run without it (remove the option)"]
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
+    path = write(tmp_path, f'shared-dir = "{share}"\nsocket-path = "{sock}"\n'
+                 + {"--translate-uid": 'translate-uid = ["map:0:1000:1"]\n',
+                    "--translate-gid": 'translate-gid = ["map:0:1000:1"]\n',
+                    "--xattrmap": 'xattrmap = ":ok:all:::"\n',
+                    "--posix-acl": "posix-acl = true\n",
+                    "--security-label": "security-label = true\n"}[option])
+    done = subprocess.run([str(DAEMON), "--config", path, "--sandbox=none"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
+    assert f"error: {option} is not implemented yet" in done.stderr
 
 
 def test_fd_instead_of_socket_path():
@@ -170,8 +207,10 @@ def test_unimplemented_lists_what_is_set():
           "--inode-file-handles=prefer", "--uid-map=:0:1:2:", "--gid-map=:0:1:2:",
           "--modcaps=+sys_admin", "--killpriv-v2", "--allow-mmap", "--reconnect")
     assert c.unimplemented() == [
-        "--thread-pool-size=2", "--posix-acl", "--security-label", "--killpriv-v2",
-        "--allow-mmap", "--xattrmap", "--inode-file-handles=prefer"]
+        "--thread-pool-size=2", "--killpriv-v2", "--allow-mmap", "--inode-file-handles=prefer"]
+    # These are not merely ineffective: the daemon refuses to start with them.
+    assert c.unimplemented_security() == ["--posix-acl", "--security-label", "--xattrmap"]
+    assert p("--translate-gid=map:0:1:2").unimplemented_security() == ["--translate-gid"]
     # Implemented options never show up.
     assert p("--cache=never", "--xattr", "--writeback", "--readonly", "--no-readdirplus",
              "--sandbox=none", "--seccomp=log", "--request-queues=4", "--reconnect",

@@ -731,7 +731,8 @@ def test_never_issued_nodeids_and_handles_are_ebadf(session: Session) -> None:
     assert (session.share / "f").read_bytes() == b"abc"
 
 
-def test_device_nodes_are_created_but_never_opened(session: Session) -> None:
+def test_device_nodes_are_created_but_never_opened(open_session) -> None:
+    session = open_session("--allow-device-nodes")
     c = session.client
     e = c.mknod(ROOT, "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     st = os.lstat(session.share / "null")

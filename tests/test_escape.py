@@ -179,6 +179,68 @@ def test_directory_moved_out_from_under_an_open_handle(env: Env) -> None:
     c.releasedir(d, fh)
 
 
+def test_nothing_moved_out_of_the_share_is_changed_through_what_the_guest_held(
+        env: Env) -> None:
+    """A directory the host moves out of the share takes no change through the nodeids and
+    handles the guest held: not its own mode, owner, times or xattrs (default ACLs
+    included), no O_TMPFILE in it, and none of the files it took along (SETATTR with or
+    without a handle, new handles for writing, LINK back into the share)."""
+    share, outside, c = env.share, env.outside, env.client
+    (share / "d" / "sub").mkdir(parents=True)
+    (share / "d" / "a").write_bytes(b"a")
+    os.setxattr(share / "d", "user.keep", b"1")
+    os.setxattr(share / "d" / "a", "user.keep", b"1")
+    d = c.lookup(ROOT, "d").nodeid
+    sub = c.lookup(d, "sub").nodeid
+    a = c.lookup(d, "a").nodeid
+    fh = c.open(a, os.O_RDWR).fh
+    os.rename(share / "d", outside / "d")
+    before = tree(outside)
+    acl = (b"\x02\x00\x00\x00" + b"\x01\x00\x07\x00\xff\xff\xff\xff"
+           + b"\x04\x00\x07\x00\xff\xff\xff\xff" + b"\x20\x00\x07\x00\xff\xff\xff\xff")
+    for node in (d, sub, a):
+        assert errno_of(c.setattr, node, mode=0o777) == errno.ENOENT
+        assert errno_of(c.setattr, node, uid=1000, gid=1000) == errno.ENOENT
+        assert errno_of(c.setattr, node, atime=(1, 0), mtime=(1, 0)) == errno.ENOENT
+        assert errno_of(c.setxattr, node, "user.x", b"planted") == errno.ENOENT
+        assert errno_of(c.removexattr, node, "user.keep") in (errno.ENOENT, errno.ENODATA)
+    for node in (d, sub):
+        assert errno_of(c.setxattr, node, "system.posix_acl_default", acl) == errno.ENOENT
+        assert errno_of(c.open, node, os.O_TMPFILE | os.O_RDWR) == errno.ENOENT
+    assert errno_of(c.setattr, a, size=0) == errno.ENOENT
+    assert errno_of(c.setattr, a, size=0, fh=fh) == errno.ENOENT
+    assert errno_of(c.setattr, a, mode=0o666, fh=fh) == errno.ENOENT
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+        assert errno_of(c.open, a, flags) == errno.ENOENT
+    assert errno_of(c.link, a, ROOT, "back") == errno.ENOENT
+    assert os.listdir(share) == [] and tree(outside) == before
+    # Moved back, everything is served again.
+    os.rename(outside / "d", share / "d")
+    c.setattr(d, mode=0o750)
+    c.setattr(a, size=0, fh=fh)
+    c.release(a, c.open(a, os.O_RDWR | os.O_TRUNC).fh)
+    c.release(a, fh)
+    assert stat.S_IMODE(os.stat(share / "d").st_mode) == 0o750
+    assert os.path.getsize(share / "d" / "a") == 0
+
+
+def test_a_file_the_guest_unlinked_can_still_be_changed_through_its_handle(env: Env) -> None:
+    """Only a name leading outside is refused: a file with no name left (unlinked while
+    open, or made with O_TMPFILE) is reachable through the guest's own handle only."""
+    c = env.client
+    e, opened = c.create(ROOT, "tmp", mode=0o600)
+    fh = opened.fh
+    c.write(e.nodeid, fh, 0, b"data")
+    c.unlink(ROOT, "tmp")
+    c.setattr(e.nodeid, size=1, fh=fh)
+    c.setattr(e.nodeid, mode=0o640)
+    assert c.getattr(e.nodeid).attr.size == 1
+    c.release(e.nodeid, fh)
+    tmp = c.open(ROOT, os.O_TMPFILE | os.O_RDWR).fh
+    c.release(ROOT, tmp)
+    assert os.listdir(env.share) == []
+
+
 def test_hard_links_placed_by_the_host_expose_that_file_only(env: Env) -> None:
     share, outside, c = env.share, env.outside, env.client
     secret = outside / "secret"

@@ -749,14 +749,24 @@ def test_kill_suidgid_on_write_and_open(env):
     assert os.path.getsize(env.path("f")) == 0
 
 
-def test_device_nodes_need_privilege(env):
+def test_device_nodes_need_privilege(env, tmp_path):
     c = env.client
-    os.chmod(env.root, 0o777)
     body = fa.MKNOD_IN.pack(stat.S_IFCHR | 0o666, os.makedev(1, 3), 0) + b"null\0"
-    # fsuid != 0 drops CAP_MKNOD along with the other filesystem capabilities.
-    assert c.err(Opcode.MKNOD, 1, body, uid=1000, gid=1000) == errno.EPERM
-    e = fa.EntryOut.unpack(c.ok(Opcode.MKNOD, 1, body))
-    assert stat.S_ISCHR(e.attr.mode) and e.attr.rdev == os.makedev(1, 3)
+    blk = fa.MKNOD_IN.pack(stat.S_IFBLK | 0o666, os.makedev(7, 0), 0) + b"loop\0"
+    # Without --allow-device-nodes not even root makes one; a whiteout is no device.
+    assert c.err(Opcode.MKNOD, 1, body) == errno.EPERM
+    assert c.err(Opcode.MKNOD, 1, blk) == errno.EPERM
+    wh = fa.EntryOut.unpack(c.ok(Opcode.MKNOD, 1, fa.MKNOD_IN.pack(stat.S_IFCHR, 0, 0)
+                                 + b"wh\0"))
+    assert stat.S_ISCHR(wh.attr.mode) and wh.attr.rdev == 0
+    assert sorted(os.listdir(env.root)) == ["wh"]
+    with open_env(tmp_path, allow_device_nodes=True) as e2:
+        c = e2.client
+        os.chmod(e2.root, 0o777)
+        # fsuid != 0 drops CAP_MKNOD along with the other filesystem capabilities.
+        assert c.err(Opcode.MKNOD, 1, body, uid=1000, gid=1000) == errno.EPERM
+        e = fa.EntryOut.unpack(c.ok(Opcode.MKNOD, 1, body))
+        assert stat.S_ISCHR(e.attr.mode) and e.attr.rdev == os.makedev(1, 3)
 
 
 def fd_count() -> int:

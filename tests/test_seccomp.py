@@ -139,6 +139,13 @@ def parse_files(files: dict[str, str], name: str = "t.policy") -> list[seccomp.R
     ("@include t.policy\n", "policies/t.policy:1: t.policy includes itself"),
     ("@include ../x.policy\n", "policies/t.policy:1: cannot parse '@include ../x.policy'"),
     ("kill: arg1 == 0x1FFFFFFFFFFFFFFFF\n", "does not fit in 64 bits"),
+    ("kill: arg1 == 0x10000001F\n", "policies/t.policy:1: kill arg1 is a 32-bit argument; "
+                                     "0x10000001f does not fit in it"),
+    ("fcntl: arg1 & 0x100000000 == 0\n", "fcntl arg1 is a 32-bit argument"),
+    ("kill: arg1 < 9\n", "kill arg1 is a 32-bit argument: compare it with == or != (or a "
+                         "mask), not <"),
+    ("read: arg0 == 1\n", "policies/t.policy:1: the width of read arg0 is not known (add it "
+                          "to ARG_BITS in common/seccomp.py)"),
 ])
 def test_policy_errors_are_one_clear_line(text: str, message: str) -> None:
     with pytest.raises(PolicyError) as ei:
@@ -317,6 +324,82 @@ def test_argument_filters(role: str, call, allowed: bool) -> None:
         assert status == 0, status
     else:
         assert killed_by_sigsys(status), status
+
+
+# --- 32-bit arguments: only the low half counts ------------------------------------------------
+
+
+def test_a_high_half_does_not_sneak_sigsys_past_the_filter() -> None:
+    """A compromised worker asks rt_sigaction for signal 0x1_0000001F: the kernel truncates
+    the int to 31 (SIGSYS), so the filter must refuse it as it refuses 31, or the worker could
+    install a handler of its own and survive every refused call."""
+    def replace_sigsys_handler() -> None:
+        LIBC.syscall(NR["rt_sigaction"], ctypes.c_ulong((1 << 32) | signal.SIGSYS), None, None,
+                     ctypes.c_ulong(8))
+    for role in seccomp.ROLES:
+        assert killed_by_sigsys(run_confined(filter_for(role), "kill",
+                                             replace_sigsys_handler)), role
+        # The same without the high half, and a signal any role may handle.
+        assert killed_by_sigsys(run_confined(
+            filter_for(role), "kill", lambda: signal.signal(signal.SIGSYS, signal.SIG_IGN)))
+        assert run_confined(filter_for(role), "kill",
+                            lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)) == 0
+
+
+# Arguments that make each filtered call harmless if it runs (bad fd, NULL pointer, a pid that
+# cannot exist): the probes below look at the filter's verdict, not at what the call does.
+_PROBE_ARGS: dict[str, tuple[int, ...]] = {
+    "rt_sigaction": (0, 0, 0, 8), "kill": (0x3FFFFFF0, 0), "fcntl": ((1 << 32) - 1, 0, 0),
+    "ioctl": ((1 << 32) - 1, 0, 0), "prctl": (0, 0, 0, 0, 0),
+    "socket": (0, socket.SOCK_DGRAM, 0), "socketpair": (0, socket.SOCK_DGRAM, 0, 0),
+    "seccomp": (0, 0, 0), "openat": ((1 << 32) - 1, 0, 0, 0),
+}
+_HIGH_HALVES = (1 << 32, 0xFFFFFFFF << 32, 0x80000000 << 32)
+
+
+def _probes() -> list[tuple[str, str, int, int, bool]]:
+    """(role, syscall, arg, low value, allowed) for every 32-bit argument a policy filters:
+    one low value the rule refuses and one it allows, found among its own constants and
+    their neighbours."""
+    out = []
+    for role in seccomp.ROLES:
+        for rule in seccomp.load_policy(role).rules:
+            args = {c.arg for alt in rule.alternatives for c in alt
+                    if seccomp.arg_bits(rule.syscall, c.arg) == 32}
+            for arg in sorted(args):
+                base = list(_PROBE_ARGS[rule.syscall]) + [0] * 6
+                consts = {c.value for alt in rule.alternatives for c in alt if c.arg == arg}
+                candidates = [0x7FFFFFFF, 0xFFFFFFFF, *sorted(consts),
+                              *sorted(v + 1 for v in consts), 0, 1]
+                verdicts: dict[bool, int] = {}
+                for low in candidates:
+                    base[arg] = low
+                    verdicts.setdefault(rule.allows(base), low)
+                for allowed, low in sorted(verdicts.items()):
+                    out.append((role, rule.syscall, arg, low, allowed))
+    return out
+
+
+@pytest.mark.parametrize(("role", "name", "arg", "low", "allowed"), [
+    pytest.param(*p, id=f"{p[0]}-{p[1]}-arg{p[2]}-{p[3]:#x}-{'allowed' if p[4] else 'refused'}")
+    for p in _probes()])
+def test_every_32bit_argument_filter_ignores_the_high_half(role: str, name: str, arg: int,
+                                                           low: int, allowed: bool) -> None:
+    """The kernel reads only the low 32 bits of an int argument: a value with anything in the
+    high half is judged as its low half, whichever way (refused values stay refused, allowed
+    ones are not killed because a library left garbage above them)."""
+    nr = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
+    for high in (0, *_HIGH_HALVES):
+        args = list(_PROBE_ARGS[name])
+        args[arg] = low | high
+
+        def call(args: list[int] = args) -> None:
+            LIBC.syscall(nr, *(ctypes.c_ulong(a) for a in args))
+        status = run_confined(filter_for(role), "kill", call)
+        if allowed:
+            assert status == 0, (hex(low | high), status)
+        else:
+            assert killed_by_sigsys(status), (hex(low | high), status)
 
 
 def test_spawner_clones_workers_only_with_their_flags() -> None:

@@ -67,6 +67,7 @@ class FsOptions:
     xattr: bool = False
     writeback: bool = False
     allow_direct_io: bool = False
+    allow_device_nodes: bool = False
     announce_submounts: bool = True
     readdirplus: bool = True
 

@@ -144,6 +144,19 @@ def _check_name(name: bytes) -> None:
         raise _err(errno.EINVAL)
 
 
+def _check_device_node(mode: int, rdev: int, allowed: bool) -> None:
+    """EPERM for a block or character device unless --allow-device-nodes: a node the guest
+    makes is a host device node, which any host process allowed by its mode could open (a
+    guest-made 1:11 is the host's /dev/kmsg).  EPERM is what mknod(2) says without
+    CAP_MKNOD.  A whiteout (character device 0:0, overlayfs) opens no device and is allowed."""
+    kind = mode & _S_IFMT
+    if allowed or kind not in (stat.S_IFBLK, stat.S_IFCHR):
+        return
+    if kind == stat.S_IFCHR and rdev == 0:
+        return
+    raise _err(errno.EPERM)
+
+
 def _signed32(v: int) -> int:
     """A u32 from the wire as the C int it stands for (open(2) flags)."""
     return v - (1 << 32) if v >= 1 << 31 else v
@@ -169,6 +182,7 @@ _OPEN_STRIP = (os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_APPEN
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 _S_IFMT = 0o170000
+XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -301,18 +315,34 @@ class PassthroughFs(Filesystem):
         """ENOENT unless the directory `dir_fd` is still beneath the share's root: its path as
         the kernel names it (/proc/self/fd/N) must lead, from the root and with no symlink, to
         this very directory.  Done as the daemon: only reachability is asked here."""
+        self._know_root()
+        self._as_daemon(self._reachable, dir_fd, True)
+
+    def _know_root(self) -> None:
         if self._root_path is None:
             with self._inodes.pinned(self._inodes.ROOT) as rfd:
                 # The root is never forgotten, so its fd stays valid for the worker's lifetime.
                 self._root_fd = rfd
                 self._root_path = os.readlink(b"%d" % rfd, dir_fd=self._proc)
-        self._as_daemon(self._reachable, dir_fd)
 
-    def _reachable(self, dir_fd: int) -> None:
-        have = os.fstat(dir_fd)
+    def _check_inode_beneath(self, ifd: int) -> None:
+        """Before anything changes the inode behind `ifd` (its attributes, xattrs, data opened
+        for writing, a new link, an O_TMPFILE in it): ENOENT unless it is still in the share.
+        A directory must be beneath the root (_check_beneath); another inode must be reached
+        from the root by the name the kernel knows it by -- unless it has no name left at all
+        (unlinked while the guest holds it, or made with O_TMPFILE): then only the guest's own
+        nodeid or handle reaches it, and nothing outside the share can."""
+        self._know_root()
+        self._as_daemon(self._reachable, ifd, False)
+
+    def _reachable(self, fd: int, directory: bool) -> None:
+        have = os.fstat(fd)
         if not stat.S_ISDIR(have.st_mode):
-            raise _err(errno.ENOTDIR)     # what resolving a name in it would say
-        path = os.readlink(b"%d" % dir_fd, dir_fd=self._proc)
+            if directory:
+                raise _err(errno.ENOTDIR)     # what resolving a name in it would say
+            if have.st_nlink == 0:
+                return
+        path = os.readlink(b"%d" % fd, dir_fd=self._proc)
         root = self._root_path
         try:
             if root == b"/":
@@ -328,7 +358,7 @@ class PassthroughFs(Filesystem):
                 if path != root and not path.startswith(root + b"/"):
                     raise _err(errno.ENOENT)
                 fd = _open_beneath(self._root_fd, path[len(root):].lstrip(b"/") or b".",
-                                   os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                                   os.O_PATH | os.O_CLOEXEC)
                 try:
                     found = os.fstat(fd)
                 finally:
@@ -381,7 +411,31 @@ class PassthroughFs(Filesystem):
             setid = stat.S_ISUID | stat.S_ISGID
             if mode == old or mode & ~old or (old ^ mode) & ~setid:
                 raise
+            # ... and only for a caller who may write the file: that is what a write does.
+            self._check_caller_may_write(ifd)
             self._as_daemon(chmod)
+
+    def _check_caller_may_write(self, ifd: int) -> None:
+        """EPERM unless the caller now in force may write the inode behind `ifd` (with its
+        fsuid, fsgid, groups and the capabilities the kernel leaves that fsuid)."""
+        if _faccessat(self._proc, str(ifd).encode(), os.W_OK, AT_EACCESS) != 0:
+            raise _err(errno.EPERM)
+
+    def _check_xattr_change(self, ctx: Context, ifd: int, name: bytes, removing: bool) -> None:
+        """An xattr change: the inode must still be in the share (_check_inode_beneath).
+        security.capability grants capabilities to whoever executes the file.  The kernel
+        asks CAP_SETFCAP to set or remove it (capabilities(7), "File capabilities"), and the
+        worker keeps CAP_SETFCAP whatever fsuid it acts as (setfsuid drops only the
+        file-system capabilities), so the kernel's check would pass for any caller.  Setting
+        is for uid 0 only; removing is what any write by a non-root caller does on the host
+        (killpriv, sent as REMOVEXATTR by a guest without HANDLE_KILLPRIV), so a caller who may
+        write the file may."""
+        self._check_inode_beneath(ifd)
+        if name != XATTR_NAME_CAPS or ctx.uid == 0:
+            return
+        if not removing:
+            raise _err(errno.EPERM)
+        self._check_caller_may_write(ifd)
 
     @staticmethod
     def _kill_suidgid(fd: int) -> None:
@@ -485,6 +539,7 @@ class PassthroughFs(Filesystem):
         valid = attr.valid
         V = fa.SetattrValid
         with self._inodes.pinned(nodeid) as ifd:
+            self._check_inode_beneath(ifd)
             hfd = self._pin_handle(fh, nodeid) if fh is not None else -1
             try:
                 if valid & V.MODE:
@@ -558,6 +613,7 @@ class PassthroughFs(Filesystem):
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         self._writable()
         _check_name(name)
+        _check_device_node(mode, rdev, self.options.allow_device_nodes)
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
@@ -617,6 +673,7 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(nodeid) as ifd, self._inodes.pinned(newparent) as pfd:
             self._check_beneath(pfd)
+            self._check_inode_beneath(ifd)
             # linkat(AT_SYMLINK_FOLLOW) on the magic link links the inode itself; AT_EMPTY_PATH
             # would need CAP_DAC_READ_SEARCH.
             os.link(str(ifd), newname, src_dir_fd=self._proc, dst_dir_fd=pfd,
@@ -633,6 +690,8 @@ class PassthroughFs(Filesystem):
         oflags = self._open_flags(flags)
         with self._inodes.pinned(nodeid) as ifd:
             st = self._check_openable(ifd, False)
+            if _open_changes(oflags):
+                self._check_inode_beneath(ifd)
             fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
                 if kill_priv and oflags & os.O_TRUNC:
@@ -879,13 +938,17 @@ class PassthroughFs(Filesystem):
             # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
             _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
 
-    def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T], write: bool) -> T:
-        """fn(target) on a re-opened fd for files and directories, else on the magic link."""
+    def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T],
+                    check: Callable[[int], None] | None = None) -> T:
+        """fn(target) on a re-opened fd for files and directories, else on the magic link;
+        a change (`check` given) runs check(inode fd) first."""
         if not self.options.xattr:
             raise _err(errno.ENOSYS)
-        if write:
+        if check is not None:
             self._writable()
         with self._inodes.pinned(nodeid) as ifd:
+            if check is not None:
+                check(ifd)
             mode = os.fstat(ifd).st_mode
             if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
                 # Opened as the daemon: the xattr calls check the caller's permission
@@ -902,12 +965,13 @@ class PassthroughFs(Filesystem):
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
                  setxattr_flags: int) -> None:
         self._as_caller(ctx)
-        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), True)
+        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags),
+                         lambda ifd: self._check_xattr_change(ctx, ifd, name, False))
 
     @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         self._as_caller(ctx)
-        value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name), False)
+        value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name))
         if size == 0:
             return len(value)
         if len(value) > size:
@@ -917,7 +981,7 @@ class PassthroughFs(Filesystem):
     @_member_retry(0)
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._as_caller(ctx)
-        names = self._xattr_call(nodeid, os.listxattr, False)
+        names = self._xattr_call(nodeid, os.listxattr)
         data = b"".join(os.fsencode(n) + b"\0" for n in names)
         if size == 0:
             return len(data)
@@ -928,7 +992,8 @@ class PassthroughFs(Filesystem):
     @_member_retry(0)
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
-        self._xattr_call(nodeid, lambda t: os.removexattr(t, name), True)
+        self._xattr_call(nodeid, lambda t: os.removexattr(t, name),
+                         lambda ifd: self._check_xattr_change(ctx, ifd, name, True))
 
 
 # openat2(2) resolve flags (linux/openat2.h).
@@ -962,6 +1027,13 @@ def _open_beneath(dir_fd: int, name: bytes, flags: int, mode: int = 0) -> int:
         err = native.ffi.errno
         raise OSError(err, os.strerror(err), name)
     return fd
+
+
+def _open_changes(oflags: int) -> bool:
+    """Whether an OPEN with these (signed, stripped) flags can change the inode: writing,
+    truncating, or an O_TMPFILE made in a directory."""
+    return (oflags & os.O_ACCMODE != os.O_RDONLY or bool(oflags & os.O_TRUNC)
+            or oflags & _O_TMPFILE == _O_TMPFILE)
 
 
 def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:
