@@ -123,6 +123,8 @@ class Config:
     request_queues: int = 1
     queue_size: int = 1024
     reconnect: bool = False
+    # A UNIX socket serving status and Prometheus metrics (supervisor/status.py); None: none.
+    metrics_socket: str | None = None
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -338,6 +340,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "migration_on_error": _choice(MIGRATION_ON_ERROR),
     "request_queues": _uint(1, MAX_REQUEST_QUEUES),
     "queue_size": _queue_size,
+    "metrics_socket": _nonempty,
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues",
@@ -447,6 +450,8 @@ def _build_parser() -> _Parser:
     value("queue_size", f"largest virtqueue size accepted, a power of two up to "
           f"{MAX_QUEUE_SIZE} [default: 1024]")
     flag("reconnect", "keep state and wait for the next frontend after a disconnect")
+    value("metrics_socket", "also serve status (GET /status) and Prometheus metrics"
+          " (GET /metrics) on this UNIX socket")
     return p
 
 
@@ -665,6 +670,14 @@ def check_startup(config: Config) -> None:
         _check_socket_path(config.socket_path)
     if config.fd is not None:
         _check_listen_fd(config.fd)
+    if config.metrics_socket is not None:
+        if config.socket_path is not None and (
+                os.path.abspath(config.metrics_socket) in (
+                    os.path.abspath(config.socket_path),
+                    os.path.abspath(config.socket_path) + ".status")):
+            raise ConfigError(f"--metrics-socket {config.metrics_socket} is the path of the"
+                              " vhost-user socket or its status socket: choose another path")
+        _check_socket_path(config.metrics_socket, "--metrics-socket")
     if config.socket_group is not None:
         try:
             grp.getgrnam(config.socket_group)
@@ -694,21 +707,21 @@ def _check_shared_dir(path: str) -> None:
                           f"{os.geteuid()}: {e.strerror}") from None
 
 
-def _check_socket_path(path: str) -> None:
+def _check_socket_path(path: str, what: str = "socket") -> None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise ConfigError(f"socket directory {parent} does not exist or is not a directory")
+        raise ConfigError(f"{what} directory {parent} does not exist or is not a directory")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as e:
-        raise ConfigError(f"socket path {path}: {e.strerror}") from None
+        raise ConfigError(f"{what} path {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"socket path {path} exists and is not a socket: remove it or "
+        raise ConfigError(f"{what} path {path} exists and is not a socket: remove it or "
                           "choose another path")
     if _socket_listening(path, st):
-        raise ConfigError(f"socket path {path} is in use by another process")
+        raise ConfigError(f"{what} path {path} is in use by another process")
     # A socket nobody listens on is stale: the supervisor unlinks it before binding.
 
 

@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import sys
+import time
 
 import prctl
 
@@ -25,13 +26,16 @@ from pyvirtiofsd import __version__
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
+from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor import status
 from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.sandbox import check as check_sandbox
+from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -126,6 +130,10 @@ class Supervisor:
         self.num_queues = 1 + config.request_queues
         self.signals: list[int] = []
         self.arena = Arena.create(max_queues=max(64, self.num_queues))
+        self.stats = Stats.create(self.num_queues)
+        self.started = time.monotonic()
+        self.connected = False
+        self.status: StatusServer | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
         self.sandbox = Sandbox(config, max(64, self.num_queues))
@@ -134,7 +142,8 @@ class Supervisor:
         self.journal = Journal.create(self.num_queues, config.queue_size)
         self.procs = ProcessTable(self.num_queues, self.worker_entry,
                                   confine_spawner=self.sandbox.confine_spawner,
-                                  report=self.sandbox.report, journal=self.journal)
+                                  report=self.sandbox.report, journal=self.journal,
+                                  stats=self.stats)
         self.root_fd = -1
 
     # -- set-up ----------------------------------------------------------------------------
@@ -162,13 +171,46 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd,))
+                              owned_fds=(proc_fd,), stats=self.stats)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:
             log.error("worker for queue %d cannot confine itself: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
         worker.run()
+
+    def status_doc(self) -> dict:
+        """The status document (supervisor/status.py), from the daemon's shared state."""
+        procs = self.procs
+        inodes, handles = self.arena.usage()
+        processes = [{"role": "supervisor", "pid": os.getpid()}]
+        if procs.spawner_pid:
+            processes.append({"role": "spawner", "pid": procs.spawner_pid})
+        queues = []
+        for q in range(self.num_queues):
+            handle = procs.workers.get(q)
+            if handle is not None:
+                processes.append({"role": "worker", "queue": q, "pid": handle.pid,
+                                  "state": "serving" if handle.up else "starting"})
+            else:
+                processes.append({"role": "worker", "queue": q, "pid": None,
+                                  "state": "failed" if q in procs.policy.failed
+                                  else "restarting"})
+            queues.append(status.queue_entry(q, self.stats.snapshot(q),
+                                             len(self.journal.queue(q).inflight()),
+                                             procs.restarts.get(q, 0)))
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "socket": self.config.socket_path or f"fd {self.config.fd}",
+            "shared_dir": self.config.shared_dir,
+            "frontend": "connected" if self.connected else "waiting",
+            "processes": processes,
+            "queues": queues,
+            "inodes": inodes,
+            "handles": handles,
+            "worker_restarts": procs.respawns,
+        }
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -222,9 +264,14 @@ class Supervisor:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
+            listeners = self.status.listeners if self.status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
             ready = [wake] if self.signals else select.select(
-                [sock, wake, *pidfds], [], [], self.procs.next_respawn())[0]
+                [sock, wake, *pidfds, *listeners], [], [], self.procs.next_respawn())[0]
+            for fd in ready:
+                if fd in listeners:
+                    assert self.status is not None
+                    self.status.serve(fd, self.status_doc)
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -249,6 +296,7 @@ class Supervisor:
 
     def serve(self, conn: socket.socket, wake: socket.socket) -> None:
         backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+        self.connected = True
         try:
             while True:
                 self.wait(conn, wake)
@@ -273,12 +321,18 @@ class Supervisor:
                         log.info("front-end connection lost: %s", e)
                         return
         finally:
+            self.connected = False
             backend.close()
             conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = run_cli(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["status"]:
+        from pyvirtiofsd.supervisor import statuscmd
+
+        return statuscmd.main(args[1:])
+    config = run_cli(args)
     # The pid file first: a second daemon on the same socket is told who holds it.
     pidfile = PidFile()
     try:
@@ -304,6 +358,16 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         pidfile.release()
         error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'socket'})")
+    status_paths = ([status.status_path(config.socket_path)] if config.socket_path else []) + (
+        [config.metrics_socket] if config.metrics_socket else [])
+    try:
+        sup.status = status.StatusServer.open(status_paths, config.socket_group)
+    except OSError as e:
+        listener.close()
+        if config.socket_path is not None:
+            os.unlink(config.socket_path)
+        pidfile.release()
+        error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'status socket'})")
     log.debug("pyvirtiofsd %s starting", __version__)
     # Only the process that created the socket and pid file removes them: inside the sandbox
     # those paths would name files of the share.
@@ -316,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if child:
             listener.close()
+            sup.status.close()
             return sup.sandbox.wait(child)
         sup.catch_signals()
         if os.getpid() != starter:
@@ -334,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                     os.unlink(config.socket_path)
                 except OSError:
                     pass
+            sup.status.unlink()
             pidfile.release()
 
 
