@@ -48,10 +48,13 @@ import errno
 import mmap
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyvirtiofsd.common import native
+from pyvirtiofsd.common.fuse_abi import Opcode
 
-__all__ = ["BUCKETS", "OpStats", "QueueSnapshot", "QueueStats", "Stats", "bucket_bounds_us"]
+__all__ = ["BUCKETS", "OpStats", "QueueSnapshot", "QueueStats", "Stats", "bucket_bounds_us",
+           "queue_entry"]
 
 MAGIC = b"PVFSSTS1"
 VERSION = 1
@@ -167,3 +170,31 @@ def errno_name(e: int) -> str:
     if e == 0:
         return "other"
     return errno.errorcode.get(e, f"E{e}")
+
+
+def opcode_name(opcode: int) -> str:
+    if opcode == 0:
+        return "OTHER"
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"OPCODE_{opcode}"
+
+
+def queue_entry(queue: int, snap: QueueSnapshot, in_flight: int,
+                restarts: int) -> dict[str, Any]:
+    """One queue of the status document (supervisor/status.py), from its snapshot."""
+    return {
+        "queue": queue,
+        "kind": "hiprio" if queue == 0 else "request",
+        "requests": snap.requests,
+        "errors": snap.errors,
+        "errnos": {errno_name(e): n for e, n in sorted(snap.errnos.items())},
+        "in_flight": in_flight,
+        "restarts": restarts,
+        "last_opcode": opcode_name(snap.last_opcode) if snap.last_opcode else None,
+        "ops": {opcode_name(op): {"count": s.count, "errors": s.errors,
+                                  "latency_sum_ns": s.latency_sum_ns,
+                                  "buckets": list(s.buckets)}
+                for op, s in sorted(snap.ops.items())},
+    }

@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import tomli
-
 from pyvirtiofsd import __version__
 
 PROG = "pyvirtiofsd"
@@ -507,6 +505,8 @@ def _apply_compat(values: dict[str, Any], lines: list[str]) -> None:
 
 def load_file(path: str) -> dict[str, Any]:
     """Read a TOML config file into {field: normalised value}; ConfigError names key and file."""
+    import tomli  # only with --config: nothing else needs it before the socket listens
+
     try:
         with open(path, "rb") as f:
             data = tomli.load(f)
@@ -684,6 +684,18 @@ def check_startup(config: Config) -> None:
         except KeyError:
             raise ConfigError(f"--socket-group: group {_show(config.socket_group)} does not "
                               "exist") from None
+
+
+def check_sandbox_options(config: Config) -> None:
+    """virtiofsd's rules for sandbox options; ConfigError says what to change."""
+    root = os.geteuid() == 0
+    if config.sandbox == "chroot" and not root:
+        raise ConfigError("--sandbox=chroot can only be used by root (use --sandbox=namespace "
+                          "instead)")
+    for name, maps in (("--uid-map", config.uid_map), ("--gid-map", config.gid_map)):
+        if maps and (root or config.sandbox != "namespace"):
+            raise ConfigError(f"{name} can only be used by an unprivileged user with "
+                              "--sandbox=namespace")
 
 
 def _check_shared_dir(path: str) -> None:

@@ -1,6 +1,8 @@
 """What the daemon is doing, for operators: a status document and Prometheus metrics.
 
-Both are made from the daemon's shared state, never from its logs: the per-request statistics
+This module is imported before the sockets listen, so it stays light: the document itself is
+made by the daemon (supervisor/daemon.py, common/stats.py).  Both are made from the daemon's
+shared state, never from its logs: the per-request statistics
 the workers write (common/stats.py), the inflight journals (in-flight requests), the arena's
 table headers (inodes and handles in use) and the supervisor's process table (pids, restarts).
 
@@ -26,9 +28,6 @@ import os
 import socket
 from collections.abc import Callable
 from typing import Any
-
-from pyvirtiofsd.common.fuse_abi import Opcode
-from pyvirtiofsd.common.stats import QueueSnapshot, bucket_bounds_us, errno_name
 
 log = logging.getLogger("pyvirtiofsd.status")
 
@@ -199,7 +198,7 @@ def prometheus(doc: dict[str, Any]) -> str:
                    f" {s['errors']}" for op, s in q["ops"].items())
     name = "pyvirtiofsd_request_duration_seconds"
     family(name, "histogram", "Time from decoding a request to its reply in guest memory.")
-    bounds = [f"{us / 1e6:g}" for us in bucket_bounds_us()] + ["+Inf"]
+    bounds = [f"{us / 1e6:g}" for us in doc["latency_buckets_us"]] + ["+Inf"]
     for q in queues:
         for op, s in q["ops"].items():
             total = 0
@@ -210,31 +209,3 @@ def prometheus(doc: dict[str, Any]) -> str:
                        f" {s['latency_sum_ns'] / 1e9:.9f}")
             out.append(f"{name}_count{_labels(queue=q['queue'], opcode=op)} {total}")
     return "\n".join(out) + "\n"
-
-
-def opcode_name(opcode: int) -> str:
-    if opcode == 0:
-        return "OTHER"
-    try:
-        return Opcode(opcode).name
-    except ValueError:
-        return f"OPCODE_{opcode}"
-
-
-def queue_entry(queue: int, snap: QueueSnapshot, in_flight: int,
-                restarts: int) -> dict[str, Any]:
-    """One queue of the status document, from its statistics snapshot."""
-    return {
-        "queue": queue,
-        "kind": "hiprio" if queue == 0 else "request",
-        "requests": snap.requests,
-        "errors": snap.errors,
-        "errnos": {errno_name(e): n for e, n in sorted(snap.errnos.items())},
-        "in_flight": in_flight,
-        "restarts": restarts,
-        "last_opcode": opcode_name(snap.last_opcode) if snap.last_opcode else None,
-        "ops": {opcode_name(op): {"count": s.count, "errors": s.errors,
-                                  "latency_sum_ns": s.latency_sum_ns,
-                                  "buckets": list(s.buckets)}
-                for op, s in sorted(snap.ops.items())},
-    }

@@ -239,9 +239,18 @@ def test_status_maps_sandboxed_pids_to_the_host(tmp_path: Path, share: Path) -> 
     from tests.conftest import start_daemon
 
     sock = str(tmp_path / "vfs.sock")
-    d = start_daemon(share, sock, "--sandbox=namespace")
+    d = start_daemon(share, sock, "--sandbox=namespace", "--seccomp=kill")
+    fe = Frontend.connect(sock, process=d.proc, queues=2)
     try:
+        # Answered by a supervisor confined by its seccomp policy, with its workers serving.
+        client = FuseClient(fe)
+        client.init()
+        client.getattr(ROOT)
         doc = status_json(sock)
+        assert [q["requests"] for q in doc["queues"]] == [0, 2]
+        m = parse_prometheus(http_get(sock + ".status", "/metrics")[1])
+        assert m[("pyvirtiofsd_opcode_requests_total",
+                  frozenset({("queue", "1"), ("opcode", "GETATTR")}))] == 1
         parent, sup, *rest = doc["processes"]
         assert parent == {"role": "parent", "pid": None, "host_pid": d.proc.pid,
                           "state": "waiting outside the sandbox"}
@@ -251,7 +260,9 @@ def test_status_maps_sandboxed_pids_to_the_host(tmp_path: Path, share: Path) -> 
                 nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[1:]
             assert [int(x) for x in nspid] == [p["host_pid"], p["pid"]]
     finally:
-        assert d.stop() == 0
+        fe.close()
+        d.stop()
+    assert "Traceback" not in d.text, d.text
 
 
 def test_status_of_nothing_says_so_in_one_line(tmp_path: Path) -> None:
@@ -265,6 +276,6 @@ def test_status_of_nothing_says_so_in_one_line(tmp_path: Path) -> None:
 
 def test_prometheus_text_escapes_label_values() -> None:
     doc = {"version": 'a"b\\c\nd', "uptime_s": 1.5, "frontend": "waiting", "inodes": 1,
-           "handles": 0, "queues": []}
+           "handles": 0, "queues": [], "latency_buckets_us": [1, 2]}
     m = parse_prometheus(prometheus(doc))
     assert m[("pyvirtiofsd_info", frozenset({("version", 'a\\"b\\\\c\\nd')}))] == 1
