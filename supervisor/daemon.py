@@ -1,6 +1,6 @@
 """The daemon once its sockets listen: set-up and the supervisor's event loop.
 
-supervisor/main.py has checked the configuration, locked the pid file and opened the listening
+supervisor/cli.py has checked the configuration, locked the pid file and opened the listening
 sockets; run() then creates the shared state (arena, journals, statistics), compiles the seccomp
 policies, enters the sandbox (supervisor/sandbox.py), opens the shared directory from inside it,
 starts the spawner and one worker per virtqueue, drops the supervisor's own privileges, and
@@ -311,7 +311,7 @@ class Supervisor:
 
 def run(config: Config, listener: socket.socket, status_server: StatusServer,
         pidfile: PidFile, starter: int) -> int:
-    """Everything after the sockets listen (supervisor/main.py): the supervisor, its sandbox,
+    """Everything after the sockets listen (supervisor/cli.py): the supervisor, its sandbox,
     its workers.  A front-end that connects meanwhile waits in the listen backlog."""
     logsetup.setup(config.log_level, config.syslog, "supervisor")
     for line in config.deprecations:
