@@ -325,6 +325,13 @@ class Arena:
         """The address of this process's `struct vfs_arena` (for the native engine)."""
         return int(_ffi.cast("uintptr_t", self._c))
 
+    def usage(self) -> tuple[int, int]:
+        """(inodes, handles) whose fd is open, read from the table headers without taking the
+        locks: a snapshot for status reports that never waits for a worker."""
+        # `live` is the fourth u32 of each table header (layout above).
+        return (native.u32_ptr(self._base, _INODE_LOCK_OFF)[3],
+                native.u32_ptr(self._base, _HANDLE_LOCK_OFF)[3])
+
     def close(self) -> None:
         """Unmap in this process.  The fds in the tables belong to the shared fd table and
         stay open."""

@@ -1,3 +1,3 @@
-from pyvirtiofsd.supervisor.main import main
+from pyvirtiofsd.supervisor.cli import main
 
 raise SystemExit(main())

@@ -26,6 +26,13 @@ fi
 echo "setup: installing pyvirtiofsd and its Python dependencies into .venv/"
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+# Wheels of the runtime dependencies, so that the wheel test (tests/test_wheel.py) installs the
+# built wheel into a clean virtual environment without the network.
+echo "setup: collecting wheels of the runtime dependencies into .venv/wheelhouse/"
+mapfile -t deps < <(.venv/bin/python -c 'import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["dependencies"]))')
+.venv/bin/pip wheel -q --disable-pip-version-check --wheel-dir .venv/wheelhouse "${deps[@]}"
 
 # The daemons pyvirtiofsd is compared with (Rust virtiofsd 1.13, QEMU's C virtiofsd).
 echo "setup: installing the reference virtiofsd daemons under /opt/anchors"

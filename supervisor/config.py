@@ -25,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import tomli
-
 from pyvirtiofsd import __version__
 
 PROG = "pyvirtiofsd"
@@ -128,6 +126,8 @@ class Config:
     reconnect: bool = False
     # Who serves the rings: the C request engine (worker/engine.c) or the Python reference.
     data_plane: str = "native"
+    # A UNIX socket serving status and Prometheus metrics (supervisor/status.py); None: none.
+    metrics_socket: str | None = None
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -358,6 +358,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "request_queues": _uint(1, MAX_REQUEST_QUEUES),
     "queue_size": _queue_size,
     "data_plane": _choice(DATA_PLANES),
+    "metrics_socket": _nonempty,
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues",
@@ -471,6 +472,8 @@ def _build_parser() -> _Parser:
     flag("reconnect", "keep state and wait for the next frontend after a disconnect")
     value("data_plane", "who serves the virtqueues: native (the C request engine) or python "
           "(the reference implementation) [default: native]")
+    value("metrics_socket", "also serve status (GET /status) and Prometheus metrics"
+          " (GET /metrics) on this UNIX socket")
     return p
 
 
@@ -526,6 +529,8 @@ def _apply_compat(values: dict[str, Any], lines: list[str]) -> None:
 
 def load_file(path: str) -> dict[str, Any]:
     """Read a TOML config file into {field: normalised value}; ConfigError names key and file."""
+    import tomli  # only with --config: nothing else needs it before the socket listens
+
     try:
         with open(path, "rb") as f:
             data = tomli.load(f)
@@ -691,12 +696,32 @@ def check_startup(config: Config) -> None:
         _check_socket_path(config.socket_path)
     if config.fd is not None:
         _check_listen_fd(config.fd)
+    if config.metrics_socket is not None:
+        if config.socket_path is not None and (
+                os.path.abspath(config.metrics_socket) in (
+                    os.path.abspath(config.socket_path),
+                    os.path.abspath(config.socket_path) + ".status")):
+            raise ConfigError(f"--metrics-socket {config.metrics_socket} is the path of the"
+                              " vhost-user socket or its status socket: choose another path")
+        _check_socket_path(config.metrics_socket, "--metrics-socket")
     if config.socket_group is not None:
         try:
             grp.getgrnam(config.socket_group)
         except KeyError:
             raise ConfigError(f"--socket-group: group {_show(config.socket_group)} does not "
                               "exist") from None
+
+
+def check_sandbox_options(config: Config) -> None:
+    """virtiofsd's rules for sandbox options; ConfigError says what to change."""
+    root = os.geteuid() == 0
+    if config.sandbox == "chroot" and not root:
+        raise ConfigError("--sandbox=chroot can only be used by root (use --sandbox=namespace "
+                          "instead)")
+    for name, maps in (("--uid-map", config.uid_map), ("--gid-map", config.gid_map)):
+        if maps and (root or config.sandbox != "namespace"):
+            raise ConfigError(f"{name} can only be used by an unprivileged user with "
+                              "--sandbox=namespace")
 
 
 def _check_shared_dir(path: str) -> None:
@@ -720,21 +745,21 @@ def _check_shared_dir(path: str) -> None:
                           f"{os.geteuid()}: {e.strerror}") from None
 
 
-def _check_socket_path(path: str) -> None:
+def _check_socket_path(path: str, what: str = "socket") -> None:
     parent = os.path.dirname(path) or "."
     if not os.path.isdir(parent):
-        raise ConfigError(f"socket directory {parent} does not exist or is not a directory")
+        raise ConfigError(f"{what} directory {parent} does not exist or is not a directory")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     except OSError as e:
-        raise ConfigError(f"socket path {path}: {e.strerror}") from None
+        raise ConfigError(f"{what} path {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"socket path {path} exists and is not a socket: remove it or "
+        raise ConfigError(f"{what} path {path} exists and is not a socket: remove it or "
                           "choose another path")
     if _socket_listening(path, st):
-        raise ConfigError(f"socket path {path} is in use by another process")
+        raise ConfigError(f"{what} path {path} is in use by another process")
     # A socket nobody listens on is stale: the supervisor unlinks it before binding.
 
 

@@ -39,6 +39,7 @@ from pyvirtiofsd.common.control import Message, MsgType, RingFlag, RingGeometry
 from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
+from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.common.vhost_user import MemoryRegion
 from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 
@@ -160,7 +161,11 @@ class ProcessTable:
     memory: tuple[list[MemoryRegion], list[int]] | None = None
     rings: dict[int, RingSetup] = field(default_factory=dict)
     respawns: int = 0
+    # Successors started per queue (`pyvirtiofsd status`).
+    restarts: dict[int, int] = field(default_factory=dict)
     journal: Journal | None = None
+    # Where each worker records the opcode it last started (common/stats.py).
+    stats: Stats | None = None
     policy: RespawnPolicy = field(default_factory=RespawnPolicy)
 
     # -- start and stop --------------------------------------------------------------------
@@ -434,23 +439,28 @@ class ProcessTable:
         status = _reap(handle.pid) if handle.status is None else handle.status
         handle.close()
         why = _describe(status, self.report, SigsysReport.worker_slot(queue), handle.pid)
-        doing = self.last_request(queue)
+        # One line per death, whatever follows: the signal or status, the last opcode the
+        # worker started, what was in flight and what recovery does about it.
+        doing = f"{self.last_request(queue)}; last opcode {self.last_opcode(queue)}"
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS:
             raise FatalDeath(f"worker for queue {queue} (pid {handle.pid}) {why} ({doing}); a"
                              " respawned worker would be refused the same call (run with"
                              " --seccomp=log to find what the policy lacks)")
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED:
-            log.error("worker for queue %d (pid %d) failed to set up (%s); not respawning",
-                      queue, handle.pid, why)
+            log.error("worker for queue %d (pid %d) failed to set up (%s; %s); not respawning",
+                      queue, handle.pid, why, doing)
             self._fail(queue, f"its worker failed to set up ({why})")
             return
         delay = self.policy.died(queue, handle.up, why)
         if delay is None:
-            log.error("worker for queue %d (pid %d) %s while starting (%s)", queue, handle.pid,
-                      why, doing)
+            log.error("worker for queue %d (pid %d) %s while starting (%s); not respawning:"
+                      " the queue is failed", queue, handle.pid, why, doing)
             self._fail(queue, self.policy.failed[queue])
             return
         when = "respawning it" if not delay else f"respawning it in {delay:.1f} s"
+        pending = len(self.journal.queue(queue).inflight()) if self.journal is not None else 0
+        if pending:
+            when += f"; its successor completes the {pending} request(s) left in flight"
         log.error("worker for queue %d (pid %d) %s (%s); %s", queue, handle.pid, why, doing,
                   when)
 
@@ -467,6 +477,7 @@ class ProcessTable:
         """Start a successor with the memory and ring of the queue; it resumes from the
         journal.  A successor that dies on the way is handled by worker_exited."""
         self.respawns += 1
+        self.restarts[queue] = self.restarts.get(queue, 0) + 1
         try:
             handle = self.spawn(queue)
         except WorkerGone:
@@ -512,6 +523,13 @@ class ProcessTable:
                 pass
         log.error("queue %d is failed: %s.  It is not served until the front-end restarts the"
                   " ring (SET_VRING_KICK) or the device.", queue, why)
+
+    def last_opcode(self, queue: int) -> str:
+        """The opcode the worker of `queue` started last, from its statistics."""
+        if self.stats is None:
+            return "unknown"
+        op = self.stats.last_opcode(queue)
+        return _op_name(op) if op else "none"
 
     def last_request(self, queue: int) -> str:
         """What the journal says the worker of `queue` was doing, for the log."""

@@ -42,7 +42,12 @@ import pyseccomp
 
 from pyvirtiofsd.common import seccomp
 from pyvirtiofsd.supervisor import log as logsetup
-from pyvirtiofsd.supervisor.config import CAPABILITIES, Config, ConfigError, default_rlimit_nofile
+from pyvirtiofsd.supervisor.config import (
+    CAPABILITIES,
+    Config,
+    check_sandbox_options,
+    default_rlimit_nofile,
+)
 
 log = logging.getLogger("pyvirtiofsd.sandbox")
 
@@ -107,16 +112,9 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int,
 # --- configuration checks (before anything starts) ----------------------------------------------
 
 
-def check(config: Config) -> None:
-    """virtiofsd's rules for sandbox options; ConfigError says what to change."""
-    root = os.geteuid() == 0
-    if config.sandbox == "chroot" and not root:
-        raise ConfigError("--sandbox=chroot can only be used by root (use --sandbox=namespace "
-                          "instead)")
-    for name, maps in (("--uid-map", config.uid_map), ("--gid-map", config.gid_map)):
-        if maps and (root or config.sandbox != "namespace"):
-            raise ConfigError(f"{name} can only be used by an unprivileged user with "
-                              "--sandbox=namespace")
+# The rules live with the configuration: they are checked before the socket listens, when
+# this module is not imported yet.
+check = check_sandbox_options
 
 
 def _kernel_before(major: int, minor: int) -> bool:

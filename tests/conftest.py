@@ -61,8 +61,8 @@ class Daemon:
         return "".join(self.log)
 
 
-def start_daemon(share: Path, sock: str, *args: str) -> Daemon:
-    argv = [str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+def start_daemon(share: Path, sock: str, *args: str, exe: Path = DAEMON) -> Daemon:
+    argv = [str(exe), f"--socket-path={sock}", f"--shared-dir={share}",
             "--sandbox=none", "--log-level=debug", *args]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     d = Daemon(proc, sock, share)

@@ -194,7 +194,7 @@ def test_backend_answers_refuses_or_disconnects(tmp_path_factory, seq) -> None:
             hdr = Header.unpack(data[:HEADER_SIZE])
             payload = data[HEADER_SIZE:]
             if len(payload) != hdr.size:
-                # The socket layer would wait for the rest or refuse the size (main.py);
+                # The socket layer would wait for the rest or refuse the size (daemon.py);
                 # the handler only ever sees whole messages.
                 for fd in fds:
                     os.close(fd)

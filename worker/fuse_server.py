@@ -32,10 +32,12 @@ import logging
 import mmap
 import os
 import struct
+import time
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.fuse_abi import InitFlag, Opcode
+from pyvirtiofsd.common.stats import QueueStats
 from pyvirtiofsd.worker.chain import ChainTooShort, Reader, Writer
 from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem
 
@@ -64,6 +66,7 @@ _ENTRY_PACK = fa.ENTRY_OUT.pack
 _NO_REPLY = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
                        Opcode.NOTIFY_REPLY))
 _NS = 1_000_000_000
+_now_ns = time.monotonic_ns
 # What an opcode handler returns: the reply body, the length of a body it already placed in the
 # Writer after a reserved header (READ), or None for no reply at all.
 _Result = bytes | int | None
@@ -164,10 +167,15 @@ def _two_names(payload: bytes) -> tuple[bytes, bytes]:
 
 class FuseServer:
     def __init__(self, fs: Filesystem, queue_index: int = 1,
-                 session: Session | None = None) -> None:
+                 session: Session | None = None, stats: QueueStats | None = None) -> None:
         self.fs = fs
         self.queue_index = queue_index
         self.session = session if session is not None else Session()
+        self.stats = stats
+        # The request being served, for its statistics: opcode (-1 until its header is
+        # decoded) and the errno of its error reply (0: none).
+        self._op = -1
+        self._err = 0
         self._warned_short = False
         self._warned_room = False
         self._warned_version = False
@@ -194,7 +202,21 @@ class FuseServer:
 
     # -- the request loop's entry point ----------------------------------------------------
     def handle(self, reader: Reader, writer: Writer | None) -> int:
-        """Serve one request; returns the used length (bytes written to `writer`)."""
+        """Serve one request; returns the used length (bytes written to `writer`).
+
+        The one place requests are counted (common/stats.py says what is recorded)."""
+        stats = self.stats
+        if stats is None:
+            return self._handle(reader, writer)
+        self._op = -1
+        self._err = 0
+        start = _now_ns()
+        used = self._handle(reader, writer)
+        if self._op >= 0:
+            stats.record(self._op, self._err, _now_ns() - start)
+        return used
+
+    def _handle(self, reader: Reader, writer: Writer | None) -> int:
         try:
             length, opcode, unique, nodeid, uid, gid, pid, extlen = _IN.unpack(
                 reader.read(_IN_SIZE))
@@ -204,6 +226,9 @@ class FuseServer:
                 log.warning("queue %d: dropped a request shorter than fuse_in_header"
                             " (reported once)", self.queue_index)
             return 0
+        if self.stats is not None:
+            self._op = opcode
+            self.stats.started(opcode)
         no_reply = opcode in _NO_REPLY
         if opcode != _INIT and not self.session.started:
             return 0 if no_reply else self._error(writer, unique, errno.EIO)
@@ -269,6 +294,7 @@ class FuseServer:
         # protocol.md 4.2: header only, error = -errno within -1..-511.
         if not 0 < err < 512:
             err = errno.EIO
+        self._err = err
         hdr = _OUT_PACK(_OUT_SIZE, -err, unique)
         if writer is None:
             return 0

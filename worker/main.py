@@ -27,6 +27,7 @@ from pyvirtiofsd.common import control
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import Message, MsgType, RingFlag
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
+from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
@@ -93,7 +94,8 @@ class Worker:
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
-              owned_fds: Iterable[int] = (), data_plane: str = "python") -> Worker:
+              owned_fds: Iterable[int] = (), data_plane: str = "python",
+              stats: Stats | None = None) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -106,7 +108,8 @@ class Worker:
         if hooks is not None:
             hooks.at_boot()
         fs = JournaledFs(make_fs(tables), tables, hooks)
-        server = FuseServer(fs, queue, session)
+        server = FuseServer(fs, queue, session,
+                            stats=stats.queue(queue) if stats is not None else None)
         engine = None
         # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
         if data_plane == "native" and hooks is None:

@@ -1,23 +1,24 @@
-"""pyvirtiofsd's entry point: configuration, set-up, and the supervisor's event loop.
+"""The daemon once its sockets listen: set-up and the supervisor's event loop.
 
-Order: parse and check the configuration and the seccomp policies (exit 2 on any error, before
-anything starts), lock the pid file, create the shared-state arena, open the listening socket,
-enter the sandbox (supervisor/sandbox.py), open the shared directory from inside it, start the
-spawner and one worker per virtqueue, drop the supervisor's own privileges, then serve the
-vhost-user connection.  Signal handlers only record the signal; the loop acts on it (gunicorn's
-arbiter habit).
+supervisor/cli.py has checked the configuration, locked the pid file and opened the listening
+sockets; run() then creates the shared state (arena, journals, statistics), compiles the seccomp
+policies, enters the sandbox (supervisor/sandbox.py), opens the shared directory from inside it,
+starts the spawner and one worker per virtqueue, drops the supervisor's own privileges, and
+serves the vhost-user connection.  Every module the daemon needs is imported before it enters
+the sandbox, where the Python installation is out of sight.  Signal handlers only record the
+signal; the loop acts on it (gunicorn's arbiter habit).
 """
 
 from __future__ import annotations
 
 import errno
-import grp
 import logging
 import os
 import select
 import signal
 import socket
 import sys
+import time
 
 import prctl
 
@@ -25,20 +26,14 @@ from pyvirtiofsd import __version__
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
+from pyvirtiofsd.common.stats import Stats, bucket_bounds_us, queue_entry
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
-from pyvirtiofsd.supervisor.config import (
-    Config,
-    ConfigError,
-    check_startup,
-    error_exit,
-    refuse_unimplemented_security,
-    run_cli,
-)
+from pyvirtiofsd.supervisor.config import Config, error_exit
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
-from pyvirtiofsd.supervisor.sandbox import check as check_sandbox
+from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -64,22 +59,6 @@ def fs_options(config: Config) -> FsOptions:
         announce_submounts=config.announce_submounts,
         readdirplus=config.use_readdirplus,
     )
-
-
-def open_listener(config: Config) -> socket.socket:
-    if config.fd is not None:
-        return socket.socket(fileno=config.fd)
-    path = config.socket_path
-    assert path is not None
-    if os.path.exists(path):
-        os.unlink(path)          # stale: check_startup refused a live one
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    if config.socket_group is not None:
-        os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
-        os.chmod(path, 0o660)
-    sock.listen(1)
-    return sock
 
 
 def recv_message(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
@@ -134,6 +113,10 @@ class Supervisor:
         self.num_queues = 1 + config.request_queues
         self.signals: list[int] = []
         self.arena = Arena.create(max_queues=max(64, self.num_queues))
+        self.stats = Stats.create(self.num_queues)
+        self.started = time.monotonic()
+        self.connected = False
+        self.status: StatusServer | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
         self.sandbox = Sandbox(config, max(64, self.num_queues))
@@ -142,7 +125,8 @@ class Supervisor:
         self.journal = Journal.create(self.num_queues, config.queue_size)
         self.procs = ProcessTable(self.num_queues, self.worker_entry,
                                   confine_spawner=self.sandbox.confine_spawner,
-                                  report=self.sandbox.report, journal=self.journal)
+                                  report=self.sandbox.report, journal=self.journal,
+                                  stats=self.stats)
         self.root_fd = -1
 
     # -- set-up ----------------------------------------------------------------------------
@@ -170,13 +154,48 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd,), data_plane=self.config.data_plane)
+                              owned_fds=(proc_fd,), data_plane=self.config.data_plane,
+                              stats=self.stats)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:
             log.error("worker for queue %d cannot confine itself: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
         worker.run()
+
+    def status_doc(self) -> dict:
+        """The status document (supervisor/status.py), from the daemon's shared state."""
+        procs = self.procs
+        inodes, handles = self.arena.usage()
+        processes = [{"role": "supervisor", "pid": os.getpid()}]
+        if procs.spawner_pid:
+            processes.append({"role": "spawner", "pid": procs.spawner_pid})
+        queues = []
+        for q in range(self.num_queues):
+            handle = procs.workers.get(q)
+            if handle is not None:
+                processes.append({"role": "worker", "queue": q, "pid": handle.pid,
+                                  "state": "serving" if handle.up else "starting"})
+            else:
+                processes.append({"role": "worker", "queue": q, "pid": None,
+                                  "state": "failed" if q in procs.policy.failed
+                                  else "restarting"})
+            queues.append(queue_entry(q, self.stats.snapshot(q),
+                                      len(self.journal.queue(q).inflight()),
+                                      procs.restarts.get(q, 0)))
+        return {
+            "version": __version__,
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "socket": self.config.socket_path or f"fd {self.config.fd}",
+            "shared_dir": self.config.shared_dir,
+            "frontend": "connected" if self.connected else "waiting",
+            "processes": processes,
+            "queues": queues,
+            "inodes": inodes,
+            "handles": handles,
+            "worker_restarts": procs.respawns,
+            "latency_buckets_us": bucket_bounds_us(),
+        }
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -230,9 +249,14 @@ class Supervisor:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
+            listeners = self.status.listeners if self.status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
             ready = [wake] if self.signals else select.select(
-                [sock, wake, *pidfds], [], [], self.procs.next_respawn())[0]
+                [sock, wake, *pidfds, *listeners], [], [], self.procs.next_respawn())[0]
+            for fd in ready:
+                if fd in listeners:
+                    assert self.status is not None
+                    self.status.serve(fd, self.status_doc)
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -257,6 +281,7 @@ class Supervisor:
 
     def serve(self, conn: socket.socket, wake: socket.socket) -> None:
         backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+        self.connected = True
         try:
             while True:
                 self.wait(conn, wake)
@@ -281,42 +306,26 @@ class Supervisor:
                         log.info("front-end connection lost: %s", e)
                         return
         finally:
+            self.connected = False
             backend.close()
             conn.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = run_cli(sys.argv[1:] if argv is None else argv)
-    # The pid file first: a second daemon on the same socket is told who holds it.
-    pidfile = PidFile()
-    try:
-        if config.socket_path is not None:
-            pidfile.acquire(config.socket_path)
-        refuse_unimplemented_security(config)
-        check_startup(config)
-        check_sandbox(config)
-    except ConfigError as e:
-        pidfile.release()
-        error_exit(str(e))
+def run(config: Config, listener: socket.socket, status_server: StatusServer,
+        pidfile: PidFile, starter: int) -> int:
+    """Everything after the sockets listen (supervisor/cli.py): the supervisor, its sandbox,
+    its workers.  A front-end that connects meanwhile waits in the listen backlog."""
     logsetup.setup(config.log_level, config.syslog, "supervisor")
     for line in config.deprecations:
         log.warning("%s", line)
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
+    sup.status = status_server
     try:
         sup.sandbox.compile_policies()
     except PolicyError as e:
-        pidfile.release()
         error_exit(f"seccomp policy: {e}")
-    try:
-        listener = open_listener(config)
-    except OSError as e:
-        pidfile.release()
-        error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'socket'})")
     log.debug("pyvirtiofsd %s starting", __version__)
-    # Only the process that created the socket and pid file removes them: inside the sandbox
-    # those paths would name files of the share.
-    starter = os.getpid()
     try:
         try:
             child = sup.sandbox.enter()
@@ -325,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if child:
             listener.close()
+            status_server.close()
             return sup.sandbox.wait(child)
         sup.catch_signals()
         if os.getpid() != starter:
@@ -336,15 +346,3 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         log.error("fatal: %s", e)
         return 1
-    finally:
-        if os.getpid() == starter:
-            if config.socket_path is not None:
-                try:
-                    os.unlink(config.socket_path)
-                except OSError:
-                    pass
-            pidfile.release()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

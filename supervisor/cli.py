@@ -1,0 +1,100 @@
+"""pyvirtiofsd's entry point: from exec to listening sockets, then the daemon.
+
+A runtime starts one daemon per VM and waits for its socket before it boots the guest, so the
+socket listens as early as it safely can: parse and check the configuration (exit 2 on any
+error, before anything starts), lock the pid file, open the vhost-user socket and the status
+sockets -- and only then import and build the rest of the daemon (supervisor/daemon.py).  A
+front-end that connects meanwhile waits in the listen backlog; nothing it sends is lost.  This
+module therefore imports only what those steps need (`python -X importtime` shows it).
+
+`pyvirtiofsd status ...` is answered by supervisor/statuscmd.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import socket
+import sys
+
+from pyvirtiofsd.supervisor.config import (
+    Config,
+    ConfigError,
+    check_sandbox_options,
+    check_startup,
+    error_exit,
+    refuse_unimplemented_security,
+    run_cli,
+)
+from pyvirtiofsd.supervisor.pidfile import PidFile
+from pyvirtiofsd.supervisor.status import StatusServer, status_path
+
+
+def open_listener(config: Config) -> socket.socket:
+    if config.fd is not None:
+        return socket.socket(fileno=config.fd)
+    path = config.socket_path
+    assert path is not None
+    if os.path.exists(path):
+        os.unlink(path)          # stale: check_startup refused a live one
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    if config.socket_group is not None:
+        os.chown(path, -1, grp.getgrnam(config.socket_group).gr_gid)
+        os.chmod(path, 0o660)
+    sock.listen(1)
+    return sock
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["status"]:
+        from pyvirtiofsd.supervisor import statuscmd
+
+        return statuscmd.main(args[1:])
+    config = run_cli(args)
+    # The pid file first: a second daemon on the same socket is told who holds it.
+    pidfile = PidFile()
+    try:
+        if config.socket_path is not None:
+            pidfile.acquire(config.socket_path)
+        refuse_unimplemented_security(config)
+        check_startup(config)
+        check_sandbox_options(config)
+    except ConfigError as e:
+        pidfile.release()
+        error_exit(str(e))
+    try:
+        listener = open_listener(config)
+    except OSError as e:
+        pidfile.release()
+        error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'socket'})")
+    status_paths = ([status_path(config.socket_path)] if config.socket_path else []) + (
+        [config.metrics_socket] if config.metrics_socket else [])
+    try:
+        status_server = StatusServer.open(status_paths, config.socket_group)
+    except OSError as e:
+        listener.close()
+        if config.socket_path is not None:
+            os.unlink(config.socket_path)
+        pidfile.release()
+        error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'status socket'})")
+    # Only the process that created the sockets and the pid file removes them: inside the
+    # sandbox those paths would name files of the share.
+    starter = os.getpid()
+    try:
+        from pyvirtiofsd.supervisor import daemon
+
+        return daemon.run(config, listener, status_server, pidfile, starter)
+    finally:
+        if os.getpid() == starter:
+            if config.socket_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(config.socket_path)
+            status_server.unlink()
+            pidfile.release()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""What the daemon is doing, for operators: a status document and Prometheus metrics.
+
+This module is imported before the sockets listen, so it stays light: the document itself is
+made by the daemon (supervisor/daemon.py, common/stats.py).  Both are made from the daemon's
+shared state, never from its logs: the per-request statistics
+the workers write (common/stats.py), the inflight journals (in-flight requests), the arena's
+table headers (inodes and handles in use) and the supervisor's process table (pids, restarts).
+
+They are served over HTTP/1.0 on UNIX sockets the supervisor binds before it enters its
+sandbox: always ``SOCKET.status`` next to a vhost-user socket given by path, and the opt-in
+``--metrics-socket PATH``.  ``GET /status`` answers the JSON document `pyvirtiofsd status`
+prints (supervisor/statuscmd.py), ``GET /metrics`` the Prometheus text exposition format
+(version 0.0.4), so ``curl --unix-socket PATH http://localhost/metrics`` or any scraper that
+speaks HTTP over a UNIX socket can read it.
+
+The supervisor answers between two vhost-user messages, in its one thread: a client has
+REQUEST_TIMEOUT to send its request line, so a silent client delays the control plane by at most
+that much.  The sockets are mode 0600 (0660 with --socket-group, like the vhost-user socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("pyvirtiofsd.status")
+
+REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request
+MAX_REQUEST = 4096
+STATUS_SUFFIX = ".status"
+
+_NOT_FOUND = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 34\r\n\r\n" \
+             b"only GET /status and GET /metrics\n"
+_PROM_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def status_path(socket_path: str) -> str:
+    """The status socket that goes with a vhost-user socket."""
+    return socket_path + STATUS_SUFFIX
+
+
+class StatusServer:
+    """The listening sockets and the answer to one request at a time."""
+
+    def __init__(self, listeners: list[socket.socket], paths: list[str]) -> None:
+        self.listeners = listeners
+        self.paths = paths
+
+    @classmethod
+    def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
+        """Bind every path (a stale socket file is replaced: the pid file or the startup
+        check has made sure no daemon serves it); OSError names the path."""
+        listeners: list[socket.socket] = []
+        bound: list[str] = []
+        try:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                listeners.append(sock)
+                # Only the owner (and the socket's group) may read the daemon's figures.
+                old = os.umask(0o177)
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old)
+                bound.append(path)
+                if group is not None:
+                    os.chown(path, -1, grp.getgrnam(group).gr_gid)
+                    os.chmod(path, 0o660)
+                sock.listen(8)
+                sock.setblocking(False)
+        except OSError as e:
+            for sock in listeners:
+                sock.close()
+            for path in bound:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if e.filename is None:
+                e.filename = path
+            raise
+        return cls(listeners, bound)
+
+    def close(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+
+    def unlink(self) -> None:
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def serve(self, listener: socket.socket, collect: Callable[[], dict[str, Any]]) -> None:
+        """Answer the clients waiting on `listener` (readable), each within REQUEST_TIMEOUT."""
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("status socket: accept failed: %s", e.strerror or e)
+                return
+            with conn:
+                try:
+                    conn.settimeout(REQUEST_TIMEOUT)
+                    answer = self._answer(_read_request(conn), collect)
+                    conn.sendall(answer)
+                except (OSError, ValueError):
+                    pass                      # a client that went away or never asked
+
+    @staticmethod
+    def _answer(path: str, collect: Callable[[], dict[str, Any]]) -> bytes:
+        if path == "/status":
+            body, kind = (json.dumps(collect(), indent=1) + "\n").encode(), "application/json"
+        elif path == "/metrics":
+            body, kind = prometheus(collect()).encode(), _PROM_TYPE
+        else:
+            return _NOT_FOUND
+        head = f"HTTP/1.0 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n\r\n"
+        return head.encode() + body
+
+
+def _read_request(conn: socket.socket) -> str:
+    """The path of `GET PATH HTTP/1.x` (headers are read and ignored)."""
+    data = b""
+    while b"\n\n" not in data.replace(b"\r\n", b"\n"):
+        more = conn.recv(MAX_REQUEST - len(data))
+        if not more:
+            break
+        data += more
+        if len(data) >= MAX_REQUEST:
+            raise ValueError("request too long")
+    words = data.split(b"\n", 1)[0].split()
+    if len(words) < 2 or words[0] != b"GET":
+        return ""
+    return words[1].split(b"?", 1)[0].decode("ascii", "replace")
+
+
+# -- Prometheus text format ----------------------------------------------------------------------
+
+def _labels(**kv: object) -> str:
+    inner = ",".join(f'{k}="{_escape(str(v))}"' for k, v in kv.items())
+    return "{" + inner + "}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus(doc: dict[str, Any]) -> str:
+    """The status document as Prometheus text (exposition format 0.0.4)."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, help_: str) -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+
+    family("pyvirtiofsd_info", "gauge", "Version of the daemon (always 1).")
+    out.append(f"pyvirtiofsd_info{_labels(version=doc['version'])} 1")
+    family("pyvirtiofsd_uptime_seconds", "gauge", "Seconds since the daemon started.")
+    out.append(f"pyvirtiofsd_uptime_seconds {doc['uptime_s']:.3f}")
+    family("pyvirtiofsd_frontend_connected", "gauge", "1 while a vhost-user front-end is"
+           " connected.")
+    out.append(f"pyvirtiofsd_frontend_connected {int(doc['frontend'] == 'connected')}")
+    family("pyvirtiofsd_inodes", "gauge", "Inodes in use (each holds an O_PATH fd).")
+    out.append(f"pyvirtiofsd_inodes {doc['inodes']}")
+    family("pyvirtiofsd_handles", "gauge", "Open file handles.")
+    out.append(f"pyvirtiofsd_handles {doc['handles']}")
+    queues = doc["queues"]
+    for name, kind, key, help_ in (
+            ("pyvirtiofsd_requests_total", "counter", "requests", "Requests served."),
+            ("pyvirtiofsd_request_errors_total", "counter", "errors",
+             "Requests answered with an error."),
+            ("pyvirtiofsd_in_flight_requests", "gauge", "in_flight",
+             "Requests taken from the ring and not yet answered."),
+            ("pyvirtiofsd_worker_restarts_total", "counter", "restarts",
+             "Workers started to replace a dead one.")):
+        family(name, kind, help_)
+        out.extend(f"{name}{_labels(queue=q['queue'])} {q[key]}" for q in queues)
+    family("pyvirtiofsd_errors_total", "counter", "Error answers by errno.")
+    for q in queues:
+        out.extend(f"pyvirtiofsd_errors_total{_labels(queue=q['queue'], errno=e)} {n}"
+                   for e, n in q["errnos"].items())
+    family("pyvirtiofsd_opcode_requests_total", "counter", "Requests served by FUSE opcode.")
+    for q in queues:
+        out.extend(f"pyvirtiofsd_opcode_requests_total{_labels(queue=q['queue'], opcode=op)}"
+                   f" {s['count']}" for op, s in q["ops"].items())
+    family("pyvirtiofsd_opcode_errors_total", "counter", "Error answers by FUSE opcode.")
+    for q in queues:
+        out.extend(f"pyvirtiofsd_opcode_errors_total{_labels(queue=q['queue'], opcode=op)}"
+                   f" {s['errors']}" for op, s in q["ops"].items())
+    name = "pyvirtiofsd_request_duration_seconds"
+    family(name, "histogram", "Time from decoding a request to its reply in guest memory.")
+    bounds = [f"{us / 1e6:g}" for us in doc["latency_buckets_us"]] + ["+Inf"]
+    for q in queues:
+        for op, s in q["ops"].items():
+            total = 0
+            for le, n in zip(bounds, s["buckets"], strict=True):
+                total += n
+                out.append(f"{name}_bucket{_labels(queue=q['queue'], opcode=op, le=le)} {total}")
+            out.append(f"{name}_sum{_labels(queue=q['queue'], opcode=op)}"
+                       f" {s['latency_sum_ns'] / 1e9:.9f}")
+            out.append(f"{name}_count{_labels(queue=q['queue'], opcode=op)} {total}")
+    return "\n".join(out) + "\n"
