@@ -32,6 +32,7 @@ from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.sandbox import check as check_sandbox
+from pyvirtiofsd.supervisor.systemd import Notifier, take_listen_fd
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -136,6 +137,8 @@ class Supervisor:
                                   confine_spawner=self.sandbox.confine_spawner,
                                   report=self.sandbox.report, journal=self.journal)
         self.root_fd = -1
+        # The service manager, if any (systemd's NOTIFY_SOCKET); main() connects it.
+        self.notifier = Notifier({})
 
     # -- set-up ----------------------------------------------------------------------------
     def open_share(self) -> None:
@@ -193,9 +196,13 @@ class Supervisor:
         self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():
             log.warning("%s is accepted but not implemented yet; it has no effect", warning)
+        where = self.config.socket_path or f"fd {self.config.fd}"
         log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
-                 self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
+                 where, self.config.request_queues)
+        self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
+                            "waiting for the front-end")
         status = 0
+        why = "front-end disconnected"
         try:
             conn = self.accept(listener, wake_r)
             if not self.config.reconnect:
@@ -205,13 +212,17 @@ class Supervisor:
             # connection is a fresh vhost-user session (protocol.md 1.14).
             while self.config.reconnect:
                 log.info("waiting for the next front-end (--reconnect)")
+                self.notifier.status("front-end disconnected; waiting for the next (--reconnect)")
                 self.serve(self.accept(listener, wake_r), wake_r)
         except Shutdown:
             log.info("terminating on signal")
+            why = "terminating on signal"
         except FatalDeath as e:
             log.error("stopping: %s", e)
+            why = f"stopping: {e}"
             status = 1
         finally:
+            self.notifier.stopping(why)
             counts = self.arena.counters.snapshot()[: self.num_queues]
             log.info("requests served per queue: %s",
                      ", ".join(f"q{q}={n}" for q, n in enumerate(counts)))
@@ -245,6 +256,7 @@ class Supervisor:
         self.wait(listener, wake)
         conn, _ = listener.accept()
         log.info("front-end connected")
+        self.notifier.status("front-end connected; serving")
         return conn
 
     def serve(self, conn: socket.socket, wake: socket.socket) -> None:
@@ -278,7 +290,11 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = run_cli(sys.argv[1:] if argv is None else argv)
+    try:
+        activated_fd = take_listen_fd()
+    except ConfigError as e:
+        error_exit(str(e))
+    config = run_cli(sys.argv[1:] if argv is None else argv, activated_fd=activated_fd)
     # The pid file first: a second daemon on the same socket is told who holds it.
     pidfile = PidFile()
     try:
@@ -294,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s", line)
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
+    # Connected before the sandbox hides the manager's socket (supervisor/systemd.py).
+    sup.notifier = Notifier()
     try:
         sup.sandbox.compile_policies()
     except PolicyError as e:
