@@ -152,8 +152,11 @@ class Supervisor:
         logsetup.set_role(f"worker q{queue}")
         prctl.set_name(f"pyvfs-q{queue}")
         prctl.set_pdeathsig(signal.SIGKILL)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Stopped by the supervisor (SIGKILL) or with it (PDEATHSIG), never by a SIGTERM or
+        # SIGINT sent to the whole process group: that one is the supervisor's to act on.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         try:
             # Through the sandbox's procfs: there is no /proc at the root of a sandbox.
@@ -199,6 +202,9 @@ class Supervisor:
         where = self.config.socket_path or f"fd {self.config.fd}"
         log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
                  where, self.config.request_queues)
+        # virtiofsd's words: Kata's runtime-rs waits for this line on stderr before it starts
+        # the VM (share_virtio_fs_standalone.rs).
+        log.info("Waiting for vhost-user socket connection...")
         self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
                             "waiting for the front-end")
         status = 0
