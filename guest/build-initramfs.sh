@@ -9,6 +9,8 @@
 # Kernel command line parameters read by /init:
 #   vfs.tag=TAG        virtio-fs tag to mount at /mnt (required)
 #   vfs.script=PATH    script to run, relative to the share (default .guest-script.sh)
+#   vfs.modules=A,B    optional modules to load first (the kernel tree's modules/optional/, in
+#                      the order given: e.g. button, for an ACPI power button press)
 # Console markers (one per line, for the host to parse):
 #   @@GUEST modules-loaded UPTIME / @@GUEST mounted UPTIME / @@GUEST script-exit RC UPTIME
 #   @@GUEST umount RC / @@GUEST error MESSAGE / @@GUEST poweroff
@@ -36,6 +38,10 @@ cp "$BUSYBOX" "$STAGE/bin/busybox"
 if [ -d "$KDIR/modules" ]; then
   cp "$KDIR"/modules/*.ko "$STAGE/lib/modules/" 2>/dev/null || true
   cp "$KDIR/modules/modules.order" "$STAGE/lib/modules/"
+  if [ -d "$KDIR/modules/optional" ]; then
+    mkdir -p "$STAGE/lib/modules/optional"
+    cp "$KDIR"/modules/optional/*.ko "$STAGE/lib/modules/optional/" 2>/dev/null || true
+  fi
 fi
 
 cat > "$STAGE/init" <<'INIT'
@@ -62,10 +68,12 @@ exec </dev/console >/dev/console 2>&1
 
 TAG=
 SCRIPT=.guest-script.sh
+OPTIONAL=
 for arg in $(cat /proc/cmdline); do
   case $arg in
     vfs.tag=*) TAG=${arg#vfs.tag=} ;;
     vfs.script=*) SCRIPT=${arg#vfs.script=} ;;
+    vfs.modules=*) OPTIONAL=${arg#vfs.modules=} ;;
   esac
 done
 [ -n "$TAG" ] || die "no vfs.tag= on the kernel command line"
@@ -75,6 +83,9 @@ if [ -s /lib/modules/modules.order ]; then
     insmod "/lib/modules/$ko" || die "insmod $ko failed"
   done < /lib/modules/modules.order
 fi
+for m in $(echo "${OPTIONAL:-}" | tr ',' ' '); do
+  insmod "/lib/modules/optional/$m.ko" || die "insmod optional module $m failed"
+done
 mark modules-loaded "$(up)"
 
 mount -t virtiofs "$TAG" /mnt || die "mount -t virtiofs $TAG /mnt failed"

@@ -3,7 +3,8 @@
 #   guest/work/k61   Debian 12 (bookworm) 6.1: virtio-fs, fuse, virtio-pci are modules
 #   guest/work/k612  Debian 13 (trixie) 6.12: virtio-fs, fuse, virtio-pci are built in
 # Each tree gets vmlinuz (the kernel image) and, for k61, modules/ holding the uncompressed .ko
-# files the initramfs loads plus modules.order (load order). Idempotent: a tree with .done is kept.
+# files the initramfs loads plus modules.order (load order), and modules/optional/ (loaded on
+# request). Idempotent: a tree whose .done holds this script's TREE_VERSION is kept.
 # Usage: fetch-kernels.sh [61|612]...   (default: both). Needs root, apt and deb.debian.org.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -13,6 +14,13 @@ mkdir -p "$WORK"
 # Modules the guest needs for a virtio-fs mount, in no particular order; resolve_modules orders
 # them, with their dependencies.
 NEEDED=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs)
+# Modules the initramfs loads only when the kernel command line asks (vfs.modules=NAME,...), kept
+# in modules/optional/: button, so that the guest sees an ACPI power button press (what
+# `virsh shutdown` sends) in /sys/firmware/acpi/interrupts/ff_pwr_btn.
+OPTIONAL=(button)
+# Written into .done: a tree fetched by an older version of this script (other modules) is
+# fetched again.
+TREE_VERSION=2
 
 # Resolves the concrete kernel package a metapackage depends on (e.g. linux-image-6.1.0-NN-amd64).
 # $1: apt options (word-split on purpose), $2: metapackage.
@@ -56,7 +64,7 @@ resolve_modules() {
       return 1
     fi
     local ko
-    ko=$dst/modules/$(basename "$rel")
+    ko=$outdir/$(basename "$rel")
     if [ -f "$moddir/$rel" ]; then cp "$moddir/$rel" "$ko"
     elif [ -f "$moddir/$rel.xz" ]; then xz -dc "$moddir/$rel.xz" > "$ko"
     elif [ -f "$moddir/$rel.zst" ]; then zstd -qdc "$moddir/$rel.zst" > "$ko"
@@ -65,17 +73,23 @@ resolve_modules() {
     local deps d
     deps=$(tr '\0' '\n' < "$ko" | sed -n 's/^depends=//p' | head -n1 | tr ',' ' ')
     for d in $deps; do visit "$d" || return 1; done
-    basename "$ko" >> "$dst/modules/modules.order"
+    basename "$ko" >> "$order"
   }
   local m
+  local outdir=$dst/modules order=$dst/modules/modules.order
   for m in "${NEEDED[@]}"; do visit "$m" || return 1; done
+  outdir=$dst/modules/optional
+  order=$outdir/modules.order
+  mkdir -p "$outdir"
+  : > "$order"
+  for m in "${OPTIONAL[@]}"; do visit "$m" || return 1; done
 }
 
 # $1: tree name, $2: apt options, $3: metapackage.
 fetch_tree() {
   local name=$1 opts=$2 meta=$3
   local dst=$WORK/$name
-  [ -e "$dst/.done" ] && return 0
+  [ "$(cat "$dst/.done" 2>/dev/null)" = "$TREE_VERSION" ] && return 0
   local pkg
   pkg=$(kernel_package "$opts" "$meta")
   [ -n "$pkg" ] || { echo "cannot resolve the kernel package of $meta" >&2; return 1; }
@@ -103,7 +117,7 @@ fetch_tree() {
   echo "modules to load: $(tr '\n' ' ' < "$dst/modules/modules.order")" >&2
   # The unpacked package is large and only vmlinuz + the needed modules are used.
   rm -rf "$dst/root" "$WORK/$name.deb"
-  touch "$dst/.done"
+  echo "$TREE_VERSION" > "$dst/.done"
 }
 
 fetch_61() {
@@ -116,7 +130,7 @@ fetch_612() {
   echo 'deb http://deb.debian.org/debian trixie main' > "$apt/sources.list"
   local opts="-o Dir::Etc::sourcelist=$apt/sources.list -o Dir::Etc::sourceparts=/dev/null"
   opts+=" -o Dir::State::Lists=$apt/lists -o Dir::Cache=$apt/cache"
-  if [ ! -e "$WORK/k612/.done" ]; then
+  if [ "$(cat "$WORK/k612/.done" 2>/dev/null)" != "$TREE_VERSION" ]; then
     # shellcheck disable=SC2086
     apt-get $opts update -qq
   fi
@@ -131,7 +145,7 @@ fetch_612() {
   done
 }
 
-if [ ! -e "$WORK/k61/.done" ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+if [ "$(cat "$WORK/k61/.done" 2>/dev/null)" != "$TREE_VERSION" ] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
   apt-get update -qq
 fi
 targets=("$@")

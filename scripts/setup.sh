@@ -7,6 +7,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc libcap-dev libseccomp2 libseccomp-dev
     qemu-system-x86 busybox-static cpio xz-utils zstd fuse3 attr sqlite3 git
+    # libvirt's daemon, QEMU driver and virsh for the libvirt domain test, which starts the
+    # daemon itself (no systemd needed); -system creates the libvirt-qemu user the QEMU driver
+    # resolves at start-up.  systemd for `systemd-analyze verify` on the units in etc/.
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients systemd
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -29,6 +29,7 @@ from pyvirtiofsd.supervisor.config import (
 )
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.status import StatusServer, status_path
+from pyvirtiofsd.supervisor.systemd import take_listen_fd
 
 
 def open_listener(config: Config) -> socket.socket:
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         from pyvirtiofsd.supervisor import statuscmd
 
         return statuscmd.main(args[1:])
-    config = run_cli(args)
+    try:
+        activated_fd = take_listen_fd()
+    except ConfigError as e:
+        error_exit(str(e))
+    config = run_cli(args, activated_fd=activated_fd)
     # The pid file first: a second daemon on the same socket is told who holds it.
     pidfile = PidFile()
     try:

@@ -579,8 +579,12 @@ def _file_value(name: str, raw: object) -> Any:
 # --- parse ------------------------------------------------------------------------------------
 
 
-def parse(argv: Sequence[str]) -> Config | Action:
-    """Parse the command line (without the program name); ConfigError on any problem."""
+def parse(argv: Sequence[str], *, activated_fd: int | None = None) -> Config | Action:
+    """Parse the command line (without the program name); ConfigError on any problem.
+
+    `activated_fd` is a listening socket passed by socket activation (supervisor/systemd.py):
+    it replaces a config file's socket, like `--fd` would, and refuses one on the command line.
+    """
     ns = vars(_build_parser().parse_args(list(argv)))
     if ns.pop("action_help", False):
         return Action.HELP
@@ -612,6 +616,12 @@ def parse(argv: Sequence[str]) -> Config | Action:
         values.update(from_file)
         values["config_file"] = config_file
     values.update(ns)
+    if activated_fd is not None:
+        for name in ("socket_path", "fd"):
+            if name in ns:
+                raise ConfigError(f"{_opt(name)} cannot be used with socket activation "
+                                  "(LISTEN_FDS): the service manager passes the socket")
+        values["socket_path"], values["fd"] = None, activated_fd
     if compat_options:
         _apply_compat(values, compat_options)
         deprecations.append("use of deprecated option format '-o': specify options without it "
@@ -664,10 +674,10 @@ def error_exit(message: str, status: int = 2) -> NoReturn:
     raise SystemExit(status)
 
 
-def run_cli(argv: Sequence[str]) -> Config:
+def run_cli(argv: Sequence[str], *, activated_fd: int | None = None) -> Config:
     """parse() for main(): prints help/version/capabilities and exits 0, errors exit 2."""
     try:
-        result = parse(argv)
+        result = parse(argv, activated_fd=activated_fd)
     except ConfigError as e:
         error_exit(str(e))
     if isinstance(result, Action):

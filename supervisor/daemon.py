@@ -34,6 +34,7 @@ from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import StatusServer
+from pyvirtiofsd.supervisor.systemd import Notifier
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -128,6 +129,8 @@ class Supervisor:
                                   report=self.sandbox.report, journal=self.journal,
                                   stats=self.stats)
         self.root_fd = -1
+        # The service manager, if any (systemd's NOTIFY_SOCKET); main() connects it.
+        self.notifier = Notifier({})
 
     # -- set-up ----------------------------------------------------------------------------
     def open_share(self) -> None:
@@ -141,8 +144,11 @@ class Supervisor:
         logsetup.set_role(f"worker q{queue}")
         prctl.set_name(f"pyvfs-q{queue}")
         prctl.set_pdeathsig(signal.SIGKILL)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Stopped by the supervisor (SIGKILL) or with it (PDEATHSIG), never by a SIGTERM or
+        # SIGINT sent to the whole process group: that one is the supervisor's to act on.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
         try:
             # Through the sandbox's procfs: there is no /proc at the root of a sandbox.
@@ -220,9 +226,16 @@ class Supervisor:
         self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():
             log.warning("%s is accepted but not implemented yet; it has no effect", warning)
+        where = self.config.socket_path or f"fd {self.config.fd}"
         log.info("serving %s on %s with %d request queue(s)", self.config.shared_dir,
-                 self.config.socket_path or f"fd {self.config.fd}", self.config.request_queues)
+                 where, self.config.request_queues)
+        # virtiofsd's words: Kata's runtime-rs waits for this line on stderr before it starts
+        # the VM (share_virtio_fs_standalone.rs).
+        log.info("Waiting for vhost-user socket connection...")
+        self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
+                            "waiting for the front-end")
         status = 0
+        why = "front-end disconnected"
         try:
             conn = self.accept(listener, wake_r)
             if not self.config.reconnect:
@@ -232,13 +245,17 @@ class Supervisor:
             # connection is a fresh vhost-user session (protocol.md 1.14).
             while self.config.reconnect:
                 log.info("waiting for the next front-end (--reconnect)")
+                self.notifier.status("front-end disconnected; waiting for the next (--reconnect)")
                 self.serve(self.accept(listener, wake_r), wake_r)
         except Shutdown:
             log.info("terminating on signal")
+            why = "terminating on signal"
         except FatalDeath as e:
             log.error("stopping: %s", e)
+            why = f"stopping: {e}"
             status = 1
         finally:
+            self.notifier.stopping(why)
             counts = self.arena.counters.snapshot()[: self.num_queues]
             log.info("requests served per queue: %s",
                      ", ".join(f"q{q}={n}" for q, n in enumerate(counts)))
@@ -277,6 +294,7 @@ class Supervisor:
         self.wait(listener, wake)
         conn, _ = listener.accept()
         log.info("front-end connected")
+        self.notifier.status("front-end connected; serving")
         return conn
 
     def serve(self, conn: socket.socket, wake: socket.socket) -> None:
@@ -321,6 +339,8 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
     sup.status = status_server
+    # Connected before the sandbox hides the manager's socket (supervisor/systemd.py).
+    sup.notifier = Notifier()
     try:
         sup.sandbox.compile_policies()
     except PolicyError as e:

@@ -99,7 +99,10 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
     """Runs in the spawner: clone a worker for each SPAWN request, until EOF or SHUTDOWN."""
     prctl.set_name("pyvfs-spawner")
     prctl.set_pdeathsig(signal.SIGKILL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Only the supervisor stops the spawner (SIGKILL at shutdown): a SIGTERM or SIGINT sent to
+    # the whole process group (systemd's control-group kill, libvirt's group kill, Ctrl-C) is
+    # the supervisor's to act on.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if confine is not None:
         try:
