@@ -25,7 +25,7 @@ from cffi import FFI
 
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.journal import Journal, PinKind
+from pyvirtiofsd.common.journal import Effect, Journal, PinKind
 
 _COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
 sys.path.insert(0, _COMMON)
@@ -527,10 +527,80 @@ def test_journal_guards_heads_and_pin_room():
     jq = journal.queue(0)
     with pytest.raises(IndexError):
         jq.popped(4, 0, 1, 1)
-    assert native.lib.vfs_jq_popped(jq._q, 4, 0, 1, 1, 1) == (1 << 64) - 1
+    assert native.lib.vfs_jq_popped(jq.cdata, 4, 0, 1, 1, 1) == (1 << 64) - 1
     assert [jq.pin(PinKind.INODE, 100 + i) for i in range(9)] == [*range(8), -1]
     jq.unpin(PinKind.HANDLE, 103)       # another kind: not this record
     assert len(jq.pins()) == 8
     jq.unpin(PinKind.INODE, 103)
     assert (PinKind.INODE, 103) not in jq.pins() and len(jq.pins()) == 7
     assert jq.pin(PinKind.HANDLE, 7) == 3
+
+
+def test_journaled_changes_record_in_order(tmp_path):
+    """Pins recorded while held, effects after the change, FORGET announced with the count it
+    found and counted after."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    arena = Arena.create(max_inodes=8, max_handles=2, max_queues=1)
+    jq = Journal.create(1, 4).queue(0)
+    inodes, handles = arena.inodes, arena.handles
+    counter = jq.popped(0, 0, 1, 99)
+    nodeid, owned = inodes.lookup_or_insert_journaled(jq, os.open(path, os.O_PATH), 9, 1)
+    assert owned
+    fd = inodes.acquire_journaled(jq, nodeid)
+    assert jq.pins() == [(PinKind.INODE, nodeid)]
+    fh = handles.insert_journaled(jq, os.open(path, os.O_RDONLY), nodeid, 0)
+    assert handles.acquire_journaled(jq, fh)[1] == nodeid
+    assert sorted(jq.pins()) == [(PinKind.INODE, nodeid), (PinKind.HANDLE, fh)]
+    handles.release_journaled(jq, fh)
+    inodes.release_journaled(jq, nodeid)
+    assert jq.pins() == []
+    assert _is_open(fd)
+    assert jq.owns_effects(counter)
+    assert jq.pop_effect() == (Effect.HANDLE, fh)
+    assert jq.pop_effect() == (Effect.LOOKUP, nodeid)
+    assert jq.pop_effect() is None
+    with pytest.raises(OSError):
+        inodes.acquire_journaled(jq, nodeid + (1 << 32))
+    assert jq.pins() == []                          # a failed pin is not recorded
+    inodes.forget_journaled(jq, nodeid, 1)
+    assert jq.hints() == (1, None, False)
+    assert not _is_open(fd)
+    inodes.forget_journaled(jq, nodeid, 1)          # stale now: counted, changes nothing
+    assert jq.hints() == (2, None, False)
+    arena.close()
+
+
+def test_journaled_forget_killed_midway_leaves_its_announcement(tmp_path, crashlib):
+    """A worker killed inside a journaled FORGET (after the announcement, before the count):
+    the journal names the FORGET and the count it saw, so a replay can tell it went through."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    n = 0
+    while True:
+        n += 1
+        arena = Arena.create(max_inodes=8, max_handles=1, max_queues=1)
+        jq = Journal.create(1, 4).queue(0)
+        nodeid, _ = arena.inodes.lookup_or_insert(os.open(path, os.O_PATH), 9, 1)
+        jq.popped(0, 0, 2, 7)
+        view = _view_of(crashlib, arena)
+        tq = crashlib.ffi.cast("struct vfs_jq *", jq.state_address)
+
+        def child(view=view, tq=tq, nodeid=nodeid, n=n) -> int:
+            view.pid = os.getpid()
+            crashlib.lib.vfs_test_crash_after(n)
+            crashlib.lib.vfs_inode_forget_j(view, tq, nodeid, 1)
+            return 3
+
+        status = _in_child(child)
+        assert status in (0, 3)
+        forgets, pending, _ = jq.hints()
+        gone = arena.inodes.live_count() == 0
+        if status == 3:
+            assert (forgets, pending, gone) == (1, None, True)
+            break
+        assert (forgets, pending) == (0, (nodeid, 1))
+        _check_consistent(arena)
+        arena.close()
+    assert n > 2
+    arena.close()
