@@ -70,6 +70,7 @@ import os
 import weakref
 
 from pyvirtiofsd.common import native
+from pyvirtiofsd.common.journal import QueueJournal
 
 __all__ = ["Arena", "HandleTable", "InodeTable", "QueueCounters"]
 
@@ -181,6 +182,45 @@ class InodeTable(_SlotTable):
         if 0 <= nodeid <= _U64_MAX:
             _lib.vfs_inode_forget(self._c, nodeid, min(max(nlookup, 0), _U64_MAX), self._u64)
 
+    # -- the same, journaled for crash recovery (state.h: "journaled table changes") -------------
+    def lookup_or_insert_journaled(self, journal: QueueJournal, fd: int, dev: int, ino: int,
+                                   mnt_id: int = 0) -> tuple[int, bool]:
+        """lookup_or_insert, then the LOOKUP recorded as an effect of the current request."""
+        out, inserted = self._u64, self._int
+        if _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted):
+            raise _full("inode", self._cap)
+        return out[0], inserted[0] != 0
+
+    def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
+        """acquire, then the pin recorded in the queue's journal."""
+        fd = self._int
+        try:
+            rc = _lib.vfs_inode_acquire_j(self._c, journal.cdata, nodeid, fd)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id("nodeid", nodeid)
+        return fd[0]
+
+    def release_journaled(self, journal: QueueJournal, nodeid: int) -> None:
+        """The pin's record dropped, then release."""
+        try:
+            rc = _lib.vfs_inode_release_j(self._c, journal.cdata, nodeid)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id("nodeid", nodeid)
+
+    def forget_journaled(self, journal: QueueJournal, nodeid: int, nlookup: int) -> None:
+        """forget, announced in the journal with the lookup count it found and counted after
+        (unknown ids are announced with a count of 0 and change nothing)."""
+        if 0 <= nodeid <= _U64_MAX:
+            _lib.vfs_inode_forget_j(self._c, journal.cdata, nodeid,
+                                    min(max(nlookup, 0), _U64_MAX))
+        else:
+            journal.forgetting(0, 0)
+            journal.note_forget()
+
     def forget_all(self) -> None:
         """End of a FUSE session (DESTROY, or a new INIT): every inode but the root is
         forgotten; fds of entries pinned by a request in flight close at their last release."""
@@ -239,6 +279,33 @@ class HandleTable(_SlotTable):
         """RELEASE: `fh` is unusable at once; its fd is closed when the last pin goes."""
         try:
             rc = _lib.vfs_handle_remove(self._c, fh)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id("fh", fh)
+
+    # -- the same, journaled for crash recovery ------------------------------------------------
+    def insert_journaled(self, journal: QueueJournal, fd: int, nodeid: int, flags: int) -> int:
+        """insert, then the new handle recorded as an effect of the current request."""
+        if _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64):
+            raise _full("handle", self._cap)
+        return self._u64[0]
+
+    def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:
+        """acquire, then the pin recorded in the queue's journal."""
+        fd, nodeid, flags = self._int, self._u64, self._u32
+        try:
+            rc = _lib.vfs_handle_acquire_j(self._c, journal.cdata, fh, fd, nodeid, flags)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id("fh", fh)
+        return fd[0], nodeid[0], flags[0]
+
+    def release_journaled(self, journal: QueueJournal, fh: int) -> None:
+        """The pin's record dropped, then release."""
+        try:
+            rc = _lib.vfs_handle_release_j(self._c, journal.cdata, fh)
         except OverflowError:
             rc = -errno.EBADF
         if rc:
@@ -320,17 +387,17 @@ class Arena:
             raise OSError(-rc, "cannot format the shared arena")
         return cls(mm)
 
-    @property
-    def address(self) -> int:
-        """The address of this process's `struct vfs_arena` (for the native engine)."""
-        return int(_ffi.cast("uintptr_t", self._c))
-
     def usage(self) -> tuple[int, int]:
         """(inodes, handles) whose fd is open, read from the table headers without taking the
         locks: a snapshot for status reports that never waits for a worker."""
-        # `live` is the fourth u32 of each table header (layout above).
-        return (native.u32_ptr(self._base, _INODE_LOCK_OFF)[3],
-                native.u32_ptr(self._base, _HANDLE_LOCK_OFF)[3])
+        inodes, handles = self.inodes._u32, self.handles._u32
+        _lib.vfs_arena_usage(self._c, inodes, handles)
+        return inodes[0], handles[0]
+
+    @property
+    def address(self) -> int:
+        """The address of this process's struct vfs_arena, for the native engine to share."""
+        return int(_ffi.cast("uintptr_t", self._c))
 
     def close(self) -> None:
         """Unmap in this process.  The fds in the tables belong to the shared fd table and

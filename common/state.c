@@ -61,10 +61,10 @@ int vfs_lock(uint32_t *word, uint32_t me)
         if (!(seen & VFS_WAITERS) && cas32(word, seen, seen | VFS_WAITERS) != seen)
             continue;
         /* 0, or EAGAIN (the word changed), ETIMEDOUT (look at the owner again), EINTR: all
-         * mean "try again"; nothing else can happen for an aligned word in a mapping. */
-        if (syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0) == -1 &&
-            errno != EAGAIN && errno != ETIMEDOUT && errno != EINTR)
-            return 1;   /* cannot wait: treat like a takeover, the caller repairs */
+         * mean "try again".  Nothing else can happen for an aligned word in a mapping; if it
+         * did, this would become a polling loop, never a lock taken without owning it. */
+        long waited = syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0);
+        (void)waited;
         /* Others may still sleep: keep the flag set when we get the lock after waiting. */
         want = me | VFS_WAITERS;
     }
@@ -586,19 +586,29 @@ int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid)
     return rc;
 }
 
-int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uint64_t *before)
+/* FORGET; with a journal `q`, announced there (with the count found) before it is applied. */
+static int inode_forget(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup,
+                        uint64_t *before)
 {
     struct slots t = inode_slots(a);
     uint32_t slot;
     struct slot_head *e = slot_of_id(&t, nodeid, &slot);
     int rc = -EBADF, close_fd = -1;
     *before = 0;
-    if (!e)
+    if (!e) {
+        if (q)
+            vfs_jq_forgetting(q, nodeid, 0);   /* unknown: forgetting it changes nothing */
         return rc;
+    }
     inode_lock(a, &t);
-    if (e->state == live_word(nodeid)) {
+    if (e->state != live_word(nodeid)) {
+        if (q)
+            vfs_jq_forgetting(q, nodeid, 0);
+    } else {
         uint64_t count = e->aux;
         *before = count;
+        if (q)
+            vfs_jq_forgetting(q, nodeid, count);
         count -= nlookup < count ? nlookup : count;
         if (count == 0 && e->pins == 0 && slot != VFS_ROOT_ID) {
             close_fd = e->fd;
@@ -612,6 +622,11 @@ int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uin
     if (close_fd >= 0)
         close_owned(close_fd);
     return rc;
+}
+
+int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uint64_t *before)
+{
+    return inode_forget(a, NULL, nodeid, nlookup, before);
 }
 
 /* The lock is dropped to close every CLOSE_BATCH fds (no allocation, no close under the lock),
@@ -1020,4 +1035,67 @@ void vfs_jq_note_forget(struct vfs_jq *q)
         return;
     put64(jq_w(q, JQ_EFF_FORGETS), get64(jq_w(q, JQ_EFF_FORGETS)) + 1);
     put64(jq_w(q, JQ_PENDING_NODE), 0);
+}
+
+/* -- journaled table changes (state.h says the order and why) --------------------------------- */
+
+int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t dev, uint64_t ino,
+                       uint64_t mnt_id, uint64_t *nodeid, int *inserted)
+{
+    int rc = vfs_inode_lookup_or_insert(a, fd, dev, ino, mnt_id, nodeid, inserted);
+    if (rc == 0)
+        vfs_jq_add_effect(q, VFS_EFFECT_LOOKUP, *nodeid);
+    return rc;
+}
+
+int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd)
+{
+    int rc = vfs_inode_acquire(a, nodeid, fd);
+    if (rc == 0)
+        vfs_jq_pin(q, VFS_PIN_INODE, nodeid);   /* -1 (no room): the pin may leak, no worse */
+    return rc;
+}
+
+int vfs_inode_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid)
+{
+    vfs_jq_unpin(q, VFS_PIN_INODE, nodeid);
+    return vfs_inode_release(a, nodeid);
+}
+
+int vfs_inode_forget_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup)
+{
+    uint64_t before;
+    int rc = inode_forget(a, q, nodeid, nlookup, &before);
+    vfs_jq_note_forget(q);
+    return rc;
+}
+
+int vfs_handle_insert_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t nodeid,
+                        uint32_t flags, uint64_t *fh)
+{
+    int rc = vfs_handle_insert(a, fd, nodeid, flags, fh);
+    if (rc == 0)
+        vfs_jq_add_effect(q, VFS_EFFECT_HANDLE, *fh);
+    return rc;
+}
+
+int vfs_handle_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh, int *fd,
+                         uint64_t *nodeid, uint32_t *flags)
+{
+    int rc = vfs_handle_acquire(a, fh, fd, nodeid, flags);
+    if (rc == 0)
+        vfs_jq_pin(q, VFS_PIN_HANDLE, fh);
+    return rc;
+}
+
+int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh)
+{
+    vfs_jq_unpin(q, VFS_PIN_HANDLE, fh);
+    return vfs_handle_release(a, fh);
+}
+
+void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles)
+{
+    *inodes = __atomic_load_n(&inode_slots(a).hdr->live, __ATOMIC_RELAXED);
+    *handles = __atomic_load_n(&handle_slots(a).hdr->live, __ATOMIC_RELAXED);
 }

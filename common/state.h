@@ -97,4 +97,24 @@ void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident);
 void vfs_jq_forgetting(struct vfs_jq *q, uint64_t nodeid, uint64_t before);
 void vfs_jq_note_forget(struct vfs_jq *q);
 
+/* -- journaled table changes ------------------------------------------------------------------ */
+/* The table functions above, with the queue's journal kept as worker/recovery.py requires: a pin
+ * is recorded after it is taken and forgotten before it is dropped, a LOOKUP or HANDLE effect is
+ * recorded after the table changed, a FORGET is announced (with the lookup count it found, under
+ * the table's lock) before it is applied and counted after.  A kill between the two steps can
+ * only leak a pin, a lookup or a handle, never undo one twice. */
+int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t dev, uint64_t ino,
+                       uint64_t mnt_id, uint64_t *nodeid, int *inserted);
+int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd);
+int vfs_inode_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid);
+int vfs_inode_forget_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup);
+int vfs_handle_insert_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t nodeid,
+                        uint32_t flags, uint64_t *fh);
+int vfs_handle_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh, int *fd,
+                         uint64_t *nodeid, uint32_t *flags);
+int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh);
+
+/* Live counts read without the locks: a snapshot for status reports that never waits. */
+void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles);
+
 #endif

@@ -121,7 +121,7 @@ class EngineGuest:
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
         self.err = os.eventfd(0, os.EFD_NONBLOCK)
         self.queue = self.g.queue()
-        self.e = Engine(self.chan.fileno(), jq.address, jq.capacity)
+        self.e = Engine(self.chan.fileno(), jq.address)
         self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in
                             self.g.mem.views()])
         self.e.start(QSIZE, self.g.uaddr(self.g.desc), self.g.uaddr(self.g.avail),
@@ -162,7 +162,6 @@ class EngineGuest:
             assert status in (Status.DEFER, Status.WALK), (status, self.e.why)
             h = self.e.head
             if status is Status.DEFER:
-                self.jq.adopt(h, self.e.journal_word)
                 readable, writable = self.e.chain()
                 used = self.server.handle(Reader(readable),
                                           Writer(writable) if writable else None)
