@@ -27,6 +27,7 @@ from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import Config, ConfigError, check_startup, error_exit, run_cli
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
@@ -174,10 +175,9 @@ class Supervisor:
         self.signals.append(signum)
 
     def catch_signals(self) -> None:
-        # As early as possible: as pid 1 of its namespace, the supervisor never sees a signal
-        # it has no handler for.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self.on_signal)
+        """Install the handlers and unblock (supervisor/signals.py): what arrived while they were
+        blocked is recorded now, and the loop acts on it before anything else."""
+        signals.handled_by(dict.fromkeys(signals.HANDLED, self.on_signal))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, listener: socket.socket) -> int:
@@ -185,7 +185,6 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        self.catch_signals()
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now
@@ -232,7 +231,7 @@ class Supervisor:
                     pass
                 while self.signals:
                     sig = self.signals.pop(0)
-                    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    if sig in signals.HANDLED:
                         raise Shutdown
             for fd in ready:
                 if fd in pidfds:
@@ -278,6 +277,9 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything else: a signal that arrives now waits for the handler of the process
+    # that will serve (supervisor/signals.py).
+    signals.block()
     config = run_cli(sys.argv[1:] if argv is None else argv)
     # The pid file first: a second daemon on the same socket is told who holds it.
     pidfile = PidFile()

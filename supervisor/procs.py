@@ -40,6 +40,7 @@ from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
 from pyvirtiofsd.common.vhost_user import MemoryRegion
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 
 log = logging.getLogger("pyvirtiofsd.procs")
@@ -96,10 +97,11 @@ class RingSetup:
 def _spawner_main(channel: socket.socket, entry: WorkerEntry,
                   confine: Callable[[], None] | None) -> None:
     """Runs in the spawner: clone a worker for each SPAWN request, until EOF or SHUTDOWN."""
+    # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
+    signals.child_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_IGN,
+                            signal.SIGHUP: signal.SIG_DFL})
     prctl.set_name("pyvfs-spawner")
     prctl.set_pdeathsig(signal.SIGKILL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if confine is not None:
         try:
             confine()
@@ -166,14 +168,16 @@ class ProcessTable:
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            _close_all_but(keep_fds | {theirs.fileno(), 0, 1, 2})
-            try:
-                _spawner_main(theirs, self.entry, self.confine_spawner)
-            finally:
-                os._exit(1)
+        with signals.blocked():
+            pid = os.fork()
+            if pid == 0:
+                # Still blocking the supervisor's signals: _spawner_main installs its own.
+                ours.close()
+                _close_all_but(keep_fds | {theirs.fileno(), 0, 1, 2})
+                try:
+                    _spawner_main(theirs, self.entry, self.confine_spawner)
+                finally:
+                    os._exit(1)
         theirs.close()
         self.spawner_pid, self.spawner = pid, ours
         self.spawner_pidfd = os.pidfd_open(pid)

@@ -41,6 +41,7 @@ import pyseccomp
 
 from pyvirtiofsd.common import seccomp
 from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import CAPABILITIES, Config, ConfigError, default_rlimit_nofile
 
 log = logging.getLogger("pyvirtiofsd.sandbox")
@@ -492,8 +493,9 @@ class Sandbox:
             except ProcessLookupError:
                 pass
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
+        # The child blocks these from birth (supervisor/signals.py): one forwarded before its
+        # handlers exist waits for them.
+        signals.handled_by(dict.fromkeys(signals.HANDLED, forward))
         _, status = os.waitpid(child, 0)
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)
