@@ -36,9 +36,10 @@ class MsgType(enum.IntEnum):
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
-    SPAWNED = 17       # pid of the new worker
+    SPAWNED = 17       # pid of the new worker (or standby spawner)
+    STANDBY = 18       # clone a standby spawner sharing the fd table; fd: its channel end
     # worker -> supervisor
-    READY = 32         # worker is up (sequence 0)
+    READY = 32         # worker (or standby spawner) is up (sequence 0)
     ACK = 33
     STOPPED = 34       # next avail index
     FAILED = 35        # errno
@@ -66,6 +67,7 @@ _PAYLOAD: dict[MsgType, struct.Struct | None] = {
     MsgType.MEM_UNMAP: struct.Struct("="),
     MsgType.SPAWN: struct.Struct("=I"),
     MsgType.SPAWNED: struct.Struct("=I"),
+    MsgType.STANDBY: struct.Struct("="),
     MsgType.READY: struct.Struct("=I"),             # queue index
     MsgType.ACK: struct.Struct("="),
     MsgType.STOPPED: struct.Struct("=I"),
@@ -78,14 +80,15 @@ _FDS: dict[MsgType, tuple[int, int] | None] = {
     MsgType.RING_START: (0, 3),
     MsgType.SET_CALL: (0, 1),
     MsgType.SPAWN: (1, 1),
+    MsgType.STANDBY: (1, 1),
 }
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
                        MsgType.MEM_UNMAP})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
-TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.SHUTDOWN})
-FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.FAILED})
+TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
+FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})
 
 
 class ProtocolError(Exception):

@@ -146,7 +146,8 @@ class Supervisor:
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
 
     def worker_entry(self, queue: int, channel: socket.socket) -> None:
-        """Runs in the worker process, which shares the spawner's fd table."""
+        """Runs in the worker process, which shares the spawner's fd table.  Its channel end is
+        among the fds it owns: its successor closes it (worker/recovery.py reclaim)."""
         logsetup.set_role(f"worker q{queue}")
         prctl.set_name(f"pyvfs-q{queue}")
         prctl.set_pdeathsig(signal.SIGKILL)
@@ -163,7 +164,7 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd,))
+                              owned_fds=(proc_fd, channel.fileno()))
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

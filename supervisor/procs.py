@@ -50,8 +50,11 @@ ANSWER_TIMEOUT = 10.0
 EXIT_SETUP_FAILED = 78
 
 WorkerEntry = Callable[[int, socket.socket], None]
-# pidfds() maps the spawner's pidfd to this instead of a queue number.
+# pidfds() maps the spawner's and the standby's pidfds to these instead of a queue number.
 SPAWNER = -1
+STANDBY = -2
+# Sequence number of STANDBY requests on the spawner channel (SPAWNs use the queue index).
+STANDBY_SEQ = 0x8000_0000
 
 
 class FatalDeath(Exception):
@@ -95,20 +98,28 @@ class RingSetup:
 
 
 def _spawner_main(channel: socket.socket, entry: WorkerEntry,
-                  confine: Callable[[], None] | None) -> None:
-    """Runs in the spawner: clone a worker for each SPAWN request, until EOF or SHUTDOWN."""
-    # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
-    signals.child_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_IGN,
-                            signal.SIGHUP: signal.SIG_DFL})
-    prctl.set_name("pyvfs-spawner")
+                  confine: Callable[[], None] | None, predecessor: int = -1) -> None:
+    """Runs in the spawner: clone a worker for each SPAWN request, a standby spawner for each
+    STANDBY request, until EOF or SHUTDOWN.
+
+    A standby (`predecessor` >= 0) was cloned by the spawner it may replace: it shares its fd
+    table, filter and capabilities, and waits.  The supervisor only writes to it once that
+    spawner is dead; the first request makes it the spawner, and it closes the dead one's
+    channel end, which lives on in the shared table."""
+    if predecessor < 0:
+        # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
+        signals.child_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_IGN,
+                                signal.SIGHUP: signal.SIG_DFL})
+    prctl.set_name("pyvfs-spawner" if predecessor < 0 else "pyvfs-standby")
     prctl.set_pdeathsig(signal.SIGKILL)
+    if predecessor >= 0:
+        control.send(channel, control.encode(MsgType.READY, 0, 0))
     if confine is not None:
         try:
             confine()
         except Exception:
             log.exception("spawner: cannot confine itself")
             os._exit(EXIT_SETUP_FAILED)
-    worker_channels: dict[int, int] = {}
     while True:
         try:
             msg = control.receive(channel, control.TO_SPAWNER)
@@ -120,30 +131,34 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             continue
         if msg is None or msg.type is MsgType.SHUTDOWN:
             os._exit(0)
-        (queue,) = msg.fields
+        if predecessor >= 0:
+            prctl.set_name("pyvfs-spawner")
+            control.close_fds([predecessor])
+            predecessor = -1
         fd = msg.fds[0]
-        # The previous worker of this queue is gone; its channel end lives in the shared
-        # table until someone closes it, and the supervisor would never see it hang up.
-        old = worker_channels.pop(queue, None)
-        if old is not None:
-            control.close_fds([old])
+        what = "a standby spawner" if msg.type is MsgType.STANDBY else \
+            f"a worker for queue {msg.fields[0]}"
         try:
             pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
         except OSError as e:
-            log.error("spawner: cannot start a worker for queue %d: %s", queue, e.strerror)
+            log.error("spawner: cannot start %s: %s", what, e.strerror)
             control.close_fds([fd])
             control.send(channel, control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO))
             continue
         if pid == 0:
-            channel.detach()     # the spawner's socket must survive this process's exit
+            mine = channel.detach()    # the spawner's socket must survive this process's exit
             status = 0
             try:
-                entry(queue, socket.socket(fileno=fd))
+                if msg.type is MsgType.STANDBY:
+                    _spawner_main(socket.socket(fileno=fd), entry, None, mine)
+                else:
+                    entry(msg.fields[0], socket.socket(fileno=fd))
             except BaseException:
-                log.exception("worker for queue %d failed", queue)
+                log.exception("%s failed", what)
                 status = 1
             os._exit(status)
-        worker_channels[queue] = fd
+        # The channel end stays in the shared table: the new process uses it.  A worker's is
+        # closed by its successor (the journal lists it among the fds the worker owns).
         control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))
 
 
@@ -158,6 +173,10 @@ class ProcessTable:
     spawner_pid: int = 0
     spawner_pidfd: int = -1
     spawner: socket.socket | None = None
+    # A second spawner sharing the fd table, idle until the spawner dies (_spawner_main).
+    standby_pid: int = 0
+    standby_pidfd: int = -1
+    standby: socket.socket | None = None
     workers: dict[int, WorkerHandle] = field(default_factory=dict)
     memory: tuple[list[MemoryRegion], list[int]] | None = None
     rings: dict[int, RingSetup] = field(default_factory=dict)
@@ -181,12 +200,45 @@ class ProcessTable:
         theirs.close()
         self.spawner_pid, self.spawner = pid, ours
         self.spawner_pidfd = os.pidfd_open(pid)
+        self.make_standby()
         for q in range(self.num_queues):
             try:
                 self.spawn(q)
                 self.workers[q].up = True
             except WorkerGone:
                 pass                  # its death is handled like any other (worker_exited)
+
+    def make_standby(self) -> None:
+        """Have the spawner clone a standby; without one the daemon runs on, and a death of the
+        spawner stops it."""
+        assert self.spawner is not None and self.standby is None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            control.send(self.spawner, control.encode(MsgType.STANDBY, STANDBY_SEQ),
+                         [theirs.fileno()])
+            theirs.close()
+            answer = self._wait(self.spawner, control.FROM_SPAWNER, STANDBY_SEQ,
+                                "spawner (standby)", self.spawner_pidfd)
+            if answer.type is not MsgType.SPAWNED:
+                err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
+                raise OSError(err, os.strerror(err))
+            (pid,) = answer.fields
+            pidfd = os.pidfd_open(pid)
+            try:
+                self._wait(ours, control.FROM_SPAWNER, 0, "standby spawner", pidfd)
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid)
+                os.close(pidfd)
+                raise
+        except (OSError, control.ProtocolError) as e:
+            theirs.close()
+            ours.close()
+            log.warning("no standby spawner (%s): if the spawner dies, the daemon stops",
+                        e.strerror if isinstance(e, OSError) and e.strerror else e)
+            return
+        self.standby_pid, self.standby_pidfd, self.standby = pid, pidfd, ours
+        log.debug("standby spawner started, pid %d", pid)
 
     def spawn(self, queue: int) -> WorkerHandle:
         assert self.spawner is not None
@@ -197,8 +249,9 @@ class ProcessTable:
         finally:
             theirs.close()
         try:
+            # Its death shows on its pidfd: its channel end lives on in the shared table.
             answer = self._wait(self.spawner, control.FROM_SPAWNER, queue,
-                                f"spawner (queue {queue})")
+                                f"spawner (queue {queue})", self.spawner_pidfd)
         except BaseException:
             ours.close()
             raise
@@ -266,11 +319,12 @@ class ProcessTable:
                 os.kill(handle.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.spawner_pid:
-            try:
-                os.kill(self.spawner_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for pid in (self.spawner_pid, self.standby_pid):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for handle in self.workers.values():
             _reap(handle.pid)
             handle.close()
@@ -280,6 +334,7 @@ class ProcessTable:
         if self.spawner_pidfd >= 0:
             os.close(self.spawner_pidfd)
             self.spawner_pidfd = -1
+        self._drop_standby()
         self.workers.clear()
         if self.spawner is not None:
             self.spawner.close()
@@ -422,18 +477,57 @@ class ProcessTable:
         fds = {h.pidfd: q for q, h in self.workers.items()}
         if self.spawner_pidfd >= 0:
             fds[self.spawner_pidfd] = SPAWNER
+        if self.standby_pidfd >= 0:
+            fds[self.standby_pidfd] = STANDBY
         return fds
+
+    def _drop_standby(self) -> int:
+        """Reap the standby (killed or dead) and forget it; its wait status."""
+        status = _reap(self.standby_pid) if self.standby_pid else 0
+        if self.standby_pidfd >= 0:
+            os.close(self.standby_pidfd)
+        if self.standby is not None:
+            self.standby.close()
+        self.standby_pid, self.standby_pidfd, self.standby = 0, -1, None
+        return status
+
+    def spawner_exited(self) -> None:
+        """The spawner died: its standby, which shares the fd table every worker uses, takes
+        over (and starts a standby of its own).  Workers run on; the guest sees nothing."""
+        pid = self.spawner_pid
+        status = _reap(pid)
+        os.close(self.spawner_pidfd)
+        assert self.spawner is not None
+        self.spawner.close()
+        self.spawner_pid, self.spawner_pidfd, self.spawner = 0, -1, None
+        why = _describe(status, self.report, SigsysReport.SPAWNER, pid)
+        sigsys = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+        if self.standby is None or sigsys or _exited(self.standby_pidfd):
+            # A standby would be refused the same call; or there is none to take over.
+            raise FatalDeath(f"the spawner (pid {pid}) {why}"
+                             + ("" if sigsys else " and there is no standby to take over"))
+        self.spawner_pid, self.spawner_pidfd, self.spawner = \
+            self.standby_pid, self.standby_pidfd, self.standby
+        self.standby_pid, self.standby_pidfd, self.standby = 0, -1, None
+        log.error("the spawner (pid %d) %s; its standby (pid %d) takes over", pid, why,
+                  self.spawner_pid)
+        self.make_standby()
+
+    def standby_exited(self) -> None:
+        pid = self.standby_pid
+        why = _describe(self._drop_standby(), self.report, SigsysReport.SPAWNER, pid)
+        log.error("the standby spawner (pid %d) %s; starting another", pid, why)
+        if self.spawner is not None:
+            self.make_standby()
 
     def worker_exited(self, queue: int) -> None:
         """Reap a dead worker, say why and what it was doing, and plan its successor."""
         if queue == SPAWNER:
-            # It holds the fd table every worker shares: nothing can be respawned without it.
-            status = _reap(self.spawner_pid)
-            os.close(self.spawner_pidfd)
-            self.spawner_pidfd = -1
-            raise FatalDeath(f"the spawner (pid {self.spawner_pid}) "
-                             + _describe(status, self.report, SigsysReport.SPAWNER,
-                                         self.spawner_pid))
+            self.spawner_exited()
+            return
+        if queue == STANDBY:
+            self.standby_exited()
+            return
         handle = self.workers.pop(queue)
         status = _reap(handle.pid) if handle.status is None else handle.status
         handle.close()
@@ -543,6 +637,10 @@ def _op_name(opcode: int) -> str:
 def _rows(regions: list[MemoryRegion]) -> tuple:
     return tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in regions)
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _reap(pid: int) -> int:

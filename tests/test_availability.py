@@ -4,6 +4,8 @@ host system call, a dead spawner)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.virtio import DescFlag
 from tests.conftest import DAEMON
 from tests.frontend import Frontend, FuseClient
+from tests.proctree import children, fd_count
 
 ROOT = fa.ROOT_ID
 _WRITE = int(DescFlag.WRITE)
@@ -97,3 +100,51 @@ def test_a_stalled_log_reader_does_not_stall_the_device(quiet: Quiet) -> None:
     text = quiet.stop()
     warned = text.count("malformed descriptor chain")
     assert 0 < warned < FLOOD // 10, warned
+
+
+# --- item: the spawner is not a single point of failure -------------------------------------
+
+
+def _named(d_pid: int, name: str) -> int:
+    (pid,) = [p for p, n in children(d_pid).items() if n == name]
+    return pid
+
+
+def test_a_killed_spawner_is_replaced_and_the_guest_sees_nothing(daemon_factory) -> None:
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        (d.share / "f").write_bytes(b"")
+        node = c.lookup(ROOT, "f").nodeid
+        fh = c.open(node, os.O_RDWR).fh
+        table = fd_count(_named(d.proc.pid, "pyvfs-spawner"))
+        for n in range(3):
+            spawner = _named(d.proc.pid, "pyvfs-spawner")
+            standby = _named(d.proc.pid, "pyvfs-standby")
+            os.kill(spawner, signal.SIGKILL)
+            d.wait_for(f"the spawner (pid {spawner}) was killed by SIGKILL; its standby"
+                       f" (pid {standby}) takes over")
+            # The guest's open file works on, across the change.
+            data = bytes([n]) * 4096
+            assert c.write(node, fh, n * 4096, data) == len(data)
+            assert c.read(node, fh, n * 4096, len(data)) == data
+            # A round trip through the supervisor's loop: the new standby is up.
+            fe.get_features()
+            assert _named(d.proc.pid, "pyvfs-spawner") == standby
+            # A worker killed now is replaced through the new spawner, and the request it
+            # held completes.
+            worker = _named(d.proc.pid, "pyvfs-q1")
+            os.kill(worker, signal.SIGKILL)
+            assert c.read(node, fh, 0, 4096 * (n + 1)) == b"".join(
+                bytes([k]) * 4096 for k in range(n + 1))
+            assert _named(d.proc.pid, "pyvfs-q1") != worker
+            # No fd of the dead (channels, pidfds) is left in the table every worker shares.
+            assert fd_count(_named(d.proc.pid, "pyvfs-spawner")) == table
+        c.release(node, fh)
+        c.forget(node, 1)
+    finally:
+        fe.close()
+    assert d.proc.wait(timeout=20) == 0, d.text
+    assert "stopping" not in d.text and "Traceback" not in d.text, d.text
