@@ -189,6 +189,8 @@ class Supervisor:
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now
+        # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
+        self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)
         self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():

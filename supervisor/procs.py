@@ -46,6 +46,16 @@ from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 log = logging.getLogger("pyvirtiofsd.procs")
 
 ANSWER_TIMEOUT = 10.0
+# A worker asleep in a system call with a request in flight (a lease break, a FIFO, a hung NFS
+# server) is waited for up to this long before it is treated as hung: killing it earlier would
+# only replay the request into the same wait, and count towards failing the queue.
+SLOW_REQUEST_LIMIT = 120.0
+# A silent worker that used more than this share of a CPU since the last look is spinning.
+SPIN_SHARE = 0.5
+# Requests sent without waiting for their answer (SET_CALL, SET_ENABLE), at most, per worker:
+# past that the channel's buffers could fill and block either side.
+MAX_UNANSWERED = 8
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Exit status a worker uses when its own set-up failed: respawning it would fail again.
 EXIT_SETUP_FAILED = 78
 
@@ -78,10 +88,46 @@ class WorkerHandle:
     up: bool = False
     # Its wait status, when it was reaped early (reap_dead) before worker_exited ran.
     status: int | None = None
+    # Requests sent without waiting for the answer: their answers are consumed on arrival.
+    unanswered: set[int] = field(default_factory=set)
 
     def close(self) -> None:
         self.channel.close()
         os.close(self.pidfd)
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """What /proc/PID/stat says of a process: its scheduler state and CPU seconds used."""
+
+    state: str
+    cpu: float
+    at: float
+
+    @classmethod
+    def read(cls, pid: int, proc_fd: int = -1) -> ProcSample | None:
+        try:
+            fd = os.open(f"{pid}/stat" if proc_fd >= 0 else f"/proc/{pid}/stat",
+                         os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd if proc_fd >= 0 else None)
+            try:
+                text = os.read(fd, 4096).decode("ascii", "replace")
+            finally:
+                os.close(fd)
+            # comm may hold spaces and parentheses: the fields start after the last ')'.
+            fields = text[text.rindex(")") + 2:].split()
+            return cls(fields[0], (int(fields[11]) + int(fields[12])) / _CLK_TCK,
+                       time.monotonic())
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def asleep_in_kernel(before: ProcSample | None, after: ProcSample | None) -> bool:
+    """Sleeping (S, D) and using (almost) no CPU between the two looks: blocked in a system
+    call, not spinning, stopped (T) or dead (Z)."""
+    if before is None or after is None or after.state not in ("S", "D"):
+        return False
+    elapsed = max(after.at - before.at, 1e-3)
+    return (after.cpu - before.cpu) / elapsed < SPIN_SHARE
 
 
 @dataclass
@@ -183,6 +229,8 @@ class ProcessTable:
     respawns: int = 0
     journal: Journal | None = None
     policy: RespawnPolicy = field(default_factory=RespawnPolicy)
+    # A procfs directory fd, to tell a worker stuck in a system call from a hung one.
+    proc_fd: int = -1
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -282,7 +330,7 @@ class ProcessTable:
         return handle
 
     def _wait(self, sock: socket.socket, allowed: frozenset[MsgType], seq: int,
-              who: str, pidfd: int = -1) -> Message:
+              who: str, pidfd: int = -1, handle: WorkerHandle | None = None) -> Message:
         """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
         after the worker died, so its death shows on its pidfd, not as EOF."""
         deadline = time.monotonic() + ANSWER_TIMEOUT
@@ -311,6 +359,8 @@ class ProcessTable:
             if msg.seq == seq:
                 control.close_fds(msg.fds)
                 return msg
+            if handle is not None and self._late(handle, msg):
+                continue
             log.warning("%s: stale answer %s #%d ignored", who, msg.type.name, msg.seq)
 
     def shutdown(self) -> None:
@@ -341,15 +391,23 @@ class ProcessTable:
             self.spawner = None
 
     # -- requests to workers -----------------------------------------------------------------
-    def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = ()) -> Message:
+    def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = (),
+                answer: bool = True) -> Message | None:
+        """Send a request to the worker of `queue` and return its answer.  With answer=False
+        (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
+        return at once: the answer is consumed when it arrives."""
         handle = self.workers.get(queue)
         if handle is None:
             raise WorkerGone(queue, "is not running")
         handle.seq = (handle.seq + 1) & 0xFFFFFFFF or 1
         try:
+            self._collect(handle)
+            if not answer and len(handle.unanswered) < MAX_UNANSWERED:
+                control.send(handle.channel, data_fn(handle.seq), fds)
+                handle.unanswered.add(handle.seq)
+                return None
             control.send(handle.channel, data_fn(handle.seq), fds)
-            answer = self._wait(handle.channel, control.FROM_WORKER, handle.seq,
-                                f"worker for queue {queue}", handle.pidfd)
+            reply = self._answer(handle, handle.seq)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
@@ -360,9 +418,66 @@ class ProcessTable:
             log.error("worker for queue %d: %s: killing it", queue, e.strerror or e)
             self.kill(queue)
             raise WorkerGone(queue, "did not answer") from None
-        if answer.type is MsgType.FAILED:
-            raise OSError(answer.fields[0], os.strerror(answer.fields[0]))
-        return answer
+        if reply.type is MsgType.FAILED:
+            raise OSError(reply.fields[0], os.strerror(reply.fields[0]))
+        return reply
+
+    def _collect(self, handle: WorkerHandle) -> None:
+        """Consume the answers that arrived for requests sent without waiting."""
+        while handle.unanswered and select.select([handle.channel], [], [], 0)[0]:
+            msg = control.receive(handle.channel, control.FROM_WORKER)
+            if msg is None:
+                raise OSError(errno.ECONNRESET, "hung up")
+            self._late(handle, msg)
+
+    def _late(self, handle: WorkerHandle, msg: Message) -> bool:
+        """An answer to a request sent without waiting (True), logged if it is a refusal."""
+        if msg.seq not in handle.unanswered:
+            return False
+        handle.unanswered.discard(msg.seq)
+        control.close_fds(msg.fds)
+        if msg.type is MsgType.FAILED:
+            log.warning("worker for queue %d refused a ring setting: %s", handle.queue,
+                        os.strerror(msg.fields[0]))
+        return True
+
+    def _answer(self, handle: WorkerHandle, seq: int) -> Message:
+        """The worker's answer to `seq`.  Past ANSWER_TIMEOUT the worker is waited for only
+        while it is asleep in the kernel with a request in flight, up to SLOW_REQUEST_LIMIT;
+        silent and dead, spinning or stopped, it is given up (OSError ETIMEDOUT)."""
+        who = f"worker for queue {handle.queue}"
+        before = ProcSample.read(handle.pid, self.proc_fd)
+        waited = 0.0
+        while True:
+            try:
+                return self._wait(handle.channel, control.FROM_WORKER, seq, who, handle.pidfd,
+                                  handle)
+            except OSError as e:
+                if e.errno != errno.ETIMEDOUT:
+                    raise
+            waited += ANSWER_TIMEOUT
+            after = ProcSample.read(handle.pid, self.proc_fd)
+            doing = self._in_flight(handle.queue)
+            if doing is None or not asleep_in_kernel(before, after):
+                raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
+            if waited >= SLOW_REQUEST_LIMIT:
+                raise OSError(errno.ETIMEDOUT, f"{who} was in a system call for {waited:.0f} s"
+                                               f" serving {doing}")
+            log.warning("worker for queue %d (pid %d) has not answered for %.0f s: it is asleep"
+                        " in a system call serving %s; waiting (up to %.0f s)", handle.queue,
+                        handle.pid, waited, doing, SLOW_REQUEST_LIMIT)
+            before = after
+
+    def _in_flight(self, queue: int) -> str | None:
+        """The requests the worker has taken and not replied to, per its journal."""
+        if self.journal is None:
+            return None
+        busy = [r for r in self.journal.queue(queue).inflight()
+                if r.state in (SlotState.POPPED, SlotState.EXECUTING)]
+        if not busy:
+            return None
+        return "; ".join(f"{_op_name(r.opcode)} unique {r.unique:#x} {_STATE[r.state]}"
+                         for r in busy[-3:])
 
     def kill(self, queue: int) -> None:
         handle = self.workers.get(queue)
@@ -455,9 +570,12 @@ class ProcessTable:
             setup.call = call
         if index in self.workers:
             try:
+                # Answered without a round trip (the worker applies it between two requests, and
+                # signals the new notifier then): a request asleep in the kernel must not hold
+                # up the front-end's control plane.
                 self.request(index, lambda seq: control.encode(
                     MsgType.SET_CALL, seq, int(call is not None)),
-                    [call] if call is not None else [])
+                    [call] if call is not None else [], answer=False)
             except WorkerGone:
                 pass
 
@@ -468,7 +586,7 @@ class ProcessTable:
         if index in self.workers:
             try:
                 self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
-                                                               int(enabled)))
+                                                               int(enabled)), answer=False)
             except WorkerGone:
                 pass
 

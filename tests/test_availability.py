@@ -4,10 +4,12 @@ host system call, a dead spawner)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.virtio import DescFlag
+from pyvirtiofsd.supervisor.procs import ProcSample, asleep_in_kernel
 from tests.conftest import DAEMON
 from tests.frontend import Frontend, FuseClient
 from tests.proctree import children, fd_count
@@ -148,3 +151,96 @@ def test_a_killed_spawner_is_replaced_and_the_guest_sees_nothing(daemon_factory)
         fe.close()
     assert d.proc.wait(timeout=20) == 0, d.text
     assert "stopping" not in d.text and "Traceback" not in d.text, d.text
+
+
+# --- item: a slow request never gets a healthy worker killed --------------------------------
+
+
+def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory) -> None:
+    """OPEN for writing of a file the host holds a read lease on sleeps in open(2) until the
+    lease is given up (lease-break-time, 45 s by default).  Control messages for that queue
+    meanwhile: those the supervisor can answer alone are answered at once, GET_VRING_BASE waits
+    past the answer timeout because the worker is asleep in the kernel with a request in
+    flight, and nothing is killed or replayed."""
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    old = signal.signal(signal.SIGIO, lambda *_: None)      # the lease holder hears the break
+    holder = -1
+    try:
+        c = FuseClient(fe)
+        c.init()
+        path = d.share / "leased"
+        path.write_bytes(b"x")
+        node = c.lookup(ROOT, "leased").nodeid
+        holder = os.open(path, os.O_RDONLY)
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        worker = _named(d.proc.pid, "pyvfs-q1")
+        token = c.submit(fa.Opcode.OPEN, node, fa.OPEN_IN.pack(os.O_WRONLY, 0))
+        # Answered by the supervisor alone (REPLY_ACK): the worker takes it between requests.
+        fe.timeout = 3.0
+        fe.set_vring_enable(1, True)
+        fe.timeout = 60.0
+        stopped: list[int | BaseException] = []
+
+        def stop() -> None:
+            try:
+                stopped.append(fe.get_vring_base(1))
+            except BaseException as e:
+                stopped.append(e)
+
+        t = threading.Thread(target=stop, daemon=True)
+        t.start()
+        line = d.wait_for("asleep in a system call serving OPEN")
+        assert f"(pid {worker})" in line, line
+        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        t.join(timeout=30)
+        assert stopped and isinstance(stopped[0], int), stopped
+        reply = c.result(token, timeout=10)
+        assert reply.error == 0
+        assert _named(d.proc.pid, "pyvfs-q1") == worker
+        assert "killed" not in d.text and "completing" not in d.text, d.text
+    finally:
+        signal.signal(signal.SIGIO, old)
+        if holder >= 0:
+            os.close(holder)
+        fe.close()
+
+
+@pytest.mark.parametrize(("state", "cpu", "waited_for"), [
+    ("S", 0.1, True), ("D", 0.0, True),        # asleep in a system call
+    ("R", 0.0, False), ("S", 9.0, False),      # running, or busy between short sleeps
+    ("T", 0.0, False), ("Z", 0.0, False),      # stopped, dead
+])
+def test_only_a_worker_asleep_in_the_kernel_is_waited_for(state: str, cpu: float,
+                                                          waited_for: bool) -> None:
+    before = ProcSample("S", 1.0, 100.0)
+    assert asleep_in_kernel(before, ProcSample(state, 1.0 + cpu, 110.0)) is waited_for
+    assert not asleep_in_kernel(None, ProcSample(state, 1.0 + cpu, 110.0))
+
+
+def test_proc_samples_tell_a_blocked_process_from_a_spinning_one() -> None:
+    r, w = os.pipe()
+    blocked = subprocess.Popen(["python3", "-c", "import os; os.write(1, b'r'); os.read(0, 1)"],
+                               stdin=r, stdout=subprocess.PIPE)
+    spinning = subprocess.Popen(["python3", "-c", "while True: pass"])
+    try:
+        deadline = time.monotonic() + 20
+        assert blocked.stdout is not None and blocked.stdout.read(1) == b"r"
+        while (ProcSample.read(blocked.pid) or ProcSample("?", 0, 0)).state != "S":
+            assert time.monotonic() < deadline, "the reader never blocked"
+        first = {p.pid: ProcSample.read(p.pid) for p in (blocked, spinning)}
+        # Over a few CPU ticks: one asleep in read(2), the other using its CPU.
+        while True:
+            last = {p.pid: ProcSample.read(p.pid) for p in (blocked, spinning)}
+            if last[blocked.pid].at - first[blocked.pid].at > 0.3 and \
+                    last[spinning.pid].cpu > first[spinning.pid].cpu:
+                break
+            assert time.monotonic() < deadline, (first, last)
+        assert asleep_in_kernel(first[blocked.pid], last[blocked.pid]), last
+        assert not asleep_in_kernel(first[spinning.pid], last[spinning.pid]), last
+    finally:
+        for p in (blocked, spinning):
+            p.kill()
+            p.wait()
+        os.close(r)
+        os.close(w)
