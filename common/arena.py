@@ -32,6 +32,8 @@ Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes
 
     0     header        "=8sIIIII"   magic, version, max_inodes, index_buckets, max_handles,
                                      max_queues
+    32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
+                                     limit); see ``limit_fds``
     64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
     128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
     192   counters      max_queues x "=Q"                      (request count per queue)
@@ -73,6 +75,8 @@ _REPAIRS_OFF = 20
 _INODE_HDR_OFF = 64
 _HANDLE_HDR_OFF = 128
 _COUNTERS_OFF = 192
+_BUDGET_OFF = 32
+_LIVE_OFF = 12          # `live` in a table header
 
 _INODE = struct.Struct("=QQIiQQQII")
 _INODE_HOT = struct.Struct("=QQIi")  # state, nlookup, pins, fd
@@ -128,6 +132,22 @@ def _bad_id(kind: str, value: int) -> OSError:
 
 def _full(kind: str, capacity: int) -> OSError:
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
+
+
+def _over_budget(view: memoryview) -> bool:
+    """Every live inode and handle holds an fd of the shared table: past the budget a new one
+    is refused, so the guest cannot take the fds the daemon itself needs (control messages,
+    respawns).  Read under one table's lock only: the other count may be a few entries old."""
+    budget = _U32.unpack_from(view, _BUDGET_OFF)[0]
+    if not budget:
+        return False
+    held = (_U32.unpack_from(view, _INODE_HDR_OFF + _LIVE_OFF)[0]
+            + _U32.unpack_from(view, _HANDLE_HDR_OFF + _LIVE_OFF)[0])
+    return held >= budget
+
+
+def _too_many() -> OSError:
+    return OSError(errno.ENFILE, "the guest holds as many open files as the daemon allows")
 
 
 def _close_quietly(fd: int) -> None:
@@ -249,6 +269,8 @@ class InodeTable:
                 # A forgotten entry still pinned by a request in flight is revived as-is.
                 _U64.pack_into(view, off + _I_NLOOKUP, nlookup + 1)
                 return (st - _LIVE) | slot, False
+            if _over_budget(view):
+                raise _too_many()
             slot, header = _alloc(view, self._hdr, ent + _I_NEXT, isize, self._cap)
             if slot:
                 off = ent + slot * isize
@@ -513,6 +535,8 @@ class HandleTable:
         fh = 0
         self._lock()
         try:
+            if _over_budget(view):
+                raise _too_many()
             slot, header = _alloc(view, self._hdr, self._ent + _H_NEXT, _HANDLE.size, self._cap)
             if slot:
                 off = self._ent + slot * _HANDLE.size
@@ -740,6 +764,17 @@ class Arena:
         _TABLE_HDR.pack_into(mm, _HANDLE_HDR_OFF, 0, 0, 1, 0, 0, 0)
         return cls(mm, max_inodes, buckets, max_handles, max_queues,
                    inodes_off, index_off, handles_off)
+
+    def limit_fds(self, budget: int) -> None:
+        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
+        0 lifts the limit."""
+        if not 0 <= budget <= 0xFFFFFFFF:
+            raise ValueError(f"fd budget {budget} out of range")
+        _U32.pack_into(self._view, _BUDGET_OFF, budget)
+
+    @property
+    def fd_budget(self) -> int:
+        return _U32.unpack_from(self._view, _BUDGET_OFF)[0]
 
     def close(self) -> None:
         """Unmap in this process.  The fds in the tables belong to the shared fd table and

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import os
 import socket
 import struct
@@ -95,11 +96,12 @@ class ProtocolError(Exception):
     """A malformed or unexpected control message: the sender is not to be trusted further.
 
     `seq` is the message's sequence number when its header could be read, so that a request
-    that cannot be honoured (its fds did not arrive) can still be answered."""
+    that cannot be honoured (its fds did not arrive) can still be answered, with `errno`."""
 
-    def __init__(self, what: str, seq: int | None = None) -> None:
+    def __init__(self, what: str, seq: int | None = None, err: int = errno.EPROTO) -> None:
         super().__init__(what)
         self.seq = seq
+        self.errno = err
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,8 @@ def receive(sock: socket.socket, allowed: frozenset[MsgType]) -> Message | None:
         seq = HEADER.unpack_from(data)[1] if len(data) >= HEADER.size else None
         if flags & socket.MSG_CTRUNC:
             # Also what the kernel does when the receiver's fd table is full (EMFILE).
-            raise ProtocolError("control message whose fds could not all be received", seq)
+            raise ProtocolError("control message whose fds could not all be received", seq,
+                                errno.EMFILE)
         raise ProtocolError("truncated control message", seq)
     if not data and not fds:
         return None

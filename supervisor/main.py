@@ -14,6 +14,7 @@ import errno
 import grp
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -42,9 +43,20 @@ from pyvirtiofsd.worker.passthrough import PassthroughFs
 log = logging.getLogger("pyvirtiofsd")
 
 MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
+# Share of the open-file limit kept for the daemon's own fds in the table the workers share
+# (control channels, guest memory, notifiers, respawns), as virtiofsd keeps about 40 %: the
+# guest's inodes and handles get the rest, and past it LOOKUP, OPEN and CREATE answer ENFILE.
+FD_RESERVE_SHARE = 0.4
+FD_RESERVE_MIN = 64
 # Options Config.unimplemented() still lists that the sandbox implements.
 class Shutdown(Exception):
     pass
+
+
+def guest_fd_budget(limit: int) -> int:
+    """How many inodes + handles the guest may hold with an open-file limit of `limit`."""
+    reserve = max(int(limit * FD_RESERVE_SHARE), FD_RESERVE_MIN)
+    return max(limit - reserve, 16)
 
 
 def fs_options(config: Config) -> FsOptions:
@@ -186,6 +198,10 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.arena.limit_fds(guest_fd_budget(limit))
+        log.debug("the guest may hold %d inodes and open files (open-file limit %d)",
+                  self.arena.fd_budget, limit)
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now

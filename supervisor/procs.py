@@ -56,6 +56,10 @@ SPIN_SHARE = 0.5
 # past that the channel's buffers could fill and block either side.
 MAX_UNANSWERED = 8
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A start that failed for want of a free fd is retried after this long, without counting it
+# towards failing the queue; so is one the spawner's death interrupted (at once).
+RESOURCE_RETRY = 1.0
+_NOT_THE_WORKERS_FAULT = frozenset({errno.EMFILE, errno.ENFILE, errno.EPIPE})
 # Exit status a worker uses when its own set-up failed: respawning it would fail again.
 EXIT_SETUP_FAILED = 78
 
@@ -90,6 +94,8 @@ class WorkerHandle:
     status: int | None = None
     # Requests sent without waiting for the answer: their answers are consumed on arrival.
     unanswered: set[int] = field(default_factory=set)
+    # Killed because it could not receive the fds of its ring: not a failed start.
+    short_of_fds: bool = False
 
     def close(self) -> None:
         self.channel.close()
@@ -173,7 +179,7 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             log.error("spawner: %s", e)
             if e.seq is not None:
                 # Say so at once rather than let the supervisor wait for an answer.
-                control.send(channel, control.encode(MsgType.FAILED, e.seq, errno.EMFILE))
+                control.send(channel, control.encode(MsgType.FAILED, e.seq, e.errno))
             continue
         if msg is None or msg.type is MsgType.SHUTDOWN:
             os._exit(0)
@@ -655,6 +661,11 @@ class ProcessTable:
             raise FatalDeath(f"worker for queue {queue} (pid {handle.pid}) {why} ({doing}); a"
                              " respawned worker would be refused the same call (run with"
                              " --seccomp=log to find what the policy lacks)")
+        if handle.short_of_fds:
+            log.error("worker for queue %d (pid %d) had no free fd to resume its ring; trying"
+                      " again in %.1f s", queue, handle.pid, RESOURCE_RETRY)
+            self.policy.later(queue, RESOURCE_RETRY)
+            return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED:
             log.error("worker for queue %d (pid %d) failed to set up (%s); not respawning",
                       queue, handle.pid, why)
@@ -688,6 +699,14 @@ class ProcessTable:
         except WorkerGone:
             return                   # it died starting: worker_exited counts that
         except OSError as e:
+            if e.errno in _NOT_THE_WORKERS_FAULT:
+                # No free fd, or the spawner died under the request (its standby takes over
+                # first): not a failed start of the worker, so it is not counted as one.
+                delay = 0.0 if e.errno == errno.EPIPE else RESOURCE_RETRY
+                log.error("no worker for queue %d yet: %s; trying again in %.1f s", queue,
+                          e.strerror or e, delay)
+                self.policy.later(queue, delay)
+                return
             # No process was started (the spawner could not, or did not answer): that is a
             # failed start too, retried later or the queue failed like any other.
             why = e.strerror or str(e)
@@ -710,8 +729,10 @@ class ProcessTable:
         except WorkerGone:
             return
         except OSError as e:
-            # The worker refused its memory or ring: it cannot serve the queue.
+            # The worker refused its memory or ring: it cannot serve the queue.  If only for
+            # want of a free fd, its death is not counted as a failed start (worker_exited).
             log.error("worker for queue %d could not resume its ring: %s", queue, e)
+            handle.short_of_fds = e.errno in (errno.EMFILE, errno.ENFILE)
             self.kill(queue)
             return
         handle.up = True

@@ -4,6 +4,7 @@ host system call, a dead spawner)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -17,9 +18,11 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.virtio import DescFlag
-from pyvirtiofsd.supervisor.procs import ProcSample, asleep_in_kernel
+from pyvirtiofsd.supervisor.main import guest_fd_budget
+from pyvirtiofsd.supervisor.procs import ProcessTable, ProcSample, asleep_in_kernel
+from pyvirtiofsd.supervisor.respawn import MAX_BOOT_FAILURES
 from tests.conftest import DAEMON
-from tests.frontend import Frontend, FuseClient
+from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
 
 ROOT = fa.ROOT_ID
@@ -244,3 +247,99 @@ def test_proc_samples_tell_a_blocked_process_from_a_spinning_one() -> None:
             p.wait()
         os.close(r)
         os.close(w)
+
+
+# --- item: fd exhaustion -----------------------------------------------------------------------
+
+NOFILE = 256
+
+
+def test_the_guest_cannot_take_the_fds_the_daemon_needs(daemon_factory) -> None:
+    """LOOKUP without FORGET and OPEN without RELEASE stop at the budget (ENFILE, the
+    daemon keeps 40 % of the open-file limit); control messages carrying fds, a respawn and
+    new requests still work, and a FORGET gives room back."""
+    d = daemon_factory("--request-queues=1", f"--rlimit-nofile={NOFILE}")
+    budget = guest_fd_budget(NOFILE)
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        for n in range(NOFILE):
+            (d.share / f"f{n}").write_bytes(b"x")
+        held: list[int] = []
+        refused = 0
+        for n in range(NOFILE):
+            try:
+                held.append(c.lookup(ROOT, f"f{n}").nodeid)
+            except FuseError as e:
+                assert e.errno == errno.ENFILE, e
+                refused += 1
+        assert len(held) == budget - 1            # the root is one of them
+        with pytest.raises(FuseError) as ei:
+            c.open(ROOT, os.O_RDONLY | os.O_DIRECTORY)
+        assert ei.value.errno == errno.ENFILE
+        # A control message with an fd for the queue's worker: received and applied.
+        vq = fe.queue(1)
+        fe.set_vring_call(1, vq.call_fd)
+        assert c.getattr(held[0]).attr.ino > 0
+        # A worker dying now is replaced: its successor finds the fds it needs.
+        worker = _named(d.proc.pid, "pyvfs-q1")
+        os.kill(worker, signal.SIGKILL)
+        assert c.getattr(held[-1]).attr.ino > 0
+        assert _named(d.proc.pid, "pyvfs-q1") != worker
+        # Room comes back with FORGET.
+        c.forget(held.pop(), 1)
+        held.append(c.lookup(ROOT, f"f{NOFILE - 1}").nodeid)
+        for node in held:
+            c.forget(node, 1)
+    finally:
+        fe.close()
+    assert "failed" not in d.text and "Traceback" not in d.text, d.text
+
+
+def test_a_control_message_whose_fds_find_no_room_is_answered_failed(tmp_path: Path) -> None:
+    """The worker's half (worker/main.py on_control), in a process whose fd table is full."""
+    script = tmp_path / "full.py"
+    script.write_text(
+        "import errno, os, resource, socket\n"
+        "from pyvirtiofsd.common import control\n"
+        "from pyvirtiofsd.common.control import MsgType\n"
+        "from pyvirtiofsd.worker.main import Worker\n"
+        "ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "w = Worker.__new__(Worker)\n"
+        "w.index, w.channel, w.running = 1, theirs, True\n"
+        "efd = os.eventfd(0)\n"
+        "control.send(ours, control.encode(MsgType.SET_CALL, 7, 1), [efd])\n"
+        "top = max(int(n) for n in os.listdir('/proc/self/fd'))\n"
+        "for fd in range(top + 1):\n"
+        "    try:\n"
+        "        os.fstat(fd)\n"
+        "    except OSError:\n"
+        "        os.dup2(efd, fd)\n"          # no gap below the limit
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, top + 1))\n"
+        "ours.settimeout(5)\n"
+        "w.on_control()\n"
+        "answer = control.receive(ours, control.FROM_WORKER)\n"
+        "assert answer.type is MsgType.FAILED and answer.seq == 7, answer\n"
+        "assert answer.fields[0] == errno.EMFILE, answer\n"
+        "print('ok')\n")
+    out = subprocess.run([str(DAEMON.parent / "python"), str(script)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stderr
+
+
+@pytest.mark.parametrize(("err", "counted"), [(errno.EMFILE, False), (errno.ENFILE, False),
+                                              (errno.EPIPE, False), (errno.EIO, True)])
+def test_a_start_without_a_free_fd_is_not_a_boot_failure(monkeypatch, err: int,
+                                                          counted: bool) -> None:
+    table = ProcessTable(2, entry=lambda queue, channel: None)
+
+    def spawn(queue: int) -> None:
+        raise OSError(err, f"spawner could not start the worker for queue {queue}")
+
+    monkeypatch.setattr(table, "spawn", spawn)
+    for _ in range(MAX_BOOT_FAILURES):
+        table.respawn(1)
+    assert (1 in table.policy.failed) is counted
+    if not counted:
+        assert table.policy.next_in() is not None, "a retry must be planned"
