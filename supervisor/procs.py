@@ -625,6 +625,7 @@ class ProcessTable:
         self.spawner.close()
         self.spawner_pid, self.spawner_pidfd, self.spawner = 0, -1, None
         why = _describe(status, self.report, SigsysReport.SPAWNER, pid)
+        self._end_strays()
         sigsys = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
         if self.standby is None or sigsys or _exited(self.standby_pidfd):
             # A standby would be refused the same call; or there is none to take over.
@@ -636,6 +637,33 @@ class ProcessTable:
         log.error("the spawner (pid %d) %s; its standby (pid %d) takes over", pid, why,
                   self.spawner_pid)
         self.make_standby()
+
+    def _end_strays(self) -> None:
+        """Kill and reap children nobody knows of: a worker or standby the spawner cloned just
+        before it died, without telling us its pid.  Such a worker would take over its
+        queue's journal (closing the fds it lists) while the real successor does the same."""
+        known = {self.standby_pid, *(h.pid for h in self.workers.values())}
+        me = os.getpid()
+        try:
+            fd = os.open(f"{me}/task/{me}/children" if self.proc_fd >= 0
+                         else f"/proc/{me}/task/{me}/children", os.O_RDONLY | os.O_CLOEXEC,
+                         dir_fd=self.proc_fd if self.proc_fd >= 0 else None)
+            try:
+                text = os.read(fd, 65536).decode("ascii", "replace")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("cannot list the supervisor's children to end strays: %s", e.strerror)
+            return
+        for pid in (int(p) for p in text.split() if p.isdigit()):
+            if pid in known:
+                continue
+            log.warning("ending process %d, started by the dead spawner unannounced", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _reap(pid)
 
     def standby_exited(self) -> None:
         pid = self.standby_pid
