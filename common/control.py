@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import enum
+import errno
 import os
 import socket
 import struct
@@ -36,9 +37,10 @@ class MsgType(enum.IntEnum):
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
-    SPAWNED = 17       # pid of the new worker
+    SPAWNED = 17       # pid of the new worker (or standby spawner)
+    STANDBY = 18       # clone a standby spawner sharing the fd table; fd: its channel end
     # worker -> supervisor
-    READY = 32         # worker is up (sequence 0)
+    READY = 32         # worker (or standby spawner) is up (sequence 0)
     ACK = 33
     STOPPED = 34       # next avail index
     FAILED = 35        # errno
@@ -66,6 +68,7 @@ _PAYLOAD: dict[MsgType, struct.Struct | None] = {
     MsgType.MEM_UNMAP: struct.Struct("="),
     MsgType.SPAWN: struct.Struct("=I"),
     MsgType.SPAWNED: struct.Struct("=I"),
+    MsgType.STANDBY: struct.Struct("="),
     MsgType.READY: struct.Struct("=I"),             # queue index
     MsgType.ACK: struct.Struct("="),
     MsgType.STOPPED: struct.Struct("=I"),
@@ -78,25 +81,27 @@ _FDS: dict[MsgType, tuple[int, int] | None] = {
     MsgType.RING_START: (0, 3),
     MsgType.SET_CALL: (0, 1),
     MsgType.SPAWN: (1, 1),
+    MsgType.STANDBY: (1, 1),
 }
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
                        MsgType.MEM_UNMAP})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
-TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.SHUTDOWN})
-FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.FAILED})
+TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
+FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})
 
 
 class ProtocolError(Exception):
     """A malformed or unexpected control message: the sender is not to be trusted further.
 
     `seq` is the message's sequence number when its header could be read, so that a request
-    that cannot be honoured (its fds did not arrive) can still be answered."""
+    that cannot be honoured (its fds did not arrive) can still be answered, with `errno`."""
 
-    def __init__(self, what: str, seq: int | None = None) -> None:
+    def __init__(self, what: str, seq: int | None = None, err: int = errno.EPROTO) -> None:
         super().__init__(what)
         self.seq = seq
+        self.errno = err
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +192,8 @@ def receive(sock: socket.socket, allowed: frozenset[MsgType]) -> Message | None:
         seq = HEADER.unpack_from(data)[1] if len(data) >= HEADER.size else None
         if flags & socket.MSG_CTRUNC:
             # Also what the kernel does when the receiver's fd table is full (EMFILE).
-            raise ProtocolError("control message whose fds could not all be received", seq)
+            raise ProtocolError("control message whose fds could not all be received", seq,
+                                errno.EMFILE)
         raise ProtocolError("truncated control message", seq)
     if not data and not fds:
         return None

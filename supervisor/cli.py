@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import (
     Config,
     ConfigError,
@@ -49,6 +50,9 @@ def open_listener(config: Config) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything else: a signal that arrives now waits for the handler of the process
+    # that will serve (supervisor/signals.py).
+    signals.block()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["status"]:
         from pyvirtiofsd.supervisor import statuscmd

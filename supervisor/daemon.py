@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -29,6 +30,7 @@ from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.stats import Stats, bucket_bounds_us, queue_entry
 from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import Config, error_exit
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
@@ -44,9 +46,20 @@ from pyvirtiofsd.worker.passthrough import PassthroughFs
 log = logging.getLogger("pyvirtiofsd")
 
 MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
+# Share of the open-file limit kept for the daemon's own fds in the table the workers share
+# (control channels, guest memory, notifiers, respawns), as virtiofsd keeps about 40 %: the
+# guest's inodes and handles get the rest, and past it LOOKUP, OPEN and CREATE answer ENFILE.
+FD_RESERVE_SHARE = 0.4
+FD_RESERVE_MIN = 64
 # Options Config.unimplemented() still lists that the sandbox implements.
 class Shutdown(Exception):
     pass
+
+
+def guest_fd_budget(limit: int) -> int:
+    """How many inodes + handles the guest may hold with an open-file limit of `limit`."""
+    reserve = max(int(limit * FD_RESERVE_SHARE), FD_RESERVE_MIN)
+    return max(limit - reserve, 16)
 
 
 def fs_options(config: Config) -> FsOptions:
@@ -140,7 +153,8 @@ class Supervisor:
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
 
     def worker_entry(self, queue: int, channel: socket.socket) -> None:
-        """Runs in the worker process, which shares the spawner's fd table."""
+        """Runs in the worker process, which shares the spawner's fd table.  Its channel end is
+        among the fds it owns: its successor closes it (worker/recovery.py reclaim)."""
         logsetup.set_role(f"worker q{queue}")
         prctl.set_name(f"pyvfs-q{queue}")
         prctl.set_pdeathsig(signal.SIGKILL)
@@ -160,7 +174,7 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd,), data_plane=self.config.data_plane,
+                              owned_fds=(proc_fd, channel.fileno()), data_plane=self.config.data_plane,
                               stats=self.stats)
         try:
             self.sandbox.confine_worker(queue)
@@ -207,10 +221,9 @@ class Supervisor:
         self.signals.append(signum)
 
     def catch_signals(self) -> None:
-        # As early as possible: as pid 1 of its namespace, the supervisor never sees a signal
-        # it has no handler for.
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self.on_signal)
+        """Install the handlers and unblock (supervisor/signals.py): what arrived while they were
+        blocked is recorded now, and the loop acts on it before anything else."""
+        signals.handled_by(dict.fromkeys(signals.HANDLED, self.on_signal))
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, listener: socket.socket) -> int:
@@ -218,10 +231,15 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        self.catch_signals()
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.arena.limit_fds(guest_fd_budget(limit))
+        log.debug("the guest may hold %d inodes and open files (open-file limit %d)",
+                  self.arena.fd_budget, limit)
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now
+        # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
+        self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)
         self.sandbox.confine_supervisor()
         for warning in self.config.unimplemented():
@@ -281,7 +299,7 @@ class Supervisor:
                     pass
                 while self.signals:
                     sig = self.signals.pop(0)
-                    if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    if sig in signals.HANDLED:
                         raise Shutdown
             for fd in ready:
                 if fd in pidfds:

@@ -41,17 +41,35 @@ from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.common.vhost_user import MemoryRegion
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.respawn import RespawnPolicy
 
 log = logging.getLogger("pyvirtiofsd.procs")
 
 ANSWER_TIMEOUT = 10.0
+# A worker asleep in a system call with a request in flight (a lease break, a FIFO, a hung NFS
+# server) is waited for up to this long before it is treated as hung: killing it earlier would
+# only replay the request into the same wait, and count towards failing the queue.
+SLOW_REQUEST_LIMIT = 120.0
+# A silent worker that used more than this share of a CPU since the last look is spinning.
+SPIN_SHARE = 0.5
+# Requests sent without waiting for their answer (SET_CALL, SET_ENABLE), at most, per worker:
+# past that the channel's buffers could fill and block either side.
+MAX_UNANSWERED = 8
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+# A start that failed for want of a free fd is retried after this long, without counting it
+# towards failing the queue; so is one the spawner's death interrupted (at once).
+RESOURCE_RETRY = 1.0
+_NOT_THE_WORKERS_FAULT = frozenset({errno.EMFILE, errno.ENFILE, errno.EPIPE})
 # Exit status a worker uses when its own set-up failed: respawning it would fail again.
 EXIT_SETUP_FAILED = 78
 
 WorkerEntry = Callable[[int, socket.socket], None]
-# pidfds() maps the spawner's pidfd to this instead of a queue number.
+# pidfds() maps the spawner's and the standby's pidfds to these instead of a queue number.
 SPAWNER = -1
+STANDBY = -2
+# Sequence number of STANDBY requests on the spawner channel (SPAWNs use the queue index).
+STANDBY_SEQ = 0x8000_0000
 
 
 class FatalDeath(Exception):
@@ -75,10 +93,48 @@ class WorkerHandle:
     up: bool = False
     # Its wait status, when it was reaped early (reap_dead) before worker_exited ran.
     status: int | None = None
+    # Requests sent without waiting for the answer: their answers are consumed on arrival.
+    unanswered: set[int] = field(default_factory=set)
+    # Killed because it could not receive the fds of its ring: not a failed start.
+    short_of_fds: bool = False
 
     def close(self) -> None:
         self.channel.close()
         os.close(self.pidfd)
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """What /proc/PID/stat says of a process: its scheduler state and CPU seconds used."""
+
+    state: str
+    cpu: float
+    at: float
+
+    @classmethod
+    def read(cls, pid: int, proc_fd: int = -1) -> ProcSample | None:
+        try:
+            fd = os.open(f"{pid}/stat" if proc_fd >= 0 else f"/proc/{pid}/stat",
+                         os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd if proc_fd >= 0 else None)
+            try:
+                text = os.read(fd, 4096).decode("ascii", "replace")
+            finally:
+                os.close(fd)
+            # comm may hold spaces and parentheses: the fields start after the last ')'.
+            fields = text[text.rindex(")") + 2:].split()
+            return cls(fields[0], (int(fields[11]) + int(fields[12])) / _CLK_TCK,
+                       time.monotonic())
+        except (OSError, ValueError, IndexError):
+            return None
+
+
+def asleep_in_kernel(before: ProcSample | None, after: ProcSample | None) -> bool:
+    """Sleeping (S, D) and using (almost) no CPU between the two looks: blocked in a system
+    call, not spinning, stopped (T) or dead (Z)."""
+    if before is None or after is None or after.state not in ("S", "D"):
+        return False
+    elapsed = max(after.at - before.at, 1e-3)
+    return (after.cpu - before.cpu) / elapsed < SPIN_SHARE
 
 
 @dataclass
@@ -95,22 +151,31 @@ class RingSetup:
 
 
 def _spawner_main(channel: socket.socket, entry: WorkerEntry,
-                  confine: Callable[[], None] | None) -> None:
-    """Runs in the spawner: clone a worker for each SPAWN request, until EOF or SHUTDOWN."""
-    prctl.set_name("pyvfs-spawner")
+                  confine: Callable[[], None] | None, predecessor: int = -1) -> None:
+    """Runs in the spawner: clone a worker for each SPAWN request, a standby spawner for each
+    STANDBY request, until EOF or SHUTDOWN.
+
+    A standby (`predecessor` >= 0) was cloned by the spawner it may replace: it shares its fd
+    table, filter and capabilities, and waits.  The supervisor only writes to it once that
+    spawner is dead; the first request makes it the spawner, and it closes the dead one's
+    channel end, which lives on in the shared table."""
+    if predecessor < 0:
+        # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
+        # Only the supervisor stops the spawner (SIGKILL at shutdown): a SIGTERM or SIGINT sent
+        # to the whole process group (systemd's control-group kill, libvirt's group kill,
+        # Ctrl-C) is the supervisor's to act on.
+        signals.child_defaults({signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN,
+                                signal.SIGHUP: signal.SIG_DFL})
+    prctl.set_name("pyvfs-spawner" if predecessor < 0 else "pyvfs-standby")
     prctl.set_pdeathsig(signal.SIGKILL)
-    # Only the supervisor stops the spawner (SIGKILL at shutdown): a SIGTERM or SIGINT sent to
-    # the whole process group (systemd's control-group kill, libvirt's group kill, Ctrl-C) is
-    # the supervisor's to act on.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if predecessor >= 0:
+        control.send(channel, control.encode(MsgType.READY, 0, 0))
     if confine is not None:
         try:
             confine()
         except Exception:
             log.exception("spawner: cannot confine itself")
             os._exit(EXIT_SETUP_FAILED)
-    worker_channels: dict[int, int] = {}
     while True:
         try:
             msg = control.receive(channel, control.TO_SPAWNER)
@@ -118,34 +183,38 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             log.error("spawner: %s", e)
             if e.seq is not None:
                 # Say so at once rather than let the supervisor wait for an answer.
-                control.send(channel, control.encode(MsgType.FAILED, e.seq, errno.EMFILE))
+                control.send(channel, control.encode(MsgType.FAILED, e.seq, e.errno))
             continue
         if msg is None or msg.type is MsgType.SHUTDOWN:
             os._exit(0)
-        (queue,) = msg.fields
+        if predecessor >= 0:
+            prctl.set_name("pyvfs-spawner")
+            control.close_fds([predecessor])
+            predecessor = -1
         fd = msg.fds[0]
-        # The previous worker of this queue is gone; its channel end lives in the shared
-        # table until someone closes it, and the supervisor would never see it hang up.
-        old = worker_channels.pop(queue, None)
-        if old is not None:
-            control.close_fds([old])
+        what = "a standby spawner" if msg.type is MsgType.STANDBY else \
+            f"a worker for queue {msg.fields[0]}"
         try:
             pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
         except OSError as e:
-            log.error("spawner: cannot start a worker for queue %d: %s", queue, e.strerror)
+            log.error("spawner: cannot start %s: %s", what, e.strerror)
             control.close_fds([fd])
             control.send(channel, control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO))
             continue
         if pid == 0:
-            channel.detach()     # the spawner's socket must survive this process's exit
+            mine = channel.detach()    # the spawner's socket must survive this process's exit
             status = 0
             try:
-                entry(queue, socket.socket(fileno=fd))
+                if msg.type is MsgType.STANDBY:
+                    _spawner_main(socket.socket(fileno=fd), entry, None, mine)
+                else:
+                    entry(msg.fields[0], socket.socket(fileno=fd))
             except BaseException:
-                log.exception("worker for queue %d failed", queue)
+                log.exception("%s failed", what)
                 status = 1
             os._exit(status)
-        worker_channels[queue] = fd
+        # The channel end stays in the shared table: the new process uses it.  A worker's is
+        # closed by its successor (the journal lists it among the fds the worker owns).
         control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))
 
 
@@ -160,6 +229,10 @@ class ProcessTable:
     spawner_pid: int = 0
     spawner_pidfd: int = -1
     spawner: socket.socket | None = None
+    # A second spawner sharing the fd table, idle until the spawner dies (_spawner_main).
+    standby_pid: int = 0
+    standby_pidfd: int = -1
+    standby: socket.socket | None = None
     workers: dict[int, WorkerHandle] = field(default_factory=dict)
     memory: tuple[list[MemoryRegion], list[int]] | None = None
     rings: dict[int, RingSetup] = field(default_factory=dict)
@@ -170,27 +243,64 @@ class ProcessTable:
     # Where each worker records the opcode it last started (common/stats.py).
     stats: Stats | None = None
     policy: RespawnPolicy = field(default_factory=RespawnPolicy)
+    # A procfs directory fd, to tell a worker stuck in a system call from a hung one.
+    proc_fd: int = -1
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            _close_all_but(keep_fds | {theirs.fileno(), 0, 1, 2})
-            try:
-                _spawner_main(theirs, self.entry, self.confine_spawner)
-            finally:
-                os._exit(1)
+        with signals.blocked():
+            pid = os.fork()
+            if pid == 0:
+                # Still blocking the supervisor's signals: _spawner_main installs its own.
+                ours.close()
+                _close_all_but(keep_fds | {theirs.fileno(), 0, 1, 2})
+                try:
+                    _spawner_main(theirs, self.entry, self.confine_spawner)
+                finally:
+                    os._exit(1)
         theirs.close()
         self.spawner_pid, self.spawner = pid, ours
         self.spawner_pidfd = os.pidfd_open(pid)
+        self.make_standby()
         for q in range(self.num_queues):
             try:
                 self.spawn(q)
                 self.workers[q].up = True
             except WorkerGone:
                 pass                  # its death is handled like any other (worker_exited)
+
+    def make_standby(self) -> None:
+        """Have the spawner clone a standby; without one the daemon runs on, and a death of the
+        spawner stops it."""
+        assert self.spawner is not None and self.standby is None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            control.send(self.spawner, control.encode(MsgType.STANDBY, STANDBY_SEQ),
+                         [theirs.fileno()])
+            theirs.close()
+            answer = self._wait(self.spawner, control.FROM_SPAWNER, STANDBY_SEQ,
+                                "spawner (standby)", self.spawner_pidfd)
+            if answer.type is not MsgType.SPAWNED:
+                err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
+                raise OSError(err, os.strerror(err))
+            (pid,) = answer.fields
+            pidfd = os.pidfd_open(pid)
+            try:
+                self._wait(ours, control.FROM_SPAWNER, 0, "standby spawner", pidfd)
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid)
+                os.close(pidfd)
+                raise
+        except (OSError, control.ProtocolError) as e:
+            theirs.close()
+            ours.close()
+            log.warning("no standby spawner (%s): if the spawner dies, the daemon stops",
+                        e.strerror if isinstance(e, OSError) and e.strerror else e)
+            return
+        self.standby_pid, self.standby_pidfd, self.standby = pid, pidfd, ours
+        log.debug("standby spawner started, pid %d", pid)
 
     def spawn(self, queue: int) -> WorkerHandle:
         assert self.spawner is not None
@@ -201,8 +311,9 @@ class ProcessTable:
         finally:
             theirs.close()
         try:
+            # Its death shows on its pidfd: its channel end lives on in the shared table.
             answer = self._wait(self.spawner, control.FROM_SPAWNER, queue,
-                                f"spawner (queue {queue})")
+                                f"spawner (queue {queue})", self.spawner_pidfd)
         except BaseException:
             ours.close()
             raise
@@ -233,7 +344,7 @@ class ProcessTable:
         return handle
 
     def _wait(self, sock: socket.socket, allowed: frozenset[MsgType], seq: int,
-              who: str, pidfd: int = -1) -> Message:
+              who: str, pidfd: int = -1, handle: WorkerHandle | None = None) -> Message:
         """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
         after the worker died, so its death shows on its pidfd, not as EOF."""
         deadline = time.monotonic() + ANSWER_TIMEOUT
@@ -262,6 +373,8 @@ class ProcessTable:
             if msg.seq == seq:
                 control.close_fds(msg.fds)
                 return msg
+            if handle is not None and self._late(handle, msg):
+                continue
             log.warning("%s: stale answer %s #%d ignored", who, msg.type.name, msg.seq)
 
     def shutdown(self) -> None:
@@ -270,11 +383,12 @@ class ProcessTable:
                 os.kill(handle.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.spawner_pid:
-            try:
-                os.kill(self.spawner_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for pid in (self.spawner_pid, self.standby_pid):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for handle in self.workers.values():
             _reap(handle.pid)
             handle.close()
@@ -284,21 +398,30 @@ class ProcessTable:
         if self.spawner_pidfd >= 0:
             os.close(self.spawner_pidfd)
             self.spawner_pidfd = -1
+        self._drop_standby()
         self.workers.clear()
         if self.spawner is not None:
             self.spawner.close()
             self.spawner = None
 
     # -- requests to workers -----------------------------------------------------------------
-    def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = ()) -> Message:
+    def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = (),
+                answer: bool = True) -> Message | None:
+        """Send a request to the worker of `queue` and return its answer.  With answer=False
+        (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
+        return at once: the answer is consumed when it arrives."""
         handle = self.workers.get(queue)
         if handle is None:
             raise WorkerGone(queue, "is not running")
         handle.seq = (handle.seq + 1) & 0xFFFFFFFF or 1
         try:
+            self._collect(handle)
+            if not answer and len(handle.unanswered) < MAX_UNANSWERED:
+                control.send(handle.channel, data_fn(handle.seq), fds)
+                handle.unanswered.add(handle.seq)
+                return None
             control.send(handle.channel, data_fn(handle.seq), fds)
-            answer = self._wait(handle.channel, control.FROM_WORKER, handle.seq,
-                                f"worker for queue {queue}", handle.pidfd)
+            reply = self._answer(handle, handle.seq)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
@@ -309,9 +432,66 @@ class ProcessTable:
             log.error("worker for queue %d: %s: killing it", queue, e.strerror or e)
             self.kill(queue)
             raise WorkerGone(queue, "did not answer") from None
-        if answer.type is MsgType.FAILED:
-            raise OSError(answer.fields[0], os.strerror(answer.fields[0]))
-        return answer
+        if reply.type is MsgType.FAILED:
+            raise OSError(reply.fields[0], os.strerror(reply.fields[0]))
+        return reply
+
+    def _collect(self, handle: WorkerHandle) -> None:
+        """Consume the answers that arrived for requests sent without waiting."""
+        while handle.unanswered and select.select([handle.channel], [], [], 0)[0]:
+            msg = control.receive(handle.channel, control.FROM_WORKER)
+            if msg is None:
+                raise OSError(errno.ECONNRESET, "hung up")
+            self._late(handle, msg)
+
+    def _late(self, handle: WorkerHandle, msg: Message) -> bool:
+        """An answer to a request sent without waiting (True), logged if it is a refusal."""
+        if msg.seq not in handle.unanswered:
+            return False
+        handle.unanswered.discard(msg.seq)
+        control.close_fds(msg.fds)
+        if msg.type is MsgType.FAILED:
+            log.warning("worker for queue %d refused a ring setting: %s", handle.queue,
+                        os.strerror(msg.fields[0]))
+        return True
+
+    def _answer(self, handle: WorkerHandle, seq: int) -> Message:
+        """The worker's answer to `seq`.  Past ANSWER_TIMEOUT the worker is waited for only
+        while it is asleep in the kernel with a request in flight, up to SLOW_REQUEST_LIMIT;
+        silent and dead, spinning or stopped, it is given up (OSError ETIMEDOUT)."""
+        who = f"worker for queue {handle.queue}"
+        before = ProcSample.read(handle.pid, self.proc_fd)
+        waited = 0.0
+        while True:
+            try:
+                return self._wait(handle.channel, control.FROM_WORKER, seq, who, handle.pidfd,
+                                  handle)
+            except OSError as e:
+                if e.errno != errno.ETIMEDOUT:
+                    raise
+            waited += ANSWER_TIMEOUT
+            after = ProcSample.read(handle.pid, self.proc_fd)
+            doing = self._in_flight(handle.queue)
+            if doing is None or not asleep_in_kernel(before, after):
+                raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
+            if waited >= SLOW_REQUEST_LIMIT:
+                raise OSError(errno.ETIMEDOUT, f"{who} was in a system call for {waited:.0f} s"
+                                               f" serving {doing}")
+            log.warning("worker for queue %d (pid %d) has not answered for %.0f s: it is asleep"
+                        " in a system call serving %s; waiting (up to %.0f s)", handle.queue,
+                        handle.pid, waited, doing, SLOW_REQUEST_LIMIT)
+            before = after
+
+    def _in_flight(self, queue: int) -> str | None:
+        """The requests the worker has taken and not replied to, per its journal."""
+        if self.journal is None:
+            return None
+        busy = [r for r in self.journal.queue(queue).inflight()
+                if r.state in (SlotState.POPPED, SlotState.EXECUTING)]
+        if not busy:
+            return None
+        return "; ".join(f"{_op_name(r.opcode)} unique {r.unique:#x} {_STATE[r.state]}"
+                         for r in busy[-3:])
 
     def kill(self, queue: int) -> None:
         handle = self.workers.get(queue)
@@ -404,9 +584,12 @@ class ProcessTable:
             setup.call = call
         if index in self.workers:
             try:
+                # Answered without a round trip (the worker applies it between two requests, and
+                # signals the new notifier then): a request asleep in the kernel must not hold
+                # up the front-end's control plane.
                 self.request(index, lambda seq: control.encode(
                     MsgType.SET_CALL, seq, int(call is not None)),
-                    [call] if call is not None else [])
+                    [call] if call is not None else [], answer=False)
             except WorkerGone:
                 pass
 
@@ -417,7 +600,7 @@ class ProcessTable:
         if index in self.workers:
             try:
                 self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
-                                                               int(enabled)))
+                                                               int(enabled)), answer=False)
             except WorkerGone:
                 pass
 
@@ -426,18 +609,85 @@ class ProcessTable:
         fds = {h.pidfd: q for q, h in self.workers.items()}
         if self.spawner_pidfd >= 0:
             fds[self.spawner_pidfd] = SPAWNER
+        if self.standby_pidfd >= 0:
+            fds[self.standby_pidfd] = STANDBY
         return fds
+
+    def _drop_standby(self) -> int:
+        """Reap the standby (killed or dead) and forget it; its wait status."""
+        status = _reap(self.standby_pid) if self.standby_pid else 0
+        if self.standby_pidfd >= 0:
+            os.close(self.standby_pidfd)
+        if self.standby is not None:
+            self.standby.close()
+        self.standby_pid, self.standby_pidfd, self.standby = 0, -1, None
+        return status
+
+    def spawner_exited(self) -> None:
+        """The spawner died: its standby, which shares the fd table every worker uses, takes
+        over (and starts a standby of its own).  Workers run on; the guest sees nothing."""
+        pid = self.spawner_pid
+        status = _reap(pid)
+        os.close(self.spawner_pidfd)
+        assert self.spawner is not None
+        self.spawner.close()
+        self.spawner_pid, self.spawner_pidfd, self.spawner = 0, -1, None
+        why = _describe(status, self.report, SigsysReport.SPAWNER, pid)
+        self._end_strays()
+        sigsys = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+        if self.standby is None or sigsys or _exited(self.standby_pidfd):
+            # A standby would be refused the same call; or there is none to take over.
+            raise FatalDeath(f"the spawner (pid {pid}) {why}"
+                             + ("" if sigsys else " and there is no standby to take over"))
+        self.spawner_pid, self.spawner_pidfd, self.spawner = \
+            self.standby_pid, self.standby_pidfd, self.standby
+        self.standby_pid, self.standby_pidfd, self.standby = 0, -1, None
+        log.error("the spawner (pid %d) %s; its standby (pid %d) takes over", pid, why,
+                  self.spawner_pid)
+        self.make_standby()
+
+    def _end_strays(self) -> None:
+        """Kill and reap children nobody knows of: a worker or standby the spawner cloned just
+        before it died, without telling us its pid.  Such a worker would take over its
+        queue's journal (closing the fds it lists) while the real successor does the same."""
+        known = {self.standby_pid, *(h.pid for h in self.workers.values())}
+        me = os.getpid()
+        try:
+            fd = os.open(f"{me}/task/{me}/children" if self.proc_fd >= 0
+                         else f"/proc/{me}/task/{me}/children", os.O_RDONLY | os.O_CLOEXEC,
+                         dir_fd=self.proc_fd if self.proc_fd >= 0 else None)
+            try:
+                text = os.read(fd, 65536).decode("ascii", "replace")
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("cannot list the supervisor's children to end strays: %s", e.strerror)
+            return
+        for pid in (int(p) for p in text.split() if p.isdigit()):
+            if pid in known:
+                continue
+            log.warning("ending process %d, started by the dead spawner unannounced", pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _reap(pid)
+
+    def standby_exited(self) -> None:
+        pid = self.standby_pid
+        why = _describe(self._drop_standby(), self.report, SigsysReport.SPAWNER, pid)
+        log.error("the standby spawner (pid %d) %s; starting another", pid, why)
+        if self.spawner is not None:
+            self.make_standby()
 
     def worker_exited(self, queue: int) -> None:
         """Reap a dead worker, say why and what it was doing, and plan its successor."""
         if queue == SPAWNER:
-            # It holds the fd table every worker shares: nothing can be respawned without it.
-            status = _reap(self.spawner_pid)
-            os.close(self.spawner_pidfd)
-            self.spawner_pidfd = -1
-            raise FatalDeath(f"the spawner (pid {self.spawner_pid}) "
-                             + _describe(status, self.report, SigsysReport.SPAWNER,
-                                         self.spawner_pid))
+            self.spawner_exited()
+            return
+        if queue == STANDBY:
+            self.standby_exited()
+            return
         handle = self.workers.pop(queue)
         status = _reap(handle.pid) if handle.status is None else handle.status
         handle.close()
@@ -449,6 +699,11 @@ class ProcessTable:
             raise FatalDeath(f"worker for queue {queue} (pid {handle.pid}) {why} ({doing}); a"
                              " respawned worker would be refused the same call (run with"
                              " --seccomp=log to find what the policy lacks)")
+        if handle.short_of_fds:
+            log.error("worker for queue %d (pid %d) had no free fd to resume its ring; trying"
+                      " again in %.1f s", queue, handle.pid, RESOURCE_RETRY)
+            self.policy.later(queue, RESOURCE_RETRY)
+            return
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_SETUP_FAILED:
             log.error("worker for queue %d (pid %d) failed to set up (%s; %s); not respawning",
                       queue, handle.pid, why, doing)
@@ -486,6 +741,14 @@ class ProcessTable:
         except WorkerGone:
             return                   # it died starting: worker_exited counts that
         except OSError as e:
+            if e.errno in _NOT_THE_WORKERS_FAULT:
+                # No free fd, or the spawner died under the request (its standby takes over
+                # first): not a failed start of the worker, so it is not counted as one.
+                delay = 0.0 if e.errno == errno.EPIPE else RESOURCE_RETRY
+                log.error("no worker for queue %d yet: %s; trying again in %.1f s", queue,
+                          e.strerror or e, delay)
+                self.policy.later(queue, delay)
+                return
             # No process was started (the spawner could not, or did not answer): that is a
             # failed start too, retried later or the queue failed like any other.
             why = e.strerror or str(e)
@@ -508,8 +771,10 @@ class ProcessTable:
         except WorkerGone:
             return
         except OSError as e:
-            # The worker refused its memory or ring: it cannot serve the queue.
+            # The worker refused its memory or ring: it cannot serve the queue.  If only for
+            # want of a free fd, its death is not counted as a failed start (worker_exited).
             log.error("worker for queue %d could not resume its ring: %s", queue, e)
+            handle.short_of_fds = e.errno in (errno.EMFILE, errno.ENFILE)
             self.kill(queue)
             return
         handle.up = True
@@ -560,6 +825,10 @@ def _op_name(opcode: int) -> str:
 def _rows(regions: list[MemoryRegion]) -> tuple:
     return tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in regions)
+
+
+def _exited(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
 
 
 def _reap(pid: int) -> int:

@@ -48,6 +48,11 @@ class RespawnPolicy:
         self.due[queue] = self.clock() + delay
         return delay
 
+    def later(self, queue: int, delay: float) -> None:
+        """Try again after `delay` without counting a failure: the start was stopped by
+        something outside the worker (no free fd, the spawner being replaced)."""
+        self.due[queue] = self.clock() + delay
+
     def give_up(self, queue: int, why: str) -> None:
         self.failed[queue] = why
         self.due.pop(queue, None)

@@ -42,9 +42,11 @@ import pyseccomp
 
 from pyvirtiofsd.common import seccomp
 from pyvirtiofsd.supervisor import log as logsetup
+from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import (
     CAPABILITIES,
     Config,
+    ConfigError,
     check_sandbox_options,
     default_rlimit_nofile,
 )
@@ -538,8 +540,9 @@ class Sandbox:
             except ProcessLookupError:
                 pass
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, forward)
+        # The child blocks these from birth (supervisor/signals.py): one forwarded before its
+        # handlers exist waits for them.
+        signals.handled_by(dict.fromkeys(signals.HANDLED, forward))
         _, status = os.waitpid(child, 0)
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)

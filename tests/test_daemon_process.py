@@ -20,13 +20,15 @@ def test_one_supervisor_one_worker_per_virtqueue(daemon_factory) -> None:
     d = daemon_factory("--request-queues=2")
     kids = children(d.proc.pid)
     names = sorted(kids.values())
-    # hiprio + 2 request queues, and the spawner that holds their shared fd table.
-    assert names == ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2", "pyvfs-spawner"], kids
+    # hiprio + 2 request queues, the spawner that holds their shared fd table, and its
+    # standby.
+    assert names == ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2", "pyvfs-spawner", "pyvfs-standby"], kids
     workers = [pid for pid, name in kids.items() if name.startswith("pyvfs-q")]
     spawner = next(pid for pid, name in kids.items() if name == "pyvfs-spawner")
+    standby = next(pid for pid, name in kids.items() if name == "pyvfs-standby")
     assert children(spawner) == {}, "workers must be the supervisor's children"
-    # CLONE_FILES: the workers and the spawner see one and the same fd table ...
-    tables = {frozenset(_fd_targets(pid)) for pid in [*workers, spawner]}
+    # CLONE_FILES: the workers and the spawners see one and the same fd table ...
+    tables = {frozenset(_fd_targets(pid)) for pid in [*workers, spawner, standby]}
     assert len(tables) == 1
     # ... which holds none of the supervisor's control-plane fds (its listening socket).
     sup = _fd_targets(d.proc.pid)

@@ -780,7 +780,7 @@ def test_refused_request_with_a_reply_and_no_ack_ends_the_connection(connect) ->
 
 def test_disconnect_exits_0_and_reaps_every_child(connect) -> None:
     conn = connect("--request-queues=3", queues=4)
-    assert len(conn.kids) == 5                 # spawner + 4 workers
+    assert len(conn.kids) == 6                 # spawner, its standby, 4 workers
     conn.still_serves()
     conn.fe.close()
     assert conn.daemon.proc.wait(timeout=20) == 0

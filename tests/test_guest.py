@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -430,3 +431,122 @@ def test_guest_workload_survives_worker_kills(daemon: GuestDaemon, kernel612: Ke
     for k in (0, 1):
         for i in range(1, KILL_FILES):
             assert (share / "k" / f"w{k}.{i}").stat().st_size == 4096 * (1 + i % 8)
+
+
+# --- fsx-style verification while the host kills workers and the spawner ----------------------
+
+FSX_OPS = 1500
+FSX_MAXLEN = 256 * 1024
+FSX_MARK = 60          # operations between two kills asked for, per verifier
+
+FSX_WORKLOAD = (
+    PRELUDE
+    + rf"""
+# The verifier is copied out of the share before any kill is asked for.
+cp /mnt/.fsx /tmp/fsx
+chmod 755 /tmp/fsx
+mkdir f
+fsx() {{
+  taskset -c 0 /tmp/fsx f/a {FSX_OPS} 1 {FSX_MAXLEN} {FSX_MARK} a &
+  p0=$!
+  taskset -c 1 /tmp/fsx f/b {FSX_OPS} 2 {FSX_MAXLEN} {FSX_MARK} b &
+  p1=$!
+  wait "$p0"
+  wait "$p1"
+}}
+step fsx
+exit $failed
+"""
+)
+
+
+def _build_fsx(out: Path) -> None:
+    src = Path(__file__).resolve().parent.parent / "guest" / "fsx.c"
+    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror",
+                    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-o", str(out), str(src)],
+                   check=True, capture_output=True, text=True)
+
+
+def _daemon_children() -> dict[int, str]:
+    """{pid: name} of the workers and the spawner of the pyvirtiofsd this test started (below
+    the sandbox's waiting parent, when there is one)."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        procs[int(entry)] = (int(st[st.rindex(")") + 2 :].split()[1]),
+                             st[st.index("(") + 1 : st.rindex(")")])
+    ours = {pid for pid, (ppid, name) in procs.items() if ppid == os.getpid()}
+    # Two levels down at most: daemon -> (sandboxed supervisor) -> workers and spawner.
+    ours |= {pid for pid, (ppid, _) in procs.items() if ppid in ours}
+    return {pid: name for pid, (ppid, name) in procs.items()
+            if ppid in ours and (name == "pyvfs-spawner" or name.startswith("pyvfs-q"))}
+
+
+def _fnv(data: bytes) -> str:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{h:016x}"
+
+
+@pytest.mark.parametrize("confinement", [(), SANDBOXED], ids=["as-configured", "sandboxed"])
+def test_guest_fsx_while_workers_and_the_spawner_are_killed(daemon: GuestDaemon,
+                                                            kernel612: Kernel, tmp_path: Path,
+                                                            confinement: tuple[str, ...]
+                                                            ) -> None:
+    """Two verifiers on two request queues, every read checked against a model, while the
+    host SIGKILLs a worker or the spawner at random every FSX_MARK operations.  With
+    --cache=never every read and write reaches the daemon.  The guest sees no error and no
+    wrong byte; the files on the host are what the guest's model says."""
+    if daemon.name != "pyvirtiofsd":
+        pytest.skip("only pyvirtiofsd has workers and a spawner to kill")
+    share = tmp_path / "share"
+    share.mkdir()
+    _build_fsx(share / ".fsx")
+    rng = random.Random(12)
+    kills: list[str] = []
+
+    def on_line(line) -> None:
+        if not line.text.startswith("@@KILL"):
+            return
+        procs = _daemon_children()
+        if not procs:
+            return
+        # One kill in four is the spawner (its standby takes over); the rest a worker.
+        spawners = [p for p, n in procs.items() if n == "pyvfs-spawner"]
+        workers = [p for p, n in procs.items() if n != "pyvfs-spawner"]
+        pool = spawners if (len(kills) % 4 == 3 and spawners) or not workers else workers
+        victim = rng.choice(pool)
+        try:
+            os.kill(victim, signal.SIGKILL)
+            kills.append(procs[victim])
+        except ProcessLookupError:
+            pass
+
+    result = run_guest(
+        [*daemon.command(request_queues=2), "--cache=never", *confinement], share,
+        FSX_WORKLOAD,
+        kernel=kernel612, smp=2, num_request_queues=2, timeout=BOOT_TIMEOUT * 4,
+        on_line=on_line,
+    )  # fmt: skip
+    report(f"fsx under worker and spawner kills on {kernel612.package}", result)
+    print(f"{len(kills)} kills, {kills.count('pyvfs-spawner')} of them the spawner")
+    assert "@@FSX FAIL" not in result.script_output, result.script_output
+    vals = assert_ran(result, ["fsx"])
+    spawner_kills = kills.count("pyvfs-spawner")
+    assert len(kills) >= 2 * FSX_OPS // FSX_MARK - 4, kills
+    assert spawner_kills >= 5, kills
+    out = result.daemon_output
+    assert out.count("takes over") >= spawner_kills, out[-3000:]
+    assert out.count("respawning it") >= len(kills) - spawner_kills - 1, out[-3000:]
+    assert "stopping" not in out and "Traceback" not in out, out[-3000:]
+    for name in ("a", "b"):
+        data = (share / "f" / name).read_bytes()
+        assert str(len(data)) == vals[f"{name}.size"]
+        assert _fnv(data) == vals[f"{name}.fnv"]

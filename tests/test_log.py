@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import sys
+import threading
 
 import pytest
 
@@ -20,7 +21,9 @@ LINE = re.compile(r"^\[(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) ([A-Z]+) pyvirti
 def stderr(capfd):
     """Reads what was written to fd 2 (by this process or a forked child) since the last call."""
     yield lambda: capfd.readouterr().err
-    log.logger().handlers.clear()
+    for handler in list(log.logger().handlers):
+        log.logger().removeHandler(handler)
+        handler.close()
 
 
 def lines(text: str) -> list[tuple[str, ...]]:
@@ -98,7 +101,9 @@ def test_setup_twice_replaces_the_handler(stderr):
     log.setup("info", syslog=False)
     log.logger().info("once")
     assert len(lines(stderr())) == 1
-    assert log.fds() == [sys.stderr.fileno()]
+    # The one handler left writes to stderr through a descriptor of its own (never blocking).
+    (fd,) = log.fds()
+    assert os.path.sameopenfile(fd, sys.stderr.fileno())
 
 
 def test_syslog(tmp_path, monkeypatch, stderr):
@@ -124,3 +129,95 @@ def test_syslog_unreachable_falls_back_to_stderr(tmp_path, monkeypatch, stderr):
     entries = lines(stderr())
     assert entries[0][0] == "WARN" and "cannot log to syslog" in entries[0][3]
     assert entries[1] == ("INFO", str(os.getpid()), "supervisor", "still logged")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _limit(clock: _Clock) -> None:
+    """Give the handler a rate limit that runs on `clock`."""
+    (handler,) = log.logger().handlers
+    for f in list(handler.filters):
+        if isinstance(f, log.RateLimit):
+            handler.removeFilter(f)
+    handler.addFilter(log.RateLimit(clock))
+
+
+def test_a_repeated_message_is_rate_limited_and_the_rest_counted(stderr):
+    clock = _Clock()
+    log.setup("info", syslog=False)
+    _limit(clock)
+    for n in range(1000):
+        log.logger().warning("malformed chain %d", n)
+    log.logger().info("another template has a bucket of its own")
+    first = lines(stderr())
+    assert len(first) == log.TEMPLATE_BURST + 1
+    assert first[-1][3] == "another template has a bucket of its own"
+    clock.now += 1.0          # ten more lines' worth of tokens
+    for n in range(20):
+        log.logger().warning("malformed chain %d", 1000 + n)
+    later = lines(stderr())
+    # The first let through says how many were not, then TEMPLATE_RATE lines in all.
+    assert later[0][0] == "WARN"
+    assert later[0][3] == f"{1000 - log.TEMPLATE_BURST} similar messages suppressed" \
+                          " (malformed chain %d)"
+    assert [e[3] for e in later[1:]] == [f"malformed chain {1000 + n}"
+                                         for n in range(int(log.TEMPLATE_RATE))]
+
+
+def test_many_templates_meet_the_process_ceiling(stderr):
+    clock = _Clock()
+    log.setup("info", syslog=False)
+    _limit(clock)
+    for n in range(log.PROCESS_BURST * 2):
+        log.logger().warning(f"template {n}")
+    assert len(lines(stderr())) == log.PROCESS_BURST
+
+
+def test_a_stalled_stderr_reader_never_blocks_the_process(monkeypatch):
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    monkeypatch.setattr(sys, "stderr", os.fdopen(w, "w"))
+    clock = _Clock()
+    try:
+        log.setup("info", syslog=False)
+        _limit(clock)
+
+        def flood() -> None:
+            for n in range(5000):
+                clock.now += 1.0            # the rate limit lets every line through
+                log.logger().warning("line %d %s", n, "x" * 100)
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        t.join(timeout=30)
+        assert not t.is_alive(), "logging blocked on a full pipe"
+        written = b""
+        while True:
+            try:
+                chunk = os.read(r, 1 << 16)
+            except BlockingIOError:
+                break
+            written += chunk
+        # Whole lines only, then the rest dropped and counted.
+        got = written.decode().splitlines()
+        assert 0 < len(got) < 5000
+        assert all(LINE.match(line) for line in got)
+        kept = len(got)
+        clock.now += 1.0
+        log.logger().warning("reader is back")
+        after = lines(os.read(r, 1 << 16).decode())
+        assert after[0][3] == f"{5000 - kept} log lines dropped: the log reader fell behind"
+        assert after[1][3] == "reader is back"
+        # The inherited description was not switched to non-blocking for everyone sharing it.
+        assert os.get_blocking(w)
+    finally:
+        for handler in list(log.logger().handlers):
+            log.logger().removeHandler(handler)
+            handler.close()
+        os.close(r)

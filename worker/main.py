@@ -122,7 +122,11 @@ class Worker:
             msg = control.receive(self.channel, control.TO_WORKER)
         except control.ProtocolError as e:
             # The supervisor is trusted to be well-formed; a bad message means a bug: say so.
+            # One whose fds found no room in the fd table (EMFILE) is answered FAILED at once:
+            # the supervisor must not wait, and kill this worker, for an answer never sent.
             log.error("queue %d: malformed control message: %s", self.index, e)
+            if e.seq is not None:
+                control.send(self.channel, control.encode(MsgType.FAILED, e.seq, e.errno))
             return
         if msg is None:                      # supervisor gone
             self.running = False
