@@ -38,6 +38,8 @@ Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes
 
     0     header        "=8sIIIII"   magic "PVFSARN2", version 2, max_inodes, index_buckets,
                                      max_handles, max_queues
+    32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
+                                     limit); see ``limit_fds``
     64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
     128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
     192   counters      max_queues x "=Q"                      (request count per queue)
@@ -99,7 +101,11 @@ def _bad_id(kind: str, value: int) -> OSError:
     return OSError(errno.EBADF, f"unknown or stale {kind} {value:#x}")
 
 
-def _full(kind: str, capacity: int) -> OSError:
+def _full(rc: int, kind: str, capacity: int) -> OSError:
+    """The error of a refused insert: the table is full, or (-EMFILE) the guest holds its fd
+    budget (Arena.limit_fds).  The guest is answered ENFILE either way, as virtiofsd does."""
+    if rc == -errno.EMFILE:
+        return OSError(errno.ENFILE, "the guest holds as many open files as the daemon allows")
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
 
 
@@ -153,8 +159,9 @@ class InodeTable(_SlotTable):
         The root's (dev, ino) always yields ROOT, whatever mnt_id.
         """
         out, inserted = self._u64, self._int
-        if _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted):
-            raise _full("inode", self._cap)
+        rc = _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _full(rc, "inode", self._cap)
         return out[0], inserted[0] != 0
 
     def acquire(self, nodeid: int) -> int:
@@ -187,8 +194,9 @@ class InodeTable(_SlotTable):
                                    mnt_id: int = 0) -> tuple[int, bool]:
         """lookup_or_insert, then the LOOKUP recorded as an effect of the current request."""
         out, inserted = self._u64, self._int
-        if _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted):
-            raise _full("inode", self._cap)
+        rc = _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _full(rc, "inode", self._cap)
         return out[0], inserted[0] != 0
 
     def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
@@ -251,8 +259,9 @@ class HandleTable(_SlotTable):
 
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
         """Register an open file; the table owns `fd` unless this raises ENFILE."""
-        if _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64):
-            raise _full("handle", self._cap)
+        rc = _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64)
+        if rc:
+            raise _full(rc, "handle", self._cap)
         return self._u64[0]
 
     def acquire(self, fh: int) -> tuple[int, int, int]:
@@ -287,8 +296,9 @@ class HandleTable(_SlotTable):
     # -- the same, journaled for crash recovery ------------------------------------------------
     def insert_journaled(self, journal: QueueJournal, fd: int, nodeid: int, flags: int) -> int:
         """insert, then the new handle recorded as an effect of the current request."""
-        if _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64):
-            raise _full("handle", self._cap)
+        rc = _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64)
+        if rc:
+            raise _full(rc, "handle", self._cap)
         return self._u64[0]
 
     def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:
@@ -393,6 +403,17 @@ class Arena:
         inodes, handles = self.inodes._u32, self.handles._u32
         _lib.vfs_arena_usage(self._c, inodes, handles)
         return inodes[0], handles[0]
+
+    def limit_fds(self, budget: int) -> None:
+        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
+        0 lifts the limit."""
+        if not 0 <= budget <= 0xFFFFFFFF:
+            raise ValueError(f"fd budget {budget} out of range")
+        _lib.vfs_arena_limit_fds(self._c, budget)
+
+    @property
+    def fd_budget(self) -> int:
+        return _lib.vfs_arena_fd_budget(self._c)
 
     @property
     def address(self) -> int:

@@ -86,6 +86,7 @@ void vfs_unlock(uint32_t *word)
 #define INODE_HDR_OFF 64
 #define HANDLE_HDR_OFF 128
 #define COUNTERS_OFF 192
+#define BUDGET_OFF 32         /* u32 after the arena header: vfs_arena_limit_fds() */
 
 struct arena_header {
     char magic[8];
@@ -463,6 +464,18 @@ static void inode_free(const struct vfs_arena *a, const struct slots *t, uint32_
 /* The state word a live entry named by `id` has: generation << 32 | LIVE. */
 static uint64_t live_word(uint64_t id) { return (id & ~LOW32) | ST_LIVE; }
 
+/* Whether the guest already holds its fd budget.  Read under one table's lock only: the other
+ * table's count may be a few entries old, which moves the limit by as much and no more. */
+static int over_budget(const struct vfs_arena *a)
+{
+    uint32_t budget = __atomic_load_n((const uint32_t *)(a->base + BUDGET_OFF), __ATOMIC_RELAXED);
+    if (!budget)
+        return 0;
+    uint32_t inodes, handles;
+    vfs_arena_usage(a, &inodes, &handles);
+    return (uint64_t)inodes + handles >= budget;
+}
+
 int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino)
 {
     struct slots t = inode_slots(a);
@@ -518,6 +531,10 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
         struct inode_entry *e = inode_at(&t, slot);
         e->h.aux++;
         *nodeid = (e->h.state & ~LOW32) | slot;
+        goto out;
+    }
+    if (over_budget(a)) {
+        rc = -EMFILE;
         goto out;
     }
     slot = slots_claim(&t);
@@ -712,6 +729,10 @@ int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t fla
     struct slots t = handle_slots(a);
     int rc = 0;
     handle_lock(a, &t);
+    if (over_budget(a)) {
+        vfs_unlock(&t.hdr->lock);
+        return -EMFILE;
+    }
     uint32_t slot = slots_claim(&t);
     if (slot) {
         struct handle_entry *e = (struct handle_entry *)slot_at(&t, slot);
@@ -1098,4 +1119,14 @@ void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *hand
 {
     *inodes = __atomic_load_n(&inode_slots(a).hdr->live, __ATOMIC_RELAXED);
     *handles = __atomic_load_n(&handle_slots(a).hdr->live, __ATOMIC_RELAXED);
+}
+
+void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget)
+{
+    __atomic_store_n((uint32_t *)(a->base + BUDGET_OFF), budget, __ATOMIC_RELAXED);
+}
+
+uint32_t vfs_arena_fd_budget(const struct vfs_arena *a)
+{
+    return __atomic_load_n((const uint32_t *)(a->base + BUDGET_OFF), __ATOMIC_RELAXED);
 }

@@ -117,4 +117,9 @@ int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh);
 /* Live counts read without the locks: a snapshot for status reports that never waits. */
 void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles);
 
+/* The most inodes + handles the guest may hold open (0: no limit).  Past it, a new inode or
+ * handle is refused with -EMFILE, so the guest cannot take the fds the daemon itself needs. */
+void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget);
+uint32_t vfs_arena_fd_budget(const struct vfs_arena *a);
+
 #endif

@@ -50,14 +50,14 @@ def open_listener(config: Config) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before anything else: a signal that arrives now waits for the handler of the process
-    # that will serve (supervisor/signals.py).
-    signals.block()
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["status"]:
         from pyvirtiofsd.supervisor import statuscmd
 
         return statuscmd.main(args[1:])
+    # Before anything else the daemon does: a signal that arrives now waits for the handler of
+    # the process that will serve (supervisor/signals.py).
+    signals.block()
     try:
         activated_fd = take_listen_fd()
     except ConfigError as e:

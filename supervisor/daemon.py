@@ -174,7 +174,8 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd, channel.fileno()), data_plane=self.config.data_plane,
+                              owned_fds=(proc_fd, channel.fileno()),
+                              data_plane=self.config.data_plane,
                               stats=self.stats)
         try:
             self.sandbox.confine_worker(queue)

@@ -46,7 +46,6 @@ from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import (
     CAPABILITIES,
     Config,
-    ConfigError,
     check_sandbox_options,
     default_rlimit_nofile,
 )

@@ -18,7 +18,7 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.virtio import DescFlag
-from pyvirtiofsd.supervisor.main import guest_fd_budget
+from pyvirtiofsd.supervisor.daemon import guest_fd_budget
 from pyvirtiofsd.supervisor.procs import ProcessTable, ProcSample, asleep_in_kernel
 from pyvirtiofsd.supervisor.respawn import MAX_BOOT_FAILURES
 from tests.conftest import DAEMON
