@@ -327,3 +327,21 @@ def test_libvirt_finds_the_descriptor_and_destroy(libvirt: Libvirt, kernel: Kern
         assert "@@GUEST power-button" not in run.console.read_text(errors="replace")
     finally:
         (vhost_user / "40-pyvirtiofsd.json").unlink()
+
+
+def test_libvirt_remote_locks_are_refused(libvirt: Libvirt, kernel: Kernel,
+                                          tmp_path: Path) -> None:
+    """<lock posix='on'/> becomes `-o ...,posix_lock`, which pyvirtiofsd refuses as virtiofsd
+    does (no remote POSIX locks): one error line in libvirt's log, the domain does not start,
+    nothing is left behind."""
+    share = tmp_path / "share"
+    share.mkdir()
+    xml = tmp_path / "locks.xml"
+    xml.write_text(domain_xml("pyvfs-locks", kernel, share, tmp_path / "console.log",
+                              f"<binary path='{DAEMON}'><lock posix='on'/></binary>"))
+    result = libvirt.virsh("create", str(xml), check=False)
+    assert result.returncode != 0
+    assert "pyvfs-locks" not in libvirt.running()
+    log = libvirt.daemon_log("pyvfs-locks").splitlines()
+    assert log == ["pyvirtiofsd: error: invalid compat argument '-o posix_lock'"], log
+    assert libvirt.pid_files("pyvfs-locks") == [] and libvirt.sockets("pyvfs-locks") == []
