@@ -23,6 +23,7 @@ Either way no daemon process, socket or pid file may be left.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -345,3 +346,28 @@ def test_libvirt_remote_locks_are_refused(libvirt: Libvirt, kernel: Kernel,
     log = libvirt.daemon_log("pyvfs-locks").splitlines()
     assert log == ["pyvirtiofsd: error: invalid compat argument '-o posix_lock'"], log
     assert libvirt.pid_files("pyvfs-locks") == [] and libvirt.sockets("pyvfs-locks") == []
+
+
+# --- the descriptor, without libvirt ---------------------------------------------------------
+
+
+def test_descriptor_template_follows_the_schema() -> None:
+    """etc/vhost-user/40-pyvirtiofsd.json: the keys of QEMU's vhost-user.json VhostUserBackend,
+    type "fs", an absolute binary."""
+    doc = json.loads((ROOT / "etc" / "vhost-user" / "40-pyvirtiofsd.json").read_text())
+    assert set(doc) <= {"description", "type", "binary", "tags"} and doc["type"] == "fs"
+    assert os.path.isabs(doc["binary"]) and os.path.basename(doc["binary"]) == "pyvirtiofsd"
+
+
+def test_descriptor_installer_checks_the_binary(tmp_path: Path) -> None:
+    script = str(ROOT / "scripts" / "install-vhost-user.sh")
+    ok = subprocess.run(["bash", script, "--dir", str(tmp_path), str(DAEMON)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads((tmp_path / "40-pyvirtiofsd.json").read_text())
+    assert doc["type"] == "fs" and doc["binary"] == str(DAEMON)
+    # A program that is not a virtio-fs back-end is not installed.
+    bad = subprocess.run(["bash", script, "--dir", str(tmp_path / "other"), "/bin/true"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "does not report type" in bad.stderr
+    assert not (tmp_path / "other" / "40-pyvirtiofsd.json").exists()
