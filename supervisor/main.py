@@ -208,7 +208,7 @@ class Supervisor:
         self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
                             "waiting for the front-end")
         status = 0
-        why = "front-end disconnected"
+        why = "stopping on an error"
         try:
             conn = self.accept(listener, wake_r)
             if not self.config.reconnect:
@@ -220,6 +220,7 @@ class Supervisor:
                 log.info("waiting for the next front-end (--reconnect)")
                 self.notifier.status("front-end disconnected; waiting for the next (--reconnect)")
                 self.serve(self.accept(listener, wake_r), wake_r)
+            why = "front-end disconnected"
         except Shutdown:
             log.info("terminating on signal")
             why = "terminating on signal"
