@@ -254,7 +254,7 @@ class Supervisor:
         self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
                             "waiting for the front-end")
         status = 0
-        why = "front-end disconnected"
+        why = "stopping on an error"
         try:
             conn = self.accept(listener, wake_r)
             if not self.config.reconnect:
@@ -266,6 +266,7 @@ class Supervisor:
                 log.info("waiting for the next front-end (--reconnect)")
                 self.notifier.status("front-end disconnected; waiting for the next (--reconnect)")
                 self.serve(self.accept(listener, wake_r), wake_r)
+            why = "front-end disconnected"
         except Shutdown:
             log.info("terminating on signal")
             why = "terminating on signal"

@@ -23,6 +23,7 @@ Either way no daemon process, socket or pid file may be left.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -327,3 +328,46 @@ def test_libvirt_finds_the_descriptor_and_destroy(libvirt: Libvirt, kernel: Kern
         assert "@@GUEST power-button" not in run.console.read_text(errors="replace")
     finally:
         (vhost_user / "40-pyvirtiofsd.json").unlink()
+
+
+def test_libvirt_remote_locks_are_refused(libvirt: Libvirt, kernel: Kernel,
+                                          tmp_path: Path) -> None:
+    """<lock posix='on'/> becomes `-o ...,posix_lock`, which pyvirtiofsd refuses as virtiofsd
+    does (no remote POSIX locks): one error line in libvirt's log, the domain does not start,
+    nothing is left behind."""
+    share = tmp_path / "share"
+    share.mkdir()
+    xml = tmp_path / "locks.xml"
+    xml.write_text(domain_xml("pyvfs-locks", kernel, share, tmp_path / "console.log",
+                              f"<binary path='{DAEMON}'><lock posix='on'/></binary>"))
+    result = libvirt.virsh("create", str(xml), check=False)
+    assert result.returncode != 0
+    assert "pyvfs-locks" not in libvirt.running()
+    log = libvirt.daemon_log("pyvfs-locks").splitlines()
+    assert log == ["pyvirtiofsd: error: invalid compat argument '-o posix_lock'"], log
+    assert libvirt.pid_files("pyvfs-locks") == [] and libvirt.sockets("pyvfs-locks") == []
+
+
+# --- the descriptor, without libvirt ---------------------------------------------------------
+
+
+def test_descriptor_template_follows_the_schema() -> None:
+    """etc/vhost-user/40-pyvirtiofsd.json: the keys of QEMU's vhost-user.json VhostUserBackend,
+    type "fs", an absolute binary."""
+    doc = json.loads((ROOT / "etc" / "vhost-user" / "40-pyvirtiofsd.json").read_text())
+    assert set(doc) <= {"description", "type", "binary", "tags"} and doc["type"] == "fs"
+    assert os.path.isabs(doc["binary"]) and os.path.basename(doc["binary"]) == "pyvirtiofsd"
+
+
+def test_descriptor_installer_checks_the_binary(tmp_path: Path) -> None:
+    script = str(ROOT / "scripts" / "install-vhost-user.sh")
+    ok = subprocess.run(["bash", script, "--dir", str(tmp_path), str(DAEMON)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    doc = json.loads((tmp_path / "40-pyvirtiofsd.json").read_text())
+    assert doc["type"] == "fs" and doc["binary"] == str(DAEMON)
+    # A program that is not a virtio-fs back-end is not installed.
+    bad = subprocess.run(["bash", script, "--dir", str(tmp_path / "other"), "/bin/true"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "does not report type" in bad.stderr
+    assert not (tmp_path / "other" / "40-pyvirtiofsd.json").exists()

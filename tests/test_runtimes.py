@@ -27,6 +27,7 @@ other command line (Config.unimplemented()); nothing new is accepted silently.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -335,6 +336,68 @@ def test_kubevirt_privileged_dispatcher(tmp_path: Path, share: Path) -> None:
             proc.wait()
     assert not os.path.exists(sock)
     _unimplemented_warned(args, stderr.all)
+
+
+# --- libvirt 10's command line (separate options) ----------------------------------------------
+
+# libvirt's daemonized child: lock byte 0 of the pid file and write the pid (virPidFileAcquire),
+# keep the descriptor across exec, pass the listening socket as fd 3, exec the daemon.
+_EXEC_LIKE_LIBVIRT = """
+import fcntl, os, sys
+pidfile, fd = sys.argv[1], int(sys.argv[2])
+os.dup2(fd, 3)
+os.close(fd)
+p = os.open(pidfile, os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.lockf(p, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0)
+os.ftruncate(p, 0)
+os.write(p, str(os.getpid()).encode())
+os.set_inheritable(p, True)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def _posix_lock_holders(path: str) -> set[int]:
+    ino = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        return {int(fields[4]) for fields in map(str.split, f)
+                if "->" not in fields and fields[1] == "POSIX"
+                and fields[5].endswith(f":{ino}")}
+
+
+def test_libvirt_separate_options(tmp_path: Path, share: Path) -> None:
+    """Newer libvirt runs `BINARY --print-capabilities` and, seeing "separate-options", builds
+    virtiofsd's own options instead of `-o` (qemu_virtiofs.c); the pid file stays locked by the
+    daemon for its whole life, so that libvirt's stop finds and kills it."""
+    caps = json.loads(subprocess.run([str(DAEMON), "--print-capabilities"], capture_output=True,
+                                     text=True, timeout=TIMEOUT, check=True).stdout)
+    assert caps["type"] == "fs" and "separate-options" in caps["features"]
+    sock, pidfile = str(tmp_path / "fs0-fs.sock"), str(tmp_path / "1-dom-fs0-fs.pid")
+    args = ["--fd=3", "--shared-dir", str(share), "--cache", "always", "--sandbox", "chroot",
+            "--xattr", "--thread-pool-size=2", "--rlimit-nofile=4096", "--log-level", "debug"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(sock)
+        listener.listen()
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _EXEC_LIKE_LIBVIRT, pidfile, str(listener.fileno()),
+             str(DAEMON), *args], pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stderr = Lines.of_stream(proc.stderr)
+    try:
+        stderr.wait_for(WAITING)
+        assert int(Path(pidfile).read_text()) == proc.pid
+        family = _family(proc.pid)
+        fe = _serve_once(sock, share, proc)
+        assert _posix_lock_holders(pidfile) == {proc.pid}
+        fe.close()
+        assert proc.wait(timeout=TIMEOUT) == 0
+        _wait_gone(family)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _unimplemented_warned(args, stderr.all)
+    # The pid file and the socket are libvirt's to remove.
+    assert os.path.exists(pidfile) and os.path.exists(sock)
 
 
 # --- stopping the whole process group ------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from pyvirtiofsd.supervisor.config import ConfigError, parse
 from pyvirtiofsd.supervisor.systemd import Notifier, notify_address, take_listen_fd
 from tests.conftest import DAEMON, ROOT
-from tests.frontend import Frontend
+from tests.frontend import Frontend, FuseClient
 from tests.guest_util import guest_run
 from tests.proctree import children
 
@@ -135,6 +135,26 @@ def test_front_end_leaving_is_reported_as_stopping(tmp_path: Path, share: Path) 
         assert manager.receive()[0]["STATUS"].startswith("front-end connected")
         assert manager.receive()[0] == {"STOPPING": "1", "STATUS": "front-end disconnected"}
         assert proc.wait(timeout=TIMEOUT) == 0, "".join(log)
+    finally:
+        _stop(proc)
+        manager.close()
+
+
+def test_fatal_stop_tells_the_manager_why(tmp_path: Path, share: Path) -> None:
+    """The spawner killed: the daemon cannot go on; the manager reads why in STATUS=."""
+    manager = Manager(str(tmp_path / "notify"))
+    sock = str(tmp_path / "vfs.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    proc, log = _start([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                        "--sandbox=none"], env)
+    try:
+        assert manager.receive()[0]["READY"] == "1"
+        [spawner] = [pid for pid, name in children(proc.pid).items() if name == "pyvfs-spawner"]
+        os.kill(spawner, signal.SIGKILL)
+        stopping, _ = manager.receive()
+        assert stopping["STOPPING"] == "1", stopping
+        assert stopping["STATUS"].startswith("stopping: the spawner"), stopping
+        assert proc.wait(timeout=TIMEOUT) == 1, "".join(log)
     finally:
         _stop(proc)
         manager.close()
@@ -312,6 +332,41 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
          str(DAEMON), str(units / "pyvirtiofsd@vm1.service")],
         capture_output=True, text=True, timeout=60)
     assert "notfy" in bad.stderr, bad
+
+
+# What systemd does for a directive that can be reproduced without it: the capabilities it takes
+# from the bounding set (systemd.exec(5)), and no_new_privs.
+_DIRECTIVE_CAPS = {
+    "ProtectKernelModules=yes": ["sys_module"],
+    "ProtectClock=yes": ["sys_time", "wake_alarm"],
+    "ProtectKernelLogs=yes": ["syslog"],
+}
+
+
+def test_unit_hardening_leaves_the_sandbox_working(tmp_path: Path, share: Path) -> None:
+    """The template unit's NoNewPrivileges= and the capabilities its Protect*= directives remove,
+    applied with setpriv: the daemon still builds its namespace sandbox and serves."""
+    lines = (ROOT / "etc" / "pyvirtiofsd@.service").read_text().splitlines()
+    assert "NoNewPrivileges=yes" in lines
+    dropped = [cap for directive, caps in _DIRECTIVE_CAPS.items() if directive in lines
+               for cap in caps]
+    assert dropped, "the unit protects nothing that can be checked here"
+    sock = str(tmp_path / "vfs.sock")
+    proc, log = _start(["setpriv", "--no-new-privs",
+                        "--bounding-set=" + ",".join(f"-{c}" for c in dropped),
+                        str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                        "--sandbox=namespace"], dict(os.environ))
+    try:
+        fe = Frontend.connect(sock, queues=2, timeout=TIMEOUT, process=proc)
+        fuse = FuseClient(fe)
+        fuse.init()
+        fuse.mkdir(1, "made-by-guest")
+        assert (share / "made-by-guest").is_dir()
+        fe.close()
+        assert proc.wait(timeout=TIMEOUT) == 0, "".join(log)
+    finally:
+        _stop(proc)
+    assert not [line for line in log if " ERROR " in line], log
 
 
 def test_template_reads_the_instance_toml() -> None:
