@@ -130,6 +130,7 @@ class Supervisor:
         self.stats = Stats.create(self.num_queues)
         self.started = time.monotonic()
         self.connected = False
+        self.frontends_served = 0      # connections that ended (status: a reconnect's count)
         self.status: StatusServer | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
@@ -210,6 +211,7 @@ class Supervisor:
             "socket": self.config.socket_path or f"fd {self.config.fd}",
             "shared_dir": self.config.shared_dir,
             "frontend": "connected" if self.connected else "waiting",
+            "frontends_served": self.frontends_served,
             "processes": processes,
             "queues": queues,
             "inodes": inodes,
@@ -345,6 +347,7 @@ class Supervisor:
                         return
         finally:
             self.connected = False
+            self.frontends_served += 1
             backend.close()
             conn.close()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +62,35 @@ class Daemon:
     @property
     def text(self) -> str:
         return "".join(self.log)
+
+    def status(self) -> dict:
+        """The daemon's status document: GET /status on SOCKET.status (supervisor/status.py),
+        what tests read counters from instead of counting log lines, which are rate-limited."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(self.socket + ".status")
+            s.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return json.loads(data.partition(b"\r\n\r\n")[2])
+
+    def wait_status(self, done: Callable[[dict], bool], timeout: float = 10.0) -> dict:
+        """Poll the status document until `done` says yes (or the daemon exits)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = self.status()
+            if done(doc):
+                return doc
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}):\n{self.text}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"status never reached the condition: {doc}\n{self.text}")
+            time.sleep(0.01)
+
+    def wait_frontends_served(self, n: int) -> None:
+        """Until `n` front-end connections have ended and been torn down."""
+        self.wait_status(lambda doc: doc["frontends_served"] >= n)
 
 
 def start_daemon(share: Path, sock: str, *args: str, exe: Path = DAEMON) -> Daemon:

@@ -233,12 +233,6 @@ def daemon(tmp_path_factory):
     assert "Traceback" not in d.text, d.text
 
 
-def wait_count(d, text: str, n: int) -> None:
-    from tests.test_reconnect import wait_count as wait
-
-    wait(d, text, n)
-
-
 def _session_works(d) -> None:
     from tests.frontend import Frontend, FuseClient
 
@@ -255,12 +249,11 @@ def test_daemon_survives_hostile_front_ends(daemon, tmp_path_factory, seq) -> No
     d, counts = daemon
     opening, msgs = seq
     tmp = tmp_path_factory.getbasetemp() / "fuzz-file-2"
-    ended = "waiting for the next front-end"
     if not hasattr(test_daemon_survives_hostile_front_ends, "baseline"):
         _session_works(d)
-        wait_count(d, ended, 1)
+        d.wait_frontends_served(1)
         test_daemon_survives_hostile_front_ends.baseline = counts()
-    n = d.text.count(ended)
+    n = d.status()["frontends_served"]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(d.socket)
     s.settimeout(2)
@@ -279,6 +272,6 @@ def test_daemon_survives_hostile_front_ends(daemon, tmp_path_factory, seq) -> No
         s.close()
     # Serving is one connection at a time: once the next one is served, this one is done.
     _session_works(d)
-    wait_count(d, ended, n + 2)         # both connections fully torn down
+    d.wait_frontends_served(n + 2)      # both connections fully torn down
     assert d.proc.poll() is None
     assert counts() == test_daemon_survives_hostile_front_ends.baseline

@@ -9,7 +9,6 @@ does (tests/test_daemon_vhost.py checks that).
 from __future__ import annotations
 
 import os
-import queue
 import select
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,16 +33,6 @@ def daemon(daemon_factory) -> Iterator[Daemon]:
     yield d
     assert d.proc.poll() is None, "the daemon exited:\n" + d.text
     assert "Traceback" not in d.text, d.text
-
-
-def wait_count(d: Daemon, text: str, n: int, timeout: float = 10.0) -> None:
-    """Until the daemon logged `text` at least `n` times."""
-    while d.text.count(text) < n:
-        try:
-            if d.lines.get(timeout=timeout) is None:
-                raise AssertionError("the daemon exited:\n" + d.text)
-        except queue.Empty:
-            raise AssertionError(f"{text!r} logged fewer than {n} times:\n{d.text}") from None
 
 
 def spawner(d: Daemon) -> int:
@@ -127,7 +116,7 @@ def test_handles_and_nodeids_survive_a_new_front_end(daemon: Daemon, order: str)
     dfh = c.opendir(dnode).fh
     new = c.create(dnode, "made-before", 0o600)
     fe.close()
-    wait_count(daemon, "waiting for the next front-end", 1)
+    daemon.wait_frontends_served(1)
 
     fe2 = BRING_UP[order](daemon.socket, daemon)
     try:
@@ -196,7 +185,7 @@ def test_repeated_reconnects_leak_no_fd(daemon: Daemon) -> None:
         assert c.getattr(ROOT).attr.ino == daemon.share.stat().st_ino
         fe.add_mem_region(MIB)
         fe.close()
-        wait_count(daemon, "waiting for the next front-end", n)
+        daemon.wait_frontends_served(n)
 
     cycle(1)
     sup, table = fd_count(daemon.proc.pid), fd_count(spawner(daemon))
