@@ -56,6 +56,11 @@ SPIN_SHARE = 0.5
 # Requests sent without waiting for their answer (SET_CALL, SET_ENABLE), at most, per worker:
 # past that the channel's buffers could fill and block either side.
 MAX_UNANSWERED = 8
+# How long a disable (SET_VRING_ENABLE 0) waits for the worker to stop at a request boundary
+# before the front-end is answered anyway: a worker between requests answers in microseconds,
+# so the pause is exact (tests/test_pause_resume.py); one asleep in a system call stops when
+# the call returns, and the front-end's control plane does not wait for that.
+DISABLE_PATIENCE = 1.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A start that failed for want of a free fd is retried after this long, without counting it
 # towards failing the queue; so is one the spawner's death interrupted (at once).
@@ -344,10 +349,11 @@ class ProcessTable:
         return handle
 
     def _wait(self, sock: socket.socket, allowed: frozenset[MsgType], seq: int,
-              who: str, pidfd: int = -1, handle: WorkerHandle | None = None) -> Message:
+              who: str, pidfd: int = -1, handle: WorkerHandle | None = None,
+              timeout: float = ANSWER_TIMEOUT) -> Message:
         """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
         after the worker died, so its death shows on its pidfd, not as EOF."""
-        deadline = time.monotonic() + ANSWER_TIMEOUT
+        deadline = time.monotonic() + timeout
         while True:
             # Other workers that die meanwhile are reaped at once: a dead worker may hold a
             # lock of the shared tables, which is only taken over once it is no zombie, and the
@@ -406,10 +412,11 @@ class ProcessTable:
 
     # -- requests to workers -----------------------------------------------------------------
     def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = (),
-                answer: bool = True) -> Message | None:
+                answer: bool = True, patience: float = 0.0) -> Message | None:
         """Send a request to the worker of `queue` and return its answer.  With answer=False
         (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
-        return at once: the answer is consumed when it arrives."""
+        wait `patience` seconds at most, then return None: a later answer is consumed when it
+        arrives."""
         handle = self.workers.get(queue)
         if handle is None:
             raise WorkerGone(queue, "is not running")
@@ -418,10 +425,13 @@ class ProcessTable:
             self._collect(handle)
             if not answer and len(handle.unanswered) < MAX_UNANSWERED:
                 control.send(handle.channel, data_fn(handle.seq), fds)
-                handle.unanswered.add(handle.seq)
-                return None
-            control.send(handle.channel, data_fn(handle.seq), fds)
-            reply = self._answer(handle, handle.seq)
+                reply = self._within(handle, handle.seq, patience)
+                if reply is None:
+                    handle.unanswered.add(handle.seq)
+                    return None
+            else:
+                control.send(handle.channel, data_fn(handle.seq), fds)
+                reply = self._answer(handle, handle.seq)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
@@ -435,6 +445,19 @@ class ProcessTable:
         if reply.type is MsgType.FAILED:
             raise OSError(reply.fields[0], os.strerror(reply.fields[0]))
         return reply
+
+    def _within(self, handle: WorkerHandle, seq: int, patience: float) -> Message | None:
+        """The answer to `seq` if it comes within `patience` seconds, else None."""
+        if patience <= 0:
+            return None
+        try:
+            return self._wait(handle.channel, control.FROM_WORKER, seq,
+                              f"worker for queue {handle.queue}", handle.pidfd, handle,
+                              timeout=patience)
+        except OSError as e:
+            if e.errno != errno.ETIMEDOUT:
+                raise
+            return None
 
     def _collect(self, handle: WorkerHandle) -> None:
         """Consume the answers that arrived for requests sent without waiting."""
@@ -600,7 +623,8 @@ class ProcessTable:
         if index in self.workers:
             try:
                 self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
-                                                               int(enabled)), answer=False)
+                                                               int(enabled)), answer=False,
+                             patience=0.0 if enabled else DISABLE_PATIENCE)
             except WorkerGone:
                 pass
 
