@@ -34,12 +34,13 @@ MAX_TAG_LEN = 36
 MAX_REQUEST_QUEUES = 64
 MAX_QUEUE_SIZE = 32768  # virtio spec 2.7: split queue size is a power of two up to 32768
 
-# `--print-capabilities` output, byte for byte what virtiofsd prints (vhost-user.json schema,
-# read by libvirt to learn the backend type and which options it may pass separately).
+# `--print-capabilities` output (vhost-user.json schema, read by libvirt to learn the backend
+# type and which options it may pass separately): virtiofsd's, less "migrate-precopy", which
+# libvirt takes as a promise that the domain can be migrated.  It comes back with DEVICE_STATE
+# migration; advertising it before would let libvirt start a migration that cannot work.
 CAPABILITIES_JSON = """{
   "type": "fs",
   "features": [
-    "migrate-precopy",
     "separate-options"
   ]
 }
