@@ -176,10 +176,6 @@ class QueueJournal:
     def geometry(self) -> int:
         return self._w[_W_GEOMETRY]
 
-    @property
-    def boots(self) -> int:
-        return self._u32[_W_SIZE_BOOTS * 2 + 1]
-
     def count_boot(self) -> int:
         """Count one worker start for this queue; returns the count including this one."""
         n = (self._u32[_W_SIZE_BOOTS * 2 + 1] + 1) & 0xFFFFFFFF

@@ -221,19 +221,6 @@ def limit_capabilities(keep: frozenset[int]) -> None:
     prctl.cap_permitted.limit(*known)
 
 
-def capability_mask(kind: str, pid: int | str = "self") -> int:
-    """CapPrm/CapEff/CapBnd... of a process, from /proc/PID/status (for logs and tests)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(kind + ":"):
-                return int(line.split()[1], 16)
-    raise KeyError(kind)
-
-
-def mask_of(caps: frozenset[int]) -> int:
-    return sum(1 << c for c in caps)
-
-
 # --- procfs -------------------------------------------------------------------------------------
 
 
