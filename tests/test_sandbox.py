@@ -123,8 +123,12 @@ def test_namespaces_and_root(daemon_factory, share: Path, mode: str) -> None:
             for kind in host:
                 assert ns(pid, kind) != host[kind], (pid, kind)
         else:
-            assert {k: ns(pid, k) for k in host} == host      # chroot: no namespaces
-    if mode == "namespace":
+            # chroot: a pid namespace of its own (its procfs must not show the host's
+            # processes), no other namespace.
+            assert ns(pid, "pid") != host["pid"]
+            assert {k: ns(pid, k) for k in host if k != "pid"} == {
+                k: v for k, v in host.items() if k != "pid"}
+    if mode != "none":
         # The supervisor is the first process of its pid namespace, the parent stays outside.
         assert status(t.supervisor)["NSpid"].split() == [str(t.supervisor), "1"]
         assert ns(t.parent, "pid") == host["pid"] and ns(t.parent, "mnt") == host["mnt"]
