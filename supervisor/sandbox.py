@@ -16,8 +16,8 @@ Order (DESIGN.md "Sandbox"), with virtiofsd's `--sandbox` semantics:
    `chroot` (root only): the same parent/supervisor split and pid namespace (the procfs must not
    show the host's processes: their /proc/PID/root leads out of any chroot), a fresh read-only
    procfs of it, then chroot into the share; no other namespace, so the share keeps the host's
-   mount flags (mount it nodev,nosuid on the host).  `none`: no isolation, with a warning; for unprivileged use and
-   debugging.
+   mount flags (mount it nodev,nosuid on the host).  `none`: no isolation, with a warning; for
+   unprivileged use and debugging.
 3. Capabilities: the spawner keeps only the workers' set (`WORKER_CAPS`, `--modcaps`) in its
    permitted, effective and bounding sets, and its workers inherit exactly that; the supervisor
    drops everything once its workers run; the parent keeps nothing.
