@@ -50,7 +50,7 @@ import pyseccomp
 from pyvirtiofsd.common import native
 
 ACTIONS = ("kill", "trap", "log", "none")
-ROLES = ("supervisor", "spawner", "worker")
+ROLES = ("parent", "supervisor", "spawner", "worker")
 ARCHES = {"x86_64": pyseccomp.Arch.X86_64, "aarch64": pyseccomp.Arch.AARCH64}
 POLICY_PACKAGE = "pyvirtiofsd.policies"
 # Operators may point the daemon at edited copies of the policies (they are checked the same way).

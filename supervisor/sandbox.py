@@ -548,6 +548,7 @@ class Sandbox:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
+        self.confine_parent()
         _, status = os.waitpid(child, 0)
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)
@@ -559,6 +560,13 @@ class Sandbox:
         return 128 + sig
 
     # -- per process, once set up -----------------------------------------------------------
+    def confine_parent(self) -> None:
+        """The parent left outside: no new privileges and its own filter (policies/
+        parent.policy).  A refused call kills it with a line on stderr; the supervisor then
+        gets SIGKILL (its parent-death signal)."""
+        prctl.set_no_new_privs(1)
+        seccomp.install(self.filters.get("parent"), self.action, "pyvirtiofsd sandbox parent")
+
     def confine_supervisor(self) -> None:
         """After the spawner and workers started: no capabilities, no new privileges, filter."""
         prctl.set_no_new_privs(1)
