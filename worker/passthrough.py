@@ -16,6 +16,10 @@ Staying inside the share:
   one the host moved out of the share (while the guest holds it) answers ENOENT to LOOKUP,
   CREATE, MKDIR & co. and to READDIR.  The kernel's name for the directory (its /proc/self/fd
   link) must lead from the root, without symlinks, back to that same directory;
+* an inode is only changed while it is still in the share (_check_inode_beneath): SETATTR,
+  SETXATTR/REMOVEXATTR, LINK of it and OPEN for writing, O_TRUNC or O_TMPFILE answer ENOENT
+  for something the host moved out; an inode with no name left (unlinked, O_TMPFILE) is only
+  reached through the guest's own nodeid or handle and may still be changed;
 * a file is opened for I/O by re-opening its O_PATH fd through the /proc/self/fd directory the
   worker holds -- the magic link names the inode itself, so no path is resolved again;
 * only regular files and directories are ever opened for I/O: opening a device node or FIFO
@@ -24,8 +28,13 @@ Staying inside the share:
 Credentials: every operation runs with the caller's uid/gid as fsuid/fsgid and with the
 supplementary groups the request carried (FUSE_EXT_GROUPS, else none), so the host kernel
 checks permissions as for that user; with a non-zero fsuid the kernel also ignores the daemon's
-file-access capabilities.  FUSE does not carry the caller's other supplementary groups except,
-for requests that create an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the
+file-system capabilities.  It keeps CAP_SETFCAP (and SETUID/SETGID) whatever the fsuid, so the
+checks the kernel would make with them are made here: security.capability is set by uid 0
+only and removed only by a caller who may write the file (_check_xattr_change); set-id bits
+are dropped as the daemon only for such a caller (_chmod).  MKNOD of a block or character
+device needs --allow-device-nodes (_check_device_node).
+
+FUSE does not carry the caller's other supplementary groups except, for requests that create an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the
 guest allowed through one of them (virtio-fs always mounts with default_permissions: the guest
 kernel checked first) would fail here.  Such an operation the host refuses is tried once more
 with the groups of the inodes it names added (`_member_retry`).  That grants nothing the guest
