@@ -34,9 +34,10 @@ only and removed only by a caller who may write the file (_check_xattr_change); 
 are dropped as the daemon only for such a caller (_chmod).  MKNOD of a block or character
 device needs --allow-device-nodes (_check_device_node).
 
-FUSE does not carry the caller's other supplementary groups except, for requests that create an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the
-guest allowed through one of them (virtio-fs always mounts with default_permissions: the guest
-kernel checked first) would fail here.  Such an operation the host refuses is tried once more
+FUSE does not carry the caller's other supplementary groups except, for requests that create
+an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the guest allowed through
+one of them (virtio-fs always mounts with default_permissions: the guest kernel checked first)
+would fail here.  Such an operation the host refuses is tried once more
 with the groups of the inodes it names added (`_member_retry`).  That grants nothing the guest
 could not have by sending that gid as the caller's own, which it is free to do.  ACCESS is a
 question, not an operation the guest checked, and is never retried; LOOKUP is not either, so
