@@ -548,7 +548,7 @@ class Sandbox:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
-        self.confine_parent()
+        self.confine_parent(child)
         _, status = os.waitpid(child, 0)
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)
@@ -560,12 +560,17 @@ class Sandbox:
         return 128 + sig
 
     # -- per process, once set up -----------------------------------------------------------
-    def confine_parent(self) -> None:
+    def confine_parent(self, child: int) -> None:
         """The parent left outside: no new privileges and its own filter (policies/
-        parent.policy).  A refused call kills it with a line on stderr; the supervisor then
+        parent.policy, compiled again now that the supervisor's pid is known: signals go to
+        it only).  A refused call kills the parent with a line on stderr; the supervisor then
         gets SIGKILL (its parent-death signal)."""
         prctl.set_no_new_privs(1)
-        seccomp.install(self.filters.get("parent"), self.action, "pyvirtiofsd sandbox parent")
+        if self.action == "none":
+            return
+        policy = seccomp.load_policy("parent", {"SUPERVISOR_PID": child})
+        seccomp.install(seccomp.compile_filter(policy, self.action), self.action,
+                        "pyvirtiofsd sandbox parent")
 
     def confine_supervisor(self) -> None:
         """After the spawner and workers started: no capabilities, no new privileges, filter."""

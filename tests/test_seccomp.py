@@ -37,8 +37,13 @@ NR = {name: pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
                    "kill", "rt_sigaction", "clone3", "getpid")}
 
 
+# A pid above any pid_max, as the parent's supervisor: kill(2) of it is ESRCH if allowed.
+NOBODY_PID = 0x3FFFFFF0
+VARIABLES = {"SUPERVISOR_PID": NOBODY_PID}
+
+
 def filter_for(role: str, action: str = "kill"):
-    return seccomp.compile_filter(seccomp.load_policy(role), action)
+    return seccomp.compile_filter(seccomp.load_policy(role, VARIABLES), action)
 
 
 def run_confined(filt, action: str, body: Callable[[], object],
@@ -147,6 +152,8 @@ def parse_files(files: dict[str, str], name: str = "t.policy") -> list[seccomp.R
                          "mask), not <"),
     ("read: arg0 == 1\n", "policies/t.policy:1: the width of read arg0 is not known (add it "
                           "to ARG_BITS in common/seccomp.py)"),
+    ("kill: arg0 == $NOPE\n", "policies/t.policy:1: unknown variable '$NOPE' (known: "
+                             "$SUPERVISOR_PID)"),
 ])
 def test_policy_errors_are_one_clear_line(text: str, message: str) -> None:
     with pytest.raises(PolicyError) as ei:
@@ -295,11 +302,11 @@ def _wait_any() -> None:
         pass
 
 
-def _kill_nobody(sig: int) -> Callable[[], None]:
+def _kill_nobody(sig: int, pid: int = NOBODY_PID) -> Callable[[], None]:
     """kill(2) of a pid above any pid_max: ESRCH if the filter lets it through."""
     def call() -> None:
         try:
-            os.kill(0x3FFFFFF0, sig)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
     return call
@@ -337,6 +344,7 @@ def _kill_nobody(sig: int) -> Callable[[], None]:
     ("parent", _kill_nobody(signal.SIGHUP), True),
     ("parent", _kill_nobody(signal.SIGKILL), False),
     ("parent", _kill_nobody(signal.SIGUSR1), False),
+    ("parent", _kill_nobody(signal.SIGTERM, NOBODY_PID + 1), False),   # not its supervisor
     ("parent", _wait_any, True),
     ("parent", lambda: os.open("/dev/null", os.O_RDONLY), False),
     ("parent", os.fork, False),
@@ -391,7 +399,7 @@ def _probes() -> list[tuple[str, str, int, int, bool]]:
     their neighbours."""
     out = []
     for role in seccomp.ROLES:
-        for rule in seccomp.load_policy(role).rules:
+        for rule in seccomp.load_policy(role, VARIABLES).rules:
             args = {c.arg for alt in rule.alternatives for c in alt
                     if seccomp.arg_bits(rule.syscall, c.arg) == 32}
             for arg in sorted(args):
