@@ -193,6 +193,7 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 _S_IFMT = 0o170000
 XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
+_DELETED = b" (deleted)"   # what d_path() appends to the name of an unlinked dentry
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -354,19 +355,19 @@ class PassthroughFs(Filesystem):
                 return
         path = os.readlink(b"%d" % fd, dir_fd=self._proc)
         root = self._root_path
+        if root != b"/" and path != root and not path.startswith(root + b"/"):
+            # Without a sandbox the kernel names paths from the host's root.
+            raise _err(errno.ENOENT)
         try:
             if root == b"/":
                 # The share is this process's root (pivoted or chrooted): no path, symlinks
-                # included, resolves outside it, so reaching this very directory is the whole
+                # included, resolves outside it, so reaching this very inode is the whole
                 # question -- asked without opening anything (a worker killed while it holds an
                 # fd in the shared table would leave that fd behind).
                 found = os.stat(path.lstrip(b"/") or b".", dir_fd=self._root_fd,
                                 follow_symlinks=False)
             else:
-                # Without a sandbox the kernel names paths from the host's root, and symlinks
-                # could lead anywhere: the path must be under the share's and is walked with none.
-                if path != root and not path.startswith(root + b"/"):
-                    raise _err(errno.ENOENT)
+                # Symlinks could lead anywhere: the path is walked with none.
                 fd = _open_beneath(self._root_fd, path[len(root):].lstrip(b"/") or b".",
                                    os.O_PATH | os.O_CLOEXEC)
                 try:
@@ -374,9 +375,17 @@ class PassthroughFs(Filesystem):
                 finally:
                     os.close(fd)
         except OSError:
-            raise _err(errno.ENOENT) from None
-        if (found.st_dev, found.st_ino) != (have.st_dev, have.st_ino):
-            raise _err(errno.ENOENT)
+            found = None
+        if found is not None and (found.st_dev, found.st_ino) == (have.st_dev, have.st_ino):
+            return
+        if not directory and path.endswith(_DELETED):
+            # The name it was looked up by is gone but it has other links (the guest's LINK
+            # then UNLINK, or a host hard link): reached only through what the guest holds,
+            # like an unlinked file.  (A host name that itself ends in " (deleted)" reads the
+            # same when its directory is outside a pivoted root; the host would have to make
+            # one and move it out under a held nodeid.)
+            return
+        raise _err(errno.ENOENT)
 
     def _reopen(self, fd: int, flags: int) -> int:
         """An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link."""
