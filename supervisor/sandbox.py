@@ -539,6 +539,8 @@ class Sandbox:
         logsetup.set_role("sandbox parent")
         set_dumpable()
         limit_capabilities(frozenset())
+        # Its filter allows installing its handlers (rt_sigaction, rt_sigprocmask) below.
+        self.confine_parent(child)
 
         def forward(signum: int, _frame: object) -> None:
             try:
@@ -548,7 +550,6 @@ class Sandbox:
 
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, forward)
-        self.confine_parent(child)
         _, status = os.waitpid(child, 0)
         if os.WIFEXITED(status):
             return os.WEXITSTATUS(status)
