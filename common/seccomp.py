@@ -41,7 +41,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -50,7 +50,7 @@ import pyseccomp
 from pyvirtiofsd.common import native
 
 ACTIONS = ("kill", "trap", "log", "none")
-ROLES = ("supervisor", "spawner", "worker")
+ROLES = ("parent", "supervisor", "spawner", "worker")
 ARCHES = {"x86_64": pyseccomp.Arch.X86_64, "aarch64": pyseccomp.Arch.AARCH64}
 POLICY_PACKAGE = "pyvirtiofsd.policies"
 # Operators may point the daemon at edited copies of the policies (they are checked the same way).
@@ -122,6 +122,11 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("clone", 0): 64,              # unsigned long clone_flags
 }
 _U32 = (1 << 32) - 1
+
+# Values known only once the daemon runs, written `$NAME` in a policy: the policy is checked at
+# start with a placeholder and compiled again with the value when it is loaded.
+VARIABLES = ("SUPERVISOR_PID",)    # the sandboxed supervisor, as its parent sees it
+VARIABLE_PLACEHOLDER = 1
 
 _OPS = {"==": pyseccomp.EQ, "!=": pyseccomp.NE, "<": pyseccomp.LT, "<=": pyseccomp.LE,
         ">": pyseccomp.GT, ">=": pyseccomp.GE}
@@ -212,12 +217,18 @@ def _known_syscall(name: str) -> bool:
     return any(pyseccomp.resolve_syscall(arch, name) >= 0 for arch in ARCHES.values())
 
 
-def _value(text: str, where: str) -> int:
+def _value(text: str, where: str, variables: Mapping[str, int] | None) -> int:
     total = 0
     for atom in text.split("|"):
         atom = atom.strip()
         if atom in CONSTANTS:
             total |= CONSTANTS[atom]
+            continue
+        if atom.startswith("$"):
+            if atom[1:] not in VARIABLES:
+                raise PolicyError(f"{where}: unknown variable {atom!r} (known: "
+                                  f"{', '.join('$' + v for v in VARIABLES)})")
+            total |= (variables or {}).get(atom[1:], VARIABLE_PLACEHOLDER)
             continue
         try:
             number = int(atom, 0)
@@ -234,7 +245,8 @@ def arg_bits(syscall: str, arg: int) -> int:
     return ARG_BITS[(syscall, arg)]
 
 
-def _condition(text: str, where: str, syscall: str) -> tuple[tuple[Comparison, ...], ...]:
+def _condition(text: str, where: str, syscall: str,
+               variables: Mapping[str, int] | None) -> tuple[tuple[Comparison, ...], ...]:
     alternatives = []
     for alternative in text.split("||"):
         comparisons: list[Comparison] = []
@@ -250,8 +262,8 @@ def _condition(text: str, where: str, syscall: str) -> tuple[tuple[Comparison, .
             if mask is not None and op != "==":
                 raise PolicyError(f"{where}: a masked comparison must use == (arg{arg} & ... "
                                   f"{op})")
-            cmp = Comparison(arg, op, _value(value, where),
-                             None if mask is None else _value(mask, where))
+            cmp = Comparison(arg, op, _value(value, where, variables),
+                             None if mask is None else _value(mask, where, variables))
             bits = ARG_BITS.get((syscall, arg))
             if bits is None:
                 raise PolicyError(f"{where}: the width of {syscall} arg{arg} is not known (add "
@@ -268,8 +280,8 @@ def _condition(text: str, where: str, syscall: str) -> tuple[tuple[Comparison, .
     return tuple(alternatives)
 
 
-def parse(text: str, name: str, read=_read_policy_file,
-          _stack: tuple[str, ...] = ()) -> list[Rule]:
+def parse(text: str, name: str, read=_read_policy_file, _stack: tuple[str, ...] = (),
+          variables: Mapping[str, int] | None = None) -> list[Rule]:
     """Rules of policy file `name` (its text given), includes expanded in place."""
     rules: list[Rule] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
@@ -289,7 +301,7 @@ def parse(text: str, name: str, read=_read_policy_file,
                 body = read(included)
             except OSError as e:
                 raise PolicyError(f"{where}: cannot read {included}: {e.strerror or e}") from None
-            rules.extend(parse(body, included, read, (*_stack, name)))
+            rules.extend(parse(body, included, read, (*_stack, name), variables))
             continue
         syscall, sep, spec = line.partition(":")
         syscall, spec = syscall.strip(), spec.strip()
@@ -308,18 +320,21 @@ def parse(text: str, name: str, read=_read_policy_file,
                                   "EPERM)")
             rules.append(Rule(syscall, where, errno=value))
         else:
-            rules.append(Rule(syscall, where, alternatives=_condition(spec, where, syscall)))
+            rules.append(Rule(syscall, where,
+                              alternatives=_condition(spec, where, syscall, variables)))
     return rules
 
 
-def load_policy(role: str) -> Policy:
-    """Read and check `<role>.policy`; PolicyError names the file and line of any problem."""
+def load_policy(role: str, variables: Mapping[str, int] | None = None) -> Policy:
+    """Read and check `<role>.policy`; PolicyError names the file and line of any problem.
+    `variables` gives the values of `$NAME`s (VARIABLES); without it they are placeholders,
+    enough to check the policy before the values exist."""
     name = f"{role}.policy"
     try:
         text = _read_policy_file(name)
     except OSError as e:
         raise PolicyError(f"policies/{name}: cannot read: {e.strerror or e}") from None
-    rules = parse(text, name)
+    rules = parse(text, name, variables=variables)
     first: dict[str, Rule] = {}
     for rule in rules:
         if rule.syscall in first:

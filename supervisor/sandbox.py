@@ -13,9 +13,11 @@ Order (DESIGN.md "Sandbox"), with virtiofsd's `--sandbox` semantics:
    the share still appear; nothing propagates back), creates a fresh read-only procfs that lists
    only its own namespace's processes (`subset=pid`), bind-mounts the share recursively, makes it
    the root with pivot_root and detaches the old root.
-   `chroot` (root only): the same parent/supervisor split, a fresh read-only procfs made before,
-   then chroot into the share.  `none`: no isolation, with a warning; for unprivileged use and
-   debugging.
+   `chroot` (root only): the same parent/supervisor split and pid namespace (the procfs must not
+   show the host's processes: their /proc/PID/root leads out of any chroot), a fresh read-only
+   procfs of it, then chroot into the share; no other namespace, so the share keeps the host's
+   mount flags (mount it nodev,nosuid on the host).  `none`: no isolation, with a warning; for
+   unprivileged use and debugging.
 3. Capabilities: the spawner keeps only the workers' set (`WORKER_CAPS`, `--modcaps`) in its
    permitted, effective and bounding sets, and its workers inherit exactly that; the supervisor
    drops everything once its workers run; the parent keeps nothing.
@@ -451,10 +453,12 @@ class Sandbox:
                         "can (meant for unprivileged use and debugging)")
             self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             return 0
-        if self.mode == "namespace":
+        if self.mode == "namespace" or self.mode == "chroot":
             # Only the pid namespace (and the user namespace) is entered before forking: the
             # parent must keep the host's mounts to remove the socket at the end; the child is
-            # the new pid namespace's first process.
+            # the new pid namespace's first process.  chroot mode needs it as much: a procfs
+            # of the host's pid namespace leads out of any chroot through /proc/PID/root and
+            # /proc/PID/cwd of every process a worker may act as the owner of.
             if os.geteuid() != 0:
                 try:
                     _enter_user_namespace(_IdMaps.of(self.config), CLONE_NEWPID)
@@ -505,11 +509,13 @@ class Sandbox:
         _pivot_into(share)
 
     def _set_up_chroot(self, share: str) -> None:
+        # The procfs of the new pid namespace, never the host's (see enter()): without the
+        # new mount API (Linux 5.2) there is no way to make one outside a mount namespace.
         try:
             self.proc_fd = fresh_proc()
         except SandboxError as e:
-            log.warning("no private procfs (%s): workers use the host's /proc", e)
-            self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            raise SandboxError(f"{e} (a private procfs is needed; use --sandbox=namespace)"
+                               ) from None
         os.chroot(share)
         os.chdir("/")
 
@@ -519,6 +525,8 @@ class Sandbox:
         logsetup.set_role("sandbox parent")
         set_dumpable()
         limit_capabilities(frozenset())
+        # Its filter allows installing its handlers (rt_sigaction, rt_sigprocmask) below.
+        self.confine_parent(child)
 
         def forward(signum: int, _frame: object) -> None:
             try:
@@ -540,6 +548,18 @@ class Sandbox:
         return 128 + sig
 
     # -- per process, once set up -----------------------------------------------------------
+    def confine_parent(self, child: int) -> None:
+        """The parent left outside: no new privileges and its own filter (policies/
+        parent.policy, compiled again now that the supervisor's pid is known: signals go to
+        it only).  A refused call kills the parent with a line on stderr; the supervisor then
+        gets SIGKILL (its parent-death signal)."""
+        prctl.set_no_new_privs(1)
+        if self.action == "none":
+            return
+        policy = seccomp.load_policy("parent", {"SUPERVISOR_PID": child})
+        seccomp.install(seccomp.compile_filter(policy, self.action), self.action,
+                        "pyvirtiofsd sandbox parent")
+
     def confine_supervisor(self) -> None:
         """After the spawner and workers started: no capabilities, no new privileges, filter."""
         prctl.set_no_new_privs(1)

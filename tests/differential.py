@@ -1,8 +1,9 @@
 """Differential testing of pyvirtiofsd against the Rust virtiofsd, and of pyvirtiofsd's two data
 planes against each other: daemons, normal forms, model.
 
-`DaemonPair` runs both daemons as root with `--sandbox=none --xattr` on two directories that
-start out identical, each behind its own Frontend/FuseClient (tests/frontend.py), and sends one
+`DaemonPair` runs both daemons as root with `--sandbox=none --xattr` (pyvirtiofsd also with
+`--allow-device-nodes`, which virtiofsd has no choice about) on two directories that start out
+identical, each behind its own Frontend/FuseClient (tests/frontend.py), and sends one
 request to both at once.  The rest turns what they answer into values that compare equal
 exactly when the daemons behaved the same:
 

@@ -226,7 +226,8 @@ def test_nothing_moved_out_of_the_share_is_changed_through_what_the_guest_held(
 
 def test_a_file_the_guest_unlinked_can_still_be_changed_through_its_handle(env: Env) -> None:
     """Only a name leading outside is refused: a file with no name left (unlinked while
-    open, or made with O_TMPFILE) is reachable through the guest's own handle only."""
+    open, or made with O_TMPFILE), or whose name is gone while another link stays, is the
+    guest's own."""
     c = env.client
     e, opened = c.create(ROOT, "tmp", mode=0o600)
     fh = opened.fh
@@ -239,6 +240,15 @@ def test_a_file_the_guest_unlinked_can_still_be_changed_through_its_handle(env: 
     tmp = c.open(ROOT, os.O_TMPFILE | os.O_RDWR).fh
     c.release(ROOT, tmp)
     assert os.listdir(env.share) == []
+    # Looked up by a name that is gone, still linked by another: the guest's own file.
+    e, opened = c.create(ROOT, "a", mode=0o600)
+    c.release(e.nodeid, opened.fh)
+    c.link(e.nodeid, ROOT, "b")
+    c.unlink(ROOT, "a")
+    c.setattr(e.nodeid, mode=0o644)
+    c.release(e.nodeid, c.open(e.nodeid, os.O_RDWR | os.O_TRUNC).fh)
+    assert stat.S_IMODE(os.stat(env.share / "b").st_mode) == 0o644
+    c.unlink(ROOT, "b")
 
 
 def test_hard_links_placed_by_the_host_expose_that_file_only(env: Env) -> None:

@@ -124,6 +124,33 @@ def test_set_id_bits_are_dropped_only_by_who_may_write_the_file(env: Env) -> Non
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o4777
 
 
+def test_the_rest_of_the_set_gives_a_non_root_caller_nothing(env: Env) -> None:
+    """CHOWN, FSETID and the set-gid directory rules, for guest uid 1000: what the host kernel
+    answers that uid (the daemon adds no path of its own where these capabilities count)."""
+    os.chmod(env.share, 0o777)
+    e, opened = env.user.create(ROOT, "mine", mode=0o755)
+    env.user.release(e.nodeid, opened.fh)
+    # CHOWN: giving a file away, or to a group one is not in.
+    assert errno_of(env.user.setattr, e.nodeid, uid=0) == errno.EPERM
+    # FSETID: set-gid on a file of a group one is not in is dropped silently.
+    os.chown(env.share / "mine", USER, 0)
+    env.user.setattr(e.nodeid, mode=0o2755)
+    st = os.stat(env.share / "mine")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, 0, 0o755)
+    # A set-gid directory of group 0: what is made in it takes group 0; a new file's own
+    # set-gid bit is dropped for a non-member, a new directory inherits it.
+    (env.share / "team").mkdir(mode=0o2777)
+    os.chmod(env.share / "team", 0o2777)
+    team = env.user.lookup(ROOT, "team").nodeid
+    f, opened = env.user.create(team, "f", mode=0o2775)
+    env.user.release(f.nodeid, opened.fh)
+    env.user.mkdir(team, "d", mode=0o755)
+    st = os.stat(env.share / "team" / "f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, 0, 0o775)
+    st = os.stat(env.share / "team" / "d")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, 0, 0o2755)
+
+
 # --- device nodes ---------------------------------------------------------------------------------
 
 

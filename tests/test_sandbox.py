@@ -95,9 +95,11 @@ def test_every_process_keeps_only_what_its_role_needs(daemon_factory, mode: str)
     assert caps(t.supervisor) == dict.fromkeys(("CapInh", "CapPrm", "CapEff", "CapBnd",
                                                 "CapAmb"), 0)
     if t.parent is not None:
-        # The parent only waits: no capabilities (it runs no guest-driven code, no filter).
+        # The parent only waits: no capabilities, no new privileges, a filter of its own.
         c = caps(t.parent)
         assert c["CapPrm"] == c["CapEff"] == c["CapBnd"] == 0
+        s = status(t.parent)
+        assert (s["Seccomp"], s["Seccomp_filters"], s["NoNewPrivs"]) == ("2", "1", "1"), s
     # No core dumps.
     for pid in [t.supervisor, t.spawner, *t.workers]:
         assert limit(pid, "Max core file size") == ("0", "0")
@@ -123,8 +125,12 @@ def test_namespaces_and_root(daemon_factory, share: Path, mode: str) -> None:
             for kind in host:
                 assert ns(pid, kind) != host[kind], (pid, kind)
         else:
-            assert {k: ns(pid, k) for k in host} == host      # chroot: no namespaces
-    if mode == "namespace":
+            # chroot: a pid namespace of its own (its procfs must not show the host's
+            # processes), no other namespace.
+            assert ns(pid, "pid") != host["pid"]
+            assert {k: ns(pid, k) for k in host if k != "pid"} == {
+                k: v for k, v in host.items() if k != "pid"}
+    if mode != "none":
         # The supervisor is the first process of its pid namespace, the parent stays outside.
         assert status(t.supervisor)["NSpid"].split() == [str(t.supervisor), "1"]
         assert ns(t.parent, "pid") == host["pid"] and ns(t.parent, "mnt") == host["mnt"]
@@ -194,6 +200,29 @@ def test_signals_reach_the_sandboxed_supervisor_and_paths_are_cleaned(tmp_path: 
     assert d.proc.wait(timeout=20) == 0
     assert "terminating on signal" in d.text
     # Removed by the parent: from inside the sandbox these paths would name share files.
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
+
+
+@pytest.mark.parametrize("mode", ["namespace", "chroot"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_the_confined_parent_forwards_every_stop_signal(tmp_path: Path, share: Path, mode: str,
+                                                        sig: int) -> None:
+    sock = tmp_path / "s.sock"
+    d = start_daemon(share, str(sock), f"--sandbox={mode}")
+    assert status(d.proc.pid)["Seccomp"] == "2"
+    d.proc.send_signal(sig)
+    assert d.proc.wait(timeout=20) == 0
+    assert "terminating on signal" in d.text and "SIGSYS" not in d.text, d.text
+    assert not sock.exists() and not Path(f"{sock}.pid").exists()
+
+
+def test_the_confined_parent_reports_a_killed_supervisor(tmp_path: Path, share: Path) -> None:
+    sock = tmp_path / "s.sock"
+    d = start_daemon(share, str(sock), "--sandbox=namespace")
+    os.kill(Tree(d, "namespace").supervisor, signal.SIGKILL)
+    assert d.proc.wait(timeout=20) == 128 + signal.SIGKILL
+    assert "the supervisor (pid" in d.text and "was killed by SIGKILL" in d.text, d.text
+    assert "SIGSYS" not in d.text, d.text
     assert not sock.exists() and not Path(f"{sock}.pid").exists()
 
 

@@ -37,8 +37,13 @@ NR = {name: pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
                    "kill", "rt_sigaction", "clone3", "getpid")}
 
 
+# A pid above any pid_max, as the parent's supervisor: kill(2) of it is ESRCH if allowed.
+NOBODY_PID = 0x3FFFFFF0
+VARIABLES = {"SUPERVISOR_PID": NOBODY_PID}
+
+
 def filter_for(role: str, action: str = "kill"):
-    return seccomp.compile_filter(seccomp.load_policy(role), action)
+    return seccomp.compile_filter(seccomp.load_policy(role, VARIABLES), action)
 
 
 def run_confined(filt, action: str, body: Callable[[], object],
@@ -77,7 +82,8 @@ def test_every_policy_compiles_for_both_architectures(role: str, arch: str) -> N
              for r in policy.rules}
     assert all(nr >= 0 or nr < -1 for nr in table.values())
     if arch == "aarch64":
-        assert table["ppoll"] >= 0 and table.get("poll", -2) < 0   # no poll(2) there
+        assert table.get("poll", -2) < 0                  # no poll(2) there
+        assert table.get("ppoll", 0) >= 0
 
 
 def test_every_non_obvious_line_is_commented() -> None:
@@ -146,6 +152,8 @@ def parse_files(files: dict[str, str], name: str = "t.policy") -> list[seccomp.R
                          "mask), not <"),
     ("read: arg0 == 1\n", "policies/t.policy:1: the width of read arg0 is not known (add it "
                           "to ARG_BITS in common/seccomp.py)"),
+    ("kill: arg0 == $NOPE\n", "policies/t.policy:1: unknown variable '$NOPE' (known: "
+                             "$SUPERVISOR_PID)"),
 ])
 def test_policy_errors_are_one_clear_line(text: str, message: str) -> None:
     with pytest.raises(PolicyError) as ei:
@@ -287,6 +295,23 @@ def _kill_self(sig: int) -> Callable[[], None]:
     return lambda: os.kill(os.getpid(), sig)
 
 
+def _wait_any() -> None:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def _kill_nobody(sig: int, pid: int = NOBODY_PID) -> Callable[[], None]:
+    """kill(2) of a pid above any pid_max: ESRCH if the filter lets it through."""
+    def call() -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return call
+
+
 @pytest.mark.parametrize(("role", "call", "allowed"), [
     # mmap/mprotect: never executable memory
     ("worker", _mmap_exec, False),
@@ -314,6 +339,17 @@ def _kill_self(sig: int) -> Callable[[], None]:
     # SIGSYS's handler stays
     ("worker", lambda: signal.signal(signal.SIGSYS, signal.SIG_IGN), False),
     ("worker", lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN), True),
+    # the parent left outside: waits, forwards the stop signals, unlinks; nothing else
+    ("parent", _kill_nobody(signal.SIGTERM), True),
+    ("parent", _kill_nobody(signal.SIGHUP), True),
+    ("parent", _kill_nobody(signal.SIGKILL), False),
+    ("parent", _kill_nobody(signal.SIGUSR1), False),
+    ("parent", _kill_nobody(signal.SIGTERM, NOBODY_PID + 1), False),   # not its supervisor
+    ("parent", _wait_any, True),
+    ("parent", lambda: os.open("/dev/null", os.O_RDONLY), False),
+    ("parent", os.fork, False),
+    ("parent", _execve, False),
+    ("parent", socket.socketpair, False),
     # the supervisor reads files but cannot write or create one
     ("supervisor", lambda: os.close(os.open("/dev/null", os.O_RDONLY)), True),
     ("supervisor", lambda: os.open("/dev/null", os.O_WRONLY), False),
@@ -363,7 +399,7 @@ def _probes() -> list[tuple[str, str, int, int, bool]]:
     their neighbours."""
     out = []
     for role in seccomp.ROLES:
-        for rule in seccomp.load_policy(role).rules:
+        for rule in seccomp.load_policy(role, VARIABLES).rules:
             args = {c.arg for alt in rule.alternatives for c in alt
                     if seccomp.arg_bits(rule.syscall, c.arg) == 32}
             for arg in sorted(args):

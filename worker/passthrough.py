@@ -16,6 +16,10 @@ Staying inside the share:
   one the host moved out of the share (while the guest holds it) answers ENOENT to LOOKUP,
   CREATE, MKDIR & co. and to READDIR.  The kernel's name for the directory (its /proc/self/fd
   link) must lead from the root, without symlinks, back to that same directory;
+* an inode is only changed while it is still in the share (_check_inode_beneath): SETATTR,
+  SETXATTR/REMOVEXATTR, LINK of it and OPEN for writing, O_TRUNC or O_TMPFILE answer ENOENT
+  for something the host moved out; an inode with no name left (unlinked, O_TMPFILE) is only
+  reached through the guest's own nodeid or handle and may still be changed;
 * a file is opened for I/O by re-opening its O_PATH fd through the /proc/self/fd directory the
   worker holds -- the magic link names the inode itself, so no path is resolved again;
 * only regular files and directories are ever opened for I/O: opening a device node or FIFO
@@ -24,10 +28,16 @@ Staying inside the share:
 Credentials: every operation runs with the caller's uid/gid as fsuid/fsgid and with the
 supplementary groups the request carried (FUSE_EXT_GROUPS, else none), so the host kernel
 checks permissions as for that user; with a non-zero fsuid the kernel also ignores the daemon's
-file-access capabilities.  FUSE does not carry the caller's other supplementary groups except,
-for requests that create an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the
-guest allowed through one of them (virtio-fs always mounts with default_permissions: the guest
-kernel checked first) would fail here.  Such an operation the host refuses is tried once more
+file-system capabilities.  It keeps CAP_SETFCAP (and SETUID/SETGID) whatever the fsuid, so the
+checks the kernel would make with them are made here: security.capability is set by uid 0
+only and removed only by a caller who may write the file (_check_xattr_change); set-id bits
+are dropped as the daemon only for such a caller (_chmod).  MKNOD of a block or character
+device needs --allow-device-nodes (_check_device_node).
+
+FUSE does not carry the caller's other supplementary groups except, for requests that create
+an inode, the parent's group (CREATE_SUPP_GROUP); so anything else the guest allowed through
+one of them (virtio-fs always mounts with default_permissions: the guest kernel checked first)
+would fail here.  Such an operation the host refuses is tried once more
 with the groups of the inodes it names added (`_member_retry`).  That grants nothing the guest
 could not have by sending that gid as the caller's own, which it is free to do.  ACCESS is a
 question, not an operation the guest checked, and is never retried; LOOKUP is not either, so
@@ -183,6 +193,7 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 _S_IFMT = 0o170000
 XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
+_DELETED = b" (deleted)"   # what d_path() appends to the name of an unlinked dentry
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -344,19 +355,19 @@ class PassthroughFs(Filesystem):
                 return
         path = os.readlink(b"%d" % fd, dir_fd=self._proc)
         root = self._root_path
+        if root != b"/" and path != root and not path.startswith(root + b"/"):
+            # Without a sandbox the kernel names paths from the host's root.
+            raise _err(errno.ENOENT)
         try:
             if root == b"/":
                 # The share is this process's root (pivoted or chrooted): no path, symlinks
-                # included, resolves outside it, so reaching this very directory is the whole
+                # included, resolves outside it, so reaching this very inode is the whole
                 # question -- asked without opening anything (a worker killed while it holds an
                 # fd in the shared table would leave that fd behind).
                 found = os.stat(path.lstrip(b"/") or b".", dir_fd=self._root_fd,
                                 follow_symlinks=False)
             else:
-                # Without a sandbox the kernel names paths from the host's root, and symlinks
-                # could lead anywhere: the path must be under the share's and is walked with none.
-                if path != root and not path.startswith(root + b"/"):
-                    raise _err(errno.ENOENT)
+                # Symlinks could lead anywhere: the path is walked with none.
                 fd = _open_beneath(self._root_fd, path[len(root):].lstrip(b"/") or b".",
                                    os.O_PATH | os.O_CLOEXEC)
                 try:
@@ -364,9 +375,17 @@ class PassthroughFs(Filesystem):
                 finally:
                     os.close(fd)
         except OSError:
-            raise _err(errno.ENOENT) from None
-        if (found.st_dev, found.st_ino) != (have.st_dev, have.st_ino):
-            raise _err(errno.ENOENT)
+            found = None
+        if found is not None and (found.st_dev, found.st_ino) == (have.st_dev, have.st_ino):
+            return
+        if not directory and path.endswith(_DELETED):
+            # The name it was looked up by is gone but it has other links (the guest's LINK
+            # then UNLINK, or a host hard link): reached only through what the guest holds,
+            # like an unlinked file.  (A host name that itself ends in " (deleted)" reads the
+            # same when its directory is outside a pivoted root; the host would have to make
+            # one and move it out under a held nodeid.)
+            return
+        raise _err(errno.ENOENT)
 
     def _reopen(self, fd: int, flags: int) -> int:
         """An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link."""
