@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the sandbox every daemon runs with (default: each one's default)")
     ap.add_argument("--pyvirtiofsd", default=default_pyvirtiofsd(),
                     help="pyvirtiofsd executable (default: the venv's)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=EXE",
+                    help="one more pyvirtiofsd executable, e.g. another version or install,"
+                    " run side by side under LABEL (repeatable)")
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.daemons.split(",") if k.strip()]
     if bad := [k for k in keys if k not in ("py", "rs", "c")]:
@@ -162,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench.startup: error: --runs must be at least 1", file=sys.stderr)
         return 2
     rows = subjects(keys, args.sandbox, args.pyvirtiofsd)
+    for extra in args.also:
+        label, sep, exe = extra.partition("=")
+        if not sep or not label or not exe:
+            print(f"python -m bench.startup: error: --also {extra!r}: give LABEL=EXE",
+                  file=sys.stderr)
+            return 2
+        row = subjects(["py"], args.sandbox, exe)[0]
+        row.key, row.label = f"py{len(rows)}", label
+        rows.append(row)
     for s in rows:
         if not os.access(s.exe, os.X_OK):
             s.failures.append(f"not installed ({s.exe})")

@@ -198,7 +198,7 @@ def prometheus(doc: dict[str, Any]) -> str:
                    f" {s['errors']}" for op, s in q["ops"].items())
     name = "pyvirtiofsd_request_duration_seconds"
     family(name, "histogram", "Time from decoding a request to its reply in guest memory.")
-    bounds = [f"{us / 1e6:g}" for us in doc["latency_buckets_us"]] + ["+Inf"]
+    bounds = [repr(us / 1e6) for us in doc["latency_buckets_us"]] + ["+Inf"]
     for q in queues:
         for op, s in q["ops"].items():
             total = 0

@@ -206,6 +206,8 @@ def test_status_and_metrics_count_a_known_workload(daemon_factory, tmp_path: Pat
                               if k[0] == "pyvirtiofsd_request_duration_seconds_bucket"
                               and labels <= k[1]))
             assert len(buckets) == stats.BUCKETS
+            assert [le for le, _ in buckets[:-1]] == [
+                us / 1e6 for us in stats.bucket_bounds_us()]
             assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
             assert buckets[-1] == (float("inf"), count)
             assert m[("pyvirtiofsd_request_duration_seconds_count",
