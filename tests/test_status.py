@@ -281,3 +281,45 @@ def test_prometheus_text_escapes_label_values() -> None:
            "handles": 0, "queues": [], "latency_buckets_us": [1, 2]}
     m = parse_prometheus(prometheus(doc))
     assert m[("pyvirtiofsd_info", frozenset({("version", 'a\\"b\\\\c\\nd')}))] == 1
+
+
+@pytest.mark.parametrize("where", ["same", "status", "nodir"])
+def test_a_bad_metrics_socket_is_refused_before_anything_starts(tmp_path: Path, share: Path,
+                                                                where: str) -> None:
+    sock = str(tmp_path / "vfs.sock")
+    metrics = {"same": sock, "status": sock + ".status",
+               "nodir": str(tmp_path / "no" / "m.sock")}[where]
+    done = subprocess.run([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                           "--sandbox=none", f"--metrics-socket={metrics}"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("pyvirtiofsd: error: ") and "metrics-socket" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["share"]      # no socket, pid file or status
+
+
+def test_metrics_socket_is_a_config_file_key(tmp_path: Path) -> None:
+    from pyvirtiofsd.supervisor.config import parse
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('shared-dir = "/srv"\nsocket-path = "/run/v.sock"\n'
+                   'metrics-socket = "/run/m.sock"\n')
+    assert parse(["--config", str(cfg)]).metrics_socket == "/run/m.sock"
+    assert parse(["--config", str(cfg), "--metrics-socket=/run/x.sock"]).metrics_socket == \
+        "/run/x.sock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_a_silent_status_client_does_not_stop_the_daemon(daemon_factory) -> None:
+    d = daemon_factory()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(d.socket + ".status")
+        # It never sends a request: the supervisor gives up on it and closes it ...
+        silent.settimeout(10)
+        assert silent.recv(100) == b""
+        # ... and goes on serving the front-end and other status clients.
+        with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+            client = FuseClient(fe)
+            client.init()
+            client.getattr(ROOT)
+            assert status_json(d.socket)["queues"][1]["requests"] == 2
