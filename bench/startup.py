@@ -129,9 +129,9 @@ def _cell(values: list[float]) -> str:
             f" ({min(values) * ms:.1f}-{max(values) * ms:.1f})")
 
 
-def table(rows: list[Subject], runs: int, sandbox: str | None) -> str:
+def table(rows: list[Subject], runs: int, sandbox: str | None, load: str = "") -> str:
     out = [f"Start-up of each daemon, {runs} runs, sandbox {sandbox or 'default'}: median"
-           " (min-max), ms", "",
+           f" (min-max), ms{load}", "",
            "| daemon | exec → listening | exec → first reply | disconnect → exit | failed |",
            "|---|---|---|---|---|"]
     for s in rows:
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.access(s.exe, os.X_OK):
             s.failures.append(f"not installed ({s.exe})")
     ready = [s for s in rows if not s.failures]
+    load_before = os.getloadavg()[0]
     workdir = tempfile.mkdtemp(prefix="pyvfs-startup-")
     try:
         share = os.path.join(workdir, "share")
@@ -187,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_once(ready[(i + k) % len(ready)], share, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    sys.stdout.write(table(rows, args.runs, args.sandbox))
+    # Start-up is mostly CPU work: other load on the machine shows in every figure.
+    load = (f"; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after,"
+            f" {os.cpu_count()} CPUs")
+    sys.stdout.write(table(rows, args.runs, args.sandbox, load))
     for s in rows:
         for why in sorted(set(s.failures)):
             print(f"{s.label}: {why}", file=sys.stderr)
