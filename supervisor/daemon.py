@@ -319,6 +319,7 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
     sup.status = status_server
+    status_server.warn = log.warning
     try:
         sup.sandbox.compile_policies()
     except PolicyError as e:

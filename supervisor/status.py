@@ -23,13 +23,10 @@ from __future__ import annotations
 import contextlib
 import grp
 import json
-import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
-
-log = logging.getLogger("pyvirtiofsd.status")
 
 REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request
 MAX_REQUEST = 4096
@@ -51,6 +48,9 @@ class StatusServer:
     def __init__(self, listeners: list[socket.socket], paths: list[str]) -> None:
         self.listeners = listeners
         self.paths = paths
+        # Where a failed accept is reported: the daemon sets its logger once logging is set
+        # up (this module is imported before, and does not load the logging package).
+        self.warn: Callable[[str], None] = lambda message: None
 
     @classmethod
     def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
@@ -105,7 +105,7 @@ class StatusServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("status socket: accept failed: %s", e.strerror or e)
+                self.warn(f"status socket: accept failed: {e.strerror or e}")
                 return
             with conn:
                 try:
