@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request
+PER_WAKEUP = 4              # clients answered before the loop looks at the front-end again
 MAX_REQUEST = 4096
 STATUS_SUFFIX = ".status"
 
@@ -98,8 +99,10 @@ class StatusServer:
                 os.unlink(path)
 
     def serve(self, listener: socket.socket, collect: Callable[[], dict[str, Any]]) -> None:
-        """Answer the clients waiting on `listener` (readable), each within REQUEST_TIMEOUT."""
-        while True:
+        """Answer the clients waiting on `listener` (readable), each within REQUEST_TIMEOUT; at
+        most PER_WAKEUP of them, so that a crowd of clients cannot hold up the control plane
+        (the others are answered on the next turns of the loop)."""
+        for _ in range(PER_WAKEUP):
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
