@@ -153,10 +153,11 @@ def main(argv: list[str]) -> int:
     except StatusError as e:
         print(f"pyvirtiofsd: error: status of {args[0]}: {e}", file=sys.stderr)
         return 1
-    pids = host_pids(peer)
+    # peer is 0 when the daemon's pid is not visible from here (another pid namespace).
+    pids = host_pids(peer) if peer > 0 else {}
     for p in doc["processes"]:
         p["host_pid"] = pids.get(p["pid"], p["pid"]) if p["pid"] is not None else None
-    if doc["processes"] and doc["processes"][0]["host_pid"] != peer:
+    if peer > 0 and doc["processes"] and doc["processes"][0]["host_pid"] != peer:
         # The sandbox's parent: it made the sockets, forked the supervisor and waits for it.
         doc["processes"].insert(0, {"role": "parent", "pid": None, "host_pid": peer,
                                     "state": "waiting outside the sandbox"})
