@@ -1,10 +1,10 @@
 """What the daemon is doing, for operators: a status document and Prometheus metrics.
 
-This module is imported before the sockets listen, so it stays light: the document itself is
-made by the daemon (supervisor/daemon.py, common/stats.py).  Both are made from the daemon's
-shared state, never from its logs: the per-request statistics
+Both are made from the daemon's shared state, never from its logs: the per-request statistics
 the workers write (common/stats.py), the inflight journals (in-flight requests), the arena's
 table headers (inodes and handles in use) and the supervisor's process table (pids, restarts).
+The document is put together by the daemon (supervisor/daemon.py); this module is imported
+before the sockets listen, so it stays light.
 
 They are served over HTTP/1.0 on UNIX sockets the supervisor binds before it enters its
 sandbox: always ``SOCKET.status`` next to a vhost-user socket given by path, and the opt-in
@@ -14,8 +14,9 @@ prints (supervisor/statuscmd.py), ``GET /metrics`` the Prometheus text expositio
 speaks HTTP over a UNIX socket can read it.
 
 The supervisor answers between two vhost-user messages, in its one thread: a client has
-REQUEST_TIMEOUT to send its request line, so a silent client delays the control plane by at most
-that much.  The sockets are mode 0600 (0660 with --socket-group, like the vhost-user socket).
+REQUEST_TIMEOUT to send its request and as long to take the answer, so a slow or silent client
+delays the control plane by at most twice that much.  The sockets are mode 0600 (0660 with
+--socket-group, like the vhost-user socket).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import grp
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
-REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request
+REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request, and to read the answer
 PER_WAKEUP = 4              # clients answered before the loop looks at the front-end again
 MAX_REQUEST = 4096
 STATUS_SUFFIX = ".status"
@@ -112,11 +114,10 @@ class StatusServer:
                 return
             with conn:
                 try:
-                    conn.settimeout(REQUEST_TIMEOUT)
                     answer = self._answer(_read_request(conn), collect)
-                    conn.sendall(answer)
+                    _send(conn, answer)
                 except (OSError, ValueError):
-                    pass                      # a client that went away or never asked
+                    pass                      # a client that went away, or was too slow
 
     @staticmethod
     def _answer(path: str, collect: Callable[[], dict[str, Any]]) -> bytes:
@@ -130,10 +131,20 @@ class StatusServer:
         return head.encode() + body
 
 
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("status client too slow")
+    return left
+
+
 def _read_request(conn: socket.socket) -> str:
-    """The path of `GET PATH HTTP/1.x` (headers are read and ignored)."""
+    """The path of `GET PATH HTTP/1.x` (headers are read and ignored), within
+    REQUEST_TIMEOUT in all however the client spreads its bytes."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data = b""
     while b"\n\n" not in data.replace(b"\r\n", b"\n"):
+        conn.settimeout(_left(deadline))
         more = conn.recv(MAX_REQUEST - len(data))
         if not more:
             break
@@ -144,6 +155,15 @@ def _read_request(conn: socket.socket) -> str:
     if len(words) < 2 or words[0] != b"GET":
         return ""
     return words[1].split(b"?", 1)[0].decode("ascii", "replace")
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    """All of `data` within REQUEST_TIMEOUT, or TimeoutError."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    view = memoryview(data)
+    while view:
+        conn.settimeout(_left(deadline))
+        view = view[conn.send(view):]
 
 
 # -- Prometheus text format ----------------------------------------------------------------------
