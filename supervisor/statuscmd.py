@@ -104,7 +104,7 @@ def host_pids(top: int) -> dict[int, int]:
     return mapping
 
 
-def render(doc: dict[str, Any], peer: int, path: str) -> str:
+def render(doc: dict[str, Any], path: str) -> str:
     lines = [f"pyvirtiofsd {doc['version']}: up {_duration(doc['uptime_s'])}, sharing"
              f" {doc['shared_dir']} on {doc['socket']} (front-end {doc['frontend']});"
              f" status from {path}"]
@@ -164,5 +164,5 @@ def main(argv: list[str]) -> int:
     if "--json" in argv:
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
-        sys.stdout.write(render(doc, peer, path))
+        sys.stdout.write(render(doc, path))
     return 0
