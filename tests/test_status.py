@@ -325,3 +325,36 @@ def test_a_silent_status_client_does_not_stop_the_daemon(daemon_factory) -> None
             client.init()
             client.getattr(ROOT)
             assert status_json(d.socket)["queues"][1]["requests"] == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_status_of_a_request_stuck_in_flight_and_a_failed_queue(daemon_factory,
+                                                                 monkeypatch) -> None:
+    # Every worker that executes a WRITE kills itself (worker/testhooks.py): the first while
+    # serving it, its successors while completing it from the journal, until the queue fails.
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", "WRITE:executing@1-")
+    d = daemon_factory("--seccomp=none")      # the hook's kill(2) is no worker's to make
+    with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+        client = FuseClient(fe)
+        client.init()
+        entry, opened = client.create(ROOT, "f")
+        client.submit(Op.WRITE, entry.nodeid, fa.WriteIn(opened.fh, 0, 4).pack() + b"data")
+        first = d.wait_for("worker for queue 1 (pid")
+        assert "was killed by SIGKILL (WRITE unique" in first, first
+        assert "last opcode WRITE" in first, first
+        assert "its successor completes the 1 request(s) left in flight" in first, first
+        d.wait_for("queue 1 is failed")
+        last = [ln for ln in d.log if "worker for queue 1 (pid" in ln][-1]
+        assert "while starting" in last and "not respawning: the queue is failed" in last, last
+
+        doc = status_json(d.socket)
+        q1 = doc["queues"][1]
+        assert (q1["in_flight"], q1["restarts"], q1["last_opcode"]) == (1, 5, "WRITE")
+        assert (q1["requests"], q1["errors"]) == (2, 0)      # INIT and CREATE were answered
+        assert doc["worker_restarts"] == 5
+        worker1 = next(p for p in doc["processes"] if p.get("queue") == 1)
+        assert (worker1["pid"], worker1["host_pid"], worker1["state"]) == (None, None, "failed")
+        assert re.search(r"^  worker q1 +- +failed$", run_status(d.socket).stdout, re.M)
+        m = parse_prometheus(http_get(d.socket + ".status", "/metrics")[1])
+        assert m[("pyvirtiofsd_in_flight_requests", frozenset({("queue", "1")}))] == 1
