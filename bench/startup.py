@@ -129,9 +129,9 @@ def _cell(values: list[float]) -> str:
             f" ({min(values) * ms:.1f}-{max(values) * ms:.1f})")
 
 
-def table(rows: list[Subject], runs: int, sandbox: str | None) -> str:
+def table(rows: list[Subject], runs: int, sandbox: str | None, load: str = "") -> str:
     out = [f"Start-up of each daemon, {runs} runs, sandbox {sandbox or 'default'}: median"
-           " (min-max), ms", "",
+           f" (min-max), ms{load}", "",
            "| daemon | exec → listening | exec → first reply | disconnect → exit | failed |",
            "|---|---|---|---|---|"]
     for s in rows:
@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the sandbox every daemon runs with (default: each one's default)")
     ap.add_argument("--pyvirtiofsd", default=default_pyvirtiofsd(),
                     help="pyvirtiofsd executable (default: the venv's)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL=EXE",
+                    help="one more pyvirtiofsd executable, e.g. another version or install,"
+                    " run side by side under LABEL (repeatable)")
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.daemons.split(",") if k.strip()]
     if bad := [k for k in keys if k not in ("py", "rs", "c")]:
@@ -162,10 +165,20 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m bench.startup: error: --runs must be at least 1", file=sys.stderr)
         return 2
     rows = subjects(keys, args.sandbox, args.pyvirtiofsd)
+    for extra in args.also:
+        label, sep, exe = extra.partition("=")
+        if not sep or not label or not exe:
+            print(f"python -m bench.startup: error: --also {extra!r}: give LABEL=EXE",
+                  file=sys.stderr)
+            return 2
+        row = subjects(["py"], args.sandbox, exe)[0]
+        row.key, row.label = f"py{len(rows)}", label
+        rows.append(row)
     for s in rows:
         if not os.access(s.exe, os.X_OK):
             s.failures.append(f"not installed ({s.exe})")
     ready = [s for s in rows if not s.failures]
+    load_before = os.getloadavg()[0]
     workdir = tempfile.mkdtemp(prefix="pyvfs-startup-")
     try:
         share = os.path.join(workdir, "share")
@@ -175,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                 run_once(ready[(i + k) % len(ready)], share, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    sys.stdout.write(table(rows, args.runs, args.sandbox))
+    # Start-up is mostly CPU work: other load on the machine shows in every figure.
+    load = (f"; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after,"
+            f" {os.cpu_count()} CPUs")
+    sys.stdout.write(table(rows, args.runs, args.sandbox, load))
     for s in rows:
         for why in sorted(set(s.failures)):
             print(f"{s.label}: {why}", file=sys.stderr)

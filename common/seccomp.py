@@ -43,10 +43,10 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 
 import pyseccomp
 
+from pyvirtiofsd import policies
 from pyvirtiofsd.common import native
 
 ACTIONS = ("kill", "trap", "log", "none")
@@ -210,7 +210,10 @@ def _read_policy_file(name: str) -> str:
     if directory:
         with open(os.path.join(directory, name), encoding="utf-8") as f:
             return f.read()
-    return resources.files(POLICY_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+    # The files next to the package's __init__ (an installed wheel or the source tree):
+    # importlib.resources would cost the daemon's start-up its own imports (pathlib, zipfile).
+    with open(os.path.join(os.path.dirname(policies.__file__), name), encoding="utf-8") as f:
+        return f.read()
 
 
 def _known_syscall(name: str) -> bool:

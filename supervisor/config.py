@@ -397,7 +397,9 @@ def _arg_type(name: str) -> Callable[[str], Any]:
 
 def _build_parser() -> _Parser:
     p = _Parser(prog=PROG, add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS,
-                description="vhost-user virtio-fs device daemon (virtiofsd compatible).")
+                description="vhost-user virtio-fs device daemon (virtiofsd compatible).",
+                epilog=f"{PROG} status SOCKET-or-PIDFILE [--json] shows what a running daemon"
+                       " is doing (processes, requests, errors, in-flight, restarts, inodes).")
     def value(name: str, help: str, *, opt: str | None = None, dest: str | None = None,
               **kw: Any) -> None:
         p.add_argument(opt or _opt(name), dest=dest or name, type=_arg_type(name),

@@ -288,14 +288,15 @@ class Supervisor:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
-            listeners = self.status.listeners if self.status is not None else []
+            status = self.status
+            listeners = status.listeners if status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
             ready = [wake] if self.signals else select.select(
                 [sock, wake, *pidfds, *listeners], [], [], self.procs.next_respawn())[0]
-            for fd in ready:
-                if fd in listeners:
-                    assert self.status is not None
-                    self.status.serve(fd, self.status_doc)
+            if status is not None:
+                for fd in ready:
+                    if fd in listeners:
+                        status.serve(fd, self.status_doc)
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -364,6 +365,7 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
     sup.status = status_server
     # Connected before the sandbox hides the manager's socket (supervisor/systemd.py).
     sup.notifier = Notifier()
+    status_server.warn = log.warning
     try:
         sup.sandbox.compile_policies()
     except PolicyError as e:

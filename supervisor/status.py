@@ -1,10 +1,10 @@
 """What the daemon is doing, for operators: a status document and Prometheus metrics.
 
-This module is imported before the sockets listen, so it stays light: the document itself is
-made by the daemon (supervisor/daemon.py, common/stats.py).  Both are made from the daemon's
-shared state, never from its logs: the per-request statistics
+Both are made from the daemon's shared state, never from its logs: the per-request statistics
 the workers write (common/stats.py), the inflight journals (in-flight requests), the arena's
 table headers (inodes and handles in use) and the supervisor's process table (pids, restarts).
+The document is put together by the daemon (supervisor/daemon.py); this module is imported
+before the sockets listen, so it stays light.
 
 They are served over HTTP/1.0 on UNIX sockets the supervisor binds before it enters its
 sandbox: always ``SOCKET.status`` next to a vhost-user socket given by path, and the opt-in
@@ -14,8 +14,9 @@ prints (supervisor/statuscmd.py), ``GET /metrics`` the Prometheus text expositio
 speaks HTTP over a UNIX socket can read it.
 
 The supervisor answers between two vhost-user messages, in its one thread: a client has
-REQUEST_TIMEOUT to send its request line, so a silent client delays the control plane by at most
-that much.  The sockets are mode 0600 (0660 with --socket-group, like the vhost-user socket).
+REQUEST_TIMEOUT to send its request and as long to take the answer, so a slow or silent client
+delays the control plane by at most twice that much.  The sockets are mode 0600 (0660 with
+--socket-group, like the vhost-user socket).
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from __future__ import annotations
 import contextlib
 import grp
 import json
-import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
-log = logging.getLogger("pyvirtiofsd.status")
-
-REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request
+REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request, and to read the answer
+PER_WAKEUP = 4              # clients answered before the loop looks at the front-end again
 MAX_REQUEST = 4096
 STATUS_SUFFIX = ".status"
 
@@ -51,6 +51,9 @@ class StatusServer:
     def __init__(self, listeners: list[socket.socket], paths: list[str]) -> None:
         self.listeners = listeners
         self.paths = paths
+        # Where a failed accept is reported: the daemon sets its logger once logging is set
+        # up (this module is imported before, and does not load the logging package).
+        self.warn: Callable[[str], None] = lambda message: None
 
     @classmethod
     def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
@@ -98,22 +101,23 @@ class StatusServer:
                 os.unlink(path)
 
     def serve(self, listener: socket.socket, collect: Callable[[], dict[str, Any]]) -> None:
-        """Answer the clients waiting on `listener` (readable), each within REQUEST_TIMEOUT."""
-        while True:
+        """Answer the clients waiting on `listener` (readable), each within REQUEST_TIMEOUT; at
+        most PER_WAKEUP of them, so that a crowd of clients cannot hold up the control plane
+        (the others are answered on the next turns of the loop)."""
+        for _ in range(PER_WAKEUP):
             try:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("status socket: accept failed: %s", e.strerror or e)
+                self.warn(f"status socket: accept failed: {e.strerror or e}")
                 return
             with conn:
                 try:
-                    conn.settimeout(REQUEST_TIMEOUT)
                     answer = self._answer(_read_request(conn), collect)
-                    conn.sendall(answer)
+                    _send(conn, answer)
                 except (OSError, ValueError):
-                    pass                      # a client that went away or never asked
+                    pass                      # a client that went away, or was too slow
 
     @staticmethod
     def _answer(path: str, collect: Callable[[], dict[str, Any]]) -> bytes:
@@ -127,10 +131,20 @@ class StatusServer:
         return head.encode() + body
 
 
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("status client too slow")
+    return left
+
+
 def _read_request(conn: socket.socket) -> str:
-    """The path of `GET PATH HTTP/1.x` (headers are read and ignored)."""
+    """The path of `GET PATH HTTP/1.x` (headers are read and ignored), within
+    REQUEST_TIMEOUT in all however the client spreads its bytes."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
     data = b""
     while b"\n\n" not in data.replace(b"\r\n", b"\n"):
+        conn.settimeout(_left(deadline))
         more = conn.recv(MAX_REQUEST - len(data))
         if not more:
             break
@@ -141,6 +155,15 @@ def _read_request(conn: socket.socket) -> str:
     if len(words) < 2 or words[0] != b"GET":
         return ""
     return words[1].split(b"?", 1)[0].decode("ascii", "replace")
+
+
+def _send(conn: socket.socket, data: bytes) -> None:
+    """All of `data` within REQUEST_TIMEOUT, or TimeoutError."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT
+    view = memoryview(data)
+    while view:
+        conn.settimeout(_left(deadline))
+        view = view[conn.send(view):]
 
 
 # -- Prometheus text format ----------------------------------------------------------------------
@@ -198,7 +221,7 @@ def prometheus(doc: dict[str, Any]) -> str:
                    f" {s['errors']}" for op, s in q["ops"].items())
     name = "pyvirtiofsd_request_duration_seconds"
     family(name, "histogram", "Time from decoding a request to its reply in guest memory.")
-    bounds = [f"{us / 1e6:g}" for us in doc["latency_buckets_us"]] + ["+Inf"]
+    bounds = [repr(us / 1e6) for us in doc["latency_buckets_us"]] + ["+Inf"]
     for q in queues:
         for op, s in q["ops"].items():
             total = 0

@@ -104,7 +104,7 @@ def host_pids(top: int) -> dict[int, int]:
     return mapping
 
 
-def render(doc: dict[str, Any], peer: int, path: str) -> str:
+def render(doc: dict[str, Any], path: str) -> str:
     lines = [f"pyvirtiofsd {doc['version']}: up {_duration(doc['uptime_s'])}, sharing"
              f" {doc['shared_dir']} on {doc['socket']} (front-end {doc['frontend']});"
              f" status from {path}"]
@@ -153,15 +153,16 @@ def main(argv: list[str]) -> int:
     except StatusError as e:
         print(f"pyvirtiofsd: error: status of {args[0]}: {e}", file=sys.stderr)
         return 1
-    pids = host_pids(peer)
+    # peer is 0 when the daemon's pid is not visible from here (another pid namespace).
+    pids = host_pids(peer) if peer > 0 else {}
     for p in doc["processes"]:
         p["host_pid"] = pids.get(p["pid"], p["pid"]) if p["pid"] is not None else None
-    if doc["processes"] and doc["processes"][0]["host_pid"] != peer:
+    if peer > 0 and doc["processes"] and doc["processes"][0]["host_pid"] != peer:
         # The sandbox's parent: it made the sockets, forked the supervisor and waits for it.
         doc["processes"].insert(0, {"role": "parent", "pid": None, "host_pid": peer,
                                     "state": "waiting outside the sandbox"})
     if "--json" in argv:
         sys.stdout.write(json.dumps(doc, indent=1) + "\n")
     else:
-        sys.stdout.write(render(doc, peer, path))
+        sys.stdout.write(render(doc, path))
     return 0

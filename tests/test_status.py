@@ -206,6 +206,8 @@ def test_status_and_metrics_count_a_known_workload(daemon_factory, tmp_path: Pat
                               if k[0] == "pyvirtiofsd_request_duration_seconds_bucket"
                               and labels <= k[1]))
             assert len(buckets) == stats.BUCKETS
+            assert [le for le, _ in buckets[:-1]] == [
+                us / 1e6 for us in stats.bucket_bounds_us()]
             assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
             assert buckets[-1] == (float("inf"), count)
             assert m[("pyvirtiofsd_request_duration_seconds_count",
@@ -263,6 +265,8 @@ def test_status_maps_sandboxed_pids_to_the_host(tmp_path: Path, share: Path) -> 
         fe.close()
         d.stop()
     assert "Traceback" not in d.text, d.text
+    # The parent outside the sandbox made the sockets, and removes them.
+    assert sorted(os.listdir(tmp_path)) == ["share"]
 
 
 def test_status_of_nothing_says_so_in_one_line(tmp_path: Path) -> None:
@@ -279,3 +283,78 @@ def test_prometheus_text_escapes_label_values() -> None:
            "handles": 0, "queues": [], "latency_buckets_us": [1, 2]}
     m = parse_prometheus(prometheus(doc))
     assert m[("pyvirtiofsd_info", frozenset({("version", 'a\\"b\\\\c\\nd')}))] == 1
+
+
+@pytest.mark.parametrize("where", ["same", "status", "nodir"])
+def test_a_bad_metrics_socket_is_refused_before_anything_starts(tmp_path: Path, share: Path,
+                                                                where: str) -> None:
+    sock = str(tmp_path / "vfs.sock")
+    metrics = {"same": sock, "status": sock + ".status",
+               "nodir": str(tmp_path / "no" / "m.sock")}[where]
+    done = subprocess.run([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
+                           "--sandbox=none", f"--metrics-socket={metrics}"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("pyvirtiofsd: error: ") and "metrics-socket" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["share"]      # no socket, pid file or status
+
+
+def test_metrics_socket_is_a_config_file_key(tmp_path: Path) -> None:
+    from pyvirtiofsd.supervisor.config import parse
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('shared-dir = "/srv"\nsocket-path = "/run/v.sock"\n'
+                   'metrics-socket = "/run/m.sock"\n')
+    assert parse(["--config", str(cfg)]).metrics_socket == "/run/m.sock"
+    assert parse(["--config", str(cfg), "--metrics-socket=/run/x.sock"]).metrics_socket == \
+        "/run/x.sock"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_a_silent_status_client_does_not_stop_the_daemon(daemon_factory) -> None:
+    d = daemon_factory()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(d.socket + ".status")
+        # It never sends a request: the supervisor gives up on it and closes it ...
+        silent.settimeout(10)
+        assert silent.recv(100) == b""
+        # ... and goes on serving the front-end and other status clients.
+        with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+            client = FuseClient(fe)
+            client.init()
+            client.getattr(ROOT)
+            assert status_json(d.socket)["queues"][1]["requests"] == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_status_of_a_request_stuck_in_flight_and_a_failed_queue(daemon_factory,
+                                                                 monkeypatch) -> None:
+    # Every worker that executes a WRITE kills itself (worker/testhooks.py): the first while
+    # serving it, its successors while completing it from the journal, until the queue fails.
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", "WRITE:executing@1-")
+    d = daemon_factory("--seccomp=none")      # the hook's kill(2) is no worker's to make
+    with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+        client = FuseClient(fe)
+        client.init()
+        entry, opened = client.create(ROOT, "f")
+        client.submit(Op.WRITE, entry.nodeid, fa.WriteIn(opened.fh, 0, 4).pack() + b"data")
+        first = d.wait_for("worker for queue 1 (pid")
+        assert "was killed by SIGKILL (WRITE unique" in first, first
+        assert "last opcode WRITE" in first, first
+        assert "its successor completes the 1 request(s) left in flight" in first, first
+        d.wait_for("queue 1 is failed")
+        last = [ln for ln in d.log if "worker for queue 1 (pid" in ln][-1]
+        assert "while starting" in last and "not respawning: the queue is failed" in last, last
+
+        doc = status_json(d.socket)
+        q1 = doc["queues"][1]
+        assert (q1["in_flight"], q1["restarts"], q1["last_opcode"]) == (1, 5, "WRITE")
+        assert (q1["requests"], q1["errors"]) == (2, 0)      # INIT and CREATE were answered
+        assert doc["worker_restarts"] == 5
+        worker1 = next(p for p in doc["processes"] if p.get("queue") == 1)
+        assert (worker1["pid"], worker1["host_pid"], worker1["state"]) == (None, None, "failed")
+        assert re.search(r"^  worker q1 +- +failed$", run_status(d.socket).stdout, re.M)
+        m = parse_prometheus(http_get(d.socket + ".status", "/metrics")[1])
+        assert m[("pyvirtiofsd_in_flight_requests", frozenset({("queue", "1")}))] == 1

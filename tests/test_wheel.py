@@ -94,6 +94,9 @@ def test_sdist_and_wheel_carry_policies_and_native_modules(built) -> None:
         members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
     assert {"setup.py", "pyproject.toml", "common/native_build.py"} <= members
     assert {f"policies/{p}" for p in policies} <= members
+    # C sources a build script may read (the wheel above was built from this sdist).
+    sources = {str(p.relative_to(REPO)) for ext in ("c", "h") for p in REPO.glob(f"common/*.{ext}")}
+    assert sources <= members
 
 
 def test_installed_console_script_answers(built, tmp_path: Path) -> None:
