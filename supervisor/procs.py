@@ -69,6 +69,7 @@ SPAWNER = -1
 STANDBY = -2
 # Sequence number of STANDBY requests on the spawner channel (SPAWNs use the queue index).
 STANDBY_SEQ = 0x8000_0000
+STANDBY_TRIES = 3
 
 
 class FatalDeath(Exception):
@@ -190,6 +191,10 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         fd = msg.fds[0]
         what = "a standby spawner" if msg.type is MsgType.STANDBY else \
             f"a worker for queue {msg.fields[0]}"
+        standby = msg.type is MsgType.STANDBY
+        if standby:
+            # A child is born with its parent's name: a standby must never show as the spawner.
+            prctl.set_name("pyvfs-standby")
         try:
             pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
         except OSError as e:
@@ -209,6 +214,8 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
                 log.exception("%s failed", what)
                 status = 1
             os._exit(status)
+        if standby:
+            prctl.set_name("pyvfs-spawner")
         # The channel end stays in the shared table: the new process uses it.  A worker's is
         # closed by its successor (the journal lists it among the fds the worker owns).
         control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))
@@ -264,7 +271,12 @@ class ProcessTable:
 
     def make_standby(self) -> None:
         """Have the spawner clone a standby; without one the daemon runs on, and a death of the
-        spawner stops it."""
+        spawner stops it.  A standby that dies while starting is tried again."""
+        for _ in range(STANDBY_TRIES):
+            if self._start_standby() or _exited(self.spawner_pidfd):
+                return
+
+    def _start_standby(self) -> bool:
         assert self.spawner is not None and self.standby is None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -290,9 +302,10 @@ class ProcessTable:
             ours.close()
             log.warning("no standby spawner (%s): if the spawner dies, the daemon stops",
                         e.strerror if isinstance(e, OSError) and e.strerror else e)
-            return
+            return False
         self.standby_pid, self.standby_pidfd, self.standby = pid, pidfd, ours
         log.debug("standby spawner started, pid %d", pid)
+        return True
 
     def spawn(self, queue: int) -> WorkerHandle:
         assert self.spawner is not None

@@ -221,3 +221,42 @@ def test_a_stalled_stderr_reader_never_blocks_the_process(monkeypatch):
             log.logger().removeHandler(handler)
             handler.close()
         os.close(r)
+
+
+def test_a_stalled_syslog_reader_never_blocks_the_process(tmp_path, monkeypatch):
+    address = str(tmp_path / "log")
+    clock = _Clock()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(address)
+        monkeypatch.setattr(log, "SYSLOG_ADDRESS", address)
+        try:
+            log.setup("info", syslog=True)
+            _limit(clock)
+
+            def flood() -> None:
+                for n in range(5000):
+                    clock.now += 1.0
+                    log.logger().warning("line %d", n)
+
+            t = threading.Thread(target=flood, daemon=True)
+            t.start()
+            t.join(timeout=30)
+            assert not t.is_alive(), "logging blocked on a full syslog socket"
+            server.setblocking(False)
+            got = 0
+            while True:
+                try:
+                    server.recv(4096)
+                except BlockingIOError:
+                    break
+                got += 1
+            assert 0 < got < 5000
+            clock.now += 1.0
+            log.logger().warning("reader is back")
+            assert server.recv(4096).endswith(
+                f"{5000 - got} log lines dropped: the log reader fell behind\0".encode())
+            assert server.recv(4096).endswith(b"reader is back\0")
+        finally:
+            for handler in list(log.logger().handlers):
+                log.logger().removeHandler(handler)
+                handler.close()
