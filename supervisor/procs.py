@@ -70,6 +70,8 @@ STANDBY = -2
 # Sequence number of STANDBY requests on the spawner channel (SPAWNs use the queue index).
 STANDBY_SEQ = 0x8000_0000
 STANDBY_TRIES = 3
+ENV_HOOKS = "PYVIRTIOFSD_TEST_HOOKS"
+ENV_SPAWNER_DIES = "PYVIRTIOFSD_TEST_SPAWNER_DIES"
 
 
 class FatalDeath(Exception):
@@ -173,6 +175,9 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         except Exception:
             log.exception("spawner: cannot confine itself")
             os._exit(EXIT_SETUP_FAILED)
+    # Test hook (tests/test_availability.py): die once right after cloning a worker, before
+    # telling the supervisor its pid.  Honoured only with PYVIRTIOFSD_TEST_HOOKS=1.
+    dies = os.environ.get(ENV_SPAWNER_DIES) if os.environ.get(ENV_HOOKS) == "1" else None
     while True:
         try:
             msg = control.receive(channel, control.TO_SPAWNER)
@@ -210,12 +215,19 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
                     _spawner_main(socket.socket(fileno=fd), entry, None, mine)
                 else:
                     entry(msg.fields[0], socket.socket(fileno=fd))
+            except (BrokenPipeError, ConnectionResetError):
+                # The supervisor hung up: it never learnt of this process (the spawner died
+                # before answering), and ends it.
+                status = 1
             except BaseException:
                 log.exception("%s failed", what)
                 status = 1
             os._exit(status)
         if standby:
             prctl.set_name("pyvfs-spawner")
+        elif dies and os.path.exists(dies):
+            os.unlink(dies)
+            os.kill(os.getpid(), signal.SIGKILL)
         # The channel end stays in the shared table: the new process uses it.  A worker's is
         # closed by its successor (the journal lists it among the fds the worker owns).
         control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))

@@ -343,3 +343,31 @@ def test_a_start_without_a_free_fd_is_not_a_boot_failure(monkeypatch, err: int,
     assert (1 in table.policy.failed) is counted
     if not counted:
         assert table.policy.next_in() is not None, "a retry must be planned"
+
+
+def test_a_worker_the_dying_spawner_never_announced_is_ended(daemon_factory, monkeypatch,
+                                                             tmp_path: Path) -> None:
+    """The spawner dies after cloning a worker and before saying its pid (a test hook places
+    the death).  That worker would take over the queue's journal alongside the real
+    successor; the supervisor ends it, the standby takes over, and the queue is served."""
+    flag = tmp_path / "spawner-dies"
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_SPAWNER_DIES", str(flag))
+    d = daemon_factory("--request-queues=1", "--seccomp=none")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        spawner = _named(d.proc.pid, "pyvfs-spawner")
+        flag.write_bytes(b"")
+        os.kill(_named(d.proc.pid, "pyvfs-q1"), signal.SIGKILL)
+        d.wait_for(f"the spawner (pid {spawner}) was killed by SIGKILL; its standby")
+        d.wait_for("started by the dead spawner unannounced")
+        assert c.getattr(ROOT).attr.ino > 0
+        assert not flag.exists()
+        (worker,) = [p for p, n in children(d.proc.pid).items() if n == "pyvfs-q1"]
+        assert fd_count(worker) == fd_count(_named(d.proc.pid, "pyvfs-spawner"))
+    finally:
+        fe.close()
+    assert d.proc.wait(timeout=20) == 0, d.text
+    assert "Traceback" not in d.text and "stopping" not in d.text, d.text
