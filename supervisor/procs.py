@@ -616,8 +616,11 @@ class ProcessTable:
             setup.enabled = enabled
         if index in self.workers:
             try:
+                # Enabling is answered without a round trip, as SET_CALL; disabling waits for
+                # the worker: once acknowledged, nothing more is taken from the ring
+                # (protocol.md 1.8, "Ring states").
                 self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
-                                                               int(enabled)), answer=False)
+                                                               int(enabled)), answer=not enabled)
             except WorkerGone:
                 pass
 
