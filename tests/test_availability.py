@@ -209,6 +209,28 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory) -> None
         fe.close()
 
 
+def test_a_stopped_worker_is_still_replaced(daemon_factory) -> None:
+    """The other side of the slow-request rule: a worker that does not answer and is not
+    asleep in a system call (here stopped, SIGSTOP) is killed after the answer timeout, and
+    GET_VRING_BASE is answered from its journal."""
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        c.getattr(ROOT)
+        worker = _named(d.proc.pid, "pyvfs-q1")
+        os.kill(worker, signal.SIGSTOP)
+        fe.timeout = 60.0
+        assert fe.get_vring_base(1) == fe.queue(1).avail_idx
+        line = d.wait_for(f"worker for queue 1 (pid {worker}) was killed by SIGKILL")
+        assert "no request in flight" in line, line
+        assert "did not answer: killing it" in d.text, d.text
+        assert "asleep in a system call" not in d.text, d.text
+    finally:
+        fe.close()
+
+
 @pytest.mark.parametrize(("state", "cpu", "waited_for"), [
     ("S", 0.1, True), ("D", 0.0, True),        # asleep in a system call
     ("R", 0.0, False), ("S", 9.0, False),      # running, or busy between short sleeps
