@@ -163,8 +163,9 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
     channel end, which lives on in the shared table."""
     if predecessor < 0:
         # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
-        signals.child_defaults({signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_IGN,
-                                signal.SIGHUP: signal.SIG_DFL})
+        # Stop signals are ignored here and in every clone: the supervisor decides, and its
+        # death takes the spawner and workers along (PR_SET_PDEATHSIG).
+        signals.child_defaults(dict.fromkeys(signals.HANDLED, signal.SIG_IGN))
     prctl.set_name("pyvfs-spawner" if predecessor < 0 else "pyvfs-standby")
     prctl.set_pdeathsig(signal.SIGKILL)
     if predecessor >= 0:
