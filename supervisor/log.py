@@ -210,7 +210,11 @@ class _StreamLines(_Lines):
         super().__init__()
         self.setFormatter(_StderrFormatter())
         self.sock: socket.socket | None = None
-        mode = os.fstat(fd).st_mode
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            self.fd = -1              # started with stderr closed: lines go nowhere
+            return
         if stat.S_ISSOCK(mode):
             # journald's stdout stream: sockets cannot be reopened through /proc.
             self.sock = socket.socket(fileno=os.dup(fd))
@@ -232,7 +236,7 @@ class _StreamLines(_Lines):
     def _send(self, data: bytes) -> None:
         if self.sock is not None:
             self.sock.send(data, socket.MSG_DONTWAIT)
-        else:
+        elif self.fd >= 0:
             os.write(self.fd, data)
 
     def fileno(self) -> int:
