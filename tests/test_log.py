@@ -260,3 +260,19 @@ def test_a_stalled_syslog_reader_never_blocks_the_process(tmp_path, monkeypatch)
             for handler in list(log.logger().handlers):
                 log.logger().removeHandler(handler)
                 handler.close()
+
+
+def test_preformatted_messages_share_one_bucket_past_the_template_limit(stderr):
+    clock = _Clock()
+    log.setup("info", syslog=False)
+    _limit(clock)
+    (limit,) = [f for f in log.logger().handlers[0].filters if isinstance(f, log.RateLimit)]
+    step = 1.0 / log.PROCESS_RATE           # the process ceiling never refuses here
+    for n in range(log.MAX_TEMPLATES + 1000):
+        clock.now += step
+        log.logger().warning(f"name {n} from the guest")
+    assert len(limit._buckets) == log.MAX_TEMPLATES + 1
+    # Past the limit one bucket: its burst, then TEMPLATE_RATE lines a second.
+    shared = log.TEMPLATE_BURST + int(1000 * step * log.TEMPLATE_RATE)
+    passed = [e for e in lines(stderr()) if e[3].startswith("name ")]
+    assert len(passed) <= log.MAX_TEMPLATES + shared + 1
