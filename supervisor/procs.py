@@ -7,10 +7,31 @@ queue is valid on every queue, while the supervisor's own fds (vhost-user socket
 channels) stay out of reach of the workers.  CLONE_PARENT makes the supervisor the parent of
 every worker, so it reaps them and learns their exit status directly.
 
+The spawner clones a *standby* too: a second spawner on the same fd table that takes over when
+the spawner dies (spawner_exited), so no process but the supervisor is a single point of
+failure.
+
 Each worker request is a numbered message answered by one ACK/STOPPED/FAILED (common/control).
-A worker that does not answer in time, or answers out of protocol, is killed and respawned.
-One that its seccomp policy killed (SIGSYS) is not: the request it was serving would be served
-again and refused again, so the daemon stops, naming the system call (virtiofsd exits too).
+SET_CALL and enabling SET_ENABLE are sent without waiting for the answer, which is consumed
+when it comes.  A worker that does not answer in time is looked at before it is killed: one
+asleep in a system call with a request in flight (its journal and /proc/PID/stat say so) is
+waited for, up to SLOW_REQUEST_LIMIT; one that is dead, spinning or stopped, or answers out of
+protocol, is killed and respawned.  One that its seccomp policy killed (SIGSYS) is not: the
+request it was serving would be served again and refused again, so the daemon stops, naming the
+system call (virtiofsd exits too).
+
+What this asks of a worker's loop (worker/main.py, and any native loop that replaces it):
+* exactly one answer per request, with its sequence number, also for a message it cannot take
+  (FAILED with the ProtocolError's errno: EMFILE when its fds found no room in the fd table);
+* control messages applied between two requests at the latest, SET_CALL before the next
+  completion is signalled (then the new notifier is signalled once), SET_ENABLE 0 answered
+  only once nothing more is taken from the ring;
+* every request journaled (popped, then executing) before its first system call and until its
+  reply, so that a worker that sleeps in the kernel shows a request in flight; no busy loop
+  while it waits (CPU use is what tells spinning from sleeping), and no sleeping outside a
+  request except in its poll on the channel and kick fds;
+* its channel end listed among the fds it owns in the journal (its successor closes it), and
+  the arena's fd budget honoured by every path that adds an inode or handle.
 
 Deaths are seen at once through each worker's pidfd.  The supervisor logs the signal or exit
 status and the request the worker was serving (from its inflight journal, common/journal.py),
