@@ -159,11 +159,11 @@ class Supervisor:
         logsetup.set_role(f"worker q{queue}")
         prctl.set_name(f"pyvfs-q{queue}")
         prctl.set_pdeathsig(signal.SIGKILL)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        # Stopped by the supervisor (SIGKILL) or with it (PDEATHSIG), never by a SIGTERM or
-        # SIGINT sent to the whole process group: that one is the supervisor's to act on.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # Stop signals are the supervisor's to act on (supervisor/signals.py): a runtime that
+        # signals the whole group must not make workers die and be respawned on the way out.
+        for sig in signals.HANDLED:
             signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         try:
             # Through the sandbox's procfs: there is no /proc at the root of a sandbox.

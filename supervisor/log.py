@@ -51,6 +51,7 @@ TEMPLATE_BURST = 50
 TEMPLATE_RATE = 10.0          # lines per second
 PROCESS_BURST = 500
 PROCESS_RATE = 100.0
+MAX_TEMPLATES = 512
 # Lines are written whole or not at all: a pipe write of at most PIPE_BUF bytes is atomic.
 LINE_MAX = select.PIPE_BUF
 
@@ -99,7 +100,13 @@ class RateLimit(logging.Filter):
         key = (record.name, record.msg if isinstance(record.msg, str) else repr(type(record.msg)))
         bucket = self._buckets.get(key)
         if bucket is None:
-            bucket = self._buckets[key] = _Bucket(self.template[0], now)
+            if len(self._buckets) >= MAX_TEMPLATES:
+                # Messages formatted before logging are each a "template": they share one
+                # bucket past this many, so the table stays bounded.
+                key = ("", "(messages of other templates)")
+                bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = _Bucket(self.template[0], now)
         # Both must have room before either is charged: a template kept quiet by the process
         # ceiling keeps its own tokens.
         room = bucket.refill(*self.template, now)
@@ -210,7 +217,11 @@ class _StreamLines(_Lines):
         super().__init__()
         self.setFormatter(_StderrFormatter())
         self.sock: socket.socket | None = None
-        mode = os.fstat(fd).st_mode
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            self.fd = -1              # started with stderr closed: lines go nowhere
+            return
         if stat.S_ISSOCK(mode):
             # journald's stdout stream: sockets cannot be reopened through /proc.
             self.sock = socket.socket(fileno=os.dup(fd))
@@ -232,7 +243,7 @@ class _StreamLines(_Lines):
     def _send(self, data: bytes) -> None:
         if self.sock is not None:
             self.sock.send(data, socket.MSG_DONTWAIT)
-        else:
+        elif self.fd >= 0:
             os.write(self.fd, data)
 
     def fileno(self) -> int:

@@ -7,10 +7,31 @@ queue is valid on every queue, while the supervisor's own fds (vhost-user socket
 channels) stay out of reach of the workers.  CLONE_PARENT makes the supervisor the parent of
 every worker, so it reaps them and learns their exit status directly.
 
+The spawner clones a *standby* too: a second spawner on the same fd table that takes over when
+the spawner dies (spawner_exited), so no process but the supervisor is a single point of
+failure.
+
 Each worker request is a numbered message answered by one ACK/STOPPED/FAILED (common/control).
-A worker that does not answer in time, or answers out of protocol, is killed and respawned.
-One that its seccomp policy killed (SIGSYS) is not: the request it was serving would be served
-again and refused again, so the daemon stops, naming the system call (virtiofsd exits too).
+SET_CALL and enabling SET_ENABLE are sent without waiting for the answer, which is consumed
+when it comes.  A worker that does not answer in time is looked at before it is killed: one
+asleep in a system call with a request in flight (its journal and /proc/PID/stat say so) is
+waited for, up to SLOW_REQUEST_LIMIT; one that is dead, spinning or stopped, or answers out of
+protocol, is killed and respawned.  One that its seccomp policy killed (SIGSYS) is not: the
+request it was serving would be served again and refused again, so the daemon stops, naming the
+system call (virtiofsd exits too).
+
+What this asks of a worker's loop (worker/main.py, and any native loop that replaces it):
+* exactly one answer per request, with its sequence number, also for a message it cannot take
+  (FAILED with the ProtocolError's errno: EMFILE when its fds found no room in the fd table);
+* control messages applied between two requests at the latest, SET_CALL before the next
+  completion is signalled (then the new notifier is signalled once), SET_ENABLE 0 answered
+  only once nothing more is taken from the ring;
+* every request journaled (popped, then executing) before its first system call and until its
+  reply, so that a worker that sleeps in the kernel shows a request in flight; no busy loop
+  while it waits (CPU use is what tells spinning from sleeping), and no sleeping outside a
+  request except in its poll on the channel and kick fds;
+* its channel end listed among the fds it owns in the journal (its successor closes it), and
+  the arena's fd budget honoured by every path that adds an inode or handle.
 
 Deaths are seen at once through each worker's pidfd.  The supervisor logs the signal or exit
 status and the request the worker was serving (from its inflight journal, common/journal.py),
@@ -75,6 +96,9 @@ SPAWNER = -1
 STANDBY = -2
 # Sequence number of STANDBY requests on the spawner channel (SPAWNs use the queue index).
 STANDBY_SEQ = 0x8000_0000
+STANDBY_TRIES = 3
+ENV_HOOKS = "PYVIRTIOFSD_TEST_HOOKS"
+ENV_SPAWNER_DIES = "PYVIRTIOFSD_TEST_SPAWNER_DIES"
 
 
 class FatalDeath(Exception):
@@ -166,11 +190,9 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
     channel end, which lives on in the shared table."""
     if predecessor < 0:
         # Forked with the supervisor's signals blocked: its handlers and wake-up fd are not ours.
-        # Only the supervisor stops the spawner (SIGKILL at shutdown): a SIGTERM or SIGINT sent
-        # to the whole process group (systemd's control-group kill, libvirt's group kill,
-        # Ctrl-C) is the supervisor's to act on.
-        signals.child_defaults({signal.SIGTERM: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN,
-                                signal.SIGHUP: signal.SIG_DFL})
+        # Stop signals are ignored here and in every clone: the supervisor decides, and its
+        # death takes the spawner and workers along (PR_SET_PDEATHSIG).
+        signals.child_defaults(dict.fromkeys(signals.HANDLED, signal.SIG_IGN))
     prctl.set_name("pyvfs-spawner" if predecessor < 0 else "pyvfs-standby")
     prctl.set_pdeathsig(signal.SIGKILL)
     if predecessor >= 0:
@@ -181,6 +203,9 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         except Exception:
             log.exception("spawner: cannot confine itself")
             os._exit(EXIT_SETUP_FAILED)
+    # Test hook (tests/test_availability.py): die once right after cloning a worker, before
+    # telling the supervisor its pid.  Honoured only with PYVIRTIOFSD_TEST_HOOKS=1.
+    dies = os.environ.get(ENV_SPAWNER_DIES) if os.environ.get(ENV_HOOKS) == "1" else None
     while True:
         try:
             msg = control.receive(channel, control.TO_SPAWNER)
@@ -199,6 +224,10 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         fd = msg.fds[0]
         what = "a standby spawner" if msg.type is MsgType.STANDBY else \
             f"a worker for queue {msg.fields[0]}"
+        standby = msg.type is MsgType.STANDBY
+        if standby:
+            # A child is born with its parent's name: a standby must never show as the spawner.
+            prctl.set_name("pyvfs-standby")
         try:
             pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
         except OSError as e:
@@ -214,10 +243,19 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
                     _spawner_main(socket.socket(fileno=fd), entry, None, mine)
                 else:
                     entry(msg.fields[0], socket.socket(fileno=fd))
+            except (BrokenPipeError, ConnectionResetError):
+                # The supervisor hung up: it never learnt of this process (the spawner died
+                # before answering), and ends it.
+                status = 1
             except BaseException:
                 log.exception("%s failed", what)
                 status = 1
             os._exit(status)
+        if standby:
+            prctl.set_name("pyvfs-spawner")
+        elif dies and os.path.exists(dies):
+            os.unlink(dies)
+            os.kill(os.getpid(), signal.SIGKILL)
         # The channel end stays in the shared table: the new process uses it.  A worker's is
         # closed by its successor (the journal lists it among the fds the worker owns).
         control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))
@@ -277,7 +315,12 @@ class ProcessTable:
 
     def make_standby(self) -> None:
         """Have the spawner clone a standby; without one the daemon runs on, and a death of the
-        spawner stops it."""
+        spawner stops it.  A standby that dies while starting is tried again."""
+        for _ in range(STANDBY_TRIES):
+            if self._start_standby() or _exited(self.spawner_pidfd):
+                return
+
+    def _start_standby(self) -> bool:
         assert self.spawner is not None and self.standby is None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -303,9 +346,10 @@ class ProcessTable:
             ours.close()
             log.warning("no standby spawner (%s): if the spawner dies, the daemon stops",
                         e.strerror if isinstance(e, OSError) and e.strerror else e)
-            return
+            return False
         self.standby_pid, self.standby_pidfd, self.standby = pid, pidfd, ours
         log.debug("standby spawner started, pid %d", pid)
+        return True
 
     def spawn(self, queue: int) -> WorkerHandle:
         assert self.spawner is not None
@@ -622,6 +666,10 @@ class ProcessTable:
             setup.enabled = enabled
         if index in self.workers:
             try:
+                # Enabling is answered without a round trip, as SET_CALL; disabling waits for
+                # the worker to stop at a request boundary (protocol.md 1.8, "Ring states"),
+                # for DISABLE_PATIENCE at most: one asleep in a system call finishes that
+                # request and then stops, without holding up the front-end meanwhile.
                 self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
                                                                int(enabled)), answer=False,
                              patience=0.0 if enabled else DISABLE_PATIENCE)

@@ -6,6 +6,11 @@ supervisor) silently drops a signal it has no handler for (pid_namespaces(7)).  
 blocks them before anything else; each process installs its handlers and only then unblocks
 (`handled_by`).  The mask is inherited across fork and clone, so a child is born blocking them:
 what its parent forwards early stays pending until the child's handlers are in place.
+
+Only the supervisor acts on them (and the namespace sandbox's waiting parent forwards them to
+it).  The spawner, its standby and the workers ignore them: a runtime that signals the whole
+process group (systemd's KillMode=control-group) gets one orderly shutdown, not workers dying
+and being respawned on the way out; they end with the supervisor (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import signal
 import subprocess
 import threading
@@ -21,7 +22,7 @@ from pyvirtiofsd.common.virtio import DescFlag
 from pyvirtiofsd.supervisor.daemon import guest_fd_budget
 from pyvirtiofsd.supervisor.procs import ProcessTable, ProcSample, asleep_in_kernel
 from pyvirtiofsd.supervisor.respawn import MAX_BOOT_FAILURES
-from tests.conftest import DAEMON
+from tests.conftest import DAEMON, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
 
@@ -111,6 +112,25 @@ def test_a_stalled_log_reader_does_not_stall_the_device(quiet: Quiet) -> None:
 # --- item: the spawner is not a single point of failure -------------------------------------
 
 
+def _wait_count(d: Daemon, text: str, n: int, timeout: float = 30.0) -> None:
+    """Until the daemon logged `text` n times."""
+    deadline = time.monotonic() + timeout
+    while d.text.count(text) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} logged fewer than {n} times:\n{d.text}"
+        try:
+            line = d.lines.get(timeout=left)
+        except queue.Empty:
+            continue
+        assert line is not None, f"the daemon exited:\n{d.text}"
+
+
+def _supervisor(d: Daemon) -> int:
+    """The supervisor's pid: the daemon itself, or its child inside the namespace sandbox."""
+    inside = [p for p, n in children(d.proc.pid).items() if n == "pyvfs-sup"]
+    return inside[0] if inside else d.proc.pid
+
+
 def _named(d_pid: int, name: str) -> int:
     (pid,) = [p for p, n in children(d_pid).items() if n == name]
     return pid
@@ -159,13 +179,15 @@ def test_a_killed_spawner_is_replaced_and_the_guest_sees_nothing(daemon_factory)
 # --- item: a slow request never gets a healthy worker killed --------------------------------
 
 
-def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory) -> None:
+@pytest.mark.parametrize("sandbox", ["none", "namespace"])
+def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory, sandbox: str) -> None:
     """OPEN for writing of a file the host holds a read lease on sleeps in open(2) until the
     lease is given up (lease-break-time, 45 s by default).  Control messages for that queue
     meanwhile: those the supervisor can answer alone are answered at once, GET_VRING_BASE waits
     past the answer timeout because the worker is asleep in the kernel with a request in
     flight, and nothing is killed or replayed."""
-    d = daemon_factory("--request-queues=1")
+    d = daemon_factory("--request-queues=1", f"--sandbox={sandbox}", "--seccomp=kill")
+    sup = _supervisor(d)
     fe = Frontend.connect(d.socket, process=d.proc, queues=2)
     old = signal.signal(signal.SIGIO, lambda *_: None)      # the lease holder hears the break
     holder = -1
@@ -177,7 +199,7 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory) -> None
         node = c.lookup(ROOT, "leased").nodeid
         holder = os.open(path, os.O_RDONLY)
         fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_RDLCK)
-        worker = _named(d.proc.pid, "pyvfs-q1")
+        worker = _named(sup, "pyvfs-q1")
         token = c.submit(fa.Opcode.OPEN, node, fa.OPEN_IN.pack(os.O_WRONLY, 0))
         # Answered by the supervisor alone (REPLY_ACK): the worker takes it between requests.
         fe.timeout = 3.0
@@ -193,19 +215,41 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory) -> None
 
         t = threading.Thread(target=stop, daemon=True)
         t.start()
-        line = d.wait_for("asleep in a system call serving OPEN")
-        assert f"(pid {worker})" in line, line
+        # The supervisor read the worker's state through its procfs (the sandbox's own).
+        d.wait_for("asleep in a system call serving OPEN")
         fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
         t.join(timeout=30)
         assert stopped and isinstance(stopped[0], int), stopped
         reply = c.result(token, timeout=10)
         assert reply.error == 0
-        assert _named(d.proc.pid, "pyvfs-q1") == worker
+        assert _named(sup, "pyvfs-q1") == worker
         assert "killed" not in d.text and "completing" not in d.text, d.text
     finally:
         signal.signal(signal.SIGIO, old)
         if holder >= 0:
             os.close(holder)
+        fe.close()
+
+
+def test_a_stopped_worker_is_still_replaced(daemon_factory) -> None:
+    """The other side of the slow-request rule: a worker that does not answer and is not
+    asleep in a system call (here stopped, SIGSTOP) is killed after the answer timeout, and
+    GET_VRING_BASE is answered from its journal."""
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        c.getattr(ROOT)
+        worker = _named(d.proc.pid, "pyvfs-q1")
+        os.kill(worker, signal.SIGSTOP)
+        fe.timeout = 60.0
+        assert fe.get_vring_base(1) == fe.queue(1).avail_idx
+        line = d.wait_for(f"worker for queue 1 (pid {worker}) was killed by SIGKILL")
+        assert "no request in flight" in line, line
+        assert "did not answer: killing it" in d.text, d.text
+        assert "asleep in a system call" not in d.text, d.text
+    finally:
         fe.close()
 
 
@@ -343,3 +387,55 @@ def test_a_start_without_a_free_fd_is_not_a_boot_failure(monkeypatch, err: int,
     assert (1 in table.policy.failed) is counted
     if not counted:
         assert table.policy.next_in() is not None, "a retry must be planned"
+
+
+def test_a_killed_spawner_is_replaced_inside_the_namespace_sandbox(daemon_factory) -> None:
+    """The same under the default sandbox and seccomp filters: the standby's clone, the
+    supervisor's look at its children through the sandbox's procfs."""
+    d = daemon_factory("--request-queues=1", "--sandbox=namespace", "--seccomp=kill")
+    sup = _supervisor(d)
+    assert sup != d.proc.pid
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        for n in range(2):
+            os.kill(_named(sup, "pyvfs-spawner"), signal.SIGKILL)
+            _wait_count(d, "takes over", n + 1)
+            fe.get_features()                   # the new standby is up
+            os.kill(_named(sup, "pyvfs-q1"), signal.SIGKILL)
+            assert c.getattr(ROOT).attr.ino > 0
+            _named(sup, "pyvfs-standby")
+    finally:
+        fe.close()
+    assert d.proc.wait(timeout=20) == 0, d.text
+    for bad in ("stopping", "Traceback", "cannot list", "SIGSYS", "no standby"):
+        assert bad not in d.text, d.text
+
+
+def test_a_worker_the_dying_spawner_never_announced_is_ended(daemon_factory, monkeypatch,
+                                                             tmp_path: Path) -> None:
+    """The spawner dies after cloning a worker and before saying its pid (a test hook places
+    the death).  That worker would take over the queue's journal alongside the real
+    successor; the supervisor ends it, the standby takes over, and the queue is served."""
+    flag = tmp_path / "spawner-dies"
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_SPAWNER_DIES", str(flag))
+    d = daemon_factory("--request-queues=1", "--seccomp=none")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        spawner = _named(d.proc.pid, "pyvfs-spawner")
+        flag.write_bytes(b"")
+        os.kill(_named(d.proc.pid, "pyvfs-q1"), signal.SIGKILL)
+        d.wait_for(f"the spawner (pid {spawner}) was killed by SIGKILL; its standby")
+        d.wait_for("started by the dead spawner unannounced")
+        assert c.getattr(ROOT).attr.ino > 0
+        assert not flag.exists()
+        (worker,) = [p for p, n in children(d.proc.pid).items() if n == "pyvfs-q1"]
+        assert fd_count(worker) == fd_count(_named(d.proc.pid, "pyvfs-spawner"))
+    finally:
+        fe.close()
+    assert d.proc.wait(timeout=20) == 0, d.text
+    assert "Traceback" not in d.text and "stopping" not in d.text, d.text

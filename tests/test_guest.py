@@ -468,9 +468,10 @@ def _build_fsx(out: Path) -> None:
 
 
 def _daemon_children() -> dict[int, str]:
-    """{pid: name} of the workers and the spawner of the pyvirtiofsd this test started (below
-    the sandbox's waiting parent, when there is one)."""
+    """{pid: name} of the live workers and spawner of the pyvirtiofsd this test started (below
+    the sandbox's waiting parent, when there is one); zombies are left out."""
     procs: dict[int, tuple[int, str]] = {}
+    zombies: set[int] = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -479,13 +480,16 @@ def _daemon_children() -> dict[int, str]:
                 st = f.read()
         except OSError:
             continue
-        procs[int(entry)] = (int(st[st.rindex(")") + 2 :].split()[1]),
-                             st[st.index("(") + 1 : st.rindex(")")])
+        state, ppid = st[st.rindex(")") + 2 :].split()[:2]
+        procs[int(entry)] = (int(ppid), st[st.index("(") + 1 : st.rindex(")")])
+        if state == "Z":
+            zombies.add(int(entry))
     ours = {pid for pid, (ppid, name) in procs.items() if ppid == os.getpid()}
     # Two levels down at most: daemon -> (sandboxed supervisor) -> workers and spawner.
     ours |= {pid for pid, (ppid, _) in procs.items() if ppid in ours}
     return {pid: name for pid, (ppid, name) in procs.items()
-            if ppid in ours and (name == "pyvfs-spawner" or name.startswith("pyvfs-q"))}
+            if ppid in ours and pid not in zombies
+            and (name == "pyvfs-spawner" or name.startswith("pyvfs-q"))}
 
 
 def _fnv(data: bytes) -> str:
@@ -511,11 +515,13 @@ def test_guest_fsx_while_workers_and_the_spawner_are_killed(daemon: GuestDaemon,
     _build_fsx(share / ".fsx")
     rng = random.Random(12)
     kills: list[str] = []
+    killed: set[int] = set()
 
     def on_line(line) -> None:
         if not line.text.startswith("@@KILL"):
             return
-        procs = _daemon_children()
+        # Not one already killed: both verifiers may ask within a millisecond of each other.
+        procs = {p: n for p, n in _daemon_children().items() if p not in killed}
         if not procs:
             return
         # One kill in four is the spawner (its standby takes over); the rest a worker.
@@ -526,6 +532,7 @@ def test_guest_fsx_while_workers_and_the_spawner_are_killed(daemon: GuestDaemon,
         try:
             os.kill(victim, signal.SIGKILL)
             kills.append(procs[victim])
+            killed.add(victim)
         except ProcessLookupError:
             pass
 

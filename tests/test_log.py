@@ -221,3 +221,58 @@ def test_a_stalled_stderr_reader_never_blocks_the_process(monkeypatch):
             log.logger().removeHandler(handler)
             handler.close()
         os.close(r)
+
+
+def test_a_stalled_syslog_reader_never_blocks_the_process(tmp_path, monkeypatch):
+    address = str(tmp_path / "log")
+    clock = _Clock()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(address)
+        monkeypatch.setattr(log, "SYSLOG_ADDRESS", address)
+        try:
+            log.setup("info", syslog=True)
+            _limit(clock)
+
+            def flood() -> None:
+                for n in range(5000):
+                    clock.now += 1.0
+                    log.logger().warning("line %d", n)
+
+            t = threading.Thread(target=flood, daemon=True)
+            t.start()
+            t.join(timeout=30)
+            assert not t.is_alive(), "logging blocked on a full syslog socket"
+            server.setblocking(False)
+            got = 0
+            while True:
+                try:
+                    server.recv(4096)
+                except BlockingIOError:
+                    break
+                got += 1
+            assert 0 < got < 5000
+            clock.now += 1.0
+            log.logger().warning("reader is back")
+            assert server.recv(4096).endswith(
+                f"{5000 - got} log lines dropped: the log reader fell behind\0".encode())
+            assert server.recv(4096).endswith(b"reader is back\0")
+        finally:
+            for handler in list(log.logger().handlers):
+                log.logger().removeHandler(handler)
+                handler.close()
+
+
+def test_preformatted_messages_share_one_bucket_past_the_template_limit(stderr):
+    clock = _Clock()
+    log.setup("info", syslog=False)
+    _limit(clock)
+    (limit,) = [f for f in log.logger().handlers[0].filters if isinstance(f, log.RateLimit)]
+    step = 1.0 / log.PROCESS_RATE           # the process ceiling never refuses here
+    for n in range(log.MAX_TEMPLATES + 1000):
+        clock.now += step
+        log.logger().warning(f"name {n} from the guest")
+    assert len(limit._buckets) == log.MAX_TEMPLATES + 1
+    # Past the limit one bucket: its burst, then TEMPLATE_RATE lines a second.
+    shared = log.TEMPLATE_BURST + int(1000 * step * log.TEMPLATE_RATE)
+    passed = [e for e in lines(stderr()) if e[3].startswith("name ")]
+    assert len(passed) <= log.MAX_TEMPLATES + shared + 1

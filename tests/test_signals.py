@@ -17,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import DAEMON
+from tests.frontend import Frontend, FuseClient
+from tests.proctree import children
 
 ROUNDS = 12
 EXIT_TIMEOUT = 15.0
@@ -64,3 +67,27 @@ def test_sigterm_as_soon_as_the_socket_exists(tmp_path: Path, share: Path, sandb
             except OSError:
                 continue
             assert str(share).encode() not in cmdline, f"pid {entry} outlived its daemon"
+
+
+def test_stop_signals_are_the_supervisors_alone(daemon_factory) -> None:
+    """A runtime may signal the whole group: the spawner, its standby and the workers let the
+    supervisor decide, so none of them dies and is respawned on the way out."""
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        kids = children(d.proc.pid)
+        assert sorted(kids.values()) == ["pyvfs-q0", "pyvfs-q1", "pyvfs-spawner",
+                                         "pyvfs-standby"]
+        for pid in kids:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                os.kill(pid, sig)
+        # Round trips through a worker and through the supervisor's loop.
+        assert c.getattr(fa.ROOT_ID).attr.ino > 0
+        fe.get_features()
+        assert children(d.proc.pid) == kids
+        assert "killed by" not in d.text, d.text
+    finally:
+        fe.close()
+    assert d.proc.wait(timeout=20) == 0
