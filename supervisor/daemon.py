@@ -234,6 +234,8 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
+        self.procs.wake_fd = wake_r.fileno()
+        self.procs.stopping = lambda: bool(self.signals)
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.arena.limit_fds(guest_fd_budget(limit))
         log.debug("the guest may hold %d inodes and open files (open-file limit %d)",

@@ -288,6 +288,10 @@ class ProcessTable:
     policy: RespawnPolicy = field(default_factory=RespawnPolicy)
     # A procfs directory fd, to tell a worker stuck in a system call from a hung one.
     proc_fd: int = -1
+    # The supervisor's signal wake-up fd and whether a stop was asked for: a wait for a slow
+    # worker ends as soon as the daemon is told to stop.
+    wake_fd: int = -1
+    stopping: Callable[[], bool] = lambda: False
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -396,8 +400,10 @@ class ProcessTable:
               who: str, pidfd: int = -1, handle: WorkerHandle | None = None,
               timeout: float = ANSWER_TIMEOUT) -> Message:
         """The answer numbered `seq`.  A worker's channel end lives on in the shared fd table
-        after the worker died, so its death shows on its pidfd, not as EOF."""
+        after the worker died, so its death shows on its pidfd, not as EOF.  For a worker's
+        answer (`handle`), a stop signal ends the wait (OSError ESHUTDOWN)."""
         deadline = time.monotonic() + timeout
+        wake = self.wake_fd if handle is not None else -1
         while True:
             # Other workers that die meanwhile are reaped at once: a dead worker may hold a
             # lock of the shared tables, which is only taken over once it is no zombie, and the
@@ -405,10 +411,16 @@ class ProcessTable:
             others = {h.pidfd: h for h in self.workers.values()
                       if h.status is None and h.pidfd != pidfd}
             watch = [sock, *others] if pidfd < 0 else [sock, pidfd, *others]
+            if wake >= 0:
+                watch.append(wake)
             left = deadline - time.monotonic()
             ready = select.select(watch, [], [], left)[0] if left > 0 else []
             if not ready:
                 raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
+            if wake in ready:
+                if self.stopping():
+                    raise OSError(errno.ESHUTDOWN, "the daemon is stopping")
+                wake = -1       # not a stop: the main loop reads it; do not spin on it
             for fd in ready:
                 if fd in others:
                     others[fd].status = _reap(others[fd].pid)
@@ -483,6 +495,11 @@ class ProcessTable:
         except OSError as e:
             if e.errno == errno.EPIPE:
                 raise WorkerGone(queue, "died") from None   # worker_exited says how
+            if e.errno == errno.ESHUTDOWN:
+                # Not waited for any longer: every process is ended on the way out, this one
+                # now (callers that wait for its death to read its journal need not wait).
+                self.kill(queue)
+                raise WorkerGone(queue, "was not waited for (the daemon is stopping)") from None
             log.error("worker for queue %d: %s: killing it", queue, e.strerror or e)
             self.kill(queue)
             raise WorkerGone(queue, "did not answer") from None

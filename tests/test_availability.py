@@ -189,18 +189,17 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory, sandbox
     d = daemon_factory("--request-queues=1", f"--sandbox={sandbox}", "--seccomp=kill")
     sup = _supervisor(d)
     fe = Frontend.connect(d.socket, process=d.proc, queues=2)
-    old = signal.signal(signal.SIGIO, lambda *_: None)      # the lease holder hears the break
-    holder = -1
+    holder: LeaseHolder | None = None
     try:
         c = FuseClient(fe)
         c.init()
         path = d.share / "leased"
         path.write_bytes(b"x")
         node = c.lookup(ROOT, "leased").nodeid
-        holder = os.open(path, os.O_RDONLY)
-        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        holder = LeaseHolder(path)
         worker = _named(sup, "pyvfs-q1")
         token = c.submit(fa.Opcode.OPEN, node, fa.OPEN_IN.pack(os.O_WRONLY, 0))
+        holder.wait_broken()
         # Answered by the supervisor alone (REPLY_ACK): the worker takes it between requests.
         fe.timeout = 3.0
         fe.set_vring_enable(1, True)
@@ -217,7 +216,7 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory, sandbox
         t.start()
         # The supervisor read the worker's state through its procfs (the sandbox's own).
         d.wait_for("asleep in a system call serving OPEN")
-        fcntl.fcntl(holder, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        holder.give_up()
         t.join(timeout=30)
         assert stopped and isinstance(stopped[0], int), stopped
         reply = c.result(token, timeout=10)
@@ -225,9 +224,8 @@ def test_a_request_asleep_in_the_kernel_keeps_its_worker(daemon_factory, sandbox
         assert _named(sup, "pyvfs-q1") == worker
         assert "killed" not in d.text and "completing" not in d.text, d.text
     finally:
-        signal.signal(signal.SIGIO, old)
-        if holder >= 0:
-            os.close(holder)
+        if holder is not None:
+            holder.close()
         fe.close()
 
 
@@ -439,3 +437,62 @@ def test_a_worker_the_dying_spawner_never_announced_is_ended(daemon_factory, mon
         fe.close()
     assert d.proc.wait(timeout=20) == 0, d.text
     assert "Traceback" not in d.text and "stopping" not in d.text, d.text
+
+
+def test_a_stop_signal_ends_the_wait_for_a_slow_worker(daemon_factory) -> None:
+    """SIGTERM while the supervisor waits for a worker asleep in a system call: the daemon
+    stops at once (a runtime's grace period is shorter than the slow-request limit)."""
+    d = daemon_factory("--request-queues=1")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    holder: LeaseHolder | None = None
+    try:
+        c = FuseClient(fe)
+        c.init()
+        path = d.share / "leased"
+        path.write_bytes(b"x")
+        node = c.lookup(ROOT, "leased").nodeid
+        holder = LeaseHolder(path)
+        c.submit(fa.Opcode.OPEN, node, fa.OPEN_IN.pack(os.O_WRONLY, 0))
+        holder.wait_broken()
+        fe.timeout = 60.0
+        t = threading.Thread(target=lambda: _quietly(fe.get_vring_base, 1), daemon=True)
+        t.start()
+        d.wait_for("asleep in a system call serving OPEN")
+        d.proc.send_signal(signal.SIGTERM)
+        # Well before the lease breaks by itself (lease-break-time, 45 s).
+        assert d.proc.wait(timeout=10) == 0, d.text
+        d.wait_for("terminating on signal")
+        t.join(timeout=10)
+    finally:
+        if holder is not None:
+            holder.close()
+        fe.close()
+
+
+class LeaseHolder:
+    """A read lease on `path` held by this process: an open for writing sleeps in the kernel
+    until it is given up (or lease-break-time, 45 s, passes).  `broken` is set when the kernel
+    tells us (SIGIO) that someone is waiting: the opener is asleep in open(2) from then on."""
+
+    def __init__(self, path: Path) -> None:
+        self.broken = threading.Event()
+        self._old = signal.signal(signal.SIGIO, lambda *_: self.broken.set())
+        self.fd = os.open(path, os.O_RDONLY)
+        fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+
+    def wait_broken(self) -> None:
+        assert self.broken.wait(timeout=20), "nobody opened the leased file"
+
+    def give_up(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        signal.signal(signal.SIGIO, self._old)
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        pass            # the daemon went away under it, as the test intends
