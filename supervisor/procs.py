@@ -126,6 +126,9 @@ class WorkerHandle:
     unanswered: set[int] = field(default_factory=set)
     # Killed because it could not receive the fds of its ring: not a failed start.
     short_of_fds: bool = False
+    # The requests its predecessor left in flight, as (head, pop counter): replaying them is
+    # part of its start (supervisor/respawn.py), also after it answered its ring's start.
+    inherited: frozenset[tuple[int, int]] = frozenset()
 
     def close(self) -> None:
         self.channel.close()
@@ -798,7 +801,7 @@ class ProcessTable:
                       queue, handle.pid, why, doing)
             self._fail(queue, f"its worker failed to set up ({why})")
             return
-        delay = self.policy.died(queue, handle.up, why)
+        delay = self.policy.died(queue, handle.up and not self._still_replaying(handle), why)
         if delay is None:
             log.error("worker for queue %d (pid %d) %s while starting (%s); not respawning:"
                       " the queue is failed", queue, handle.pid, why, doing)
@@ -810,6 +813,18 @@ class ProcessTable:
             when += f"; its successor completes the {pending} request(s) left in flight"
         log.error("worker for queue %d (pid %d) %s (%s); %s", queue, handle.pid, why, doing,
                   when)
+
+    def _in_flight_ids(self, queue: int) -> frozenset[tuple[int, int]]:
+        if self.journal is None:
+            return frozenset()
+        return frozenset((r.head, r.counter) for r in self.journal.queue(queue).inflight())
+
+    def _still_replaying(self, handle: WorkerHandle) -> bool:
+        """Whether a respawned worker died before it completed what its predecessor left: a
+        worker answers its ring's start before it replays the journal, so `up` alone would
+        count a request that kills every worker serving it as deaths while serving, and the
+        queue would never be failed."""
+        return bool(handle.inherited & self._in_flight_ids(handle.queue))
 
     def next_respawn(self) -> float | None:
         """Seconds until a respawn is due (for the event loop's timeout), None if none is."""
@@ -825,6 +840,7 @@ class ProcessTable:
         journal.  A successor that dies on the way is handled by worker_exited."""
         self.respawns += 1
         self.restarts[queue] = self.restarts.get(queue, 0) + 1
+        inherited = self._in_flight_ids(queue)
         try:
             handle = self.spawn(queue)
         except WorkerGone:
@@ -866,8 +882,11 @@ class ProcessTable:
             handle.short_of_fds = e.errno in (errno.EMFILE, errno.ENFILE)
             self.kill(queue)
             return
+        handle.inherited = inherited
         handle.up = True
-        self.policy.booted(queue)
+        if not inherited:
+            # Otherwise its start ends with the replay: its death settles the count then.
+            self.policy.booted(queue)
 
     def _fail(self, queue: int, why: str) -> None:
         self.policy.give_up(queue, why)
