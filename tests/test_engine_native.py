@@ -53,6 +53,14 @@ def _normal(opcode: int, r: FuseReply) -> tuple[int, bytes]:
         attr = 16 if opcode == Op.GETATTR else 40
         body[attr:attr + 8] = bytes(8)                    # ino
         body[attr + 24:attr + 60] = bytes(36)             # a/m/ctime and their nsec
+    if opcode == Op.READDIRPLUS and not r.error:
+        pos = 0
+        while pos < len(body):
+            body[pos + 40:pos + 48] = bytes(8)                # attr.ino
+            body[pos + 64:pos + 100] = bytes(36)              # times
+            body[pos + 128:pos + 136] = bytes(8)              # dirent ino
+            namelen = struct.unpack_from("<I", body, pos + 144)[0]
+            pos += fa.direntplus_size(namelen)
     if opcode == Op.STATFS and not r.error:
         body[8:24] = bytes(16)                            # bfree, bavail
         body[32:40] = bytes(8)                            # ffree
@@ -238,6 +246,33 @@ def test_native_replies_are_the_reference_replies(planes: Planes) -> None:
         c.forget(0x88888, 1)
     assert planes.both(Op.GETATTR, secret, fa.GETATTR_IN.pack(0, 0)).error == errno.EBADF
     planes.both(Op.GETATTR, d, fa.GETATTR_IN.pack(0, 0))
+
+    # READDIRPLUS: whole directories, in pieces by cookie, too small a buffer, bad handles.
+    for nodeid in (ROOT, d, inner):
+        dfh = planes.open(nodeid, os.O_RDONLY | os.O_DIRECTORY, Op.OPENDIR)
+        offset = 0
+        for size in (4096, 300, 160, 1000, 0, 100):
+            r = planes.both(Op.READDIRPLUS, nodeid, _read(dfh, offset, size),
+                            out_size=max(size, 1))
+            if not r.error and r.body:
+                last = 0
+                pos = 0
+                while pos < len(r.body):
+                    last = pos
+                    pos += fa.direntplus_size(struct.unpack_from("<I", r.body, pos + 144)[0])
+                offset = struct.unpack_from("<Q", r.body, last + 136)[0]
+        planes.both(Op.READDIRPLUS, nodeid, _read(dfh, 0, 8192), out_size=8192)
+        planes.both(Op.READDIRPLUS, nodeid, _read(dfh, 0, 4096), out_size=4096, uid=1000,
+                    gid=1000)
+        planes.both(Op.READDIRPLUS, nodeid, _read(dfh, 0, 4096), out_size=100)
+        planes.both(Op.READDIRPLUS, nodeid, _read(dfh, 0, (1 << 20) + 1), out_size=4096)
+        assert planes.both(Op.READDIRPLUS, nodeid, _read(dfh + 99, 0, 4096),
+                           out_size=4096).error == errno.EBADF
+        planes.both(Op.RELEASEDIR, nodeid, fa.RELEASE_IN.pack(dfh, 0, 0, 0))
+    closed = planes.lookup(b"closed")
+    cfh = planes.open(closed, os.O_RDONLY | os.O_DIRECTORY, Op.OPENDIR)
+    planes.both(Op.READDIRPLUS, closed, _read(cfh, 0, 4096), out_size=4096, uid=1000,
+                gid=1000)
 
     # Both shares were changed alike, and the native daemon did answer natively.
     shares = [d.share for d in planes.daemons]

@@ -148,6 +148,8 @@ void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
 }
 
 void vfs_engine_fini(struct vfs_engine *e) {
+    free(e->dirbuf);
+    e->dirbuf = NULL;
     free(e->iov);
     e->iov = NULL;
     e->iov_cap = 0;
@@ -400,6 +402,7 @@ static int pop(struct vfs_engine *e) {
 enum {
     OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
     OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_BATCH_FORGET = 42,
+    OP_READDIRPLUS = 44,
 };
 #define WRITE_CACHE 1u
 #define WRITE_KILL_SUIDGID 4u
@@ -886,6 +889,71 @@ static int check_beneath(struct vfs_engine *e, int dir_fd) {
     return r;
 }
 
+/* PassthroughFs.lookup of a checked `name` in `parent`, the caller's credentials in force:
+ * 0 with `out` filled (one lookup counted, journaled as an effect), -errno, or DEFER (EACCES
+ * and EPERM included: Python serves those again with the directory's group, member retry). */
+static int lookup_name(struct vfs_engine *e, uint64_t parent, const char *name,
+                       struct fuse_entry_out *out) {
+    int pfd, rc;
+    if ((rc = pin_inode(e, parent, &pfd)) != 0)
+        return rc;
+    int r = check_beneath(e, pfd);
+    int fd = -1;
+    if (r == 0) {
+        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd == -ENOSYS)
+            r = DEFER;
+        else if (fd < 0)
+            r = fd;
+    }
+    if (r == DEFER || r == -EACCES || r == -EPERM || r < 0) {
+        unpin_inode(e, parent);
+        return r == -EACCES || r == -EPERM ? DEFER : r;
+    }
+    /* PassthroughFs._register */
+    struct stat st, pst;
+    uint32_t flags = 0;
+    int64_t mnt = 0;
+    int err = fstat(fd, &st) != 0 ? -errno : 0;
+    if (!err && st.st_nlink > UINT32_MAX)
+        err = DEFER;                      /* Python's struct refuses it: let it answer */
+    if (!err && (mnt = mnt_id(fd)) < 0)
+        err = (int)mnt;
+    if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
+        /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
+        if (fstat(pfd, &pst) != 0) {
+            err = -errno;
+        } else if (pst.st_dev != st.st_dev) {
+            flags = ATTR_SUBMOUNT;
+        } else {
+            int64_t pm = mnt_id(pfd);
+            if (pm < 0)
+                err = (int)pm;
+            else if (pm != mnt)
+                flags = ATTR_SUBMOUNT;
+        }
+    }
+    int inserted = 0;
+    memset(out, 0, sizeof *out);
+    if (!err) {
+        rc = vfs_inode_lookup_or_insert(e->arena, fd, st.st_dev, st.st_ino, (uint64_t)mnt,
+                                        &out->nodeid, &inserted);
+        if (rc != 0)
+            err = rc;
+        else
+            vfs_jq_add_effect(e->jq, VFS_EFFECT_LOOKUP, out->nodeid);
+    }
+    if (!inserted)
+        close(fd);
+    unpin_inode(e, parent);
+    if (err)
+        return err;
+    out->entry_valid = e->fs.timeout;
+    out->attr_valid = e->fs.timeout;
+    fill_attr(&out->attr, &st, flags);
+    return 0;
+}
+
 static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
     char name[NAME_MAX_FUSE + 2];
     if (e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_entry_out))
@@ -901,76 +969,118 @@ static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
         return DEFER;
     if (as_caller(e))
         return DEFER;
-    int pfd, rc;
-    if ((rc = pin_inode(e, e->in.nodeid, &pfd)) != 0)
-        return reply_error(e, -rc);
-    int64_t out_len;
-    int r = check_beneath(e, pfd);
-    int fd = -1;
-    if (r == 0) {
-        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-        if (fd == -ENOSYS)
-            r = DEFER;
-        else if (fd < 0)
-            r = fd;
-    }
-    /* EACCES/EPERM: Python serves it again with the groups of the directory (member retry);
-     * nothing has changed yet. */
-    if (r == DEFER || r == -EACCES || r == -EPERM) {
-        if (fd >= 0)
-            close(fd);
-        unpin_inode(e, e->in.nodeid);
+    struct fuse_entry_out out;
+    int r = lookup_name(e, e->in.nodeid, name, &out);
+    if (r == DEFER)
         return DEFER;
-    }
-    if (r < 0) {
-        unpin_inode(e, e->in.nodeid);
+    if (r < 0)
         return reply_error(e, -r);
+    return reply(e, &out, sizeof out);
+}
+
+/* -- READDIRPLUS (FuseServer._readdirplus over PassthroughFs.readdir and lookup) -- */
+#define MAX_DIR_BUFFER (1u << 20)          /* passthrough.MAX_BUFFER_SIZE */
+#define DIRENT_HEAD 24u                    /* fuse_dirent before the name */
+
+struct fuse_dirent_head { uint64_t ino, off; uint32_t namelen, type; };
+
+static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_read_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    if (in.size > MAX_DIR_BUFFER)
+        return DEFER;                         /* Python's ENOMEM */
+    uint64_t size = e->writable_bytes - OUT_HEADER_SIZE;
+    if (in.size < size)
+        size = in.size;
+    if (size == 0)
+        return reply(e, NULL, 0);
+    if (as_caller(e))
+        return DEFER;
+    if (e->dirbuf == NULL) {
+        /* Once per worker, at its first READDIRPLUS: getdents64 needs a buffer this large. */
+        e->dirbuf = malloc(MAX_DIR_BUFFER);
+        if (e->dirbuf == NULL)
+            return DEFER;
     }
-    /* PassthroughFs._register */
-    struct stat st, pst;
-    struct fuse_entry_out out = {.entry_valid = e->fs.timeout, .attr_valid = e->fs.timeout};
-    uint32_t flags = 0;
-    int64_t mnt = 0;
-    int err = fstat(fd, &st) != 0 ? errno : 0;
-    if (!err && st.st_nlink > UINT32_MAX)
-        err = -1;
-    if (!err && (mnt = mnt_id(fd)) < 0)
-        err = (int)-mnt;
-    if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
-        /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
-        if (fstat(pfd, &pst) != 0) {
-            err = errno;
-        } else if (pst.st_dev != st.st_dev) {
-            flags = ATTR_SUBMOUNT;
-        } else {
-            int64_t pm = mnt_id(pfd);
-            if (pm < 0)
-                err = (int)-pm;
-            else if (pm != mnt)
-                flags = ATTR_SUBMOUNT;
+    uint64_t bufsize = size < 4096 ? 4096 : size;
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    int r = check_beneath(e, fd);
+    long n = 0;
+    if (r == 0) {
+        /* The position is the open file description's, shared by every queue; the guest
+         * serialises getdents on one open directory, so no two READDIRs of one fh race. */
+        if (lseek(fd, (off_t)in.offset, SEEK_SET) < 0)
+            r = -errno;
+        else if ((n = syscall(SYS_getdents64, fd, e->dirbuf, bufsize)) < 0)
+            r = -errno;
+    }
+    unpin_handle(e, in.fh);
+    if (r == DEFER)
+        return DEFER;
+    if (r < 0)
+        return reply_error(e, -r);
+    uint64_t used = 0;
+    for (long pos = 0; pos + 19 <= n;) {
+        uint64_t ino;
+        int64_t off;
+        uint16_t reclen;
+        uint8_t type;
+        memcpy(&ino, e->dirbuf + pos, 8);
+        memcpy(&off, e->dirbuf + pos + 8, 8);
+        memcpy(&reclen, e->dirbuf + pos + 16, 2);
+        type = e->dirbuf[pos + 18];
+        if (reclen < 19 || pos + reclen > n)
+            break;                            /* the kernel's records are never like this */
+        const char *name = (const char *)e->dirbuf + pos + 19;
+        const char *nul = memchr(name, 0, reclen - 19);
+        uint32_t namelen = (uint32_t)(nul != NULL ? nul - name : reclen - 19);
+        pos += reclen;
+        uint64_t rec = (sizeof(struct fuse_entry_out) + DIRENT_HEAD + namelen + 7) & ~7ull;
+        if (used + rec > size) {
+            if (used == 0)                    /* not even one entry fits: getdents(2)'s EINVAL */
+                return reply_error(e, EINVAL);
+            break;                            /* checked before the lookup: nothing to undo */
         }
+        struct fuse_entry_out entry;
+        if ((namelen == 1 && name[0] == '.') || (namelen == 2 && name[0] == '.'
+                                                 && name[1] == '.')) {
+            /* Not looked up (no lookup count): a negative entry carrying ino and type. */
+            memset(&entry, 0, sizeof entry);
+            entry.attr.ino = ino;
+            entry.attr.mode = (uint32_t)type << 12;
+        } else if (nul == NULL || namelen > NAME_MAX_FUSE) {
+            if (used == 0)
+                return DEFER;
+            break;
+        } else {
+            int lr = lookup_name(e, e->in.nodeid, name, &entry);
+            if (lr == -ENOENT)
+                continue;                     /* removed since it was listed */
+            if (lr == DEFER && used == 0)
+                return DEFER;
+            if (lr != 0) {
+                if (used)
+                    break;                    /* keep what was counted; the guest asks again */
+                return reply_error(e, -lr);
+            }
+        }
+        struct fuse_dirent_head d = {ino, (uint64_t)off, namelen, type};
+        static const uint8_t zeros[8];
+        uint64_t at = OUT_HEADER_SIZE + used;
+        write_at(e, at, &entry, sizeof entry);
+        write_at(e, at + sizeof entry, &d, sizeof d);
+        write_at(e, at + sizeof entry + sizeof d, name, namelen);
+        write_at(e, at + sizeof entry + sizeof d + namelen, zeros,
+                 rec - sizeof entry - sizeof d - namelen);
+        used += rec;
     }
-    int inserted = 0;
-    if (!err) {
-        rc = vfs_inode_lookup_or_insert(e->arena, fd, st.st_dev, st.st_ino, (uint64_t)mnt,
-                                        &out.nodeid, &inserted);
-        if (rc != 0)
-            err = -rc;
-        else
-            vfs_jq_add_effect(e->jq, VFS_EFFECT_LOOKUP, out.nodeid);
-    }
-    if (!inserted)
-        close(fd);
-    unpin_inode(e, e->in.nodeid);
-    if (err == -1)
-        return DEFER;                    /* unreachable in practice: Python's struct refuses */
-    if (err) {
-        out_len = reply_error(e, err);
-    } else {
-        fill_attr(&out.attr, &st, flags);
-        out_len = reply(e, &out, sizeof out);
-    }
-    return out_len;
+    struct fuse_out_header h = {OUT_HEADER_SIZE + (uint32_t)used, 0, e->in.unique};
+    write_at(e, 0, &h, sizeof h);
+    return h.len;
 }
 
 /* One FORGET, journaled as JournaledInodes.forget does outside a replay: the lookup count it
@@ -1038,6 +1148,7 @@ static int64_t serve_native(struct vfs_engine *e) {
     case OP_RELEASE: return do_release(e, body_len);
     case OP_RELEASEDIR: return do_release(e, body_len);
     case OP_ACCESS: return do_access(e, body_len);
+    case OP_READDIRPLUS: return do_readdirplus(e, body_len);
     default: return DEFER;
     }
 }

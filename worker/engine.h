@@ -79,6 +79,7 @@ struct vfs_engine {
     int root_fd;
     uint32_t root_len;        /* 0: not read yet */
     char root_path[4096];
+    uint8_t *dirbuf;          /* getdents64 buffer, allocated at the first READDIRPLUS */
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };

@@ -73,6 +73,7 @@ struct vfs_engine {
     int root_fd;
     uint32_t root_len;
     char root_path[4096];
+    uint8_t *dirbuf;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
