@@ -400,7 +400,7 @@ static int pop(struct vfs_engine *e) {
 #define SYS_IOV_MAX 1024
 
 enum {
-    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
+    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPENDIR = 27, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
     OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_BATCH_FORGET = 42,
     OP_READDIRPLUS = 44,
 };
@@ -1083,6 +1083,82 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
     return h.len;
 }
 
+/* -- OPEN and OPENDIR (PassthroughFs.open / opendir) -- */
+#define OPEN_KILL_SUIDGID 1u
+
+struct fuse_open_in { uint32_t flags, open_flags; };
+struct fuse_open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+
+/* An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link (with the mode
+ * Python's os.open passes). */
+static int reopen(const struct vfs_engine *e, int fd, int flags) {
+    char name[16];
+    snprintf(name, sizeof name, "%d", fd);
+    int r = openat(e->fs.proc_fd, name, (flags & ~O_NOFOLLOW) | O_CLOEXEC, 0777);
+    return r < 0 ? -errno : r;
+}
+
+/* PassthroughFs._check_openable: the mode, or -errno. */
+static int check_openable(int fd, int directory, mode_t *mode) {
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    *mode = st.st_mode;
+    if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode))
+        return directory && !S_ISDIR(st.st_mode) ? -ENOTDIR : 0;
+    /* What open(2) of the magic link would say for a symlink; other types are refused. */
+    return S_ISLNK(st.st_mode) ? -ELOOP : -ENXIO;
+}
+
+static int64_t do_open(struct vfs_engine *e, uint64_t body_len, int directory) {
+    struct fuse_open_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_open_out))
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    int flags;
+    if (directory) {
+        flags = O_RDONLY | O_DIRECTORY;
+    } else {
+        /* --readonly refusals, the writeback O_RDWR upgrade and KILL_SUIDGID truncation are
+         * Python's. */
+        if (e->fs.readonly || e->fs.writeback)
+            return DEFER;
+        flags = (int)in.flags & ~(int)e->fs.open_strip;
+        if ((in.open_flags & OPEN_KILL_SUIDGID) && (flags & O_TRUNC))
+            return DEFER;
+    }
+    if (as_caller(e))
+        return DEFER;
+    int ifd, rc;
+    if ((rc = pin_inode(e, e->in.nodeid, &ifd)) != 0)
+        return reply_error(e, -rc);
+    mode_t mode = 0;
+    int r = check_openable(ifd, directory, &mode);
+    if (r == 0 && directory)
+        r = check_beneath(e, ifd);
+    int fd = r == 0 ? reopen(e, ifd, flags) : r;
+    uint64_t fh = 0;
+    if (fd >= 0) {
+        rc = vfs_handle_insert(e->arena, fd, e->in.nodeid, (uint32_t)flags, &fh);
+        if (rc != 0) {
+            close(fd);
+            fd = rc;
+        } else {
+            vfs_jq_add_effect(e->jq, VFS_EFFECT_HANDLE, fh);
+        }
+    }
+    unpin_inode(e, e->in.nodeid);
+    /* EACCES/EPERM: Python serves it again with the inode's group (member retry); nothing
+     * has changed. */
+    if (fd == DEFER || fd == -EACCES || fd == -EPERM)
+        return DEFER;
+    if (fd < 0)
+        return reply_error(e, -fd);
+    struct fuse_open_out out = {
+        fh, S_ISDIR(mode) ? e->fs.dir_open_flags : e->fs.file_open_flags, 0};
+    return reply(e, &out, sizeof out);
+}
+
 /* One FORGET, journaled as JournaledInodes.forget does outside a replay: the lookup count it
  * finds is recorded before it is applied, and the FORGET counted after. */
 static void forget_one(struct vfs_engine *e, uint64_t nodeid, uint64_t nlookup) {
@@ -1149,6 +1225,8 @@ static int64_t serve_native(struct vfs_engine *e) {
     case OP_RELEASEDIR: return do_release(e, body_len);
     case OP_ACCESS: return do_access(e, body_len);
     case OP_READDIRPLUS: return do_readdirplus(e, body_len);
+    case OP_OPEN: return do_open(e, body_len, 0);
+    case OP_OPENDIR: return do_open(e, body_len, 1);
     default: return DEFER;
     }
 }

@@ -49,6 +49,9 @@ struct vfs_engine_fs {
     uint8_t submounts;        /* --announce-submounts */
     uint32_t fsuid, fsgid;    /* in force */
     uint32_t euid;            /* the daemon's own uid (checks made as the daemon) */
+    uint32_t open_strip;      /* O_* flags an OPEN never passes on */
+    uint32_t file_open_flags, dir_open_flags;   /* fuse_open_out.open_flags of the cache mode */
+    uint8_t writeback;        /* --writeback */
 };
 
 struct vfs_engine {

@@ -48,6 +48,9 @@ struct vfs_engine_fs {
     uint8_t submounts;
     uint32_t fsuid, fsgid;
     uint32_t euid;
+    uint32_t open_strip;
+    uint32_t file_open_flags, dir_open_flags;
+    uint8_t writeback;
 };
 struct vfs_engine {
     struct vfs_engine_region regions[64];
