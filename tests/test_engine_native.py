@@ -77,7 +77,9 @@ class Planes:
         for plane in ("native", "python"):
             share = tmp_path / f"share-{plane}"
             _seed(share)
-            d = daemon_factory(f"--data-plane={plane}", share_dir=share)
+            # The native daemon also busy-polls (--poll-us): replies must not change.
+            extra = ("--poll-us=200",) if plane == "native" else ()
+            d = daemon_factory(f"--data-plane={plane}", *extra, share_dir=share)
             fe = Frontend.connect(d.socket, process=d.proc, queues=2)
             client = FuseClient(fe)
             client.init()

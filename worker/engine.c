@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -1302,11 +1303,45 @@ int vfs_engine_run(struct vfs_engine *e) {
     }
 }
 
+/* --poll-us: spin on the avail index for up to e->spin_us before sleeping.  The window adapts:
+ * it doubles (up to poll_us) when a spin finds work and halves when it does not, so an idle
+ * queue soon sleeps at once and a busy one keeps its requests' latency low.  1: work came. */
+static int spin(struct vfs_engine *e) {
+    if (e->spin_us == 0)
+        return 0;
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (load16(e->avail + 2) != e->next_avail) {
+            e->spin_us = e->spin_us * 2 < e->poll_us ? e->spin_us * 2 : e->poll_us;
+            return 1;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
+        if (us >= e->spin_us) {
+            e->spin_us /= 2;
+            return 0;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us) {
+    e->poll_us = us;
+    e->spin_us = us;
+}
+
 int vfs_engine_serve(struct vfs_engine *e, int kick_fd) {
     for (;;) {
         int status = vfs_engine_run(e);
         if (status != VFS_ENGINE_EMPTY || e->size == 0)
             return status;
+        if (spin(e))
+            continue;
+        if (e->poll_us && e->spin_us == 0)
+            e->spin_us = 1;                   /* the next kick starts the window again */
         /* Empty, notifications on: sleep until the driver kicks or a control message comes. */
         struct pollfd p[2] = {{.fd = e->chan_fd, .events = POLLIN},
                               {.fd = kick_fd, .events = POLLIN}};

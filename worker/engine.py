@@ -126,6 +126,15 @@ class Engine:
         return self._e.native
 
     @property
+    def poll_us(self) -> int:
+        return self._e.poll_us
+
+    @poll_us.setter
+    def poll_us(self, us: int) -> None:
+        """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
+        lib.vfs_engine_set_poll_us(self._e, us)
+
+    @property
     def poll_every(self) -> int:
         return self._e.poll_every
 

@@ -77,6 +77,7 @@ struct vfs_engine {
     uint32_t root_len;
     char root_path[4096];
     uint8_t *dirbuf;
+    uint32_t poll_us, spin_us;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
@@ -92,6 +93,7 @@ void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 int  vfs_engine_run(struct vfs_engine *e);
 int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_notify(struct vfs_engine *e);
 """
