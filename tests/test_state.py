@@ -55,12 +55,14 @@ TOMB = 0xFFFFFFFF
 
 @pytest.fixture(scope="module")
 def crashlib(tmp_path_factory):
-    """The test build of state.c, compiled once for this module."""
+    """The test build of state.c (crash points, UBSan), compiled once for this module."""
     ffi = FFI()
     ffi.cdef(native_build.state_cdef()
              + "void vfs_test_crash_after(int n); int vfs_test_crash_passed(void);")
+    # Undefined behaviour (a misaligned word, an overflowing shift) aborts the child here.
+    ubsan = ["-fsanitize=undefined", "-fno-sanitize-recover=undefined"]
     ffi.set_source("_state_crash", _HARNESS, include_dirs=[_COMMON],
-                   extra_compile_args=native_build.CFLAGS)
+                   extra_compile_args=native_build.CFLAGS + ubsan, extra_link_args=ubsan)
     out = tmp_path_factory.mktemp("crashlib")
     path = ffi.compile(tmpdir=str(out))
     sys.path.insert(0, os.path.dirname(path))
