@@ -398,7 +398,7 @@ class Journal:
         self.num_queues = num_queues
         self.capacity = capacity
         step = QueueJournal.region_size(capacity)
-        self.cdataueues = [QueueJournal(self._view, self._base, _GLOBAL_SIZE + q * step, capacity)
+        self._queues = [QueueJournal(self._view, self._base, _GLOBAL_SIZE + q * step, capacity)
                         for q in range(num_queues)]
         self._hooks = native.u64_ptr(self._base, _HOOKS_OFF)
 
@@ -413,7 +413,7 @@ class Journal:
         return cls(mm, num_queues, capacity)
 
     def queue(self, index: int) -> QueueJournal:
-        return self.cdataueues[index]
+        return self._queues[index]
 
     def hook_hit(self, index: int) -> int:
         """Count one match of test hook `index` in any process; returns the new count."""
