@@ -121,7 +121,9 @@ class _Pinned:
 
 class _SlotTable:
     """What both tables share on the Python side: the C view, reusable out-parameters (one
-    thread per process uses an Arena), the pinning helper and the repair count."""
+    thread per process uses an Arena), the id-checking call and the pinning helper."""
+
+    _kind = ""
 
     def __init__(self, c, capacity: int, lock_off: int) -> None:
         self._c = c  # struct vfs_arena *
@@ -130,6 +132,16 @@ class _SlotTable:
         self._u64 = _ffi.new("uint64_t[2]")
         self._u32 = _ffi.new("uint32_t[1]")
         self._int = _ffi.new("int[1]")
+
+    def _by_id(self, ident: int, fn, *args) -> None:
+        """Call the C function `fn(*args)` about `ident`: a non-zero result (-EBADF), or an id
+        no u64 can hold, is an unknown or stale id."""
+        try:
+            rc = fn(*args)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id(self._kind, ident)
 
     def pinned(self, ident: int) -> _Pinned:
         """``with table.pinned(id) as what_acquire_returns:`` -- acquire, release on exit."""
@@ -140,6 +152,7 @@ class InodeTable(_SlotTable):
     """Inodes known to the guest, keyed by (dev, ino, mnt_id), each owning an O_PATH fd."""
 
     ROOT: int = 1  # FUSE_ROOT_ID
+    _kind = "nodeid"
     def set_root(self, fd: int, dev: int, ino: int) -> None:
         """Install the shared directory's O_PATH fd as nodeid 1; the table owns `fd`."""
         if _lib.vfs_inode_set_root(self._c, fd, dev, ino) == -errno.EEXIST:
@@ -160,22 +173,12 @@ class InodeTable(_SlotTable):
     def acquire(self, nodeid: int) -> int:
         """Pin `nodeid` and return its fd; EBADF if unknown, stale or forgotten."""
         fd = self._int
-        try:
-            rc = _lib.vfs_inode_acquire(self._c, nodeid, fd)
-        except OverflowError:  # not a u64: no such id
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_acquire, self._c, nodeid, fd)
         return fd[0]
 
     def release(self, nodeid: int) -> None:
         """Unpin `nodeid`; closes its fd if it was forgotten and this was the last pin."""
-        try:
-            rc = _lib.vfs_inode_release(self._c, nodeid)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_release, self._c, nodeid)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """FORGET: drop up to `nlookup` lookups; the root is never freed, unknown ids ignored."""
@@ -194,22 +197,12 @@ class InodeTable(_SlotTable):
     def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
         """acquire, then the pin recorded in the queue's journal."""
         fd = self._int
-        try:
-            rc = _lib.vfs_inode_acquire_j(self._c, journal.cdata, nodeid, fd)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_acquire_j, self._c, journal.cdata, nodeid, fd)
         return fd[0]
 
     def release_journaled(self, journal: QueueJournal, nodeid: int) -> None:
         """The pin's record dropped, then release."""
-        try:
-            rc = _lib.vfs_inode_release_j(self._c, journal.cdata, nodeid)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_release_j, self._c, journal.cdata, nodeid)
 
     def forget_journaled(self, journal: QueueJournal, nodeid: int, nlookup: int) -> None:
         """forget, announced in the journal with the lookup count it found and counted after
@@ -232,12 +225,7 @@ class InodeTable(_SlotTable):
 
     def info(self, nodeid: int) -> tuple[int, int, int]:
         """(nlookup, pins, fd) of a live entry, forgotten-but-pinned included; else EBADF."""
-        try:
-            rc = _lib.vfs_inode_info(self._c, nodeid, self._u64, self._u32, self._int)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_info, self._c, nodeid, self._u64, self._u32, self._int)
         return self._u64[0], self._u32[0], self._int[0]
 
     @property
@@ -249,6 +237,8 @@ class InodeTable(_SlotTable):
 class HandleTable(_SlotTable):
     """Open files (FUSE fh), each owning an fd opened for I/O."""
 
+    _kind = "fh"
+
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
         """Register an open file; the table owns `fd` unless this raises ENFILE."""
         if _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64):
@@ -258,31 +248,16 @@ class HandleTable(_SlotTable):
     def acquire(self, fh: int) -> tuple[int, int, int]:
         """Pin `fh`; returns (fd, nodeid, flags).  EBADF if unknown, stale or released."""
         fd, nodeid, flags = self._int, self._u64, self._u32
-        try:
-            rc = _lib.vfs_handle_acquire(self._c, fh, fd, nodeid, flags)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_acquire, self._c, fh, fd, nodeid, flags)
         return fd[0], nodeid[0], flags[0]
 
     def release(self, fh: int) -> None:
         """Unpin `fh`; closes the fd if it was removed and this was the last pin."""
-        try:
-            rc = _lib.vfs_handle_release(self._c, fh)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_release, self._c, fh)
 
     def remove(self, fh: int) -> None:
         """RELEASE: `fh` is unusable at once; its fd is closed when the last pin goes."""
-        try:
-            rc = _lib.vfs_handle_remove(self._c, fh)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_remove, self._c, fh)
 
     # -- the same, journaled for crash recovery ------------------------------------------------
     def insert_journaled(self, journal: QueueJournal, fd: int, nodeid: int, flags: int) -> int:
@@ -294,22 +269,12 @@ class HandleTable(_SlotTable):
     def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:
         """acquire, then the pin recorded in the queue's journal."""
         fd, nodeid, flags = self._int, self._u64, self._u32
-        try:
-            rc = _lib.vfs_handle_acquire_j(self._c, journal.cdata, fh, fd, nodeid, flags)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_acquire_j, self._c, journal.cdata, fh, fd, nodeid, flags)
         return fd[0], nodeid[0], flags[0]
 
     def release_journaled(self, journal: QueueJournal, fh: int) -> None:
         """The pin's record dropped, then release."""
-        try:
-            rc = _lib.vfs_handle_release_j(self._c, journal.cdata, fh)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_release_j, self._c, journal.cdata, fh)
 
     def remove_all(self) -> None:
         """End of a FUSE session: every handle is released as if by RELEASE."""
