@@ -370,6 +370,8 @@ class Arena:
         if self._mm.closed:
             return
         _attached.discard(self)
+        # A use after this raises (cffi refuses None) instead of reading an unmapped address.
+        self.inodes._c = self.handles._c = self.counters._c = None
         _ffi.release(self._base)
         self._mm.close()
 

@@ -617,6 +617,8 @@ def test_create_validates_sizes_and_close_is_idempotent():
         arena.inodes.acquire(InodeTable.ROOT)
     arena.close()
     arena.close()
+    with pytest.raises(TypeError):
+        arena.inodes.live_count()   # unmapped: refused, never a read of freed memory
 
 
 def test_session_end_releases_every_inode_and_handle(tmp_path) -> None:
