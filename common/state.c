@@ -959,11 +959,11 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
-    for (int i = 0; i < VFS_JQ_MAX_PINS; i++) {
+    for (unsigned i = 0; i < VFS_JQ_MAX_PINS; i++) {
         if (!get64(jq_w(q, JQ_PINS + i))) {
             __atomic_store_n(&kinds[i], (uint8_t)kind, __ATOMIC_RELEASE);
             put64(jq_w(q, JQ_PINS + i), ident);
-            return i;
+            return (int)i;
         }
     }
     return -1;
@@ -972,7 +972,7 @@ int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     const uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
-    for (int i = 0; i < VFS_JQ_MAX_PINS; i++) {
+    for (unsigned i = 0; i < VFS_JQ_MAX_PINS; i++) {
         if (get64(jq_w(q, JQ_PINS + i)) == ident && kinds[i] == (uint8_t)kind) {
             put64(jq_w(q, JQ_PINS + i), 0);
             return;

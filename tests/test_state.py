@@ -16,6 +16,7 @@ import random
 import select
 import signal
 import struct
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -71,6 +72,18 @@ def crashlib(tmp_path_factory):
     finally:
         sys.path.remove(os.path.dirname(path))
     return _state_crash
+
+
+def test_state_c_compiles_alone_warning_free(tmp_path):
+    """state.c is a source of its own (the engine's module lists it too): it must build without
+    the cffi wrapper, under the strictest warnings we hold it to."""
+    out = tmp_path / "state.o"
+    cmd = ["cc", "-std=gnu11", "-O2", "-c", "-Wall", "-Wextra", "-Werror", "-Wpedantic",
+           "-Wshadow", "-Wconversion", "-fno-strict-aliasing", "-I", _COMMON,
+           os.path.join(_COMMON, "state.c"), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert out.stat().st_size > 0
 
 
 # -- helpers -------------------------------------------------------------------------------------
