@@ -847,7 +847,8 @@ uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue)
 
 /* -- one queue's inflight journal (common/journal.py) ------------------------------------------ */
 /* Written only by the queue's single-threaded worker and read once it is dead, so the only
- * ordering that matters is program order against a kill: every store is a release store. */
+ * ordering that matters is program order against a kill: every store is a release store (and a
+ * crash point in the test build). */
 
 #define JQ_NEXT 0
 #define JQ_PUSHING 1
@@ -873,8 +874,24 @@ static uint64_t *jq_slot(const struct vfs_jq *q, uint32_t head)
 }
 
 static uint64_t get64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-static void put64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static void put32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static void put64(uint64_t *p, uint64_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
+
+static void put32(uint32_t *p, uint32_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
+
+static void put8(uint8_t *p, uint8_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
 
 uint64_t vfs_jq_region_size(uint32_t capacity, uint32_t page)
 {
@@ -961,7 +978,7 @@ int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
     uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
     for (unsigned i = 0; i < VFS_JQ_MAX_PINS; i++) {
         if (!get64(jq_w(q, JQ_PINS + i))) {
-            __atomic_store_n(&kinds[i], (uint8_t)kind, __ATOMIC_RELEASE);
+            put8(&kinds[i], (uint8_t)kind);
             put64(jq_w(q, JQ_PINS + i), ident);
             return (int)i;
         }
@@ -1001,8 +1018,7 @@ void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident)
         put32(count + 1, 1);   /* overflow: the rest can only leak */
         return;
     }
-    __atomic_store_n(q->base + effects + VFS_JQ_MAX_EFFECTS * 8 + n, (uint8_t)kind,
-                     __ATOMIC_RELEASE);
+    put8(q->base + effects + VFS_JQ_MAX_EFFECTS * 8 + n, (uint8_t)kind);
     put64((uint64_t *)(q->base + effects) + n, ident);
     put32(count, n + 1);        /* commit */
 }

@@ -26,7 +26,7 @@ from cffi import FFI
 
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.journal import Effect, Journal, PinKind
+from pyvirtiofsd.common.journal import Effect, Journal, PinKind, PreState, SlotState
 
 _COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
 sys.path.insert(0, _COMMON)
@@ -621,3 +621,122 @@ def test_journaled_forget_killed_midway_leaves_its_announcement(tmp_path, crashl
         arena.close()
     assert n > 2
     arena.close()
+
+
+# -- the journal's store order --------------------------------------------------------------
+
+_PRE = PreState(kind=4, flags=1, values=(11, 22, 33, 44))
+# One request's path through the journal, in order; the test kills a worker inside each step.
+_STEPS = ["popped", "executing", "add_effect", "pin", "unpin", "forgetting", "note_forget",
+          "replied", "pushed"]
+
+
+def _journal_step(lib, q, step: str) -> None:
+    """Step `step` of request (head 3, avail position 101, READ, unique 555) through `lib`."""
+    if step == "popped":
+        lib.vfs_jq_popped(q, 3, 101, 15, 555, 1)
+    elif step == "executing":
+        v = _PRE.values
+        lib.vfs_jq_executing(q, _PRE.kind, _PRE.flags, v[0], v[1], v[2], v[3])
+    elif step == "add_effect":
+        lib.vfs_jq_add_effect(q, Effect.LOOKUP, 42)
+    elif step == "pin":
+        lib.vfs_jq_pin(q, PinKind.INODE, 42)
+    elif step == "unpin":
+        lib.vfs_jq_unpin(q, PinKind.INODE, 42)
+    elif step == "forgetting":
+        lib.vfs_jq_forgetting(q, 42, 5)
+    elif step == "note_forget":
+        lib.vfs_jq_note_forget(q)
+    elif step == "replied":
+        lib.vfs_jq_replied(q, 3, 96, 7)
+    elif step == "pushed":
+        lib.vfs_jq_pushed(q, 3)
+
+
+def _check_journal(jq, step: str, done: bool) -> None:
+    """What a successor reads is one of the states before or after `step`, never a torn one."""
+    recs = jq.inflight()
+    assert [r.head for r in recs] in ([], [3])
+    for r in recs:
+        # The slot's fields were written before the state word that makes it visible.
+        assert (r.avail_pos, r.counter, r.opcode, r.unique) == (101, 1, 15, 555)
+        if r.state == SlotState.EXECUTING:
+            assert r.pre == _PRE
+        if r.state == SlotState.REPLIED:
+            assert r.used_len == 96
+    # The pop is counted once whether or not its `next` store happened.
+    assert jq.next_avail() == ((102, 2) if recs or step != "popped" else (101, 1))
+    if step == "popped":
+        assert not recs or recs[0].state == SlotState.POPPED
+    pushing = jq.pushing()
+    if pushing is not None:
+        assert pushing == (3, 7)
+        assert step == "pushed" or recs[0].state == SlotState.REPLIED
+    elif step == "pushed":
+        assert not recs                                 # freed before the push record went
+    if jq.owns_effects(1):
+        # Owned only once the record was cleared; then exactly what the steps so far recorded.
+        at = _STEPS.index(step)
+        forgets, pending, overflow = jq.hints()
+        assert not overflow
+        effects = []
+        while (e := jq.pop_effect()) is not None:
+            effects.append(e)
+        lookup = [(Effect.LOOKUP, 42)]
+        if at < _STEPS.index("add_effect"):
+            assert effects == []
+        elif step == "add_effect":
+            assert effects in ([], lookup)
+        else:
+            assert effects == lookup
+        if at < _STEPS.index("forgetting"):
+            assert (forgets, pending) == (0, None)
+        elif step == "forgetting":
+            assert (forgets, pending) in ((0, None), (0, (42, 5)))
+        elif step == "note_forget":
+            assert (forgets, pending) in ((0, (42, 5)), (1, None))
+        else:
+            assert (forgets, pending) == (1, None)
+    else:
+        assert step in ("popped", "replied", "pushed")
+    assert jq.pins() in ([], [(PinKind.INODE, 42)])
+
+
+@pytest.mark.parametrize("step", _STEPS)
+def test_journal_write_killed_at_any_store(crashlib, step):
+    """A worker killed after any store of a journal write leaves a record its successor reads
+    as the state before or after the write: fields are stored before the word that publishes
+    them, and a new effects owner after the record it owns was cleared."""
+    n = 0
+    while True:
+        n += 1
+        journal = Journal.create(1, 8)
+        jq = journal.queue(0)
+        jq.reset(100, 7, 8)
+        # A previous request, with effects left behind (its owner is cleared on reply) and a
+        # FORGET announced at the index the next request's first one will have.
+        jq.popped(2, 100, 1, 1)
+        jq.add_effect(Effect.HANDLE, 9)
+        jq.forgetting(78, 4)
+        jq.replied(2, 16, 0)
+        jq.pushed(2)
+        q = native.lib
+        for earlier in _STEPS[:_STEPS.index(step)]:
+            _journal_step(q, jq.cdata, earlier)
+        tq = crashlib.ffi.cast("struct vfs_jq *", jq.state_address)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                crashlib.lib.vfs_test_crash_after(n)
+                _journal_step(crashlib.lib, tq, step)
+                code = 3
+            finally:
+                os._exit(code)
+        status = _wait(pid)
+        assert status in (0, 3)
+        _check_journal(jq, step, status == 3)
+        if status == 3:
+            break
+    assert n >= 2, f"{step}: no store reached"
