@@ -76,6 +76,9 @@ __all__ = ["Arena", "HandleTable", "InodeTable", "QueueCounters"]
 
 _MAX_SLOTS = 1 << 30
 _U64_MAX = (1 << 64) - 1
+# Where the tables' lock words are (the header layout above).
+_INODE_LOCK_OFF = 64
+_HANDLE_LOCK_OFF = 128
 
 _ffi = native.ffi
 _lib = native.lib
@@ -129,7 +132,7 @@ class _SlotTable:
         self._c = c  # struct vfs_arena *
         self._cap = capacity
         self._lockp = native.u32_ptr(c.base, lock_off)  # the lock word, for crash tests
-        self._u64 = _ffi.new("uint64_t[2]")
+        self._u64 = _ffi.new("uint64_t[1]")
         self._u32 = _ffi.new("uint32_t[1]")
         self._int = _ffi.new("int[1]")
 
@@ -153,6 +156,7 @@ class InodeTable(_SlotTable):
 
     ROOT: int = 1  # FUSE_ROOT_ID
     _kind = "nodeid"
+
     def set_root(self, fd: int, dev: int, ino: int) -> None:
         """Install the shared directory's O_PATH fd as nodeid 1; the table owns `fd`."""
         if _lib.vfs_inode_set_root(self._c, fd, dev, ino) == -errno.EEXIST:
@@ -375,7 +379,3 @@ class Arena:
         _ffi.release(self._base)
         self._mm.close()
 
-
-# Where the tables' lock words are (the header layout in the module docstring).
-_INODE_LOCK_OFF = 64
-_HANDLE_LOCK_OFF = 128
