@@ -38,6 +38,8 @@ Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes
 
     0     header        "=8sIIIII"   magic "PVFSARN2", version 2, max_inodes, index_buckets,
                                      max_handles, max_queues
+    32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
+                                     limit); see ``limit_fds``
     64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
     128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
     192   counters      max_queues x "=Q"                      (request count per queue)
@@ -102,7 +104,11 @@ def _bad_id(kind: str, value: int) -> OSError:
     return OSError(errno.EBADF, f"unknown or stale {kind} {value:#x}")
 
 
-def _full(kind: str, capacity: int) -> OSError:
+def _refused(kind: str, capacity: int, rc: int) -> OSError:
+    """Why a new entry was refused: -EMFILE is the fd budget, anything else a full table.
+    The guest is answered ENFILE either way."""
+    if rc == -errno.EMFILE:
+        return OSError(errno.ENFILE, "the guest holds as many open files as the daemon allows")
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
 
 
@@ -170,8 +176,9 @@ class InodeTable(_SlotTable):
         The root's (dev, ino) always yields ROOT, whatever mnt_id.
         """
         out, inserted = self._u64, self._int
-        if _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted):
-            raise _full("inode", self._cap)
+        rc = _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _refused("inode", self._cap, rc)
         return out[0], inserted[0] != 0
 
     def acquire(self, nodeid: int) -> int:
@@ -194,8 +201,9 @@ class InodeTable(_SlotTable):
                                    mnt_id: int = 0) -> tuple[int, bool]:
         """lookup_or_insert, then the LOOKUP recorded as an effect of the current request."""
         out, inserted = self._u64, self._int
-        if _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted):
-            raise _full("inode", self._cap)
+        rc = _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _refused("inode", self._cap, rc)
         return out[0], inserted[0] != 0
 
     def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
@@ -245,8 +253,9 @@ class HandleTable(_SlotTable):
 
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
         """Register an open file; the table owns `fd` unless this raises ENFILE."""
-        if _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64):
-            raise _full("handle", self._cap)
+        rc = _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64)
+        if rc:
+            raise _refused("handle", self._cap, rc)
         return self._u64[0]
 
     def acquire(self, fh: int) -> tuple[int, int, int]:
@@ -266,8 +275,9 @@ class HandleTable(_SlotTable):
     # -- the same, journaled for crash recovery ------------------------------------------------
     def insert_journaled(self, journal: QueueJournal, fd: int, nodeid: int, flags: int) -> int:
         """insert, then the new handle recorded as an effect of the current request."""
-        if _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64):
-            raise _full("handle", self._cap)
+        rc = _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64)
+        if rc:
+            raise _refused("handle", self._cap, rc)
         return self._u64[0]
 
     def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:
@@ -355,6 +365,17 @@ class Arena:
             mm.close()
             raise OSError(-rc, "cannot format the shared arena")
         return cls(mm)
+
+    def limit_fds(self, budget: int) -> None:
+        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
+        0 lifts the limit."""
+        if not 0 <= budget <= 0xFFFFFFFF:
+            raise ValueError(f"fd budget {budget} out of range")
+        _lib.vfs_arena_limit_fds(self._c, budget)
+
+    @property
+    def fd_budget(self) -> int:
+        return _lib.vfs_arena_fd_budget(self._c)
 
     def usage(self) -> tuple[int, int]:
         """(inodes, handles) whose fd is open, read from the table headers without taking the

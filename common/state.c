@@ -86,6 +86,7 @@ void vfs_unlock(uint32_t *word)
 #define INODE_HDR_OFF 64
 #define HANDLE_HDR_OFF 128
 #define COUNTERS_OFF 192
+#define FD_BUDGET_OFF 32
 
 struct arena_header {
     char magic[8];
@@ -260,6 +261,13 @@ static struct slot_head *slot_of_id(const struct slots *t, uint64_t id, uint32_t
     return slot_at(t, s);
 }
 
+/* `live` is also read by the fd-budget check under the other table's lock: atomic stores. */
+static void live_add(struct table_hdr *h, uint32_t delta)
+{
+    __atomic_store_n(&h->live, __atomic_load_n(&h->live, __ATOMIC_RELAXED) + delta,
+                     __ATOMIC_RELAXED);
+}
+
 static uint32_t hwm_of(const struct slots *t)
 {
     uint32_t hwm = t->hdr->hwm;
@@ -281,7 +289,7 @@ static uint32_t slots_claim(const struct slots *t)
     } else {
         return 0;
     }
-    h->live++;
+    live_add(h, 1);
     VFS_CRASH_POINT();
     return slot;
 }
@@ -304,7 +312,7 @@ static void slots_push_free(const struct slots *t, uint32_t slot)
     *next_of(t, slot) = t->hdr->free_head;
     VFS_CRASH_POINT();
     t->hdr->free_head = slot;
-    t->hdr->live--;
+    live_add(t->hdr, (uint32_t)-1);
     VFS_CRASH_POINT();
 }
 
@@ -324,7 +332,7 @@ static void slots_repair(const struct slots *t)
     }
     h->free_head = free_head;
     h->hwm = hwm;
-    h->live = live;
+    __atomic_store_n(&h->live, live, __ATOMIC_RELAXED);
     h->index_used = 0;
     h->repairs++;
 }
@@ -443,6 +451,39 @@ static void index_remove(const struct vfs_arena *a, const struct slots *t, uint3
     }
     t->hdr->index_used -= freed;
     VFS_CRASH_POINT();
+}
+
+/* -- the fd budget (both tables) ------------------------------------------------------------- */
+
+static uint32_t *budget_of(const struct vfs_arena *a)
+{
+    return (uint32_t *)(a->base + FD_BUDGET_OFF);
+}
+
+void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget)
+{
+    __atomic_store_n(budget_of(a), budget, __ATOMIC_RELAXED);
+}
+
+uint32_t vfs_arena_fd_budget(const struct vfs_arena *a)
+{
+    return __atomic_load_n(budget_of(a), __ATOMIC_RELAXED);
+}
+
+/* Whether a new entry would pass the budget.  Called under one table's lock; the other table's
+ * count may be a few entries old, which moves the cap by as much, never the safety margin the
+ * budget leaves below the process's fd limit. */
+static int over_budget(const struct vfs_arena *a)
+{
+    uint32_t budget = vfs_arena_fd_budget(a);
+    if (!budget)
+        return 0;
+    uint64_t held =
+        (uint64_t)__atomic_load_n(&((struct table_hdr *)(a->base + INODE_HDR_OFF))->live,
+                                  __ATOMIC_RELAXED) +
+        __atomic_load_n(&((struct table_hdr *)(a->base + HANDLE_HDR_OFF))->live,
+                        __ATOMIC_RELAXED);
+    return held >= budget;
 }
 
 /* -- what both tables do the same way -------------------------------------------------------- */
@@ -581,7 +622,7 @@ int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino)
         e->ino = ino;
         e->mnt_id = 0;
         slot_commit(&e->h, ST_LIVE);    /* the root's generation is always 0 */
-        t.hdr->live++;
+        live_add(t.hdr, 1);
         rc = 0;
     }
     table_unlock(&t);
@@ -622,6 +663,10 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
         struct inode_entry *e = inode_at(&t, slot);
         e->h.aux++;
         *nodeid = (e->h.state & ~LOW32) | slot;
+        goto out;
+    }
+    if (over_budget(a)) {
+        rc = -EMFILE;
         goto out;
     }
     slot = slots_claim(&t);
@@ -751,7 +796,7 @@ int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t fla
     struct slots t = handle_slots(a);
     int rc = 0;
     table_lock(a, &t);
-    uint32_t slot = slots_claim(&t);
+    uint32_t slot = over_budget(a) ? 0 : slots_claim(&t);
     if (slot) {
         struct handle_entry *e = (struct handle_entry *)slot_at(&t, slot);
         uint64_t gen_word = e->h.state & ~LOW32;
@@ -763,7 +808,7 @@ int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t fla
         slot_commit(&e->h, gen_word | ST_LIVE);
         *fh = gen_word | slot;
     } else {
-        rc = -ENFILE;
+        rc = over_budget(a) ? -EMFILE : -ENFILE;
     }
     table_unlock(&t);
     return rc;
