@@ -380,9 +380,9 @@ class Arena:
     def usage(self) -> tuple[int, int]:
         """(inodes, handles) whose fd is open, read from the table headers without taking the
         locks: a snapshot for status reports that never waits for a worker."""
-        inodes, handles = self.inodes._u32, self.handles._u32
-        _lib.vfs_arena_usage(self._c, inodes, handles)
-        return inodes[0], handles[0]
+        counts = _ffi.new("uint32_t[2]")     # its own: a status thread may ask
+        _lib.vfs_arena_usage(self._c, counts, counts + 1)
+        return counts[0], counts[1]
 
     @property
     def address(self) -> int:
