@@ -346,6 +346,24 @@ class Arena:
         self.counters = QueueCounters(c, c.max_queues)
         _attached.add(self)
 
+    def limit_fds(self, budget: int) -> None:
+        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
+        0 lifts the limit."""
+        if not 0 <= budget <= 0xFFFFFFFF:
+            raise ValueError(f"fd budget {budget} out of range")
+        _lib.vfs_arena_limit_fds(self._c, budget)
+
+    @property
+    def fd_budget(self) -> int:
+        return _lib.vfs_arena_fd_budget(self._c)
+
+    def usage(self) -> tuple[int, int]:
+        """(inodes, handles) whose fd is open, read from the table headers without taking the
+        locks: a snapshot for status reports that never waits for a worker."""
+        counts = _ffi.new("uint32_t[2]")     # its own: a status thread may ask
+        _lib.vfs_arena_usage(self._c, counts, counts + 1)
+        return counts[0], counts[1]
+
     @classmethod
     def create(cls, max_inodes: int = 1 << 18, max_handles: int = 1 << 16,
                max_queues: int = 64) -> Arena:
@@ -366,27 +384,9 @@ class Arena:
             raise OSError(-rc, "cannot format the shared arena")
         return cls(mm)
 
-    def limit_fds(self, budget: int) -> None:
-        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
-        0 lifts the limit."""
-        if not 0 <= budget <= 0xFFFFFFFF:
-            raise ValueError(f"fd budget {budget} out of range")
-        _lib.vfs_arena_limit_fds(self._c, budget)
-
-    @property
-    def fd_budget(self) -> int:
-        return _lib.vfs_arena_fd_budget(self._c)
-
-    def usage(self) -> tuple[int, int]:
-        """(inodes, handles) whose fd is open, read from the table headers without taking the
-        locks: a snapshot for status reports that never waits for a worker."""
-        counts = _ffi.new("uint32_t[2]")     # its own: a status thread may ask
-        _lib.vfs_arena_usage(self._c, counts, counts + 1)
-        return counts[0], counts[1]
-
     @property
     def address(self) -> int:
-        """The address of this process's struct vfs_arena, for the native engine to share."""
+        """The address of this process's `struct vfs_arena` (for the native engine)."""
         return int(_ffi.cast("uintptr_t", self._c))
 
     def close(self) -> None:

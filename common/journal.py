@@ -162,14 +162,19 @@ class QueueJournal:
         self._eff_ids = _HEADER_SIZE // 8 + capacity * _SLOT_WORDS
         self._eff_kinds = native.ffi.cast("uint8_t *", base + offset + eff + MAX_EFFECTS * 8)
         # The C view (struct vfs_jq *), which also holds the request being executed (its head
-        # and popped word): the native engine shares this very struct (state_address).
-        self.cdata = native.ffi.new("struct vfs_jq *")
-        if native.lib.vfs_jq_attach(self.cdata, base + offset, capacity):
+        # and popped word): the native engine shares this very struct (address).
+        self._q = native.ffi.new("struct vfs_jq *")
+        if native.lib.vfs_jq_attach(self._q, base + offset, capacity):
             raise ValueError(f"journal region at {offset} for {capacity} entries")
 
     @staticmethod
     def region_size(capacity: int) -> int:
         return native.lib.vfs_jq_region_size(capacity, _PAGE)
+
+    @property
+    def cdata(self):
+        """The `struct vfs_jq *` itself, for the journaled table calls (common/arena.py)."""
+        return self._q
 
     # -- ring epochs ---------------------------------------------------------------------------
     @property
@@ -210,42 +215,31 @@ class QueueJournal:
         `effects`, table changes from here on are the new request's (begin_effects)."""
         if not 0 <= head < self.capacity:
             raise IndexError(f"head {head} outside the journal's 0..{self.capacity - 1}")
-        return _popped(self.cdata, head, pos & 0xFFFF, opcode & 0xFFFFFFFF,
+        return _popped(self._q, head, pos & 0xFFFF, opcode & 0xFFFFFFFF,
                        unique & 0xFFFFFFFFFFFFFFFF, effects)
 
     def resume(self, rec: Inflight) -> None:
         """Make `rec` (a journaled request being replayed) the request being executed."""
-        native.lib.vfs_jq_resume(self.cdata, rec.head)
-
-    def adopt(self, head: int, word: int) -> None:
-        """Make `head`, popped by the native engine with state word `word`, the request being
-        executed here (for an engine that keeps its own struct vfs_jq)."""
-        self.cdata.head = head
-        self.cdata.word = word
+        native.lib.vfs_jq_resume(self._q, rec.head)
 
     @property
     def address(self) -> int:
-        """Where this queue's region starts (for the native engine)."""
-        return int(native.ffi.cast("uintptr_t", self.cdata.base))
-
-    @property
-    def state_address(self) -> int:
-        """The address of this queue's struct vfs_jq, for the native engine to share (cast it
-        to its own `struct vfs_jq *`): then pops made in C are the request Python executes."""
-        return int(native.ffi.cast("uintptr_t", self.cdata))
+        """The address of this queue's `struct vfs_jq`: the native engine journals through the
+        very view Python uses, so both see the same request being executed."""
+        return int(native.ffi.cast("uintptr_t", self._q))
 
     def executing(self, pre: PreState) -> None:
         """The current request is about to make a change that must not be repeated."""
         v = pre.values
-        native.lib.vfs_jq_executing(self.cdata, pre.kind, pre.flags, v[0], v[1], v[2], v[3])
+        native.lib.vfs_jq_executing(self._q, pre.kind, pre.flags, v[0], v[1], v[2], v[3])
 
     def replied(self, head: int, used_len: int, used_idx: int) -> None:
         """The reply is in guest memory; only the used-ring push is left, and it will go to
         used index `used_idx` (so a successor can tell whether it did)."""
-        _replied(self.cdata, head, used_len & 0xFFFFFFFF, used_idx & 0xFFFF)
+        _replied(self._q, head, used_len & 0xFFFFFFFF, used_idx & 0xFFFF)
 
     def pushed(self, head: int) -> None:
-        _pushed(self.cdata, head)
+        _pushed(self._q, head)
 
     # -- effects of the request being executed ----------------------------------------------------
     def begin_effects(self, counter: int, forgets: int = 0) -> None:
@@ -253,19 +247,19 @@ class QueueJournal:
         FORGETs its first run completed, so that a second crash keeps them.  The owner is
         stored last: until then the record still describes the previous owner, or (replay)
         the same request."""
-        native.lib.vfs_jq_begin_effects(self.cdata, counter, forgets)
+        native.lib.vfs_jq_begin_effects(self._q, counter, forgets)
 
     def add_effect(self, kind: Effect, ident: int) -> None:
-        _add_effect(self.cdata, kind, ident)
+        _add_effect(self._q, kind, ident)
 
     def forgetting(self, nodeid: int, nlookup_before: int) -> None:
         """A FORGET of `nodeid` is about to be applied; its lookup count is `nlookup_before`."""
-        native.lib.vfs_jq_forgetting(self.cdata, nodeid, nlookup_before)
+        native.lib.vfs_jq_forgetting(self._q, nodeid, nlookup_before)
 
     def note_forget(self) -> None:
         """One more FORGET applied (counted first: the pending record then names an index
         already counted, which a replay ignores)."""
-        native.lib.vfs_jq_note_forget(self.cdata)
+        native.lib.vfs_jq_note_forget(self._q)
 
     def owns_effects(self, counter: int) -> bool:
         return self._w[_W_EFF_OWNER] == counter + 1
@@ -296,11 +290,11 @@ class QueueJournal:
     # -- pins -------------------------------------------------------------------------------------
     def pin(self, kind: PinKind, ident: int) -> int:
         """Record a pin just taken; returns its record index (-1: no room, the pin may leak)."""
-        return _pin(self.cdata, kind, ident)
+        return _pin(self._q, kind, ident)
 
     def unpin(self, kind: PinKind, ident: int) -> None:
         """Forget a pin record before the pin is released."""
-        _unpin(self.cdata, kind, ident)
+        _unpin(self._q, kind, ident)
 
     def pins(self) -> list[tuple[int, int]]:
         return [(self._kinds[i], self._w[_W_PINS + i]) for i in range(MAX_PINS)

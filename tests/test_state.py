@@ -601,7 +601,7 @@ def test_journaled_forget_killed_midway_leaves_its_announcement(tmp_path, crashl
         nodeid, _ = arena.inodes.lookup_or_insert(os.open(path, os.O_PATH), 9, 1)
         jq.popped(0, 0, 2, 7)
         view = _view_of(crashlib, arena)
-        tq = crashlib.ffi.cast("struct vfs_jq *", jq.state_address)
+        tq = crashlib.ffi.cast("struct vfs_jq *", jq.address)
 
         def child(view=view, tq=tq, nodeid=nodeid, n=n) -> int:
             view.pid = os.getpid()
@@ -727,7 +727,7 @@ def test_journal_write_killed_at_any_store(crashlib, step):
         q = native.lib
         for earlier in _STEPS[:_STEPS.index(step)]:
             _journal_step(q, jq.cdata, earlier)
-        tq = crashlib.ffi.cast("struct vfs_jq *", jq.state_address)
+        tq = crashlib.ffi.cast("struct vfs_jq *", jq.address)
         pid = os.fork()
         if pid == 0:
             code = 1
