@@ -743,3 +743,41 @@ def test_journal_write_killed_at_any_store(crashlib, step):
         if status == 3:
             break
     assert n >= 2, f"{step}: no store reached"
+
+
+def test_session_end_over_several_close_batches(tmp_path):
+    """forget_all / remove_all drop the lock every 64 fds: with a few hundred entries, pinned
+    ones spread among them, every unpinned fd is closed and every pinned one waits."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    arena = Arena.create(max_inodes=400, max_handles=300, max_queues=1)
+    inodes, handles = arena.inodes, arena.handles
+    root = os.open(tmp_path, os.O_PATH)
+    inodes.set_root(root, *_Scene._key(root))
+    ids = [inodes.lookup_or_insert(os.open(path, os.O_PATH), 9, i)[0] for i in range(300)]
+    fhs = [handles.insert(os.open(path, os.O_RDONLY), ids[i], 0) for i in range(250)]
+    pinned_ids, pinned_fhs = ids[::37], fhs[::41]
+    fds = {i: inodes.info(i)[2] for i in ids}
+    hfds = {}
+    for fh in fhs:
+        hfds[fh] = handles.acquire(fh)[0]
+        if fh not in pinned_fhs:
+            handles.release(fh)
+    for i in pinned_ids:
+        inodes.acquire(i)
+    inodes.forget_all()
+    handles.remove_all()
+    assert inodes.live_count() == 1 + len(pinned_ids)
+    assert handles.live_count() == len(pinned_fhs)
+    assert [i for i in ids if _is_open(fds[i])] == pinned_ids
+    assert [fh for fh in fhs if _is_open(hfds[fh])] == pinned_fhs
+    _check_consistent(arena)
+    for i in pinned_ids:
+        inodes.release(i)
+        assert not _is_open(fds[i])
+    for fh in pinned_fhs:
+        handles.release(fh)
+        assert not _is_open(hfds[fh])
+    assert (inodes.live_count(), handles.live_count()) == (1, 0)
+    _check_consistent(arena)
+    arena.close()
