@@ -104,10 +104,12 @@ def _bad_id(kind: str, value: int) -> OSError:
     return OSError(errno.EBADF, f"unknown or stale {kind} {value:#x}")
 
 
-def _refused(kind: str, capacity: int, rc: int) -> OSError:
-    """Why a new entry was refused: -EMFILE is the fd budget, anything else a full table.
-    The guest is answered ENFILE either way."""
-    if rc == -errno.EMFILE:
+def _refused(arena_c, kind: str, capacity: int) -> OSError:
+    """ENFILE for a refused new entry, saying whether the fd budget or the table was full."""
+    budget = _lib.vfs_arena_fd_budget(arena_c)
+    counts = _ffi.new("uint32_t[2]")
+    _lib.vfs_arena_usage(arena_c, counts, counts + 1)
+    if budget and counts[0] + counts[1] >= budget:
         return OSError(errno.ENFILE, "the guest holds as many open files as the daemon allows")
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
 
@@ -172,13 +174,14 @@ class InodeTable(_SlotTable):
         """Count one lookup of (dev, ino, mnt_id) whose O_PATH fd the caller just opened.
 
         Returns (nodeid, True) when a new entry now owns `fd`, or (nodeid, False) for a known
-        inode -- then, and when this raises (ENFILE: table full), the caller closes `fd`.
+        inode -- then, and when this raises (ENFILE: table full, or the fd budget reached), the
+        caller closes `fd`.
         The root's (dev, ino) always yields ROOT, whatever mnt_id.
         """
         out, inserted = self._u64, self._int
         rc = _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted)
         if rc:
-            raise _refused("inode", self._cap, rc)
+            raise _refused(self._c, "inode", self._cap)
         return out[0], inserted[0] != 0
 
     def acquire(self, nodeid: int) -> int:
@@ -203,7 +206,7 @@ class InodeTable(_SlotTable):
         out, inserted = self._u64, self._int
         rc = _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted)
         if rc:
-            raise _refused("inode", self._cap, rc)
+            raise _refused(self._c, "inode", self._cap)
         return out[0], inserted[0] != 0
 
     def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
@@ -255,7 +258,7 @@ class HandleTable(_SlotTable):
         """Register an open file; the table owns `fd` unless this raises ENFILE."""
         rc = _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64)
         if rc:
-            raise _refused("handle", self._cap, rc)
+            raise _refused(self._c, "handle", self._cap)
         return self._u64[0]
 
     def acquire(self, fh: int) -> tuple[int, int, int]:
@@ -277,7 +280,7 @@ class HandleTable(_SlotTable):
         """insert, then the new handle recorded as an effect of the current request."""
         rc = _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64)
         if rc:
-            raise _refused("handle", self._cap, rc)
+            raise _refused(self._c, "handle", self._cap)
         return self._u64[0]
 
     def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:

@@ -665,11 +665,7 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
         *nodeid = (e->h.state & ~LOW32) | slot;
         goto out;
     }
-    if (over_budget(a)) {
-        rc = -EMFILE;
-        goto out;
-    }
-    slot = slots_claim(&t);
+    slot = over_budget(a) ? 0 : slots_claim(&t);
     if (!slot) {
         rc = -ENFILE;
         goto out;
@@ -808,7 +804,7 @@ int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t fla
         slot_commit(&e->h, gen_word | ST_LIVE);
         *fh = gen_word | slot;
     } else {
-        rc = over_budget(a) ? -EMFILE : -ENFILE;
+        rc = -ENFILE;
     }
     table_unlock(&t);
     return rc;
