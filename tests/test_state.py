@@ -11,13 +11,13 @@ the product module, that the next user repaired the tables into a consistent sta
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import random
 import select
 import signal
 import struct
 import subprocess
-import sys
 import traceback
 from collections.abc import Callable
 
@@ -29,10 +29,11 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Effect, Journal, PinKind, PreState, SlotState
 
 _COMMON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common")
-sys.path.insert(0, _COMMON)
-import native_build  # noqa: E402  (the build script: its cdef and flags)
-
-sys.path.remove(_COMMON)
+# The build script itself (not an installed module): its cdef of state.h and its flags.
+_spec = importlib.util.spec_from_file_location("native_build",
+                                               os.path.join(_COMMON, "native_build.py"))
+native_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(native_build)
 
 _HARNESS = r"""
 #include <unistd.h>
@@ -66,12 +67,10 @@ def crashlib(tmp_path_factory):
                    extra_compile_args=native_build.CFLAGS + ubsan, extra_link_args=ubsan)
     out = tmp_path_factory.mktemp("crashlib")
     path = ffi.compile(tmpdir=str(out))
-    sys.path.insert(0, os.path.dirname(path))
-    try:
-        import _state_crash
-    finally:
-        sys.path.remove(os.path.dirname(path))
-    return _state_crash
+    spec = importlib.util.spec_from_file_location("_state_crash", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_state_c_compiles_alone_warning_free(tmp_path):
