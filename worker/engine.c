@@ -275,9 +275,7 @@ static void push(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     __atomic_store_n((uint16_t *)(e->used + 2), e->next_used, __ATOMIC_RELAXED);
 }
 
-static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
-    vfs_jq_replied(e->jq, head, used_len, e->next_used);
-    push(e, head, used_len);
+static void pushed(struct vfs_engine *e, uint16_t head) {
     vfs_jq_pushed(e->jq, head);
     if (e->arena != NULL)
         vfs_counter_add(e->arena, e->queue, 1);
@@ -285,10 +283,34 @@ static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     e->notify_due = 1;
 }
 
+static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    vfs_jq_replied(e->jq, head, used_len, e->next_used);
+    push(e, head, used_len);
+    pushed(e, head);
+}
+
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     if (e->size == 0)
         return;
     complete(e, head, used_len);
+    vfs_engine_notify(e);
+}
+
+/* vfs_engine_complete() in its three steps, for a worker with test hooks between them. */
+void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    if (e->size != 0)
+        vfs_jq_replied(e->jq, head, used_len, e->next_used);
+}
+
+void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    if (e->size != 0)
+        push(e, head, used_len);
+}
+
+void vfs_engine_pushed(struct vfs_engine *e, uint16_t head) {
+    if (e->size == 0)
+        return;
+    pushed(e, head);
     vfs_engine_notify(e);
 }
 
@@ -1205,6 +1227,9 @@ static int64_t serve_native(struct vfs_engine *e) {
     if (!fs->enabled || e->arena == NULL || fs->session == NULL
             || !(__atomic_load_n(fs->session, __ATOMIC_ACQUIRE) & 1))
         return DEFER;                     /* no session yet: Python answers (EIO or INIT) */
+    uint32_t op = e->in.opcode;
+    if (op < 128 && (e->fs.python_ops[op / 64] >> (op % 64) & 1))
+        return DEFER;                     /* a worker with test hooks on this opcode */
     uint32_t len = e->in.len;
     if (len < IN_HEADER_SIZE || len - IN_HEADER_SIZE > e->readable_bytes - IN_HEADER_SIZE
             || len > MAX_REQUEST)
