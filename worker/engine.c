@@ -42,8 +42,9 @@
  * (protocol.md 5.2).  0, -EFAULT (a byte outside guest memory) or -ENOBUFS (no room). */
 static int gpa_to_iov(const struct vfs_engine *e, uint64_t gpa, uint64_t len, struct iovec *iov,
                       uint32_t *n, uint32_t cap) {
-    uint64_t end;
-    if (__builtin_add_overflow(gpa, len, &end))
+    uint64_t last;
+    /* The last byte must be addressable; a range may end exactly at 2**64. */
+    if (len && __builtin_add_overflow(gpa, len - 1, &last))
         return -EFAULT;
     while (len) {
         const struct vfs_engine_region *r = NULL;
@@ -80,8 +81,8 @@ static uint8_t *gpa_contiguous(const struct vfs_engine *e, uint64_t gpa, uint64_
 
 /* Front-end user range [uaddr, uaddr + len) inside one region (ring parts, SET_VRING_ADDR). */
 static uint8_t *ring_ptr(const struct vfs_engine *e, uint64_t uaddr, uint64_t len) {
-    uint64_t end;
-    if (__builtin_add_overflow(uaddr, len, &end))
+    uint64_t last;
+    if (len && __builtin_add_overflow(uaddr, len - 1, &last))
         return NULL;
     for (uint32_t i = 0; i < e->nregions; i++) {
         const struct vfs_engine_region *r = &e->regions[i];
@@ -95,10 +96,11 @@ void vfs_engine_clear_regions(struct vfs_engine *e) { e->nregions = 0; }
 
 int vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
                           void *host) {
-    uint64_t end;
+    uint64_t last;
+    /* As guestmem.py: a region may end exactly at 2**64, not past it. */
     if (e->nregions >= VFS_ENGINE_MAX_REGIONS || size == 0 || host == NULL
-            || __builtin_add_overflow(gpa, size, &end)
-            || __builtin_add_overflow(uaddr, size, &end)) {
+            || __builtin_add_overflow(gpa, size - 1, &last)
+            || __builtin_add_overflow(uaddr, size - 1, &last)) {
         snprintf(e->why, sizeof e->why, "region gpa=%#llx size=%#llx: not usable by the engine",
                  (unsigned long long)gpa, (unsigned long long)size);
         return -EINVAL;
