@@ -163,18 +163,27 @@ class QueueJournal:
         self._eff_kinds = native.ffi.cast("uint8_t *", base + offset + eff + MAX_EFFECTS * 8)
         # The C view (struct vfs_jq *), which also holds the request being executed (its head
         # and popped word): the native engine shares this very struct (address).
-        self.cdata = native.ffi.new("struct vfs_jq *")
-        if native.lib.vfs_jq_attach(self.cdata, base + offset, capacity):
+        self._q = native.ffi.new("struct vfs_jq *")
+        if native.lib.vfs_jq_attach(self._q, base + offset, capacity):
             raise ValueError(f"journal region at {offset} for {capacity} entries")
 
     @staticmethod
     def region_size(capacity: int) -> int:
         return native.lib.vfs_jq_region_size(capacity, _PAGE)
 
+    @property
+    def cdata(self):
+        """The `struct vfs_jq *` itself, for the journaled table calls (common/arena.py)."""
+        return self._q
+
     # -- ring epochs ---------------------------------------------------------------------------
     @property
     def geometry(self) -> int:
         return self._w[_W_GEOMETRY]
+
+    @property
+    def boots(self) -> int:
+        return self._u32[_W_SIZE_BOOTS * 2 + 1]
 
     def count_boot(self) -> int:
         """Count one worker start for this queue; returns the count including this one."""
@@ -206,31 +215,31 @@ class QueueJournal:
         `effects`, table changes from here on are the new request's (begin_effects)."""
         if not 0 <= head < self.capacity:
             raise IndexError(f"head {head} outside the journal's 0..{self.capacity - 1}")
-        return _popped(self.cdata, head, pos & 0xFFFF, opcode & 0xFFFFFFFF,
+        return _popped(self._q, head, pos & 0xFFFF, opcode & 0xFFFFFFFF,
                        unique & 0xFFFFFFFFFFFFFFFF, effects)
 
     def resume(self, rec: Inflight) -> None:
         """Make `rec` (a journaled request being replayed) the request being executed."""
-        native.lib.vfs_jq_resume(self.cdata, rec.head)
+        native.lib.vfs_jq_resume(self._q, rec.head)
 
     @property
     def address(self) -> int:
-        """The address of this queue's struct vfs_jq, for the native engine to share (cast it
-        to its own `struct vfs_jq *`): then pops made in C are the request Python executes."""
-        return int(native.ffi.cast("uintptr_t", self.cdata))
+        """The address of this queue's `struct vfs_jq`: the native engine journals through the
+        very view Python uses, so both see the same request being executed."""
+        return int(native.ffi.cast("uintptr_t", self._q))
 
     def executing(self, pre: PreState) -> None:
         """The current request is about to make a change that must not be repeated."""
         v = pre.values
-        native.lib.vfs_jq_executing(self.cdata, pre.kind, pre.flags, v[0], v[1], v[2], v[3])
+        native.lib.vfs_jq_executing(self._q, pre.kind, pre.flags, v[0], v[1], v[2], v[3])
 
     def replied(self, head: int, used_len: int, used_idx: int) -> None:
         """The reply is in guest memory; only the used-ring push is left, and it will go to
         used index `used_idx` (so a successor can tell whether it did)."""
-        _replied(self.cdata, head, used_len & 0xFFFFFFFF, used_idx & 0xFFFF)
+        _replied(self._q, head, used_len & 0xFFFFFFFF, used_idx & 0xFFFF)
 
     def pushed(self, head: int) -> None:
-        _pushed(self.cdata, head)
+        _pushed(self._q, head)
 
     # -- effects of the request being executed ----------------------------------------------------
     def begin_effects(self, counter: int, forgets: int = 0) -> None:
@@ -238,19 +247,19 @@ class QueueJournal:
         FORGETs its first run completed, so that a second crash keeps them.  The owner is
         stored last: until then the record still describes the previous owner, or (replay)
         the same request."""
-        native.lib.vfs_jq_begin_effects(self.cdata, counter, forgets)
+        native.lib.vfs_jq_begin_effects(self._q, counter, forgets)
 
     def add_effect(self, kind: Effect, ident: int) -> None:
-        _add_effect(self.cdata, kind, ident)
+        _add_effect(self._q, kind, ident)
 
     def forgetting(self, nodeid: int, nlookup_before: int) -> None:
         """A FORGET of `nodeid` is about to be applied; its lookup count is `nlookup_before`."""
-        native.lib.vfs_jq_forgetting(self.cdata, nodeid, nlookup_before)
+        native.lib.vfs_jq_forgetting(self._q, nodeid, nlookup_before)
 
     def note_forget(self) -> None:
         """One more FORGET applied (counted first: the pending record then names an index
         already counted, which a replay ignores)."""
-        native.lib.vfs_jq_note_forget(self.cdata)
+        native.lib.vfs_jq_note_forget(self._q)
 
     def owns_effects(self, counter: int) -> bool:
         return self._w[_W_EFF_OWNER] == counter + 1
@@ -281,11 +290,11 @@ class QueueJournal:
     # -- pins -------------------------------------------------------------------------------------
     def pin(self, kind: PinKind, ident: int) -> int:
         """Record a pin just taken; returns its record index (-1: no room, the pin may leak)."""
-        return _pin(self.cdata, kind, ident)
+        return _pin(self._q, kind, ident)
 
     def unpin(self, kind: PinKind, ident: int) -> None:
         """Forget a pin record before the pin is released."""
-        _unpin(self.cdata, kind, ident)
+        _unpin(self._q, kind, ident)
 
     def pins(self) -> list[tuple[int, int]]:
         return [(self._kinds[i], self._w[_W_PINS + i]) for i in range(MAX_PINS)
@@ -383,7 +392,7 @@ class Journal:
         self.num_queues = num_queues
         self.capacity = capacity
         step = QueueJournal.region_size(capacity)
-        self.cdataueues = [QueueJournal(self._view, self._base, _GLOBAL_SIZE + q * step, capacity)
+        self._queues = [QueueJournal(self._view, self._base, _GLOBAL_SIZE + q * step, capacity)
                         for q in range(num_queues)]
         self._hooks = native.u64_ptr(self._base, _HOOKS_OFF)
 
@@ -398,7 +407,7 @@ class Journal:
         return cls(mm, num_queues, capacity)
 
     def queue(self, index: int) -> QueueJournal:
-        return self.cdataueues[index]
+        return self._queues[index]
 
     def hook_hit(self, index: int) -> int:
         """Count one match of test hook `index` in any process; returns the new count."""

@@ -177,7 +177,7 @@ class Supervisor:
                               lambda tables: PassthroughFs(tables, proc_fd, options),
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
-                              stats=self.stats)
+                              poll_us=self.config.poll_us, stats=self.stats)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

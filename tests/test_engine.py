@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvirtiofsd.common.journal import Journal, SlotState
+from pyvirtiofsd.worker import engine
 from pyvirtiofsd.worker.engine import Engine, EngineError, Status, buffer_address
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError
 from tests.test_virtqueue import BOUNDARY, GAP, INDIRECT, MALFORMED, NEXT, FakeGuest
@@ -114,7 +115,9 @@ def test_defer_hands_back_the_chain_and_decoded_header(rig):
     assert (rig.e.head, rig.e.pos, rig.e.next_avail) == (head, 0, 1)
     readable, writable = rig.e.chain()
     assert lens(readable) == [40] and lens(writable) == [128]
-    assert IN_HEADER.unpack(bytes(readable[0]))[1:3] == (GETATTR, 0x1234)
+    # Decoded once, by the engine: exactly what the reference would unpack.
+    assert rig.e.header() == (*IN_HEADER.unpack(bytes(readable[0]))[:7], 0)
+    assert rig.e.header()[1:3] == (GETATTR, 0x1234)
     # Popped into the journal with opcode and unique, the pop counter in its state word.
     [rec] = rig.jq.inflight()
     assert (rec.head, rec.state, rec.opcode, rec.unique) == (head, SlotState.POPPED, GETATTR,
@@ -158,6 +161,7 @@ def test_short_header_is_deferred_with_zero_opcode(rig):
     g.write(0x50000, b"\x01" * 10)
     g.publish(g.add_chain([(0x50000, 10, False)]))
     assert rig.e.run() is Status.DEFER
+    assert rig.e.header() is None
     [rec] = rig.jq.inflight()
     assert (rec.opcode, rec.unique) == (0, 0)
 
@@ -228,6 +232,25 @@ def test_indirect_not_negotiated_is_walked(guest_factory):
             g.queue(indirect=False).walk(r.e.head)
     finally:
         r.close()
+
+
+def test_buffer_at_the_top_of_the_address_space(rig):
+    # The gate takes a buffer that ends exactly at 2**64, and nothing past it.
+    g = rig.g
+    top = bytearray(4096)
+    top[-16:] = IN_HEADER.pack(40, GETATTR, 5, 1, 0, 0, 0, 0, 0)[:16]
+    regions = [(gpa, n, u, buffer_address(v)) for gpa, n, u, v in g.mem.views()]
+    rig.e.set_regions([*regions, (2**64 - 4096, 4096, 0x10_0000_0000, buffer_address(top))])
+    rig.e.start(g.n, g.uaddr(g.desc), g.uaddr(g.avail), g.uaddr(g.used), 0, event_idx=False,
+                indirect=True)
+    g.set_desc(0, 2**64 - 16, 16, 0)
+    g.set_desc(1, 2**64 - 16, 17, 0)
+    g.publish(0, 1)
+    assert rig.e.run() is Status.DEFER
+    readable, _ = rig.e.chain()
+    assert [bytes(v) for v in readable] == [bytes(top[-16:])]
+    rig.e.complete(0, 0)
+    assert rig.e.run() is Status.WALK and rig.e.head == 1
 
 
 def test_indirect_table_straddling_regions_goes_to_python(rig):
@@ -303,6 +326,9 @@ def test_misplaced_ring_is_refused(rig, bad):
 def test_region_table_limits(rig):
     with pytest.raises(EngineError):
         rig.e.set_regions([(2**64 - 16, 32, 0, 0x1000)])
+    with pytest.raises(EngineError):
+        rig.e.set_regions([(0, 32, 2**64 - 16, 0x1000)])
+    rig.e.set_regions([(2**64 - 32, 32, 2**64 - 32, 0x1000)])   # ends exactly at 2**64
     with pytest.raises(EngineError):
         rig.e.set_regions([(0, 16, 0, 0)])
     with pytest.raises(EngineError):
@@ -431,3 +457,42 @@ def test_engine_pops_what_the_reference_pops(guest_factory, chains):
     finally:
         r.close()
 
+
+def test_busy_poll_window_adapts(rig):
+    # --poll-us: an empty ring is spun on before sleeping; finding nothing halves the window
+    # until it is gone, and the next wait starts it again at 1 µs.
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        rig.e.poll_us = 400
+        rig.peer.send(b"x")                            # the sleep ends at once: CONTROL
+        windows = []
+        for _ in range(10):
+            assert rig.e.serve(kick) is Status.CONTROL
+            windows.append(rig.e._e.spin_us)
+        assert windows[:4] == [200, 100, 50, 25]
+        assert 1 in windows and 0 not in windows[windows.index(1):]
+        # A request already published is served without spinning: the window stays.
+        g = rig.g
+        rig.e._e.spin_us = 300
+        g.publish(request(g))
+        assert rig.e.serve(kick) is Status.DEFER
+        rig.e.complete(rig.e.head, 0)
+        assert rig.e._e.spin_us == 300
+    finally:
+        os.close(kick)
+
+
+def test_status_values_are_the_c_enum():
+    engine.load()
+    for status in Status:
+        assert status == getattr(engine.lib, f"VFS_ENGINE_{status.name}")
+
+
+@pytest.mark.parametrize("variant", ["bogus", ""])
+def test_unknown_engine_build_is_refused_in_one_line(monkeypatch, variant):
+    monkeypatch.setattr(engine, "lib", None)
+    monkeypatch.setattr(engine, "ffi", None)
+    monkeypatch.setenv("PYVIRTIOFSD_ENGINE", variant)
+    with pytest.raises(engine.EngineUnavailable, match="expected one of default, asan") as e:
+        engine.load()
+    assert "\n" not in str(e.value)

@@ -36,6 +36,25 @@ struct vfs_fuse_in {         /* fuse_in_header (protocol.md 4.2), decoded once p
     uint16_t total_extlen, padding;
 };
 
+/* What the native handlers need of the filesystem (worker/passthrough.py's options and state).
+ * The credentials in force are shared with PassthroughFs: the worker copies them across each
+ * time a request passes between the two planes. */
+struct vfs_engine_fs {
+    const uint64_t *session;  /* the FUSE session word (fuse_server.Session); NULL: none */
+    int proc_fd;              /* the worker's /proc/self/fd */
+    uint32_t timeout;         /* entry and attribute timeout of the cache mode, in seconds */
+    uint8_t enabled;          /* 0: every request goes to Python */
+    uint8_t readonly, switch_creds, set_groups;
+    uint8_t groups_empty;     /* no supplementary groups in force (as the kernel's requests) */
+    uint8_t submounts;        /* --announce-submounts */
+    uint32_t fsuid, fsgid;    /* in force */
+    uint32_t euid;            /* the daemon's own uid (checks made as the daemon) */
+    uint32_t open_strip;      /* O_* flags an OPEN never passes on */
+    uint32_t file_open_flags, dir_open_flags;   /* fuse_open_out.open_flags of the cache mode */
+    uint8_t writeback;        /* --writeback */
+    uint64_t python_ops[2];   /* opcodes (< 128) always served by Python (test hooks) */
+};
+
 struct vfs_engine {
     struct vfs_engine_region regions[VFS_ENGINE_MAX_REGIONS];
     uint32_t nregions;
@@ -58,6 +77,14 @@ struct vfs_engine {
     struct vfs_jq *jq;
     struct vfs_arena *arena;  /* NULL: no tables (then every request goes to Python) */
     uint32_t queue;
+    struct vfs_engine_fs fs;
+    uint64_t native;          /* requests answered natively */
+    /* the share's root as the kernel names it (/proc/self/fd), read at the first LOOKUP */
+    int root_fd;
+    uint32_t root_len;        /* 0: not read yet */
+    char root_path[4096];
+    uint8_t *dirbuf;          /* getdents64 buffer, allocated at the first READDIRPLUS */
+    uint32_t poll_us, spin_us; /* --poll-us, and the busy-poll window it adapts to */
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };
@@ -80,8 +107,18 @@ void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 /* Serve the ring until one of enum vfs_engine_status happens. */
 int  vfs_engine_run(struct vfs_engine *e);
+/* vfs_engine_run(), and while the ring is empty, wait in poll(2) for a kick on `kick_fd` (-1:
+ * none) or a control message; EMPTY when the wait was interrupted or the ring stopped. */
+int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
+/* Busy-poll an empty ring up to `us` microseconds before sleeping (0: never). */
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 /* Complete `head` with `used_len` reply bytes: journal, push, notify if the driver asks. */
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+/* vfs_engine_complete() step by step: journal the reply, push it, journal the push (and
+ * notify); a worker with test hooks stops between them. */
+void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
 /* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */
 void vfs_engine_notify(struct vfs_engine *e);
 

@@ -14,25 +14,44 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+from typing import Any
 
 _MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
-ENGINE_VARIANT = os.environ.get("PYVIRTIOFSD_ENGINE", "default")
-if ENGINE_VARIANT not in _MODULES:
-    raise ImportError(f"PYVIRTIOFSD_ENGINE={ENGINE_VARIANT!r}: expected one of "
-                      f"{', '.join(_MODULES)}")
-_mod = importlib.import_module(_MODULES[ENGINE_VARIANT])
-ffi = _mod.ffi
-lib = _mod.lib
+ENV_VARIANT = "PYVIRTIOFSD_ENGINE"
+# The compiled module, loaded by load(): a daemon on the Python data plane never needs it.
+ffi: Any = None
+lib: Any = None
+
+
+class EngineUnavailable(ImportError):
+    """The engine module asked for cannot be loaded (the message says which and why)."""
+
+
+def load() -> None:
+    """Load the module PYVIRTIOFSD_ENGINE names, once; EngineUnavailable if it cannot be."""
+    global ffi, lib
+    if lib is not None:
+        return
+    variant = os.environ.get(ENV_VARIANT, "default")
+    if variant not in _MODULES:
+        raise EngineUnavailable(f"{ENV_VARIANT}={variant!r}: expected one of "
+                                f"{', '.join(_MODULES)}")
+    try:
+        mod = importlib.import_module(_MODULES[variant])
+    except ImportError as e:
+        raise EngineUnavailable(f"the native engine ({variant} build) cannot be loaded: {e}; "
+                                "reinstall, or use --data-plane=python") from None
+    ffi, lib = mod.ffi, mod.lib
 
 
 class Status(enum.IntEnum):
-    """Why Engine.run() returned (enum vfs_engine_status)."""
+    """Why Engine.run() returned (enum vfs_engine_status in engine.h)."""
 
-    EMPTY = lib.VFS_ENGINE_EMPTY
-    CONTROL = lib.VFS_ENGINE_CONTROL
-    DEFER = lib.VFS_ENGINE_DEFER
-    WALK = lib.VFS_ENGINE_WALK
-    BROKEN = lib.VFS_ENGINE_BROKEN
+    EMPTY = 0
+    CONTROL = 1
+    DEFER = 2
+    WALK = 3
+    BROKEN = 4
 
 
 class EngineError(ValueError):
@@ -41,6 +60,7 @@ class EngineError(ValueError):
 
 def buffer_address(view: memoryview) -> int:
     """The address of a writable buffer, without keeping an export on it."""
+    load()
     cdata = ffi.from_buffer("uint8_t[]", view, require_writable=True)
     try:
         return int(ffi.cast("uintptr_t", cdata))
@@ -56,6 +76,7 @@ class Engine:
     __slots__ = ("_e", "_views")
 
     def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0) -> None:
+        load()
         self._e = ffi.new("struct vfs_engine *")
         lib.vfs_engine_init(self._e, channel_fd, ffi.cast("struct vfs_jq *", journal),
                             ffi.cast("struct vfs_arena *", arena), queue)
@@ -91,6 +112,49 @@ class Engine:
         lib.vfs_engine_set_fds(self._e, -1 if call is None else call,
                                -1 if err is None else err)
 
+    def serve_natively(self, session_word: int, *, proc_fd: int, timeout: int, readonly: bool,
+                       switch_creds: bool, submounts: bool, euid: int, open_strip: int,
+                       file_open_flags: int, dir_open_flags: int, writeback: bool) -> None:
+        """Turn on the native handlers: `session_word` is the address of the FUSE session word
+        (fuse_server.Session), the rest PassthroughFs.native_options()."""
+        fs = self._e.fs
+        fs.session = ffi.cast("uint64_t *", session_word)
+        fs.proc_fd = proc_fd
+        fs.timeout = timeout
+        fs.readonly = readonly
+        fs.switch_creds = switch_creds
+        fs.submounts = submounts
+        fs.euid = euid
+        fs.open_strip = open_strip
+        fs.file_open_flags = file_open_flags
+        fs.dir_open_flags = dir_open_flags
+        fs.writeback = writeback
+        fs.enabled = 1
+
+    @property
+    def native_enabled(self) -> bool:
+        return bool(self._e.fs.enabled)
+
+    @property
+    def credentials(self) -> object:
+        """The struct (fsuid, fsgid, groups_empty, set_groups) holding the credentials in
+        force, for PassthroughFs.share_credentials()."""
+        return self._e.fs
+
+    @property
+    def native(self) -> int:
+        """Requests answered natively."""
+        return self._e.native
+
+    @property
+    def poll_us(self) -> int:
+        return self._e.poll_us
+
+    @poll_us.setter
+    def poll_us(self, us: int) -> None:
+        """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
+        lib.vfs_engine_set_poll_us(self._e, us)
+
     @property
     def poll_every(self) -> int:
         return self._e.poll_every
@@ -103,8 +167,33 @@ class Engine:
     def run(self) -> Status:
         return Status(lib.vfs_engine_run(self._e))
 
+    def serve(self, kick: int | None) -> Status:
+        """run(), sleeping in C while the ring is empty until `kick` (the kick eventfd) or the
+        control channel is readable; EMPTY when the sleep was interrupted."""
+        return Status(lib.vfs_engine_serve(self._e, -1 if kick is None else kick))
+
     def complete(self, head: int, used_len: int) -> None:
         lib.vfs_engine_complete(self._e, head, used_len)
+
+    def replied(self, head: int, used_len: int) -> None:
+        """complete() in steps (test hooks): the reply journaled..."""
+        lib.vfs_engine_replied(self._e, head, used_len)
+
+    def push(self, head: int, used_len: int) -> None:
+        """... the used element published ..."""
+        lib.vfs_engine_push(self._e, head, used_len)
+
+    def pushed(self, head: int) -> None:
+        """... the push journaled, counted and notified."""
+        lib.vfs_engine_pushed(self._e, head)
+
+    def serve_in_python(self, opcodes: set[int] | None) -> None:
+        """Hand every request with one of `opcodes` (None: every request) to Python."""
+        words = [0, 0]
+        for op in range(128):
+            if opcodes is None or op in opcodes:
+                words[op // 64] |= 1 << (op % 64)
+        self._e.fs.python_ops[0], self._e.fs.python_ops[1] = words
 
     @property
     def running(self) -> bool:
@@ -135,6 +224,15 @@ class Engine:
     @property
     def completed(self) -> int:
         return self._e.completed
+
+    def header(self) -> tuple[int, int, int, int, int, int, int, int] | None:
+        """The deferred request's fuse_in_header fields (IN_HEADER order), when the chain
+        holds a whole one."""
+        e = self._e
+        if not e.has_in:
+            return None
+        h = getattr(e, "in")           # a Python keyword: no attribute syntax
+        return (h.len, h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid, h.total_extlen)
 
     def chain(self) -> tuple[list[memoryview], list[memoryview]]:
         """The deferred request's readable and writable buffers, as views of guest memory."""

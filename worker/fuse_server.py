@@ -109,6 +109,11 @@ class Session:
     def stop(self) -> None:
         self._word[0] = 0
 
+    @property
+    def address(self) -> int:
+        """Where the word is (the native engine reads it)."""
+        return int(native.ffi.cast("uintptr_t", self._word))
+
 
 # The session of every FuseServer not given one.  Made when this module is first imported --
 # by the supervisor, before it forks -- so all workers, respawned ones included, share it.
@@ -201,25 +206,31 @@ class FuseServer:
         )}
 
     # -- the request loop's entry point ----------------------------------------------------
-    def handle(self, reader: Reader, writer: Writer | None) -> int:
+    def handle(self, reader: Reader, writer: Writer | None,
+               header: tuple[int, int, int, int, int, int, int, int] | None = None) -> int:
         """Serve one request; returns the used length (bytes written to `writer`).
 
-        The one place requests are counted (common/stats.py says what is recorded)."""
+        `header`: fuse_in_header's fields (IN_HEADER order) when the caller decoded them
+        already (the native engine); the reader then starts after the header.  The one place
+        requests the Python plane answers are counted (common/stats.py says what is recorded).
+        """
         stats = self.stats
         if stats is None:
-            return self._handle(reader, writer)
+            return self._handle(reader, writer, header)
         self._op = -1
         self._err = 0
         start = _now_ns()
-        used = self._handle(reader, writer)
+        used = self._handle(reader, writer, header)
         if self._op >= 0:
             stats.record(self._op, self._err, _now_ns() - start)
         return used
 
-    def _handle(self, reader: Reader, writer: Writer | None) -> int:
+    def _handle(self, reader: Reader, writer: Writer | None,
+                header: tuple[int, int, int, int, int, int, int, int] | None = None) -> int:
         try:
-            length, opcode, unique, nodeid, uid, gid, pid, extlen = _IN.unpack(
-                reader.read(_IN_SIZE))
+            if header is None:
+                header = _IN.unpack(reader.read(_IN_SIZE))
+            length, opcode, unique, nodeid, uid, gid, pid, extlen = header
         except ChainTooShort:
             if not self._warned_short:
                 self._warned_short = True

@@ -41,6 +41,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 # fuse_in_header.opcode and .unique, read at pop for the journal (and the test hooks).
 _PEEK = struct.Struct("<IQ")
 _PEEK_END = 4 + _PEEK.size
+_IN_SIZE = 40                    # fuse_in_header
 
 
 def _peek(parts: list[memoryview]) -> tuple[int, int]:
@@ -87,6 +88,10 @@ class Worker:
         # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
         # hands back and replays the journal; the engine owns the ring indices.
         self.engine = engine
+        if hooks is None:
+            self._on_popped, self._finish = self._on_popped_plain, self._finish_plain
+        else:
+            self._on_popped, self._finish = self._on_popped_hooked, self._finish_hooked
         # What an answered control message left to do: recover a resumed ring, then serve it.
         self._recover_after: SplitQueue | None = None
         self._serve_after = False
@@ -95,7 +100,7 @@ class Worker:
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
-              stats: Stats | None = None) -> Worker:
+              poll_us: int = 0, stats: Stats | None = None) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -111,9 +116,18 @@ class Worker:
         server = FuseServer(fs, queue, session,
                             stats=stats.queue(queue) if stats is not None else None)
         engine = None
-        # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
-        if data_plane == "native" and hooks is None:
+        if data_plane == "native":
             engine = Engine(channel.fileno(), jq.address, arena.address, queue)
+            engine.poll_us = poll_us
+            if hooks is not None:
+                # Test hooks fire between the Python plane's steps: the requests they name
+                # are served there, from the same journal records.
+                engine.serve_in_python(hooks.opcodes())
+            options = getattr(fs, "native_options", None)
+            native = options() if options is not None else None
+            if native is not None:
+                engine.serve_natively(session.address, **native)
+                fs.share_credentials(engine.credentials)
         return cls(queue, channel, server, arena, jq, fs, hooks, engine)
 
     # -- control channel ------------------------------------------------------------------
@@ -268,10 +282,14 @@ class Worker:
             self._recover_after = None
         if self.queue is not None:
             self.stopped_at = self._next_avail()
+        had_ring = self.queue is not None
         self.queue = None
         if self.engine is not None:
             self.engine.stop()
             self.engine.set_fds(None, None)
+            if had_ring:
+                log.debug("queue %d: ring stopped at %d; %d request(s) answered natively",
+                          self.index, self.stopped_at, self.engine.native)
         if self.kick is not None:
             self.poll.unregister(self.kick)
             self._close(self.kick)
@@ -362,13 +380,15 @@ class Worker:
         finally:
             self.busy = False
 
-    def _process_native(self, engine: Engine) -> None:
+    def _process_native(self, engine: Engine, wait: bool = False) -> None:
         """process() on the native plane: the engine serves, Python answers what it hands
-        back and handles control messages between two of its batches."""
+        back and handles control messages between two of its batches.  With `wait` (the
+        worker's main loop only: control messages handled here never nest), the engine also
+        sleeps in C while the ring is empty, so a kick costs no Python at all."""
         while self.running and self.queue is not None and self.enabled:
             queue = self.queue
             self._start_engine(queue)
-            status = engine.run()
+            status = engine.serve(self.kick) if wait else engine.run()
             if status is Status.EMPTY:
                 break
             if status is Status.CONTROL:
@@ -376,10 +396,15 @@ class Worker:
             elif status is Status.DEFER:
                 head = engine.head
                 readable, writable = engine.chain()
+                self._on_popped(_peek(readable)[0])
                 writer = Writer(writable) if writable else None
-                used = self.server.handle(Reader(readable), writer)
-                del readable, writable, writer
-                engine.complete(head, used)
+                reader = Reader(readable)
+                header = engine.header()
+                if header is not None:
+                    reader.skip(_IN_SIZE)       # decoded once, by the engine
+                used = self.server.handle(reader, writer, header)
+                del readable, writable, reader, writer
+                self._finish(engine, head, used)
             elif status is Status.WALK:
                 self._walk_in_python(engine, queue)
             else:
@@ -398,11 +423,37 @@ class Worker:
         except ChainError as e:
             j.popped(head, pos, 0, 0, effects=False)
             log.warning("queue %d: malformed descriptor chain %d: %s", self.index, head, e)
-            engine.complete(head, 0)
+            if self.hooks is not None:
+                self.hooks.opcode = 0
+            self._finish(engine, head, 0)
             return
         opcode, unique = _peek(chain.readable)
         j.popped(head, pos, opcode, unique)
-        engine.complete(head, self._serve(chain))
+        self._on_popped(opcode)
+        self._finish(engine, head, self._serve(chain))
+
+    # What Python does around a request it serves for the engine: nothing more, or (a worker
+    # with test hooks, chosen once at boot) the hook points of the Python plane's steps.
+    def _on_popped_plain(self, opcode: int) -> None:
+        pass
+
+    @staticmethod
+    def _finish_plain(engine: Engine, head: int, used: int) -> None:
+        engine.complete(head, used)
+
+    def _on_popped_hooked(self, opcode: int) -> None:
+        assert self.hooks is not None
+        self.hooks.opcode = opcode
+        self.hooks.at("popped")
+
+    def _finish_hooked(self, engine: Engine, head: int, used: int) -> None:
+        hooks = self.hooks
+        assert hooks is not None
+        engine.replied(head, used)
+        hooks.at("replied")
+        engine.push(head, used)
+        hooks.at("pushed")
+        engine.pushed(head)
 
     def _batch(self, queue: SplitQueue) -> bool:
         """Serve `queue` until it is empty (True) or something else took over (False)."""
@@ -478,6 +529,14 @@ class Worker:
         control.send(self.channel, control.encode(MsgType.READY, 0, self.index))
         chan = self.channel.fileno()
         while self.running:
+            engine = self.engine
+            if engine is not None and self.queue is not None and self.enabled:
+                self.busy = True
+                try:
+                    self._process_native(engine, wait=True)
+                finally:
+                    self.busy = False
+                continue
             for fd, _ev in self.poll.poll():
                 if fd == chan:
                     self.on_control()
