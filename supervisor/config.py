@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from pyvirtiofsd import __version__
+from pyvirtiofsd.common import idmap
 
 PROG = "pyvirtiofsd"
 
@@ -64,9 +65,6 @@ DATA_PLANES = ("native", "python")
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
-TRANSLATE_TYPES = {  # type -> number of numeric fields (virtiofsd --translate-uid)
-    "guest": 3, "host": 3, "squash-guest": 3, "squash-host": 3, "forbid-guest": 2, "map": 3,
-}
 # Linux capability names (linux/capability.h, without CAP_), for --modcaps.
 CAPABILITIES = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
@@ -163,8 +161,6 @@ class Config:
         out = [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
         if self.xattrmap is not None:
             out.append(_opt("xattrmap"))
-        out.extend(_opt(name) for name in ("translate_uid", "translate_gid")
-                   if getattr(self, name))
         return out
 
 
@@ -267,19 +263,11 @@ def _id_map(value: str) -> str:
 
 
 def _translate(value: str) -> str:
-    # `type:base:base:count` (forbid-guest has two numbers); any one non-alphanumeric separator.
-    m = re.fullmatch(r"([A-Za-z0-9_-]*)([^A-Za-z0-9_-])(.*)", value, re.DOTALL)
-    kind = m.group(1).lower() if m else ""
-    if not m or kind not in TRANSLATE_TYPES:
-        raise ValueError(f"invalid translation {_show(value)} "
-                         f"(expected TYPE:BASE:BASE:COUNT, TYPE one of "
-                         f"{', '.join(TRANSLATE_TYPES)})")
-    parts = m.group(3).split(m.group(2))
-    if len(parts) != TRANSLATE_TYPES[kind] or not all(
-            re.fullmatch(r"[0-9]+", p) and int(p) < 1 << 32 for p in parts):
-        raise ValueError(f"invalid translation {_show(value)} "
-                         f"({kind} takes {TRANSLATE_TYPES[kind]} numbers)")
-    return ":".join([kind, *(str(int(p)) for p in parts)])
+    # virtiofsd's syntax and messages (common/idmap.py); normalised to "type:a:b[:c]".
+    try:
+        return str(idmap.Rule.parse(value))
+    except idmap.IdMapError as e:
+        raise ValueError(str(e)) from None
 
 
 def _modcaps(value: str) -> str:
@@ -656,6 +644,11 @@ def _check_combination(v: dict[str, Any]) -> None:
     if v["posix_acl"] and (v["translate_uid"] or v["translate_gid"]):
         raise ConfigError("--translate-uid/--translate-gid cannot be used with --posix-acl: "
                           "translating IDs would break posix ACLs")
+    for name, what in (("translate_uid", "UID"), ("translate_gid", "GID")):
+        try:
+            idmap.check_rules(v[name], what)
+        except idmap.IdMapError as e:
+            raise ConfigError(f"{_opt(name)}: {e}") from None
     if v["migration_mode"] == "file-handles":
         for name in ("migration_verify_handles", "migration_confirm_paths"):
             if v[name]:

@@ -72,6 +72,8 @@ def fs_options(config: Config) -> FsOptions:
         allow_device_nodes=config.allow_device_nodes,
         announce_submounts=config.announce_submounts,
         readdirplus=config.use_readdirplus,
+        translate_uid=config.translate_uid,
+        translate_gid=config.translate_gid,
     )
 
 
@@ -176,7 +178,7 @@ class Supervisor:
                               lambda tables: PassthroughFs(tables, proc_fd, options),
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
-                              stats=self.stats)
+                              stats=self.stats, options=options)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

@@ -69,6 +69,9 @@ class Divergence(AssertionError):
 # Differences that are intended, by key.  Each key is a row of docs/differences.md; the
 # generator and the tests name the key wherever they accept or work around the difference.
 KNOWN_DIFFERENCES: dict[str, str] = {
+    "translate-forbidden-caller": "with --translate-uid/-gid, a request by a forbidden guest id "
+                                  "that creates nothing runs as the overflow id (65534); "
+                                  "virtiofsd runs it as itself",
     "init-minor": "INIT answers FUSE 7.45; virtiofsd 1.13 answers 7.38",
     "access-root-search": "ACCESS answers what access(2) on the host answers: root may "
                           "search any directory; virtiofsd says EACCES for X_OK on a directory "

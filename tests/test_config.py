@@ -145,8 +145,6 @@ def test_posix_acl_and_security_label_imply_xattr_but_xattrmap_does_not():
 
 
 @pytest.mark.parametrize(("args", "option"), [
-    (["--translate-uid=map:0:1000:1"], "--translate-uid"),
-    (["--translate-gid=squash-host:0:1000:1"], "--translate-gid"),
     (["--xattrmap=:ok:all:::"], "--xattrmap"),
     (["--xattr", "--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::"], "--xattrmap"),
     (["--posix-acl"], "--posix-acl"),
@@ -166,9 +164,7 @@ def test_unimplemented_security_options_stop_the_daemon(tmp_path, args, option):
         "do; the daemon does not run without it (remove the option)"]
     assert not sock.exists() and not Path(f"{sock}.pid").exists()
     path = write(tmp_path, f'shared-dir = "{share}"\nsocket-path = "{sock}"\n'
-                 + {"--translate-uid": 'translate-uid = ["map:0:1000:1"]\n',
-                    "--translate-gid": 'translate-gid = ["map:0:1000:1"]\n',
-                    "--xattrmap": 'xattrmap = ":ok:all:::"\n',
+                 + {"--xattrmap": 'xattrmap = ":ok:all:::"\n',
                     "--posix-acl": "posix-acl = true\n",
                     "--security-label": "security-label = true\n"}[option])
     done = subprocess.run([str(DAEMON), "--config", path, "--sandbox=none"],
@@ -210,7 +206,9 @@ def test_unimplemented_lists_what_is_set():
         "--thread-pool-size=2", "--killpriv-v2", "--allow-mmap", "--inode-file-handles=prefer"]
     # These are not merely ineffective: the daemon refuses to start with them.
     assert c.unimplemented_security() == ["--posix-acl", "--security-label", "--xattrmap"]
-    assert p("--translate-gid=map:0:1:2").unimplemented_security() == ["--translate-gid"]
+    # Implemented: --translate-uid/--translate-gid.
+    assert p("--translate-gid=map:0:1:2", "--translate-uid=squash-guest:0:107:4294967295"
+             ).unimplemented_security() == []
     # Implemented options never show up.
     assert p("--cache=never", "--xattr", "--writeback", "--readonly", "--no-readdirplus",
              "--sandbox=none", "--seccomp=log", "--request-queues=4", "--reconnect",
@@ -330,8 +328,28 @@ BAD_ARGS = [
     ([*BASE, "--uid-map=:0:1:"], "--uid-map: invalid map"),
     ([*BASE, "--gid-map=:0:1:2/"], "--gid-map: invalid map"),
     ([*BASE, "--uid-map=:0:1:4294967296:"], "--uid-map: invalid map"),
-    ([*BASE, "--translate-uid=guest:0:1"], "guest takes 3 numbers"),
-    ([*BASE, "--translate-uid=sideways:0:1:2"], "--translate-uid: invalid translation"),
+    # virtiofsd's messages for rules (common/idmap.py).
+    ([*BASE, "--translate-uid=guest:0:1"],
+     "--translate-uid: Invalid ID map length (expected 3 elements, got 2 elements)"),
+    ([*BASE, "--translate-uid=forbid-guest:0:1:2"],
+     "Invalid ID map length (expected 2 elements, got 3 elements)"),
+    ([*BASE, "--translate-uid=sideways:0:1:2"], "--translate-uid: Invalid ID map prefix sideways"),
+    ([*BASE, "--translate-uid=guest"],
+     "Invalid ID map length (expected 1 elements, got 0 elements)"),
+    ([*BASE, "--translate-gid=map:0:x:2"],
+     "--translate-gid: Invalid value x in ID map: invalid digit found in string"),
+    ([*BASE, "--translate-gid=map:0::2"],
+     "Invalid value  in ID map: cannot parse integer from empty string"),
+    ([*BASE, "--translate-gid=map:0:1:4294967296"],
+     "Invalid value 4294967296 in ID map: number too large to fit in target type"),
+    ([*BASE, "--translate-uid=map:1:0:4294967295"],
+     "--translate-uid: UID map: Parameter map:1:0:4294967295: Range overflow"),
+    ([*BASE, "--translate-uid=map:0:100:10", "--translate-uid=squash-guest:5:0:1"],
+     "--translate-uid: UID map: squash-guest:5:0:1: Guest-to-host mapping 'squash [5, 6) to 0'"
+     " intersects previously added entry"),
+    ([*BASE, "--translate-gid=host:10:0:5", "--translate-gid=map:0:12:1"],
+     "--translate-gid: GID map: map:0:12:1: Host-to-guest mapping 'map [12, 13) to [0, 1)'"
+     " intersects previously added entry"),
     ([*BASE, "--translate-gid=map:0:1:2", "--posix-acl"], "would break posix ACLs"),
     ([*BASE, "--modcaps=sys_admin"], "--modcaps: invalid entry 'sys_admin'"),
     ([*BASE, "--modcaps=+sys_admin:"], "--modcaps: invalid entry ''"),
@@ -396,7 +414,10 @@ DIFFERENTIAL = [
     ["--uid-map=:0:1:2:"], ["--uid-map=0:1:2"], ["--uid-map=:0:1:"], ["--gid-map=|1|2|3|"],
     ["--translate-uid=guest:0:1:2"], ["--translate-uid=guest:0:1"],
     ["--translate-uid=forbid-guest:0:1"], ["--translate-uid=SQUASH-host/1/2/3"],
-    ["--translate-uid=guest:0:1:2", "--posix-acl"],
+    ["--translate-uid=guest:0:1:2", "--posix-acl"], ["--translate-uid=map:+1:2:3"],
+    ["--translate-uid=guest:0:1:x"], ["--translate-uid=map:0:1:4294967296"],
+    ["--translate-uid=guest:1:2:3:4"], ["--translate-gid=squash-guest:0:107:4294967295"],
+    ["--translate-gid=Map|1|2|3"], ["--translate-gid=map"], ["--translate-gid=ma p:1:2:3"],
     ["--xattrmap=:map::user.virtiofs.:"], ["--xattrmap=foo"], ["--xattrmap=:ok:all:::"],
     ["--xattrmap=:map:a:b: :ok:all:::"], ["--xattrmap=:ok:nowhere:::"],
     ["--inode-file-handles=fallback"], ["--inode-file-handles=PREFER"],

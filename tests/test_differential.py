@@ -1187,3 +1187,41 @@ def test_every_known_difference_is_documented():
     assert rows == set(KNOWN_DIFFERENCES), (
         f"docs/differences.md rows {sorted(rows)} != KNOWN_DIFFERENCES "
         f"{sorted(KNOWN_DIFFERENCES)}")
+
+
+# --translate-uid/--translate-gid: guest 1000..1002 <-> host 2000..2002, guest 1003 may own
+# nothing, host 5000..5009 shown as 1002; gids 1000..1002 <-> 3000..3002, guest 1003 -> 3003.
+TRANSLATE = ("--translate-uid=map:1000:2000:3", "--translate-uid=forbid-guest:1003:1",
+             "--translate-uid=squash-host:5000:1002:10", "--translate-gid=map:1000:3000:3",
+             "--translate-gid=guest:1003:3003:1")
+
+
+@pytest.fixture(scope="module")
+def translate_pair():
+    yield from _pair("--xattr", *TRANSLATE)
+
+
+def test_translated_ids_agree(translate_pair):
+    """Owners of what guests create, chown's new owner, forbidden ids (EIO on both) and the
+    owners every reply shows, with virtiofsd's translation rules."""
+    m = DiffMachine(translate_pair)
+    a, b, forbidden = Cred(1000, 1000), Cred(1001, 1002), Cred(1003, 1003)
+    m.mkdir(("d",), 0o777, 0, a)
+    m._release(m._create(("d", "f"), 0o666, 0, os.O_RDWR | os.O_CREAT, b))
+    m.mknod(("d", "p"), "fifo", 0o644, 0, b)
+    m.symlink(("d", "l"), "f", a)
+    m.mkdir(("g",), 0o755, 0, forbidden)
+    assert m._create(("h",), 0o644, 0, os.O_RDWR | os.O_CREAT, forbidden) is None
+    m.chown(("d", "f"), 1002, 1001, ROOT)
+    m.chown(("d", "l"), 1003, None, ROOT)
+    m.chown(("d", "p"), None, 1003, ROOT)
+    for host in m.hosts:
+        os.chown(os.path.join(host, "d"), 5003, 3001)
+    m.getattr(("d",), ROOT)
+    m.lookup(("d", "f"), ROOT)
+    (dh,) = m.opendir(("d",), ROOT).values
+    m.readdir(dh, True, 4096)
+    m.teardown()
+    owners = {n: os.lstat(m.host(("d", n)))[4:6] for n in "fpl"}
+    assert owners == {"f": (2002, 3001), "p": (2001, 3003), "l": (2000, 3000)}
+    assert not os.path.exists(m.host(("g",))) and not os.path.exists(m.host(("h",)))

@@ -140,6 +140,10 @@ void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
     e->poll_every = 8;
 }
 
+void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer) {
+    e->defer = defer;
+}
+
 void vfs_engine_fini(struct vfs_engine *e) {
     free(e->iov);
     e->iov = NULL;
@@ -382,9 +386,50 @@ static int pop(struct vfs_engine *e) {
 
 /* -- native handlers --------------------------------------------------------------------- */
 
+/* FUSE opcodes (protocol.md 4.3) the option switch names. */
+enum {
+    OP_FORGET = 2, OP_SETATTR = 4, OP_SYMLINK = 6, OP_MKNOD = 8, OP_MKDIR = 9, OP_OPEN = 14,
+    OP_WRITE = 16, OP_SETXATTR = 21, OP_GETXATTR = 22, OP_LISTXATTR = 23, OP_REMOVEXATTR = 24,
+    OP_INIT = 26, OP_CREATE = 35, OP_BATCH_FORGET = 42, OP_TMPFILE = 51,
+};
+
+/* Does an active option the native handlers do not implement change this request?  Then
+ * Python serves it.  What a native handler must do to serve it instead:
+ *  IDS       map the caller's uid/gid/groups guest->host before acting as them (a forbidden
+ *            id: EIO for CREATE/MKNOD/MKDIR/SYMLINK and a SETATTR owner, else the overflow
+ *            id), map SETATTR's uid/gid, and the owners of every attr it replies host->guest.
+ *            Every request but FORGET carries credentials or replies attributes.
+ *  XATTR     translate names by the xattr map (GETXATTR/SETXATTR/REMOVEXATTR; LISTXATTR
+ *            filters and renames), and the ACL/label rules of --posix-acl/--security-label.
+ *  CREATE    apply the umask itself when the parent has no default ACL (FUSE_DONT_MASK) and
+ *            set the security context a FUSE_SECURITY_CTX extension carries on the new inode.
+ *  OPEN      keep O_NOATIME with --preserve-noatime; FOPEN_DIRECT_IO replies with
+ *            --allow-mmap add FOPEN_PARALLEL_DIRECT_WRITES semantics (see fuse_server.py).
+ *  KILLPRIV  clear set-id bits and security.capability as HANDLE_KILLPRIV_V2 asks on WRITE,
+ *            SETATTR (size, owner) and OPEN/CREATE with O_TRUNC. */
+static int deferred_by_options(const struct vfs_engine *e) {
+    uint32_t op = e->in.opcode, d = e->defer;
+    if (d == 0 || op == OP_INIT)
+        return 0;
+    if ((d & VFS_DEFER_IDS) && op != OP_FORGET && op != OP_BATCH_FORGET)
+        return 1;
+    if ((d & VFS_DEFER_XATTR) && op >= OP_SETXATTR && op <= OP_REMOVEXATTR)
+        return 1;
+    if ((d & VFS_DEFER_CREATE) && (op == OP_CREATE || op == OP_MKNOD || op == OP_MKDIR ||
+                                   op == OP_SYMLINK || op == OP_TMPFILE))
+        return 1;
+    if ((d & VFS_DEFER_OPEN) && (op == OP_OPEN || op == OP_CREATE))
+        return 1;
+    if ((d & VFS_DEFER_KILLPRIV) && (op == OP_WRITE || op == OP_SETATTR || op == OP_OPEN ||
+                                     op == OP_CREATE))
+        return 1;
+    return 0;
+}
+
 /* Serve the request in e->in natively: the used length, or -1 to hand it to Python. */
 static int64_t serve_native(struct vfs_engine *e) {
-    (void)e;
+    if (deferred_by_options(e))
+        return -1;
     return -1;
 }
 

@@ -14,6 +14,10 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvirtiofsd.worker.filesystem import FsOptions
 
 _MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
 ENGINE_VARIANT = os.environ.get("PYVIRTIOFSD_ENGINE", "default")
@@ -33,6 +37,27 @@ class Status(enum.IntEnum):
     DEFER = lib.VFS_ENGINE_DEFER
     WALK = lib.VFS_ENGINE_WALK
     BROKEN = lib.VFS_ENGINE_BROKEN
+
+
+class Defer(enum.IntFlag):
+    """Options the native handlers do not implement (enum vfs_engine_defer): every request one
+    of them changes goes to the Python FuseServer, which implements all of them."""
+
+    IDS = lib.VFS_DEFER_IDS
+    XATTR = lib.VFS_DEFER_XATTR
+    CREATE = lib.VFS_DEFER_CREATE
+    OPEN = lib.VFS_DEFER_OPEN
+    KILLPRIV = lib.VFS_DEFER_KILLPRIV
+
+
+def defer_for(options: FsOptions | None) -> Defer:
+    """What the engine must hand to Python under these filesystem options."""
+    d = Defer(0)
+    if options is None:
+        return d
+    if options.translate_uid or options.translate_gid:
+        d |= Defer.IDS
+    return d
 
 
 class EngineError(ValueError):
@@ -55,10 +80,12 @@ class Engine:
 
     __slots__ = ("_e", "_views")
 
-    def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0) -> None:
+    def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0,
+                 defer: int = 0) -> None:
         self._e = ffi.new("struct vfs_engine *")
         lib.vfs_engine_init(self._e, channel_fd, ffi.cast("struct vfs_jq *", journal),
                             ffi.cast("struct vfs_arena *", arena), queue)
+        lib.vfs_engine_set_defer(self._e, int(defer))
         self._views = ffi.buffer
 
     def close(self) -> None:
@@ -90,6 +117,10 @@ class Engine:
     def set_fds(self, call: int | None, err: int | None) -> None:
         lib.vfs_engine_set_fds(self._e, -1 if call is None else call,
                                -1 if err is None else err)
+
+    @property
+    def defer(self) -> Defer:
+        return Defer(self._e.defer)
 
     @property
     def poll_every(self) -> int:

@@ -70,6 +70,10 @@ class FsOptions:
     allow_device_nodes: bool = False
     announce_submounts: bool = True
     readdirplus: bool = True
+    # Id translation rules, canonical "type:a:b[:c]" (common/idmap.py); applied by the FUSE
+    # server where requests and replies cross between guest and host ids.
+    translate_uid: tuple[str, ...] = ()
+    translate_gid: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

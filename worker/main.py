@@ -30,7 +30,8 @@ from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometr
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
-from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
+from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
+from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
@@ -95,7 +96,7 @@ class Worker:
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
-              stats: Stats | None = None) -> Worker:
+              stats: Stats | None = None, options: FsOptions | None = None) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -109,11 +110,14 @@ class Worker:
             hooks.at_boot()
         fs = JournaledFs(make_fs(tables), tables, hooks)
         server = FuseServer(fs, queue, session,
-                            stats=stats.queue(queue) if stats is not None else None)
+                            stats=stats.queue(queue) if stats is not None else None,
+                            options=options)
         engine = None
         # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
         if data_plane == "native" and hooks is None:
-            engine = Engine(channel.fileno(), jq.address, arena.address, queue)
+            # Requests an option the native handlers do not implement changes go to Python.
+            engine = Engine(channel.fileno(), jq.address, arena.address, queue,
+                            defer_for(options))
         return cls(queue, channel, server, arena, jq, fs, hooks, engine)
 
     # -- control channel ------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""virtiofsd's options that change what the guest sees, through the daemon's real socket on both
+data planes: --translate-uid/--translate-gid (more options join as they are built).
+
+The native engine hands every request such an option changes to the Python FuseServer
+(worker/engine.c, deferred_by_options); these tests hold both planes to the same answers.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common.idmap import IdMap, IdMapError
+from pyvirtiofsd.worker.engine import Defer, Engine, defer_for
+from pyvirtiofsd.worker.filesystem import FsOptions
+from tests.conftest import DATA_PLANES
+from tests.frontend import Frontend, FuseClient, FuseError
+
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
+ROOT = fa.ROOT_ID
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="acting as other ids needs root")
+
+# guest uids 1000..1002 <-> host 2000..2002; guest 1003 may own nothing; host 5000..5009 look
+# like guest 1002; gids: guest 1000..1002 <-> host 3000..3002, guest 1003 -> host 3003 only.
+TRANSLATE = ("--translate-uid=map:1000:2000:3", "--translate-uid=forbid-guest:1003:1",
+             "--translate-uid=squash-host:5000:1002:10", "--translate-gid=map:1000:3000:3",
+             "--translate-gid=guest:1003:3003:1")
+
+
+@pytest.fixture
+def client(daemon_factory, share: Path):
+    clients: list[Frontend] = []
+
+    def start(*args: str) -> FuseClient:
+        os.chmod(share, 0o777)
+        d = daemon_factory(*args)
+        fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+        clients.append(fe)
+        c = FuseClient(fe)
+        c.init()
+        return c
+
+    yield start
+    for fe in clients:
+        fe.close()
+
+
+def _as(c: FuseClient, uid: int, gid: int) -> FuseClient:
+    c.uid, c.gid = uid, gid
+    return c
+
+
+def _owner(path: Path) -> tuple[int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid
+
+
+@needs_root
+def test_creations_are_owned_by_the_mapped_host_ids(client, share):
+    c = _as(client(*TRANSLATE), 1001, 1002)
+    d = c.mkdir(ROOT, "d", 0o777)
+    assert (d.attr.uid, d.attr.gid) == (1001, 1002)
+    assert _owner(share / "d") == (2001, 3002)
+    e, _ = c.create(d.nodeid, "f", 0o644)
+    assert (e.attr.uid, e.attr.gid) == (1001, 1002)
+    assert _owner(share / "d" / "f") == (2001, 3002)
+    n = c.mknod(d.nodeid, "p", 0o10644)
+    s = c.symlink(d.nodeid, "l", "f")
+    assert (n.attr.uid, s.attr.uid) == (1001, 1001)
+    assert _owner(share / "d" / "p") == _owner(share / "d" / "l") == (2001, 3002)
+    # An id no rule covers is itself.
+    _as(c, 1500, 1500).mkdir(ROOT, "plain")
+    assert _owner(share / "plain") == (1500, 1500)
+
+
+@needs_root
+def test_every_reply_shows_guest_owners(client, share):
+    c = client(*TRANSLATE)
+    (share / "h").write_bytes(b"x")
+    os.chown(share / "h", 5007, 3001)        # squash-host: 5007 -> 1002; map: 3001 -> 1001
+    (share / "u").mkdir()
+    os.chown(share / "u", 7, 3003)           # unmapped uid; gid 3003 has no host->guest rule
+    e = c.lookup(ROOT, "h")
+    assert (e.attr.uid, e.attr.gid) == (1002, 1001)
+    a = c.getattr(e.nodeid)
+    assert (a.attr.uid, a.attr.gid) == (1002, 1001)
+    u = c.lookup(ROOT, "u")
+    assert (u.attr.uid, u.attr.gid) == (7, 3003)
+    fh = c.opendir(ROOT).fh
+    plus = {d.dirent.name: d.entry.attr for d in c.readdirplus(ROOT, fh)}
+    c.releasedir(ROOT, fh)
+    assert (plus[b"h"].uid, plus[b"h"].gid) == (1002, 1001)
+    assert (plus[b"u"].uid, plus[b"u"].gid) == (7, 3003)
+
+
+@needs_root
+def test_chown_maps_the_new_owner(client, share):
+    c = client(*TRANSLATE)
+    (share / "f").write_bytes(b"")
+    e = c.lookup(ROOT, "f")
+    a = c.setattr(e.nodeid, uid=1000, gid=1001)
+    assert (a.attr.uid, a.attr.gid) == (1000, 1001)
+    assert _owner(share / "f") == (2000, 3001)
+    a = c.setattr(e.nodeid, gid=1003)        # guest-only rule: 1003 -> 3003, shown as 3003
+    assert _owner(share / "f") == (2000, 3003) and a.attr.gid == 3003
+
+
+@needs_root
+def test_forbidden_guest_ids_own_nothing(client, share):
+    """virtiofsd answers EIO (its error has no errno) when a forbidden id would own an inode."""
+    c = client(*TRANSLATE)
+    (share / "f").write_bytes(b"")
+    e = c.lookup(ROOT, "f")
+    with pytest.raises(FuseError) as ei:
+        c.setattr(e.nodeid, uid=1003)
+    assert ei.value.errno == errno.EIO and _owner(share / "f") == (0, 0)
+    _as(c, 1003, 1003)
+    for make in (lambda: c.mkdir(ROOT, "d"), lambda: c.create(ROOT, "g"),
+                 lambda: c.mknod(ROOT, "p", 0o10644), lambda: c.symlink(ROOT, "l", "f")):
+        with pytest.raises(FuseError) as ei:
+            make()
+        assert ei.value.errno == errno.EIO
+    assert sorted(os.listdir(share)) == ["f"]
+    # Anything else runs as the overflow id: it may read what anyone may, and nothing more.
+    os.chmod(share / "f", 0o600)
+    assert c.getattr(e.nodeid).attr.uid == 0
+    with pytest.raises(FuseError) as ei:
+        c.open(e.nodeid, os.O_RDONLY)
+    assert ei.value.errno == errno.EACCES
+
+
+@needs_root
+def test_kubevirt_squash(client, share):
+    """KubeVirt: every guest id is qemu's 107 on the host; host ids are shown as they are."""
+    os.chown(share, 107, 107)
+    c = client("--translate-uid=squash-guest:0:107:4294967295",
+               "--translate-gid=squash-guest:0:107:4294967295")
+    for uid in (0, 1000):
+        e = _as(c, uid, uid).mkdir(ROOT, f"by{uid}")
+        assert (e.attr.uid, e.attr.gid) == (107, 107)
+        assert _owner(share / f"by{uid}") == (107, 107)
+
+
+# --- the rule language and the engine switch (no daemon) -------------------------------------
+
+
+def test_id_map_directions_and_defaults():
+    m = IdMap(["map:10:100:5", "guest:20:200:2", "host:300:30:2", "squash-guest:40:400:3",
+               "squash-host:500:50:3", "forbid-guest:60:2"])
+    assert [m.to_host(i) for i in (9, 10, 14, 15, 21, 42, 300)] == [9, 100, 104, 15, 201, 400, 300]
+    assert [m.to_guest(i) for i in (100, 104, 200, 301, 502, 503)] == [10, 14, 200, 31, 50, 503]
+    with pytest.raises(PermissionError):
+        m.to_host(61)
+    assert m.to_host_or_overflow(61) == 65534 and m.to_host(62) == 62
+
+
+def test_id_map_refuses_overlaps_per_direction():
+    IdMap(["guest:0:10:5", "host:0:10:5"])            # one in each direction: fine
+    with pytest.raises(IdMapError, match="Host-to-guest mapping 'map"):
+        IdMap(["host:10:0:5", "map:100:12:1"])
+    with pytest.raises(IdMapError, match="'fail \\[4, 6\\)' intersects"):
+        IdMap(["squash-guest:0:1:5", "forbid-guest:4:2"])
+
+
+def test_engine_defers_what_translation_changes():
+    assert defer_for(None) == defer_for(FsOptions()) == Defer(0)
+    assert defer_for(FsOptions(translate_gid=("map:0:1:1",))) == Defer.IDS
+    e = Engine(-1, 0, 0, 1, defer_for(FsOptions(translate_uid=("map:0:1:1",))))
+    try:
+        assert e.defer == Defer.IDS
+    finally:
+        e.close()
