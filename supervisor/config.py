@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from pyvirtiofsd import __version__
-from pyvirtiofsd.common import idmap
+from pyvirtiofsd.common import idmap, xattrmap
 
 PROG = "pyvirtiofsd"
 
@@ -158,10 +158,7 @@ class Config:
     def unimplemented_security(self) -> list[str]:
         """Options that are set, change what the guest may do or see, and are not implemented:
         running without them would serve a different security model than the one asked for."""
-        out = [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
-        if self.xattrmap is not None:
-            out.append(_opt("xattrmap"))
-        return out
+        return [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
 
 
 def refuse_unimplemented_security(config: Config) -> None:
@@ -280,43 +277,11 @@ def _modcaps(value: str) -> str:
     return value
 
 
-_XATTR_TYPES = ("prefix", "ok", "bad", "unsupported", "map")
-_XATTR_SCOPES = ("all", "client", "server")
-
-
 def _xattrmap(value: str) -> str:
-    """Syntax check of an xattr mapping: rules `:type:scope:key:prepend:` or `:map:key:prepend:`,
-    each with its own delimiter, separated by whitespace; only the last rule may be `map`."""
-    text = value.strip()
-    pos, rules = 0, 0
-    while pos < len(text):
-        if text[pos].isspace():
-            pos += 1
-            continue
-        rules += 1
-        delim = text[pos]
-        end = pos + 1
-        fields: list[str] = []
-        want = 3
-        while len(fields) < want:
-            nxt = text.find(delim, end)
-            if nxt < 0:
-                raise ValueError(f"xattrmap rule {rules} is incomplete")
-            fields.append(text[end:nxt])
-            end = nxt + 1
-            if len(fields) == 1:
-                if fields[0] not in _XATTR_TYPES:
-                    raise ValueError(f"xattrmap rule {rules}: invalid type {_show(fields[0])} "
-                                     f"(expected {', '.join(_XATTR_TYPES)})")
-                want = 3 if fields[0] == "map" else 4
-            elif len(fields) == 2 and want == 4 and fields[1] not in _XATTR_SCOPES:
-                raise ValueError(f"xattrmap rule {rules}: invalid scope {_show(fields[1])} "
-                                 f"(expected {', '.join(_XATTR_SCOPES)})")
-        if fields[0] == "map" and text[end:].strip():
-            raise ValueError(f"xattrmap rule {rules}: a map rule must be the last rule")
-        pos = end
-    if not rules:
-        raise ValueError("xattrmap has no rules")
+    """An xattr mapping (common/xattrmap.py): rules `:type:scope:key:prepend:` or
+    `:map:key:prepend:`, each with its own delimiter, separated by whitespace; only the last
+    rule may be `map`."""
+    xattrmap.parse(value)       # XattrMapError is a ValueError
     return value
 
 
@@ -621,10 +586,10 @@ def parse(argv: Sequence[str], *, activated_fd: int | None = None) -> Config | A
         values["inode_file_handles"] = "prefer"
         deprecations.append("use of deprecated value 'fallback' for '--inode-file-handles': "
                             "use 'prefer' instead")
-    # virtiofsd: --posix-acl and --security-label turn --xattr on.  --xattrmap does not here:
-    # without the map applied, that would pass every raw name through (and it is refused at
-    # start until implemented, refuse_unimplemented_security()).
-    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"])
+    # virtiofsd: --posix-acl, --security-label and --xattrmap turn --xattr on.  With a map, only
+    # the names its rules let through reach the host (common/xattrmap.py).
+    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"]
+                           or values["xattrmap"] is not None)
     values["deprecations"] = tuple(deprecations)
     _check_combination(values)
     return Config(**values)

@@ -74,6 +74,8 @@ def fs_options(config: Config) -> FsOptions:
         readdirplus=config.use_readdirplus,
         translate_uid=config.translate_uid,
         translate_gid=config.translate_gid,
+        xattrmap=config.xattrmap,
+        posix_acl=config.posix_acl,
     )
 
 

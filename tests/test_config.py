@@ -129,24 +129,22 @@ def test_flag_sets_field(args, name, value):
     assert isinstance(c, Config)
     assert getattr(c, name) == value
     # Nothing else moved away from the default, apart from what the flag implies.
-    implied = {"xattr"} if name in ("posix_acl", "security_label") else set()
+    implied = {"xattr"} if name in ("posix_acl", "security_label", "xattrmap") else set()
     for f in dataclasses.fields(Config):
         if f.name in {name, "socket_path", "shared_dir", "deprecations", *implied}:
             continue
         assert getattr(c, f.name) == f.default, f.name
 
 
-def test_posix_acl_and_security_label_imply_xattr_but_xattrmap_does_not():
+def test_posix_acl_security_label_and_xattrmap_imply_xattr():
+    # virtiofsd's rule; with a map only the names it lets through reach the host.
     assert p("--posix-acl").xattr and p("--security-label").xattr
-    # A map that is not applied must not pass raw names through instead.
-    assert not p("--xattrmap=:ok:all:::").xattr
-    assert not p("--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::").xattr
+    assert p("--xattrmap=:ok:all:::").xattr
+    assert p("--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::").xattr
     assert not p().xattr
 
 
 @pytest.mark.parametrize(("args", "option"), [
-    (["--xattrmap=:ok:all:::"], "--xattrmap"),
-    (["--xattr", "--xattrmap=:prefix:all::user.virtiofs.: :bad:all:::"], "--xattrmap"),
     (["--posix-acl"], "--posix-acl"),
     (["--security-label"], "--security-label"),
 ])
@@ -164,8 +162,7 @@ def test_unimplemented_security_options_stop_the_daemon(tmp_path, args, option):
         "do; the daemon does not run without it (remove the option)"]
     assert not sock.exists() and not Path(f"{sock}.pid").exists()
     path = write(tmp_path, f'shared-dir = "{share}"\nsocket-path = "{sock}"\n'
-                 + {"--xattrmap": 'xattrmap = ":ok:all:::"\n',
-                    "--posix-acl": "posix-acl = true\n",
+                 + {"--posix-acl": "posix-acl = true\n",
                     "--security-label": "security-label = true\n"}[option])
     done = subprocess.run([str(DAEMON), "--config", path, "--sandbox=none"],
                           capture_output=True, text=True, timeout=30)
@@ -205,7 +202,7 @@ def test_unimplemented_lists_what_is_set():
     assert c.unimplemented() == [
         "--thread-pool-size=2", "--killpriv-v2", "--allow-mmap", "--inode-file-handles=prefer"]
     # These are not merely ineffective: the daemon refuses to start with them.
-    assert c.unimplemented_security() == ["--posix-acl", "--security-label", "--xattrmap"]
+    assert c.unimplemented_security() == ["--posix-acl", "--security-label"]
     # Implemented: --translate-uid/--translate-gid.
     assert p("--translate-gid=map:0:1:2", "--translate-uid=squash-guest:0:107:4294967295"
              ).unimplemented_security() == []

@@ -1225,3 +1225,44 @@ def test_translated_ids_agree(translate_pair):
     owners = {n: os.lstat(m.host(("d", n)))[4:6] for n in "fpl"}
     assert owners == {"f": (2002, 3001), "p": (2001, 3003), "l": (2000, 3000)}
     assert not os.path.exists(m.host(("g",))) and not os.path.exists(m.host(("h",)))
+
+
+XATTRMAPS = {
+    "map-all": ":map::user.virtiofs.:",
+    "map-trusted": ":map:trusted.:user.virtiofs.:",
+    "rules": ":prefix:all:trusted.:user.virtiofs.: :unsupported:client:security.::"
+             " :bad:server::security.: :ok:all:user.:: :bad:all:::",
+}
+
+
+@pytest.fixture(scope="module", params=list(XATTRMAPS), ids=list(XATTRMAPS))
+def xattrmap_pair(request):
+    yield from _pair(f"--xattrmap={XATTRMAPS[request.param]}")
+
+
+def test_xattrmap_agrees(xattrmap_pair):
+    """Names sent to the host, refused (EPERM/ENOTSUP, ENODATA for GETXATTR) and listed
+    (prefixes stripped, names hidden) as virtiofsd maps them; the host trees' xattrs agree."""
+    m = DiffMachine(xattrmap_pair)
+    m._release(m._create(("f",), 0o644, 0, os.O_RDWR | os.O_CREAT, ROOT))
+    for host in m.hosts:
+        path = os.path.join(host, "f")
+        os.setxattr(path, "user.virtiofs.trusted.host", b"h")
+        os.setxattr(path, "user.plain", b"p")
+        os.setxattr(path, "trusted.raw", b"r")
+    for name in (b"user.a", b"trusted.b", b"security.c", b"user.virtiofs.d", b"other.e"):
+        m.setxattr(("f",), name, b"v-" + name, 0, ROOT)
+        m.getxattr(("f",), name, 4096, ROOT)
+    for name in (b"trusted.host", b"user.plain", b"trusted.raw", b"system.posix_acl_access"):
+        m.getxattr(("f",), name, 0, ROOT)
+        m.getxattr(("f",), name, 4096, ROOT)
+    for size in (0, 4096, 10):
+        m.listxattr(("f",), size, ROOT)
+    m.removexattr(("f",), b"trusted.b", ROOT)
+    m.removexattr(("f",), b"user.plain", ROOT)
+    m.listxattr(("f",), 4096, ROOT)
+    m.teardown()
+    host = set(os.listxattr(m.host(("f",))))
+    assert host >= {"user.virtiofs.trusted.host", "trusted.raw"}
+    assert "user.virtiofs.user.a" in host or "user.a" in host      # sent through the map
+    assert not host & {"user.virtiofs.trusted.b", "trusted.b"}     # removed through it

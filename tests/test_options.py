@@ -1,5 +1,5 @@
 """virtiofsd's options that change what the guest sees, through the daemon's real socket on both
-data planes: --translate-uid/--translate-gid (more options join as they are built).
+data planes: --translate-uid/--translate-gid, --xattrmap (more options join as they are built).
 
 The native engine hands every request such an option changes to the Python FuseServer
 (worker/engine.c, deferred_by_options); these tests hold both planes to the same answers.
@@ -15,6 +15,7 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.idmap import IdMap, IdMapError
+from pyvirtiofsd.common.xattrmap import XattrMap, XattrMapError
 from pyvirtiofsd.worker.engine import Defer, Engine, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from tests.conftest import DATA_PLANES
@@ -145,7 +146,124 @@ def test_kubevirt_squash(client, share):
         assert _owner(share / f"by{uid}") == (107, 107)
 
 
+# --- --xattrmap -------------------------------------------------------------------------------
+
+
+def _errno(fn, *args) -> int:
+    with pytest.raises(FuseError) as ei:
+        fn(*args)
+    return ei.value.errno
+
+
+def test_xattrmap_prefixes_everything(client, share):
+    c = client("--xattrmap=:map::user.virtiofs.:")
+    (share / "f").write_bytes(b"")
+    os.setxattr(share / "f", "user.raw", b"r")          # not under the prefix: hidden
+    os.setxattr(share / "f", "user.virtiofs.trusted.t", b"t")
+    e = c.lookup(ROOT, "f")
+    c.setxattr(e.nodeid, "security.selinux", b"label")
+    c.setxattr(e.nodeid, "user.u", b"u")
+    assert set(os.listxattr(share / "f")) == {
+        "user.raw", "user.virtiofs.trusted.t", "user.virtiofs.security.selinux",
+        "user.virtiofs.user.u"}
+    assert c.getxattr(e.nodeid, "trusted.t") == b"t"
+    assert sorted(c.listxattr(e.nodeid)) == [b"security.selinux", b"trusted.t", b"user.u"]
+    c.removexattr(e.nodeid, "trusted.t")
+    assert "user.virtiofs.trusted.t" not in os.listxattr(share / "f")
+    # The size asked about is the host's list, which is never shorter than what is shown.
+    assert c.listxattr(e.nodeid, 0) == sum(len(n) + 1 for n in os.listxattr(share / "f"))
+
+
+def test_xattrmap_refuses_and_hides(client, share):
+    # A rule scoped `all` matches host names by PREPEND: scopes are split to keep them apart.
+    c = client("--xattrmap=:ok:client:user.:: :bad:client:trusted.::"
+               " :unsupported:client:security.:: :unsupported:server::security.:"
+               " :ok:server::user.:")
+    (share / "f").write_bytes(b"")
+    os.setxattr(share / "f", "trusted.host", b"h")
+    os.setxattr(share / "f", "security.host", b"h")
+    os.setxattr(share / "f", "user.a", b"a")
+    e = c.lookup(ROOT, "f")
+    assert _errno(c.setxattr, e.nodeid, "trusted.x", b"1") == errno.EPERM
+    assert _errno(c.getxattr, e.nodeid, "trusted.host") == errno.ENODATA
+    assert _errno(c.removexattr, e.nodeid, "trusted.host") == errno.EPERM
+    assert _errno(c.setxattr, e.nodeid, "security.x", b"1") == errno.ENOTSUP
+    assert _errno(c.getxattr, e.nodeid, "security.host") == errno.ENOTSUP
+    # No rule for these names: refused and hidden, never passed through (virtiofsd panics).
+    assert _errno(c.setxattr, e.nodeid, "system.x", b"1") == errno.EPERM
+    assert c.listxattr(e.nodeid) == [b"user.a"]
+    c.setxattr(e.nodeid, "user.b", b"b")
+    assert os.getxattr(share / "f", "user.b") == b"b"
+
+
+def test_acl_xattrs_need_posix_acl(client, share):
+    """Without --posix-acl the ACL xattrs are neither served nor listed (virtiofsd)."""
+    c = client("--xattr")
+    (share / "f").write_bytes(b"")
+    acl = (b"\x02\x00\x00\x00" + b"\x01\x00\x06\x00\xff\xff\xff\xff"
+           + b"\x04\x00\x04\x00\xff\xff\xff\xff" + b"\x20\x00\x04\x00\xff\xff\xff\xff")
+    os.setxattr(share / "f", "system.posix_acl_access", acl)
+    os.setxattr(share / "f", "user.a", b"a")
+    e = c.lookup(ROOT, "f")
+    for name in ("system.posix_acl_access", "system.posix_acl_default", "system.posix_acl"):
+        assert _errno(c.getxattr, e.nodeid, name) == errno.ENOTSUP
+        assert _errno(c.setxattr, e.nodeid, name, acl) == errno.ENOTSUP
+    assert c.listxattr(e.nodeid) == [b"user.a"]
+
+
+@needs_root
+def test_renamed_capability_is_dropped_where_the_kernel_would(client, share):
+    """With security.capability renamed, the host kernel no longer drops it on a write, a
+    truncate or a chown: the daemon does (virtiofsd)."""
+    c = client("--xattrmap=:map::user.virtiofs.:")
+    caps = b"\x01\x00\x00\x02" + b"\x00" * 16
+    for name in ("w", "t", "o"):
+        (share / name).write_bytes(b"data")
+        os.setxattr(share / name, "user.virtiofs.security.capability", caps)
+    w = c.lookup(ROOT, "w")
+    fh = c.open(w.nodeid, os.O_RDWR).fh
+    c.write(w.nodeid, fh, 0, b"x")
+    c.setattr(c.lookup(ROOT, "t").nodeid, size=1)
+    c.setattr(c.lookup(ROOT, "o").nodeid, uid=1000)
+    for name in ("w", "t", "o"):
+        assert "user.virtiofs.security.capability" not in os.listxattr(share / name), name
+
+
 # --- the rule language and the engine switch (no daemon) -------------------------------------
+
+
+def test_xattrmap_rules():
+    m = XattrMap(":prefix:all:trusted.:user.virtiofs.: :ok:client:user.:: :bad:server::user.:"
+                 " :unsupported:all:security.:: :ok:all:::")
+    assert m.to_host(b"trusted.a") == b"user.virtiofs.trusted.a"
+    assert m.to_host(b"user.b") == b"user.b"
+    assert m.to_guest(b"user.virtiofs.trusted.a") == b"trusted.a"
+    assert m.to_guest(b"user.b") is None
+    with pytest.raises(OSError) as ei:
+        m.to_host(b"security.x")
+    assert ei.value.errno == errno.ENOTSUP
+    # On the host side the `unsupported` rule's empty PREPEND matches, and hides, every name.
+    assert m.to_guest(b"security.x") is None and m.to_guest(b"system.y") is None
+    # map expands to prefix, bad for the target, ok for the rest.
+    k = XattrMap(":map:trusted.:user.virtiofs.:")
+    assert k.to_host(b"trusted.x") == b"user.virtiofs.trusted.x"
+    assert k.to_host(b"user.y") == b"user.y"
+    assert k.to_guest(b"user.virtiofs.z") == b"z"     # any name under the prefix is stripped
+    with pytest.raises(OSError) as ei:
+        k.to_host(b"user.virtiofs.z")
+    assert ei.value.errno == errno.EPERM
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("foo", "xattrmap rule 1 is incomplete"),
+    (":ok:all::: :rename:all:::", "rule 2: invalid type 'rename'"),
+    (":ok:guest:::", "rule 1: invalid scope 'guest'"),
+    (":map:a:b: :ok:all:::", "rule 1: a map rule must be the last rule"),
+    ("   ", "xattrmap has no rules"),
+])
+def test_xattrmap_errors(value, message):
+    with pytest.raises(XattrMapError, match=message):
+        XattrMap(value)
 
 
 def test_id_map_directions_and_defaults():
@@ -174,3 +292,5 @@ def test_engine_defers_what_translation_changes():
         assert e.defer == Defer.IDS
     finally:
         e.close()
+    assert defer_for(FsOptions(xattrmap=":map:trusted.:user.virtiofs.:")) == Defer.XATTR
+    assert defer_for(FsOptions(xattrmap=":map::user.virtiofs.:")) == Defer.XATTR | Defer.KILLPRIV

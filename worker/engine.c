@@ -406,7 +406,11 @@ enum {
  *  OPEN      keep O_NOATIME with --preserve-noatime; FOPEN_DIRECT_IO replies with
  *            --allow-mmap add FOPEN_PARALLEL_DIRECT_WRITES semantics (see fuse_server.py).
  *  KILLPRIV  clear set-id bits and security.capability as HANDLE_KILLPRIV_V2 asks on WRITE,
- *            SETATTR (size, owner) and OPEN/CREATE with O_TRUNC. */
+ *            SETATTR (size, owner) and OPEN/CREATE with O_TRUNC; with an xattr map that
+ *            renames security.capability, remove the renamed xattr on those same requests
+ *            (passthrough.py, _drop_mapped_caps).
+ * Always, whatever the options: without --posix-acl the ACL xattr names are refused
+ * (ENOTSUP) and left out of LISTXATTR, and LISTXATTR's size is the host list's. */
 static int deferred_by_options(const struct vfs_engine *e) {
     uint32_t op = e->in.opcode, d = e->defer;
     if (d == 0 || op == OP_INIT)

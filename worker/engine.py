@@ -16,6 +16,8 @@ import importlib
 import os
 from typing import TYPE_CHECKING
 
+from pyvirtiofsd.common.xattrmap import XattrMap
+
 if TYPE_CHECKING:
     from pyvirtiofsd.worker.filesystem import FsOptions
 
@@ -57,7 +59,20 @@ def defer_for(options: FsOptions | None) -> Defer:
         return d
     if options.translate_uid or options.translate_gid:
         d |= Defer.IDS
+    if options.xattrmap is not None:
+        d |= Defer.XATTR
+        if renames_capability(options.xattrmap):
+            # The daemon drops the renamed security.capability where the kernel would.
+            d |= Defer.KILLPRIV
     return d
+
+
+def renames_capability(xattrmap: str) -> bool:
+    """Does this --xattrmap give the guest's security.capability another name on the host?"""
+    try:
+        return XattrMap(xattrmap).to_host(b"security.capability") != b"security.capability"
+    except OSError:
+        return False
 
 
 class EngineError(ValueError):

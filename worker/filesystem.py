@@ -74,6 +74,10 @@ class FsOptions:
     # server where requests and replies cross between guest and host ids.
     translate_uid: tuple[str, ...] = ()
     translate_gid: tuple[str, ...] = ()
+    # --xattrmap rules (common/xattrmap.py), applied to every xattr name; None: names as they are.
+    xattrmap: str | None = None
+    # POSIX ACLs (FUSE_POSIX_ACL): without it the ACL xattrs are refused and hidden (virtiofsd).
+    posix_acl: bool = False
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

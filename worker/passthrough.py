@@ -52,6 +52,7 @@ from typing import TypeVar
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.xattrmap import XattrMap
 from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -183,6 +184,7 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 
 _S_IFMT = 0o170000
 XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -213,6 +215,18 @@ class PassthroughFs(Filesystem):
         self._set_groups = True
         self._statx_buf = ctypes.create_string_buffer(_STATX_SIZE)
         self._dirbuf = ctypes.create_string_buffer(0)
+        self._xmap = XattrMap(options.xattrmap) if options.xattrmap is not None else None
+        self._posix_acl = options.posix_acl
+        # The host name of the guest's security.capability when the map renames it: the host
+        # kernel no longer drops it on a write, truncate or chown, so this daemon does (as
+        # virtiofsd does).  None: the kernel does it.
+        self._caps_name: bytes | None = None
+        if self._xmap is not None:
+            try:
+                name = self._xmap.to_host(XATTR_NAME_CAPS)
+            except OSError:
+                name = XATTR_NAME_CAPS
+            self._caps_name = None if name == XATTR_NAME_CAPS else name
         self._cwd = -1
         self._root_path: bytes | None = None
         self._root_fd = -1
@@ -544,6 +558,8 @@ class PassthroughFs(Filesystem):
             try:
                 if valid & V.MODE:
                     self._chmod(ifd, hfd, attr.mode & 0o7777)
+                if valid & (V.UID | V.GID | V.SIZE):
+                    self._drop_mapped_caps(ifd, True)
                 if valid & (V.UID | V.GID):
                     uid = attr.uid if valid & V.UID else 0xFFFFFFFF
                     gid = attr.gid if valid & V.GID else 0xFFFFFFFF
@@ -694,6 +710,8 @@ class PassthroughFs(Filesystem):
                 self._check_inode_beneath(ifd)
             fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
+                if oflags & os.O_TRUNC:
+                    self._drop_mapped_caps(fd, False)
                 if kill_priv and oflags & os.O_TRUNC:
                     self._kill_suidgid(fd)
                 fh = self._handles.insert(fd, nodeid, oflags & 0xFFFFFFFF)
@@ -774,6 +792,7 @@ class PassthroughFs(Filesystem):
         rwf = os.RWF_APPEND if open_flags & os.O_APPEND and not write_flags & fa.WRITE_CACHE else 0
         fd = self._pin_handle(fh, nodeid)
         try:
+            self._drop_mapped_caps(fd, False)
             n = os.pwritev(fd, bufs[:_IOV_MAX], _offset(offset), rwf)
             want = sum(map(len, bufs))
             total = n
@@ -938,6 +957,40 @@ class PassthroughFs(Filesystem):
             # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
             _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
 
+    def _host_xattr(self, name: bytes) -> bytes:
+        """The host's name for the guest's xattr `name`: ENOTSUP for the ACL xattrs without
+        --posix-acl (virtiofsd: a name that is a prefix of theirs), then the --xattrmap."""
+        if not self._posix_acl and any(acl.startswith(name) for acl in _ACL_NAMES):
+            raise _err(errno.ENOTSUP)
+        return self._xmap.to_host(name) if self._xmap is not None else name
+
+    def _guest_xattrs(self, names: list[str]) -> list[bytes]:
+        """What LISTXATTR shows of the host's names: mapped, ACLs hidden without --posix-acl."""
+        out = []
+        for n in map(os.fsencode, names):
+            guest = self._xmap.to_guest(n) if self._xmap is not None else n
+            if not guest or (not self._posix_acl
+                             and any(acl.startswith(guest) for acl in _ACL_NAMES)):
+                continue
+            out.append(guest)
+        return out
+
+    def _drop_mapped_caps(self, fd: int, o_path: bool) -> None:
+        """Remove the renamed security.capability from the inode behind `fd`, as the host kernel
+        removes the real one on a write, truncate or chown (only with an --xattrmap that
+        renames it)."""
+        name = self._caps_name
+        if name is None:
+            return
+        try:
+            if o_path:
+                self._as_daemon(self._in_proc_dir, lambda t: os.removexattr(t, name), fd)
+            else:
+                self._as_daemon(os.removexattr, fd, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
     def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T],
                     check: Callable[[int], None] | None = None) -> T:
         """fn(target) on a re-opened fd for files and directories, else on the magic link;
@@ -965,12 +1018,22 @@ class PassthroughFs(Filesystem):
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
                  setxattr_flags: int) -> None:
         self._as_caller(ctx)
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        name = self._host_xattr(name)
         self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags),
                          lambda ifd: self._check_xattr_change(ctx, ifd, name, False))
 
     @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         self._as_caller(ctx)
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        try:
+            name = self._host_xattr(name)
+        except PermissionError:
+            # A name the map refuses reads as absent (virtiofsd).
+            raise _err(errno.ENODATA) from None
         value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name))
         if size == 0:
             return len(value)
@@ -982,16 +1045,21 @@ class PassthroughFs(Filesystem):
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._as_caller(ctx)
         names = self._xattr_call(nodeid, os.listxattr)
-        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        raw = sum(len(os.fsencode(n)) + 1 for n in names)
+        # The size asked for and checked is the host's list, before mapping and hiding (what
+        # virtiofsd answers): never smaller than what is sent.
         if size == 0:
-            return len(data)
-        if len(data) > size:
+            return raw
+        if raw > size:
             raise _err(errno.ERANGE)
-        return data
+        return b"".join(n + b"\0" for n in self._guest_xattrs(names))
 
     @_member_retry(0)
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        name = self._host_xattr(name)
         self._xattr_call(nodeid, lambda t: os.removexattr(t, name),
                          lambda ifd: self._check_xattr_change(ctx, ifd, name, True))
 
