@@ -155,19 +155,6 @@ class Config:
                 out.append(f"{_opt(name)}={getattr(self, name)}")
         return out
 
-    def unimplemented_security(self) -> list[str]:
-        """Options that are set, change what the guest may do or see, and are not implemented:
-        running without them would serve a different security model than the one asked for."""
-        return [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
-
-
-def refuse_unimplemented_security(config: Config) -> None:
-    """ConfigError for the first option of Config.unimplemented_security(): the daemon does not
-    start rather than serve without it (parse() still accepts it, as virtiofsd does)."""
-    for option in config.unimplemented_security():
-        raise ConfigError(f"{option} is not implemented yet and changes what the guest may "
-                          "do; the daemon does not run without it (remove the option)")
-
 
 # Fields that are not options: never in a config file.
 NON_FILE_FIELDS = frozenset({"config_file", "deprecations"})

@@ -76,6 +76,7 @@ def fs_options(config: Config) -> FsOptions:
         translate_gid=config.translate_gid,
         xattrmap=config.xattrmap,
         posix_acl=config.posix_acl,
+        security_label=config.security_label,
     )
 
 

@@ -46,6 +46,7 @@ from typing import NamedTuple
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.frontend import (
     ANCHOR,
+    DEFAULT_INIT_FLAGS,
     DaemonGone,
     Frontend,
     FuseClient,
@@ -164,6 +165,7 @@ class Side:
     init_out: fa.InitOut | None = None
     starts: int = 0
     no_copy_range_64: bool = False    # what a kernel remembers after ENOSYS
+    init_flags: int = DEFAULT_INIT_FLAGS   # what the "kernel" offers at INIT
 
     @property
     def log(self) -> Path:
@@ -176,7 +178,7 @@ class Side:
         try:
             self.fe = Frontend.connect(sock, process=self.proc, timeout=REPLY_TIMEOUT)
             self.client = FuseClient(self.fe)
-            self.init_out = self.client.init()
+            self.init_out = self.client.init(flags=self.init_flags)
         except BaseException:
             self.stop()
             raise
@@ -216,7 +218,8 @@ class DaemonPair:
     """
 
     def __init__(self, extra: Sequence[str] = ("--xattr",),
-                 planes: tuple[str, str] | None = None) -> None:
+                 planes: tuple[str, str] | None = None,
+                 init_flags: int = DEFAULT_INIT_FLAGS) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="vfsdiff-"))
         os.chmod(self.base, 0o755)
         self.examples = 0
@@ -252,7 +255,7 @@ class DaemonPair:
         if planes:
             names = [f"{p}-plane" + (f"-{i}" if planes[0] == planes[1] else "")
                      for i, p in enumerate(planes)]
-            self.sides = tuple(Side(n, ours(share, plane), share, self.base)
+            self.sides = tuple(Side(n, ours(share, plane), share, self.base, init_flags=init_flags)
                                for n, plane, share in zip(names, planes, shares, strict=True))
             return
         py_share, rs_share = shares
@@ -261,8 +264,9 @@ class DaemonPair:
             return anchor_argv(sock, str(rs_share), "--log-level=warn", *extra)
 
         # Against the Rust virtiofsd, pyvirtiofsd runs its default and fastest plane.
-        self.sides = (Side("pyvirtiofsd", ours(py_share, "native"), py_share, self.base),
-                      Side("virtiofsd", anchor, rs_share, self.base))
+        self.sides = (Side("pyvirtiofsd", ours(py_share, "native"), py_share, self.base,
+                           init_flags=init_flags),
+                      Side("virtiofsd", anchor, rs_share, self.base, init_flags=init_flags))
 
     @staticmethod
     def available() -> bool:

@@ -28,7 +28,6 @@ from pyvirtiofsd.supervisor.config import (
     parse,
     run_cli,
 )
-from tests.conftest import DAEMON
 from tests.frontend import ANCHOR
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "pyvirtiofsd.toml"
@@ -144,32 +143,6 @@ def test_posix_acl_security_label_and_xattrmap_imply_xattr():
     assert not p().xattr
 
 
-@pytest.mark.parametrize(("args", "option"), [
-    (["--posix-acl"], "--posix-acl"),
-    (["--security-label"], "--security-label"),
-])
-def test_unimplemented_security_options_stop_the_daemon(tmp_path, args, option):
-    """Accepted on the command line as virtiofsd does, but the daemon does not run without
-    what they ask for: one line, exit 2, nothing created."""
-    share = tmp_path / "share"
-    share.mkdir()
-    sock = tmp_path / "s.sock"
-    done = subprocess.run([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
-                           "--sandbox=none", *args], capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert done.stderr.splitlines() == [
-        f"pyvirtiofsd: error: {option} is not implemented yet and changes what the guest may "
-        "do; the daemon does not run without it (remove the option)"]
-    assert not sock.exists() and not Path(f"{sock}.pid").exists()
-    path = write(tmp_path, f'shared-dir = "{share}"\nsocket-path = "{sock}"\n'
-                 + {"--posix-acl": "posix-acl = true\n",
-                    "--security-label": "security-label = true\n"}[option])
-    done = subprocess.run([str(DAEMON), "--config", path, "--sandbox=none"],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1
-    assert f"error: {option} is not implemented yet" in done.stderr
-
-
 def test_fd_instead_of_socket_path():
     c = parse(["--fd", "4", "--shared-dir=/srv"])
     assert c.fd == 4 and c.socket_path is None
@@ -201,12 +174,10 @@ def test_unimplemented_lists_what_is_set():
           "--modcaps=+sys_admin", "--killpriv-v2", "--allow-mmap", "--reconnect")
     assert c.unimplemented() == [
         "--thread-pool-size=2", "--killpriv-v2", "--allow-mmap", "--inode-file-handles=prefer"]
-    # These are not merely ineffective: the daemon refuses to start with them.
-    assert c.unimplemented_security() == ["--posix-acl", "--security-label"]
-    # Implemented: --translate-uid/--translate-gid.
-    assert p("--translate-gid=map:0:1:2", "--translate-uid=squash-guest:0:107:4294967295"
-             ).unimplemented_security() == []
     # Implemented options never show up.
+    assert p("--translate-gid=map:0:1:2", "--translate-uid=squash-guest:0:107:4294967295",
+             "--security-label", "--xattrmap=:map::user.virtiofs.:").unimplemented() == []
+    assert p("--posix-acl").unimplemented() == []
     assert p("--cache=never", "--xattr", "--writeback", "--readonly", "--no-readdirplus",
              "--sandbox=none", "--seccomp=log", "--request-queues=4", "--reconnect",
              "--modcaps=+sys_admin", "--uid-map=:0:1:2:",

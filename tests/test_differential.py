@@ -24,6 +24,7 @@ import errno
 import os
 import re
 import stat
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -68,7 +69,7 @@ from tests.differential import (
     owner_or_root,
     seed_tree,
 )
-from tests.frontend import DaemonGone, FuseReply, ReplyTimeout
+from tests.frontend import DEFAULT_INIT_FLAGS, DaemonGone, FuseReply, ReplyTimeout
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "differences.md"
 LONG_RUN = "DIFF_EXAMPLES" in os.environ
@@ -1001,8 +1002,8 @@ def _short(b: bytes) -> str:
     return repr(b) if len(b) <= 48 else f"{b[:40]!r}... ({len(b)} bytes)"
 
 
-def _pair(*extra: str):
-    p = DaemonPair(extra)
+def _pair(*extra: str, init_flags: int = DEFAULT_INIT_FLAGS):
+    p = DaemonPair(extra, init_flags=init_flags)
     p.start()
     yield p
     # Shown with -s or -rP: how much each opcode was exercised.
@@ -1266,3 +1267,90 @@ def test_xattrmap_agrees(xattrmap_pair):
     assert host >= {"user.virtiofs.trusted.host", "trusted.raw"}
     assert "user.virtiofs.user.a" in host or "user.a" in host      # sent through the map
     assert not host & {"user.virtiofs.trusted.b", "trusted.b"}     # removed through it
+
+
+def _acl(*entries: tuple[int, int]) -> bytes:
+    """A system.posix_acl_* value (version 2) of (tag, perm) entries for the owner classes."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, 0xFFFFFFFF)
+                                           for t, p in entries)
+
+
+@pytest.fixture(scope="module")
+def acl_pair():
+    yield from _pair("--posix-acl")
+
+
+def test_posix_acl_agrees(acl_pair):
+    """FUSE_POSIX_ACL with DONT_MASK: the umask applied by the host unless a default ACL is
+    inherited, ACL xattrs set, read and listed, SETXATTR_ACL_KILL_SGID."""
+    m = DiffMachine(acl_pair)
+    assert m.pair.sides[0].client.flags & fa.InitFlag.DONT_MASK
+    m.mkdir(("d",), 0o777, 0o022, ROOT)
+    m.setxattr(("d",), b"system.posix_acl_default", _acl((1, 6), (4, 6), (0x20, 4)), 0, ROOT)
+    m._release(m._create(("d", "f"), 0o666, 0o077, os.O_RDWR | os.O_CREAT, ROOT))
+    m.mkdir(("d", "e"), 0o777, 0o077, ROOT)
+    m._release(m._create(("g",), 0o666, 0o027, os.O_RDWR | os.O_CREAT, ROOT))
+    m.mknod(("p",), "fifo", 0o666, 0o022, ROOT)
+    m.chmod(("g",), 0o2775, ROOT)
+    value = _acl((1, 7), (4, 5), (0x20, 5))
+    body = (fa.SETXATTR_IN.pack(len(value), 0, fa.SETXATTR_ACL_KILL_SGID)
+            + b"system.posix_acl_access\0" + value)
+    assert m.same("SETXATTR ACL_KILL_SGID", *m.send(Opcode.SETXATTR, m.resolve(("g",), ROOT),
+                                                    body, ROOT))
+    m.getxattr(("d",), b"system.posix_acl_default", 4096, ROOT)
+    m.getxattr(("g",), b"system.posix_acl_access", 4096, ROOT)
+    m.listxattr(("d",), 4096, ROOT)
+    m.teardown()
+    assert stat.S_IMODE(os.lstat(m.host(("g",))).st_mode) == 0o755
+    assert os.getxattr(m.host(("d", "e")), "system.posix_acl_default")   # inherited
+
+
+def test_generated_sequences_posix_acl(acl_pair):
+    """The generator on a --posix-acl share: the daemons apply the umask the guest sends."""
+    run_state_machine_as_test(
+        lambda: DiffMachine(acl_pair),
+        settings=settings(max_examples=max(1, EXAMPLES // 5), stateful_step_count=STEPS,
+                          deadline=None, derandomize=not LONG_RUN, database=None,
+                          print_blob=LONG_RUN, suppress_health_check=list(HealthCheck)))
+
+
+@pytest.fixture(scope="module")
+def label_pair():
+    yield from _pair("--security-label",
+                     init_flags=DEFAULT_INIT_FLAGS | fa.InitFlag.SECURITY_CTX)
+
+
+def test_security_label_agrees(label_pair):
+    """FUSE_SECURITY_CTX: the context each creating request carries lands on the new inode;
+    one the host refuses undoes the creation on both.  (virtiofsd dies on a creating request
+    without the extension, so every request here carries one.)"""
+    pair = label_pair
+    label = fa.pack_secctx(b"security.selinux", b"system_u:object_r:foo_t:s0\0")
+    refused = fa.pack_secctx(b"user.label", b"L")
+    made: list[tuple[str, bool]] = []
+    for kind in ("dir", "reg", "fifo", "lnk"):
+        for tag, ext in (("selinux", label), ("user", refused)):
+            name = f"sl-{kind}-{tag}"
+            z = _z(name)
+            body = {"dir": fa.MKDIR_IN.pack(0o755, 0) + z,
+                    "reg": fa.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o644, 0, 0) + z,
+                    "fifo": fa.MKNOD_IN.pack(0o10644, 0, 0) + z, "lnk": z + b"target\0"}[kind]
+            opcode = {"dir": Opcode.MKDIR, "reg": Opcode.CREATE, "fifo": Opcode.MKNOD,
+                      "lnk": Opcode.SYMLINK}[kind]
+            rp, rr = pair.both(lambda i, s, o=opcode, b=body: (o, fa.ROOT_ID, b, None), ROOT,
+                               ext)
+            assert rp.error == rr.error, (name, rp.error, rr.error)
+            made.append((name, rp.error == 0))
+    for name, ok in made:
+        seen = []
+        for side in pair.sides:
+            path = side.share / name
+            seen.append({n: os.getxattr(path, n, follow_symlinks=False)
+                         for n in os.listxattr(path, follow_symlinks=False)}
+                        if os.path.lexists(path) else None)
+        assert seen[0] == seen[1], (name, seen)
+        assert (seen[0] is not None) == ok
+    # user.* xattrs exist on regular files and directories only: the others are undone.
+    assert dict(made) == {"sl-dir-selinux": True, "sl-dir-user": True, "sl-reg-selinux": True,
+                          "sl-reg-user": True, "sl-fifo-selinux": True, "sl-fifo-user": False,
+                          "sl-lnk-selinux": True, "sl-lnk-user": False}

@@ -1,5 +1,6 @@
 """virtiofsd's options that change what the guest sees, through the daemon's real socket on both
-data planes: --translate-uid/--translate-gid, --xattrmap (more options join as they are built).
+data planes: --translate-uid/--translate-gid, --xattrmap, --posix-acl, --security-label (more
+options join as they are built).
 
 The native engine hands every request such an option changes to the Python FuseServer
 (worker/engine.c, deferred_by_options); these tests hold both planes to the same answers.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
+import struct
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from pyvirtiofsd.common.xattrmap import XattrMap, XattrMapError
 from pyvirtiofsd.worker.engine import Defer, Engine, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from tests.conftest import DATA_PLANES
-from tests.frontend import Frontend, FuseClient, FuseError
+from tests.frontend import DEFAULT_INIT_FLAGS, Frontend, FuseClient, FuseError
 
 pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 ROOT = fa.ROOT_ID
@@ -36,13 +39,13 @@ TRANSLATE = ("--translate-uid=map:1000:2000:3", "--translate-uid=forbid-guest:10
 def client(daemon_factory, share: Path):
     clients: list[Frontend] = []
 
-    def start(*args: str) -> FuseClient:
+    def start(*args: str, flags: int = DEFAULT_INIT_FLAGS) -> FuseClient:
         os.chmod(share, 0o777)
         d = daemon_factory(*args)
         fe = Frontend.connect(d.socket, process=d.proc, queues=2)
         clients.append(fe)
         c = FuseClient(fe)
-        c.init()
+        c.init(flags=flags)
         return c
 
     yield start
@@ -149,9 +152,9 @@ def test_kubevirt_squash(client, share):
 # --- --xattrmap -------------------------------------------------------------------------------
 
 
-def _errno(fn, *args) -> int:
+def _errno(fn, *args, **kw) -> int:
     with pytest.raises(FuseError) as ei:
-        fn(*args)
+        fn(*args, **kw)
     return ei.value.errno
 
 
@@ -229,6 +232,95 @@ def test_renamed_capability_is_dropped_where_the_kernel_would(client, share):
         assert "user.virtiofs.security.capability" not in os.listxattr(share / name), name
 
 
+# --- --posix-acl and --security-label --------------------------------------------------------
+
+
+def _acl(*entries: tuple[int, int]) -> bytes:
+    """A system.posix_acl_* value (version 2) of (tag, perm) entries for the owner classes."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, 0xFFFFFFFF)
+                                           for t, p in entries)
+
+
+USER_OBJ, GROUP_OBJ, OTHER = 0x01, 0x04, 0x20
+
+
+def test_posix_acl_needs_the_kernel_flags(client):
+    """Without POSIX_ACL, DONT_MASK and SETXATTR_EXT on offer the session is refused (EPROTO),
+    as virtiofsd refuses it; with them all three are negotiated."""
+    c = client("--posix-acl")
+    for missing in (fa.InitFlag.DONT_MASK, fa.InitFlag.POSIX_ACL, fa.InitFlag.SETXATTR_EXT):
+        assert _errno(c.init, flags=DEFAULT_INIT_FLAGS & ~missing) == errno.EPROTO
+        assert _errno(c.getattr, ROOT) == errno.EIO       # no session
+    c.init()
+    need = fa.InitFlag.POSIX_ACL | fa.InitFlag.DONT_MASK | fa.InitFlag.SETXATTR_EXT
+    assert c.flags & need == need
+
+
+def test_posix_acl_umask_default_acls_and_sgid(client, share):
+    c = client("--posix-acl")
+    d = c.mkdir(ROOT, "d", 0o777, umask=0o022)
+    # DONT_MASK: the daemon applies the umask where the parent has no default ACL ...
+    assert stat.S_IMODE(d.attr.mode) == 0o755
+    assert stat.S_IMODE(c.create(ROOT, "g", 0o666, umask=0o077)[0].attr.mode) == 0o600
+    assert stat.S_IMODE(c.mknod(ROOT, "p", 0o10666, umask=0o027).attr.mode) == 0o640
+    # ... and a default ACL replaces it (acl(5)).
+    c.setxattr(d.nodeid, "system.posix_acl_default",
+               _acl((USER_OBJ, 6), (GROUP_OBJ, 6), (OTHER, 6)))
+    assert c.listxattr(d.nodeid) == [b"system.posix_acl_default"]
+    f, _ = c.create(d.nodeid, "f", 0o666, umask=0o077)
+    assert stat.S_IMODE(f.attr.mode) == 0o666
+    assert stat.S_IMODE(c.mkdir(d.nodeid, "e", 0o777, umask=0o077).attr.mode) == 0o666
+    assert os.getxattr(share / "d" / "e", "system.posix_acl_default")
+    # SETXATTR_ACL_KILL_SGID: the guest asks to drop set-group-ID with the access ACL.
+    g = c.lookup(ROOT, "g")
+    os.chmod(share / "g", 0o2775)
+    c.setxattr(g.nodeid, "system.posix_acl_access",
+               _acl((USER_OBJ, 7), (GROUP_OBJ, 5), (OTHER, 5)), 0, fa.SETXATTR_ACL_KILL_SGID)
+    assert stat.S_IMODE(os.lstat(share / "g").st_mode) == 0o755
+
+
+def _send_ext(c: FuseClient, opcode: int, body: bytes, ext: bytes) -> int:
+    """The errno of a request sent with extensions (0: success)."""
+    unique, readable = c.build(opcode, ROOT, [body, ext], total_extlen=len(ext) // 8)
+    size = fa.OUT_HEADER.size + fa.ENTRY_OUT.size + fa.OPEN_OUT.size
+    token = c.vq.submit(readable, [fa.OUT_HEADER.size, size - fa.OUT_HEADER.size])
+    return c.parse(c.vq.wait(token), unique, size).error
+
+
+def test_security_label_is_set_on_create(client, share):
+    c = client("--security-label", flags=DEFAULT_INIT_FLAGS | fa.InitFlag.SECURITY_CTX)
+    assert c.flags & fa.InitFlag.SECURITY_CTX
+    label = fa.pack_secctx(b"security.selinux", b"system_u:object_r:foo_t:s0\0")
+    mode = fa.MKNOD_IN.pack(0o10644, 0, 0)
+    for opcode, body, name in (
+            (fa.Opcode.MKDIR, fa.MKDIR_IN.pack(0o755, 0) + b"d\0", "d"),
+            (fa.Opcode.CREATE, fa.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o644, 0, 0) + b"f\0",
+             "f"),
+            (fa.Opcode.SYMLINK, b"l\0f\0", "l"), (fa.Opcode.MKNOD, mode + b"p\0", "p")):
+        assert _send_ext(c, opcode, body, label) == 0
+        assert os.getxattr(share / name, "security.selinux", follow_symlinks=False) == \
+            b"system_u:object_r:foo_t:s0\0"
+    # A context the host refuses undoes the creation (user.* xattrs exist on files only).
+    bad = fa.pack_secctx(b"user.label", b"L")
+    assert _send_ext(c, fa.Opcode.MKNOD, mode + b"q\0", bad) == errno.EPERM
+    assert not os.path.lexists(share / "q")
+    # No context (no LSM in the guest), or none at all: created without one.
+    assert _send_ext(c, fa.Opcode.MKDIR, fa.MKDIR_IN.pack(0o755, 0) + b"e\0",
+                     fa.SECCTX_HEADER.pack(8, 0)) == 0
+    c.mkdir(ROOT, "n")
+    assert "security.selinux" not in os.listxattr(share / "n")
+    # Two contexts: refused, as virtiofsd does.
+    two = fa.SECCTX_HEADER.pack(len(label), 2) + label[8:]
+    assert _send_ext(c, fa.Opcode.MKDIR, fa.MKDIR_IN.pack(0o755, 0) + b"t\0", two) == \
+        errno.EINVAL
+
+
+def test_security_label_needs_the_kernel_flag(client):
+    c = client("--security-label", flags=DEFAULT_INIT_FLAGS | fa.InitFlag.SECURITY_CTX)
+    assert _errno(c.init, flags=DEFAULT_INIT_FLAGS) == errno.EPROTO
+    assert _errno(c.getattr, ROOT) == errno.EIO
+
+
 # --- the rule language and the engine switch (no daemon) -------------------------------------
 
 
@@ -293,4 +385,6 @@ def test_engine_defers_what_translation_changes():
     finally:
         e.close()
     assert defer_for(FsOptions(xattrmap=":map:trusted.:user.virtiofs.:")) == Defer.XATTR
+    assert defer_for(FsOptions(posix_acl=True)) == Defer.XATTR | Defer.CREATE
+    assert defer_for(FsOptions(security_label=True)) == Defer.CREATE
     assert defer_for(FsOptions(xattrmap=":map::user.virtiofs.:")) == Defer.XATTR | Defer.KILLPRIV

@@ -59,6 +59,10 @@ def defer_for(options: FsOptions | None) -> Defer:
         return d
     if options.translate_uid or options.translate_gid:
         d |= Defer.IDS
+    if options.posix_acl:
+        d |= Defer.XATTR | Defer.CREATE
+    if options.security_label:
+        d |= Defer.CREATE
     if options.xattrmap is not None:
         d |= Defer.XATTR
         if renames_capability(options.xattrmap):

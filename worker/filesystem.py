@@ -28,7 +28,8 @@ class Context:
     """Who asks: the caller's ids from fuse_in_header, plus extension data.
 
     `groups` are the supplementary groups of a FUSE_EXT_GROUPS extension (protocol.md 4.9),
-    `umask` the caller's umask for creation requests (0 otherwise).
+    `umask` the caller's umask for creation requests (0 otherwise), `secctx` the (xattr name,
+    value) of a security context extension (FUSE_SECURITY_CTX) to set on the inode created.
     """
 
     uid: int
@@ -36,6 +37,7 @@ class Context:
     pid: int
     umask: int = 0
     groups: tuple[int, ...] = ()
+    secctx: tuple[bytes, bytes] | None = None
 
 
 class Entry(NamedTuple):
@@ -78,6 +80,8 @@ class FsOptions:
     xattrmap: str | None = None
     # POSIX ACLs (FUSE_POSIX_ACL): without it the ACL xattrs are refused and hidden (virtiofsd).
     posix_acl: bool = False
+    # Security labels (FUSE_SECURITY_CTX): the context a creating request carries is set.
+    security_label: bool = False
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

@@ -27,6 +27,7 @@ session).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import mmap
@@ -282,6 +283,7 @@ class FuseServer:
         try:
             body_len = length - _IN_SIZE
             groups: tuple[int, ...] = ()
+            secctx: tuple[bytes, bytes] | None = None
             if opcode == _WRITE:
                 # Only fuse_write_in is copied; the data stays in guest memory for pwritev.
                 body = reader.read(min(body_len, _WRITE_IN_SIZE))
@@ -295,12 +297,14 @@ class FuseServer:
                     ext_len = extlen * 8
                     if ext_len > body_len:
                         raise _einval("extensions longer than the request")
-                    groups = self._extensions(body[body_len - ext_len:])
+                    groups, secctx = self._extensions(body[body_len - ext_len:])
                     body = body[:body_len - ext_len]
             if self.ids is None:
                 ctx = Context(uid, gid, pid, 0, groups)
             else:
                 ctx = self.ids.caller(uid, gid, pid, groups, opcode in _OWNING)
+            if secctx is not None:
+                ctx = dataclasses.replace(ctx, secctx=secctx)
             result = handler(ctx, nodeid, body, reader, writer)
         except OSError as e:
             return 0 if no_reply else self._error(writer, unique, e.errno or errno.EIO)
@@ -350,18 +354,23 @@ class FuseServer:
         writer.write(hdr)
         return _OUT_SIZE
 
-    def _extensions(self, data: bytes) -> tuple[int, ...]:
+    def _extensions(self, data: bytes) -> tuple[tuple[int, ...], tuple[bytes, bytes] | None]:
+        """The supplementary groups and the security context (protocol.md 4.9)."""
         groups: tuple[int, ...] = ()
+        secctx: tuple[bytes, bytes] | None = None
+        labels = bool(self.session.flags & InitFlag.SECURITY_CTX)
         try:
             for typ, payload in fa.iter_extensions(data):
-                # Security contexts (types 0..31) are not negotiated and are skipped.
                 if typ == fa.ExtType.GROUPS:
                     groups = fa.unpack_supp_groups(payload)
                     if len(groups) > _NGROUPS_MAX:
                         raise ValueError("too many supplementary groups")
+                elif labels and typ <= fa.ExtType.MAX_NR_SECCTX:
+                    # Without FUSE_SECURITY_CTX negotiated a context means nothing: skipped.
+                    secctx = _secctx(typ, payload)
         except ValueError as e:
             raise _einval(str(e)) from None
-        return groups
+        return groups, secctx
 
     # -- session ---------------------------------------------------------------------------
     def _init(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
@@ -465,14 +474,14 @@ class FuseServer:
                writer: Writer | None) -> _Result:
         mode, rdev, umask = _unpack(fa.MKNOD_IN, body)
         name = _name(body[fa.MKNOD_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        ctx = dataclasses.replace(ctx, umask=umask)
         return pack_entry(self.fs.mknod(ctx, nodeid, name, mode, rdev), self.ids)
 
     def _mkdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         mode, umask = _unpack(fa.MKDIR_IN, body)
         name = _name(body[fa.MKDIR_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        ctx = dataclasses.replace(ctx, umask=umask)
         return pack_entry(self.fs.mkdir(ctx, nodeid, name, mode), self.ids)
 
     def _unlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
@@ -516,7 +525,7 @@ class FuseServer:
                 writer: Writer | None) -> _Result:
         flags, mode, umask, open_flags = _unpack(fa.CREATE_IN, body)
         name = _name(body[fa.CREATE_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        ctx = dataclasses.replace(ctx, umask=umask)
         entry, fh, fopen = self.fs.create(ctx, nodeid, name, mode, flags,
                                           bool(open_flags & fa.OPEN_KILL_SUIDGID))
         return pack_entry(entry, self.ids) + fa.OPEN_OUT.pack(fh, fopen, 0)
@@ -712,6 +721,23 @@ class FuseServer:
                      writer: Writer | None) -> _Result:
         self.fs.removexattr(ctx, nodeid, _name(body))
         return b""
+
+
+def _secctx(count: int, payload: memoryview) -> tuple[bytes, bytes] | None:
+    """The one security context of a fuse_secctx_header extension: (xattr name, value).  The
+    kernel sends one (or none when no LSM gives a context); more is refused, as virtiofsd does."""
+    if count == 0:
+        return None
+    if count > 1:
+        raise ValueError(f"{count} security contexts (one is served)")
+    if len(payload) < fa.SECCTX.size:
+        raise ValueError("truncated fuse_secctx")
+    (size,) = fa.SECCTX.unpack_from(payload)
+    rest = bytes(payload[fa.SECCTX.size:])
+    end = rest.find(b"\0")
+    if size == 0 or end <= 0 or len(rest) - end - 1 < size:
+        raise ValueError("malformed security context")
+    return rest[:end], rest[end + 1:end + 1 + size]
 
 
 def _too_small() -> OSError:

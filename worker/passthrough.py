@@ -510,6 +510,17 @@ class PassthroughFs(Filesystem):
 
     def init(self, capable: int) -> int:
         want = 0
+        # What --posix-acl and --security-label need of the guest kernel; without it the
+        # session is refused, as virtiofsd does, rather than served without them.
+        for on, need, what in (
+                (self._posix_acl, fa.InitFlag.POSIX_ACL | fa.InitFlag.DONT_MASK
+                 | fa.InitFlag.SETXATTR_EXT, "--posix-acl"),
+                (self.options.security_label, fa.InitFlag.SECURITY_CTX, "--security-label")):
+            if on:
+                if capable & need != need:
+                    raise OSError(errno.EPROTO, f"{what}: the guest kernel does not offer "
+                                  f"{fa.InitFlag(need & ~capable)!r}")
+                want |= need
         if self.options.readdirplus:
             want |= fa.InitFlag.DO_READDIRPLUS | fa.InitFlag.READDIRPLUS_AUTO
         if self._writeback:
@@ -624,6 +635,7 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
             os.symlink(target, name, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -633,7 +645,8 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
-            os.mknod(name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
+            self._making(ctx, os.mknod, name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
@@ -642,8 +655,49 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
-            os.mkdir(name, mode & 0o7777, dir_fd=pfd)
+            self._making(ctx, os.mkdir, name, mode & 0o7777, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
+
+    def _making(self, ctx: Context, fn: Callable[..., T], *args, **kw) -> T:
+        """A call that creates an inode.  With FUSE_DONT_MASK (--posix-acl) the guest leaves
+        the caller's umask to the host, which applies it only where the parent has no default
+        ACL (acl(5)): it is this process's umask for the call.  Otherwise the guest applied
+        it already and the umask stays 0."""
+        if not self._posix_acl or not ctx.umask:
+            return fn(*args, **kw)
+        os.umask(ctx.umask & 0o777)
+        try:
+            return fn(*args, **kw)
+        finally:
+            os.umask(0)
+
+    def _label(self, ctx: Context, pfd: int, name: bytes, fd: int = -1) -> None:
+        """Set the security context the request carried (FUSE_SECURITY_CTX) on the inode just
+        made as `name` in `pfd` (or open as `fd`); on failure the inode is removed again and
+        the request fails (virtiofsd).  Set as the daemon: the context is the guest's LSM's
+        decision; the host's LSM still checks the relabel."""
+        if ctx.secctx is None:
+            return
+        try:
+            xname = self._host_xattr(ctx.secctx[0])
+            if fd >= 0:
+                self._as_daemon(os.setxattr, fd, xname, ctx.secctx[1])
+                return
+            fd = self._as_daemon(_open_beneath, pfd, name, os.O_PATH | os.O_CLOEXEC)
+            try:
+                self._as_daemon(self._in_proc_dir,
+                                lambda t: os.setxattr(t, xname, ctx.secctx[1]), fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            try:
+                st = _lstat_at(pfd, name)
+                remove = os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink
+                self._as_daemon(lambda: remove(name, dir_fd=pfd))
+            except OSError:
+                pass
+            raise
 
     @_member_retry(0)
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -735,13 +789,15 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
             try:
-                fd = _open_beneath(pfd, name, oflags | os.O_CLOEXEC, mode & 0o7777)
+                fd = self._making(ctx, _open_beneath, pfd, name, oflags | os.O_CLOEXEC,
+                                  mode & 0o7777)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
                 entry = self._lookup_at(pfd, name)
                 return self._open_entry(ctx, entry, flags, kill_priv)
             try:
+                self._label(ctx, pfd, name, fd)
                 entry = self._lookup_at(pfd, name)
             except BaseException:
                 os.close(fd)
@@ -1021,8 +1077,18 @@ class PassthroughFs(Filesystem):
         if not self.options.xattr:
             raise _err(errno.ENOSYS)
         name = self._host_xattr(name)
-        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags),
-                         lambda ifd: self._check_xattr_change(ctx, ifd, name, False))
+
+        def check(ifd: int) -> None:
+            self._check_xattr_change(ctx, ifd, name, False)
+            if (self._posix_acl and setxattr_flags & fa.SETXATTR_ACL_KILL_SGID
+                    and name == _ACL_NAMES[0]):
+                # The guest asks to drop set-group-ID with the new access ACL, as
+                # posix_acl_update_mode() does for a caller outside the file's group.
+                mode = os.fstat(ifd).st_mode
+                if mode & stat.S_ISGID:
+                    self._as_daemon(self._chmod_inode, ifd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), check)
 
     @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
