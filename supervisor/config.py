@@ -143,10 +143,7 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        if self.thread_pool_size > 0:
-            out.append(f"--thread-pool-size={self.thread_pool_size}")
-        for flag in ("killpriv_v2", "allow_mmap", "preserve_noatime",
-                     "migration_verify_handles", "migration_confirm_paths"):
+        for flag in ("migration_verify_handles", "migration_confirm_paths"):
             if getattr(self, flag):
                 out.append(_opt(flag))
         for name, default in (("inode_file_handles", "never"), ("migration_mode", "find-paths"),
@@ -254,6 +251,18 @@ def _translate(value: str) -> str:
         raise ValueError(str(e)) from None
 
 
+def _thread_pool_size(value: str | int) -> int:
+    # virtiofsd: 0 serves a queue in its own thread, N hands its requests to N threads.  Here
+    # one worker process serves each queue, one request at a time: 0 and 1 both say exactly
+    # that; more is refused rather than ignored (--request-queues gives parallel requests).
+    size = _uint()(value)
+    if size > 1:
+        raise ValueError(f"value {size} is not supported: each queue is served by one worker "
+                         "process, one request at a time (0 or 1); use --request-queues=N for "
+                         "requests served in parallel")
+    return size
+
+
 def _modcaps(value: str) -> str:
     for item in value.split(":"):
         if len(item) < 2 or item[0] not in "+-":
@@ -280,7 +289,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "shared_dir": _nonempty,
     "tag": _tag,
     "cache": lambda v: CacheMode(_choice(list(CacheMode), fold=True)(v)),
-    "thread_pool_size": _uint(),
+    "thread_pool_size": _thread_pool_size,
     "rlimit_nofile": _uint(),
     "log_level": _choice(LOG_LEVELS, fold=True),
     "sandbox": _choice(SANDBOX_MODES, fold=True),
@@ -359,7 +368,8 @@ def _build_parser() -> _Parser:
     value("socket_path", "vhost-user socket path")
     value("socket_group", "name of group for the vhost-user socket")
     value("fd", "file descriptor for the listening (not yet connected) socket")
-    value("thread_pool_size", "maximum thread pool size [default: 0]")
+    value("thread_pool_size", "threads serving each queue: 0 or 1, each queue's worker process "
+          "serves its requests one at a time [default: 0]")
     flag("xattr", "enable support for extended attributes")
     flag("posix_acl", "enable support for posix ACLs (implies --xattr)")
     value("xattrmap", "rules translating extended attributes between host and guest")

@@ -77,6 +77,9 @@ def fs_options(config: Config) -> FsOptions:
         xattrmap=config.xattrmap,
         posix_acl=config.posix_acl,
         security_label=config.security_label,
+        killpriv_v2=config.killpriv_v2,
+        preserve_noatime=config.preserve_noatime,
+        allow_mmap=config.allow_mmap,
     )
 
 

@@ -80,7 +80,7 @@ def test_defaults_are_virtiofsds():
     (["--writeback"], "writeback", True),
     (["--allow-direct-io"], "allow_direct_io", True),
     (["--allow-mmap"], "allow_mmap", True),
-    (["--thread-pool-size=16"], "thread_pool_size", 16),
+    (["--thread-pool-size=1"], "thread_pool_size", 1),
     (["--rlimit-nofile", "0"], "rlimit_nofile", 0),
     (["--rlimit-nofile=4096"], "rlimit_nofile", 4096),
     (["--log-level=trace"], "log_level", "trace"),
@@ -169,15 +169,15 @@ def test_deprecated_spellings_are_accepted_and_noted():
 
 
 def test_unimplemented_lists_what_is_set():
-    c = p("--thread-pool-size=2", "--posix-acl", "--xattrmap=:ok:all:::", "--security-label",
+    c = p("--thread-pool-size=1", "--posix-acl", "--xattrmap=:ok:all:::", "--security-label",
           "--inode-file-handles=prefer", "--uid-map=:0:1:2:", "--gid-map=:0:1:2:",
           "--modcaps=+sys_admin", "--killpriv-v2", "--allow-mmap", "--reconnect")
     assert c.unimplemented() == [
-        "--thread-pool-size=2", "--killpriv-v2", "--allow-mmap", "--inode-file-handles=prefer"]
+        "--inode-file-handles=prefer"]
     # Implemented options never show up.
     assert p("--translate-gid=map:0:1:2", "--translate-uid=squash-guest:0:107:4294967295",
              "--security-label", "--xattrmap=:map::user.virtiofs.:").unimplemented() == []
-    assert p("--posix-acl").unimplemented() == []
+    assert p("--posix-acl", "--preserve-noatime", "--thread-pool-size=0").unimplemented() == []
     assert p("--cache=never", "--xattr", "--writeback", "--readonly", "--no-readdirplus",
              "--sandbox=none", "--seccomp=log", "--request-queues=4", "--reconnect",
              "--modcaps=+sys_admin", "--uid-map=:0:1:2:",
@@ -285,6 +285,8 @@ BAD_ARGS = [
     ([*BASE, "--tag=a\nb"], "--tag: invalid tag 'a\\nb'"),
     ([*BASE, "--thread-pool-size=-1"], "--thread-pool-size: invalid value '-1'"),
     ([*BASE, "--thread-pool-size=1e3"], "--thread-pool-size: invalid value"),
+    ([*BASE, "--thread-pool-size=2"], "--thread-pool-size: value 2 is not supported: each queue "
+     "is served by one worker process, one request at a time (0 or 1); use --request-queues=N"),
     ([*BASE, "--rlimit-nofile=lots"], "--rlimit-nofile: invalid value"),
     ([*BASE, "--request-queues=0"], "--request-queues: value 0 out of range (1..64)"),
     ([*BASE, "--request-queues=65"], "--request-queues: value 65 out of range"),
@@ -375,7 +377,8 @@ def test_error_exit_in_a_real_process():
 # The same command lines against virtiofsd: where it accepts, we accept, and where it refuses,
 # we refuse. Deliberate differences, left out here: pyvirtiofsd also takes
 # `--inode-file-handles VALUE` without '=', `-o log_level=` (the C daemon's spelling),
-# `-o cache=never` and `-o source=` paths containing '=', and refuses a negative --fd.
+# `-o cache=never` and `-o source=` paths containing '=', and refuses a negative --fd and a
+# --thread-pool-size above 1 (one worker process serves each queue, one request at a time).
 DIFFERENTIAL = [
     [], ["--cache=NEVER"], ["--cache=none"], ["--sandbox=NONE"], ["--log-level=DEBUG"],
     ["--seccomp=KILL"], ["--tag=" + "x" * 36], ["--tag=" + "x" * 37], ["--tag="],
@@ -391,6 +394,8 @@ DIFFERENTIAL = [
     ["--inode-file-handles=fallback"], ["--inode-file-handles=PREFER"],
     ["--migration-mode=file-handles"], ["--migration-mode=FILE-HANDLES"],
     ["--migration-on-error=guest-error"], ["--thread-pool-size=-1"], ["--rlimit-nofile=0"],
+    ["--thread-pool-size=0"], ["--thread-pool-size=1"], ["--killpriv-v2"], ["--allow-mmap"],
+    ["--preserve-noatime"], ["--security-label"], ["--posix-acl", "--xattrmap=:ok:all:::"],
     ["-o", "flock"], ["-o", "no_flock,no_posix_lock,xattr"], ["-o", "cache=NONE"],
     ["-o", "sandbox=none"], ["-o", "loglevel=err"], ["-o", "source=/srv,cache=none"],
     ["--no-killpriv-v2", "--killpriv-v2"], ["--announce-submounts", "--no-announce-submounts"],

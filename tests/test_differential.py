@@ -1354,3 +1354,50 @@ def test_security_label_agrees(label_pair):
     assert dict(made) == {"sl-dir-selinux": True, "sl-dir-user": True, "sl-reg-selinux": True,
                           "sl-reg-user": True, "sl-fifo-selinux": True, "sl-fifo-user": False,
                           "sl-lnk-selinux": True, "sl-lnk-user": False}
+
+
+@pytest.fixture(scope="module")
+def killpriv_pair():
+    yield from _pair("--xattr", "--killpriv-v2", "--allow-mmap", "--cache=never",
+                     "--preserve-noatime")
+
+
+def test_killpriv_v2_agrees(killpriv_pair):
+    """INIT with HANDLE_KILLPRIV_V2 and DIRECT_IO_ALLOW_MMAP; set-id bits dropped where the
+    guest's flags ask (WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID), by root and
+    by a writer who does not own the file, and kept where they do not."""
+    py, rs = (s.init_out for s in killpriv_pair.sides)
+    assert norm_init(py) == norm_init(rs)
+    want = fa.InitFlag.HANDLE_KILLPRIV_V2 | fa.InitFlag.DIRECT_IO_ALLOW_MMAP
+    assert py.all_flags & want == want
+    m = DiffMachine(killpriv_pair)
+    user = USERS[0]
+    names = ("root-w", "root-t", "root-o", "user-w", "user-t", "keep")
+    for name in names:
+        m._release(m._create((name,), 0o666, 0, os.O_RDWR | os.O_CREAT, ROOT))
+        m.chmod((name,), 0o6777, ROOT)
+    for name, cred in (("root-w", ROOT), ("user-w", user), ("keep", ROOT)):
+        nodes = m.resolve((name,), ROOT)
+        rp, rr = m.send(Opcode.OPEN, nodes, fa.OPEN_IN.pack(os.O_RDWR, 0), cred)
+        assert m.same(f"OPEN {name}", rp, rr)
+        fhs = [fa.OpenOut.unpack(r.body).fh for r in (rp, rr)]
+        flags = 0 if name == "keep" else fa.WRITE_KILL_SUIDGID
+        rp, rr = killpriv_pair.both(lambda i, s, n=nodes, f=fhs, w=flags: (
+            Opcode.WRITE, n[i], [fa.WRITE_IN.pack(f[i], 0, 1, w, 0, os.O_RDWR), b"x"], None),
+            cred)
+        assert m.same(f"WRITE {name}", rp, rr)
+        for i, side in enumerate(killpriv_pair.sides):
+            side.client.release(nodes[i], fhs[i])
+    for name, cred in (("root-t", ROOT), ("user-t", user)):
+        body = fa.SetattrIn(fa.SetattrValid.SIZE | fa.SetattrValid.KILL_SUIDGID, size=1).pack()
+        m.attr(f"SETATTR {name}", *m.send(Opcode.SETATTR, m.resolve((name,), ROOT), body, cred))
+    nodes = m.resolve(("root-o",), ROOT)
+    rp, rr = m.send(Opcode.OPEN, nodes, fa.OPEN_IN.pack(os.O_RDWR | os.O_TRUNC,
+                                                        fa.OPEN_KILL_SUIDGID), ROOT)
+    assert m.same("OPEN O_TRUNC", rp, rr)
+    for i, side in enumerate(killpriv_pair.sides):
+        side.client.release(nodes[i], fa.OpenOut.unpack((rp, rr)[i].body).fh)
+    m.teardown()
+    modes = {n: stat.S_IMODE(os.lstat(m.host((n,))).st_mode) for n in names}
+    assert modes == {"root-w": 0o777, "root-t": 0o777, "root-o": 0o777, "user-w": 0o777,
+                     "user-t": 0o777, "keep": 0o6777}

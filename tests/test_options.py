@@ -1,6 +1,6 @@
 """virtiofsd's options that change what the guest sees, through the daemon's real socket on both
-data planes: --translate-uid/--translate-gid, --xattrmap, --posix-acl, --security-label (more
-options join as they are built).
+data planes: --translate-uid/--translate-gid, --xattrmap, --posix-acl, --security-label,
+--killpriv-v2, --preserve-noatime, --allow-mmap.
 
 The native engine hands every request such an option changes to the Python FuseServer
 (worker/engine.c, deferred_by_options); these tests hold both planes to the same answers.
@@ -321,6 +321,63 @@ def test_security_label_needs_the_kernel_flag(client):
     assert _errno(c.getattr, ROOT) == errno.EIO
 
 
+# --- --killpriv-v2, --preserve-noatime, --allow-mmap -----------------------------------------
+
+
+def test_killpriv_v2_is_negotiated_only_when_asked(client):
+    assert not client().flags & fa.InitFlag.HANDLE_KILLPRIV_V2      # virtiofsd's default
+    assert client("--killpriv-v2").flags & fa.InitFlag.HANDLE_KILLPRIV_V2
+    assert not client("--killpriv-v2", flags=DEFAULT_INIT_FLAGS
+                      & ~fa.InitFlag.HANDLE_KILLPRIV_V2).flags & fa.InitFlag.HANDLE_KILLPRIV_V2
+
+
+@needs_root
+def test_killpriv_v2_drops_setid_bits_the_guest_asks_to(client, share):
+    """With HANDLE_KILLPRIV_V2 the guest sends no SETATTR(mode) first: the flags on WRITE,
+    SETATTR(size) and OPEN(O_TRUNC) ask the daemon to drop the bits, also for root (whose
+    CAP_FSETID keeps the host kernel from doing it)."""
+    c = client("--killpriv-v2")
+    for name in ("w", "t", "o", "keep"):
+        (share / name).write_bytes(b"data")
+        os.chmod(share / name, 0o6755)
+    w = c.lookup(ROOT, "w")
+    fh = c.open(w.nodeid, os.O_RDWR).fh
+    c.write(w.nodeid, fh, 0, b"x", write_flags=fa.WRITE_KILL_SUIDGID)
+    c.setattr(c.lookup(ROOT, "t").nodeid, size=1, extra_valid=fa.SetattrValid.KILL_SUIDGID)
+    c.open(c.lookup(ROOT, "o").nodeid, os.O_RDWR | os.O_TRUNC, fa.OPEN_KILL_SUIDGID)
+    k = c.lookup(ROOT, "keep")
+    c.write(k.nodeid, c.open(k.nodeid, os.O_RDWR).fh, 0, b"x")   # root, no flag: kept
+    modes = {n: stat.S_IMODE(os.lstat(share / n).st_mode) for n in ("w", "t", "o", "keep")}
+    assert modes == {"w": 0o755, "t": 0o755, "o": 0o755, "keep": 0o6755}
+
+
+@needs_root
+def test_preserve_noatime(client, share):
+    """O_NOATIME is cleared unless --preserve-noatime (virtiofsd): a non-owner's open with it
+    then fails as open(2) does, EPERM."""
+    (share / "f").write_bytes(b"data")
+    os.chmod(share / "f", 0o644)
+    for args, expect in (((), 0), (("--preserve-noatime",), errno.EPERM)):
+        c = _as(client(*args), 1000, 1000)
+        e = c.lookup(ROOT, "f")
+        if expect:
+            assert _errno(c.open, e.nodeid, os.O_RDONLY | os.O_NOATIME) == expect
+        else:
+            c.open(e.nodeid, os.O_RDONLY | os.O_NOATIME)
+    # The owner's read through an O_NOATIME open leaves the access time alone.
+    c = client("--preserve-noatime")
+    os.utime(share / "f", ns=(1_000_000_000, 2_000_000_000))
+    e = c.lookup(ROOT, "f")
+    fh = c.open(e.nodeid, os.O_RDONLY | os.O_NOATIME).fh
+    assert c.read(e.nodeid, fh, 0, 4) == b"data"
+    assert os.stat(share / "f").st_atime_ns == 1_000_000_000
+
+
+def test_allow_mmap_negotiates_direct_io_allow_mmap(client):
+    assert not client("--cache=never").flags & fa.InitFlag.DIRECT_IO_ALLOW_MMAP
+    assert client("--cache=never", "--allow-mmap").flags & fa.InitFlag.DIRECT_IO_ALLOW_MMAP
+
+
 # --- the rule language and the engine switch (no daemon) -------------------------------------
 
 
@@ -387,4 +444,7 @@ def test_engine_defers_what_translation_changes():
     assert defer_for(FsOptions(xattrmap=":map:trusted.:user.virtiofs.:")) == Defer.XATTR
     assert defer_for(FsOptions(posix_acl=True)) == Defer.XATTR | Defer.CREATE
     assert defer_for(FsOptions(security_label=True)) == Defer.CREATE
+    assert defer_for(FsOptions(killpriv_v2=True)) == Defer.KILLPRIV
+    assert defer_for(FsOptions(preserve_noatime=True)) == Defer.OPEN
+    assert defer_for(FsOptions(allow_mmap=True)) == Defer(0)      # INIT only: always Python
     assert defer_for(FsOptions(xattrmap=":map::user.virtiofs.:")) == Defer.XATTR | Defer.KILLPRIV

@@ -403,10 +403,13 @@ enum {
  *            filters and renames), and the ACL/label rules of --posix-acl/--security-label.
  *  CREATE    apply the umask itself when the parent has no default ACL (FUSE_DONT_MASK) and
  *            set the security context a FUSE_SECURITY_CTX extension carries on the new inode.
- *  OPEN      keep O_NOATIME with --preserve-noatime; FOPEN_DIRECT_IO replies with
- *            --allow-mmap add FOPEN_PARALLEL_DIRECT_WRITES semantics (see fuse_server.py).
- *  KILLPRIV  clear set-id bits and security.capability as HANDLE_KILLPRIV_V2 asks on WRITE,
- *            SETATTR (size, owner) and OPEN/CREATE with O_TRUNC; with an xattr map that
+ *  OPEN      keep O_NOATIME in the open flags with --preserve-noatime (it is stripped
+ *            otherwise).  (--allow-mmap only adds DIRECT_IO_ALLOW_MMAP at INIT, which Python
+ *            answers: nothing for the engine to do.)
+ *  KILLPRIV  with HANDLE_KILLPRIV_V2 negotiated, drop S_ISUID (and S_ISGID when group-
+ *            executable) on WRITE with WRITE_KILL_SUIDGID, SETATTR size with
+ *            FATTR_KILL_SUIDGID (and no mode), OPEN/CREATE with O_TRUNC and
+ *            OPEN_KILL_SUIDGID -- also for a caller whose fsuid keeps CAP_FSETID; with a map that
  *            renames security.capability, remove the renamed xattr on those same requests
  *            (passthrough.py, _drop_mapped_caps).
  * Always, whatever the options: without --posix-acl the ACL xattr names are refused

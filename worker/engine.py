@@ -63,6 +63,10 @@ def defer_for(options: FsOptions | None) -> Defer:
         d |= Defer.XATTR | Defer.CREATE
     if options.security_label:
         d |= Defer.CREATE
+    if options.killpriv_v2:
+        d |= Defer.KILLPRIV
+    if options.preserve_noatime:
+        d |= Defer.OPEN
     if options.xattrmap is not None:
         d |= Defer.XATTR
         if renames_capability(options.xattrmap):

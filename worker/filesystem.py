@@ -82,6 +82,12 @@ class FsOptions:
     posix_acl: bool = False
     # Security labels (FUSE_SECURITY_CTX): the context a creating request carries is set.
     security_label: bool = False
+    # FUSE_HANDLE_KILLPRIV_V2: the guest leaves dropping set-id bits to the daemon.
+    killpriv_v2: bool = False
+    # Keep the guest's O_NOATIME (virtiofsd clears it by default).
+    preserve_noatime: bool = False
+    # FUSE_DIRECT_IO_ALLOW_MMAP: shared mmap of files opened with FOPEN_DIRECT_IO.
+    allow_mmap: bool = False
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

@@ -198,7 +198,8 @@ class PassthroughFs(Filesystem):
         self._readonly = options.readonly
         self._submounts = options.announce_submounts
         self._writeback = options.writeback
-        self._strip = _OPEN_STRIP | (0 if options.allow_direct_io else os.O_DIRECT)
+        self._strip = ((_OPEN_STRIP & ~(os.O_NOATIME if options.preserve_noatime else 0))
+                       | (0 if options.allow_direct_io else os.O_DIRECT))
         cache = options.cache
         file_flags = {"never": fa.OpenOutFlag.DIRECT_IO, "metadata": fa.OpenOutFlag.DIRECT_IO,
                       "always": fa.OpenOutFlag.KEEP_CACHE}.get(cache, 0)
@@ -527,6 +528,13 @@ class PassthroughFs(Filesystem):
             want |= fa.InitFlag.WRITEBACK_CACHE
         if self._submounts:
             want |= fa.InitFlag.SUBMOUNTS
+        if self.options.killpriv_v2:
+            # The guest then sends WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID and
+            # OPEN_KILL_SUIDGID instead of a SETATTR of the mode first (write(), _truncate(),
+            # open() drop the bits).  Not offered by the guest: served without, as virtiofsd.
+            want |= fa.InitFlag.HANDLE_KILLPRIV_V2
+        if self.options.allow_mmap:
+            want |= fa.InitFlag.DIRECT_IO_ALLOW_MMAP
         return int(want)
 
     # -- names and inodes ------------------------------------------------------------------
