@@ -1401,3 +1401,21 @@ def test_killpriv_v2_agrees(killpriv_pair):
     modes = {n: stat.S_IMODE(os.lstat(m.host((n,))).st_mode) for n in names}
     assert modes == {"root-w": 0o777, "root-t": 0o777, "root-o": 0o777, "user-w": 0o777,
                      "user-t": 0o777, "keep": 0o6777}
+
+
+_EVERY_INIT_FLAG = sum(int(f) for f in fa.InitFlag)
+
+
+@pytest.fixture(scope="module")
+def everything_pair():
+    yield from _pair("--xattr", "--killpriv-v2", "--allow-mmap", "--posix-acl",
+                     "--security-label", init_flags=_EVERY_INIT_FLAG)
+
+
+def test_init_with_every_flag_offered(everything_pair):
+    """A kernel offering every INIT flag, every flag option on: pyvirtiofsd negotiates what
+    virtiofsd 1.13 does but ALLOW_IDMAP (docs/differences.md, "INIT flags")."""
+    py, rs = (s.init_out for s in everything_pair.sides)
+    assert rs.all_flags & ~py.all_flags == fa.InitFlag.ALLOW_IDMAP
+    assert py.all_flags & ~rs.all_flags == 0
+    assert norm_init(py._replace(flags=0, flags2=0)) == norm_init(rs._replace(flags=0, flags2=0))
