@@ -484,3 +484,30 @@ def test_posix_acls_through_the_kernel(kind, tmp_path, share, daemon_factory):
     assert modes == {"plain": 0o600, "d/f": 0o664, "d/e": 0o775, "d/by1000": 0o664}
     assert os.getxattr(share / "d" / "e", "system.posix_acl_default") == writer
     assert os.lstat(share / "d" / "by1000").st_uid == 1000
+
+
+def test_translated_ids_through_the_kernel(tmp_path, share, daemon_factory):
+    """--translate-uid/--translate-gid with the host kernel as the FUSE client: files made by
+    any user land as the squashed host ids, and host ids mapped back show as guest ids."""
+    mntdir = tempfile.mkdtemp(prefix="vfsmnt-")
+    os.chmod(mntdir, 0o755)
+    mnt = Path(mntdir) / "mnt"
+    mnt.mkdir()
+    os.chmod(share, 0o777)
+    (share / "hosts").write_bytes(b"")
+    os.chown(share / "hosts", 4321, 4321)
+    d = daemon_factory("--translate-uid=squash-guest:0:4321:4294967295",
+                       "--translate-gid=squash-guest:0:4321:4294967295",
+                       "--translate-uid=host:4321:1000:1", "--translate-gid=host:4321:1000:1")
+    try:
+        with Bridge(d.socket, str(mnt), queues=1, process=d.proc) as b:
+            assert os.lstat(mnt / "hosts")[4:6] == (1000, 1000)
+            run("touch", str(mnt / "by-root"))
+            run("mkdir", str(mnt / "by-1002"), user=1002)
+            assert os.lstat(mnt / "by-root")[4:6] == (1000, 1000)
+            assert b.errors == []
+        assert d.proc.wait(20) == 0
+    finally:
+        os.rmdir(mnt)
+        os.rmdir(mntdir)
+    assert os.lstat(share / "by-root")[4:6] == os.lstat(share / "by-1002")[4:6] == (4321, 4321)
