@@ -689,3 +689,11 @@ def pack_supp_groups(groups: tuple[int, ...] | list[int]) -> bytes:
     body = SUPP_GROUPS.pack(len(groups)) + struct.pack(f"<{len(groups)}I", *groups)
     size = rec_align(EXT_HEADER.size + len(body))
     return EXT_HEADER.pack(size, ExtType.GROUPS) + body + bytes(size - EXT_HEADER.size - len(body))
+
+
+def pack_secctx(name: bytes, value: bytes) -> bytes:
+    """A complete security context extension with one context (protocol.md 4.9): the header,
+    fuse_secctx, the xattr name and the value, padded to 8 bytes."""
+    body = SECCTX.pack(len(value)) + name + b"\0" + value
+    size = rec_align(SECCTX_HEADER.size + len(body))
+    return SECCTX_HEADER.pack(size, 1) + body + bytes(size - SECCTX_HEADER.size - len(body))

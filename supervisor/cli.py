@@ -26,7 +26,6 @@ from pyvirtiofsd.supervisor.config import (
     check_sandbox_options,
     check_startup,
     error_exit,
-    refuse_unimplemented_security,
     run_cli,
 )
 from pyvirtiofsd.supervisor.pidfile import PidFile
@@ -69,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.socket_path is not None:
             pidfile.acquire(config.socket_path)
-        refuse_unimplemented_security(config)
         check_startup(config)
         check_sandbox_options(config)
     except ConfigError as e:

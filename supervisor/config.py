@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from pyvirtiofsd import __version__
+from pyvirtiofsd.common import idmap, xattrmap
 from pyvirtiofsd.worker import engine
 
 PROG = "pyvirtiofsd"
@@ -67,9 +68,6 @@ MAX_POLL_US = 1_000_000
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
-TRANSLATE_TYPES = {  # type -> number of numeric fields (virtiofsd --translate-uid)
-    "guest": 3, "host": 3, "squash-guest": 3, "squash-host": 3, "forbid-guest": 2, "map": 3,
-}
 # Linux capability names (linux/capability.h, without CAP_), for --modcaps.
 CAPABILITIES = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
@@ -150,10 +148,7 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        if self.thread_pool_size > 0:
-            out.append(f"--thread-pool-size={self.thread_pool_size}")
-        for flag in ("killpriv_v2", "allow_mmap", "preserve_noatime",
-                     "migration_verify_handles", "migration_confirm_paths"):
+        for flag in ("migration_verify_handles", "migration_confirm_paths"):
             if getattr(self, flag):
                 out.append(_opt(flag))
         for name, default in (("inode_file_handles", "never"), ("migration_mode", "find-paths"),
@@ -161,24 +156,6 @@ class Config:
             if getattr(self, name) != default:
                 out.append(f"{_opt(name)}={getattr(self, name)}")
         return out
-
-    def unimplemented_security(self) -> list[str]:
-        """Options that are set, change what the guest may do or see, and are not implemented:
-        running without them would serve a different security model than the one asked for."""
-        out = [_opt(flag) for flag in ("posix_acl", "security_label") if getattr(self, flag)]
-        if self.xattrmap is not None:
-            out.append(_opt("xattrmap"))
-        out.extend(_opt(name) for name in ("translate_uid", "translate_gid")
-                   if getattr(self, name))
-        return out
-
-
-def refuse_unimplemented_security(config: Config) -> None:
-    """ConfigError for the first option of Config.unimplemented_security(): the daemon does not
-    start rather than serve without it (parse() still accepts it, as virtiofsd does)."""
-    for option in config.unimplemented_security():
-        raise ConfigError(f"{option} is not implemented yet and changes what the guest may "
-                          "do; the daemon does not run without it (remove the option)")
 
 
 # Fields that are not options: never in a config file.
@@ -272,19 +249,23 @@ def _id_map(value: str) -> str:
 
 
 def _translate(value: str) -> str:
-    # `type:base:base:count` (forbid-guest has two numbers); any one non-alphanumeric separator.
-    m = re.fullmatch(r"([A-Za-z0-9_-]*)([^A-Za-z0-9_-])(.*)", value, re.DOTALL)
-    kind = m.group(1).lower() if m else ""
-    if not m or kind not in TRANSLATE_TYPES:
-        raise ValueError(f"invalid translation {_show(value)} "
-                         f"(expected TYPE:BASE:BASE:COUNT, TYPE one of "
-                         f"{', '.join(TRANSLATE_TYPES)})")
-    parts = m.group(3).split(m.group(2))
-    if len(parts) != TRANSLATE_TYPES[kind] or not all(
-            re.fullmatch(r"[0-9]+", p) and int(p) < 1 << 32 for p in parts):
-        raise ValueError(f"invalid translation {_show(value)} "
-                         f"({kind} takes {TRANSLATE_TYPES[kind]} numbers)")
-    return ":".join([kind, *(str(int(p)) for p in parts)])
+    # virtiofsd's syntax and messages (common/idmap.py); normalised to "type:a:b[:c]".
+    try:
+        return str(idmap.Rule.parse(value))
+    except idmap.IdMapError as e:
+        raise ValueError(str(e)) from None
+
+
+def _thread_pool_size(value: str | int) -> int:
+    # virtiofsd: 0 serves a queue in its own thread, N hands its requests to N threads.  Here
+    # one worker process serves each queue, one request at a time: 0 and 1 both say exactly
+    # that; more is refused rather than ignored (--request-queues gives parallel requests).
+    size = _uint()(value)
+    if size > 1:
+        raise ValueError(f"value {size} is not supported: each queue is served by one worker "
+                         "process, one request at a time (0 or 1); use --request-queues=N for "
+                         "requests served in parallel")
+    return size
 
 
 def _modcaps(value: str) -> str:
@@ -297,43 +278,11 @@ def _modcaps(value: str) -> str:
     return value
 
 
-_XATTR_TYPES = ("prefix", "ok", "bad", "unsupported", "map")
-_XATTR_SCOPES = ("all", "client", "server")
-
-
 def _xattrmap(value: str) -> str:
-    """Syntax check of an xattr mapping: rules `:type:scope:key:prepend:` or `:map:key:prepend:`,
-    each with its own delimiter, separated by whitespace; only the last rule may be `map`."""
-    text = value.strip()
-    pos, rules = 0, 0
-    while pos < len(text):
-        if text[pos].isspace():
-            pos += 1
-            continue
-        rules += 1
-        delim = text[pos]
-        end = pos + 1
-        fields: list[str] = []
-        want = 3
-        while len(fields) < want:
-            nxt = text.find(delim, end)
-            if nxt < 0:
-                raise ValueError(f"xattrmap rule {rules} is incomplete")
-            fields.append(text[end:nxt])
-            end = nxt + 1
-            if len(fields) == 1:
-                if fields[0] not in _XATTR_TYPES:
-                    raise ValueError(f"xattrmap rule {rules}: invalid type {_show(fields[0])} "
-                                     f"(expected {', '.join(_XATTR_TYPES)})")
-                want = 3 if fields[0] == "map" else 4
-            elif len(fields) == 2 and want == 4 and fields[1] not in _XATTR_SCOPES:
-                raise ValueError(f"xattrmap rule {rules}: invalid scope {_show(fields[1])} "
-                                 f"(expected {', '.join(_XATTR_SCOPES)})")
-        if fields[0] == "map" and text[end:].strip():
-            raise ValueError(f"xattrmap rule {rules}: a map rule must be the last rule")
-        pos = end
-    if not rules:
-        raise ValueError("xattrmap has no rules")
+    """An xattr mapping (common/xattrmap.py): rules `:type:scope:key:prepend:` or
+    `:map:key:prepend:`, each with its own delimiter, separated by whitespace; only the last
+    rule may be `map`."""
+    xattrmap.parse(value)       # XattrMapError is a ValueError
     return value
 
 
@@ -345,7 +294,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "shared_dir": _nonempty,
     "tag": _tag,
     "cache": lambda v: CacheMode(_choice(list(CacheMode), fold=True)(v)),
-    "thread_pool_size": _uint(),
+    "thread_pool_size": _thread_pool_size,
     "rlimit_nofile": _uint(),
     "log_level": _choice(LOG_LEVELS, fold=True),
     "sandbox": _choice(SANDBOX_MODES, fold=True),
@@ -427,7 +376,8 @@ def _build_parser() -> _Parser:
     value("socket_path", "vhost-user socket path")
     value("socket_group", "name of group for the vhost-user socket")
     value("fd", "file descriptor for the listening (not yet connected) socket")
-    value("thread_pool_size", "maximum thread pool size [default: 0]")
+    value("thread_pool_size", "threads serving each queue: 0 or 1, each queue's worker process "
+          "serves its requests one at a time [default: 0]")
     flag("xattr", "enable support for extended attributes")
     flag("posix_acl", "enable support for posix ACLs (implies --xattr)")
     value("xattrmap", "rules translating extended attributes between host and guest")
@@ -643,10 +593,10 @@ def parse(argv: Sequence[str], *, activated_fd: int | None = None) -> Config | A
         values["inode_file_handles"] = "prefer"
         deprecations.append("use of deprecated value 'fallback' for '--inode-file-handles': "
                             "use 'prefer' instead")
-    # virtiofsd: --posix-acl and --security-label turn --xattr on.  --xattrmap does not here:
-    # without the map applied, that would pass every raw name through (and it is refused at
-    # start until implemented, refuse_unimplemented_security()).
-    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"])
+    # virtiofsd: --posix-acl, --security-label and --xattrmap turn --xattr on.  With a map, only
+    # the names its rules let through reach the host (common/xattrmap.py).
+    values["xattr"] = bool(values["xattr"] or values["posix_acl"] or values["security_label"]
+                           or values["xattrmap"] is not None)
     values["deprecations"] = tuple(deprecations)
     _check_combination(values)
     return Config(**values)
@@ -666,6 +616,11 @@ def _check_combination(v: dict[str, Any]) -> None:
     if v["posix_acl"] and (v["translate_uid"] or v["translate_gid"]):
         raise ConfigError("--translate-uid/--translate-gid cannot be used with --posix-acl: "
                           "translating IDs would break posix ACLs")
+    for name, what in (("translate_uid", "UID"), ("translate_gid", "GID")):
+        try:
+            idmap.check_rules(v[name], what)
+        except idmap.IdMapError as e:
+            raise ConfigError(f"{_opt(name)}: {e}") from None
     if v["migration_mode"] == "file-handles":
         for name in ("migration_verify_handles", "migration_confirm_paths"):
             if v[name]:

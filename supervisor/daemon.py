@@ -72,6 +72,14 @@ def fs_options(config: Config) -> FsOptions:
         allow_device_nodes=config.allow_device_nodes,
         announce_submounts=config.announce_submounts,
         readdirplus=config.use_readdirplus,
+        translate_uid=config.translate_uid,
+        translate_gid=config.translate_gid,
+        xattrmap=config.xattrmap,
+        posix_acl=config.posix_acl,
+        security_label=config.security_label,
+        killpriv_v2=config.killpriv_v2,
+        preserve_noatime=config.preserve_noatime,
+        allow_mmap=config.allow_mmap,
     )
 
 
@@ -177,7 +185,8 @@ class Supervisor:
                               lambda tables: PassthroughFs(tables, proc_fd, options),
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
-                              poll_us=self.config.poll_us, stats=self.stats)
+                              poll_us=self.config.poll_us, stats=self.stats,
+                              options=options)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

@@ -47,6 +47,7 @@ from typing import NamedTuple
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.frontend import (
     ANCHOR,
+    DEFAULT_INIT_FLAGS,
     DaemonGone,
     Frontend,
     FuseClient,
@@ -70,6 +71,9 @@ class Divergence(AssertionError):
 # Differences that are intended, by key.  Each key is a row of docs/differences.md; the
 # generator and the tests name the key wherever they accept or work around the difference.
 KNOWN_DIFFERENCES: dict[str, str] = {
+    "translate-forbidden-caller": "with --translate-uid/-gid, a request by a forbidden guest id "
+                                  "that creates nothing runs as the overflow id (65534); "
+                                  "virtiofsd runs it as itself",
     "init-minor": "INIT answers FUSE 7.45; virtiofsd 1.13 answers 7.38",
     "access-root-search": "ACCESS answers what access(2) on the host answers: root may "
                           "search any directory; virtiofsd says EACCES for X_OK on a directory "
@@ -162,6 +166,7 @@ class Side:
     init_out: fa.InitOut | None = None
     starts: int = 0
     no_copy_range_64: bool = False    # what a kernel remembers after ENOSYS
+    init_flags: int = DEFAULT_INIT_FLAGS   # what the "kernel" offers at INIT
 
     @property
     def log(self) -> Path:
@@ -174,7 +179,7 @@ class Side:
         try:
             self.fe = Frontend.connect(sock, process=self.proc, timeout=REPLY_TIMEOUT)
             self.client = FuseClient(self.fe)
-            self.init_out = self.client.init()
+            self.init_out = self.client.init(flags=self.init_flags)
         except BaseException:
             self.stop()
             raise
@@ -214,7 +219,8 @@ class DaemonPair:
     """
 
     def __init__(self, extra: Sequence[str] = ("--xattr",),
-                 planes: tuple[str, str] | None = None) -> None:
+                 planes: tuple[str, str] | None = None,
+                 init_flags: int = DEFAULT_INIT_FLAGS) -> None:
         self.base = Path(tempfile.mkdtemp(prefix="vfsdiff-"))
         os.chmod(self.base, 0o755)
         self.examples = 0
@@ -250,7 +256,7 @@ class DaemonPair:
         if planes:
             names = [f"{p}-plane" + (f"-{i}" if planes[0] == planes[1] else "")
                      for i, p in enumerate(planes)]
-            self.sides = tuple(Side(n, ours(share, plane), share, self.base)
+            self.sides = tuple(Side(n, ours(share, plane), share, self.base, init_flags=init_flags)
                                for n, plane, share in zip(names, planes, shares, strict=True))
             return
         py_share, rs_share = shares
@@ -259,8 +265,9 @@ class DaemonPair:
             return anchor_argv(sock, str(rs_share), "--log-level=warn", *extra)
 
         # Against the Rust virtiofsd, pyvirtiofsd runs its default and fastest plane.
-        self.sides = (Side("pyvirtiofsd", ours(py_share, "native"), py_share, self.base),
-                      Side("virtiofsd", anchor, rs_share, self.base))
+        self.sides = (Side("pyvirtiofsd", ours(py_share, "native"), py_share, self.base,
+                           init_flags=init_flags),
+                      Side("virtiofsd", anchor, rs_share, self.base, init_flags=init_flags))
 
     @staticmethod
     def available() -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -416,3 +417,97 @@ def test_daemon_death_fails_requests_instead_of_hanging(tmp_path, daemon_factory
             assert any("closed the vhost-user connection" in e for e in b.errors)
     finally:
         os.rmdir(mntdir)
+
+
+# --- --posix-acl through a real kernel client ---------------------------------------------------
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_* value: version 2, then (tag, perm, id) entries in tag order."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+_UNDEFINED = 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("kind", ["pyvirtiofsd", "virtiofsd"])
+def test_posix_acls_through_the_kernel(kind, tmp_path, share, daemon_factory):
+    """--posix-acl with the host kernel as the FUSE client: a named-user ACL lets user 1000 read
+    a 0600 file and write into a 0755 directory; a default ACL is inherited by what is created
+    under it and replaces the creator's umask; elsewhere the umask applies (DONT_MASK)."""
+    mntdir = tempfile.mkdtemp(prefix="vfsmnt-")
+    os.chmod(mntdir, 0o755)
+    mnt = Path(mntdir) / "mnt"
+    mnt.mkdir()
+    os.chmod(share, 0o755)
+    if kind == "pyvirtiofsd":
+        proc = daemon_factory("--posix-acl").proc
+        sock = str(tmp_path / "vfs0.sock")
+    else:
+        if not os.path.exists(ANCHOR):
+            pytest.skip(f"Rust virtiofsd anchor not installed at {ANCHOR}")
+        sock = str(tmp_path / "anchor.sock")
+        proc = start_daemon(anchor_argv(sock, str(share), "--posix-acl"),
+                            str(tmp_path / "anchor.log"))
+    try:
+        with Bridge(sock, str(mnt), queues=1, process=proc) as b:
+            (mnt / "secret").write_bytes(b"for 1000 only")
+            os.chmod(mnt / "secret", 0o600)
+            assert run("cat", str(mnt / "secret"), user=1000, check=False).returncode != 0
+            reader = _acl((1, 6, _UNDEFINED), (2, 4, 1000), (4, 0, _UNDEFINED),
+                          (0x10, 4, _UNDEFINED), (0x20, 0, _UNDEFINED))
+            os.setxattr(mnt / "secret", "system.posix_acl_access", reader)
+            assert run("cat", str(mnt / "secret"), user=1000).stdout == "for 1000 only"
+            (mnt / "d").mkdir(0o755)
+            writer = _acl((1, 7, _UNDEFINED), (2, 7, 1000), (4, 5, _UNDEFINED),
+                          (0x10, 7, _UNDEFINED), (0x20, 5, _UNDEFINED))
+            os.setxattr(mnt / "d", "system.posix_acl_access", writer)
+            os.setxattr(mnt / "d", "system.posix_acl_default", writer)
+            python("""
+                import os, sys
+                os.umask(0o077)
+                open(os.path.join(sys.argv[1], "d", "f"), "w").close()
+                open(os.path.join(sys.argv[1], "plain"), "w").close()
+                os.mkdir(os.path.join(sys.argv[1], "d", "e"))
+            """, mnt)
+            assert run("touch", str(mnt / "d" / "by1000"), user=1000).returncode == 0
+            assert b.errors == []
+        assert proc.wait(20) == 0
+    finally:
+        if kind != "pyvirtiofsd":
+            stop_daemon(proc)
+        os.rmdir(mnt)
+        os.rmdir(mntdir)
+    modes = {n: stat.S_IMODE(os.lstat(share / n).st_mode)
+             for n in ("plain", "d/f", "d/e", "d/by1000")}
+    # The default ACL, not the umask, decides under d (mask rwx: group class rwx).
+    assert modes == {"plain": 0o600, "d/f": 0o664, "d/e": 0o775, "d/by1000": 0o664}
+    assert os.getxattr(share / "d" / "e", "system.posix_acl_default") == writer
+    assert os.lstat(share / "d" / "by1000").st_uid == 1000
+
+
+def test_translated_ids_through_the_kernel(tmp_path, share, daemon_factory):
+    """--translate-uid/--translate-gid with the host kernel as the FUSE client: files made by
+    any user land as the squashed host ids, and host ids mapped back show as guest ids."""
+    mntdir = tempfile.mkdtemp(prefix="vfsmnt-")
+    os.chmod(mntdir, 0o755)
+    mnt = Path(mntdir) / "mnt"
+    mnt.mkdir()
+    os.chmod(share, 0o777)
+    (share / "hosts").write_bytes(b"")
+    os.chown(share / "hosts", 4321, 4321)
+    d = daemon_factory("--translate-uid=squash-guest:0:4321:4294967295",
+                       "--translate-gid=squash-guest:0:4321:4294967295",
+                       "--translate-uid=host:4321:1000:1", "--translate-gid=host:4321:1000:1")
+    try:
+        with Bridge(d.socket, str(mnt), queues=1, process=d.proc) as b:
+            assert os.lstat(mnt / "hosts")[4:6] == (1000, 1000)
+            run("touch", str(mnt / "by-root"))
+            run("mkdir", str(mnt / "by-1002"), user=1002)
+            assert os.lstat(mnt / "by-root")[4:6] == (1000, 1000)
+            assert b.errors == []
+        assert d.proc.wait(20) == 0
+    finally:
+        os.rmdir(mnt)
+        os.rmdir(mntdir)
+    assert os.lstat(share / "by-root")[4:6] == os.lstat(share / "by-1002")[4:6] == (4321, 4321)

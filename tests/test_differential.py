@@ -24,6 +24,7 @@ import errno
 import os
 import re
 import stat
+import struct
 from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
@@ -68,7 +69,7 @@ from tests.differential import (
     owner_or_root,
     seed_tree,
 )
-from tests.frontend import DaemonGone, FuseReply, ReplyTimeout
+from tests.frontend import DEFAULT_INIT_FLAGS, DaemonGone, FuseReply, ReplyTimeout
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "differences.md"
 LONG_RUN = "DIFF_EXAMPLES" in os.environ
@@ -1001,8 +1002,8 @@ def _short(b: bytes) -> str:
     return repr(b) if len(b) <= 48 else f"{b[:40]!r}... ({len(b)} bytes)"
 
 
-def _pair(*extra: str):
-    p = DaemonPair(extra)
+def _pair(*extra: str, init_flags: int = DEFAULT_INIT_FLAGS):
+    p = DaemonPair(extra, init_flags=init_flags)
     p.start()
     yield p
     # Shown with -s or -rP: how much each opcode was exercised.
@@ -1187,3 +1188,234 @@ def test_every_known_difference_is_documented():
     assert rows == set(KNOWN_DIFFERENCES), (
         f"docs/differences.md rows {sorted(rows)} != KNOWN_DIFFERENCES "
         f"{sorted(KNOWN_DIFFERENCES)}")
+
+
+# --translate-uid/--translate-gid: guest 1000..1002 <-> host 2000..2002, guest 1003 may own
+# nothing, host 5000..5009 shown as 1002; gids 1000..1002 <-> 3000..3002, guest 1003 -> 3003.
+TRANSLATE = ("--translate-uid=map:1000:2000:3", "--translate-uid=forbid-guest:1003:1",
+             "--translate-uid=squash-host:5000:1002:10", "--translate-gid=map:1000:3000:3",
+             "--translate-gid=guest:1003:3003:1")
+
+
+@pytest.fixture(scope="module")
+def translate_pair():
+    yield from _pair("--xattr", *TRANSLATE)
+
+
+def test_translated_ids_agree(translate_pair):
+    """Owners of what guests create, chown's new owner, forbidden ids (EIO on both) and the
+    owners every reply shows, with virtiofsd's translation rules."""
+    m = DiffMachine(translate_pair)
+    a, b, forbidden = Cred(1000, 1000), Cred(1001, 1002), Cred(1003, 1003)
+    m.mkdir(("d",), 0o777, 0, a)
+    m._release(m._create(("d", "f"), 0o666, 0, os.O_RDWR | os.O_CREAT, b))
+    m.mknod(("d", "p"), "fifo", 0o644, 0, b)
+    m.symlink(("d", "l"), "f", a)
+    m.mkdir(("g",), 0o755, 0, forbidden)
+    assert m._create(("h",), 0o644, 0, os.O_RDWR | os.O_CREAT, forbidden) is None
+    m.chown(("d", "f"), 1002, 1001, ROOT)
+    m.chown(("d", "l"), 1003, None, ROOT)
+    m.chown(("d", "p"), None, 1003, ROOT)
+    for host in m.hosts:
+        os.chown(os.path.join(host, "d"), 5003, 3001)
+    m.getattr(("d",), ROOT)
+    m.lookup(("d", "f"), ROOT)
+    (dh,) = m.opendir(("d",), ROOT).values
+    m.readdir(dh, True, 4096)
+    m.teardown()
+    owners = {n: os.lstat(m.host(("d", n)))[4:6] for n in "fpl"}
+    assert owners == {"f": (2002, 3001), "p": (2001, 3003), "l": (2000, 3000)}
+    assert not os.path.exists(m.host(("g",))) and not os.path.exists(m.host(("h",)))
+
+
+XATTRMAPS = {
+    "map-all": ":map::user.virtiofs.:",
+    "map-trusted": ":map:trusted.:user.virtiofs.:",
+    "rules": ":prefix:all:trusted.:user.virtiofs.: :unsupported:client:security.::"
+             " :bad:server::security.: :ok:all:user.:: :bad:all:::",
+}
+
+
+@pytest.fixture(scope="module", params=list(XATTRMAPS), ids=list(XATTRMAPS))
+def xattrmap_pair(request):
+    yield from _pair(f"--xattrmap={XATTRMAPS[request.param]}")
+
+
+def test_xattrmap_agrees(xattrmap_pair):
+    """Names sent to the host, refused (EPERM/ENOTSUP, ENODATA for GETXATTR) and listed
+    (prefixes stripped, names hidden) as virtiofsd maps them; the host trees' xattrs agree."""
+    m = DiffMachine(xattrmap_pair)
+    m._release(m._create(("f",), 0o644, 0, os.O_RDWR | os.O_CREAT, ROOT))
+    for host in m.hosts:
+        path = os.path.join(host, "f")
+        os.setxattr(path, "user.virtiofs.trusted.host", b"h")
+        os.setxattr(path, "user.plain", b"p")
+        os.setxattr(path, "trusted.raw", b"r")
+    for name in (b"user.a", b"trusted.b", b"security.c", b"user.virtiofs.d", b"other.e"):
+        m.setxattr(("f",), name, b"v-" + name, 0, ROOT)
+        m.getxattr(("f",), name, 4096, ROOT)
+    for name in (b"trusted.host", b"user.plain", b"trusted.raw", b"system.posix_acl_access"):
+        m.getxattr(("f",), name, 0, ROOT)
+        m.getxattr(("f",), name, 4096, ROOT)
+    for size in (0, 4096, 10):
+        m.listxattr(("f",), size, ROOT)
+    m.removexattr(("f",), b"trusted.b", ROOT)
+    m.removexattr(("f",), b"user.plain", ROOT)
+    m.listxattr(("f",), 4096, ROOT)
+    m.teardown()
+    host = set(os.listxattr(m.host(("f",))))
+    assert host >= {"user.virtiofs.trusted.host", "trusted.raw"}
+    assert "user.virtiofs.user.a" in host or "user.a" in host      # sent through the map
+    assert not host & {"user.virtiofs.trusted.b", "trusted.b"}     # removed through it
+
+
+def _acl(*entries: tuple[int, int]) -> bytes:
+    """A system.posix_acl_* value (version 2) of (tag, perm) entries for the owner classes."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", t, p, 0xFFFFFFFF)
+                                           for t, p in entries)
+
+
+@pytest.fixture(scope="module")
+def acl_pair():
+    yield from _pair("--posix-acl")
+
+
+def test_posix_acl_agrees(acl_pair):
+    """FUSE_POSIX_ACL with DONT_MASK: the umask applied by the host unless a default ACL is
+    inherited, ACL xattrs set, read and listed, SETXATTR_ACL_KILL_SGID."""
+    m = DiffMachine(acl_pair)
+    assert m.pair.sides[0].client.flags & fa.InitFlag.DONT_MASK
+    m.mkdir(("d",), 0o777, 0o022, ROOT)
+    m.setxattr(("d",), b"system.posix_acl_default", _acl((1, 6), (4, 6), (0x20, 4)), 0, ROOT)
+    m._release(m._create(("d", "f"), 0o666, 0o077, os.O_RDWR | os.O_CREAT, ROOT))
+    m.mkdir(("d", "e"), 0o777, 0o077, ROOT)
+    m._release(m._create(("g",), 0o666, 0o027, os.O_RDWR | os.O_CREAT, ROOT))
+    m.mknod(("p",), "fifo", 0o666, 0o022, ROOT)
+    m.chmod(("g",), 0o2775, ROOT)
+    value = _acl((1, 7), (4, 5), (0x20, 5))
+    body = (fa.SETXATTR_IN.pack(len(value), 0, fa.SETXATTR_ACL_KILL_SGID)
+            + b"system.posix_acl_access\0" + value)
+    assert m.same("SETXATTR ACL_KILL_SGID", *m.send(Opcode.SETXATTR, m.resolve(("g",), ROOT),
+                                                    body, ROOT))
+    m.getxattr(("d",), b"system.posix_acl_default", 4096, ROOT)
+    m.getxattr(("g",), b"system.posix_acl_access", 4096, ROOT)
+    m.listxattr(("d",), 4096, ROOT)
+    m.teardown()
+    assert stat.S_IMODE(os.lstat(m.host(("g",))).st_mode) == 0o755
+    assert os.getxattr(m.host(("d", "e")), "system.posix_acl_default")   # inherited
+
+
+def test_generated_sequences_posix_acl(acl_pair):
+    """The generator on a --posix-acl share: the daemons apply the umask the guest sends."""
+    run_state_machine_as_test(
+        lambda: DiffMachine(acl_pair),
+        settings=settings(max_examples=max(1, EXAMPLES // 5), stateful_step_count=STEPS,
+                          deadline=None, derandomize=not LONG_RUN, database=None,
+                          print_blob=LONG_RUN, suppress_health_check=list(HealthCheck)))
+
+
+@pytest.fixture(scope="module")
+def label_pair():
+    yield from _pair("--security-label",
+                     init_flags=DEFAULT_INIT_FLAGS | fa.InitFlag.SECURITY_CTX)
+
+
+def test_security_label_agrees(label_pair):
+    """FUSE_SECURITY_CTX: the context each creating request carries lands on the new inode;
+    one the host refuses undoes the creation on both.  (virtiofsd dies on a creating request
+    without the extension, so every request here carries one.)"""
+    pair = label_pair
+    label = fa.pack_secctx(b"security.selinux", b"system_u:object_r:foo_t:s0\0")
+    refused = fa.pack_secctx(b"user.label", b"L")
+    made: list[tuple[str, bool]] = []
+    for kind in ("dir", "reg", "fifo", "lnk"):
+        for tag, ext in (("selinux", label), ("user", refused)):
+            name = f"sl-{kind}-{tag}"
+            z = _z(name)
+            body = {"dir": fa.MKDIR_IN.pack(0o755, 0) + z,
+                    "reg": fa.CREATE_IN.pack(os.O_RDWR | os.O_CREAT, 0o644, 0, 0) + z,
+                    "fifo": fa.MKNOD_IN.pack(0o10644, 0, 0) + z, "lnk": z + b"target\0"}[kind]
+            opcode = {"dir": Opcode.MKDIR, "reg": Opcode.CREATE, "fifo": Opcode.MKNOD,
+                      "lnk": Opcode.SYMLINK}[kind]
+            rp, rr = pair.both(lambda i, s, o=opcode, b=body: (o, fa.ROOT_ID, b, None), ROOT,
+                               ext)
+            assert rp.error == rr.error, (name, rp.error, rr.error)
+            made.append((name, rp.error == 0))
+    for name, ok in made:
+        seen = []
+        for side in pair.sides:
+            path = side.share / name
+            seen.append({n: os.getxattr(path, n, follow_symlinks=False)
+                         for n in os.listxattr(path, follow_symlinks=False)}
+                        if os.path.lexists(path) else None)
+        assert seen[0] == seen[1], (name, seen)
+        assert (seen[0] is not None) == ok
+    # user.* xattrs exist on regular files and directories only: the others are undone.
+    assert dict(made) == {"sl-dir-selinux": True, "sl-dir-user": True, "sl-reg-selinux": True,
+                          "sl-reg-user": True, "sl-fifo-selinux": True, "sl-fifo-user": False,
+                          "sl-lnk-selinux": True, "sl-lnk-user": False}
+
+
+@pytest.fixture(scope="module")
+def killpriv_pair():
+    yield from _pair("--xattr", "--killpriv-v2", "--allow-mmap", "--cache=never",
+                     "--preserve-noatime")
+
+
+def test_killpriv_v2_agrees(killpriv_pair):
+    """INIT with HANDLE_KILLPRIV_V2 and DIRECT_IO_ALLOW_MMAP; set-id bits dropped where the
+    guest's flags ask (WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID, OPEN_KILL_SUIDGID), by root and
+    by a writer who does not own the file, and kept where they do not."""
+    py, rs = (s.init_out for s in killpriv_pair.sides)
+    assert norm_init(py) == norm_init(rs)
+    want = fa.InitFlag.HANDLE_KILLPRIV_V2 | fa.InitFlag.DIRECT_IO_ALLOW_MMAP
+    assert py.all_flags & want == want
+    m = DiffMachine(killpriv_pair)
+    user = USERS[0]
+    names = ("root-w", "root-t", "root-o", "user-w", "user-t", "keep")
+    for name in names:
+        m._release(m._create((name,), 0o666, 0, os.O_RDWR | os.O_CREAT, ROOT))
+        m.chmod((name,), 0o6777, ROOT)
+    for name, cred in (("root-w", ROOT), ("user-w", user), ("keep", ROOT)):
+        nodes = m.resolve((name,), ROOT)
+        rp, rr = m.send(Opcode.OPEN, nodes, fa.OPEN_IN.pack(os.O_RDWR, 0), cred)
+        assert m.same(f"OPEN {name}", rp, rr)
+        fhs = [fa.OpenOut.unpack(r.body).fh for r in (rp, rr)]
+        flags = 0 if name == "keep" else fa.WRITE_KILL_SUIDGID
+        rp, rr = killpriv_pair.both(lambda i, s, n=nodes, f=fhs, w=flags: (
+            Opcode.WRITE, n[i], [fa.WRITE_IN.pack(f[i], 0, 1, w, 0, os.O_RDWR), b"x"], None),
+            cred)
+        assert m.same(f"WRITE {name}", rp, rr)
+        for i, side in enumerate(killpriv_pair.sides):
+            side.client.release(nodes[i], fhs[i])
+    for name, cred in (("root-t", ROOT), ("user-t", user)):
+        body = fa.SetattrIn(fa.SetattrValid.SIZE | fa.SetattrValid.KILL_SUIDGID, size=1).pack()
+        m.attr(f"SETATTR {name}", *m.send(Opcode.SETATTR, m.resolve((name,), ROOT), body, cred))
+    nodes = m.resolve(("root-o",), ROOT)
+    rp, rr = m.send(Opcode.OPEN, nodes, fa.OPEN_IN.pack(os.O_RDWR | os.O_TRUNC,
+                                                        fa.OPEN_KILL_SUIDGID), ROOT)
+    assert m.same("OPEN O_TRUNC", rp, rr)
+    for i, side in enumerate(killpriv_pair.sides):
+        side.client.release(nodes[i], fa.OpenOut.unpack((rp, rr)[i].body).fh)
+    m.teardown()
+    modes = {n: stat.S_IMODE(os.lstat(m.host((n,))).st_mode) for n in names}
+    assert modes == {"root-w": 0o777, "root-t": 0o777, "root-o": 0o777, "user-w": 0o777,
+                     "user-t": 0o777, "keep": 0o6777}
+
+
+_EVERY_INIT_FLAG = sum(int(f) for f in fa.InitFlag)
+
+
+@pytest.fixture(scope="module")
+def everything_pair():
+    yield from _pair("--xattr", "--killpriv-v2", "--allow-mmap", "--posix-acl",
+                     "--security-label", init_flags=_EVERY_INIT_FLAG)
+
+
+def test_init_with_every_flag_offered(everything_pair):
+    """A kernel offering every INIT flag, every flag option on: pyvirtiofsd negotiates what
+    virtiofsd 1.13 does but ALLOW_IDMAP (docs/differences.md, "INIT flags")."""
+    py, rs = (s.init_out for s in everything_pair.sides)
+    assert rs.all_flags & ~py.all_flags == fa.InitFlag.ALLOW_IDMAP
+    assert py.all_flags & ~rs.all_flags == 0
+    assert norm_init(py._replace(flags=0, flags2=0)) == norm_init(rs._replace(flags=0, flags2=0))

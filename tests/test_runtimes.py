@@ -312,8 +312,11 @@ def test_kubevirt_unprivileged_container(pod_dir: Path) -> None:
 
 
 def test_kubevirt_privileged_dispatcher(tmp_path: Path, share: Path) -> None:
-    """The privileged dispatcher's execve: root, chroot sandbox, an empty environment."""
+    """The privileged dispatcher's execve: root, chroot sandbox, an empty environment.  Every
+    guest id is squashed onto qemu's 107, which owns the volume as in virt-launcher: the guest's
+    root makes a directory there, owned by 107 on the host."""
     sock = str(tmp_path / "vol.sock")
+    os.chown(share, 107, 107)
     args = ["--socket-path", sock, "--shared-dir", str(share), "--cache", "auto",
             "--sandbox", "chroot", "--modcaps=+dac_read_search:-mknod",
             "--inode-file-handles=prefer", "--migration-mode=file-handles",
@@ -327,6 +330,8 @@ def test_kubevirt_privileged_dispatcher(tmp_path: Path, share: Path) -> None:
         stderr.wait_for(WAITING)
         family = _family(proc.pid)
         fe = _serve_once(sock, share, proc)
+        made = (share / "made-by-guest").stat()
+        assert (made.st_uid, made.st_gid) == (107, 107)
         fe.close()
         assert proc.wait(timeout=TIMEOUT) == 0
         _wait_gone(family)

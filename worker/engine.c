@@ -150,6 +150,10 @@ void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
     e->root_fd = -1;
 }
 
+void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer) {
+    e->defer = defer;
+}
+
 void vfs_engine_fini(struct vfs_engine *e) {
     free(e->dirbuf);
     e->dirbuf = NULL;
@@ -425,9 +429,11 @@ static int pop(struct vfs_engine *e) {
 #define SYS_IOV_MAX 1024
 
 enum {
-    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPENDIR = 27, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
-    OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_BATCH_FORGET = 42,
-    OP_READDIRPLUS = 44,
+    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_SETATTR = 4, OP_SYMLINK = 6, OP_MKNOD = 8,
+    OP_MKDIR = 9, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17, OP_RELEASE = 18,
+    OP_SETXATTR = 21, OP_GETXATTR = 22, OP_LISTXATTR = 23, OP_REMOVEXATTR = 24, OP_FLUSH = 25,
+    OP_INIT = 26, OP_OPENDIR = 27, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_CREATE = 35,
+    OP_BATCH_FORGET = 42, OP_READDIRPLUS = 44, OP_TMPFILE = 51,
 };
 #define WRITE_CACHE 1u
 #define WRITE_KILL_SUIDGID 4u
@@ -1224,7 +1230,49 @@ static int64_t do_batch_forget(struct vfs_engine *e, uint64_t body_len) {
 
 /* Serve the request in e->in natively: the used length, or DEFER to hand it to Python.  The
  * checks before the switch are FuseServer.handle's, in its order. */
+/* Does an active option the native handlers do not implement change this request?  Then
+ * Python serves it.  What a native handler must do to serve it instead:
+ *  IDS       map the caller's uid/gid/groups guest->host before acting as them (a forbidden
+ *            id: EIO for CREATE/MKNOD/MKDIR/SYMLINK and a SETATTR owner, else the overflow
+ *            id), map SETATTR's uid/gid, and the owners of every attr it replies host->guest.
+ *            Every request but FORGET carries credentials or replies attributes.
+ *  XATTR     translate names by the xattr map (GETXATTR/SETXATTR/REMOVEXATTR; LISTXATTR
+ *            filters and renames), and the ACL/label rules of --posix-acl/--security-label.
+ *  CREATE    apply the umask itself when the parent has no default ACL (FUSE_DONT_MASK) and
+ *            set the security context a FUSE_SECURITY_CTX extension carries on the new inode.
+ *  OPEN      keep O_NOATIME in the open flags with --preserve-noatime (it is stripped
+ *            otherwise).  (--allow-mmap only adds DIRECT_IO_ALLOW_MMAP at INIT, which Python
+ *            answers: nothing for the engine to do.)
+ *  KILLPRIV  with HANDLE_KILLPRIV_V2 negotiated, drop S_ISUID (and S_ISGID when group-
+ *            executable) on WRITE with WRITE_KILL_SUIDGID, SETATTR size with
+ *            FATTR_KILL_SUIDGID (and no mode), OPEN/CREATE with O_TRUNC and
+ *            OPEN_KILL_SUIDGID -- also for a caller whose fsuid keeps CAP_FSETID; with a map that
+ *            renames security.capability, remove the renamed xattr on those same requests
+ *            (passthrough.py, _drop_mapped_caps).
+ * Always, whatever the options: without --posix-acl the ACL xattr names are refused
+ * (ENOTSUP) and left out of LISTXATTR, and LISTXATTR's size is the host list's. */
+static int deferred_by_options(const struct vfs_engine *e) {
+    uint32_t op = e->in.opcode, d = e->defer;
+    if (d == 0 || op == OP_INIT)
+        return 0;
+    if ((d & VFS_DEFER_IDS) && op != OP_FORGET && op != OP_BATCH_FORGET)
+        return 1;
+    if ((d & VFS_DEFER_XATTR) && op >= OP_SETXATTR && op <= OP_REMOVEXATTR)
+        return 1;
+    if ((d & VFS_DEFER_CREATE) && (op == OP_CREATE || op == OP_MKNOD || op == OP_MKDIR ||
+                                   op == OP_SYMLINK || op == OP_TMPFILE))
+        return 1;
+    if ((d & VFS_DEFER_OPEN) && (op == OP_OPEN || op == OP_CREATE))
+        return 1;
+    if ((d & VFS_DEFER_KILLPRIV) && (op == OP_WRITE || op == OP_SETATTR || op == OP_OPEN ||
+                                     op == OP_CREATE))
+        return 1;
+    return 0;
+}
+
 static int64_t serve_native(struct vfs_engine *e) {
+    if (deferred_by_options(e))
+        return DEFER;
     const struct vfs_engine_fs *fs = &e->fs;
     if (!fs->enabled || e->arena == NULL || fs->session == NULL
             || !(__atomic_load_n(fs->session, __ATOMIC_ACQUIRE) & 1))

@@ -14,6 +14,17 @@
 
 #define VFS_ENGINE_MAX_REGIONS 64       /* vhost-user memory slots (the control channel's 32) */
 
+/* Daemon options the native handlers do not implement (vfs_engine_set_defer()).  Each bit
+ * hands to Python every request the option changes; Python implements every option.
+ * What a native handler must do before it may serve such a request is in engine.c. */
+enum vfs_engine_defer {
+    VFS_DEFER_IDS = 1u << 0,        /* --translate-uid/-gid: credentials and owners */
+    VFS_DEFER_XATTR = 1u << 1,      /* --xattrmap, --posix-acl, --security-label: xattr names */
+    VFS_DEFER_CREATE = 1u << 2,     /* --posix-acl, --security-label: creating requests */
+    VFS_DEFER_OPEN = 1u << 3,       /* --preserve-noatime, --allow-mmap: open flags and replies */
+    VFS_DEFER_KILLPRIV = 1u << 4,   /* --killpriv-v2: set-id and capability clearing */
+};
+
 /* What vfs_engine_run() stopped for. */
 enum vfs_engine_status {
     VFS_ENGINE_EMPTY = 0,     /* ring empty and notifications re-enabled (or no ring) */
@@ -85,6 +96,7 @@ struct vfs_engine {
     char root_path[4096];
     uint8_t *dirbuf;          /* getdents64 buffer, allocated at the first READDIRPLUS */
     uint32_t poll_us, spin_us; /* --poll-us, and the busy-poll window it adapts to */
+    uint32_t defer;           /* enum vfs_engine_defer bits */
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };
@@ -105,6 +117,8 @@ int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64
                       uint64_t used, uint16_t next_avail, int event_idx, int indirect);
 void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
+/* Hand to Python every request the options in `defer` (enum vfs_engine_defer) affect. */
+void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer);
 /* Serve the ring until one of enum vfs_engine_status happens. */
 int  vfs_engine_run(struct vfs_engine *e);
 /* vfs_engine_run(), and while the ring is empty, wait in poll(2) for a kick on `kick_fd` (-1:

@@ -14,7 +14,12 @@ from __future__ import annotations
 import enum
 import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pyvirtiofsd.common.xattrmap import XattrMap
+
+if TYPE_CHECKING:
+    from pyvirtiofsd.worker.filesystem import FsOptions
 
 _MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
 ENV_VARIANT = "PYVIRTIOFSD_ENGINE"
@@ -54,6 +59,48 @@ class Status(enum.IntEnum):
     BROKEN = 4
 
 
+class Defer(enum.IntFlag):
+    """Options the native handlers do not implement (enum vfs_engine_defer): every request one
+    of them changes goes to the Python FuseServer, which implements all of them."""
+
+    IDS = 1 << 0
+    XATTR = 1 << 1
+    CREATE = 1 << 2
+    OPEN = 1 << 3
+    KILLPRIV = 1 << 4
+
+
+def defer_for(options: FsOptions | None) -> Defer:
+    """What the engine must hand to Python under these filesystem options."""
+    d = Defer(0)
+    if options is None:
+        return d
+    if options.translate_uid or options.translate_gid:
+        d |= Defer.IDS
+    if options.posix_acl:
+        d |= Defer.XATTR | Defer.CREATE
+    if options.security_label:
+        d |= Defer.CREATE
+    if options.killpriv_v2:
+        d |= Defer.KILLPRIV
+    if options.preserve_noatime:
+        d |= Defer.OPEN
+    if options.xattrmap is not None:
+        d |= Defer.XATTR
+        if renames_capability(options.xattrmap):
+            # The daemon drops the renamed security.capability where the kernel would.
+            d |= Defer.KILLPRIV
+    return d
+
+
+def renames_capability(xattrmap: str) -> bool:
+    """Does this --xattrmap give the guest's security.capability another name on the host?"""
+    try:
+        return XattrMap(xattrmap).to_host(b"security.capability") != b"security.capability"
+    except OSError:
+        return False
+
+
 class EngineError(ValueError):
     """The engine refused a region table or a ring (the message says which)."""
 
@@ -75,11 +122,13 @@ class Engine:
 
     __slots__ = ("_e", "_views")
 
-    def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0) -> None:
+    def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0,
+                 defer: int = 0) -> None:
         load()
         self._e = ffi.new("struct vfs_engine *")
         lib.vfs_engine_init(self._e, channel_fd, ffi.cast("struct vfs_jq *", journal),
                             ffi.cast("struct vfs_arena *", arena), queue)
+        lib.vfs_engine_set_defer(self._e, int(defer))
         self._views = ffi.buffer
 
     def close(self) -> None:
@@ -154,6 +203,10 @@ class Engine:
     def poll_us(self, us: int) -> None:
         """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
         lib.vfs_engine_set_poll_us(self._e, us)
+
+    @property
+    def defer(self) -> Defer:
+        return Defer(self._e.defer)
 
     @property
     def poll_every(self) -> int:

@@ -32,6 +32,10 @@ enum vfs_engine_status {
     VFS_ENGINE_EMPTY = 0, VFS_ENGINE_CONTROL = 1, VFS_ENGINE_DEFER = 2, VFS_ENGINE_WALK = 3,
     VFS_ENGINE_BROKEN = 4,
 };
+enum vfs_engine_defer {
+    VFS_DEFER_IDS = 1, VFS_DEFER_XATTR = 2, VFS_DEFER_CREATE = 4, VFS_DEFER_OPEN = 8,
+    VFS_DEFER_KILLPRIV = 16,
+};
 struct iovec { void *iov_base; size_t iov_len; };
 struct vfs_engine_region { uint64_t gpa, size, uaddr; uint8_t *host; };
 struct vfs_fuse_in {
@@ -79,6 +83,7 @@ struct vfs_engine {
     char root_path[4096];
     uint8_t *dirbuf;
     uint32_t poll_us, spin_us;
+    uint32_t defer;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
@@ -92,6 +97,7 @@ int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64
                       uint64_t used, uint16_t next_avail, int event_idx, int indirect);
 void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
+void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer);
 int  vfs_engine_run(struct vfs_engine *e);
 int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);

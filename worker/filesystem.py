@@ -28,7 +28,8 @@ class Context:
     """Who asks: the caller's ids from fuse_in_header, plus extension data.
 
     `groups` are the supplementary groups of a FUSE_EXT_GROUPS extension (protocol.md 4.9),
-    `umask` the caller's umask for creation requests (0 otherwise).
+    `umask` the caller's umask for creation requests (0 otherwise), `secctx` the (xattr name,
+    value) of a security context extension (FUSE_SECURITY_CTX) to set on the inode created.
     """
 
     uid: int
@@ -36,6 +37,7 @@ class Context:
     pid: int
     umask: int = 0
     groups: tuple[int, ...] = ()
+    secctx: tuple[bytes, bytes] | None = None
 
 
 class Entry(NamedTuple):
@@ -70,6 +72,22 @@ class FsOptions:
     allow_device_nodes: bool = False
     announce_submounts: bool = True
     readdirplus: bool = True
+    # Id translation rules, canonical "type:a:b[:c]" (common/idmap.py); applied by the FUSE
+    # server where requests and replies cross between guest and host ids.
+    translate_uid: tuple[str, ...] = ()
+    translate_gid: tuple[str, ...] = ()
+    # --xattrmap rules (common/xattrmap.py), applied to every xattr name; None: names as they are.
+    xattrmap: str | None = None
+    # POSIX ACLs (FUSE_POSIX_ACL): without it the ACL xattrs are refused and hidden (virtiofsd).
+    posix_acl: bool = False
+    # Security labels (FUSE_SECURITY_CTX): the context a creating request carries is set.
+    security_label: bool = False
+    # FUSE_HANDLE_KILLPRIV_V2: the guest leaves dropping set-id bits to the daemon.
+    killpriv_v2: bool = False
+    # Keep the guest's O_NOATIME (virtiofsd clears it by default).
+    preserve_noatime: bool = False
+    # FUSE_DIRECT_IO_ALLOW_MMAP: shared mmap of files opened with FOPEN_DIRECT_IO.
+    allow_mmap: bool = False
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

@@ -27,6 +27,7 @@ session).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import mmap
@@ -37,9 +38,10 @@ import time
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.fuse_abi import InitFlag, Opcode
+from pyvirtiofsd.common.idmap import IdMap
 from pyvirtiofsd.common.stats import QueueStats
 from pyvirtiofsd.worker.chain import ChainTooShort, Reader, Writer
-from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem
+from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem, FsOptions
 
 log = logging.getLogger("pyvirtiofsd.fuse")
 
@@ -66,6 +68,8 @@ _ENTRY_PACK = fa.ENTRY_OUT.pack
 _NO_REPLY = frozenset((Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT,
                        Opcode.NOTIFY_REPLY))
 _NS = 1_000_000_000
+# Requests whose caller becomes the owner of a new inode (IdTranslation).
+_OWNING = frozenset((Opcode.CREATE, Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK))
 _now_ns = time.monotonic_ns
 # What an opcode handler returns: the reply body, the length of a body it already placed in the
 # Writer after a reserved header (READ), or None for no reply at all.
@@ -128,22 +132,57 @@ def _split_time(t: float) -> tuple[int, int]:
     return s, int((t - s) * _NS)
 
 
-def attr_fields(st: os.stat_result, flags: int = 0) -> tuple:
-    """fuse_attr fields (fa.ATTR order) of a stat result."""
+class IdTranslation:
+    """--translate-uid/--translate-gid at the wire (common/idmap.py): the ids a request carries
+    become host ids before the filesystem sees them, the owners in every reply guest ids.
+
+    Where a request would make a guest id own something on the host -- the caller of CREATE,
+    MKNOD, MKDIR and SYMLINK, the owner SETATTR gives -- a forbidden id fails the request with
+    EIO, as virtiofsd answers it (its error carries no errno).  Any other request of a caller
+    with a forbidden id runs as the overflow id (nobody), as an id without a mapping does in a
+    user namespace: virtiofsd runs those as itself, this daemon never does.
+    """
+
+    __slots__ = ("uids", "gids")
+
+    def __init__(self, uids: IdMap, gids: IdMap) -> None:
+        self.uids = uids
+        self.gids = gids
+
+    @classmethod
+    def of(cls, options: FsOptions | None) -> IdTranslation | None:
+        if options is None or not (options.translate_uid or options.translate_gid):
+            return None
+        return cls(IdMap(options.translate_uid, "UID"), IdMap(options.translate_gid, "GID"))
+
+    def caller(self, uid: int, gid: int, pid: int, groups: tuple[int, ...],
+               owner: bool) -> Context:
+        if owner:
+            return Context(self.uids.to_host(uid), self.gids.to_host(gid), pid, 0,
+                           tuple(map(self.gids.to_host, groups)))
+        return Context(self.uids.to_host_or_overflow(uid), self.gids.to_host_or_overflow(gid),
+                       pid, 0, tuple(map(self.gids.to_host_or_overflow, groups)))
+
+
+def attr_fields(st: os.stat_result, flags: int = 0, ids: IdTranslation | None = None) -> tuple:
+    """fuse_attr fields (fa.ATTR order) of a stat result, owners as the guest sees them."""
     a_s, a_ns = divmod(st.st_atime_ns, _NS)
     m_s, m_ns = divmod(st.st_mtime_ns, _NS)
     c_s, c_ns = divmod(st.st_ctime_ns, _NS)
     # st_rdev in glibc's encoding equals the kernel's 32-bit new_encode_dev() for every
     # major < 4096 and minor < 2**20, which is what fuse_attr.rdev carries.
+    uid, gid = st.st_uid, st.st_gid
+    if ids is not None:
+        uid, gid = ids.uids.to_guest(uid), ids.gids.to_guest(gid)
     return (st.st_ino, st.st_size, st.st_blocks, a_s, m_s, c_s, a_ns, m_ns, c_ns, st.st_mode,
-            st.st_nlink, st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
+            st.st_nlink, uid, gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, flags)
 
 
-def pack_entry(e: Entry) -> bytes:
+def pack_entry(e: Entry, ids: IdTranslation | None = None) -> bytes:
     es, ens = _split_time(e.entry_timeout)
     as_, ans = _split_time(e.attr_timeout)
-    return _ENTRY_PACK(e.nodeid, e.generation, es, as_, ens, ans, *attr_fields(e.attr,
-                                                                             e.attr_flags))
+    return _ENTRY_PACK(e.nodeid, e.generation, es, as_, ens, ans,
+                       *attr_fields(e.attr, e.attr_flags, ids))
 
 
 def _unpack(st: struct.Struct, body: bytes) -> tuple:
@@ -172,8 +211,10 @@ def _two_names(payload: bytes) -> tuple[bytes, bytes]:
 
 class FuseServer:
     def __init__(self, fs: Filesystem, queue_index: int = 1,
-                 session: Session | None = None, stats: QueueStats | None = None) -> None:
+                 session: Session | None = None, stats: QueueStats | None = None,
+                 options: FsOptions | None = None) -> None:
         self.fs = fs
+        self.ids = IdTranslation.of(options)
         self.queue_index = queue_index
         self.session = session if session is not None else Session()
         self.stats = stats
@@ -253,6 +294,7 @@ class FuseServer:
         try:
             body_len = length - _IN_SIZE
             groups: tuple[int, ...] = ()
+            secctx: tuple[bytes, bytes] | None = None
             if opcode == _WRITE:
                 # Only fuse_write_in is copied; the data stays in guest memory for pwritev.
                 body = reader.read(min(body_len, _WRITE_IN_SIZE))
@@ -266,9 +308,15 @@ class FuseServer:
                     ext_len = extlen * 8
                     if ext_len > body_len:
                         raise _einval("extensions longer than the request")
-                    groups = self._extensions(body[body_len - ext_len:])
+                    groups, secctx = self._extensions(body[body_len - ext_len:])
                     body = body[:body_len - ext_len]
-            result = handler(Context(uid, gid, pid, 0, groups), nodeid, body, reader, writer)
+            if self.ids is None:
+                ctx = Context(uid, gid, pid, 0, groups)
+            else:
+                ctx = self.ids.caller(uid, gid, pid, groups, opcode in _OWNING)
+            if secctx is not None:
+                ctx = dataclasses.replace(ctx, secctx=secctx)
+            result = handler(ctx, nodeid, body, reader, writer)
         except OSError as e:
             return 0 if no_reply else self._error(writer, unique, e.errno or errno.EIO)
         except OverflowError:
@@ -317,18 +365,23 @@ class FuseServer:
         writer.write(hdr)
         return _OUT_SIZE
 
-    def _extensions(self, data: bytes) -> tuple[int, ...]:
+    def _extensions(self, data: bytes) -> tuple[tuple[int, ...], tuple[bytes, bytes] | None]:
+        """The supplementary groups and the security context (protocol.md 4.9)."""
         groups: tuple[int, ...] = ()
+        secctx: tuple[bytes, bytes] | None = None
+        labels = bool(self.session.flags & InitFlag.SECURITY_CTX)
         try:
             for typ, payload in fa.iter_extensions(data):
-                # Security contexts (types 0..31) are not negotiated and are skipped.
                 if typ == fa.ExtType.GROUPS:
                     groups = fa.unpack_supp_groups(payload)
                     if len(groups) > _NGROUPS_MAX:
                         raise ValueError("too many supplementary groups")
+                elif labels and typ <= fa.ExtType.MAX_NR_SECCTX:
+                    # Without FUSE_SECURITY_CTX negotiated a context means nothing: skipped.
+                    secctx = _secctx(typ, payload)
         except ValueError as e:
             raise _einval(str(e)) from None
-        return groups
+        return groups, secctx
 
     # -- session ---------------------------------------------------------------------------
     def _init(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
@@ -374,7 +427,7 @@ class FuseServer:
     # -- names and inodes ------------------------------------------------------------------
     def _lookup(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                 writer: Writer | None) -> _Result:
-        return pack_entry(self.fs.lookup(ctx, nodeid, _name(body)))
+        return pack_entry(self.fs.lookup(ctx, nodeid, _name(body)), self.ids)
 
     def _forget(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                 writer: Writer | None) -> _Result:
@@ -401,14 +454,20 @@ class FuseServer:
                                       else None)
         return self._attr_out(st, timeout)
 
-    @staticmethod
-    def _attr_out(st: os.stat_result, timeout: float) -> bytes:
+    def _attr_out(self, st: os.stat_result, timeout: float) -> bytes:
         s, ns = _split_time(timeout)
-        return fa.ATTR_OUT.pack(s, ns, *attr_fields(st))
+        return fa.ATTR_OUT.pack(s, ns, *attr_fields(st, 0, self.ids))
 
     def _setattr(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                  writer: Writer | None) -> _Result:
         attr = fa.SetattrIn._make(_unpack(fa.SETATTR_IN, body))
+        if self.ids is not None and attr.valid & (fa.SetattrValid.UID | fa.SetattrValid.GID):
+            # The new owner is a guest id: a forbidden one fails (IdTranslation).
+            attr = attr._replace(
+                uid=self.ids.uids.to_host(attr.uid) if attr.valid & fa.SetattrValid.UID
+                else attr.uid,
+                gid=self.ids.gids.to_host(attr.gid) if attr.valid & fa.SetattrValid.GID
+                else attr.gid)
         fh = attr.fh if attr.valid & fa.SetattrValid.FH else None
         st, timeout = self.fs.setattr(ctx, nodeid, attr, fh)
         return self._attr_out(st, timeout)
@@ -420,21 +479,21 @@ class FuseServer:
     def _symlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                  writer: Writer | None) -> _Result:
         name, target = _two_names(body)
-        return pack_entry(self.fs.symlink(ctx, target, nodeid, name))
+        return pack_entry(self.fs.symlink(ctx, target, nodeid, name), self.ids)
 
     def _mknod(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         mode, rdev, umask = _unpack(fa.MKNOD_IN, body)
         name = _name(body[fa.MKNOD_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
-        return pack_entry(self.fs.mknod(ctx, nodeid, name, mode, rdev))
+        ctx = dataclasses.replace(ctx, umask=umask)
+        return pack_entry(self.fs.mknod(ctx, nodeid, name, mode, rdev), self.ids)
 
     def _mkdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         mode, umask = _unpack(fa.MKDIR_IN, body)
         name = _name(body[fa.MKDIR_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
-        return pack_entry(self.fs.mkdir(ctx, nodeid, name, mode))
+        ctx = dataclasses.replace(ctx, umask=umask)
+        return pack_entry(self.fs.mkdir(ctx, nodeid, name, mode), self.ids)
 
     def _unlink(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                 writer: Writer | None) -> _Result:
@@ -464,7 +523,7 @@ class FuseServer:
               writer: Writer | None) -> _Result:
         (oldnodeid,) = _unpack(fa.LINK_IN, body)
         name = _name(body[fa.LINK_IN.size:])
-        return pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name))
+        return pack_entry(self.fs.link(ctx, oldnodeid, nodeid, name), self.ids)
 
     # -- files -----------------------------------------------------------------------------
     def _open(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
@@ -477,10 +536,10 @@ class FuseServer:
                 writer: Writer | None) -> _Result:
         flags, mode, umask, open_flags = _unpack(fa.CREATE_IN, body)
         name = _name(body[fa.CREATE_IN.size:])
-        ctx = Context(ctx.uid, ctx.gid, ctx.pid, umask, ctx.groups)
+        ctx = dataclasses.replace(ctx, umask=umask)
         entry, fh, fopen = self.fs.create(ctx, nodeid, name, mode, flags,
                                           bool(open_flags & fa.OPEN_KILL_SUIDGID))
-        return pack_entry(entry) + fa.OPEN_OUT.pack(fh, fopen, 0)
+        return pack_entry(entry, self.ids) + fa.OPEN_OUT.pack(fh, fopen, 0)
 
     def _read(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
               writer: Writer | None) -> _Result:
@@ -591,7 +650,7 @@ class FuseServer:
                                     d.type << 12, 0, 0, 0, 0, 0, 0)
             else:
                 try:
-                    entry = pack_entry(fs.lookup(ctx, nodeid, name))
+                    entry = pack_entry(fs.lookup(ctx, nodeid, name), self.ids)
                 except FileNotFoundError:
                     continue                  # removed since it was listed
                 except OSError:
@@ -673,6 +732,23 @@ class FuseServer:
                      writer: Writer | None) -> _Result:
         self.fs.removexattr(ctx, nodeid, _name(body))
         return b""
+
+
+def _secctx(count: int, payload: memoryview) -> tuple[bytes, bytes] | None:
+    """The one security context of a fuse_secctx_header extension: (xattr name, value).  The
+    kernel sends one (or none when no LSM gives a context); more is refused, as virtiofsd does."""
+    if count == 0:
+        return None
+    if count > 1:
+        raise ValueError(f"{count} security contexts (one is served)")
+    if len(payload) < fa.SECCTX.size:
+        raise ValueError("truncated fuse_secctx")
+    (size,) = fa.SECCTX.unpack_from(payload)
+    rest = bytes(payload[fa.SECCTX.size:])
+    end = rest.find(b"\0")
+    if size == 0 or end <= 0 or len(rest) - end - 1 < size:
+        raise ValueError("malformed security context")
+    return rest[:end], rest[end + 1:end + 1 + size]
 
 
 def _too_small() -> OSError:

@@ -30,7 +30,8 @@ from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometr
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
-from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
+from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
+from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
@@ -100,7 +101,8 @@ class Worker:
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
-              poll_us: int = 0, stats: Stats | None = None) -> Worker:
+              poll_us: int = 0, stats: Stats | None = None,
+              options: FsOptions | None = None) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -114,17 +116,20 @@ class Worker:
             hooks.at_boot()
         fs = JournaledFs(make_fs(tables), tables, hooks)
         server = FuseServer(fs, queue, session,
-                            stats=stats.queue(queue) if stats is not None else None)
+                            stats=stats.queue(queue) if stats is not None else None,
+                            options=options)
         engine = None
         if data_plane == "native":
-            engine = Engine(channel.fileno(), jq.address, arena.address, queue)
+            # Requests an option the native handlers do not implement changes go to Python.
+            engine = Engine(channel.fileno(), jq.address, arena.address, queue,
+                            defer_for(options))
             engine.poll_us = poll_us
             if hooks is not None:
                 # Test hooks fire between the Python plane's steps: the requests they name
                 # are served there, from the same journal records.
                 engine.serve_in_python(hooks.opcodes())
-            options = getattr(fs, "native_options", None)
-            native = options() if options is not None else None
+            native_options = getattr(fs, "native_options", None)
+            native = native_options() if native_options is not None else None
             if native is not None:
                 engine.serve_natively(session.address, **native)
                 fs.share_credentials(engine.credentials)

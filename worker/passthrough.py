@@ -62,6 +62,7 @@ from typing import TypeVar
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.xattrmap import XattrMap
 from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -194,6 +195,7 @@ _O_TMPFILE = getattr(os, "O_TMPFILE", 0o20200000)
 _S_IFMT = 0o170000
 XATTR_NAME_CAPS = b"security.capability"   # linux/xattr.h
 _DELETED = b" (deleted)"   # what d_path() appends to the name of an unlinked dentry
+_ACL_NAMES = (b"system.posix_acl_access", b"system.posix_acl_default")
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
@@ -222,7 +224,8 @@ class PassthroughFs(Filesystem):
         self._readonly = options.readonly
         self._submounts = options.announce_submounts
         self._writeback = options.writeback
-        self._strip = _OPEN_STRIP | (0 if options.allow_direct_io else os.O_DIRECT)
+        self._strip = ((_OPEN_STRIP & ~(os.O_NOATIME if options.preserve_noatime else 0))
+                       | (0 if options.allow_direct_io else os.O_DIRECT))
         cache = options.cache
         file_flags = {"never": fa.OpenOutFlag.DIRECT_IO, "metadata": fa.OpenOutFlag.DIRECT_IO,
                       "always": fa.OpenOutFlag.KEEP_CACHE}.get(cache, 0)
@@ -238,6 +241,18 @@ class PassthroughFs(Filesystem):
         self._groups: tuple[int, ...] | None = None
         self._statx_buf = ctypes.create_string_buffer(_STATX_SIZE)
         self._dirbuf = ctypes.create_string_buffer(0)
+        self._xmap = XattrMap(options.xattrmap) if options.xattrmap is not None else None
+        self._posix_acl = options.posix_acl
+        # The host name of the guest's security.capability when the map renames it: the host
+        # kernel no longer drops it on a write, truncate or chown, so this daemon does (as
+        # virtiofsd does).  None: the kernel does it.
+        self._caps_name: bytes | None = None
+        if self._xmap is not None:
+            try:
+                name = self._xmap.to_host(XATTR_NAME_CAPS)
+            except OSError:
+                name = XATTR_NAME_CAPS
+            self._caps_name = None if name == XATTR_NAME_CAPS else name
         self._cwd = -1
         self._root_path: bytes | None = None
         self._root_fd = -1
@@ -551,12 +566,30 @@ class PassthroughFs(Filesystem):
 
     def init(self, capable: int) -> int:
         want = 0
+        # What --posix-acl and --security-label need of the guest kernel; without it the
+        # session is refused, as virtiofsd does, rather than served without them.
+        for on, need, what in (
+                (self._posix_acl, fa.InitFlag.POSIX_ACL | fa.InitFlag.DONT_MASK
+                 | fa.InitFlag.SETXATTR_EXT, "--posix-acl"),
+                (self.options.security_label, fa.InitFlag.SECURITY_CTX, "--security-label")):
+            if on:
+                if capable & need != need:
+                    raise OSError(errno.EPROTO, f"{what}: the guest kernel does not offer "
+                                  f"{fa.InitFlag(need & ~capable)!r}")
+                want |= need
         if self.options.readdirplus:
             want |= fa.InitFlag.DO_READDIRPLUS | fa.InitFlag.READDIRPLUS_AUTO
         if self._writeback:
             want |= fa.InitFlag.WRITEBACK_CACHE
         if self._submounts:
             want |= fa.InitFlag.SUBMOUNTS
+        if self.options.killpriv_v2:
+            # The guest then sends WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID and
+            # OPEN_KILL_SUIDGID instead of a SETATTR of the mode first (write(), _truncate(),
+            # open() drop the bits).  Not offered by the guest: served without, as virtiofsd.
+            want |= fa.InitFlag.HANDLE_KILLPRIV_V2
+        if self.options.allow_mmap:
+            want |= fa.InitFlag.DIRECT_IO_ALLOW_MMAP
         return int(want)
 
     # -- names and inodes ------------------------------------------------------------------
@@ -599,6 +632,8 @@ class PassthroughFs(Filesystem):
             try:
                 if valid & V.MODE:
                     self._chmod(ifd, hfd, attr.mode & 0o7777)
+                if valid & (V.UID | V.GID | V.SIZE):
+                    self._drop_mapped_caps(ifd, True)
                 if valid & (V.UID | V.GID):
                     uid = attr.uid if valid & V.UID else 0xFFFFFFFF
                     gid = attr.gid if valid & V.GID else 0xFFFFFFFF
@@ -663,6 +698,7 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
             os.symlink(target, name, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
 
     def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
@@ -672,7 +708,8 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
-            os.mknod(name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
+            self._making(ctx, os.mknod, name, mode & (_S_IFMT | 0o7777), rdev, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
 
     def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
@@ -681,8 +718,49 @@ class PassthroughFs(Filesystem):
         self._as_caller(ctx)
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
-            os.mkdir(name, mode & 0o7777, dir_fd=pfd)
+            self._making(ctx, os.mkdir, name, mode & 0o7777, dir_fd=pfd)
+            self._label(ctx, pfd, name)
             return self._lookup_at(pfd, name)
+
+    def _making(self, ctx: Context, fn: Callable[..., T], *args, **kw) -> T:
+        """A call that creates an inode.  With FUSE_DONT_MASK (--posix-acl) the guest leaves
+        the caller's umask to the host, which applies it only where the parent has no default
+        ACL (acl(5)): it is this process's umask for the call.  Otherwise the guest applied
+        it already and the umask stays 0."""
+        if not self._posix_acl or not ctx.umask:
+            return fn(*args, **kw)
+        os.umask(ctx.umask & 0o777)
+        try:
+            return fn(*args, **kw)
+        finally:
+            os.umask(0)
+
+    def _label(self, ctx: Context, pfd: int, name: bytes, fd: int = -1) -> None:
+        """Set the security context the request carried (FUSE_SECURITY_CTX) on the inode just
+        made as `name` in `pfd` (or open as `fd`); on failure the inode is removed again and
+        the request fails (virtiofsd).  Set as the daemon: the context is the guest's LSM's
+        decision; the host's LSM still checks the relabel."""
+        if ctx.secctx is None:
+            return
+        try:
+            xname = self._host_xattr(ctx.secctx[0])
+            if fd >= 0:
+                self._as_daemon(os.setxattr, fd, xname, ctx.secctx[1])
+                return
+            fd = self._as_daemon(_open_beneath, pfd, name, os.O_PATH | os.O_CLOEXEC)
+            try:
+                self._as_daemon(self._in_proc_dir,
+                                lambda t: os.setxattr(t, xname, ctx.secctx[1]), fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            try:
+                st = _lstat_at(pfd, name)
+                remove = os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink
+                self._as_daemon(lambda: remove(name, dir_fd=pfd))
+            except OSError:
+                pass
+            raise
 
     @_member_retry(0)
     def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
@@ -749,6 +827,8 @@ class PassthroughFs(Filesystem):
                 self._check_inode_beneath(ifd)
             fd, oflags = self._open_fd(ifd, oflags, flags)
             try:
+                if oflags & os.O_TRUNC:
+                    self._drop_mapped_caps(fd, False)
                 if kill_priv and oflags & os.O_TRUNC:
                     self._kill_suidgid(fd)
                 fh = self._handles.insert(fd, nodeid, oflags & 0xFFFFFFFF)
@@ -772,13 +852,15 @@ class PassthroughFs(Filesystem):
         with self._inodes.pinned(parent) as pfd:
             self._check_beneath(pfd)
             try:
-                fd = _open_beneath(pfd, name, oflags | os.O_CLOEXEC, mode & 0o7777)
+                fd = self._making(ctx, _open_beneath, pfd, name, oflags | os.O_CLOEXEC,
+                                  mode & 0o7777)
             except FileExistsError:
                 if flags & os.O_EXCL:
                     raise
                 entry = self._lookup_at(pfd, name)
                 return self._open_entry(ctx, entry, flags, kill_priv)
             try:
+                self._label(ctx, pfd, name, fd)
                 entry = self._lookup_at(pfd, name)
             except BaseException:
                 os.close(fd)
@@ -829,6 +911,7 @@ class PassthroughFs(Filesystem):
         rwf = os.RWF_APPEND if open_flags & os.O_APPEND and not write_flags & fa.WRITE_CACHE else 0
         fd = self._pin_handle(fh, nodeid)
         try:
+            self._drop_mapped_caps(fd, False)
             n = os.pwritev(fd, bufs[:_IOV_MAX], _offset(offset), rwf)
             want = sum(map(len, bufs))
             total = n
@@ -993,6 +1076,40 @@ class PassthroughFs(Filesystem):
             # i.e. the caller's (virtiofsd re-implements the same mode-bit rules by hand).
             _check(_faccessat(self._proc, str(fd).encode(), mask, AT_EACCESS))
 
+    def _host_xattr(self, name: bytes) -> bytes:
+        """The host's name for the guest's xattr `name`: ENOTSUP for the ACL xattrs without
+        --posix-acl (virtiofsd: a name that is a prefix of theirs), then the --xattrmap."""
+        if not self._posix_acl and any(acl.startswith(name) for acl in _ACL_NAMES):
+            raise _err(errno.ENOTSUP)
+        return self._xmap.to_host(name) if self._xmap is not None else name
+
+    def _guest_xattrs(self, names: list[str]) -> list[bytes]:
+        """What LISTXATTR shows of the host's names: mapped, ACLs hidden without --posix-acl."""
+        out = []
+        for n in map(os.fsencode, names):
+            guest = self._xmap.to_guest(n) if self._xmap is not None else n
+            if not guest or (not self._posix_acl
+                             and any(acl.startswith(guest) for acl in _ACL_NAMES)):
+                continue
+            out.append(guest)
+        return out
+
+    def _drop_mapped_caps(self, fd: int, o_path: bool) -> None:
+        """Remove the renamed security.capability from the inode behind `fd`, as the host kernel
+        removes the real one on a write, truncate or chown (only with an --xattrmap that
+        renames it)."""
+        name = self._caps_name
+        if name is None:
+            return
+        try:
+            if o_path:
+                self._as_daemon(self._in_proc_dir, lambda t: os.removexattr(t, name), fd)
+            else:
+                self._as_daemon(os.removexattr, fd, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP):
+                raise
+
     def _xattr_call(self, nodeid: int, fn: Callable[[int | str], T],
                     check: Callable[[int], None] | None = None) -> T:
         """fn(target) on a re-opened fd for files and directories, else on the magic link;
@@ -1020,12 +1137,32 @@ class PassthroughFs(Filesystem):
     def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
                  setxattr_flags: int) -> None:
         self._as_caller(ctx)
-        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags),
-                         lambda ifd: self._check_xattr_change(ctx, ifd, name, False))
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        name = self._host_xattr(name)
+
+        def check(ifd: int) -> None:
+            self._check_xattr_change(ctx, ifd, name, False)
+            if (self._posix_acl and setxattr_flags & fa.SETXATTR_ACL_KILL_SGID
+                    and name == _ACL_NAMES[0]):
+                # The guest asks to drop set-group-ID with the new access ACL, as
+                # posix_acl_update_mode() does for a caller outside the file's group.
+                mode = os.fstat(ifd).st_mode
+                if mode & stat.S_ISGID:
+                    self._as_daemon(self._chmod_inode, ifd, stat.S_IMODE(mode) & ~stat.S_ISGID)
+
+        self._xattr_call(nodeid, lambda t: os.setxattr(t, name, value, flags), check)
 
     @_member_retry(0)
     def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
         self._as_caller(ctx)
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        try:
+            name = self._host_xattr(name)
+        except PermissionError:
+            # A name the map refuses reads as absent (virtiofsd).
+            raise _err(errno.ENODATA) from None
         value = self._xattr_call(nodeid, lambda t: os.getxattr(t, name))
         if size == 0:
             return len(value)
@@ -1037,16 +1174,21 @@ class PassthroughFs(Filesystem):
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         self._as_caller(ctx)
         names = self._xattr_call(nodeid, os.listxattr)
-        data = b"".join(os.fsencode(n) + b"\0" for n in names)
+        raw = sum(len(os.fsencode(n)) + 1 for n in names)
+        # The size asked for and checked is the host's list, before mapping and hiding (what
+        # virtiofsd answers): never smaller than what is sent.
         if size == 0:
-            return len(data)
-        if len(data) > size:
+            return raw
+        if raw > size:
             raise _err(errno.ERANGE)
-        return data
+        return b"".join(n + b"\0" for n in self._guest_xattrs(names))
 
     @_member_retry(0)
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         self._as_caller(ctx)
+        if not self.options.xattr:
+            raise _err(errno.ENOSYS)
+        name = self._host_xattr(name)
         self._xattr_call(nodeid, lambda t: os.removexattr(t, name),
                          lambda ifd: self._check_xattr_change(ctx, ifd, name, True))
 
