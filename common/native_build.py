@@ -42,7 +42,6 @@ int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint
 #define VFS_STATS_OPCODES 64
 #define VFS_STATS_BUCKETS 24
 #define VFS_STATS_OP_WORDS 27
-void vfs_stats_record(uint64_t *queue, uint32_t opcode, uint32_t err, uint64_t ns);
 """
 
 SOURCE = r"""
@@ -166,39 +165,6 @@ int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
     uint64_t how[3] = {flags, mode, resolve};
     return (int)syscall(SYS_openat2, dirfd, path, how, sizeof how);
-}
-
-/* One served request into a queue's statistics block (common/stats.py documents the layout;
- * these numbers must match it, which tests/test_stats.py checks).  One process writes a queue's
- * block; the adds are atomic so that readers in other processes never see a torn word and a
- * native data plane can share the block with the Python one. */
-#define VFS_STATS_QUEUE_WORDS 16
-#define VFS_STATS_ERRNOS 128
-#define VFS_STATS_OPCODES 64
-#define VFS_STATS_BUCKETS 24
-#define VFS_STATS_OP_WORDS (3 + VFS_STATS_BUCKETS)
-
-static inline void vfs_stats_add(uint64_t *word, uint64_t n) {
-    __atomic_fetch_add(word, n, __ATOMIC_RELAXED);
-}
-
-void vfs_stats_record(uint64_t *queue, uint32_t opcode, uint32_t err, uint64_t ns) {
-    uint64_t *op = queue + VFS_STATS_QUEUE_WORDS + VFS_STATS_ERRNOS
-                   + (uint64_t)(opcode < VFS_STATS_OPCODES ? opcode : 0) * VFS_STATS_OP_WORDS;
-    uint64_t us = ns / 1000 + (ns % 1000 != 0);
-    /* Bucket b counts latencies <= 2^b microseconds; the last one everything above. */
-    unsigned b = us <= 1 ? 0 : 64 - (unsigned)__builtin_clzll(us - 1);
-    if (b >= VFS_STATS_BUCKETS)
-        b = VFS_STATS_BUCKETS - 1;
-    vfs_stats_add(&queue[0], 1);
-    vfs_stats_add(&op[0], 1);
-    vfs_stats_add(&op[2], ns);
-    vfs_stats_add(&op[3 + b], 1);
-    if (err) {
-        vfs_stats_add(&queue[1], 1);
-        vfs_stats_add(&op[1], 1);
-        vfs_stats_add(&queue[VFS_STATS_QUEUE_WORDS + (err < VFS_STATS_ERRNOS ? err : 0)], 1);
-    }
 }
 """
 

@@ -1145,3 +1145,30 @@ void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *hand
     *inodes = __atomic_load_n(&inode_slots(a).hdr->live, __ATOMIC_RELAXED);
     *handles = __atomic_load_n(&handle_slots(a).hdr->live, __ATOMIC_RELAXED);
 }
+
+/* -- per-request statistics (common/stats.py) ------------------------------------------------ */
+
+static inline void stats_add(uint64_t *word, uint64_t n)
+{
+    __atomic_fetch_add(word, n, __ATOMIC_RELAXED);
+}
+
+void vfs_stats_record(uint64_t *queue, uint32_t opcode, uint32_t err, uint64_t ns)
+{
+    uint64_t *op = queue + VFS_STATS_QUEUE_WORDS + VFS_STATS_ERRNOS
+                   + (uint64_t)(opcode < VFS_STATS_OPCODES ? opcode : 0) * VFS_STATS_OP_WORDS;
+    uint64_t us = ns / 1000 + (ns % 1000 != 0);
+    /* Bucket b counts latencies <= 2^b microseconds; the last one everything above. */
+    unsigned b = us <= 1 ? 0 : 64 - (unsigned)__builtin_clzll(us - 1);
+    if (b >= VFS_STATS_BUCKETS)
+        b = VFS_STATS_BUCKETS - 1;
+    stats_add(&queue[0], 1);
+    stats_add(&op[0], 1);
+    stats_add(&op[2], ns);
+    stats_add(&op[3 + b], 1);
+    if (err) {
+        stats_add(&queue[1], 1);
+        stats_add(&op[1], 1);
+        stats_add(&queue[VFS_STATS_QUEUE_WORDS + (err < VFS_STATS_ERRNOS ? err : 0)], 1);
+    }
+}

@@ -124,4 +124,15 @@ int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh);
 /* Live counts read without the locks: a snapshot for status reports that never waits. */
 void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles);
 
+/* One served request into a queue's statistics block (common/stats.py documents the layout;
+ * these numbers must match it, which tests/test_status.py checks).  One process writes a
+ * queue's block; the adds are atomic so that readers in other processes never see a torn word,
+ * and the native data plane and the Python one share the block. */
+#define VFS_STATS_QUEUE_WORDS 16
+#define VFS_STATS_ERRNOS 128
+#define VFS_STATS_OPCODES 64
+#define VFS_STATS_BUCKETS 24
+#define VFS_STATS_OP_WORDS (3 + VFS_STATS_BUCKETS)
+void vfs_stats_record(uint64_t *queue, uint32_t opcode, uint32_t err, uint64_t ns);
+
 #endif

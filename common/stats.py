@@ -106,6 +106,11 @@ class QueueStats:
         self._p = ptr          # uint64_t * to the queue's block
         self.queue = queue
 
+    @property
+    def address(self) -> int:
+        """The block's address, for the native engine, which records what it answers itself."""
+        return int(native.ffi.cast("uintptr_t", self._p))
+
     def started(self, opcode: int) -> None:
         self._p[LAST_OPCODE] = opcode
 

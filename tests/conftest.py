@@ -50,6 +50,16 @@ class Daemon:
             if text in line:
                 return line
 
+    def wait_count(self, text: str, n: int, timeout: float = START_TIMEOUT) -> None:
+        """Block until `text` was logged at least `n` times (or the daemon exits)."""
+        while self.text.count(text) < n:
+            try:
+                if self.lines.get(timeout=timeout) is None:
+                    raise AssertionError("the daemon exited:\n" + self.text)
+            except queue.Empty:
+                raise AssertionError(f"{text!r} logged fewer than {n} times:\n{self.text}") \
+                    from None
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()

@@ -154,6 +154,10 @@ void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer) {
     e->defer = defer;
 }
 
+void vfs_engine_set_stats(struct vfs_engine *e, uint64_t *queue_block) {
+    e->stats = queue_block;
+}
+
 void vfs_engine_fini(struct vfs_engine *e) {
     free(e->dirbuf);
     e->dirbuf = NULL;
@@ -541,6 +545,7 @@ static int64_t reply_error(struct vfs_engine *e, int err) {
         err = EIO;
     struct fuse_out_header h = {OUT_HEADER_SIZE, -err, e->in.unique};
     write_at(e, 0, &h, sizeof h);
+    e->last_err = err;
     return OUT_HEADER_SIZE;
 }
 
@@ -1309,6 +1314,17 @@ static int64_t serve_native(struct vfs_engine *e) {
 
 /* -- the batch loop ------------------------------------------------------------------------- */
 
+/* A natively answered request into the queue's statistics, as FuseServer.handle records one
+ * Python answers (the opcode it started, then count, errno and latency).  FORGET and
+ * BATCH_FORGET, which get no reply, count with errno 0 there too. */
+static void count_native(struct vfs_engine *e, const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    int64_t ns = (int64_t)(t1.tv_sec - t0->tv_sec) * 1000000000 + (t1.tv_nsec - t0->tv_nsec);
+    __atomic_store_n(&e->stats[2], (uint64_t)e->in.opcode, __ATOMIC_RELAXED);   /* last opcode */
+    vfs_stats_record(e->stats, e->in.opcode, (uint32_t)e->last_err, ns > 0 ? (uint64_t)ns : 0);
+}
+
 static int control_pending(const struct vfs_engine *e) {
     struct pollfd p = {.fd = e->chan_fd, .events = POLLIN};
     int r = poll(&p, 1, 0);
@@ -1366,7 +1382,14 @@ int vfs_engine_run(struct vfs_engine *e) {
         if (e->has_in)
             memcpy(&e->in, hdr, sizeof e->in);
         vfs_jq_popped(e->jq, e->head, e->pos, opcode, unique, 1);
+        struct timespec t0 = {0, 0};
+        if (e->stats && e->has_in) {
+            e->last_err = 0;
+            clock_gettime(CLOCK_MONOTONIC, &t0);   /* vDSO: no system call */
+        }
         int64_t used = e->has_in ? serve_native(e) : -1;
+        if (used >= 0 && e->stats)
+            count_native(e, &t0);
         if (used < 0) {
             e->deferred++;
             e->since_poll = e->poll_every;

@@ -99,6 +99,8 @@ struct vfs_engine {
     uint32_t defer;           /* enum vfs_engine_defer bits */
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
+    uint64_t *stats;          /* this queue's common/stats.py block; NULL: not counted */
+    int32_t last_err;         /* the errno of the native reply being made (0: success) */
 };
 
 /* Set up an engine for queue `queue`, whose control channel is `chan_fd`, journaling through
@@ -117,6 +119,9 @@ int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64
                       uint64_t used, uint16_t next_avail, int event_idx, int indirect);
 void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
+/* Count every natively answered request in `queue_block` (common/stats.py; NULL: none), as
+ * FuseServer.handle counts those Python answers. */
+void vfs_engine_set_stats(struct vfs_engine *e, uint64_t *queue_block);
 /* Hand to Python every request the options in `defer` (enum vfs_engine_defer) affect. */
 void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer);
 /* Serve the ring until one of enum vfs_engine_status happens. */

@@ -204,6 +204,11 @@ class Engine:
         """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
         lib.vfs_engine_set_poll_us(self._e, us)
 
+    def set_stats(self, queue_block: int) -> None:
+        """Record every natively answered request in this common/stats.py queue block (its
+        address, QueueStats.address), as FuseServer.handle records what Python answers."""
+        lib.vfs_engine_set_stats(self._e, ffi.cast("uint64_t *", queue_block))
+
     @property
     def defer(self) -> Defer:
         return Defer(self._e.defer)

@@ -86,6 +86,8 @@ struct vfs_engine {
     uint32_t defer;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
+    uint64_t *stats;
+    int32_t last_err;
 };
 void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
                      struct vfs_arena *arena, uint32_t queue);
@@ -98,6 +100,7 @@ int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64
 void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer);
+void vfs_engine_set_stats(struct vfs_engine *e, uint64_t *queue_block);
 int  vfs_engine_run(struct vfs_engine *e);
 int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);

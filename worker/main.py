@@ -124,6 +124,8 @@ class Worker:
             engine = Engine(channel.fileno(), jq.address, arena.address, queue,
                             defer_for(options))
             engine.poll_us = poll_us
+            if stats is not None:
+                engine.set_stats(stats.queue(queue).address)
             if hooks is not None:
                 # Test hooks fire between the Python plane's steps: the requests they name
                 # are served there, from the same journal records.
