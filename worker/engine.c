@@ -1162,6 +1162,12 @@ static int64_t do_open(struct vfs_engine *e, uint64_t body_len, int directory) {
         flags = (int)in.flags & ~(int)e->fs.open_strip;
         if ((in.open_flags & OPEN_KILL_SUIDGID) && (flags & O_TRUNC))
             return DEFER;
+        /* An open that can change the inode (for writing, truncating, an O_TMPFILE) first
+         * checks that the inode is still in the share (PassthroughFs._check_inode_beneath):
+         * Python's. */
+        if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) ||
+            (flags & O_TMPFILE) == O_TMPFILE)
+            return DEFER;
     }
     if (as_caller(e))
         return DEFER;
