@@ -378,7 +378,7 @@ def test_libvirt_separate_options(tmp_path: Path, share: Path) -> None:
     assert caps["type"] == "fs" and "separate-options" in caps["features"]
     sock, pidfile = str(tmp_path / "fs0-fs.sock"), str(tmp_path / "1-dom-fs0-fs.pid")
     args = ["--fd=3", "--shared-dir", str(share), "--cache", "always", "--sandbox", "chroot",
-            "--xattr", "--thread-pool-size=2", "--rlimit-nofile=4096", "--log-level", "debug"]
+            "--xattr", "--thread-pool-size=1", "--rlimit-nofile=4096", "--log-level", "debug"]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(sock)
         listener.listen()

@@ -141,19 +141,21 @@ def test_front_end_leaving_is_reported_as_stopping(tmp_path: Path, share: Path) 
 
 
 def test_fatal_stop_tells_the_manager_why(tmp_path: Path, share: Path) -> None:
-    """The spawner killed: the daemon cannot go on; the manager reads why in STATUS=."""
+    """A worker killed by SIGSYS -- what a seccomp refusal does -- cannot be respawned (its
+    successor would be refused the same call): the daemon stops, and the manager reads why in
+    STATUS=."""
     manager = Manager(str(tmp_path / "notify"))
     sock = str(tmp_path / "vfs.sock")
     env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
     proc, log = _start([str(DAEMON), f"--socket-path={sock}", f"--shared-dir={share}",
-                        "--sandbox=none"], env)
+                        "--sandbox=none", "--seccomp=none"], env)
     try:
         assert manager.receive()[0]["READY"] == "1"
-        [spawner] = [pid for pid, name in children(proc.pid).items() if name == "pyvfs-spawner"]
-        os.kill(spawner, signal.SIGKILL)
+        [worker] = [pid for pid, name in children(proc.pid).items() if name == "pyvfs-q1"]
+        os.kill(worker, signal.SIGSYS)
         stopping, _ = manager.receive()
         assert stopping["STOPPING"] == "1", stopping
-        assert stopping["STATUS"].startswith("stopping: the spawner"), stopping
+        assert stopping["STATUS"].startswith("stopping: worker for queue 1"), stopping
         assert proc.wait(timeout=TIMEOUT) == 1, "".join(log)
     finally:
         _stop(proc)
