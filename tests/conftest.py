@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -16,6 +17,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / ".venv" / "bin" / "pyvirtiofsd"
 START_TIMEOUT = 30.0
+# A sanitizer's report in a daemon's stderr (tests/sanitizer.py): copied to this process's own
+# stderr as well, so that a sanitized run sees it even from a worker that was respawned.
+_SANITIZER_REPORT = re.compile(r"ERROR: AddressSanitizer|runtime error:|SUMMARY: "
+                               r"(Address|UndefinedBehavior)Sanitizer")
 # --data-plane values: the C request engine, and the Python reference implementation.
 DATA_PLANES = ("native", "python")
 
@@ -74,6 +79,8 @@ def start_daemon(share: Path, sock: str, *args: str) -> Daemon:
             d.lines.put(line)
             if os.environ.get("PYVIRTIOFSD_TEST_ECHO"):
                 sys.stderr.write(line)
+            elif _SANITIZER_REPORT.search(line):
+                sys.__stderr__.write(line)
         d.lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
