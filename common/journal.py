@@ -39,6 +39,11 @@ Each is recorded *after* the change it describes and forgotten *before* it is un
 between the two can only leak (an fd, a pin, a lookup count), never release twice.
 
 The global header holds shared counters for the test hooks (worker/testhooks.py).
+
+The request path's writes (popped, executing, replied, pushed, pins, effects, FORGET
+bookkeeping) are implemented once in C (common/state.c, the vfs_jq_* functions), shared with the
+native request engine; this module calls them and keeps the cold paths (reset, reading a dead
+worker's journal back) in Python.
 """
 
 from __future__ import annotations
@@ -84,8 +89,6 @@ MAX_EFFECTS = 8192
 _SLOT_META = struct.Struct("=IIQ")          # used_len, opcode, unique (offset 8)
 _SLOT_PRE = struct.Struct("=IIQQQQ")        # kind, flags, v0..v3 (offset 24)
 _PUSHING = 1 << 63
-_POPPED = 1
-_REPLIED = 3
 _COUNTER_MASK = (1 << 40) - 1
 
 
@@ -135,8 +138,12 @@ def geometry_key(size: int, desc: int, avail: int, used: int) -> int:
     return int.from_bytes(digest.digest(), "little") | 1
 
 
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) & ~(a - 1)
+_popped = native.lib.vfs_jq_popped
+_replied = native.lib.vfs_jq_replied
+_pushed = native.lib.vfs_jq_pushed
+_add_effect = native.lib.vfs_jq_add_effect
+_pin = native.lib.vfs_jq_pin
+_unpin = native.lib.vfs_jq_unpin
 
 
 class QueueJournal:
@@ -154,13 +161,14 @@ class QueueJournal:
         eff = _HEADER_SIZE + capacity * _SLOT_SIZE
         self._eff_ids = _HEADER_SIZE // 8 + capacity * _SLOT_WORDS
         self._eff_kinds = native.ffi.cast("uint8_t *", base + offset + eff + MAX_EFFECTS * 8)
-        # The request being executed: its head and the state word it was popped with.
-        self._head = -1
-        self._word = 0
+        # The C view; it also holds the request being executed (its head and popped word).
+        self._q = native.ffi.new("struct vfs_jq *")
+        if native.lib.vfs_jq_attach(self._q, base + offset, capacity):
+            raise ValueError(f"journal region at {offset} for {capacity} entries")
 
     @staticmethod
     def region_size(capacity: int) -> int:
-        return _align(_HEADER_SIZE + capacity * _SLOT_SIZE + MAX_EFFECTS * 9, _PAGE)
+        return native.lib.vfs_jq_region_size(capacity, _PAGE)
 
     # -- ring epochs ---------------------------------------------------------------------------
     @property
@@ -199,64 +207,33 @@ class QueueJournal:
                effects: bool = True) -> int:
         """`head` was taken from avail position `pos`; returns its pop counter.  With
         `effects`, table changes from here on are the new request's (begin_effects)."""
-        w = self._w
-        nxt = w[_W_NEXT]
-        counter = nxt >> 16
-        s = self._slots + head * _SLOT_WORDS
-        _SLOT_META.pack_into(self._view, self._off + s * 8 + 8, 0, opcode & 0xFFFFFFFF,
-                             unique & 0xFFFFFFFFFFFFFFFF)
-        word = _POPPED | (pos & 0xFFFF) << 8 | (counter & _COUNTER_MASK) << 24
-        w[s] = word                                           # commit the slot
-        w[_W_NEXT] = (counter + 1) << 16 | ((pos + 1) & 0xFFFF)  # then the index
-        self._head = head
-        self._word = word
-        if effects:
-            w[_W_PENDING_NODE] = 0
-            w[_W_EFF_COUNT] = 0
-            w[_W_EFF_FORGETS] = 0
-            w[_W_EFF_OWNER] = counter + 1
-        return counter
+        if not 0 <= head < self.capacity:
+            raise IndexError(f"head {head} outside the journal's 0..{self.capacity - 1}")
+        return _popped(self._q, head, pos & 0xFFFF, opcode & 0xFFFFFFFF,
+                       unique & 0xFFFFFFFFFFFFFFFF, effects)
 
     def resume(self, rec: Inflight) -> None:
         """Make `rec` (a journaled request being replayed) the request being executed."""
-        self._head = rec.head
-        self._word = (self._w[self._slots + rec.head * _SLOT_WORDS] & ~0xFF) | SlotState.POPPED
-
-    def adopt(self, head: int, word: int) -> None:
-        """Make `head`, popped by the native engine with state word `word`, the request being
-        executed here (worker/engine.py hands it to Python)."""
-        self._head = head
-        self._word = word
+        native.lib.vfs_jq_resume(self._q, rec.head)
 
     @property
     def address(self) -> int:
-        """Where this queue's region starts (for the native engine)."""
-        return int(native.ffi.cast("uintptr_t", self._w))
+        """The address of this queue's `struct vfs_jq`: the native engine journals through the
+        very view Python uses, so both see the same request being executed."""
+        return int(native.ffi.cast("uintptr_t", self._q))
 
     def executing(self, pre: PreState) -> None:
         """The current request is about to make a change that must not be repeated."""
-        if self._head < 0:
-            return
-        s = self._slots + self._head * _SLOT_WORDS
         v = pre.values
-        _SLOT_PRE.pack_into(self._view, self._off + s * 8 + 24, pre.kind, pre.flags,
-                            v[0], v[1], v[2], v[3])
-        self._w[s] = (self._word & ~0xFF) | SlotState.EXECUTING
+        native.lib.vfs_jq_executing(self._q, pre.kind, pre.flags, v[0], v[1], v[2], v[3])
 
     def replied(self, head: int, used_len: int, used_idx: int) -> None:
         """The reply is in guest memory; only the used-ring push is left, and it will go to
         used index `used_idx` (so a successor can tell whether it did)."""
-        w = self._w
-        s = self._slots + head * _SLOT_WORDS
-        self._u32[s * 2 + 2] = used_len & 0xFFFFFFFF
-        w[s] = (w[s] & ~0xFF) | _REPLIED
-        w[_W_EFF_OWNER] = 0
-        w[_W_PUSHING] = _PUSHING | (used_idx & 0xFFFF) << 16 | head
-        self._head = -1
+        _replied(self._q, head, used_len & 0xFFFFFFFF, used_idx & 0xFFFF)
 
     def pushed(self, head: int) -> None:
-        self._w[self._slots + head * _SLOT_WORDS] = SlotState.FREE
-        self._w[_W_PUSHING] = 0
+        _pushed(self._q, head)
 
     # -- effects of the request being executed ----------------------------------------------------
     def begin_effects(self, counter: int, forgets: int = 0) -> None:
@@ -264,35 +241,19 @@ class QueueJournal:
         FORGETs its first run completed, so that a second crash keeps them.  The owner is
         stored last: until then the record still describes the previous owner, or (replay)
         the same request."""
-        self._w[_W_PENDING_NODE] = 0
-        self._w[_W_EFF_COUNT] = 0
-        self._w[_W_EFF_FORGETS] = forgets
-        self._w[_W_EFF_OWNER] = counter + 1
+        native.lib.vfs_jq_begin_effects(self._q, counter, forgets)
 
     def add_effect(self, kind: Effect, ident: int) -> None:
-        if not self._w[_W_EFF_OWNER]:
-            return
-        n = self._u32[_W_EFF_COUNT * 2]
-        if n >= MAX_EFFECTS:
-            self._u32[_W_EFF_COUNT * 2 + 1] = 1     # overflow: the rest can only leak
-            return
-        self._eff_kinds[n] = kind
-        self._w[self._eff_ids + n] = ident
-        self._u32[_W_EFF_COUNT * 2] = n + 1         # commit
+        _add_effect(self._q, kind, ident)
 
     def forgetting(self, nodeid: int, nlookup_before: int) -> None:
         """A FORGET of `nodeid` is about to be applied; its lookup count is `nlookup_before`."""
-        if self._w[_W_EFF_OWNER]:
-            self._w[_W_PENDING_BEFORE] = nlookup_before
-            self._w[_W_PENDING_INDEX] = self._w[_W_EFF_FORGETS]
-            self._w[_W_PENDING_NODE] = nodeid
+        native.lib.vfs_jq_forgetting(self._q, nodeid, nlookup_before)
 
     def note_forget(self) -> None:
         """One more FORGET applied (counted first: the pending record then names an index
         already counted, which a replay ignores)."""
-        if self._w[_W_EFF_OWNER]:
-            self._w[_W_EFF_FORGETS] += 1
-            self._w[_W_PENDING_NODE] = 0
+        native.lib.vfs_jq_note_forget(self._q)
 
     def owns_effects(self, counter: int) -> bool:
         return self._w[_W_EFF_OWNER] == counter + 1
@@ -323,21 +284,11 @@ class QueueJournal:
     # -- pins -------------------------------------------------------------------------------------
     def pin(self, kind: PinKind, ident: int) -> int:
         """Record a pin just taken; returns its record index (-1: no room, the pin may leak)."""
-        w = self._w
-        for i in range(_W_PINS, _W_PINS + MAX_PINS):
-            if not w[i]:
-                self._kinds[i - _W_PINS] = kind
-                w[i] = ident
-                return i - _W_PINS
-        return -1
+        return _pin(self._q, kind, ident)
 
     def unpin(self, kind: PinKind, ident: int) -> None:
         """Forget a pin record before the pin is released."""
-        w = self._w
-        for i in range(_W_PINS, _W_PINS + MAX_PINS):
-            if w[i] == ident and self._kinds[i - _W_PINS] == kind:
-                w[i] = 0
-                return
+        _unpin(self._q, kind, ident)
 
     def pins(self) -> list[tuple[int, int]]:
         return [(self._kinds[i], self._w[_W_PINS + i]) for i in range(MAX_PINS)

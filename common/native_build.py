@@ -6,14 +6,30 @@ The SIGSYS reporter must run without the interpreter (it fires inside a denied s
 openat2 has no Python wrapper.
 """
 
+import os
+
 from cffi import FFI
+
+# The shared state (common/state.c) is compiled into this module so that Python calls the same
+# functions as the native request engine; its declarations come from the header itself.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+STATE_DIR = os.path.relpath(_HERE)
+STATE_SOURCES = [os.path.join(STATE_DIR, "state.c")]
+# Warnings as errors for the shared C, and the aliasing rule off: the same mapping words are
+# read as u32 halves and u64 wholes.
+CFLAGS = ["-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-D_FORTIFY_SOURCE=2",
+          "-fstack-protector-strong"]
+
+
+def state_cdef() -> str:
+    """state.h without its preprocessor lines: what cffi's cdef can read."""
+    with open(os.path.join(_HERE, "state.h"), encoding="utf-8") as f:
+        return "".join(line for line in f if not line.lstrip().startswith("#"))
+
 
 CDEF = """
 void vfs_fence(void);
-uint32_t vfs_cas32(uint32_t *word, uint32_t expected, uint32_t desired);
 uint64_t vfs_fetch_add64(uint64_t *word, uint64_t delta);
-int vfs_lock(uint32_t *word, uint32_t me);
-void vfs_unlock(uint32_t *word);
 int vfs_setfsuid(uint32_t uid);
 int vfs_setfsgid(uint32_t gid);
 long vfs_raw_clone(unsigned long flags);
@@ -23,7 +39,10 @@ int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint
 """
 
 SOURCE = r"""
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#endif
+#include "state.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -39,49 +58,8 @@ SOURCE = r"""
  * (virtio spec 2.7.10 "Receiving Used Buffers" mirrored on the device side). */
 void vfs_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-uint32_t vfs_cas32(uint32_t *word, uint32_t expected, uint32_t desired) {
-    __atomic_compare_exchange_n(word, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-    return expected;   /* the value seen: == expected on success */
-}
-
 uint64_t vfs_fetch_add64(uint64_t *word, uint64_t delta) {
     return __atomic_fetch_add(word, delta, __ATOMIC_ACQ_REL);
-}
-
-/* A process-shared lock whose word holds the owner's pid (0 = free) and, in bit 31, a flag
- * saying someone may be sleeping on it, so an uncontended unlock costs no futex syscall
- * (Drepper, "Futexes Are Tricky", mutex #2).  Waiters sleep with a timeout and, when the owner
- * no longer exists, take the lock over: a worker that dies holding it must not wedge the other
- * queues.  Returns 0, or 1 when the lock was taken over from a dead owner (the caller may then
- * repair the structure it protects). */
-#define VFS_WAITERS 0x80000000u
-
-int vfs_lock(uint32_t *word, uint32_t me) {
-    struct timespec ts = {0, 5 * 1000 * 1000};
-    uint32_t want = me;
-    for (;;) {
-        uint32_t seen = vfs_cas32(word, 0, want);
-        if (seen == 0)
-            return 0;
-        uint32_t owner = seen & ~VFS_WAITERS;
-        if (owner == me)     /* our own stale ownership (e.g. after a respawn with a reused pid) */
-            return 1;
-        if (kill((pid_t)owner, 0) == -1 && errno == ESRCH) {
-            if (vfs_cas32(word, seen, me | VFS_WAITERS) == seen)
-                return 1;
-            continue;
-        }
-        if (!(seen & VFS_WAITERS) && vfs_cas32(word, seen, seen | VFS_WAITERS) != seen)
-            continue;
-        syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0);
-        /* Others may still sleep: keep the flag set when we get the lock after waiting. */
-        want = me | VFS_WAITERS;
-    }
-}
-
-void vfs_unlock(uint32_t *word) {
-    if (__atomic_exchange_n(word, 0, __ATOMIC_RELEASE) & VFS_WAITERS)
-        syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0);
 }
 
 /* setfsuid/setfsgid return the previous id and never fail visibly (man 2 setfsuid). */
@@ -110,6 +88,7 @@ static int sigsys_installed;
 
 static void vfs_on_sigsys(int sig, siginfo_t *info, void *context) {
     ucontext_t *uc = context;
+    (void)sig;
     long a[6] = {0, 0, 0, 0, 0, 0};
 #if defined(__x86_64__)
     greg_t *r = uc->uc_mcontext.gregs;
@@ -184,8 +163,9 @@ int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint
 """
 
 ffi = FFI()
-ffi.cdef(CDEF)
-ffi.set_source("pyvirtiofsd.common._native", SOURCE)
+ffi.cdef(CDEF + state_cdef())
+ffi.set_source("pyvirtiofsd.common._native", SOURCE, sources=STATE_SOURCES,
+               include_dirs=[STATE_DIR], extra_compile_args=CFLAGS)
 
 if __name__ == "__main__":
     ffi.compile(verbose=True)

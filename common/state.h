@@ -1,28 +1,100 @@
-/* Shared state in C used by the native engine: the queue journal (common/journal.py layout). */
-#ifndef VFS_STATE_H
-#define VFS_STATE_H
+/* The state every queue worker shares, in C: the lock, the inode and handle tables with their
+ * counters (layout: common/arena.py), and one queue's inflight journal (common/journal.py).
+ * Python (through the _native cffi module) and the native request engine call these same
+ * functions on the same MAP_SHARED mappings.  No function allocates; all table functions return
+ * 0 or a negative errno.  One thread per process may use a struct vfs_arena (the lock owner is
+ * the pid). */
+#ifndef PYVIRTIOFSD_STATE_H
+#define PYVIRTIOFSD_STATE_H
+
 #include <stdint.h>
-int  vfs_lock(uint32_t *word, uint32_t me);
+
+/* -- the lock ---------------------------------------------------------------------------------- */
+/* lock word: pid of the owner | 0x80000000 waiters flag.  0, or 1 = taken over from a dead
+ * owner (the caller then repairs what the lock protects). */
+int vfs_lock(uint32_t *word, uint32_t me);
 void vfs_unlock(uint32_t *word);
-struct vfs_arena {
+
+/* -- the arena: inode table, inode index, handle table, per-queue counters --------------------- */
+#define VFS_ARENA_MAX_SLOTS (1u << 30)   /* per table; ids keep the slot in their low 32 bits */
+#define VFS_ROOT_ID 1u                    /* FUSE_ROOT_ID: inode slot 1, generation 0 */
+
+struct vfs_arena {            /* a process-local view of the shared mapping; filled by attach */
     uint8_t *base; uint64_t size;
     uint32_t max_inodes, buckets, max_handles, max_queues;
     uint64_t inodes_off, index_off, handles_off;
-    uint32_t pid;
+    uint32_t pid;             /* lock owner id; the Python side refreshes it after fork/clone */
 };
-int  vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pid);
-int  vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd);
-int  vfs_inode_release(struct vfs_arena *a, uint64_t nodeid);
+
+/* Bytes a mapping for these capacities needs (0: a capacity outside 1..VFS_ARENA_MAX_SLOTS). */
+uint64_t vfs_arena_size(uint32_t max_inodes, uint32_t max_handles, uint32_t max_queues);
+/* Write the header of a zeroed mapping of vfs_arena_size() bytes: 0 / -EINVAL. */
+int vfs_arena_format(void *base, uint64_t size, uint32_t max_inodes, uint32_t max_handles,
+                     uint32_t max_queues);
+/* Fill `a` from a formatted mapping, validating its header against `size`: 0 / -EINVAL. */
+int vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pid);
+
+/* The inode index's hash of (dev, ino, mnt_id); the bucket is hash & (buckets - 1). */
+uint64_t vfs_inode_hash(uint64_t dev, uint64_t ino, uint64_t mnt_id);
+
+/* Inodes.  The table owns `fd` once it is stored; -EEXIST: root already set. */
+int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino);
+/* Count one lookup; *inserted = 1 when a new entry now owns `fd` (else the caller closes it). */
+int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino,
+                               uint64_t mnt_id, uint64_t *nodeid, int *inserted);
+int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd);   /* pin */
+int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid);            /* unpin; may close */
+/* Drop up to `nlookup` lookups; *before = the count found (0 when -EBADF). */
+int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uint64_t *before);
+/* Forget every inode but the root; pinned ones close at their last release. */
+int vfs_inode_forget_all(struct vfs_arena *a);
+int vfs_inode_info(struct vfs_arena *a, uint64_t nodeid, uint64_t *nlookup, uint32_t *pins,
+                   int *fd);
+uint32_t vfs_inode_live(struct vfs_arena *a);      /* entries with an open fd, root included */
+uint32_t vfs_inode_repairs(struct vfs_arena *a);   /* takeovers from a dead lock owner */
+
+/* Handles.  The table owns `fd` unless this returns -ENFILE. */
+int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t flags, uint64_t *fh);
+int vfs_handle_acquire(struct vfs_arena *a, uint64_t fh, int *fd, uint64_t *nodeid,
+                       uint32_t *flags);
+int vfs_handle_release(struct vfs_arena *a, uint64_t fh);
+int vfs_handle_remove(struct vfs_arena *a, uint64_t fh);   /* RELEASE; closes at the last pin */
+int vfs_handle_remove_all(struct vfs_arena *a);
+uint32_t vfs_handle_live(struct vfs_arena *a);     /* open fds, removed-but-pinned included */
+uint32_t vfs_handle_repairs(struct vfs_arena *a);
+
+/* Lock-free per-queue request counters (an out-of-range queue is ignored). */
 void vfs_counter_add(struct vfs_arena *a, uint32_t queue, uint64_t n);
-struct vfs_jq {
+uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue);
+
+/* -- one queue's inflight journal ---------------------------------------------------------------- */
+#define VFS_JQ_MAX_PINS 8
+#define VFS_JQ_MAX_EFFECTS 8192
+enum { VFS_JQ_FREE = 0, VFS_JQ_POPPED = 1, VFS_JQ_EXECUTING = 2, VFS_JQ_REPLIED = 3 };
+enum { VFS_EFFECT_LOOKUP = 1, VFS_EFFECT_HANDLE = 2 };
+enum { VFS_PIN_INODE = 1, VFS_PIN_HANDLE = 2 };
+
+struct vfs_jq {               /* one queue's journal region (common/journal.py layout) */
     uint8_t *base; uint32_t capacity;
-    int32_t head; uint64_t word;
+    int32_t head; uint64_t word;   /* the request being executed, as QueueJournal._head/_word */
 };
-int      vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity);
+uint64_t vfs_jq_region_size(uint32_t capacity, uint32_t page);   /* page: a power of two */
+int vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity);   /* 0 / -EINVAL */
+/* `head` was taken from avail position `pos`: returns its pop counter.  With `effects`, table
+ * changes from here on are this request's. */
 uint64_t vfs_jq_popped(struct vfs_jq *q, uint16_t head, uint16_t pos, uint32_t opcode,
                        uint64_t unique, int effects);
-void     vfs_jq_replied(struct vfs_jq *q, uint16_t head, uint32_t used_len, uint16_t used_idx);
-void     vfs_jq_pushed(struct vfs_jq *q, uint16_t head);
-int      vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident);
-void     vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident);
+void vfs_jq_resume(struct vfs_jq *q, uint16_t head);   /* replaying the journaled `head` */
+/* The current request is about to make a change that must not be repeated: its pre-state. */
+void vfs_jq_executing(struct vfs_jq *q, uint32_t kind, uint32_t flags, uint64_t v0, uint64_t v1,
+                      uint64_t v2, uint64_t v3);
+void vfs_jq_replied(struct vfs_jq *q, uint16_t head, uint32_t used_len, uint16_t used_idx);
+void vfs_jq_pushed(struct vfs_jq *q, uint16_t head);
+int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident);          /* slot or -1 */
+void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident);
+void vfs_jq_begin_effects(struct vfs_jq *q, uint64_t counter, uint64_t forgets);
+void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident);
+void vfs_jq_forgetting(struct vfs_jq *q, uint64_t nodeid, uint64_t before);
+void vfs_jq_note_forget(struct vfs_jq *q);
+
 #endif

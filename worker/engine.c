@@ -128,8 +128,11 @@ static inline void load_desc(const uint8_t *table, uint32_t i, struct desc *d) {
 
 /* -- life cycle ---------------------------------------------------------------------------- */
 
-void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq) {
+void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
+                     struct vfs_arena *arena, uint32_t queue) {
     memset(e, 0, sizeof *e);
+    e->arena = arena;
+    e->queue = queue;
     e->chan_fd = chan_fd;
     e->call_fd = -1;
     e->err_fd = -1;
@@ -266,6 +269,8 @@ static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     vfs_jq_replied(e->jq, head, used_len, e->next_used);
     push(e, head, used_len);
     vfs_jq_pushed(e->jq, head);
+    if (e->arena != NULL)
+        vfs_counter_add(e->arena, e->queue, 1);
     e->completed++;
     e->notify_due = 1;
 }

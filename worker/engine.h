@@ -56,12 +56,16 @@ struct vfs_engine {
     struct vfs_fuse_in in;
     /* shared state and counters */
     struct vfs_jq *jq;
+    struct vfs_arena *arena;  /* NULL: no tables (then every request goes to Python) */
+    uint32_t queue;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };
 
-/* Set up an engine for the queue whose control channel is `chan_fd`; no ring yet. */
-void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq);
+/* Set up an engine for queue `queue`, whose control channel is `chan_fd`, journaling through
+ * `jq` (the worker's own view) and counting requests in `arena`; no ring yet. */
+void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
+                     struct vfs_arena *arena, uint32_t queue);
 /* Release what vfs_engine_start allocated. */
 void vfs_engine_fini(struct vfs_engine *e);
 /* Replace the region table (the caller keeps the mappings alive): 0, or -EINVAL with `why`. */

@@ -15,8 +15,6 @@ import enum
 import importlib
 import os
 
-from pyvirtiofsd.common import native
-
 _MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
 ENGINE_VARIANT = os.environ.get("PYVIRTIOFSD_ENGINE", "default")
 if ENGINE_VARIANT not in _MODULES:
@@ -51,16 +49,16 @@ def buffer_address(view: memoryview) -> int:
 
 
 class Engine:
-    """One queue's engine.  `journal_address` is that queue's journal region."""
+    """Queue `queue`'s engine: `journal` and `arena` are the addresses of the worker's own
+    `struct vfs_jq` and `struct vfs_arena` (QueueJournal.address, Arena.address; arena 0: no
+    tables).  Both must outlive the engine."""
 
-    __slots__ = ("_e", "_jq", "_views")
+    __slots__ = ("_e", "_views")
 
-    def __init__(self, channel_fd: int, journal_address: int, capacity: int) -> None:
-        self._jq = ffi.new("struct vfs_jq *")
-        if lib.vfs_jq_attach(self._jq, ffi.cast("void *", journal_address), capacity) != 0:
-            raise EngineError("the queue journal is not usable by the engine")
+    def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0) -> None:
         self._e = ffi.new("struct vfs_engine *")
-        lib.vfs_engine_init(self._e, channel_fd, self._jq)
+        lib.vfs_engine_init(self._e, channel_fd, ffi.cast("struct vfs_jq *", journal),
+                            ffi.cast("struct vfs_arena *", arena), queue)
         self._views = ffi.buffer
 
     def close(self) -> None:
@@ -131,11 +129,6 @@ class Engine:
         return self._e.pos
 
     @property
-    def journal_word(self) -> int:
-        """The journal state word it was popped with (QueueJournal.adopt)."""
-        return self._jq.word
-
-    @property
     def why(self) -> str:
         return ffi.string(self._e.why).decode()
 
@@ -152,8 +145,3 @@ class Engine:
         views = [memoryview(buf(iov[k].iov_base, iov[k].iov_len))
                  for k in range(nr + e.nwritable)]
         return views[:nr], views[nr:]
-
-
-def journal_address(pointer: object) -> int:
-    """The address behind a common._native pointer (another cffi module's cdata)."""
-    return int(native.ffi.cast("uintptr_t", pointer))

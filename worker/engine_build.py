@@ -23,8 +23,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _COMMON = os.path.join(os.path.dirname(_HERE), "common")
 
 CDEF = """
-struct vfs_jq { uint8_t *base; uint32_t capacity; int32_t head; uint64_t word; };
-int vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity);
+struct vfs_jq;
+struct vfs_arena;
 
 #define VFS_ENGINE_MAX_REGIONS 64
 enum vfs_engine_status {
@@ -54,10 +54,13 @@ struct vfs_engine {
     uint32_t has_in;
     struct vfs_fuse_in in;
     struct vfs_jq *jq;
+    struct vfs_arena *arena;
+    uint32_t queue;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
-void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq);
+void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
+                     struct vfs_arena *arena, uint32_t queue);
 void vfs_engine_fini(struct vfs_engine *e);
 int  vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
                            void *host);

@@ -86,7 +86,6 @@ class Worker:
         # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
         # hands back and replays the journal; the engine owns the ring indices.
         self.engine = engine
-        self._counted = 0
         # What an answered control message left to do: recover a resumed ring, then serve it.
         self._recover_after: SplitQueue | None = None
         self._serve_after = False
@@ -111,7 +110,7 @@ class Worker:
         engine = None
         # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
         if data_plane == "native" and hooks is None:
-            engine = Engine(channel.fileno(), jq.address, jq.capacity)
+            engine = Engine(channel.fileno(), jq.address, arena.address, queue)
         return cls(queue, channel, server, arena, jq, fs, hooks, engine)
 
     # -- control channel ------------------------------------------------------------------
@@ -369,7 +368,6 @@ class Worker:
                 self.on_control()
             elif status is Status.DEFER:
                 head = engine.head
-                self.journal.adopt(head, engine.journal_word)
                 readable, writable = engine.chain()
                 writer = Writer(writable) if writable else None
                 used = self.server.handle(Reader(readable), writer)
@@ -383,10 +381,6 @@ class Worker:
                 # The engine left next_avail at the entry it refused and wrote the err fd.
                 self.stopped_at = engine.next_avail
                 self.queue = None
-        done = engine.completed
-        if done != self._counted:
-            self.counters.add(self.index, done - self._counted)
-            self._counted = done
 
     def _walk_in_python(self, engine: Engine, queue: SplitQueue) -> None:
         """A chain the engine would not walk: the reference walker serves or rejects it."""
