@@ -216,7 +216,7 @@ class EngineRig:
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
         self.err = os.eventfd(0, os.EFD_NONBLOCK)
         self.spans = [(buffer_address(v), n) for _g, n, _u, v in guest.mem.views()]
-        self.e = Engine(self.chan.fileno(), jq.address, jq.capacity)
+        self.e = Engine(self.chan.fileno(), jq.address)
         self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in guest.mem.views()])
         self.e.start(QSIZE, guest.uaddr(guest.desc), guest.uaddr(guest.avail),
                      guest.uaddr(guest.used), start, event_idx=False, indirect=indirect)
