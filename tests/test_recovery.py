@@ -24,7 +24,10 @@ from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
 
-# Every kill point on the native plane; the python plane runs the in-flight case below.
+# Every kill point with --data-plane=native, and the in-flight case below on both planes.  A
+# worker with test hooks serves its ring on the Python plane (worker/main.py: the hooks fire
+# between that plane's steps), so until the engine has probes of its own these kill points are
+# the Python plane's even here.
 pytestmark = pytest.mark.data_planes("native")
 
 ROOT = fa.ROOT_ID
