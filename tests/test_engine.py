@@ -114,7 +114,9 @@ def test_defer_hands_back_the_chain_and_decoded_header(rig):
     assert (rig.e.head, rig.e.pos, rig.e.next_avail) == (head, 0, 1)
     readable, writable = rig.e.chain()
     assert lens(readable) == [40] and lens(writable) == [128]
-    assert IN_HEADER.unpack(bytes(readable[0]))[1:3] == (GETATTR, 0x1234)
+    # Decoded once, by the engine: exactly what the reference would unpack.
+    assert rig.e.header() == (*IN_HEADER.unpack(bytes(readable[0]))[:7], 0)
+    assert rig.e.header()[1:3] == (GETATTR, 0x1234)
     # Popped into the journal with opcode and unique, the pop counter in its state word.
     [rec] = rig.jq.inflight()
     assert (rec.head, rec.state, rec.opcode, rec.unique) == (head, SlotState.POPPED, GETATTR,
@@ -158,6 +160,7 @@ def test_short_header_is_deferred_with_zero_opcode(rig):
     g.write(0x50000, b"\x01" * 10)
     g.publish(g.add_chain([(0x50000, 10, False)]))
     assert rig.e.run() is Status.DEFER
+    assert rig.e.header() is None
     [rec] = rig.jq.inflight()
     assert (rec.opcode, rec.unique) == (0, 0)
 

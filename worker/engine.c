@@ -9,10 +9,16 @@
  * is the reference, rejects it with its own message, so both planes fail alike. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/fsuid.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -138,6 +144,7 @@ void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
     e->err_fd = -1;
     e->jq = jq;
     e->poll_every = 8;
+    e->root_fd = -1;
 }
 
 void vfs_engine_fini(struct vfs_engine *e) {
@@ -382,10 +389,657 @@ static int pop(struct vfs_engine *e) {
 
 /* -- native handlers --------------------------------------------------------------------- */
 
-/* Serve the request in e->in natively: the used length, or -1 to hand it to Python. */
+/* Each mirrors the Python FuseServer + PassthroughFs path for the same request (the reference)
+ * and must reply byte for byte what it replies.  Whatever that path treats specially is not
+ * served here: the handler returns DEFER before it has changed anything, and Python answers. */
+#define DEFER (-1)
+#define OUT_HEADER_SIZE 16u
+#define MAX_REQUEST ((1u << 20) + 0x1000)  /* fuse_server._MAX_REQUEST */
+#define SYS_IOV_MAX 1024
+
+enum {
+    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
+    OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_BATCH_FORGET = 42,
+};
+#define WRITE_CACHE 1u
+#define WRITE_KILL_SUIDGID 4u
+
+struct fuse_out_header { uint32_t len; int32_t error; uint64_t unique; };
+struct fuse_attr {
+    uint64_t ino, size, blocks;
+    int64_t atime, mtime, ctime;
+    uint32_t atimensec, mtimensec, ctimensec, mode, nlink, uid, gid, rdev, blksize, flags;
+};
+struct fuse_entry_out {
+    uint64_t nodeid, generation, entry_valid, attr_valid;
+    uint32_t entry_valid_nsec, attr_valid_nsec;
+    struct fuse_attr attr;
+};
+struct fuse_attr_out { uint64_t attr_valid; uint32_t attr_valid_nsec, dummy; struct fuse_attr attr; };
+struct fuse_kstatfs {
+    uint64_t blocks, bfree, bavail, files, ffree;
+    uint32_t bsize, namelen, frsize, padding, spare[6];
+};
+struct fuse_read_in { uint64_t fh, offset; uint32_t size, read_flags; uint64_t lock_owner;
+                      uint32_t flags, padding; };
+struct fuse_write_in { uint64_t fh, offset; uint32_t size, write_flags; uint64_t lock_owner;
+                       uint32_t flags, padding; };
+struct fuse_flush_in { uint64_t fh; uint32_t unused, padding; uint64_t lock_owner; };
+struct fuse_release_in { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; };
+struct fuse_access_in { uint32_t mask, padding; };
+_Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
+_Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
+_Static_assert(sizeof(struct fuse_kstatfs) == 80, "fuse_kstatfs");
+_Static_assert(sizeof(struct fuse_read_in) == 40, "fuse_read_in");
+_Static_assert(sizeof(struct fuse_write_in) == 40, "fuse_write_in");
+_Static_assert(sizeof(struct fuse_flush_in) == 24, "fuse_flush_in");
+_Static_assert(sizeof(struct fuse_release_in) == 24, "fuse_release_in");
+_Static_assert(sizeof(struct vfs_fuse_in) == IN_HEADER_SIZE, "fuse_in_header");
+
+/* Copy `len` bytes at `off` of the readable part to `out` (the caller checked they exist). */
+static void read_at(const struct vfs_engine *e, uint64_t off, void *out, uint64_t len) {
+    uint8_t *o = out;
+    for (uint32_t k = 0; k < e->nreadable && len; k++) {
+        uint64_t n = e->iov[k].iov_len;
+        if (off >= n) {
+            off -= n;
+            continue;
+        }
+        uint64_t m = n - off < len ? n - off : len;
+        memcpy(o, (uint8_t *)e->iov[k].iov_base + off, m);
+        o += m;
+        len -= m;
+        off = 0;
+    }
+}
+
+/* Write `len` bytes at `off` of the writable part (the caller checked the room). */
+static void write_at(const struct vfs_engine *e, uint64_t off, const void *src, uint64_t len) {
+    const uint8_t *s = src;
+    const struct iovec *w = e->iov + e->nreadable;
+    for (uint32_t k = 0; k < e->nwritable && len; k++) {
+        uint64_t n = w[k].iov_len;
+        if (off >= n) {
+            off -= n;
+            continue;
+        }
+        uint64_t m = n - off < len ? n - off : len;
+        memcpy((uint8_t *)w[k].iov_base + off, s, m);
+        s += m;
+        len -= m;
+        off = 0;
+    }
+}
+
+/* Up to `len` bytes from byte `skip` of `src` (`n` buffers) as iovecs in `out` (at most
+ * `cap`); returns how many. */
+static uint32_t sub_iov(const struct iovec *src, uint32_t n, uint64_t skip, uint64_t len,
+                        struct iovec *out, uint32_t cap) {
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < n && len && m < cap; k++) {
+        uint64_t l = src[k].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        uint64_t take = l - skip < len ? l - skip : len;
+        out[m].iov_base = (uint8_t *)src[k].iov_base + skip;
+        out[m].iov_len = (size_t)take;
+        m++;
+        len -= take;
+        skip = 0;
+    }
+    return m;
+}
+
+/* The reply header, then `body`: its used length.  The caller checked the room. */
+static int64_t reply(struct vfs_engine *e, const void *body, uint32_t len) {
+    struct fuse_out_header h = {OUT_HEADER_SIZE + len, 0, e->in.unique};
+    write_at(e, 0, &h, sizeof h);
+    if (len)
+        write_at(e, sizeof h, body, len);
+    return OUT_HEADER_SIZE + len;
+}
+
+/* An error: the header alone (protocol.md 4.2; FuseServer._error maps out-of-range to EIO). */
+static int64_t reply_error(struct vfs_engine *e, int err) {
+    if (err <= 0 || err >= 512)
+        err = EIO;
+    struct fuse_out_header h = {OUT_HEADER_SIZE, -err, e->in.unique};
+    write_at(e, 0, &h, sizeof h);
+    return OUT_HEADER_SIZE;
+}
+
+/* PassthroughFs._as_caller: the caller's fsuid/fsgid and (no extension: none) supplementary
+ * groups.  0, or DEFER when a switch fails (Python repeats it and answers the error). */
+static int as_caller(struct vfs_engine *e) {
+    struct vfs_engine_fs *fs = &e->fs;
+    if (!fs->switch_creds)
+        return 0;
+    uint32_t gid = e->in.gid, uid = e->in.uid;
+    if (gid != fs->fsgid) {
+        setfsgid(gid);
+        /* setfsgid reports the previous id and never fails visibly; ask again to know. */
+        if ((uint32_t)setfsgid(gid) != gid)
+            return DEFER;
+        fs->fsgid = gid;
+    }
+    if (uid != fs->fsuid) {
+        setfsuid(uid);
+        if ((uint32_t)setfsuid(uid) != uid)
+            return DEFER;
+        fs->fsuid = uid;
+    }
+    if (!fs->groups_empty && fs->set_groups) {
+        if (setgroups(0, NULL) != 0) {
+            if (errno != EPERM)
+                return DEFER;
+            /* A user namespace with setgroups denied (user_namespaces(7)). */
+            fs->set_groups = 0;
+            return 0;
+        }
+        fs->groups_empty = 1;
+    }
+    return 0;
+}
+
+/* Pin an inode / a handle, journaled as JournaledInodes/JournaledHandles do it: the pin is
+ * recorded after it is taken and forgotten before it is released. */
+static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
+    if (vfs_inode_acquire(e->arena, nodeid, fd) != 0)
+        return -EBADF;
+    vfs_jq_pin(e->jq, VFS_PIN_INODE, nodeid);
+    return 0;
+}
+
+static void unpin_inode(struct vfs_engine *e, uint64_t nodeid) {
+    vfs_jq_unpin(e->jq, VFS_PIN_INODE, nodeid);
+    vfs_inode_release(e->arena, nodeid);
+}
+
+/* PassthroughFs._pin_handle: EBADF unless `fh` belongs to `nodeid` (virtiofsd). */
+static int pin_handle(struct vfs_engine *e, uint64_t fh, uint64_t nodeid, int *fd) {
+    uint64_t owner;
+    uint32_t flags;
+    if (vfs_handle_acquire(e->arena, fh, fd, &owner, &flags) != 0)
+        return -EBADF;
+    vfs_jq_pin(e->jq, VFS_PIN_HANDLE, fh);
+    if (owner != nodeid) {
+        vfs_jq_unpin(e->jq, VFS_PIN_HANDLE, fh);
+        vfs_handle_release(e->arena, fh);
+        return -EBADF;
+    }
+    return 0;
+}
+
+static void unpin_handle(struct vfs_engine *e, uint64_t fh) {
+    vfs_jq_unpin(e->jq, VFS_PIN_HANDLE, fh);
+    vfs_handle_release(e->arena, fh);
+}
+
+/* fuse_server.attr_fields: fuse_attr of a stat result. */
+static void fill_attr(struct fuse_attr *a, const struct stat *st, uint32_t flags) {
+    a->ino = st->st_ino;
+    a->size = (uint64_t)st->st_size;
+    a->blocks = (uint64_t)st->st_blocks;
+    a->atime = st->st_atim.tv_sec;
+    a->mtime = st->st_mtim.tv_sec;
+    a->ctime = st->st_ctim.tv_sec;
+    a->atimensec = (uint32_t)st->st_atim.tv_nsec;
+    a->mtimensec = (uint32_t)st->st_mtim.tv_nsec;
+    a->ctimensec = (uint32_t)st->st_ctim.tv_nsec;
+    a->mode = st->st_mode;
+    a->nlink = (uint32_t)st->st_nlink;
+    a->uid = st->st_uid;
+    a->gid = st->st_gid;
+    /* glibc's dev_t equals the kernel's new_encode_dev() for every major < 4096 and minor
+     * < 2**20, which is what fuse_attr.rdev carries. */
+    a->rdev = (uint32_t)st->st_rdev;
+    a->blksize = (uint32_t)st->st_blksize;
+    a->flags = flags;
+}
+
+static int64_t do_getattr(struct vfs_engine *e, uint64_t body_len) {
+    /* fuse_getattr_in: the fh adds nothing (an open file is the inode's file). */
+    if (body_len < 16 || e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_attr_out))
+        return DEFER;
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    struct stat st;
+    if ((rc = pin_inode(e, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    int err = fstat(fd, &st) != 0 ? errno : 0;
+    unpin_inode(e, e->in.nodeid);
+    if (err)
+        return reply_error(e, err);
+    if (st.st_nlink > UINT32_MAX)
+        return DEFER;                         /* Python's struct refuses it: let it answer */
+    struct fuse_attr_out out = {.attr_valid = e->fs.timeout};
+    fill_attr(&out.attr, &st, 0);
+    return reply(e, &out, sizeof out);
+}
+
+static int64_t do_statfs(struct vfs_engine *e) {
+    if (e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_kstatfs))
+        return DEFER;
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    struct statvfs s;
+    if ((rc = pin_inode(e, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    int err = fstatvfs(fd, &s) != 0 ? errno : 0;
+    unpin_inode(e, e->in.nodeid);
+    if (err)
+        return reply_error(e, err);
+    if (s.f_bsize > UINT32_MAX || s.f_namemax > UINT32_MAX || s.f_frsize > UINT32_MAX)
+        return DEFER;
+    struct fuse_kstatfs out = {
+        .blocks = s.f_blocks, .bfree = s.f_bfree, .bavail = s.f_bavail, .files = s.f_files,
+        .ffree = s.f_ffree, .bsize = (uint32_t)s.f_bsize, .namelen = (uint32_t)s.f_namemax,
+        .frsize = (uint32_t)s.f_frsize,
+    };
+    return reply(e, &out, sizeof out);
+}
+
+/* preadv/pwritev of `len` bytes from byte `skip` of `bufs`, continuing after short transfers
+ * as PassthroughFs.read/write do; the bytes moved, or -errno. */
+static int64_t transfer(struct vfs_engine *e, int fd, int writing, const struct iovec *bufs,
+                        uint32_t nbufs, uint64_t skip, uint64_t len, uint64_t offset) {
+    struct iovec *part = e->iov + e->nreadable + e->nwritable;
+    uint32_t room = e->iov_cap - e->nreadable - e->nwritable;
+    uint64_t total = 0;
+    for (;;) {
+        uint32_t m = sub_iov(bufs, nbufs, skip + total, len - total, part,
+                             room < SYS_IOV_MAX ? room : SYS_IOV_MAX);
+        ssize_t n = writing ? pwritev(fd, part, (int)m, (off_t)(offset + total))
+                            : preadv(fd, part, (int)m, (off_t)(offset + total));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;                     /* as Python's os.preadv (PEP 475) */
+            return -errno;
+        }
+        total += (uint64_t)n;
+        if (n == 0 || total >= len)
+            return (int64_t)total;
+    }
+}
+
+static int64_t do_read(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_read_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    /* The iovecs of the destination need room after the chain's own. */
+    if (e->iov_cap - e->nreadable - e->nwritable < e->nwritable)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    uint64_t want = e->writable_bytes - OUT_HEADER_SIZE;
+    if (in.size < want)
+        want = in.size;
+    int64_t n = in.offset >= (1ull << 63) ? -EINVAL
+              : transfer(e, fd, 0, e->iov + e->nreadable, e->nwritable, OUT_HEADER_SIZE, want,
+                         in.offset);
+    unpin_handle(e, in.fh);
+    if (n < 0)
+        return reply_error(e, (int)-n);
+    struct fuse_out_header h = {OUT_HEADER_SIZE + (uint32_t)n, 0, e->in.unique};
+    write_at(e, 0, &h, sizeof h);
+    return h.len;
+}
+
+static int64_t do_write(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_write_in in;
+    if (body_len < sizeof in || e->fs.readonly
+            || e->writable_bytes < OUT_HEADER_SIZE + 8
+            || e->iov_cap - e->nreadable - e->nwritable < e->nreadable)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    /* Too large a size is Python's EINVAL; O_APPEND writes are journaled as non-idempotent
+     * (worker/recovery.py) and KILL_SUIDGID drops privileges: all answered by Python. */
+    if (in.size > body_len - sizeof in || (in.write_flags & WRITE_KILL_SUIDGID)
+            || ((in.flags & O_APPEND) && !(in.write_flags & WRITE_CACHE)))
+        return DEFER;
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    int64_t n = in.offset >= (1ull << 63) ? -EINVAL
+              : transfer(e, fd, 1, e->iov, e->nreadable, IN_HEADER_SIZE + sizeof in, in.size,
+                         in.offset);
+    unpin_handle(e, in.fh);
+    if (n < 0)
+        return reply_error(e, (int)-n);
+    uint32_t out[2] = {(uint32_t)n, 0};
+    return reply(e, out, sizeof out);
+}
+
+static int64_t do_flush(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_flush_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    /* The guest closed one of its descriptors: closing a duplicate does what that close does
+     * on the host (write-back errors, POSIX locks dropped) -- virtiofsd. */
+    int err = 0, d = dup(fd);
+    if (d < 0)
+        err = errno;
+    else if (close(d) != 0)
+        err = errno;
+    unpin_handle(e, in.fh);
+    return err ? reply_error(e, err) : reply(e, NULL, 0);
+}
+
+static int64_t do_release(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_release_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    rc = vfs_handle_remove(e->arena, in.fh);
+    unpin_handle(e, in.fh);              /* the fd closes here, or at the last user's unpin */
+    return rc ? reply_error(e, -rc) : reply(e, NULL, 0);
+}
+
+static int64_t do_access(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_access_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    uint32_t mask = in.mask & (R_OK | W_OK | X_OK);
+    if ((mask & W_OK) && e->fs.readonly)
+        return DEFER;
+    if (as_caller(e))
+        return DEFER;
+    int fd, rc;
+    if ((rc = pin_inode(e, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    char name[16];
+    snprintf(name, sizeof name, "%d", fd);
+    /* AT_EACCESS: with the fsuid/fsgid, groups and capabilities in force, the caller's. */
+    int err = faccessat(e->fs.proc_fd, name, (int)mask, AT_EACCESS) != 0 ? errno : 0;
+    unpin_inode(e, e->in.nodeid);
+    return err ? reply_error(e, err) : reply(e, NULL, 0);
+}
+
+/* -- LOOKUP (PassthroughFs.lookup) -- */
+#define NAME_MAX_FUSE 255
+#define STATX_MNT_ID_BIT 0x1000u
+#define STATX_MNT_ID_OFF 144
+#define ATTR_SUBMOUNT 1u
+#define RESOLVE_LOOKUP (0x08 | 0x04 | 0x02)  /* BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+
+/* openat2(2) kept beneath `dir` (passthrough._open_beneath); -errno on failure. */
+static int open_beneath(int dir, const char *name, uint64_t flags) {
+    uint64_t how[3] = {flags | O_NOFOLLOW, 0, RESOLVE_LOOKUP};
+    long fd = syscall(SYS_openat2, dir, name, how, sizeof how);
+    return fd < 0 ? -errno : (int)fd;
+}
+
+/* The mount id (statx STATX_MNT_ID), 0 when the kernel does not say; -errno on failure. */
+static int64_t mnt_id(int fd) {
+    uint64_t buf[32];                             /* struct statx is 256 bytes */
+    memset(buf, 0, sizeof buf);
+    if (statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_MNT_ID_BIT,
+              (struct statx *)buf) != 0)
+        return -errno;
+    uint32_t mask;
+    memcpy(&mask, buf, sizeof mask);
+    return (mask & STATX_MNT_ID_BIT) ? (int64_t)buf[STATX_MNT_ID_OFF / 8] : 0;
+}
+
+/* /proc/self/fd/N's target into `out` (NUL-terminated): its length, -errno, or -ENAMETOOLONG
+ * when it does not fit (then Python, which has no limit, answers). */
+static int fd_path(const struct vfs_engine *e, int fd, char *out, size_t size) {
+    char name[16];
+    snprintf(name, sizeof name, "%d", fd);
+    ssize_t n = readlinkat(e->fs.proc_fd, name, out, size);
+    if (n < 0)
+        return -errno;
+    if ((size_t)n >= size)
+        return -ENAMETOOLONG;
+    out[n] = 0;
+    return (int)n;
+}
+
+/* PassthroughFs._reachable, run as the daemon: 0, -errno to answer, or DEFER. */
+static int reachable(struct vfs_engine *e, int dir_fd) {
+    struct stat have, found;
+    char path[sizeof e->root_path];
+    if (fstat(dir_fd, &have) != 0)
+        return -errno;
+    if (!S_ISDIR(have.st_mode))
+        return -ENOTDIR;                  /* what resolving a name in it would say */
+    int n = fd_path(e, dir_fd, path, sizeof path);
+    if (n == -ENAMETOOLONG)
+        return DEFER;
+    if (n < 0)
+        return n;
+    const char *root = e->root_path;
+    size_t rlen = e->root_len;
+    if (rlen == 1 && root[0] == '/') {
+        /* The share is this process's root: reaching this very directory is the question. */
+        const char *rel = path;
+        while (*rel == '/')
+            rel++;
+        if (fstatat(e->root_fd, *rel ? rel : ".", &found, AT_SYMLINK_NOFOLLOW) != 0)
+            return -ENOENT;
+    } else {
+        if ((size_t)n < rlen || memcmp(path, root, rlen) != 0
+                || (path[rlen] != 0 && path[rlen] != '/'))
+            return -ENOENT;
+        const char *rel = path + rlen;
+        while (*rel == '/')
+            rel++;
+        int fd = open_beneath(e->root_fd, *rel ? rel : ".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fd == -ENOSYS)
+            return DEFER;
+        if (fd < 0)
+            return -ENOENT;
+        int r = fstat(fd, &found);
+        close(fd);
+        if (r != 0)
+            return -ENOENT;
+    }
+    if (found.st_dev != have.st_dev || found.st_ino != have.st_ino)
+        return -ENOENT;
+    return 0;
+}
+
+/* PassthroughFs._check_beneath: reachable() with the daemon's own fsuid. */
+static int check_beneath(struct vfs_engine *e, int dir_fd) {
+    if (e->root_len == 0) {
+        int rfd;
+        if (pin_inode(e, VFS_ROOT_ID, &rfd) != 0)
+            return DEFER;
+        int n = fd_path(e, rfd, e->root_path, sizeof e->root_path);
+        unpin_inode(e, VFS_ROOT_ID);
+        if (n <= 0)
+            return DEFER;
+        /* The root is never forgotten: its fd stays valid for the worker's lifetime. */
+        e->root_fd = rfd;
+        e->root_len = (uint32_t)n;
+    }
+    uint32_t fsuid = e->fs.fsuid;
+    int as_daemon = e->fs.switch_creds && fsuid != e->fs.euid;
+    if (as_daemon)
+        setfsuid(e->fs.euid);
+    int r = reachable(e, dir_fd);
+    if (as_daemon)
+        setfsuid(fsuid);
+    return r;
+}
+
+static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
+    char name[NAME_MAX_FUSE + 2];
+    if (e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_entry_out))
+        return DEFER;
+    /* fuse_server._name: exactly one NUL-terminated name; '.', '..', long or odd names are
+     * Python's. */
+    if (body_len < 2 || body_len > NAME_MAX_FUSE + 1)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, name, body_len);
+    if (name[body_len - 1] != 0 || memchr(name, 0, body_len - 1) != NULL
+            || memchr(name, '/', body_len - 1) != NULL || strcmp(name, ".") == 0
+            || strcmp(name, "..") == 0)
+        return DEFER;
+    if (as_caller(e))
+        return DEFER;
+    int pfd, rc;
+    if ((rc = pin_inode(e, e->in.nodeid, &pfd)) != 0)
+        return reply_error(e, -rc);
+    int64_t out_len;
+    int r = check_beneath(e, pfd);
+    int fd = -1;
+    if (r == 0) {
+        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd == -ENOSYS)
+            r = DEFER;
+        else if (fd < 0)
+            r = fd;
+    }
+    /* EACCES/EPERM: Python serves it again with the groups of the directory (member retry);
+     * nothing has changed yet. */
+    if (r == DEFER || r == -EACCES || r == -EPERM) {
+        if (fd >= 0)
+            close(fd);
+        unpin_inode(e, e->in.nodeid);
+        return DEFER;
+    }
+    if (r < 0) {
+        unpin_inode(e, e->in.nodeid);
+        return reply_error(e, -r);
+    }
+    /* PassthroughFs._register */
+    struct stat st, pst;
+    struct fuse_entry_out out = {.entry_valid = e->fs.timeout, .attr_valid = e->fs.timeout};
+    uint32_t flags = 0;
+    int64_t mnt = 0;
+    int err = fstat(fd, &st) != 0 ? errno : 0;
+    if (!err && st.st_nlink > UINT32_MAX)
+        err = -1;
+    if (!err && (mnt = mnt_id(fd)) < 0)
+        err = (int)-mnt;
+    if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
+        /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
+        if (fstat(pfd, &pst) != 0) {
+            err = errno;
+        } else if (pst.st_dev != st.st_dev) {
+            flags = ATTR_SUBMOUNT;
+        } else {
+            int64_t pm = mnt_id(pfd);
+            if (pm < 0)
+                err = (int)-pm;
+            else if (pm != mnt)
+                flags = ATTR_SUBMOUNT;
+        }
+    }
+    int inserted = 0;
+    if (!err) {
+        rc = vfs_inode_lookup_or_insert(e->arena, fd, st.st_dev, st.st_ino, (uint64_t)mnt,
+                                        &out.nodeid, &inserted);
+        if (rc != 0)
+            err = -rc;
+        else
+            vfs_jq_add_effect(e->jq, VFS_EFFECT_LOOKUP, out.nodeid);
+    }
+    if (!inserted)
+        close(fd);
+    unpin_inode(e, e->in.nodeid);
+    if (err == -1)
+        return DEFER;                    /* unreachable in practice: Python's struct refuses */
+    if (err) {
+        out_len = reply_error(e, err);
+    } else {
+        fill_attr(&out.attr, &st, flags);
+        out_len = reply(e, &out, sizeof out);
+    }
+    return out_len;
+}
+
+/* One FORGET, journaled as JournaledInodes.forget does outside a replay: the lookup count it
+ * finds is recorded before it is applied, and the FORGET counted after. */
+static void forget_one(struct vfs_engine *e, uint64_t nodeid, uint64_t nlookup) {
+    uint64_t before = 0, ignored;
+    uint32_t pins;
+    int fd;
+    if (vfs_inode_info(e->arena, nodeid, &before, &pins, &fd) != 0)
+        before = 0;                       /* unknown or stale: forgetting it changes nothing */
+    vfs_jq_forgetting(e->jq, nodeid, before);
+    vfs_inode_forget(e->arena, nodeid, nlookup, &ignored);
+    vfs_jq_note_forget(e->jq);
+}
+
+/* FORGET and BATCH_FORGET have no reply (used length 0). */
+static int64_t do_forget(struct vfs_engine *e, uint64_t body_len) {
+    uint64_t nlookup;
+    if (body_len < sizeof nlookup)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &nlookup, sizeof nlookup);
+    forget_one(e, e->in.nodeid, nlookup);
+    return 0;
+}
+
+static int64_t do_batch_forget(struct vfs_engine *e, uint64_t body_len) {
+    uint32_t count;
+    if (body_len < 8)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &count, sizeof count);
+    if (8 + (uint64_t)count * 16 > body_len)
+        return DEFER;                     /* Python logs and ignores it */
+    for (uint32_t k = 0; k < count; k++) {
+        uint64_t one[2];
+        read_at(e, IN_HEADER_SIZE + 8 + (uint64_t)k * 16, one, sizeof one);
+        forget_one(e, one[0], one[1]);
+    }
+    return 0;
+}
+
+/* Serve the request in e->in natively: the used length, or DEFER to hand it to Python.  The
+ * checks before the switch are FuseServer.handle's, in its order. */
 static int64_t serve_native(struct vfs_engine *e) {
-    (void)e;
-    return -1;
+    const struct vfs_engine_fs *fs = &e->fs;
+    if (!fs->enabled || e->arena == NULL || fs->session == NULL
+            || !(__atomic_load_n(fs->session, __ATOMIC_ACQUIRE) & 1))
+        return DEFER;                     /* no session yet: Python answers (EIO or INIT) */
+    uint32_t len = e->in.len;
+    if (len < IN_HEADER_SIZE || len - IN_HEADER_SIZE > e->readable_bytes - IN_HEADER_SIZE
+            || len > MAX_REQUEST)
+        return DEFER;
+    uint64_t body_len = len - IN_HEADER_SIZE;
+    /* Extensions (supplementary groups) change the credentials: Python's. */
+    if (e->in.total_extlen && e->in.opcode != OP_WRITE)
+        return DEFER;
+    switch (e->in.opcode) {
+    case OP_LOOKUP: return do_lookup(e, body_len);
+    case OP_FORGET: return do_forget(e, body_len);
+    case OP_BATCH_FORGET: return do_batch_forget(e, body_len);
+    case OP_GETATTR: return do_getattr(e, body_len);
+    case OP_STATFS: return do_statfs(e);
+    case OP_READ: return do_read(e, body_len);
+    case OP_WRITE: return do_write(e, body_len);
+    case OP_FLUSH: return do_flush(e, body_len);
+    case OP_RELEASE: return do_release(e, body_len);
+    case OP_RELEASEDIR: return do_release(e, body_len);
+    case OP_ACCESS: return do_access(e, body_len);
+    default: return DEFER;
+    }
 }
 
 /* -- the batch loop ------------------------------------------------------------------------- */
@@ -454,6 +1108,31 @@ int vfs_engine_run(struct vfs_engine *e) {
             return VFS_ENGINE_DEFER;
         }
         complete(e, e->head, (uint32_t)used);
+        e->native++;
         e->since_poll++;
+    }
+}
+
+int vfs_engine_serve(struct vfs_engine *e, int kick_fd) {
+    for (;;) {
+        int status = vfs_engine_run(e);
+        if (status != VFS_ENGINE_EMPTY || e->size == 0)
+            return status;
+        /* Empty, notifications on: sleep until the driver kicks or a control message comes. */
+        struct pollfd p[2] = {{.fd = e->chan_fd, .events = POLLIN},
+                              {.fd = kick_fd, .events = POLLIN}};
+        int n = poll(p, kick_fd >= 0 ? 2 : 1, -1);
+        if (n < 0)
+            return VFS_ENGINE_EMPTY;          /* EINTR: let the caller look at its signals */
+        if (p[0].revents)
+            return VFS_ENGINE_CONTROL;
+        if (kick_fd >= 0 && (p[1].revents & POLLNVAL))
+            return VFS_ENGINE_EMPTY;          /* not an fd: never spin on it */
+        if (kick_fd >= 0 && p[1].revents) {
+            uint64_t count;
+            /* EAGAIN: another reader drained it; the ring is looked at either way. */
+            ssize_t got = read(kick_fd, &count, sizeof count);
+            (void)got;
+        }
     }
 }

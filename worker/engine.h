@@ -36,6 +36,21 @@ struct vfs_fuse_in {         /* fuse_in_header (protocol.md 4.2), decoded once p
     uint16_t total_extlen, padding;
 };
 
+/* What the native handlers need of the filesystem (worker/passthrough.py's options and state).
+ * The credentials in force are shared with PassthroughFs: the worker copies them across each
+ * time a request passes between the two planes. */
+struct vfs_engine_fs {
+    const uint64_t *session;  /* the FUSE session word (fuse_server.Session); NULL: none */
+    int proc_fd;              /* the worker's /proc/self/fd */
+    uint32_t timeout;         /* entry and attribute timeout of the cache mode, in seconds */
+    uint8_t enabled;          /* 0: every request goes to Python */
+    uint8_t readonly, switch_creds, set_groups;
+    uint8_t groups_empty;     /* no supplementary groups in force (as the kernel's requests) */
+    uint8_t submounts;        /* --announce-submounts */
+    uint32_t fsuid, fsgid;    /* in force */
+    uint32_t euid;            /* the daemon's own uid (checks made as the daemon) */
+};
+
 struct vfs_engine {
     struct vfs_engine_region regions[VFS_ENGINE_MAX_REGIONS];
     uint32_t nregions;
@@ -58,6 +73,12 @@ struct vfs_engine {
     struct vfs_jq *jq;
     struct vfs_arena *arena;  /* NULL: no tables (then every request goes to Python) */
     uint32_t queue;
+    struct vfs_engine_fs fs;
+    uint64_t native;          /* requests answered natively */
+    /* the share's root as the kernel names it (/proc/self/fd), read at the first LOOKUP */
+    int root_fd;
+    uint32_t root_len;        /* 0: not read yet */
+    char root_path[4096];
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };
@@ -80,6 +101,9 @@ void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 /* Serve the ring until one of enum vfs_engine_status happens. */
 int  vfs_engine_run(struct vfs_engine *e);
+/* vfs_engine_run(), and while the ring is empty, wait in poll(2) for a kick on `kick_fd` (-1:
+ * none) or a control message; EMPTY when the wait was interrupted or the ring stopped. */
+int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 /* Complete `head` with `used_len` reply bytes: journal, push, notify if the driver asks. */
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 /* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */

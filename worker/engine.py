@@ -91,6 +91,35 @@ class Engine:
         lib.vfs_engine_set_fds(self._e, -1 if call is None else call,
                                -1 if err is None else err)
 
+    def serve_natively(self, session_word: int, *, proc_fd: int, timeout: int, readonly: bool,
+                       switch_creds: bool, submounts: bool, euid: int) -> None:
+        """Turn on the native handlers: `session_word` is the address of the FUSE session word
+        (fuse_server.Session), the rest PassthroughFs.native_options()."""
+        fs = self._e.fs
+        fs.session = ffi.cast("uint64_t *", session_word)
+        fs.proc_fd = proc_fd
+        fs.timeout = timeout
+        fs.readonly = readonly
+        fs.switch_creds = switch_creds
+        fs.submounts = submounts
+        fs.euid = euid
+        fs.enabled = 1
+
+    @property
+    def native_enabled(self) -> bool:
+        return bool(self._e.fs.enabled)
+
+    @property
+    def credentials(self) -> object:
+        """The struct (fsuid, fsgid, groups_empty, set_groups) holding the credentials in
+        force, for PassthroughFs.share_credentials()."""
+        return self._e.fs
+
+    @property
+    def native(self) -> int:
+        """Requests answered natively."""
+        return self._e.native
+
     @property
     def poll_every(self) -> int:
         return self._e.poll_every
@@ -102,6 +131,11 @@ class Engine:
     # -- the data plane -----------------------------------------------------------------------
     def run(self) -> Status:
         return Status(lib.vfs_engine_run(self._e))
+
+    def serve(self, kick: int | None) -> Status:
+        """run(), sleeping in C while the ring is empty until `kick` (the kick eventfd) or the
+        control channel is readable; EMPTY when the sleep was interrupted."""
+        return Status(lib.vfs_engine_serve(self._e, -1 if kick is None else kick))
 
     def complete(self, head: int, used_len: int) -> None:
         lib.vfs_engine_complete(self._e, head, used_len)
@@ -135,6 +169,15 @@ class Engine:
     @property
     def completed(self) -> int:
         return self._e.completed
+
+    def header(self) -> tuple[int, int, int, int, int, int, int, int] | None:
+        """The deferred request's fuse_in_header fields (IN_HEADER order), when the chain
+        holds a whole one."""
+        e = self._e
+        if not e.has_in:
+            return None
+        h = getattr(e, "in")           # a Python keyword: no attribute syntax
+        return (h.len, h.opcode, h.unique, h.nodeid, h.uid, h.gid, h.pid, h.total_extlen)
 
     def chain(self) -> tuple[list[memoryview], list[memoryview]]:
         """The deferred request's readable and writable buffers, as views of guest memory."""

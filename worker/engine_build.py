@@ -1,11 +1,12 @@
-"""cffi build script for the native request engine (worker/engine.c + common/state.c).
+r"""cffi build script for the native request engine (worker/engine.c + common/state.c).
 
 setup.py builds `pyvirtiofsd.worker._engine` with the hardening flags below.  The same sources
 build a second module, `pyvirtiofsd.worker._engine_asan`, under AddressSanitizer and
 UndefinedBehaviorSanitizer for the fuzzers:
 
     python worker/engine_build.py --sanitize      # builds _engine_asan next to _engine
-    PYVIRTIOFSD_ENGINE=asan LD_PRELOAD=$(gcc -print-file-name=libasan.so) python -m pytest ...
+    PYVIRTIOFSD_ENGINE=asan LD_PRELOAD=$(gcc -print-file-name=libasan.so) \
+        ASAN_OPTIONS=detect_leaks=0 python -m pytest ...
 
 worker/engine.py imports the module PYVIRTIOFSD_ENGINE names (unset or "default": _engine).
 """
@@ -37,6 +38,17 @@ struct vfs_fuse_in {
     uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid;
     uint16_t total_extlen, padding;
 };
+struct vfs_engine_fs {
+    const uint64_t *session;
+    int proc_fd;
+    uint32_t timeout;
+    uint8_t enabled;
+    uint8_t readonly, switch_creds, set_groups;
+    uint8_t groups_empty;
+    uint8_t submounts;
+    uint32_t fsuid, fsgid;
+    uint32_t euid;
+};
 struct vfs_engine {
     struct vfs_engine_region regions[64];
     uint32_t nregions;
@@ -56,6 +68,11 @@ struct vfs_engine {
     struct vfs_jq *jq;
     struct vfs_arena *arena;
     uint32_t queue;
+    struct vfs_engine_fs fs;
+    uint64_t native;
+    int root_fd;
+    uint32_t root_len;
+    char root_path[4096];
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
@@ -70,6 +87,7 @@ int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64
 void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 int  vfs_engine_run(struct vfs_engine *e);
+int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_notify(struct vfs_engine *e);
 """
@@ -80,8 +98,10 @@ _SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
              "-fno-sanitize-recover=undefined"]
 
 
-def make_ffi(sanitize: bool = False) -> FFI:
-    """The engine module; with `sanitize`, the ASan/UBSan build used by the fuzzers."""
+def make_ffi(sanitize: bool = False, absolute: bool = False) -> FFI:
+    """The engine module; with `sanitize`, the ASan/UBSan build used by the fuzzers.  Source
+    paths are relative to the project (setup.py wants them so) unless `absolute`."""
+    where = (lambda p: p) if absolute else os.path.relpath
     ffi = FFI()
     ffi.cdef(CDEF)
     name = "pyvirtiofsd.worker._engine_asan" if sanitize else "pyvirtiofsd.worker._engine"
@@ -89,8 +109,7 @@ def make_ffi(sanitize: bool = False) -> FFI:
     ffi.set_source(
         name,
         '#include "engine.h"\n',
-        sources=[os.path.relpath(os.path.join(_HERE, "engine.c")),
-                 os.path.relpath(os.path.join(_COMMON, "state.c"))],
+        sources=[where(os.path.join(_HERE, "engine.c")), where(os.path.join(_COMMON, "state.c"))],
         include_dirs=[_HERE, _COMMON],
         extra_compile_args=flags,
         extra_link_args=["-fsanitize=address,undefined"] if sanitize else [],
@@ -102,14 +121,8 @@ ffi = make_ffi(sanitize=False)
 
 def build_in_place(sanitize: bool) -> str:
     """Compile next to this file (the editable install's package directory); the module path."""
-    root = os.path.dirname(_HERE)
-    cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(root)
-        try:
-            built = make_ffi(sanitize).compile(tmpdir=tmp, verbose=False)
-        finally:
-            os.chdir(cwd)
+        built = make_ffi(sanitize, absolute=True).compile(tmpdir=tmp, verbose=False)
         dest = os.path.join(_HERE, os.path.basename(built))
         shutil.move(built, dest)
     return dest

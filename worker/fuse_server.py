@@ -106,6 +106,11 @@ class Session:
     def stop(self) -> None:
         self._word[0] = 0
 
+    @property
+    def address(self) -> int:
+        """Where the word is (the native engine reads it)."""
+        return int(native.ffi.cast("uintptr_t", self._word))
+
 
 # The session of every FuseServer not given one.  Made when this module is first imported --
 # by the supervisor, before it forks -- so all workers, respawned ones included, share it.
@@ -193,11 +198,17 @@ class FuseServer:
         )}
 
     # -- the request loop's entry point ----------------------------------------------------
-    def handle(self, reader: Reader, writer: Writer | None) -> int:
-        """Serve one request; returns the used length (bytes written to `writer`)."""
+    def handle(self, reader: Reader, writer: Writer | None,
+               header: tuple[int, int, int, int, int, int, int, int] | None = None) -> int:
+        """Serve one request; returns the used length (bytes written to `writer`).
+
+        `header`: fuse_in_header's fields (IN_HEADER order) when the caller decoded them
+        already (the native engine); the reader then starts after the header.
+        """
         try:
-            length, opcode, unique, nodeid, uid, gid, pid, extlen = _IN.unpack(
-                reader.read(_IN_SIZE))
+            if header is None:
+                header = _IN.unpack(reader.read(_IN_SIZE))
+            length, opcode, unique, nodeid, uid, gid, pid, extlen = header
         except ChainTooShort:
             if not self._warned_short:
                 self._warned_short = True

@@ -40,6 +40,7 @@ log = logging.getLogger("pyvirtiofsd.worker")
 # fuse_in_header.opcode and .unique, read at pop for the journal (and the test hooks).
 _PEEK = struct.Struct("<IQ")
 _PEEK_END = 4 + _PEEK.size
+_IN_SIZE = 40                    # fuse_in_header
 
 
 def _peek(parts: list[memoryview]) -> tuple[int, int]:
@@ -111,6 +112,11 @@ class Worker:
         # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
         if data_plane == "native" and hooks is None:
             engine = Engine(channel.fileno(), jq.address, arena.address, queue)
+            options = getattr(fs, "native_options", None)
+            native = options() if options is not None else None
+            if native is not None:
+                engine.serve_natively(session.address, **native)
+                fs.share_credentials(engine.credentials)
         return cls(queue, channel, server, arena, jq, fs, hooks, engine)
 
     # -- control channel ------------------------------------------------------------------
@@ -261,10 +267,14 @@ class Worker:
             self._recover_after = None
         if self.queue is not None:
             self.stopped_at = self._next_avail()
+        had_ring = self.queue is not None
         self.queue = None
         if self.engine is not None:
             self.engine.stop()
             self.engine.set_fds(None, None)
+            if had_ring:
+                log.debug("queue %d: ring stopped at %d; %d request(s) answered natively",
+                          self.index, self.stopped_at, self.engine.native)
         if self.kick is not None:
             self.poll.unregister(self.kick)
             self._close(self.kick)
@@ -355,13 +365,15 @@ class Worker:
         finally:
             self.busy = False
 
-    def _process_native(self, engine: Engine) -> None:
+    def _process_native(self, engine: Engine, wait: bool = False) -> None:
         """process() on the native plane: the engine serves, Python answers what it hands
-        back and handles control messages between two of its batches."""
+        back and handles control messages between two of its batches.  With `wait` (the
+        worker's main loop only: control messages handled here never nest), the engine also
+        sleeps in C while the ring is empty, so a kick costs no Python at all."""
         while self.running and self.queue is not None and self.enabled:
             queue = self.queue
             self._start_engine(queue)
-            status = engine.run()
+            status = engine.serve(self.kick) if wait else engine.run()
             if status is Status.EMPTY:
                 break
             if status is Status.CONTROL:
@@ -370,8 +382,12 @@ class Worker:
                 head = engine.head
                 readable, writable = engine.chain()
                 writer = Writer(writable) if writable else None
-                used = self.server.handle(Reader(readable), writer)
-                del readable, writable, writer
+                reader = Reader(readable)
+                header = engine.header()
+                if header is not None:
+                    reader.skip(_IN_SIZE)       # decoded once, by the engine
+                used = self.server.handle(reader, writer, header)
+                del readable, writable, reader, writer
                 engine.complete(head, used)
             elif status is Status.WALK:
                 self._walk_in_python(engine, queue)
@@ -471,6 +487,14 @@ class Worker:
         control.send(self.channel, control.encode(MsgType.READY, 0, self.index))
         chan = self.channel.fileno()
         while self.running:
+            engine = self.engine
+            if engine is not None and self.queue is not None and self.enabled:
+                self.busy = True
+                try:
+                    self._process_native(engine, wait=True)
+                finally:
+                    self.busy = False
+                continue
             for fd, _ev in self.poll.poll():
                 if fd == chan:
                     self.on_control()

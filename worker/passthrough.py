@@ -172,6 +172,21 @@ _S_IFMT = 0o170000
 _TIMEOUTS = {"never": 0.0, "metadata": 86400.0, "auto": 1.0, "always": 86400.0}
 
 
+class Credentials:
+    """The credentials this process has in force, as switched per request: fsuid, fsgid,
+    whether no supplementary groups are set, whether groups can be set at all.  On the native
+    data plane the engine's `struct vfs_engine_fs` (the same fields) takes its place, so that
+    Python and C, which both switch, never skip a switch nor repeat one."""
+
+    __slots__ = ("fsgid", "fsuid", "groups_empty", "set_groups")
+
+    def __init__(self, fsuid: int, fsgid: int) -> None:
+        self.fsuid = fsuid
+        self.fsgid = fsgid
+        self.groups_empty = 0
+        self.set_groups = 1
+
+
 class PassthroughFs(Filesystem):
     def __init__(self, arena: Arena, proc_self_fd: int, options: FsOptions) -> None:
         self._inodes = arena.inodes
@@ -193,10 +208,9 @@ class PassthroughFs(Filesystem):
         # Credentials currently in force in this process (see the module docstring).  Only a
         # root daemon can switch; an unprivileged one serves everything as itself.
         self._switch_creds = os.geteuid() == 0
-        self._fsuid = os.geteuid()
-        self._fsgid = os.getegid()
+        self._creds = Credentials(os.geteuid(), os.getegid())
+        # The groups in force when not creds.groups_empty (None: not known).
         self._groups: tuple[int, ...] | None = None
-        self._set_groups = True
         self._statx_buf = ctypes.create_string_buffer(_STATX_SIZE)
         self._dirbuf = ctypes.create_string_buffer(0)
         self._cwd = -1
@@ -208,35 +222,37 @@ class PassthroughFs(Filesystem):
     def _as_caller(self, ctx: Context) -> None:
         if not self._switch_creds:
             return
+        c = self._creds
         gid = ctx.gid
-        if gid != self._fsgid:
+        if gid != c.fsgid:
             native.setfsgid(gid)
             # setfsgid reports the previous id and never fails visibly; ask again to know.
             if native.setfsgid(gid) != gid:
                 raise OSError(errno.EPERM, f"cannot act as gid {gid}")
-            self._fsgid = gid
+            c.fsgid = gid
         uid = ctx.uid
-        if uid != self._fsuid:
+        if uid != c.fsuid:
             native.setfsuid(uid)
             if native.setfsuid(uid) != uid:
                 raise OSError(errno.EPERM, f"cannot act as uid {uid}")
-            self._fsuid = uid
+            c.fsuid = uid
         groups = ctx.groups
-        if groups != self._groups and self._set_groups:
+        if c.set_groups and (groups if c.groups_empty else groups != self._groups):
             try:
                 os.setgroups(groups)
             except PermissionError:
                 # A user namespace with setgroups denied (user_namespaces(7)), which an
                 # unprivileged daemon maps its single id in: no group can be given there.
-                self._set_groups = False
+                c.set_groups = 0
                 return
             self._groups = groups
+            c.groups_empty = 0 if groups else 1
 
     def _groups_of(self, ctx: Context, nodeids: Sequence[int],
                    entries: Sequence[tuple[int, bytes]], gids: set[int]) -> tuple[int, ...]:
         """The groups of `nodeids`, `entries` and `gids` the caller does not have yet (():
         no retry)."""
-        if not self._switch_creds or not self._set_groups or ctx.uid == 0:
+        if not self._switch_creds or not self._creds.set_groups or ctx.uid == 0:
             return ()               # root's refusals are not about groups
         for nodeid in nodeids:
             try:
@@ -260,8 +276,26 @@ class PassthroughFs(Filesystem):
         if self._switch_creds:
             native.setfsuid(os.geteuid())
             native.setfsgid(os.getegid())
-            self._fsuid = os.geteuid()
-            self._fsgid = os.getegid()
+            self._creds.fsuid = os.geteuid()
+            self._creds.fsgid = os.getegid()
+
+    # -- the native data plane (worker/engine.c) shares these -----------------------------
+    def native_options(self) -> dict[str, int | bool] | None:
+        """What the engine's handlers need of this filesystem (Engine.serve_natively's
+        keywords); None when they could not answer as it does."""
+        if self._timeout != int(self._timeout):
+            return None
+        return {"proc_fd": self._proc, "timeout": int(self._timeout),
+                "readonly": self._readonly, "switch_creds": self._switch_creds,
+                "submounts": self._submounts, "euid": os.geteuid()}
+
+    def share_credentials(self, shared: object) -> None:
+        """Keep the credentials in force in `shared` (the engine's struct vfs_engine_fs, with
+        Credentials' fields) from now on."""
+        c = self._creds
+        shared.fsuid, shared.fsgid = c.fsuid, c.fsgid
+        shared.groups_empty, shared.set_groups = c.groups_empty, c.set_groups
+        self._creds = shared
 
     def _writable(self) -> None:
         if self._readonly:
@@ -406,7 +440,7 @@ class PassthroughFs(Filesystem):
 
     def _as_daemon(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) with the daemon's own fsuid, then the caller's again."""
-        fsuid = self._fsuid
+        fsuid = self._creds.fsuid
         if not self._switch_creds or fsuid == os.geteuid():
             return fn(*args)
         native.setfsuid(os.geteuid())

@@ -1,0 +1,248 @@
+"""The engine's native handlers against the Python reference, through two real daemons.
+
+One daemon runs `--data-plane=native`, the other `--data-plane=python`, on two shares made
+alike; every request goes to both and the replies must be byte-identical except for what two
+directories cannot share (inode numbers, times, free-space counts).  The cases cover what the
+native handlers serve (GETATTR, STATFS, READ, WRITE, FLUSH, ACCESS, RELEASE, RELEASEDIR), their
+errors, and the cases they hand to Python (short bodies, small reply buffers, O_APPEND writes,
+other callers' credentials).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import fuse_abi as fa
+from tests.frontend import Frontend, FuseClient, FuseReply
+
+ROOT = fa.ROOT_ID
+Op = fa.Opcode
+DATA = bytes(range(256)) * 12 + b"tail"
+
+
+def _seed(root: Path) -> None:
+    root.mkdir()
+    (root / "f").write_bytes(DATA)
+    os.chmod(root / "f", 0o644)
+    (root / "secret").write_bytes(b"s" * 100)
+    os.chmod(root / "secret", 0o600)
+    (root / "grp").write_bytes(b"g" * 10)
+    os.chown(root / "grp", 0, 3000)
+    os.chmod(root / "grp", 0o640)
+    (root / "d").mkdir()
+    (root / "d" / "inner").mkdir()
+    (root / "d" / "inner" / "leaf").write_bytes(b"leaf")
+    os.symlink("../f", root / "d" / "link")
+    (root / "closed").mkdir(mode=0o700)
+    (root / "closed" / "x").write_bytes(b"x")
+    os.chmod(root / "d", 0o711)
+    os.chmod(root, 0o755)
+
+
+def _normal(opcode: int, r: FuseReply) -> tuple[int, bytes]:
+    """The reply without what differs between two directories."""
+    body = bytearray(r.body)
+    if opcode in (Op.GETATTR, Op.LOOKUP) and not r.error:
+        attr = 16 if opcode == Op.GETATTR else 40
+        body[attr:attr + 8] = bytes(8)                    # ino
+        body[attr + 24:attr + 60] = bytes(36)             # a/m/ctime and their nsec
+    if opcode == Op.STATFS and not r.error:
+        body[8:24] = bytes(16)                            # bfree, bavail
+        body[32:40] = bytes(8)                            # ffree
+    return r.error, bytes(body)
+
+
+class Planes:
+    """The same requests to a native-plane and a python-plane daemon."""
+
+    def __init__(self, daemon_factory, tmp_path: Path) -> None:
+        self.clients: list[FuseClient] = []
+        self.fes: list[Frontend] = []
+        self.daemons = []
+        for plane in ("native", "python"):
+            share = tmp_path / f"share-{plane}"
+            _seed(share)
+            d = daemon_factory(f"--data-plane={plane}", share_dir=share)
+            fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+            client = FuseClient(fe)
+            client.init()
+            self.daemons.append(d)
+            self.fes.append(fe)
+            self.clients.append(client)
+
+    def close(self) -> None:
+        for fe in self.fes:
+            fe.close()
+
+    def both(self, opcode: int, nodeid: int, body: bytes | list[bytes] = b"",
+             **kw) -> FuseReply:
+        native, python = (c.request(opcode, nodeid, body, **kw) for c in self.clients)
+        assert _normal(opcode, native) == _normal(opcode, python), (Op(opcode).name, kw)
+        return native
+
+    def lookup(self, name: bytes, parent: int = ROOT) -> int:
+        r = self.both(Op.LOOKUP, parent, name + b"\0")
+        assert not r.error
+        return fa.ENTRY_OUT.unpack_from(r.body)[0]
+
+    def open(self, nodeid: int, flags: int, opcode: int = Op.OPEN) -> int:
+        r = self.both(opcode, nodeid, fa.OPEN_IN.pack(flags, 0))
+        assert not r.error
+        return fa.OPEN_OUT.unpack(r.body)[0]
+
+    def answered_natively(self, queue: int) -> int:
+        """Stop a queue of the native daemon; how many requests its engine answered."""
+        self.fes[0].get_vring_base(queue)
+        line = self.daemons[0].wait_for(f"queue {queue}: ring stopped at")
+        m = re.search(r"(\d+) request\(s\) answered natively", line)
+        assert m is not None, line
+        return int(m.group(1))
+
+
+@pytest.fixture
+def planes(daemon_factory, tmp_path: Path) -> Iterator[Planes]:
+    p = Planes(daemon_factory, tmp_path)
+    yield p
+    p.close()
+    for d in p.daemons:
+        assert d.proc.poll() is None, "".join(d.log)
+        assert "Traceback" not in "".join(d.log)
+
+
+def _read(fh: int, offset: int, size: int) -> bytes:
+    return fa.ReadIn(fh, offset, size).pack()
+
+
+def _write(fh: int, offset: int, data: bytes, write_flags: int = 0,
+           size: int | None = None, flags: int = os.O_RDWR) -> list[bytes]:
+    # fuse_write_in.flags: the open flags of the guest's file (O_APPEND matters).
+    head = fa.WRITE_IN.pack(fh, offset, len(data) if size is None else size, write_flags, 0,
+                            flags)
+    return [head, data]
+
+
+def test_native_replies_are_the_reference_replies(planes: Planes) -> None:
+    f = planes.lookup(b"f")
+    secret = planes.lookup(b"secret")
+    d = planes.lookup(b"d")
+    fh = planes.open(f, os.O_RDWR)
+
+    # GETATTR: inodes, an unknown nodeid, a handle, another caller, and what goes to Python.
+    for nodeid in (ROOT, f, secret, d, 0x77777, 0):
+        planes.both(Op.GETATTR, nodeid, fa.GETATTR_IN.pack(0, 0))
+    planes.both(Op.GETATTR, f, fa.GETATTR_IN.pack(fa.GETATTR_FH, fh))
+    planes.both(Op.GETATTR, f, fa.GETATTR_IN.pack(0, 0), uid=1000, gid=1000)
+    planes.both(Op.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0), uid=0, gid=0)
+    assert planes.both(Op.GETATTR, f, b"\0" * 8).error == errno.EINVAL
+    assert planes.both(Op.GETATTR, f, fa.GETATTR_IN.pack(0, 0), out_size=40).error == errno.EIO
+
+    # STATFS
+    planes.both(Op.STATFS, ROOT)
+    planes.both(Op.STATFS, d, uid=1000, gid=1000)
+    assert planes.both(Op.STATFS, 0x77777).error == errno.EBADF
+
+    # READ: within, across and past the end, bad offsets and handles, a short buffer.
+    for offset, size in ((0, 4096), (1000, 100), (len(DATA) - 3, 64), (len(DATA) + 5, 10),
+                         (0, 0), (1 << 63, 16), ((1 << 64) - 1, 16)):
+        planes.both(Op.READ, f, _read(fh, offset, size), out_size=max(size, 1))
+    planes.both(Op.READ, f, _read(fh, 0, 4096), out_size=100)      # buffer smaller than size
+    assert planes.both(Op.READ, f, _read(fh + 1000, 0, 16), out_size=16).error == errno.EBADF
+    assert planes.both(Op.READ, d, _read(fh, 0, 16), out_size=16).error == errno.EBADF
+    assert planes.both(Op.READ, f, b"\0" * 20, out_size=16).error == errno.EINVAL
+    planes.both(Op.READ, f, _read(fh, 0, 64), out_size=64, uid=1000, gid=1000)
+
+    # WRITE: in place, bad offsets and handles, a size the request does not carry.
+    r = planes.both(Op.WRITE, f, _write(fh, 10, b"hello"))
+    assert r.body[:4] == struct.pack("<I", 5)
+    planes.both(Op.WRITE, f, _write(fh, 1 << 63, b"x"))
+    assert planes.both(Op.WRITE, f, _write(fh + 1000, 0, b"x")).error == errno.EBADF
+    assert planes.both(Op.WRITE, f, _write(fh, 0, b"abc", size=4)).error == errno.EINVAL
+    planes.both(Op.WRITE, f, _write(fh, len(DATA) + 10, b"gap"))  # extends the file
+    planes.both(Op.WRITE, f, _write(fh, 0, b""))
+    planes.both(Op.WRITE, f, _write(fh, 20, b"other caller"), uid=1000, gid=1000)
+    planes.both(Op.WRITE, f, _write(fh, 40, b"kill", write_flags=fa.WRITE_KILL_SUIDGID))
+    planes.both(Op.READ, f, _read(fh, 0, 8192), out_size=8192)
+
+    # FLUSH
+    planes.both(Op.FLUSH, f, fa.FLUSH_IN.pack(fh, 0))
+    assert planes.both(Op.FLUSH, f, fa.FLUSH_IN.pack(fh + 1000, 0)).error == errno.EBADF
+    assert planes.both(Op.FLUSH, d, fa.FLUSH_IN.pack(fh, 0)).error == errno.EBADF
+
+    # ACCESS, as the owner and as another user (its credentials are switched to).
+    for nodeid in (f, secret, d, ROOT):
+        for mask in (0, os.R_OK, os.W_OK, os.X_OK, os.R_OK | os.W_OK | 0x10):
+            planes.both(Op.ACCESS, nodeid, fa.ACCESS_IN.pack(mask))
+            planes.both(Op.ACCESS, nodeid, fa.ACCESS_IN.pack(mask), uid=1000, gid=1000)
+            planes.both(Op.ACCESS, nodeid, fa.ACCESS_IN.pack(mask), uid=1000, gid=0)
+    assert planes.both(Op.ACCESS, secret, fa.ACCESS_IN.pack(os.R_OK), uid=1000,
+                       gid=1000).error == errno.EACCES
+
+    # Supplementary groups: a request with them is Python's; the next one without them, the
+    # engine's, must not keep them (FUSE_EXT_GROUPS, protocol.md 4.9).
+    grp = planes.lookup(b"grp")
+    ext = fa.pack_supp_groups([3000])
+    for _ in range(2):
+        for c in planes.clients:
+            unique, readable = c.build(Op.ACCESS, grp, fa.ACCESS_IN.pack(os.R_OK) + ext,
+                                       uid=1000, gid=1000, total_extlen=len(ext) // 8)
+            done = c.vq.wait(c.vq.submit(readable, [fa.OUT_HEADER.size, 16]))
+            assert c.parse(done, unique, fa.OUT_HEADER.size + 16).error == 0
+        assert planes.both(Op.ACCESS, grp, fa.ACCESS_IN.pack(os.R_OK), uid=1000,
+                           gid=1000).error == errno.EACCES
+
+    # O_APPEND writes are journaled as non-idempotent and stay with Python: same reply.
+    afh = planes.open(f, os.O_WRONLY | os.O_APPEND)
+    planes.both(Op.WRITE, f, _write(afh, 0, b"appended", flags=os.O_WRONLY | os.O_APPEND))
+    # ... unless the kernel's page cache wrote it (WRITE_CACHE): at the offset it gives.
+    planes.both(Op.WRITE, f, _write(afh, 1, b"C", write_flags=fa.WRITE_CACHE,
+                                    flags=os.O_WRONLY | os.O_APPEND))
+    planes.both(Op.RELEASE, f, fa.RELEASE_IN.pack(afh, os.O_WRONLY | os.O_APPEND, 0, 0))
+
+    # RELEASE and RELEASEDIR: once, then the handle is gone.
+    assert not planes.both(Op.RELEASE, f, fa.RELEASE_IN.pack(fh, os.O_RDWR, 0, 0)).error
+    assert planes.both(Op.RELEASE, f, fa.RELEASE_IN.pack(fh, 0, 0, 0)).error == errno.EBADF
+    assert planes.both(Op.READ, f, _read(fh, 0, 16), out_size=16).error == errno.EBADF
+    dfh = planes.open(d, os.O_RDONLY | os.O_DIRECTORY, Op.OPENDIR)
+    assert not planes.both(Op.RELEASEDIR, d, fa.RELEASE_IN.pack(dfh, 0, 0, 0)).error
+    assert planes.both(Op.RELEASEDIR, d, fa.RELEASE_IN.pack(dfh, 0, 0, 0)).error == errno.EBADF
+
+    # LOOKUP: nested directories, a symlink, what does not exist or cannot be named, another
+    # caller's permissions (EACCES goes to Python, which retries with the directory's group).
+    inner = planes.lookup(b"inner", d)
+    planes.lookup(b"leaf", inner)
+    planes.lookup(b"link", d)
+    for parent, name, kw in ((ROOT, b"nope", {}), (ROOT, b"a/b", {}), (ROOT, b".", {}),
+                             (d, b"..", {}), (ROOT, b"x" * 256, {}), (ROOT, b"x" * 255, {}),
+                             (f, b"x", {}), (0x77777, b"f", {}), (d, b"inner", {"uid": 1000}),
+                             (planes.lookup(b"closed"), b"x", {"uid": 1000, "gid": 1000}),
+                             (ROOT, b"closed", {"uid": 1000, "gid": 1000})):
+        planes.both(Op.LOOKUP, parent, name + b"\0", **kw)
+    planes.both(Op.LOOKUP, ROOT, b"f")                        # no NUL: EINVAL
+    planes.both(Op.LOOKUP, ROOT, b"f\0", out_size=64)         # no room: EIO
+    assert planes.lookup(b"f") == f                           # the same inode, counted again
+
+    # FORGET and BATCH_FORGET (hiprio queue, no reply): the lookup counts drop alike.
+    assert planes.lookup(b"secret") == secret              # two lookups now
+    for c in planes.clients:
+        assert c.forget(secret, 1).used_len == 0
+    planes.both(Op.GETATTR, secret, fa.GETATTR_IN.pack(0, 0))   # one lookup left
+    for c in planes.clients:
+        c.batch_forget([(secret, 1), (0x77777, 3), (d, 0)])
+        c.forget(0x88888, 1)
+    assert planes.both(Op.GETATTR, secret, fa.GETATTR_IN.pack(0, 0)).error == errno.EBADF
+    planes.both(Op.GETATTR, d, fa.GETATTR_IN.pack(0, 0))
+
+    # Both shares were changed alike, and the native daemon did answer natively.
+    shares = [d.share for d in planes.daemons]
+    assert (shares[0] / "f").read_bytes() == (shares[1] / "f").read_bytes()
+    assert (shares[0] / "f").read_bytes().endswith(b"gapappended")
+    assert (shares[0] / "f").read_bytes()[:2] == DATA[:1] + b"C"
+    assert planes.answered_natively(1) > 60
+    assert planes.answered_natively(0) == 3
