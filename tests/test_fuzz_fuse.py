@@ -124,6 +124,12 @@ class EngineGuest:
         # With the shared tables, as a worker gives them: the opcodes the engine serves
         # natively are fuzzed there, the rest in the FUSE server it hands them to.
         self.e = Engine(self.chan.fileno(), jq.address, arena.address, 0)
+        # The native handlers on, with the filesystem's options and credentials, as a worker
+        # turns them on (worker/main.py Worker.build).
+        options = server.fs.native_options()
+        assert options is not None
+        self.e.serve_natively(server.session.address, **options)
+        server.fs.share_credentials(self.e.credentials)
         self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in
                             self.g.mem.views()])
         self.e.start(QSIZE, self.g.uaddr(self.g.desc), self.g.uaddr(self.g.avail),
@@ -401,8 +407,10 @@ def test_hostile_requests_through_the_engine(engine_env, data) -> None:
     guest memory regions): what it serves natively and what it hands to the FUSE server."""
     env, eg = engine_env
     indirect = data.draw(st.booleans())
+    native = eg.e.native
     _session(env, data, lambda req, in_split, out_size, out_split:
              eg.serve(req, in_split, out_size, out_split, indirect))
+    event(f"served natively: {'some' if eg.e.native > native else 'none'}")
 
 
 # --- the same requests through a running daemon, on each data plane -----------------------------
