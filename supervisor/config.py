@@ -63,6 +63,7 @@ LOG_LEVELS = ("error", "warn", "info", "debug", "trace", "off")
 SANDBOX_MODES = ("namespace", "chroot", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
 DATA_PLANES = ("native", "python")
+MAX_POLL_US = 1_000_000
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
@@ -126,6 +127,8 @@ class Config:
     reconnect: bool = False
     # Who serves the rings: the C request engine (worker/engine.c) or the Python reference.
     data_plane: str = "native"
+    # Busy-poll the avail ring this long (µs) before sleeping; 0: never (native plane only).
+    poll_us: int = 0
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -342,9 +345,10 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "request_queues": _uint(1, MAX_REQUEST_QUEUES),
     "queue_size": _queue_size,
     "data_plane": _choice(DATA_PLANES),
+    "poll_us": _uint(0, MAX_POLL_US),
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
-_INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues",
+_INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues", "poll_us",
                          "queue_size"})
 _BOOL_FIELDS = frozenset(k for k, v in _DEFAULTS.items() if isinstance(v, bool))
 
@@ -453,6 +457,8 @@ def _build_parser() -> _Parser:
     flag("reconnect", "keep state and wait for the next frontend after a disconnect")
     value("data_plane", "who serves the virtqueues: native (the C request engine) or python "
           "(the reference implementation) [default: native]")
+    value("poll_us", "busy-poll each ring this many microseconds before sleeping, adapting "
+          "to how often it finds work; native data plane only [default: 0, never]")
     return p
 
 
@@ -626,6 +632,9 @@ def _check_combination(v: dict[str, Any]) -> None:
             if v[name]:
                 raise ConfigError(f"{_opt(name)} cannot be used with "
                                   "--migration-mode=file-handles (it is unnecessary there)")
+    if v["poll_us"] and v["data_plane"] != "native":
+        raise ConfigError("--poll-us needs --data-plane=native: the Python data plane does "
+                          "not busy-poll")
     if (v["inode_file_handles"] != "never" and v["modcaps"] is not None
             and "-dac_read_search" in v["modcaps"].lower().split(":")):
         raise ConfigError("--modcaps cannot drop dac_read_search with "

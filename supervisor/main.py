@@ -162,7 +162,8 @@ class Supervisor:
         options = fs_options(self.config)
         worker = Worker.build(queue, channel, self.arena, self.session, self.journal,
                               lambda tables: PassthroughFs(tables, proc_fd, options),
-                              owned_fds=(proc_fd,), data_plane=self.config.data_plane)
+                              owned_fds=(proc_fd,), data_plane=self.config.data_plane,
+                              poll_us=self.config.poll_us)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

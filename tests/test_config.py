@@ -118,6 +118,7 @@ def test_defaults_are_virtiofsds():
     (["--reconnect"], "reconnect", True),
     (["--data-plane=python"], "data_plane", "python"),
     (["--data-plane=python", "--data-plane=native"], "data_plane", "native"),
+    (["--poll-us=50"], "poll_us", 50),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])
@@ -320,6 +321,8 @@ BAD_ARGS = [
     ([*BASE, "--shared-dir="], "--shared-dir: value must not be empty"),
     ([*BASE, "--xattr=yes"], "ignored explicit argument 'yes'"),
     ([*BASE, "--data-plane=rust"], "--data-plane: invalid value 'rust'"),
+    ([*BASE, "--poll-us=1000001"], "--poll-us"),
+    ([*BASE, "--poll-us=5", "--data-plane=python"], "--poll-us needs --data-plane=native"),
 ]
 
 

@@ -434,3 +434,26 @@ def test_engine_pops_what_the_reference_pops(guest_factory, chains):
     finally:
         r.close()
 
+
+def test_busy_poll_window_adapts(rig):
+    # --poll-us: an empty ring is spun on before sleeping; finding nothing halves the window
+    # until it is gone, and the next wait starts it again at 1 µs.
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        rig.e.poll_us = 400
+        rig.peer.send(b"x")                            # the sleep ends at once: CONTROL
+        windows = []
+        for _ in range(10):
+            assert rig.e.serve(kick) is Status.CONTROL
+            windows.append(rig.e._e.spin_us)
+        assert windows[:4] == [200, 100, 50, 25]
+        assert 1 in windows and 0 not in windows[windows.index(1):]
+        # A request already published is served without spinning: the window stays.
+        g = rig.g
+        rig.e._e.spin_us = 300
+        g.publish(request(g))
+        assert rig.e.serve(kick) is Status.DEFER
+        rig.e.complete(rig.e.head, 0)
+        assert rig.e._e.spin_us == 300
+    finally:
+        os.close(kick)

@@ -19,6 +19,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "engine.h"
@@ -148,6 +149,8 @@ void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
 }
 
 void vfs_engine_fini(struct vfs_engine *e) {
+    free(e->dirbuf);
+    e->dirbuf = NULL;
     free(e->iov);
     e->iov = NULL;
     e->iov_cap = 0;
@@ -398,8 +401,9 @@ static int pop(struct vfs_engine *e) {
 #define SYS_IOV_MAX 1024
 
 enum {
-    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
+    OP_LOOKUP = 1, OP_FORGET = 2, OP_GETATTR = 3, OP_OPENDIR = 27, OP_OPEN = 14, OP_READ = 15, OP_WRITE = 16, OP_STATFS = 17,
     OP_RELEASE = 18, OP_FLUSH = 25, OP_RELEASEDIR = 29, OP_ACCESS = 34, OP_BATCH_FORGET = 42,
+    OP_READDIRPLUS = 44,
 };
 #define WRITE_CACHE 1u
 #define WRITE_KILL_SUIDGID 4u
@@ -886,6 +890,71 @@ static int check_beneath(struct vfs_engine *e, int dir_fd) {
     return r;
 }
 
+/* PassthroughFs.lookup of a checked `name` in `parent`, the caller's credentials in force:
+ * 0 with `out` filled (one lookup counted, journaled as an effect), -errno, or DEFER (EACCES
+ * and EPERM included: Python serves those again with the directory's group, member retry). */
+static int lookup_name(struct vfs_engine *e, uint64_t parent, const char *name,
+                       struct fuse_entry_out *out) {
+    int pfd, rc;
+    if ((rc = pin_inode(e, parent, &pfd)) != 0)
+        return rc;
+    int r = check_beneath(e, pfd);
+    int fd = -1;
+    if (r == 0) {
+        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+        if (fd == -ENOSYS)
+            r = DEFER;
+        else if (fd < 0)
+            r = fd;
+    }
+    if (r == DEFER || r == -EACCES || r == -EPERM || r < 0) {
+        unpin_inode(e, parent);
+        return r == -EACCES || r == -EPERM ? DEFER : r;
+    }
+    /* PassthroughFs._register */
+    struct stat st, pst;
+    uint32_t flags = 0;
+    int64_t mnt = 0;
+    int err = fstat(fd, &st) != 0 ? -errno : 0;
+    if (!err && st.st_nlink > UINT32_MAX)
+        err = DEFER;                      /* Python's struct refuses it: let it answer */
+    if (!err && (mnt = mnt_id(fd)) < 0)
+        err = (int)mnt;
+    if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
+        /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
+        if (fstat(pfd, &pst) != 0) {
+            err = -errno;
+        } else if (pst.st_dev != st.st_dev) {
+            flags = ATTR_SUBMOUNT;
+        } else {
+            int64_t pm = mnt_id(pfd);
+            if (pm < 0)
+                err = (int)pm;
+            else if (pm != mnt)
+                flags = ATTR_SUBMOUNT;
+        }
+    }
+    int inserted = 0;
+    memset(out, 0, sizeof *out);
+    if (!err) {
+        rc = vfs_inode_lookup_or_insert(e->arena, fd, st.st_dev, st.st_ino, (uint64_t)mnt,
+                                        &out->nodeid, &inserted);
+        if (rc != 0)
+            err = rc;
+        else
+            vfs_jq_add_effect(e->jq, VFS_EFFECT_LOOKUP, out->nodeid);
+    }
+    if (!inserted)
+        close(fd);
+    unpin_inode(e, parent);
+    if (err)
+        return err;
+    out->entry_valid = e->fs.timeout;
+    out->attr_valid = e->fs.timeout;
+    fill_attr(&out->attr, &st, flags);
+    return 0;
+}
+
 static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
     char name[NAME_MAX_FUSE + 2];
     if (e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_entry_out))
@@ -901,76 +970,194 @@ static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
         return DEFER;
     if (as_caller(e))
         return DEFER;
-    int pfd, rc;
-    if ((rc = pin_inode(e, e->in.nodeid, &pfd)) != 0)
-        return reply_error(e, -rc);
-    int64_t out_len;
-    int r = check_beneath(e, pfd);
-    int fd = -1;
-    if (r == 0) {
-        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-        if (fd == -ENOSYS)
-            r = DEFER;
-        else if (fd < 0)
-            r = fd;
-    }
-    /* EACCES/EPERM: Python serves it again with the groups of the directory (member retry);
-     * nothing has changed yet. */
-    if (r == DEFER || r == -EACCES || r == -EPERM) {
-        if (fd >= 0)
-            close(fd);
-        unpin_inode(e, e->in.nodeid);
+    struct fuse_entry_out out;
+    int r = lookup_name(e, e->in.nodeid, name, &out);
+    if (r == DEFER)
         return DEFER;
-    }
-    if (r < 0) {
-        unpin_inode(e, e->in.nodeid);
+    if (r < 0)
         return reply_error(e, -r);
+    return reply(e, &out, sizeof out);
+}
+
+/* -- READDIRPLUS (FuseServer._readdirplus over PassthroughFs.readdir and lookup) -- */
+#define MAX_DIR_BUFFER (1u << 20)          /* passthrough.MAX_BUFFER_SIZE */
+#define DIRENT_HEAD 24u                    /* fuse_dirent before the name */
+
+struct fuse_dirent_head { uint64_t ino, off; uint32_t namelen, type; };
+
+static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
+    struct fuse_read_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    if (in.size > MAX_DIR_BUFFER)
+        return DEFER;                         /* Python's ENOMEM */
+    uint64_t size = e->writable_bytes - OUT_HEADER_SIZE;
+    if (in.size < size)
+        size = in.size;
+    if (size == 0)
+        return reply(e, NULL, 0);
+    if (as_caller(e))
+        return DEFER;
+    if (e->dirbuf == NULL) {
+        /* Once per worker, at its first READDIRPLUS: getdents64 needs a buffer this large. */
+        e->dirbuf = malloc(MAX_DIR_BUFFER);
+        if (e->dirbuf == NULL)
+            return DEFER;
     }
-    /* PassthroughFs._register */
-    struct stat st, pst;
-    struct fuse_entry_out out = {.entry_valid = e->fs.timeout, .attr_valid = e->fs.timeout};
-    uint32_t flags = 0;
-    int64_t mnt = 0;
-    int err = fstat(fd, &st) != 0 ? errno : 0;
-    if (!err && st.st_nlink > UINT32_MAX)
-        err = -1;
-    if (!err && (mnt = mnt_id(fd)) < 0)
-        err = (int)-mnt;
-    if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
-        /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
-        if (fstat(pfd, &pst) != 0) {
-            err = errno;
-        } else if (pst.st_dev != st.st_dev) {
-            flags = ATTR_SUBMOUNT;
+    uint64_t bufsize = size < 4096 ? 4096 : size;
+    int fd, rc;
+    if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
+        return reply_error(e, -rc);
+    int r = check_beneath(e, fd);
+    long n = 0;
+    if (r == 0) {
+        /* The position is the open file description's, shared by every queue; the guest
+         * serialises getdents on one open directory, so no two READDIRs of one fh race. */
+        if (lseek(fd, (off_t)in.offset, SEEK_SET) < 0)
+            r = -errno;
+        else if ((n = syscall(SYS_getdents64, fd, e->dirbuf, bufsize)) < 0)
+            r = -errno;
+    }
+    unpin_handle(e, in.fh);
+    if (r == DEFER)
+        return DEFER;
+    if (r < 0)
+        return reply_error(e, -r);
+    uint64_t used = 0;
+    for (long pos = 0; pos + 19 <= n;) {
+        uint64_t ino;
+        int64_t off;
+        uint16_t reclen;
+        uint8_t type;
+        memcpy(&ino, e->dirbuf + pos, 8);
+        memcpy(&off, e->dirbuf + pos + 8, 8);
+        memcpy(&reclen, e->dirbuf + pos + 16, 2);
+        type = e->dirbuf[pos + 18];
+        if (reclen < 19 || pos + reclen > n)
+            break;                            /* the kernel's records are never like this */
+        const char *name = (const char *)e->dirbuf + pos + 19;
+        const char *nul = memchr(name, 0, reclen - 19);
+        uint32_t namelen = (uint32_t)(nul != NULL ? nul - name : reclen - 19);
+        pos += reclen;
+        uint64_t rec = (sizeof(struct fuse_entry_out) + DIRENT_HEAD + namelen + 7) & ~7ull;
+        if (used + rec > size) {
+            if (used == 0)                    /* not even one entry fits: getdents(2)'s EINVAL */
+                return reply_error(e, EINVAL);
+            break;                            /* checked before the lookup: nothing to undo */
+        }
+        struct fuse_entry_out entry;
+        if ((namelen == 1 && name[0] == '.') || (namelen == 2 && name[0] == '.'
+                                                 && name[1] == '.')) {
+            /* Not looked up (no lookup count): a negative entry carrying ino and type. */
+            memset(&entry, 0, sizeof entry);
+            entry.attr.ino = ino;
+            entry.attr.mode = (uint32_t)type << 12;
+        } else if (nul == NULL || namelen > NAME_MAX_FUSE) {
+            if (used == 0)
+                return DEFER;
+            break;
         } else {
-            int64_t pm = mnt_id(pfd);
-            if (pm < 0)
-                err = (int)-pm;
-            else if (pm != mnt)
-                flags = ATTR_SUBMOUNT;
+            int lr = lookup_name(e, e->in.nodeid, name, &entry);
+            if (lr == -ENOENT)
+                continue;                     /* removed since it was listed */
+            if (lr == DEFER && used == 0)
+                return DEFER;
+            if (lr != 0) {
+                if (used)
+                    break;                    /* keep what was counted; the guest asks again */
+                return reply_error(e, -lr);
+            }
+        }
+        struct fuse_dirent_head d = {ino, (uint64_t)off, namelen, type};
+        static const uint8_t zeros[8];
+        uint64_t at = OUT_HEADER_SIZE + used;
+        write_at(e, at, &entry, sizeof entry);
+        write_at(e, at + sizeof entry, &d, sizeof d);
+        write_at(e, at + sizeof entry + sizeof d, name, namelen);
+        write_at(e, at + sizeof entry + sizeof d + namelen, zeros,
+                 rec - sizeof entry - sizeof d - namelen);
+        used += rec;
+    }
+    struct fuse_out_header h = {OUT_HEADER_SIZE + (uint32_t)used, 0, e->in.unique};
+    write_at(e, 0, &h, sizeof h);
+    return h.len;
+}
+
+/* -- OPEN and OPENDIR (PassthroughFs.open / opendir) -- */
+#define OPEN_KILL_SUIDGID 1u
+
+struct fuse_open_in { uint32_t flags, open_flags; };
+struct fuse_open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+
+/* An I/O fd for the inode behind the O_PATH `fd`, through its /proc magic link (with the mode
+ * Python's os.open passes). */
+static int reopen(const struct vfs_engine *e, int fd, int flags) {
+    char name[16];
+    snprintf(name, sizeof name, "%d", fd);
+    int r = openat(e->fs.proc_fd, name, (flags & ~O_NOFOLLOW) | O_CLOEXEC, 0777);
+    return r < 0 ? -errno : r;
+}
+
+/* PassthroughFs._check_openable: the mode, or -errno. */
+static int check_openable(int fd, int directory, mode_t *mode) {
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -errno;
+    *mode = st.st_mode;
+    if (S_ISREG(st.st_mode) || S_ISDIR(st.st_mode))
+        return directory && !S_ISDIR(st.st_mode) ? -ENOTDIR : 0;
+    /* What open(2) of the magic link would say for a symlink; other types are refused. */
+    return S_ISLNK(st.st_mode) ? -ELOOP : -ENXIO;
+}
+
+static int64_t do_open(struct vfs_engine *e, uint64_t body_len, int directory) {
+    struct fuse_open_in in;
+    if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE + sizeof(struct fuse_open_out))
+        return DEFER;
+    read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    int flags;
+    if (directory) {
+        flags = O_RDONLY | O_DIRECTORY;
+    } else {
+        /* --readonly refusals, the writeback O_RDWR upgrade and KILL_SUIDGID truncation are
+         * Python's. */
+        if (e->fs.readonly || e->fs.writeback)
+            return DEFER;
+        flags = (int)in.flags & ~(int)e->fs.open_strip;
+        if ((in.open_flags & OPEN_KILL_SUIDGID) && (flags & O_TRUNC))
+            return DEFER;
+    }
+    if (as_caller(e))
+        return DEFER;
+    int ifd, rc;
+    if ((rc = pin_inode(e, e->in.nodeid, &ifd)) != 0)
+        return reply_error(e, -rc);
+    mode_t mode = 0;
+    int r = check_openable(ifd, directory, &mode);
+    if (r == 0 && directory)
+        r = check_beneath(e, ifd);
+    int fd = r == 0 ? reopen(e, ifd, flags) : r;
+    uint64_t fh = 0;
+    if (fd >= 0) {
+        rc = vfs_handle_insert(e->arena, fd, e->in.nodeid, (uint32_t)flags, &fh);
+        if (rc != 0) {
+            close(fd);
+            fd = rc;
+        } else {
+            vfs_jq_add_effect(e->jq, VFS_EFFECT_HANDLE, fh);
         }
     }
-    int inserted = 0;
-    if (!err) {
-        rc = vfs_inode_lookup_or_insert(e->arena, fd, st.st_dev, st.st_ino, (uint64_t)mnt,
-                                        &out.nodeid, &inserted);
-        if (rc != 0)
-            err = -rc;
-        else
-            vfs_jq_add_effect(e->jq, VFS_EFFECT_LOOKUP, out.nodeid);
-    }
-    if (!inserted)
-        close(fd);
     unpin_inode(e, e->in.nodeid);
-    if (err == -1)
-        return DEFER;                    /* unreachable in practice: Python's struct refuses */
-    if (err) {
-        out_len = reply_error(e, err);
-    } else {
-        fill_attr(&out.attr, &st, flags);
-        out_len = reply(e, &out, sizeof out);
-    }
-    return out_len;
+    /* EACCES/EPERM: Python serves it again with the inode's group (member retry); nothing
+     * has changed. */
+    if (fd == DEFER || fd == -EACCES || fd == -EPERM)
+        return DEFER;
+    if (fd < 0)
+        return reply_error(e, -fd);
+    struct fuse_open_out out = {
+        fh, S_ISDIR(mode) ? e->fs.dir_open_flags : e->fs.file_open_flags, 0};
+    return reply(e, &out, sizeof out);
 }
 
 /* One FORGET, journaled as JournaledInodes.forget does outside a replay: the lookup count it
@@ -1038,6 +1225,9 @@ static int64_t serve_native(struct vfs_engine *e) {
     case OP_RELEASE: return do_release(e, body_len);
     case OP_RELEASEDIR: return do_release(e, body_len);
     case OP_ACCESS: return do_access(e, body_len);
+    case OP_READDIRPLUS: return do_readdirplus(e, body_len);
+    case OP_OPEN: return do_open(e, body_len, 0);
+    case OP_OPENDIR: return do_open(e, body_len, 1);
     default: return DEFER;
     }
 }
@@ -1113,11 +1303,45 @@ int vfs_engine_run(struct vfs_engine *e) {
     }
 }
 
+/* --poll-us: spin on the avail index for up to e->spin_us before sleeping.  The window adapts:
+ * it doubles (up to poll_us) when a spin finds work and halves when it does not, so an idle
+ * queue soon sleeps at once and a busy one keeps its requests' latency low.  1: work came. */
+static int spin(struct vfs_engine *e) {
+    if (e->spin_us == 0)
+        return 0;
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+        if (load16(e->avail + 2) != e->next_avail) {
+            e->spin_us = e->spin_us * 2 < e->poll_us ? e->spin_us * 2 : e->poll_us;
+            return 1;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        int64_t us = (now.tv_sec - t0.tv_sec) * 1000000 + (now.tv_nsec - t0.tv_nsec) / 1000;
+        if (us >= e->spin_us) {
+            e->spin_us /= 2;
+            return 0;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us) {
+    e->poll_us = us;
+    e->spin_us = us;
+}
+
 int vfs_engine_serve(struct vfs_engine *e, int kick_fd) {
     for (;;) {
         int status = vfs_engine_run(e);
         if (status != VFS_ENGINE_EMPTY || e->size == 0)
             return status;
+        if (spin(e))
+            continue;
+        if (e->poll_us && e->spin_us == 0)
+            e->spin_us = 1;                   /* the next kick starts the window again */
         /* Empty, notifications on: sleep until the driver kicks or a control message comes. */
         struct pollfd p[2] = {{.fd = e->chan_fd, .events = POLLIN},
                               {.fd = kick_fd, .events = POLLIN}};

@@ -49,6 +49,9 @@ struct vfs_engine_fs {
     uint8_t submounts;        /* --announce-submounts */
     uint32_t fsuid, fsgid;    /* in force */
     uint32_t euid;            /* the daemon's own uid (checks made as the daemon) */
+    uint32_t open_strip;      /* O_* flags an OPEN never passes on */
+    uint32_t file_open_flags, dir_open_flags;   /* fuse_open_out.open_flags of the cache mode */
+    uint8_t writeback;        /* --writeback */
 };
 
 struct vfs_engine {
@@ -79,6 +82,8 @@ struct vfs_engine {
     int root_fd;
     uint32_t root_len;        /* 0: not read yet */
     char root_path[4096];
+    uint8_t *dirbuf;          /* getdents64 buffer, allocated at the first READDIRPLUS */
+    uint32_t poll_us, spin_us; /* --poll-us, and the busy-poll window it adapts to */
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
 };
@@ -104,6 +109,8 @@ int  vfs_engine_run(struct vfs_engine *e);
 /* vfs_engine_run(), and while the ring is empty, wait in poll(2) for a kick on `kick_fd` (-1:
  * none) or a control message; EMPTY when the wait was interrupted or the ring stopped. */
 int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
+/* Busy-poll an empty ring up to `us` microseconds before sleeping (0: never). */
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 /* Complete `head` with `used_len` reply bytes: journal, push, notify if the driver asks. */
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 /* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */

@@ -92,7 +92,8 @@ class Engine:
                                -1 if err is None else err)
 
     def serve_natively(self, session_word: int, *, proc_fd: int, timeout: int, readonly: bool,
-                       switch_creds: bool, submounts: bool, euid: int) -> None:
+                       switch_creds: bool, submounts: bool, euid: int, open_strip: int,
+                       file_open_flags: int, dir_open_flags: int, writeback: bool) -> None:
         """Turn on the native handlers: `session_word` is the address of the FUSE session word
         (fuse_server.Session), the rest PassthroughFs.native_options()."""
         fs = self._e.fs
@@ -103,6 +104,10 @@ class Engine:
         fs.switch_creds = switch_creds
         fs.submounts = submounts
         fs.euid = euid
+        fs.open_strip = open_strip
+        fs.file_open_flags = file_open_flags
+        fs.dir_open_flags = dir_open_flags
+        fs.writeback = writeback
         fs.enabled = 1
 
     @property
@@ -119,6 +124,15 @@ class Engine:
     def native(self) -> int:
         """Requests answered natively."""
         return self._e.native
+
+    @property
+    def poll_us(self) -> int:
+        return self._e.poll_us
+
+    @poll_us.setter
+    def poll_us(self, us: int) -> None:
+        """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
+        lib.vfs_engine_set_poll_us(self._e, us)
 
     @property
     def poll_every(self) -> int:

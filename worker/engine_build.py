@@ -48,6 +48,9 @@ struct vfs_engine_fs {
     uint8_t submounts;
     uint32_t fsuid, fsgid;
     uint32_t euid;
+    uint32_t open_strip;
+    uint32_t file_open_flags, dir_open_flags;
+    uint8_t writeback;
 };
 struct vfs_engine {
     struct vfs_engine_region regions[64];
@@ -73,6 +76,8 @@ struct vfs_engine {
     int root_fd;
     uint32_t root_len;
     char root_path[4096];
+    uint8_t *dirbuf;
+    uint32_t poll_us, spin_us;
     uint64_t completed, deferred, walked, batches, notifies;
     char why[160];
 };
@@ -88,6 +93,7 @@ void vfs_engine_stop(struct vfs_engine *e);
 void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
 int  vfs_engine_run(struct vfs_engine *e);
 int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
+void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_notify(struct vfs_engine *e);
 """

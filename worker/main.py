@@ -94,7 +94,8 @@ class Worker:
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
               journal: Journal, make_fs: Callable[[JournaledArena], object],
-              owned_fds: Iterable[int] = (), data_plane: str = "python") -> Worker:
+              owned_fds: Iterable[int] = (), data_plane: str = "python",
+              poll_us: int = 0) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -112,6 +113,7 @@ class Worker:
         # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
         if data_plane == "native" and hooks is None:
             engine = Engine(channel.fileno(), jq.address, arena.address, queue)
+            engine.poll_us = poll_us
             options = getattr(fs, "native_options", None)
             native = options() if options is not None else None
             if native is not None:

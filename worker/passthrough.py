@@ -287,7 +287,9 @@ class PassthroughFs(Filesystem):
             return None
         return {"proc_fd": self._proc, "timeout": int(self._timeout),
                 "readonly": self._readonly, "switch_creds": self._switch_creds,
-                "submounts": self._submounts, "euid": os.geteuid()}
+                "submounts": self._submounts, "euid": os.geteuid(),
+                "open_strip": self._strip, "file_open_flags": self._file_open_flags,
+                "dir_open_flags": self._dir_open_flags, "writeback": self._writeback}
 
     def share_credentials(self, shared: object) -> None:
         """Keep the credentials in force in `shared` (the engine's struct vfs_engine_fs, with
