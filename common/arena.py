@@ -38,6 +38,8 @@ Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes
 
     0     header        "=8sIIIII"   magic "PVFSARN2", version 2, max_inodes, index_buckets,
                                      max_handles, max_queues
+    32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
+                                     limit); see ``limit_fds``
     64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
     128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
     192   counters      max_queues x "=Q"                      (request count per queue)
@@ -70,11 +72,15 @@ import os
 import weakref
 
 from pyvirtiofsd.common import native
+from pyvirtiofsd.common.journal import QueueJournal
 
 __all__ = ["Arena", "HandleTable", "InodeTable", "QueueCounters"]
 
 _MAX_SLOTS = 1 << 30
 _U64_MAX = (1 << 64) - 1
+# Where the tables' lock words are (the header layout above).
+_INODE_LOCK_OFF = 64
+_HANDLE_LOCK_OFF = 128
 
 _ffi = native.ffi
 _lib = native.lib
@@ -98,7 +104,13 @@ def _bad_id(kind: str, value: int) -> OSError:
     return OSError(errno.EBADF, f"unknown or stale {kind} {value:#x}")
 
 
-def _full(kind: str, capacity: int) -> OSError:
+def _refused(arena_c, kind: str, capacity: int) -> OSError:
+    """ENFILE for a refused new entry, saying whether the fd budget or the table was full."""
+    budget = _lib.vfs_arena_fd_budget(arena_c)
+    counts = _ffi.new("uint32_t[2]")
+    _lib.vfs_arena_usage(arena_c, counts, counts + 1)
+    if budget and counts[0] + counts[1] >= budget:
+        return OSError(errno.ENFILE, "the guest holds as many open files as the daemon allows")
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
 
 
@@ -120,15 +132,27 @@ class _Pinned:
 
 class _SlotTable:
     """What both tables share on the Python side: the C view, reusable out-parameters (one
-    thread per process uses an Arena), the pinning helper and the repair count."""
+    thread per process uses an Arena), the id-checking call and the pinning helper."""
+
+    _kind = ""
 
     def __init__(self, c, capacity: int, lock_off: int) -> None:
         self._c = c  # struct vfs_arena *
         self._cap = capacity
         self._lockp = native.u32_ptr(c.base, lock_off)  # the lock word, for crash tests
-        self._u64 = _ffi.new("uint64_t[2]")
+        self._u64 = _ffi.new("uint64_t[1]")
         self._u32 = _ffi.new("uint32_t[1]")
         self._int = _ffi.new("int[1]")
+
+    def _by_id(self, ident: int, fn, *args) -> None:
+        """Call the C function `fn(*args)` about `ident`: a non-zero result (-EBADF), or an id
+        no u64 can hold, is an unknown or stale id."""
+        try:
+            rc = fn(*args)
+        except OverflowError:
+            rc = -errno.EBADF
+        if rc:
+            raise _bad_id(self._kind, ident)
 
     def pinned(self, ident: int) -> _Pinned:
         """``with table.pinned(id) as what_acquire_returns:`` -- acquire, release on exit."""
@@ -139,6 +163,8 @@ class InodeTable(_SlotTable):
     """Inodes known to the guest, keyed by (dev, ino, mnt_id), each owning an O_PATH fd."""
 
     ROOT: int = 1  # FUSE_ROOT_ID
+    _kind = "nodeid"
+
     def set_root(self, fd: int, dev: int, ino: int) -> None:
         """Install the shared directory's O_PATH fd as nodeid 1; the table owns `fd`."""
         if _lib.vfs_inode_set_root(self._c, fd, dev, ino) == -errno.EEXIST:
@@ -148,38 +174,60 @@ class InodeTable(_SlotTable):
         """Count one lookup of (dev, ino, mnt_id) whose O_PATH fd the caller just opened.
 
         Returns (nodeid, True) when a new entry now owns `fd`, or (nodeid, False) for a known
-        inode -- then, and when this raises (ENFILE: table full), the caller closes `fd`.
+        inode -- then, and when this raises (ENFILE: table full, or the fd budget reached), the
+        caller closes `fd`.
         The root's (dev, ino) always yields ROOT, whatever mnt_id.
         """
         out, inserted = self._u64, self._int
-        if _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted):
-            raise _full("inode", self._cap)
+        rc = _lib.vfs_inode_lookup_or_insert(self._c, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _refused(self._c, "inode", self._cap)
         return out[0], inserted[0] != 0
 
     def acquire(self, nodeid: int) -> int:
         """Pin `nodeid` and return its fd; EBADF if unknown, stale or forgotten."""
         fd = self._int
-        try:
-            rc = _lib.vfs_inode_acquire(self._c, nodeid, fd)
-        except OverflowError:  # not a u64: no such id
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_acquire, self._c, nodeid, fd)
         return fd[0]
 
     def release(self, nodeid: int) -> None:
         """Unpin `nodeid`; closes its fd if it was forgotten and this was the last pin."""
-        try:
-            rc = _lib.vfs_inode_release(self._c, nodeid)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_release, self._c, nodeid)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """FORGET: drop up to `nlookup` lookups; the root is never freed, unknown ids ignored."""
         if 0 <= nodeid <= _U64_MAX:
             _lib.vfs_inode_forget(self._c, nodeid, min(max(nlookup, 0), _U64_MAX), self._u64)
+
+    # -- the same, journaled for crash recovery (state.h: "journaled table changes") -------------
+    def lookup_or_insert_journaled(self, journal: QueueJournal, fd: int, dev: int, ino: int,
+                                   mnt_id: int = 0) -> tuple[int, bool]:
+        """lookup_or_insert, then the LOOKUP recorded as an effect of the current request."""
+        out, inserted = self._u64, self._int
+        rc = _lib.vfs_inode_lookup_j(self._c, journal.cdata, fd, dev, ino, mnt_id, out, inserted)
+        if rc:
+            raise _refused(self._c, "inode", self._cap)
+        return out[0], inserted[0] != 0
+
+    def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
+        """acquire, then the pin recorded in the queue's journal."""
+        fd = self._int
+        self._by_id(nodeid, _lib.vfs_inode_acquire_j, self._c, journal.cdata, nodeid, fd)
+        return fd[0]
+
+    def release_journaled(self, journal: QueueJournal, nodeid: int) -> None:
+        """The pin's record dropped, then release."""
+        self._by_id(nodeid, _lib.vfs_inode_release_j, self._c, journal.cdata, nodeid)
+
+    def forget_journaled(self, journal: QueueJournal, nodeid: int, nlookup: int) -> None:
+        """forget, announced in the journal with the lookup count it found and counted after
+        (unknown ids are announced with a count of 0 and change nothing)."""
+        if 0 <= nodeid <= _U64_MAX:
+            _lib.vfs_inode_forget_j(self._c, journal.cdata, nodeid,
+                                    min(max(nlookup, 0), _U64_MAX))
+        else:
+            journal.forgetting(0, 0)
+            journal.note_forget()
 
     def forget_all(self) -> None:
         """End of a FUSE session (DESTROY, or a new INIT): every inode but the root is
@@ -192,12 +240,7 @@ class InodeTable(_SlotTable):
 
     def info(self, nodeid: int) -> tuple[int, int, int]:
         """(nlookup, pins, fd) of a live entry, forgotten-but-pinned included; else EBADF."""
-        try:
-            rc = _lib.vfs_inode_info(self._c, nodeid, self._u64, self._u32, self._int)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("nodeid", nodeid)
+        self._by_id(nodeid, _lib.vfs_inode_info, self._c, nodeid, self._u64, self._u32, self._int)
         return self._u64[0], self._u32[0], self._int[0]
 
     @property
@@ -209,40 +252,46 @@ class InodeTable(_SlotTable):
 class HandleTable(_SlotTable):
     """Open files (FUSE fh), each owning an fd opened for I/O."""
 
+    _kind = "fh"
+
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
         """Register an open file; the table owns `fd` unless this raises ENFILE."""
-        if _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64):
-            raise _full("handle", self._cap)
+        rc = _lib.vfs_handle_insert(self._c, fd, nodeid, flags, self._u64)
+        if rc:
+            raise _refused(self._c, "handle", self._cap)
         return self._u64[0]
 
     def acquire(self, fh: int) -> tuple[int, int, int]:
         """Pin `fh`; returns (fd, nodeid, flags).  EBADF if unknown, stale or released."""
         fd, nodeid, flags = self._int, self._u64, self._u32
-        try:
-            rc = _lib.vfs_handle_acquire(self._c, fh, fd, nodeid, flags)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_acquire, self._c, fh, fd, nodeid, flags)
         return fd[0], nodeid[0], flags[0]
 
     def release(self, fh: int) -> None:
         """Unpin `fh`; closes the fd if it was removed and this was the last pin."""
-        try:
-            rc = _lib.vfs_handle_release(self._c, fh)
-        except OverflowError:
-            rc = -errno.EBADF
-        if rc:
-            raise _bad_id("fh", fh)
+        self._by_id(fh, _lib.vfs_handle_release, self._c, fh)
 
     def remove(self, fh: int) -> None:
         """RELEASE: `fh` is unusable at once; its fd is closed when the last pin goes."""
-        try:
-            rc = _lib.vfs_handle_remove(self._c, fh)
-        except OverflowError:
-            rc = -errno.EBADF
+        self._by_id(fh, _lib.vfs_handle_remove, self._c, fh)
+
+    # -- the same, journaled for crash recovery ------------------------------------------------
+    def insert_journaled(self, journal: QueueJournal, fd: int, nodeid: int, flags: int) -> int:
+        """insert, then the new handle recorded as an effect of the current request."""
+        rc = _lib.vfs_handle_insert_j(self._c, journal.cdata, fd, nodeid, flags, self._u64)
         if rc:
-            raise _bad_id("fh", fh)
+            raise _refused(self._c, "handle", self._cap)
+        return self._u64[0]
+
+    def acquire_journaled(self, journal: QueueJournal, fh: int) -> tuple[int, int, int]:
+        """acquire, then the pin recorded in the queue's journal."""
+        fd, nodeid, flags = self._int, self._u64, self._u32
+        self._by_id(fh, _lib.vfs_handle_acquire_j, self._c, journal.cdata, fh, fd, nodeid, flags)
+        return fd[0], nodeid[0], flags[0]
+
+    def release_journaled(self, journal: QueueJournal, fh: int) -> None:
+        """The pin's record dropped, then release."""
+        self._by_id(fh, _lib.vfs_handle_release_j, self._c, journal.cdata, fh)
 
     def remove_all(self) -> None:
         """End of a FUSE session: every handle is released as if by RELEASE."""
@@ -300,6 +349,24 @@ class Arena:
         self.counters = QueueCounters(c, c.max_queues)
         _attached.add(self)
 
+    def limit_fds(self, budget: int) -> None:
+        """Refuse (ENFILE) a new inode or handle once live inodes + handles reach `budget`;
+        0 lifts the limit."""
+        if not 0 <= budget <= 0xFFFFFFFF:
+            raise ValueError(f"fd budget {budget} out of range")
+        _lib.vfs_arena_limit_fds(self._c, budget)
+
+    @property
+    def fd_budget(self) -> int:
+        return _lib.vfs_arena_fd_budget(self._c)
+
+    def usage(self) -> tuple[int, int]:
+        """(inodes, handles) whose fd is open, read from the table headers without taking the
+        locks: a snapshot for status reports that never waits for a worker."""
+        counts = _ffi.new("uint32_t[2]")     # its own: a status thread may ask
+        _lib.vfs_arena_usage(self._c, counts, counts + 1)
+        return counts[0], counts[1]
+
     @classmethod
     def create(cls, max_inodes: int = 1 << 18, max_handles: int = 1 << 16,
                max_queues: int = 64) -> Arena:
@@ -331,10 +398,8 @@ class Arena:
         if self._mm.closed:
             return
         _attached.discard(self)
+        # A use after this raises (cffi refuses None) instead of reading an unmapped address.
+        self.inodes._c = self.handles._c = self.counters._c = None
         _ffi.release(self._base)
         self._mm.close()
 
-
-# Where the tables' lock words are (the header layout in the module docstring).
-_INODE_LOCK_OFF = 64
-_HANDLE_LOCK_OFF = 128

@@ -161,7 +161,8 @@ class QueueJournal:
         eff = _HEADER_SIZE + capacity * _SLOT_SIZE
         self._eff_ids = _HEADER_SIZE // 8 + capacity * _SLOT_WORDS
         self._eff_kinds = native.ffi.cast("uint8_t *", base + offset + eff + MAX_EFFECTS * 8)
-        # The C view; it also holds the request being executed (its head and popped word).
+        # The C view (struct vfs_jq *), which also holds the request being executed (its head
+        # and popped word): the native engine shares this very struct (address).
         self._q = native.ffi.new("struct vfs_jq *")
         if native.lib.vfs_jq_attach(self._q, base + offset, capacity):
             raise ValueError(f"journal region at {offset} for {capacity} entries")
@@ -169,6 +170,11 @@ class QueueJournal:
     @staticmethod
     def region_size(capacity: int) -> int:
         return native.lib.vfs_jq_region_size(capacity, _PAGE)
+
+    @property
+    def cdata(self):
+        """The `struct vfs_jq *` itself, for the journaled table calls (common/arena.py)."""
+        return self._q
 
     # -- ring epochs ---------------------------------------------------------------------------
     @property

@@ -17,8 +17,9 @@ STATE_DIR = os.path.relpath(_HERE)
 STATE_SOURCES = [os.path.join(STATE_DIR, "state.c")]
 # Warnings as errors for the shared C, and the aliasing rule off: the same mapping words are
 # read as u32 halves and u64 wholes.
-CFLAGS = ["-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-D_FORTIFY_SOURCE=2",
-          "-fstack-protector-strong"]
+# The interpreter's own CFLAGS may define _FORTIFY_SOURCE already: undefine it first.
+CFLAGS = ["-Wall", "-Wextra", "-Werror", "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
+          "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong"]
 
 
 def state_cdef() -> str:

@@ -61,10 +61,10 @@ int vfs_lock(uint32_t *word, uint32_t me)
         if (!(seen & VFS_WAITERS) && cas32(word, seen, seen | VFS_WAITERS) != seen)
             continue;
         /* 0, or EAGAIN (the word changed), ETIMEDOUT (look at the owner again), EINTR: all
-         * mean "try again"; nothing else can happen for an aligned word in a mapping. */
-        if (syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0) == -1 &&
-            errno != EAGAIN && errno != ETIMEDOUT && errno != EINTR)
-            return 1;   /* cannot wait: treat like a takeover, the caller repairs */
+         * mean "try again".  Nothing else can happen for an aligned word in a mapping; if it
+         * did, this would become a polling loop, never a lock taken without owning it. */
+        long waited = syscall(SYS_futex, word, FUTEX_WAIT, seen | VFS_WAITERS, &ts, NULL, 0);
+        (void)waited;
         /* Others may still sleep: keep the flag set when we get the lock after waiting. */
         want = me | VFS_WAITERS;
     }
@@ -86,6 +86,7 @@ void vfs_unlock(uint32_t *word)
 #define INODE_HDR_OFF 64
 #define HANDLE_HDR_OFF 128
 #define COUNTERS_OFF 192
+#define FD_BUDGET_OFF 32
 
 struct arena_header {
     char magic[8];
@@ -220,13 +221,14 @@ struct slots {                /* process-local description of one table */
     uint32_t esize, cap;
     uint32_t next_off;        /* offset of next_free in an entry */
     uint32_t first;           /* first slot the allocator hands out */
+    int inodes;               /* the inode table: indexed, and counting lookups */
 };
 
 static struct slots inode_slots(const struct vfs_arena *a)
 {
     struct slots t = {(struct table_hdr *)(a->base + INODE_HDR_OFF), a->base + a->inodes_off,
                       sizeof(struct inode_entry), a->max_inodes,
-                      offsetof(struct inode_entry, next_free), 2};
+                      offsetof(struct inode_entry, next_free), 2, 1};
     return t;
 }
 
@@ -234,7 +236,7 @@ static struct slots handle_slots(const struct vfs_arena *a)
 {
     struct slots t = {(struct table_hdr *)(a->base + HANDLE_HDR_OFF), a->base + a->handles_off,
                       sizeof(struct handle_entry), a->max_handles,
-                      offsetof(struct handle_entry, next_free), 1};
+                      offsetof(struct handle_entry, next_free), 1, 0};
     return t;
 }
 
@@ -259,6 +261,13 @@ static struct slot_head *slot_of_id(const struct slots *t, uint64_t id, uint32_t
     return slot_at(t, s);
 }
 
+/* `live` is also read by the fd-budget check under the other table's lock: atomic stores. */
+static void live_add(struct table_hdr *h, uint32_t delta)
+{
+    __atomic_store_n(&h->live, __atomic_load_n(&h->live, __ATOMIC_RELAXED) + delta,
+                     __ATOMIC_RELAXED);
+}
+
 static uint32_t hwm_of(const struct slots *t)
 {
     uint32_t hwm = t->hdr->hwm;
@@ -280,7 +289,7 @@ static uint32_t slots_claim(const struct slots *t)
     } else {
         return 0;
     }
-    h->live++;
+    live_add(h, 1);
     VFS_CRASH_POINT();
     return slot;
 }
@@ -303,7 +312,7 @@ static void slots_push_free(const struct slots *t, uint32_t slot)
     *next_of(t, slot) = t->hdr->free_head;
     VFS_CRASH_POINT();
     t->hdr->free_head = slot;
-    t->hdr->live--;
+    live_add(t->hdr, (uint32_t)-1);
     VFS_CRASH_POINT();
 }
 
@@ -323,7 +332,7 @@ static void slots_repair(const struct slots *t)
     }
     h->free_head = free_head;
     h->hwm = hwm;
-    h->live = live;
+    __atomic_store_n(&h->live, live, __ATOMIC_RELAXED);
     h->index_used = 0;
     h->repairs++;
 }
@@ -444,31 +453,167 @@ static void index_remove(const struct vfs_arena *a, const struct slots *t, uint3
     VFS_CRASH_POINT();
 }
 
-static void inode_lock(const struct vfs_arena *a, const struct slots *t)
+/* -- the fd budget (both tables) ------------------------------------------------------------- */
+
+static uint32_t *budget_of(const struct vfs_arena *a)
+{
+    return (uint32_t *)(a->base + FD_BUDGET_OFF);
+}
+
+void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget)
+{
+    __atomic_store_n(budget_of(a), budget, __ATOMIC_RELAXED);
+}
+
+uint32_t vfs_arena_fd_budget(const struct vfs_arena *a)
+{
+    return __atomic_load_n(budget_of(a), __ATOMIC_RELAXED);
+}
+
+/* Whether a new entry would pass the budget.  Called under one table's lock; the other table's
+ * count may be a few entries old, which moves the cap by as much, never the safety margin the
+ * budget leaves below the process's fd limit. */
+static int over_budget(const struct vfs_arena *a)
+{
+    uint32_t budget = vfs_arena_fd_budget(a);
+    if (!budget)
+        return 0;
+    uint64_t held =
+        (uint64_t)__atomic_load_n(&((struct table_hdr *)(a->base + INODE_HDR_OFF))->live,
+                                  __ATOMIC_RELAXED) +
+        __atomic_load_n(&((struct table_hdr *)(a->base + HANDLE_HDR_OFF))->live,
+                        __ATOMIC_RELAXED);
+    return held >= budget;
+}
+
+/* -- what both tables do the same way -------------------------------------------------------- */
+
+static void table_lock(const struct vfs_arena *a, const struct slots *t)
 {
     if (vfs_lock(&t->hdr->lock, a->pid)) {
         slots_repair(t);
-        index_rebuild(a, t);
+        if (t->inodes)
+            index_rebuild(a, t);
     }
 }
 
-static void inode_free(const struct vfs_arena *a, const struct slots *t, uint32_t slot)
+static void table_unlock(const struct slots *t) { vfs_unlock(&t->hdr->lock); }
+
+/* Free a slot whose last user let go (its fd is the caller's to close, after the lock). */
+static void table_free(const struct vfs_arena *a, const struct slots *t, uint32_t slot)
 {
-    struct inode_entry *e = inode_at(t, slot);
-    slot_commit_free(&e->h, e->h.state);
-    index_remove(a, t, slot, bucket_of(a, e));
+    struct slot_head *e = slot_at(t, slot);
+    slot_commit_free(e, e->state);
+    if (t->inodes)
+        index_remove(a, t, slot, bucket_of(a, inode_at(t, slot)));
     slots_push_free(t, slot);
 }
 
 /* The state word a live entry named by `id` has: generation << 32 | LIVE. */
 static uint64_t live_word(uint64_t id) { return (id & ~LOW32) | ST_LIVE; }
 
+/* Whether the owner has let go of a live entry -- FORGET down to no lookups (never the root),
+ * or RELEASE -- so that its fd closes with the last pin and its id no longer pins it. */
+static int dropped(const struct slots *t, uint32_t slot, const struct slot_head *e)
+{
+    if (t->inodes)
+        return e->aux == 0 && slot != VFS_ROOT_ID;
+    return (e->state & LOW32) == ST_CLOSING;
+}
+
+/* Pin the entry `id` names, unless it is unknown, stale or dropped; `*out` gets a copy of its
+ * head (and `*flags` a handle's flags) taken under the lock. */
+static int table_pin(const struct vfs_arena *a, const struct slots *t, uint64_t id,
+                     struct slot_head *out, uint32_t *flags)
+{
+    uint32_t slot;
+    struct slot_head *e = slot_of_id(t, id, &slot);
+    int rc = -EBADF;
+    if (!e)
+        return rc;
+    table_lock(a, t);
+    if (e->state == live_word(id) && !dropped(t, slot, e)) {
+        e->pins++;
+        *out = *e;
+        if (flags)
+            *flags = ((const struct handle_entry *)e)->flags;
+        rc = 0;
+    }
+    table_unlock(t);
+    return rc;
+}
+
+/* Unpin; the last pin of a dropped entry frees it and closes its fd. */
+static int table_unpin(const struct vfs_arena *a, const struct slots *t, uint64_t id)
+{
+    uint32_t slot;
+    struct slot_head *e = slot_of_id(t, id, &slot);
+    int rc = -EBADF, close_fd = -1;
+    if (!e)
+        return rc;
+    table_lock(a, t);
+    uint64_t gen_word = id & ~LOW32;
+    if (e->pins != 0 && (e->state == (gen_word | ST_LIVE) || e->state == (gen_word | ST_CLOSING))) {
+        if (e->pins == 1 && dropped(t, slot, e)) {
+            close_fd = e->fd;
+            table_free(a, t, slot);
+        } else {
+            e->pins--;
+        }
+        rc = 0;
+    }
+    table_unlock(t);
+    if (close_fd >= 0)
+        close_owned(close_fd);
+    return rc;
+}
+
+/* End of a FUSE session: every live entry from `first` on is dropped -- freed now, or, if
+ * pinned, at its last release.  The lock is dropped to close every CLOSE_BATCH fds (no
+ * allocation, no close under the lock), so this is not one atomic step: an entry made meanwhile
+ * in a slot already passed stays, as if it had come after the session ended. */
+static void table_drop_all(const struct vfs_arena *a, const struct slots *t)
+{
+    uint32_t slot = t->first, end;
+    do {
+        int fds[CLOSE_BATCH];
+        unsigned n = 0;
+        table_lock(a, t);
+        end = hwm_of(t);
+        for (; slot < end && n < CLOSE_BATCH; slot++) {
+            struct slot_head *e = slot_at(t, slot);
+            if ((e->state & LOW32) != ST_LIVE)
+                continue;
+            if (e->pins == 0) {
+                fds[n++] = e->fd;
+                table_free(a, t, slot);
+            } else if (t->inodes) {
+                e->aux = 0;
+            } else {
+                slot_commit(e, (e->state & ~LOW32) | ST_CLOSING);
+            }
+        }
+        table_unlock(t);
+        close_all(fds, n);
+    } while (slot < end);
+}
+
+static uint32_t table_live(const struct vfs_arena *a, const struct slots *t)
+{
+    table_lock(a, t);
+    uint32_t live = t->hdr->live;
+    table_unlock(t);
+    return live;
+}
+
+/* -- the inode table ---------------------------------------------------------------------------- */
+
 int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino)
 {
     struct slots t = inode_slots(a);
     struct inode_entry *e = inode_at(&t, VFS_ROOT_ID);
     int rc = -EEXIST;
-    inode_lock(a, &t);
+    table_lock(a, &t);
     if ((e->h.state & LOW32) == ST_FREE) {
         e->h.aux = 1;
         e->h.pins = 0;
@@ -477,10 +622,10 @@ int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino)
         e->ino = ino;
         e->mnt_id = 0;
         slot_commit(&e->h, ST_LIVE);    /* the root's generation is always 0 */
-        t.hdr->live++;
+        live_add(t.hdr, 1);
         rc = 0;
     }
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     return rc;
 }
 
@@ -492,7 +637,7 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
     uint32_t h = (uint32_t)(vfs_inode_hash(dev, ino, mnt_id) & mask), b = h, slot = 0;
     int rc = 0;
     *inserted = 0;
-    inode_lock(a, &t);
+    table_lock(a, &t);
     /* The root is kept out of the index and matched by (dev, ino) alone, whatever mnt_id. */
     struct inode_entry *root = inode_at(&t, VFS_ROOT_ID);
     if (root->h.state == ST_LIVE && root->dev == dev && root->ino == ino) {
@@ -520,7 +665,7 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
         *nodeid = (e->h.state & ~LOW32) | slot;
         goto out;
     }
-    slot = slots_claim(&t);
+    slot = over_budget(a) ? 0 : slots_claim(&t);
     if (!slot) {
         rc = -ENFILE;
         goto out;
@@ -539,48 +684,59 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
     *nodeid = gen_word | slot;
     *inserted = 1;
 out:
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     return rc;
 }
 
 int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd)
 {
     struct slots t = inode_slots(a);
-    uint32_t slot;
-    struct slot_head *e = slot_of_id(&t, nodeid, &slot);
-    int rc = -EBADF;
-    if (!e)
-        return rc;
-    inode_lock(a, &t);
-    /* A forgotten entry kept open by pins is not reachable by id any more. */
-    if (e->state == live_word(nodeid) && (e->aux != 0 || slot == VFS_ROOT_ID)) {
-        e->pins++;
-        *fd = e->fd;
-        rc = 0;
-    }
-    vfs_unlock(&t.hdr->lock);
+    struct slot_head got;
+    int rc = table_pin(a, &t, nodeid, &got, NULL);
+    if (rc == 0)
+        *fd = got.fd;
     return rc;
 }
 
 int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid)
 {
     struct slots t = inode_slots(a);
+    return table_unpin(a, &t, nodeid);
+}
+
+/* FORGET; with a journal `q`, announced there (with the count found) before it is applied. */
+static int inode_forget(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup,
+                        uint64_t *before)
+{
+    struct slots t = inode_slots(a);
     uint32_t slot;
     struct slot_head *e = slot_of_id(&t, nodeid, &slot);
     int rc = -EBADF, close_fd = -1;
-    if (!e)
+    *before = 0;
+    if (!e) {
+        if (q)
+            vfs_jq_forgetting(q, nodeid, 0);   /* unknown: forgetting it changes nothing */
         return rc;
-    inode_lock(a, &t);
-    if (e->state == live_word(nodeid) && e->pins != 0) {
-        if (e->pins == 1 && e->aux == 0 && slot != VFS_ROOT_ID) {
+    }
+    table_lock(a, &t);
+    if (e->state != live_word(nodeid)) {
+        if (q)
+            vfs_jq_forgetting(q, nodeid, 0);
+    } else {
+        uint64_t count = e->aux;
+        *before = count;
+        if (q)
+            vfs_jq_forgetting(q, nodeid, count);
+        count -= nlookup < count ? nlookup : count;
+        if (count == 0 && e->pins == 0 && slot != VFS_ROOT_ID) {
             close_fd = e->fd;
-            inode_free(a, &t, slot);
+            table_free(a, &t, slot);
         } else {
-            e->pins--;
+            e->aux = count;
         }
         rc = 0;
     }
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     if (close_fd >= 0)
         close_owned(close_fd);
     return rc;
@@ -588,58 +744,13 @@ int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid)
 
 int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uint64_t *before)
 {
-    struct slots t = inode_slots(a);
-    uint32_t slot;
-    struct slot_head *e = slot_of_id(&t, nodeid, &slot);
-    int rc = -EBADF, close_fd = -1;
-    *before = 0;
-    if (!e)
-        return rc;
-    inode_lock(a, &t);
-    if (e->state == live_word(nodeid)) {
-        uint64_t count = e->aux;
-        *before = count;
-        count -= nlookup < count ? nlookup : count;
-        if (count == 0 && e->pins == 0 && slot != VFS_ROOT_ID) {
-            close_fd = e->fd;
-            inode_free(a, &t, slot);
-        } else {
-            e->aux = count;
-        }
-        rc = 0;
-    }
-    vfs_unlock(&t.hdr->lock);
-    if (close_fd >= 0)
-        close_owned(close_fd);
-    return rc;
+    return inode_forget(a, NULL, nodeid, nlookup, before);
 }
 
-/* The lock is dropped to close every CLOSE_BATCH fds (no allocation, no close under the lock),
- * so the scan is not one atomic step: an inode looked up meanwhile into a slot already passed
- * stays, as if the lookup had come after the session ended. */
 int vfs_inode_forget_all(struct vfs_arena *a)
 {
     struct slots t = inode_slots(a);
-    uint32_t slot = 2, end;
-    do {
-        int fds[CLOSE_BATCH];
-        unsigned n = 0;
-        inode_lock(a, &t);
-        end = hwm_of(&t);
-        for (; slot < end && n < CLOSE_BATCH; slot++) {
-            struct slot_head *e = slot_at(&t, slot);
-            if ((e->state & LOW32) != ST_LIVE)
-                continue;
-            if (e->pins == 0) {
-                fds[n++] = e->fd;
-                inode_free(a, &t, slot);
-            } else {
-                e->aux = 0;   /* closes at its last release */
-            }
-        }
-        vfs_unlock(&t.hdr->lock);
-        close_all(fds, n);
-    } while (slot < end);
+    table_drop_all(a, &t);
     return 0;
 }
 
@@ -652,24 +763,21 @@ int vfs_inode_info(struct vfs_arena *a, uint64_t nodeid, uint64_t *nlookup, uint
     int rc = -EBADF;
     if (!e)
         return rc;
-    inode_lock(a, &t);
+    table_lock(a, &t);
     if (e->state == live_word(nodeid)) {
         *nlookup = e->aux;
         *pins = e->pins;
         *fd = e->fd;
         rc = 0;
     }
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     return rc;
 }
 
 uint32_t vfs_inode_live(struct vfs_arena *a)
 {
     struct slots t = inode_slots(a);
-    inode_lock(a, &t);
-    uint32_t live = t.hdr->live;
-    vfs_unlock(&t.hdr->lock);
-    return live;
+    return table_live(a, &t);
 }
 
 uint32_t vfs_inode_repairs(struct vfs_arena *a)
@@ -679,25 +787,12 @@ uint32_t vfs_inode_repairs(struct vfs_arena *a)
 
 /* -- the handle table ------------------------------------------------------------------------- */
 
-static void handle_lock(const struct vfs_arena *a, const struct slots *t)
-{
-    if (vfs_lock(&t->hdr->lock, a->pid))
-        slots_repair(t);
-}
-
-static void handle_free(const struct slots *t, uint32_t slot)
-{
-    struct slot_head *e = slot_at(t, slot);
-    slot_commit_free(e, e->state);
-    slots_push_free(t, slot);
-}
-
 int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t flags, uint64_t *fh)
 {
     struct slots t = handle_slots(a);
     int rc = 0;
-    handle_lock(a, &t);
-    uint32_t slot = slots_claim(&t);
+    table_lock(a, &t);
+    uint32_t slot = over_budget(a) ? 0 : slots_claim(&t);
     if (slot) {
         struct handle_entry *e = (struct handle_entry *)slot_at(&t, slot);
         uint64_t gen_word = e->h.state & ~LOW32;
@@ -711,7 +806,7 @@ int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t fla
     } else {
         rc = -ENFILE;
     }
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     return rc;
 }
 
@@ -719,46 +814,19 @@ int vfs_handle_acquire(struct vfs_arena *a, uint64_t fh, int *fd, uint64_t *node
                        uint32_t *flags)
 {
     struct slots t = handle_slots(a);
-    uint32_t slot;
-    struct slot_head *e = slot_of_id(&t, fh, &slot);
-    int rc = -EBADF;
-    if (!e)
-        return rc;
-    handle_lock(a, &t);
-    if (e->state == live_word(fh)) {
-        e->pins++;
-        *fd = e->fd;
-        *nodeid = e->aux;
-        *flags = ((struct handle_entry *)e)->flags;
-        rc = 0;
+    struct slot_head got;
+    int rc = table_pin(a, &t, fh, &got, flags);
+    if (rc == 0) {
+        *fd = got.fd;
+        *nodeid = got.aux;
     }
-    vfs_unlock(&t.hdr->lock);
     return rc;
 }
 
 int vfs_handle_release(struct vfs_arena *a, uint64_t fh)
 {
     struct slots t = handle_slots(a);
-    uint32_t slot;
-    struct slot_head *e = slot_of_id(&t, fh, &slot);
-    int rc = -EBADF, close_fd = -1;
-    if (!e)
-        return rc;
-    handle_lock(a, &t);
-    uint64_t gen_word = fh & ~LOW32;
-    if (e->pins != 0 && (e->state == (gen_word | ST_LIVE) || e->state == (gen_word | ST_CLOSING))) {
-        if (e->pins == 1 && (e->state & LOW32) == ST_CLOSING) {
-            close_fd = e->fd;
-            handle_free(&t, slot);
-        } else {
-            e->pins--;
-        }
-        rc = 0;
-    }
-    vfs_unlock(&t.hdr->lock);
-    if (close_fd >= 0)
-        close_owned(close_fd);
-    return rc;
+    return table_unpin(a, &t, fh);
 }
 
 int vfs_handle_remove(struct vfs_arena *a, uint64_t fh)
@@ -769,56 +837,33 @@ int vfs_handle_remove(struct vfs_arena *a, uint64_t fh)
     int rc = -EBADF, close_fd = -1;
     if (!e)
         return rc;
-    handle_lock(a, &t);
+    table_lock(a, &t);
     if (e->state == live_word(fh)) {
         if (e->pins == 0) {
             close_fd = e->fd;
-            handle_free(&t, slot);
+            table_free(a, &t, slot);
         } else {
             slot_commit(e, (fh & ~LOW32) | ST_CLOSING);
         }
         rc = 0;
     }
-    vfs_unlock(&t.hdr->lock);
+    table_unlock(&t);
     if (close_fd >= 0)
         close_owned(close_fd);
     return rc;
 }
 
-/* Batched like vfs_inode_forget_all, for the same reason. */
 int vfs_handle_remove_all(struct vfs_arena *a)
 {
     struct slots t = handle_slots(a);
-    uint32_t slot = 1, end;
-    do {
-        int fds[CLOSE_BATCH];
-        unsigned n = 0;
-        handle_lock(a, &t);
-        end = hwm_of(&t);
-        for (; slot < end && n < CLOSE_BATCH; slot++) {
-            struct slot_head *e = slot_at(&t, slot);
-            if ((e->state & LOW32) != ST_LIVE)
-                continue;
-            if (e->pins == 0) {
-                fds[n++] = e->fd;
-                handle_free(&t, slot);
-            } else {
-                slot_commit(e, (e->state & ~LOW32) | ST_CLOSING);
-            }
-        }
-        vfs_unlock(&t.hdr->lock);
-        close_all(fds, n);
-    } while (slot < end);
+    table_drop_all(a, &t);
     return 0;
 }
 
 uint32_t vfs_handle_live(struct vfs_arena *a)
 {
     struct slots t = handle_slots(a);
-    handle_lock(a, &t);
-    uint32_t live = t.hdr->live;
-    vfs_unlock(&t.hdr->lock);
-    return live;
+    return table_live(a, &t);
 }
 
 uint32_t vfs_handle_repairs(struct vfs_arena *a)
@@ -843,7 +888,8 @@ uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue)
 
 /* -- one queue's inflight journal (common/journal.py) ------------------------------------------ */
 /* Written only by the queue's single-threaded worker and read once it is dead, so the only
- * ordering that matters is program order against a kill: every store is a release store. */
+ * ordering that matters is program order against a kill: every store is a release store (and a
+ * crash point in the test build). */
 
 #define JQ_NEXT 0
 #define JQ_PUSHING 1
@@ -869,8 +915,24 @@ static uint64_t *jq_slot(const struct vfs_jq *q, uint32_t head)
 }
 
 static uint64_t get64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
-static void put64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static void put32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+
+static void put64(uint64_t *p, uint64_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
+
+static void put32(uint32_t *p, uint32_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
+
+static void put8(uint8_t *p, uint8_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    VFS_CRASH_POINT();
+}
 
 uint64_t vfs_jq_region_size(uint32_t capacity, uint32_t page)
 {
@@ -955,11 +1017,11 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
-    for (int i = 0; i < VFS_JQ_MAX_PINS; i++) {
+    for (unsigned i = 0; i < VFS_JQ_MAX_PINS; i++) {
         if (!get64(jq_w(q, JQ_PINS + i))) {
-            __atomic_store_n(&kinds[i], (uint8_t)kind, __ATOMIC_RELEASE);
+            put8(&kinds[i], (uint8_t)kind);
             put64(jq_w(q, JQ_PINS + i), ident);
-            return i;
+            return (int)i;
         }
     }
     return -1;
@@ -968,7 +1030,7 @@ int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     const uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
-    for (int i = 0; i < VFS_JQ_MAX_PINS; i++) {
+    for (unsigned i = 0; i < VFS_JQ_MAX_PINS; i++) {
         if (get64(jq_w(q, JQ_PINS + i)) == ident && kinds[i] == (uint8_t)kind) {
             put64(jq_w(q, JQ_PINS + i), 0);
             return;
@@ -997,8 +1059,7 @@ void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident)
         put32(count + 1, 1);   /* overflow: the rest can only leak */
         return;
     }
-    __atomic_store_n(q->base + effects + VFS_JQ_MAX_EFFECTS * 8 + n, (uint8_t)kind,
-                     __ATOMIC_RELEASE);
+    put8(q->base + effects + VFS_JQ_MAX_EFFECTS * 8 + n, (uint8_t)kind);
     put64((uint64_t *)(q->base + effects) + n, ident);
     put32(count, n + 1);        /* commit */
 }
@@ -1020,4 +1081,67 @@ void vfs_jq_note_forget(struct vfs_jq *q)
         return;
     put64(jq_w(q, JQ_EFF_FORGETS), get64(jq_w(q, JQ_EFF_FORGETS)) + 1);
     put64(jq_w(q, JQ_PENDING_NODE), 0);
+}
+
+/* -- journaled table changes (state.h says the order and why) --------------------------------- */
+
+int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t dev, uint64_t ino,
+                       uint64_t mnt_id, uint64_t *nodeid, int *inserted)
+{
+    int rc = vfs_inode_lookup_or_insert(a, fd, dev, ino, mnt_id, nodeid, inserted);
+    if (rc == 0)
+        vfs_jq_add_effect(q, VFS_EFFECT_LOOKUP, *nodeid);
+    return rc;
+}
+
+int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd)
+{
+    int rc = vfs_inode_acquire(a, nodeid, fd);
+    if (rc == 0)
+        vfs_jq_pin(q, VFS_PIN_INODE, nodeid);   /* -1 (no room): the pin may leak, no worse */
+    return rc;
+}
+
+int vfs_inode_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid)
+{
+    vfs_jq_unpin(q, VFS_PIN_INODE, nodeid);
+    return vfs_inode_release(a, nodeid);
+}
+
+int vfs_inode_forget_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup)
+{
+    uint64_t before;
+    int rc = inode_forget(a, q, nodeid, nlookup, &before);
+    vfs_jq_note_forget(q);
+    return rc;
+}
+
+int vfs_handle_insert_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t nodeid,
+                        uint32_t flags, uint64_t *fh)
+{
+    int rc = vfs_handle_insert(a, fd, nodeid, flags, fh);
+    if (rc == 0)
+        vfs_jq_add_effect(q, VFS_EFFECT_HANDLE, *fh);
+    return rc;
+}
+
+int vfs_handle_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh, int *fd,
+                         uint64_t *nodeid, uint32_t *flags)
+{
+    int rc = vfs_handle_acquire(a, fh, fd, nodeid, flags);
+    if (rc == 0)
+        vfs_jq_pin(q, VFS_PIN_HANDLE, fh);
+    return rc;
+}
+
+int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh)
+{
+    vfs_jq_unpin(q, VFS_PIN_HANDLE, fh);
+    return vfs_handle_release(a, fh);
+}
+
+void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles)
+{
+    *inodes = __atomic_load_n(&inode_slots(a).hdr->live, __ATOMIC_RELAXED);
+    *handles = __atomic_load_n(&handle_slots(a).hdr->live, __ATOMIC_RELAXED);
 }

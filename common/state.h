@@ -37,9 +37,16 @@ int vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pi
 /* The inode index's hash of (dev, ino, mnt_id); the bucket is hash & (buckets - 1). */
 uint64_t vfs_inode_hash(uint64_t dev, uint64_t ino, uint64_t mnt_id);
 
+/* A cap on live inodes + handles together, so the guest cannot take the fds the daemon itself
+ * needs (0: none).  A new entry past it is refused with -ENFILE, as by a full table (the guest
+ * gets the same answer from either data plane); known inodes are still found. */
+void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget);
+uint32_t vfs_arena_fd_budget(const struct vfs_arena *a);
+
 /* Inodes.  The table owns `fd` once it is stored; -EEXIST: root already set. */
 int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino);
-/* Count one lookup; *inserted = 1 when a new entry now owns `fd` (else the caller closes it). */
+/* Count one lookup; *inserted = 1 when a new entry now owns `fd` (else the caller closes it).
+ * -ENFILE: table full or the fd budget reached. */
 int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino,
                                uint64_t mnt_id, uint64_t *nodeid, int *inserted);
 int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd);   /* pin */
@@ -53,7 +60,7 @@ int vfs_inode_info(struct vfs_arena *a, uint64_t nodeid, uint64_t *nlookup, uint
 uint32_t vfs_inode_live(struct vfs_arena *a);      /* entries with an open fd, root included */
 uint32_t vfs_inode_repairs(struct vfs_arena *a);   /* takeovers from a dead lock owner */
 
-/* Handles.  The table owns `fd` unless this returns -ENFILE. */
+/* Handles.  The table owns `fd` unless this returns -ENFILE (table full or fd budget). */
 int vfs_handle_insert(struct vfs_arena *a, int fd, uint64_t nodeid, uint32_t flags, uint64_t *fh);
 int vfs_handle_acquire(struct vfs_arena *a, uint64_t fh, int *fd, uint64_t *nodeid,
                        uint32_t *flags);
@@ -96,5 +103,25 @@ void vfs_jq_begin_effects(struct vfs_jq *q, uint64_t counter, uint64_t forgets);
 void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident);
 void vfs_jq_forgetting(struct vfs_jq *q, uint64_t nodeid, uint64_t before);
 void vfs_jq_note_forget(struct vfs_jq *q);
+
+/* -- journaled table changes ------------------------------------------------------------------ */
+/* The table functions above, with the queue's journal kept as worker/recovery.py requires: a pin
+ * is recorded after it is taken and forgotten before it is dropped, a LOOKUP or HANDLE effect is
+ * recorded after the table changed, a FORGET is announced (with the lookup count it found, under
+ * the table's lock) before it is applied and counted after.  A kill between the two steps can
+ * only leak a pin, a lookup or a handle, never undo one twice. */
+int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t dev, uint64_t ino,
+                       uint64_t mnt_id, uint64_t *nodeid, int *inserted);
+int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd);
+int vfs_inode_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid);
+int vfs_inode_forget_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, uint64_t nlookup);
+int vfs_handle_insert_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t nodeid,
+                        uint32_t flags, uint64_t *fh);
+int vfs_handle_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh, int *fd,
+                         uint64_t *nodeid, uint32_t *flags);
+int vfs_handle_release_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t fh);
+
+/* Live counts read without the locks: a snapshot for status reports that never waits. */
+void vfs_arena_usage(const struct vfs_arena *a, uint32_t *inodes, uint32_t *handles);
 
 #endif

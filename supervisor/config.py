@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 import tomli
 
 from pyvirtiofsd import __version__
+from pyvirtiofsd.worker import engine
 
 PROG = "pyvirtiofsd"
 
@@ -686,6 +687,11 @@ def check_startup(config: Config) -> None:
         except KeyError:
             raise ConfigError(f"--socket-group: group {_show(config.socket_group)} does not "
                               "exist") from None
+    if config.data_plane == "native":
+        try:
+            engine.load()
+        except engine.EngineUnavailable as e:
+            raise ConfigError(f"--data-plane=native: {e}") from None
 
 
 def _check_shared_dir(path: str) -> None:

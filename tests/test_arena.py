@@ -617,6 +617,8 @@ def test_create_validates_sizes_and_close_is_idempotent():
         arena.inodes.acquire(InodeTable.ROOT)
     arena.close()
     arena.close()
+    with pytest.raises(TypeError):
+        arena.inodes.live_count()   # unmapped: refused, never a read of freed memory
 
 
 def test_session_end_releases_every_inode_and_handle(tmp_path) -> None:
@@ -669,3 +671,31 @@ def test_session_end_releases_every_inode_and_handle(tmp_path) -> None:
         os.fstat(held_fd)
     assert arena.inodes.live_count() == 1
     assert arena.handles.live_count() == 0
+
+
+def test_fd_budget_caps_inodes_and_handles_together(arena, files):
+    """Past the budget a new inode or handle is ENFILE; known inodes are still found, and a
+    freed entry makes room again.  0 lifts the cap."""
+    inodes, handles = arena.inodes, arena.handles
+    a = _lookup(inodes, files[0])
+    fh = handles.insert(os.open(files[0], os.O_RDONLY), a, 0)
+    arena.limit_fds(3)                       # root + a + fh: at the budget
+    assert arena.fd_budget == 3
+    fd = _opath(files[1])
+    with pytest.raises(OSError) as e:
+        inodes.lookup_or_insert(fd, *_key(fd))
+    assert e.value.errno == errno.ENFILE and "open files" in e.value.strerror
+    with pytest.raises(OSError) as e:
+        handles.insert(fd, a, 0)
+    assert e.value.errno == errno.ENFILE
+    assert _is_open(fd)                      # still the caller's
+    assert _lookup(inodes, files[0]) == a    # known: found, not refused
+    handles.remove(fh)
+    b, owned = inodes.lookup_or_insert(fd, *_key(fd))
+    assert owned and b != a
+    arena.limit_fds(0)
+    fh = handles.insert(os.open(files[0], os.O_RDONLY), a, 0)
+    assert arena.usage() == (3, 1)
+    for bad in (-1, 1 << 32):
+        with pytest.raises(ValueError):
+            arena.limit_fds(bad)

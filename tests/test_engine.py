@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvirtiofsd.common.journal import Journal, SlotState
+from pyvirtiofsd.worker import engine
 from pyvirtiofsd.worker.engine import Engine, EngineError, Status, buffer_address
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError
 from tests.test_virtqueue import BOUNDARY, GAP, INDIRECT, MALFORMED, NEXT, FakeGuest
@@ -457,3 +458,19 @@ def test_busy_poll_window_adapts(rig):
         assert rig.e._e.spin_us == 300
     finally:
         os.close(kick)
+
+
+def test_status_values_are_the_c_enum():
+    engine.load()
+    for status in Status:
+        assert status == getattr(engine.lib, f"VFS_ENGINE_{status.name}")
+
+
+@pytest.mark.parametrize("variant", ["bogus", ""])
+def test_unknown_engine_build_is_refused_in_one_line(monkeypatch, variant):
+    monkeypatch.setattr(engine, "lib", None)
+    monkeypatch.setattr(engine, "ffi", None)
+    monkeypatch.setenv("PYVIRTIOFSD_ENGINE", variant)
+    with pytest.raises(engine.EngineUnavailable, match="expected one of default, asan") as e:
+        engine.load()
+    assert "\n" not in str(e.value)

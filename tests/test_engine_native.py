@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.frontend import Frontend, FuseClient, FuseReply
+from tests.proctree import children
 
 ROOT = fa.ROOT_ID
 Op = fa.Opcode
@@ -303,3 +305,50 @@ def test_native_replies_are_the_reference_replies(planes: Planes) -> None:
     assert (shares[0] / "f").read_bytes() == b""           # truncated by the last OPEN
     assert planes.answered_natively(1) > 60
     assert planes.answered_natively(0) == 3
+
+
+def test_worker_killed_under_native_requests_completes_each_once(daemon_factory,
+                                                                 tmp_path: Path) -> None:
+    # The engine journals what it pops and pushes; a worker SIGKILLed at any point of a
+    # batch of native requests leaves its successor (crash recovery, worker/recovery.py) to
+    # complete every request exactly once: each WRITE lands, each LOOKUP counts once.
+    share = tmp_path / "killed"
+    _seed(share)
+    d = daemon_factory(share_dir=share)
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2, queue_size=1024)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        f = c.lookup(ROOT, "f").nodeid
+        fh = c.open(f, os.O_RDWR).fh
+        chunk = 64 << 10
+        tokens = []
+        for i in range(48):
+            data = bytes([i]) * chunk
+            tokens.append(("w", c.submit(Op.WRITE, f, _write(fh, i * chunk, data), kick=False)))
+            tokens.append(("l", c.submit(Op.LOOKUP, ROOT, b"secret\0", kick=False)))
+        worker = next(p for p, n in children(d.proc.pid).items() if n == "pyvfs-q1")
+        c.vq.kick(force=True)
+        # Killed once the batch has started (its first reply is out), wherever it then is.
+        replies = {tokens[0][1]: c.result(tokens[0][1])}
+        os.kill(worker, signal.SIGKILL)
+        secret = 0
+        for kind, token in tokens:
+            r = replies[token] if token in replies else c.result(token)
+            assert r.error == 0, (kind, r)
+            if kind == "w":
+                assert struct.unpack_from("<I", r.body)[0] == chunk
+            else:
+                secret = fa.ENTRY_OUT.unpack_from(r.body)[0]
+        line = d.wait_for("worker for queue 1 (pid")
+        assert "was killed by SIGKILL" in line, line
+        data = (share / "f").read_bytes()
+        assert data[:48 * chunk] == b"".join(bytes([i]) * chunk for i in range(48))
+        # 48 lookups counted, no more, no fewer.
+        c.forget(secret, 47)
+        assert c.request(Op.GETATTR, secret, fa.GETATTR_IN.pack(0, 0)).error == 0
+        c.forget(secret, 1)
+        assert c.request(Op.GETATTR, secret, fa.GETATTR_IN.pack(0, 0)).error == errno.EBADF
+    finally:
+        fe.close()
+    assert "Traceback" not in "".join(d.log)

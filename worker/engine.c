@@ -1256,6 +1256,7 @@ int vfs_engine_run(struct vfs_engine *e) {
         }
         int r = pop(e);
         if (r < 0) {
+            vfs_engine_notify(e);             /* what was served before the broken entry */
             e->size = 0;
             /* The front-end learns through the error notifier (vhost-user SET_VRING_ERR);
              * the device needs a reset (virtio spec 2.1.2, DEVICE_NEEDS_RESET). */

@@ -14,25 +14,44 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+from typing import Any
 
 _MODULES = {"default": "pyvirtiofsd.worker._engine", "asan": "pyvirtiofsd.worker._engine_asan"}
-ENGINE_VARIANT = os.environ.get("PYVIRTIOFSD_ENGINE", "default")
-if ENGINE_VARIANT not in _MODULES:
-    raise ImportError(f"PYVIRTIOFSD_ENGINE={ENGINE_VARIANT!r}: expected one of "
-                      f"{', '.join(_MODULES)}")
-_mod = importlib.import_module(_MODULES[ENGINE_VARIANT])
-ffi = _mod.ffi
-lib = _mod.lib
+ENV_VARIANT = "PYVIRTIOFSD_ENGINE"
+# The compiled module, loaded by load(): a daemon on the Python data plane never needs it.
+ffi: Any = None
+lib: Any = None
+
+
+class EngineUnavailable(ImportError):
+    """The engine module asked for cannot be loaded (the message says which and why)."""
+
+
+def load() -> None:
+    """Load the module PYVIRTIOFSD_ENGINE names, once; EngineUnavailable if it cannot be."""
+    global ffi, lib
+    if lib is not None:
+        return
+    variant = os.environ.get(ENV_VARIANT, "default")
+    if variant not in _MODULES:
+        raise EngineUnavailable(f"{ENV_VARIANT}={variant!r}: expected one of "
+                                f"{', '.join(_MODULES)}")
+    try:
+        mod = importlib.import_module(_MODULES[variant])
+    except ImportError as e:
+        raise EngineUnavailable(f"the native engine ({variant} build) cannot be loaded: {e}; "
+                                "reinstall, or use --data-plane=python") from None
+    ffi, lib = mod.ffi, mod.lib
 
 
 class Status(enum.IntEnum):
-    """Why Engine.run() returned (enum vfs_engine_status)."""
+    """Why Engine.run() returned (enum vfs_engine_status in engine.h)."""
 
-    EMPTY = lib.VFS_ENGINE_EMPTY
-    CONTROL = lib.VFS_ENGINE_CONTROL
-    DEFER = lib.VFS_ENGINE_DEFER
-    WALK = lib.VFS_ENGINE_WALK
-    BROKEN = lib.VFS_ENGINE_BROKEN
+    EMPTY = 0
+    CONTROL = 1
+    DEFER = 2
+    WALK = 3
+    BROKEN = 4
 
 
 class EngineError(ValueError):
@@ -41,6 +60,7 @@ class EngineError(ValueError):
 
 def buffer_address(view: memoryview) -> int:
     """The address of a writable buffer, without keeping an export on it."""
+    load()
     cdata = ffi.from_buffer("uint8_t[]", view, require_writable=True)
     try:
         return int(ffi.cast("uintptr_t", cdata))
@@ -56,6 +76,7 @@ class Engine:
     __slots__ = ("_e", "_views")
 
     def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0) -> None:
+        load()
         self._e = ffi.new("struct vfs_engine *")
         lib.vfs_engine_init(self._e, channel_fd, ffi.cast("struct vfs_jq *", journal),
                             ffi.cast("struct vfs_arena *", arena), queue)

@@ -95,7 +95,8 @@ class _Pinned:
 
 
 class JournaledInodes:
-    """The shared inode table, with this worker's pins and lookup counts journaled."""
+    """The shared inode table, with this worker's pins and lookup counts journaled (in the
+    order common/state.c's vfs_*_j functions keep, which the native engine calls too)."""
 
     def __init__(self, table, journal: QueueJournal) -> None:
         self._t = table
@@ -108,18 +109,13 @@ class JournaledInodes:
         return getattr(self._t, name)
 
     def lookup_or_insert(self, fd: int, dev: int, ino: int, mnt_id: int = 0) -> tuple[int, bool]:
-        nodeid, owned = self._t.lookup_or_insert(fd, dev, ino, mnt_id)
-        self._j.add_effect(Effect.LOOKUP, nodeid)
-        return nodeid, owned
+        return self._t.lookup_or_insert_journaled(self._j, fd, dev, ino, mnt_id)
 
     def acquire(self, nodeid: int) -> int:
-        fd = self._t.acquire(nodeid)
-        self._j.pin(PinKind.INODE, nodeid)
-        return fd
+        return self._t.acquire_journaled(self._j, nodeid)
 
     def release(self, nodeid: int) -> None:
-        self._j.unpin(PinKind.INODE, nodeid)
-        self._t.release(nodeid)
+        self._t.release_journaled(self._j, nodeid)
 
     def pinned(self, nodeid: int) -> _Pinned:
         return _Pinned(self, nodeid)
@@ -133,13 +129,7 @@ class JournaledInodes:
                                                                           pending[1]):
             self._j.note_forget()           # it went through before the crash
             return
-        try:
-            before = self._t.info(nodeid)[0]
-        except OSError:
-            before = 0                      # unknown or stale: forgetting it changes nothing
-        self._j.forgetting(nodeid, before)
-        self._t.forget(nodeid, nlookup)
-        self._j.note_forget()
+        self._t.forget_journaled(self._j, nodeid, nlookup)
 
     def _applied(self, nodeid: int, nlookup: int, before: int) -> bool:
         """Whether a FORGET of `nlookup` that saw `before` lookups has been applied."""
@@ -161,18 +151,13 @@ class JournaledHandles:
         return getattr(self._t, name)
 
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
-        fh = self._t.insert(fd, nodeid, flags)
-        self._j.add_effect(Effect.HANDLE, fh)
-        return fh
+        return self._t.insert_journaled(self._j, fd, nodeid, flags)
 
     def acquire(self, fh: int) -> tuple[int, int, int]:
-        got = self._t.acquire(fh)
-        self._j.pin(PinKind.HANDLE, fh)
-        return got
+        return self._t.acquire_journaled(self._j, fh)
 
     def release(self, fh: int) -> None:
-        self._j.unpin(PinKind.HANDLE, fh)
-        self._t.release(fh)
+        self._t.release_journaled(self._j, fh)
 
     def pinned(self, fh: int) -> _Pinned:
         return _Pinned(self, fh)
