@@ -80,11 +80,12 @@ def test_a_sanitizer_report_fails_the_run(probe: Path, expr: str, clean: bool,
 
 
 def test_the_sanitized_engine_is_the_one_loaded(built: Path) -> None:
-    r = sanitizer.run([sys.executable, "-c",
-                       "from pyvirtiofsd.worker import engine; print(engine._mod.__file__)"],
-                      timeout=120)
+    code = ("import sys; from pyvirtiofsd.worker import engine; engine.load(); "
+            "print(sorted(m.__file__ for n, m in sys.modules.items() "
+            "if n in ('pyvirtiofsd.worker._engine', 'pyvirtiofsd.worker._engine_asan')))")
+    r = sanitizer.run([sys.executable, "-c", code], timeout=120)
     assert r.clean, r.describe()
-    assert Path(r.output.strip().splitlines()[-1]) == built
+    assert r.output.strip().splitlines()[-1] == repr([str(built)])
 
 
 def test_fuzzers_on_the_sanitized_engine(built: Path) -> None:
