@@ -234,6 +234,25 @@ def test_indirect_not_negotiated_is_walked(guest_factory):
         r.close()
 
 
+def test_buffer_at_the_top_of_the_address_space(rig):
+    # The gate takes a buffer that ends exactly at 2**64, and nothing past it.
+    g = rig.g
+    top = bytearray(4096)
+    top[-16:] = IN_HEADER.pack(40, GETATTR, 5, 1, 0, 0, 0, 0, 0)[:16]
+    regions = [(gpa, n, u, buffer_address(v)) for gpa, n, u, v in g.mem.views()]
+    rig.e.set_regions([*regions, (2**64 - 4096, 4096, 0x10_0000_0000, buffer_address(top))])
+    rig.e.start(g.n, g.uaddr(g.desc), g.uaddr(g.avail), g.uaddr(g.used), 0, event_idx=False,
+                indirect=True)
+    g.set_desc(0, 2**64 - 16, 16, 0)
+    g.set_desc(1, 2**64 - 16, 17, 0)
+    g.publish(0, 1)
+    assert rig.e.run() is Status.DEFER
+    readable, _ = rig.e.chain()
+    assert [bytes(v) for v in readable] == [bytes(top[-16:])]
+    rig.e.complete(0, 0)
+    assert rig.e.run() is Status.WALK and rig.e.head == 1
+
+
 def test_indirect_table_straddling_regions_goes_to_python(rig):
     g = rig.g
     table = BOUNDARY - 40
@@ -307,6 +326,9 @@ def test_misplaced_ring_is_refused(rig, bad):
 def test_region_table_limits(rig):
     with pytest.raises(EngineError):
         rig.e.set_regions([(2**64 - 16, 32, 0, 0x1000)])
+    with pytest.raises(EngineError):
+        rig.e.set_regions([(0, 32, 2**64 - 16, 0x1000)])
+    rig.e.set_regions([(2**64 - 32, 32, 2**64 - 32, 0x1000)])   # ends exactly at 2**64
     with pytest.raises(EngineError):
         rig.e.set_regions([(0, 16, 0, 0)])
     with pytest.raises(EngineError):

@@ -42,8 +42,9 @@
  * (protocol.md 5.2).  0, -EFAULT (a byte outside guest memory) or -ENOBUFS (no room). */
 static int gpa_to_iov(const struct vfs_engine *e, uint64_t gpa, uint64_t len, struct iovec *iov,
                       uint32_t *n, uint32_t cap) {
-    uint64_t end;
-    if (__builtin_add_overflow(gpa, len, &end))
+    uint64_t last;
+    /* The last byte must be addressable; a range may end exactly at 2**64. */
+    if (len && __builtin_add_overflow(gpa, len - 1, &last))
         return -EFAULT;
     while (len) {
         const struct vfs_engine_region *r = NULL;
@@ -80,8 +81,8 @@ static uint8_t *gpa_contiguous(const struct vfs_engine *e, uint64_t gpa, uint64_
 
 /* Front-end user range [uaddr, uaddr + len) inside one region (ring parts, SET_VRING_ADDR). */
 static uint8_t *ring_ptr(const struct vfs_engine *e, uint64_t uaddr, uint64_t len) {
-    uint64_t end;
-    if (__builtin_add_overflow(uaddr, len, &end))
+    uint64_t last;
+    if (len && __builtin_add_overflow(uaddr, len - 1, &last))
         return NULL;
     for (uint32_t i = 0; i < e->nregions; i++) {
         const struct vfs_engine_region *r = &e->regions[i];
@@ -95,10 +96,11 @@ void vfs_engine_clear_regions(struct vfs_engine *e) { e->nregions = 0; }
 
 int vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
                           void *host) {
-    uint64_t end;
+    uint64_t last;
+    /* As guestmem.py: a region may end exactly at 2**64, not past it. */
     if (e->nregions >= VFS_ENGINE_MAX_REGIONS || size == 0 || host == NULL
-            || __builtin_add_overflow(gpa, size, &end)
-            || __builtin_add_overflow(uaddr, size, &end)) {
+            || __builtin_add_overflow(gpa, size - 1, &last)
+            || __builtin_add_overflow(uaddr, size - 1, &last)) {
         snprintf(e->why, sizeof e->why, "region gpa=%#llx size=%#llx: not usable by the engine",
                  (unsigned long long)gpa, (unsigned long long)size);
         return -EINVAL;
@@ -275,9 +277,7 @@ static void push(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     __atomic_store_n((uint16_t *)(e->used + 2), e->next_used, __ATOMIC_RELAXED);
 }
 
-static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
-    vfs_jq_replied(e->jq, head, used_len, e->next_used);
-    push(e, head, used_len);
+static void pushed(struct vfs_engine *e, uint16_t head) {
     vfs_jq_pushed(e->jq, head);
     if (e->arena != NULL)
         vfs_counter_add(e->arena, e->queue, 1);
@@ -285,10 +285,34 @@ static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     e->notify_due = 1;
 }
 
+static void complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    vfs_jq_replied(e->jq, head, used_len, e->next_used);
+    push(e, head, used_len);
+    pushed(e, head);
+}
+
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     if (e->size == 0)
         return;
     complete(e, head, used_len);
+    vfs_engine_notify(e);
+}
+
+/* vfs_engine_complete() in its three steps, for a worker with test hooks between them. */
+void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    if (e->size != 0)
+        vfs_jq_replied(e->jq, head, used_len, e->next_used);
+}
+
+void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    if (e->size != 0)
+        push(e, head, used_len);
+}
+
+void vfs_engine_pushed(struct vfs_engine *e, uint16_t head) {
+    if (e->size == 0)
+        return;
+    pushed(e, head);
     vfs_engine_notify(e);
 }
 
@@ -1205,6 +1229,9 @@ static int64_t serve_native(struct vfs_engine *e) {
     if (!fs->enabled || e->arena == NULL || fs->session == NULL
             || !(__atomic_load_n(fs->session, __ATOMIC_ACQUIRE) & 1))
         return DEFER;                     /* no session yet: Python answers (EIO or INIT) */
+    uint32_t op = e->in.opcode;
+    if (op < 128 && (e->fs.python_ops[op / 64] >> (op % 64) & 1))
+        return DEFER;                     /* a worker with test hooks on this opcode */
     uint32_t len = e->in.len;
     if (len < IN_HEADER_SIZE || len - IN_HEADER_SIZE > e->readable_bytes - IN_HEADER_SIZE
             || len > MAX_REQUEST)

@@ -52,6 +52,7 @@ struct vfs_engine_fs {
     uint32_t open_strip;      /* O_* flags an OPEN never passes on */
     uint32_t file_open_flags, dir_open_flags;   /* fuse_open_out.open_flags of the cache mode */
     uint8_t writeback;        /* --writeback */
+    uint64_t python_ops[2];   /* opcodes (< 128) always served by Python (test hooks) */
 };
 
 struct vfs_engine {
@@ -113,6 +114,11 @@ int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 /* Complete `head` with `used_len` reply bytes: journal, push, notify if the driver asks. */
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+/* vfs_engine_complete() step by step: journal the reply, push it, journal the push (and
+ * notify); a worker with test hooks stops between them. */
+void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
 /* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */
 void vfs_engine_notify(struct vfs_engine *e);
 

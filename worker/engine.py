@@ -175,6 +175,26 @@ class Engine:
     def complete(self, head: int, used_len: int) -> None:
         lib.vfs_engine_complete(self._e, head, used_len)
 
+    def replied(self, head: int, used_len: int) -> None:
+        """complete() in steps (test hooks): the reply journaled..."""
+        lib.vfs_engine_replied(self._e, head, used_len)
+
+    def push(self, head: int, used_len: int) -> None:
+        """... the used element published ..."""
+        lib.vfs_engine_push(self._e, head, used_len)
+
+    def pushed(self, head: int) -> None:
+        """... the push journaled, counted and notified."""
+        lib.vfs_engine_pushed(self._e, head)
+
+    def serve_in_python(self, opcodes: set[int] | None) -> None:
+        """Hand every request with one of `opcodes` (None: every request) to Python."""
+        words = [0, 0]
+        for op in range(128):
+            if opcodes is None or op in opcodes:
+                words[op // 64] |= 1 << (op % 64)
+        self._e.fs.python_ops[0], self._e.fs.python_ops[1] = words
+
     @property
     def running(self) -> bool:
         return bool(self._e.size)

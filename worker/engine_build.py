@@ -51,6 +51,7 @@ struct vfs_engine_fs {
     uint32_t open_strip;
     uint32_t file_open_flags, dir_open_flags;
     uint8_t writeback;
+    uint64_t python_ops[2];
 };
 struct vfs_engine {
     struct vfs_engine_region regions[64];
@@ -96,6 +97,9 @@ int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
 void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
 void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_notify(struct vfs_engine *e);
+void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len);
+void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
 """
 
 _HARDENING = ["-O2", "-D_FORTIFY_SOURCE=3", "-fstack-protector-strong", "-fno-strict-aliasing",

@@ -87,6 +87,10 @@ class Worker:
         # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
         # hands back and replays the journal; the engine owns the ring indices.
         self.engine = engine
+        if hooks is None:
+            self._on_popped, self._finish = self._on_popped_plain, self._finish_plain
+        else:
+            self._on_popped, self._finish = self._on_popped_hooked, self._finish_hooked
         # What an answered control message left to do: recover a resumed ring, then serve it.
         self._recover_after: SplitQueue | None = None
         self._serve_after = False
@@ -110,10 +114,13 @@ class Worker:
         fs = JournaledFs(make_fs(tables), tables, hooks)
         server = FuseServer(fs, queue, session)
         engine = None
-        # Test hooks fire between the Python plane's steps: a hooked worker runs that plane.
-        if data_plane == "native" and hooks is None:
+        if data_plane == "native":
             engine = Engine(channel.fileno(), jq.address, arena.address, queue)
             engine.poll_us = poll_us
+            if hooks is not None:
+                # Test hooks fire between the Python plane's steps: the requests they name
+                # are served there, from the same journal records.
+                engine.serve_in_python(hooks.opcodes())
             options = getattr(fs, "native_options", None)
             native = options() if options is not None else None
             if native is not None:
@@ -383,6 +390,7 @@ class Worker:
             elif status is Status.DEFER:
                 head = engine.head
                 readable, writable = engine.chain()
+                self._on_popped(_peek(readable)[0])
                 writer = Writer(writable) if writable else None
                 reader = Reader(readable)
                 header = engine.header()
@@ -390,7 +398,7 @@ class Worker:
                     reader.skip(_IN_SIZE)       # decoded once, by the engine
                 used = self.server.handle(reader, writer, header)
                 del readable, writable, reader, writer
-                engine.complete(head, used)
+                self._finish(engine, head, used)
             elif status is Status.WALK:
                 self._walk_in_python(engine, queue)
             else:
@@ -409,11 +417,37 @@ class Worker:
         except ChainError as e:
             j.popped(head, pos, 0, 0, effects=False)
             log.warning("queue %d: malformed descriptor chain %d: %s", self.index, head, e)
-            engine.complete(head, 0)
+            if self.hooks is not None:
+                self.hooks.opcode = 0
+            self._finish(engine, head, 0)
             return
         opcode, unique = _peek(chain.readable)
         j.popped(head, pos, opcode, unique)
-        engine.complete(head, self._serve(chain))
+        self._on_popped(opcode)
+        self._finish(engine, head, self._serve(chain))
+
+    # What Python does around a request it serves for the engine: nothing more, or (a worker
+    # with test hooks, chosen once at boot) the hook points of the Python plane's steps.
+    def _on_popped_plain(self, opcode: int) -> None:
+        pass
+
+    @staticmethod
+    def _finish_plain(engine: Engine, head: int, used: int) -> None:
+        engine.complete(head, used)
+
+    def _on_popped_hooked(self, opcode: int) -> None:
+        assert self.hooks is not None
+        self.hooks.opcode = opcode
+        self.hooks.at("popped")
+
+    def _finish_hooked(self, engine: Engine, head: int, used: int) -> None:
+        hooks = self.hooks
+        assert hooks is not None
+        engine.replied(head, used)
+        hooks.at("replied")
+        engine.push(head, used)
+        hooks.at("pushed")
+        engine.pushed(head)
 
     def _batch(self, queue: SplitQueue) -> bool:
         """Serve `queue` until it is empty (True) or something else took over (False)."""

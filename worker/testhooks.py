@@ -89,6 +89,12 @@ class Hooks:
         self._points = [p for p in points if p.point != "boot"]
         self.opcode = 0          # of the request being served
 
+    def opcodes(self) -> set[int] | None:
+        """The opcodes a request-path point names; None: any request."""
+        if any(p.opcode < 0 for p in self._points):
+            return None
+        return {p.opcode for p in self._points}
+
     def at(self, point: str) -> None:
         for p in self._points:
             if p.point == point and p.opcode in (-1, self.opcode):
