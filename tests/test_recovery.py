@@ -25,10 +25,8 @@ from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
 
-# Every kill point with --data-plane=native, and the in-flight case below on both planes.  A
-# worker with test hooks serves its ring on the Python plane (worker/main.py: the hooks fire
-# between that plane's steps), so until the engine has probes of its own these kill points are
-# the Python plane's even here.
+# Every kill point on the native plane (a hooked worker still serves through the engine: see
+# the last test), and the in-flight case below on both planes.
 pytestmark = pytest.mark.data_planes("native")
 
 ROOT = fa.ROOT_ID
@@ -393,11 +391,10 @@ def test_forget_interrupted_between_table_and_journal(tmp_path: Path, applied: b
 
 @pytest.mark.data_planes("native")
 def test_kill_points_are_those_of_the_plane_asked_for(rig) -> None:
-    """With --data-plane=native the kill points above must be the native plane's: a worker
-    with test hooks must still serve through the engine (it reports, when its ring stops, how
-    many requests it answered natively).  Fails while hooked workers fall back to the Python
-    plane (worker/main.py Worker.build), which leaves crash recovery of the native plane
-    untested."""
+    """With --data-plane=native the kill points above are the native plane's: a worker with
+    test hooks still serves through the engine (it reports, when its ring stops, how many
+    requests it answered natively) -- were it to fall back to the Python plane, crash
+    recovery of the native plane would go untested."""
     r = rig("MKNOD:popped")               # a kill point this test never reaches
     (r.share / "f").write_bytes(b"x")
     node = r.client.lookup(ROOT, "f").nodeid
