@@ -352,3 +352,39 @@ def test_worker_killed_under_native_requests_completes_each_once(daemon_factory,
     finally:
         fe.close()
     assert "Traceback" not in "".join(d.log)
+
+
+def test_get_vring_base_inside_a_native_batch_is_exact(daemon_factory, tmp_path: Path) -> None:
+    # As tests/test_pause_resume.py, with requests the engine serves itself: the ring stops
+    # between two of them, every request before the index it reports is complete, none after
+    # it ran, and the ring restarted there serves the rest once.
+    share = tmp_path / "paused"
+    _seed(share)
+    d = daemon_factory(share_dir=share)
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2, queue_size=1024,
+                          mem_size=256 << 20)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        f = c.lookup(ROOT, "f").nodeid
+        fh = c.open(f, os.O_RDWR | os.O_TRUNC).fh
+        vq = fe.queue(1)
+        start = vq.avail_idx
+        chunk, count = 64 << 10, 900
+        tokens = [c.submit(Op.WRITE, f, _write(fh, i * chunk, bytes([1 + i % 250]) * chunk),
+                           kick=False, indirect=True) for i in range(count)]
+        vq.kick(force=True)
+        base = fe.get_vring_base(1)
+        assert vq.used_idx() == base
+        done = (base - start) & 0xFFFF
+        assert (share / "f").stat().st_size == done * chunk
+        fe.start_queue(1, base=base)
+        for t in tokens:
+            r = c.result(t)
+            assert r.error == 0 and struct.unpack_from("<I", r.body)[0] == chunk
+        data = (share / "f").read_bytes()
+        assert data == b"".join(bytes([1 + i % 250]) * chunk for i in range(count))
+        assert vq.used_idx() == vq.avail_idx and not vq.inflight
+    finally:
+        fe.close()
+    assert "Traceback" not in "".join(d.log)
