@@ -51,12 +51,19 @@ class Daemon:
         return ""
 
 
-def all_daemons(pyvirtiofsd: str | None = None) -> dict[str, Daemon]:
-    """The three daemons by key; `pyvirtiofsd` overrides which pyvirtiofsd executable runs."""
+def all_daemons(pyvirtiofsd: str | None = None, poll_us: int | None = None) -> dict[str, Daemon]:
+    """The daemons by key; `pyvirtiofsd` overrides which pyvirtiofsd executable runs.  With
+    `poll_us`, "py-poll" is pyvirtiofsd again with its adaptive busy-poll of the avail ring
+    (--poll-us), for the depth-1 rows with and without it."""
     py = pyvirtiofsd or default_pyvirtiofsd()
+    polling = {} if poll_us is None else {
+        "py-poll": Daemon("py-poll", f"pyvirtiofsd --poll-us={poll_us}", py,
+                          (py, "--sandbox=none", f"--poll-us={poll_us}"), max_queues=16,
+                          queue_args=lambda n: [f"--request-queues={n}"])}
     return {
         "py": Daemon("py", "pyvirtiofsd", py, (py, "--sandbox=none"),
                      max_queues=16, queue_args=lambda n: [f"--request-queues={n}"]),
+        **polling,
         "rs": Daemon("rs", "Rust virtiofsd", ANCHOR, (ANCHOR, "--sandbox=none"),
                      max_queues=1, queue_args=lambda n: []),
         "c": Daemon("c", "C virtiofsd", C_VIRTIOFSD, ("/bin/sh", str(BENCH / "c-virtiofsd.sh")),

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--queues", default="1,2", help="request queue counts (default 1,2)")
     ap.add_argument("--no-guest", action="store_true", help="skip the QEMU guest workloads")
     ap.add_argument("--pyvirtiofsd", help="pyvirtiofsd executable (default: the venv's)")
+    ap.add_argument("--poll-us", type=int, metavar="N",
+                    help="also run pyvirtiofsd with --poll-us=N, as daemon 'py-poll' (add it "
+                         "to --daemons; default: added when this is given)")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
     ap.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     ap.add_argument("--update-doc", action="store_true",
@@ -115,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     reps = args.reps or mode["reps"]
     seconds = args.seconds or mode["seconds"]
     warmup = mode["warmup"]
-    daemons = all_daemons(args.pyvirtiofsd)
+    if args.poll_us is not None and args.poll_us <= 0:
+        log(f"--poll-us must be a positive number of microseconds, not {args.poll_us}")
+        return 2
+    daemons = all_daemons(args.pyvirtiofsd, args.poll_us)
     keys = [k.strip() for k in args.daemons.split(",") if k.strip()]
+    if args.poll_us is not None and "py-poll" not in keys:
+        keys.insert(keys.index("py") + 1 if "py" in keys else 0, "py-poll")
     if unknown := [k for k in keys if k not in daemons]:
-        log(f"unknown daemon(s) {unknown}: use py, rs, c")
+        log(f"unknown daemon(s) {unknown}: use py, rs, c (py-poll with --poll-us)")
         return 2
     chosen = [daemons[k] for k in keys]
     wanted = set(args.workloads.split(",")) if args.workloads else None

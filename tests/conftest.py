@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import socket
+import re
 import subprocess
 import sys
 import threading
@@ -19,6 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / ".venv" / "bin" / "pyvirtiofsd"
 START_TIMEOUT = 30.0
+# A sanitizer's report in a daemon's stderr (tests/sanitizer.py): copied to this process's own
+# stderr as well, so that a sanitized run sees it even from a worker that was respawned.
+_SANITIZER_REPORT = re.compile(r"ERROR: AddressSanitizer|runtime error:|SUMMARY: "
+                               r"(Address|UndefinedBehavior)Sanitizer")
 # --data-plane values: the C request engine, and the Python reference implementation.
 DATA_PLANES = ("native", "python")
 
@@ -116,6 +121,8 @@ def start_daemon(share: Path, sock: str, *args: str, exe: Path = DAEMON) -> Daem
             d.lines.put(line)
             if os.environ.get("PYVIRTIOFSD_TEST_ECHO"):
                 sys.stderr.write(line)
+            elif _SANITIZER_REPORT.search(line):
+                sys.__stderr__.write(line)
         d.lines.put(None)
 
     threading.Thread(target=pump, daemon=True).start()

@@ -1,9 +1,11 @@
 """Budgets for the fuzz harnesses (tests/test_fuzz_*.py).
 
 In CI every harness runs a fixed, derandomized set of examples, small enough that all of them
-together stay well under 90 seconds.  For a long run, one command:
+together stay well under 90 seconds; the chain and FUSE harnesses run a second time on the
+ASan/UBSan build of the native engine (tests/test_sanitized_fuzz.py).  For a long run of both,
+one command:
 
-    FUZZ_EXAMPLES=100000 .venv/bin/pytest tests/test_fuzz_*.py
+    scripts/fuzz.sh [N]          # FUZZ_EXAMPLES=N, default 100000
 
 FUZZ_EXAMPLES scales every harness to that many examples (harnesses that start a daemon per
 example use a tenth of it) and draws fresh random examples on every run.  A crash a harness

@@ -272,7 +272,7 @@ def agree(reference: list[tuple], engine: list[tuple]) -> None:
             assert ref == eng, (reference, engine)
 
 
-@budget(800)
+@budget(400)
 @given(rings())
 def test_hostile_rings_in_the_engine_pop_what_the_reference_pops(guest: Guest, ring) -> None:
     _tables, _descs, _heads, start, _jump, indirect = ring

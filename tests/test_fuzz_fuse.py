@@ -99,12 +99,12 @@ def _build_env(base: Path, capacity: int):
     fs.listxattr(ctx, link.nodeid, 0)
     fs.forget(link.nodeid, 1)
     (share / "warm").unlink()
-    return (server, fs, journal.queue(0), share, outside), proc
+    return (server, fs, journal.queue(0), share, outside), proc, arena
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    built, proc = _build_env(tmp_path_factory.mktemp("fuzzfuse"), 8)
+    built, proc, _arena = _build_env(tmp_path_factory.mktemp("fuzzfuse"), 8)
     yield built
     os.close(proc)
 
@@ -113,7 +113,7 @@ class EngineGuest:
     """The native engine serving a fake guest's ring, with the FUSE server behind it for what
     it hands back -- the loop of worker/main.py (_process_native) over fake guest memory."""
 
-    def __init__(self, server: FuseServer, jq) -> None:
+    def __init__(self, server: FuseServer, jq, arena: Arena) -> None:
         self.g = FakeGuest(QSIZE)
         self.server, self.jq = server, jq
         jq.reset(0, 1, QSIZE)
@@ -121,7 +121,15 @@ class EngineGuest:
         self.call = os.eventfd(0, os.EFD_NONBLOCK)
         self.err = os.eventfd(0, os.EFD_NONBLOCK)
         self.queue = self.g.queue()
-        self.e = Engine(self.chan.fileno(), jq.address)
+        # With the shared tables, as a worker gives them: the opcodes the engine serves
+        # natively are fuzzed there, the rest in the FUSE server it hands them to.
+        self.e = Engine(self.chan.fileno(), jq.address, arena.address, 0)
+        # The native handlers on, with the filesystem's options and credentials, as a worker
+        # turns them on (worker/main.py Worker.build).
+        options = server.fs.native_options()
+        assert options is not None
+        self.e.serve_natively(server.session.address, **options)
+        server.fs.share_credentials(self.e.credentials)
         self.e.set_regions([(g, n, u, buffer_address(v)) for g, n, u, v in
                             self.g.mem.views()])
         self.e.start(QSIZE, self.g.uaddr(self.g.desc), self.g.uaddr(self.g.avail),
@@ -185,9 +193,9 @@ class EngineGuest:
 
 @pytest.fixture(scope="module")
 def engine_env(tmp_path_factory):
-    built, proc = _build_env(tmp_path_factory.mktemp("fuzzengine"), QSIZE)
+    built, proc, arena = _build_env(tmp_path_factory.mktemp("fuzzengine"), QSIZE)
     server, _fs, jq, _share, _outside = built
-    eg = EngineGuest(server, jq)
+    eg = EngineGuest(server, jq, arena)
     yield built, eg
     eg.close()
     os.close(proc)
@@ -401,8 +409,10 @@ def test_hostile_requests_through_the_engine(engine_env, data) -> None:
     guest memory regions): what it serves natively and what it hands to the FUSE server."""
     env, eg = engine_env
     indirect = data.draw(st.booleans())
+    native = eg.e.native
     _session(env, data, lambda req, in_split, out_size, out_split:
              eg.serve(req, in_split, out_size, out_split, indirect))
+    event(f"served natively: {'some' if eg.e.native > native else 'none'}")
 
 
 # --- the same requests through a running daemon, on each data plane -----------------------------

@@ -18,6 +18,7 @@ tests/test_differential.py run a longer, random one.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -25,9 +26,9 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.fuse_abi import Opcode
-from tests.conftest import DATA_PLANES
+from tests.conftest import DATA_PLANES, Daemon
 from tests.differential import DaemonPair, Divergence, SameBytes
-from tests.frontend import FuseReply
+from tests.frontend import Frontend, FuseClient, FuseReply
 from tests.test_differential import EXERCISED, DiffMachine
 
 LONG_RUN = "DIFF_EXAMPLES" in os.environ
@@ -124,3 +125,40 @@ def test_same_bytes_lets_a_released_fh_be_reused() -> None:
     release = [fa.RELEASE_IN.pack(3, 0, 0, 0), fa.RELEASE_IN.pack(5, 0, 0, 0)]
     sb.check(Opcode.RELEASE, release, (FuseReply(0, b""), FuseReply(0, b"")))
     sb.check(Opcode.OPEN, [b"", b""], (FuseReply(0, opened[0]), FuseReply(0, opened[0])))
+
+
+# --- the plane asked for is the plane that serves
+
+
+def _all_lines(d: Daemon, timeout: float = 30.0) -> str:
+    """Everything the daemon logged, once it has exited and its stderr is closed."""
+    d.stop()
+    while True:
+        line = d.lines.get(timeout=timeout)
+        if line is None:
+            return d.text
+
+
+@pytest.mark.parametrize("plane", DATA_PLANES)
+def test_the_plane_asked_for_is_the_one_serving(daemon_factory, share, plane: str) -> None:
+    """A stopped ring says how many requests the engine answered itself: some on the native
+    plane (LOOKUP, GETATTR and READ are among its opcodes), never a word on the python one."""
+    (share / "f").write_bytes(b"native" * 100)
+    d = daemon_factory(f"--data-plane={plane}")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(fa.ROOT_ID, "f").nodeid
+        assert c.getattr(node).attr.size == 600
+        fh = c.open(node, os.O_RDONLY).fh
+        assert c.read(node, fh, 0, 6) == b"native"
+        fe.get_vring_base(1)
+    finally:
+        fe.close()
+    found = re.findall(r"queue 1: ring stopped at \d+; (\d+) request\(s\) answered natively",
+                       _all_lines(d))
+    if plane == "native":
+        assert found and int(found[-1]) >= 3, d.text
+    else:
+        assert not found, d.text

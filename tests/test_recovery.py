@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient, FuseError
 from tests.proctree import children, fd_count
 
-# Every kill point on the native plane; the python plane runs the in-flight case below.
+# Every kill point on the native plane (a hooked worker still serves through the engine: see
+# the last test), and the in-flight case below on both planes.
 pytestmark = pytest.mark.data_planes("native")
 
 ROOT = fa.ROOT_ID
@@ -385,3 +387,21 @@ def test_forget_interrupted_between_table_and_journal(tmp_path: Path, applied: b
     finally:
         os.close(proc)
         arena.close()
+
+
+@pytest.mark.data_planes("native")
+def test_kill_points_are_those_of_the_plane_asked_for(rig) -> None:
+    """With --data-plane=native the kill points above are the native plane's: a worker with
+    test hooks still serves through the engine (it reports, when its ring stops, how many
+    requests it answered natively) -- were it to fall back to the Python plane, crash
+    recovery of the native plane would go untested."""
+    r = rig("MKNOD:popped")               # a kill point this test never reaches
+    (r.share / "f").write_bytes(b"x")
+    node = r.client.lookup(ROOT, "f").nodeid
+    assert r.client.getattr(node).attr.size == 1
+    r.client.forget(node, 1)
+    # The worker logs it before it answers the supervisor, which answers this.
+    r.fe.get_vring_base(1)
+    line = r.daemon.wait_for("answered natively", timeout=10)
+    m = re.search(r"queue 1: ring stopped at \d+; (\d+) request\(s\) answered natively", line)
+    assert m and int(m.group(1)) >= 2, line
