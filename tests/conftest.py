@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 import queue
-import socket
 import re
+import socket
 import subprocess
 import sys
 import threading
