@@ -128,11 +128,16 @@ static inline void store16(uint8_t *p, uint16_t v) {
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 
 static inline void load_desc(const uint8_t *table, uint32_t i, struct desc *d) {
-    const volatile uint8_t *p = table + (uint64_t)i * DESC_SIZE;
-    d->addr = *(const volatile uint64_t *)p;
-    d->len = *(const volatile uint32_t *)(p + 8);
-    d->flags = *(const volatile uint16_t *)(p + 12);
-    d->next = *(const volatile uint16_t *)(p + 14);
+    /* One copy of the 16 bytes, then decoded from the copy: the guest may place an indirect
+     * table at any address (no alignment is promised for guest memory we map), and may change
+     * it meanwhile, so every field is read exactly once and without an unaligned load. */
+    uint8_t raw[DESC_SIZE];
+    memcpy(raw, table + (uint64_t)i * DESC_SIZE, sizeof raw);
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);   /* decode the copy, never re-read the table */
+    memcpy(&d->addr, raw, 8);
+    memcpy(&d->len, raw + 8, 4);
+    memcpy(&d->flags, raw + 12, 2);
+    memcpy(&d->next, raw + 14, 2);
 }
 
 /* -- life cycle ---------------------------------------------------------------------------- */

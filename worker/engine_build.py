@@ -113,8 +113,10 @@ void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
 
 _HARDENING = ["-O2", "-D_FORTIFY_SOURCE=3", "-fstack-protector-strong", "-fno-strict-aliasing",
               "-Wall", "-Wextra", "-Werror"]
+# -fno-wrapv undoes the -fwrapv CPython's flags bring, which would hide signed overflow from
+# UBSan.
 _SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-             "-fno-sanitize-recover=undefined"]
+             "-fno-sanitize-recover=undefined", "-fno-wrapv"]
 
 
 def make_ffi(sanitize: bool = False, absolute: bool = False) -> FFI:
