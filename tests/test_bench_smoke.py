@@ -43,7 +43,8 @@ def test_quick_run_writes_json_and_table(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
 def test_memory_sample_covers_every_process_of_the_daemon(daemon_factory) -> None:
-    """bench.memory sums the PSS of the supervisor, the spawner and every queue worker."""
+    """bench.memory sums the PSS of the supervisor, the spawner, its standby and every queue
+    worker."""
     from bench import memory
     from tests.frontend import Frontend, FuseClient
 
@@ -58,9 +59,10 @@ def test_memory_sample_covers_every_process_of_the_daemon(daemon_factory) -> Non
     comms = sorted(k.split("[")[0] for k in procs)
     # The supervisor is the console script's process; hiprio and two request queues.
     assert comms.count("pyvfs-spawner") == 1, comms
+    assert comms.count("pyvfs-standby") == 1, comms
     assert sorted(c for c in comms if c.startswith("pyvfs-q")) == \
         ["pyvfs-q0", "pyvfs-q1", "pyvfs-q2"], comms
-    assert len(procs) == 5, comms
+    assert len(procs) == 6, comms
     assert all(v > 0 for v in procs.values()), s
     assert s["total"] == sum(procs.values())
     assert f"[{d.proc.pid}]" in " ".join(procs)
