@@ -14,6 +14,7 @@ worker/engine.py imports the module PYVIRTIOFSD_ENGINE names (unset or "default"
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,93 +24,25 @@ from cffi import FFI
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _COMMON = os.path.join(os.path.dirname(_HERE), "common")
 
-CDEF = """
-struct vfs_jq;
-struct vfs_arena;
+def engine_cdef() -> str:
+    """engine.h as cffi's cdef reads it, so the declarations are written once: its integer
+    #defines kept, its other preprocessor lines dropped, `1u << n` written as the number
+    (cffi's parser takes no integer suffix), and the types it borrows declared here: the
+    shared-state structs opaque, struct iovec as <sys/uio.h> lays it out."""
+    lines = ["struct vfs_jq;", "struct vfs_arena;",
+             "struct iovec { void *iov_base; size_t iov_len; };"]
+    with open(os.path.join(_HERE, "engine.h"), encoding="utf-8") as f:
+        for line in f:
+            text = line.lstrip()
+            if text.startswith("#") and not _INT_DEFINE.match(text):
+                continue
+            lines.append(_SHIFT.sub(lambda m: str(int(m[1]) << int(m[2])), line.rstrip("\n")))
+    return "\n".join(lines) + "\n"
 
-#define VFS_ENGINE_MAX_REGIONS 64
-enum vfs_engine_status {
-    VFS_ENGINE_EMPTY = 0, VFS_ENGINE_CONTROL = 1, VFS_ENGINE_DEFER = 2, VFS_ENGINE_WALK = 3,
-    VFS_ENGINE_BROKEN = 4,
-};
-enum vfs_engine_defer {
-    VFS_DEFER_IDS = 1, VFS_DEFER_XATTR = 2, VFS_DEFER_CREATE = 4, VFS_DEFER_OPEN = 8,
-    VFS_DEFER_KILLPRIV = 16,
-};
-struct iovec { void *iov_base; size_t iov_len; };
-struct vfs_engine_region { uint64_t gpa, size, uaddr; uint8_t *host; };
-struct vfs_fuse_in {
-    uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid;
-    uint16_t total_extlen, padding;
-};
-struct vfs_engine_fs {
-    const uint64_t *session;
-    int proc_fd;
-    uint32_t timeout;
-    uint8_t enabled;
-    uint8_t readonly, switch_creds, set_groups;
-    uint8_t groups_empty;
-    uint8_t submounts;
-    uint32_t fsuid, fsgid;
-    uint32_t euid;
-    uint32_t open_strip;
-    uint32_t file_open_flags, dir_open_flags;
-    uint8_t writeback;
-    uint64_t python_ops[2];
-};
-struct vfs_engine {
-    struct vfs_engine_region regions[64];
-    uint32_t nregions;
-    uint32_t size;
-    uint8_t *desc, *avail, *used;
-    uint16_t next_avail, shadow_avail, next_used, signalled_used;
-    uint8_t signalled_valid, event_idx, indirect, notify_due;
-    int chan_fd, call_fd, err_fd;
-    uint32_t poll_every;
-    uint32_t since_poll;
-    struct iovec *iov;
-    uint32_t iov_cap, nreadable, nwritable;
-    uint64_t readable_bytes, writable_bytes;
-    uint16_t head, pos;
-    uint32_t has_in;
-    struct vfs_fuse_in in;
-    struct vfs_jq *jq;
-    struct vfs_arena *arena;
-    uint32_t queue;
-    struct vfs_engine_fs fs;
-    uint64_t native;
-    int root_fd;
-    uint32_t root_len;
-    char root_path[4096];
-    uint8_t *dirbuf;
-    uint32_t poll_us, spin_us;
-    uint32_t defer;
-    uint64_t completed, deferred, walked, batches, notifies;
-    char why[160];
-    uint64_t *stats;
-    int32_t last_err;
-};
-void vfs_engine_init(struct vfs_engine *e, int chan_fd, struct vfs_jq *jq,
-                     struct vfs_arena *arena, uint32_t queue);
-void vfs_engine_fini(struct vfs_engine *e);
-int  vfs_engine_add_region(struct vfs_engine *e, uint64_t gpa, uint64_t size, uint64_t uaddr,
-                           void *host);
-void vfs_engine_clear_regions(struct vfs_engine *e);
-int  vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64_t avail,
-                      uint64_t used, uint16_t next_avail, int event_idx, int indirect);
-void vfs_engine_stop(struct vfs_engine *e);
-void vfs_engine_set_fds(struct vfs_engine *e, int call_fd, int err_fd);
-void vfs_engine_set_defer(struct vfs_engine *e, uint32_t defer);
-void vfs_engine_set_stats(struct vfs_engine *e, uint64_t *queue_block);
-int  vfs_engine_run(struct vfs_engine *e);
-int  vfs_engine_serve(struct vfs_engine *e, int kick_fd);
-void vfs_engine_set_poll_us(struct vfs_engine *e, uint32_t us);
-void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len);
-void vfs_engine_notify(struct vfs_engine *e);
-void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len);
-void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len);
-void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
-"""
+
+_INT_DEFINE = re.compile(r"#define\s+\w+\s+\d+\b")
+_SHIFT = re.compile(r"\b(\d+)u << (\d+)\b")
+CDEF = engine_cdef()
 
 _HARDENING = ["-O2", "-D_FORTIFY_SOURCE=3", "-fstack-protector-strong", "-fno-strict-aliasing",
               "-Wall", "-Wextra", "-Werror"]
