@@ -2,9 +2,11 @@
 
 Each message is one SOCK_SEQPACKET datagram: a header (type, sequence number) followed by the
 fixed payload of that type; fds travel as SCM_RIGHTS.  Requests flow supervisor -> worker, each
-answered by exactly one ACK/STOPPED/FAILED carrying the same sequence number.  `MESSAGES` is the
-whole protocol: which side may send a type, its payload layout, and how many fds it carries.
-Anything else is malformed; every fd that arrives with a malformed message is closed.
+answered by exactly one ACK/STOPPED/FAILED carrying the same sequence number.  Every type is a
+frozen dataclass (as common/vhost_user.py's structs) with its payload layout and how many fds it
+carries; `MESSAGES` maps the header's type to it, and the four channel sets below say which side
+may send which.  Anything else is malformed; every fd that arrives with a malformed message is
+closed, in decode(), the one gate every received message passes.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import errno
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 MAX_MESSAGE = 4096
 # A MEM_TABLE carries one fd per guest memory region, so this bounds the memory slots the
@@ -58,40 +61,6 @@ class RingFlag(enum.IntFlag):
     HAS_ERR = 64
 
 
-_PAYLOAD: dict[MsgType, struct.Struct | None] = {
-    MsgType.MEM_TABLE: None,                       # variable: n * REGION
-    MsgType.RING_START: struct.Struct("=IIQQQII"),  # num, flags, desc, avail, used, next_avail, pad
-    MsgType.RING_STOP: struct.Struct("="),
-    MsgType.SET_CALL: struct.Struct("=I"),          # 1 = fd attached, 0 = none (polling)
-    MsgType.SET_ENABLE: struct.Struct("=I"),
-    MsgType.SHUTDOWN: struct.Struct("="),
-    MsgType.MEM_UNMAP: struct.Struct("="),
-    MsgType.SPAWN: struct.Struct("=I"),
-    MsgType.SPAWNED: struct.Struct("=I"),
-    MsgType.STANDBY: struct.Struct("="),
-    MsgType.READY: struct.Struct("=I"),             # queue index
-    MsgType.ACK: struct.Struct("="),
-    MsgType.STOPPED: struct.Struct("=I"),
-    MsgType.FAILED: struct.Struct("=i"),
-}
-
-# (min fds, max fds) per type; None for MEM_TABLE means "exactly one per region".
-_FDS: dict[MsgType, tuple[int, int] | None] = {
-    MsgType.MEM_TABLE: None,
-    MsgType.RING_START: (0, 3),
-    MsgType.SET_CALL: (0, 1),
-    MsgType.SPAWN: (1, 1),
-    MsgType.STANDBY: (1, 1),
-}
-
-TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
-                       MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP})
-FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
-TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
-FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})
-
-
 class ProtocolError(Exception):
     """A malformed or unexpected control message: the sender is not to be trusted further.
 
@@ -104,12 +73,230 @@ class ProtocolError(Exception):
         self.errno = err
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Message:
-    type: MsgType
+    """One control message: the header's sequence number, the fds that travel with it, and
+    (in each subclass) the fixed payload, in `STRUCT`'s order.  `FDS` is the (min, max) number
+    of fds the type may carry; every type not listed with fds carries none."""
+
     seq: int
-    fields: tuple
     fds: tuple[int, ...] = ()
+
+    TYPE: ClassVar[MsgType]
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=")
+    FDS: ClassVar[tuple[int, int]] = (0, 0)
+
+    @property
+    def type(self) -> MsgType:
+        return self.TYPE
+
+    def payload(self) -> tuple[int, ...]:
+        # The fields after seq and fds (which travel in the header and as SCM_RIGHTS).
+        return tuple(getattr(self, f.name) for f in fields(self)[2:])
+
+    def pack(self) -> bytes:
+        """The datagram; the fds go alongside it (send())."""
+        return HEADER.pack(self.TYPE, self.seq) + self.STRUCT.pack(*self.payload())
+
+    @classmethod
+    def unpack(cls, seq: int, body: bytes, fds: tuple[int, ...] = ()) -> Message:
+        """`body` must be exactly STRUCT.size bytes (decode() checks)."""
+        return cls(*cls.STRUCT.unpack(body), seq=seq, fds=fds)
+
+    def is_valid(self) -> bool:
+        """Syntax only: as many fds as the type may carry."""
+        lo, hi = self.FDS
+        return lo <= len(self.fds) <= hi
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest memory region of a MEM_TABLE (the vhost-user MemoryRegion, as forwarded)."""
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int
+
+    STRUCT: ClassVar[struct.Struct] = REGION
+
+    @classmethod
+    def unpack(cls, data: bytes, offset: int = 0) -> Region:
+        return cls(*cls.STRUCT.unpack_from(data, offset))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.guest_phys_addr, self.memory_size, self.userspace_addr,
+                                self.mmap_offset)
+
+
+# -- supervisor -> worker ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class MemTable(Message):
+    """The guest memory table: n <= MAX_FDS regions, exactly one fd per region."""
+
+    regions: tuple[Region, ...]
+
+    TYPE: ClassVar[MsgType] = MsgType.MEM_TABLE
+
+    def pack(self) -> bytes:
+        return HEADER.pack(self.TYPE, self.seq) + b"".join(r.pack() for r in self.regions)
+
+    @classmethod
+    def unpack(cls, seq: int, body: bytes, fds: tuple[int, ...] = ()) -> MemTable:
+        """`body` must be a whole number of regions (decode() checks)."""
+        return cls(tuple(Region.unpack(body, i) for i in range(0, len(body), REGION.size)),
+                   seq=seq, fds=fds)
+
+    def is_valid(self) -> bool:
+        return 0 < len(self.regions) <= MAX_FDS and len(self.fds) == len(self.regions)
+
+
+@dataclass(frozen=True, slots=True)
+class RingStart(Message):
+    """Ring geometry and next avail index; fds: kick, call, err, in that order, each present
+    only when `flags` has HAS_KICK / HAS_CALL / HAS_ERR."""
+
+    num: int
+    flags: RingFlag
+    desc: int
+    avail: int
+    used: int
+    next_avail: int
+
+    TYPE: ClassVar[MsgType] = MsgType.RING_START
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=IIQQQII")   # ..., next_avail, pad
+    FDS: ClassVar[tuple[int, int]] = (0, 3)
+
+    def payload(self) -> tuple[int, ...]:
+        return (self.num, int(self.flags), self.desc, self.avail, self.used, self.next_avail,
+                0)
+
+    @classmethod
+    def unpack(cls, seq: int, body: bytes, fds: tuple[int, ...] = ()) -> RingStart:
+        num, flags, desc, avail, used, next_avail, _pad = cls.STRUCT.unpack(body)
+        return cls(num, RingFlag(flags), desc, avail, used, next_avail, seq=seq, fds=fds)
+
+
+@dataclass(frozen=True, slots=True)
+class RingStop(Message):
+    """Stop processing; answered by STOPPED with the next avail index."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RING_STOP
+
+
+@dataclass(frozen=True, slots=True)
+class SetCall(Message):
+    """Replace the call eventfd: `has_fd` 1 with the fd attached, 0 for none (polling)."""
+
+    has_fd: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SET_CALL
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+    FDS: ClassVar[tuple[int, int]] = (0, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class SetEnable(Message):
+    """Enable (1) or disable (0) processing of a started ring."""
+
+    enabled: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SET_ENABLE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """Exit cleanly (a worker, or the spawner)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SHUTDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class MemUnmap(Message):
+    """Drop all guest memory (the front-end is gone; its rings are stopped)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.MEM_UNMAP
+
+
+# -- supervisor <-> spawner --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Spawn(Message):
+    """Start the worker of `queue`; fd: the worker's end of its control channel."""
+
+    queue: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SPAWN
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned(Message):
+    """The pid of the new worker (or standby spawner)."""
+
+    pid: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SPAWNED
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+
+
+@dataclass(frozen=True, slots=True)
+class Standby(Message):
+    """Clone a standby spawner sharing the fd table; fd: its channel end."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STANDBY
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+# -- worker (or spawner) -> supervisor ---------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """The worker of `queue` (or a standby spawner, 0) is up; always sequence 0."""
+
+    queue: int
+
+    TYPE: ClassVar[MsgType] = MsgType.READY
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped(Message):
+    """The answer to RING_STOP: where the front-end is to continue."""
+
+    next_avail: int
+
+    TYPE: ClassVar[MsgType] = MsgType.STOPPED
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=I")
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    """A request refused, with the reason."""
+
+    errno: int
+
+    TYPE: ClassVar[MsgType] = MsgType.FAILED
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
+
+
+MESSAGES: dict[MsgType, type[Message]] = {
+    cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
+                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed)
+}
+assert set(MESSAGES) == set(MsgType)
+
+TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
+                       MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
+                       MsgType.MEM_UNMAP})
+FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
+TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
+FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,15 +307,6 @@ class RingGeometry:
     avail: int
     used: int
     next_avail: int
-
-
-def encode(mtype: MsgType, seq: int, *fields: int, regions: tuple = ()) -> bytes:
-    head = HEADER.pack(mtype, seq)
-    if mtype is MsgType.MEM_TABLE:
-        return head + b"".join(REGION.pack(*r) for r in regions)
-    st = _PAYLOAD[mtype]
-    assert st is not None
-    return head + st.pack(*fields)
 
 
 def decode(data: bytes, fds: list[int], allowed: frozenset[MsgType]) -> Message:
@@ -144,22 +322,17 @@ def decode(data: bytes, fds: list[int], allowed: frozenset[MsgType]) -> Message:
         if mtype not in allowed:
             raise ProtocolError(f"message {mtype.name} is not allowed on this channel")
         body = data[HEADER.size:]
-        if mtype is MsgType.MEM_TABLE:
+        cls = MESSAGES[mtype]
+        if cls is MemTable:
             if len(body) % REGION.size or not 0 < len(body) // REGION.size <= MAX_FDS:
                 raise ProtocolError(f"MEM_TABLE body of {len(body)} bytes")
-            fields = tuple(REGION.unpack_from(body, i) for i in range(0, len(body), REGION.size))
-            if len(fds) != len(fields):
-                raise ProtocolError(f"MEM_TABLE with {len(fields)} regions but {len(fds)} fds")
-        else:
-            st = _PAYLOAD[mtype]
-            assert st is not None
-            if len(body) != st.size:
-                raise ProtocolError(f"{mtype.name} body of {len(body)} bytes, expected {st.size}")
-            fields = st.unpack(body)
-            lo, hi = _FDS.get(mtype) or (0, 0)
-            if not lo <= len(fds) <= hi:
-                raise ProtocolError(f"{mtype.name} with {len(fds)} fds")
-        return Message(mtype, seq, fields, tuple(fds))
+        elif len(body) != cls.STRUCT.size:
+            raise ProtocolError(f"{mtype.name} body of {len(body)} bytes, "
+                                f"expected {cls.STRUCT.size}")
+        msg = cls.unpack(seq, body, tuple(fds))
+        if not msg.is_valid():
+            raise ProtocolError(f"{mtype.name} with {len(fds)} fds")
+        return msg
     except ProtocolError:
         close_fds(fds)
         raise
@@ -173,7 +346,12 @@ def close_fds(fds) -> None:
             pass
 
 
-def send(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
+def send(sock: socket.socket, msg: Message) -> None:
+    """Send `msg` with its fds (which stay open: the sender keeps them)."""
+    send_bytes(sock, msg.pack(), msg.fds)
+
+
+def send_bytes(sock: socket.socket, data: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
     if fds:
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
     else:

@@ -56,7 +56,26 @@ from dataclasses import dataclass, field
 import prctl
 
 from pyvirtiofsd.common import control, native
-from pyvirtiofsd.common.control import Message, MsgType, RingFlag, RingGeometry
+from pyvirtiofsd.common.control import (
+    Failed,
+    MemTable,
+    MemUnmap,
+    Message,
+    MsgType,
+    Ready,
+    Region,
+    RingFlag,
+    RingGeometry,
+    RingStart,
+    RingStop,
+    SetCall,
+    SetEnable,
+    Shutdown,
+    Spawn,
+    Spawned,
+    Standby,
+    Stopped,
+)
 from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
@@ -199,7 +218,7 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
     prctl.set_name("pyvfs-spawner" if predecessor < 0 else "pyvfs-standby")
     prctl.set_pdeathsig(signal.SIGKILL)
     if predecessor >= 0:
-        control.send(channel, control.encode(MsgType.READY, 0, 0))
+        control.send(channel, Ready(0, seq=0))
     if confine is not None:
         try:
             confine()
@@ -216,18 +235,17 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             log.error("spawner: %s", e)
             if e.seq is not None:
                 # Say so at once rather than let the supervisor wait for an answer.
-                control.send(channel, control.encode(MsgType.FAILED, e.seq, e.errno))
+                control.send(channel, Failed(e.errno, seq=e.seq))
             continue
-        if msg is None or msg.type is MsgType.SHUTDOWN:
+        if msg is None or isinstance(msg, Shutdown):
             os._exit(0)
         if predecessor >= 0:
             prctl.set_name("pyvfs-spawner")
             control.close_fds([predecessor])
             predecessor = -1
         fd = msg.fds[0]
-        what = "a standby spawner" if msg.type is MsgType.STANDBY else \
-            f"a worker for queue {msg.fields[0]}"
-        standby = msg.type is MsgType.STANDBY
+        standby = isinstance(msg, Standby)
+        what = "a standby spawner" if standby else f"a worker for queue {msg.queue}"
         if standby:
             # A child is born with its parent's name: a standby must never show as the spawner.
             prctl.set_name("pyvfs-standby")
@@ -236,16 +254,16 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         except OSError as e:
             log.error("spawner: cannot start %s: %s", what, e.strerror)
             control.close_fds([fd])
-            control.send(channel, control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO))
+            control.send(channel, Failed(e.errno or errno.EIO, seq=msg.seq))
             continue
         if pid == 0:
             mine = channel.detach()    # the spawner's socket must survive this process's exit
             status = 0
             try:
-                if msg.type is MsgType.STANDBY:
-                    _spawner_main(socket.socket(fileno=fd), entry, None, mine)
+                if isinstance(msg, Spawn):
+                    entry(msg.queue, socket.socket(fileno=fd))
                 else:
-                    entry(msg.fields[0], socket.socket(fileno=fd))
+                    _spawner_main(socket.socket(fileno=fd), entry, None, mine)
             except (BrokenPipeError, ConnectionResetError):
                 # The supervisor hung up: it never learnt of this process (the spawner died
                 # before answering), and ends it.
@@ -261,7 +279,7 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
             os.kill(os.getpid(), signal.SIGKILL)
         # The channel end stays in the shared table: the new process uses it.  A worker's is
         # closed by its successor (the journal lists it among the fds the worker owns).
-        control.send(channel, control.encode(MsgType.SPAWNED, msg.seq, pid))
+        control.send(channel, Spawned(pid, seq=msg.seq))
 
 
 @dataclass
@@ -331,15 +349,14 @@ class ProcessTable:
         assert self.spawner is not None and self.standby is None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            control.send(self.spawner, control.encode(MsgType.STANDBY, STANDBY_SEQ),
-                         [theirs.fileno()])
+            control.send(self.spawner, Standby(seq=STANDBY_SEQ, fds=(theirs.fileno(),)))
             theirs.close()
             answer = self._wait(self.spawner, control.FROM_SPAWNER, STANDBY_SEQ,
                                 "spawner (standby)", self.spawner_pidfd)
-            if answer.type is not MsgType.SPAWNED:
-                err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
+            if not isinstance(answer, Spawned):
+                err = answer.errno if isinstance(answer, Failed) else errno.EIO
                 raise OSError(err, os.strerror(err))
-            (pid,) = answer.fields
+            pid = answer.pid
             pidfd = os.pidfd_open(pid)
             try:
                 self._wait(ours, control.FROM_SPAWNER, 0, "standby spawner", pidfd)
@@ -362,8 +379,7 @@ class ProcessTable:
         assert self.spawner is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            control.send(self.spawner, control.encode(MsgType.SPAWN, queue, queue),
-                         [theirs.fileno()])
+            control.send(self.spawner, Spawn(queue, seq=queue, fds=(theirs.fileno(),)))
         finally:
             theirs.close()
         try:
@@ -373,12 +389,12 @@ class ProcessTable:
         except BaseException:
             ours.close()
             raise
-        if answer.type is not MsgType.SPAWNED:
+        if not isinstance(answer, Spawned):
             ours.close()
-            err = answer.fields[0] if answer.type is MsgType.FAILED else errno.EIO
+            err = answer.errno if isinstance(answer, Failed) else errno.EIO
             raise OSError(err, f"spawner could not start the worker for queue {queue}"
                                f" ({os.strerror(err)})")
-        (pid,) = answer.fields
+        pid = answer.pid
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
@@ -389,7 +405,7 @@ class ProcessTable:
         self.workers[queue] = handle
         try:
             ready = self._wait(ours, control.FROM_WORKER, 0, f"worker for queue {queue}", pidfd)
-            if ready.type is not MsgType.READY or ready.fields[0] != queue:
+            if not isinstance(ready, Ready) or ready.queue != queue:
                 raise OSError(errno.EIO, "did not report ready")
         except (OSError, control.ProtocolError) as e:
             log.error("worker for queue %d (pid %d) did not start: %s", queue, pid,
@@ -470,9 +486,10 @@ class ProcessTable:
             self.spawner = None
 
     # -- requests to workers -----------------------------------------------------------------
-    def request(self, queue: int, data_fn: Callable[[int], bytes], fds: list[int] = (),
-                answer: bool = True, patience: float = 0.0) -> Message | None:
-        """Send a request to the worker of `queue` and return its answer.  With answer=False
+    def request(self, queue: int, make: Callable[[int], Message], answer: bool = True,
+                patience: float = 0.0) -> Message | None:
+        """Send the request `make(seq)` (with its fds, which stay ours) to the worker of `queue`
+        and return its answer.  With answer=False
         (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
         wait `patience` seconds at most, then return None: a later answer is consumed when it
         arrives."""
@@ -483,13 +500,13 @@ class ProcessTable:
         try:
             self._collect(handle)
             if not answer and len(handle.unanswered) < MAX_UNANSWERED:
-                control.send(handle.channel, data_fn(handle.seq), fds)
+                control.send(handle.channel, make(handle.seq))
                 reply = self._within(handle, handle.seq, patience)
                 if reply is None:
                     handle.unanswered.add(handle.seq)
                     return None
             else:
-                control.send(handle.channel, data_fn(handle.seq), fds)
+                control.send(handle.channel, make(handle.seq))
                 reply = self._answer(handle, handle.seq)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
@@ -506,8 +523,8 @@ class ProcessTable:
             log.error("worker for queue %d: %s: killing it", queue, e.strerror or e)
             self.kill(queue)
             raise WorkerGone(queue, "did not answer") from None
-        if reply.type is MsgType.FAILED:
-            raise OSError(reply.fields[0], os.strerror(reply.fields[0]))
+        if isinstance(reply, Failed):
+            raise OSError(reply.errno, os.strerror(reply.errno))
         return reply
 
     def _within(self, handle: WorkerHandle, seq: int, patience: float) -> Message | None:
@@ -537,9 +554,9 @@ class ProcessTable:
             return False
         handle.unanswered.discard(msg.seq)
         control.close_fds(msg.fds)
-        if msg.type is MsgType.FAILED:
+        if isinstance(msg, Failed):
             log.warning("worker for queue %d refused a ring setting: %s", handle.queue,
-                        os.strerror(msg.fields[0]))
+                        os.strerror(msg.errno))
         return True
 
     def _answer(self, handle: WorkerHandle, seq: int) -> Message:
@@ -596,8 +613,7 @@ class ProcessTable:
         rows = _rows(regions)
         for q in list(self.workers):
             try:
-                self.request(q, lambda seq: control.encode(MsgType.MEM_TABLE, seq,
-                                                           regions=rows), fds)
+                self.request(q, lambda seq: MemTable(rows, seq=seq, fds=tuple(fds)))
             except WorkerGone:
                 pass
         self.memory = (list(regions), list(fds))
@@ -607,7 +623,7 @@ class ProcessTable:
         self.memory = None
         for q in list(self.workers):
             try:
-                self.request(q, lambda seq: control.encode(MsgType.MEM_UNMAP, seq))
+                self.request(q, lambda seq: MemUnmap(seq=seq))
             except OSError as e:
                 log.warning("worker for queue %d could not drop guest memory: %s", q, e)
 
@@ -639,20 +655,20 @@ class ProcessTable:
             flags |= RingFlag.ENABLED
         if resume:
             flags |= RingFlag.RESUME
-        self.request(index, lambda seq: control.encode(
-            MsgType.RING_START, seq, g.num, flags, g.desc, g.avail, g.used, g.next_avail, 0), fds)
+        self.request(index, lambda seq: RingStart(g.num, flags, g.desc, g.avail, g.used,
+                                                  g.next_avail, seq=seq, fds=tuple(fds)))
         setup.delivered = True
 
     def stop_ring(self, index: int) -> int:
         setup = self.rings.pop(index, None)
         if index in self.workers:
             try:
-                answer = self.request(index, lambda seq: control.encode(MsgType.RING_STOP, seq))
+                answer = self.request(index, lambda seq: RingStop(seq=seq))
             except WorkerGone:
                 pass
             else:
-                if answer.type is MsgType.STOPPED:
-                    return answer.fields[0]
+                if isinstance(answer, Stopped):
+                    return answer.next_avail
                 self.kill(index)
         # No worker to ask: the journal says where the ring stands.
         handle = self.workers.get(index)
@@ -674,9 +690,9 @@ class ProcessTable:
                 # Answered without a round trip (the worker applies it between two requests, and
                 # signals the new notifier then): a request asleep in the kernel must not hold
                 # up the front-end's control plane.
-                self.request(index, lambda seq: control.encode(
-                    MsgType.SET_CALL, seq, int(call is not None)),
-                    [call] if call is not None else [], answer=False)
+                self.request(index, lambda seq: SetCall(
+                    int(call is not None), seq=seq, fds=(call,) if call is not None else ()),
+                    answer=False)
             except WorkerGone:
                 pass
 
@@ -690,8 +706,7 @@ class ProcessTable:
                 # the worker to stop at a request boundary (protocol.md 1.8, "Ring states"),
                 # for DISABLE_PATIENCE at most: one asleep in a system call finishes that
                 # request and then stops, without holding up the front-end meanwhile.
-                self.request(index, lambda seq: control.encode(MsgType.SET_ENABLE, seq,
-                                                               int(enabled)), answer=False,
+                self.request(index, lambda seq: SetEnable(int(enabled), seq=seq), answer=False,
                              patience=0.0 if enabled else DISABLE_PATIENCE)
             except WorkerGone:
                 pass
@@ -868,8 +883,7 @@ class ProcessTable:
             if self.memory is not None:
                 regions, fds = self.memory
                 rows = _rows(regions)
-                self.request(queue, lambda seq: control.encode(MsgType.MEM_TABLE, seq,
-                                                               regions=rows), fds)
+                self.request(queue, lambda seq: MemTable(rows, seq=seq, fds=tuple(fds)))
             setup = self.rings.get(queue)
             if setup is not None:
                 self._send_ring(queue, setup, resume=setup.delivered)
@@ -930,8 +944,8 @@ def _op_name(opcode: int) -> str:
         return f"opcode {opcode}"
 
 
-def _rows(regions: list[MemoryRegion]) -> tuple:
-    return tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+def _rows(regions: list[MemoryRegion]) -> tuple[Region, ...]:
+    return tuple(Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
                  for r in regions)
 
 

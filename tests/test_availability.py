@@ -345,13 +345,13 @@ def test_a_control_message_whose_fds_find_no_room_is_answered_failed(tmp_path: P
     script.write_text(
         "import errno, os, resource, socket\n"
         "from pyvirtiofsd.common import control\n"
-        "from pyvirtiofsd.common.control import MsgType\n"
+        "from pyvirtiofsd.common.control import Failed, SetCall\n"
         "from pyvirtiofsd.worker.main import Worker\n"
         "ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         "w = Worker.__new__(Worker)\n"
         "w.index, w.channel, w.running = 1, theirs, True\n"
         "efd = os.eventfd(0)\n"
-        "control.send(ours, control.encode(MsgType.SET_CALL, 7, 1), [efd])\n"
+        "control.send(ours, SetCall(1, seq=7, fds=(efd,)))\n"
         "top = max(int(n) for n in os.listdir('/proc/self/fd'))\n"
         "for fd in range(top + 1):\n"
         "    try:\n"
@@ -362,8 +362,8 @@ def test_a_control_message_whose_fds_find_no_room_is_answered_failed(tmp_path: P
         "ours.settimeout(5)\n"
         "w.on_control()\n"
         "answer = control.receive(ours, control.FROM_WORKER)\n"
-        "assert answer.type is MsgType.FAILED and answer.seq == 7, answer\n"
-        "assert answer.fields[0] == errno.EMFILE, answer\n"
+        "assert isinstance(answer, Failed) and answer.seq == 7, answer\n"
+        "assert answer.errno == errno.EMFILE, answer\n"
         "print('ok')\n")
     out = subprocess.run([str(DAEMON.parent / "python"), str(script)], capture_output=True,
                          text=True, timeout=60)

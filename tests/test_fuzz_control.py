@@ -70,6 +70,8 @@ def test_decode_only_accepts_or_refuses_and_closes(data: bytes, nfds: int, allow
         return
     assert msg.type in allowed
     assert list(msg.fds) == fds
+    # What was accepted is a typed message that packs back to what it read.
+    assert control.decode(msg.pack(), list(msg.fds), allowed) == msg
     control.close_fds(msg.fds)
     assert _open_fds() - before == set()
 
@@ -109,11 +111,11 @@ def test_a_worker_answering_garbage_is_killed_alone(table, answers: list[bytes],
         for i, data in enumerate(answers):
             fds = _pipes(nfds) if i == 0 else []
             try:
-                control.send(theirs, data, fds)
+                control.send_bytes(theirs, data, fds)
             finally:
                 control.close_fds(fds)
         try:
-            answer = t.request(0, lambda seq: control.encode(MsgType.RING_STOP, seq))
+            answer = t.request(0, lambda seq: control.RingStop(seq=seq))
         except WorkerGone:
             # Malformed (or no) answer: the worker was killed; nobody else was touched.
             assert select.select([handle.pidfd], [], [], 10)[0], "worker not killed"

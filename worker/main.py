@@ -25,7 +25,21 @@ from collections.abc import Callable, Iterable
 
 from pyvirtiofsd.common import control
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.control import Message, MsgType, RingFlag
+from pyvirtiofsd.common.control import (
+    Ack,
+    Failed,
+    MemTable,
+    MemUnmap,
+    Message,
+    Ready,
+    RingFlag,
+    RingStart,
+    RingStop,
+    SetCall,
+    SetEnable,
+    Shutdown,
+    Stopped,
+)
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
@@ -147,7 +161,7 @@ class Worker:
             # the supervisor must not wait, and kill this worker, for an answer never sent.
             log.error("queue %d: malformed control message: %s", self.index, e)
             if e.seq is not None:
-                control.send(self.channel, control.encode(MsgType.FAILED, e.seq, e.errno))
+                control.send(self.channel, Failed(e.errno, seq=e.seq))
             return
         if msg is None:                      # supervisor gone
             self.running = False
@@ -158,10 +172,10 @@ class Worker:
             answer = self.dispatch(msg)
         except OSError as e:
             log.error("queue %d: %s failed: %s", self.index, msg.type.name, e)
-            answer = control.encode(MsgType.FAILED, msg.seq, e.errno or errno.EIO)
+            answer = Failed(e.errno or errno.EIO, seq=msg.seq)
         except (GuestMemoryError, ValueError) as e:
             log.error("queue %d: %s refused: %s", self.index, msg.type.name, e)
-            answer = control.encode(MsgType.FAILED, msg.seq, errno.EINVAL)
+            answer = Failed(errno.EINVAL, seq=msg.seq)
         control.send(self.channel, answer)
         # Serving comes after the answer: the supervisor's answer timeout measures how quickly
         # this worker answers, never how deep its ring is.
@@ -172,37 +186,37 @@ class Worker:
             self._serve_after = False
             self.process()
 
-    def dispatch(self, msg: Message) -> bytes:
-        t = msg.type
-        if t is MsgType.MEM_TABLE:
+    def dispatch(self, msg: Message) -> Message:
+        """Carry out one request (control.TO_WORKER) and return its answer."""
+        if isinstance(msg, MemTable):
             self.set_mem_table(msg)
-        elif t is MsgType.RING_START:
+        elif isinstance(msg, RingStart):
             self.start_ring(msg)
-        elif t is MsgType.RING_STOP:
-            idx = self.stop_ring()
-            return control.encode(MsgType.STOPPED, msg.seq, idx)
-        elif t is MsgType.SET_CALL:
+        elif isinstance(msg, RingStop):
+            return Stopped(self.stop_ring(), seq=msg.seq)
+        elif isinstance(msg, SetCall):
             self._replace_call(msg.fds[0] if msg.fds else None)
             # A call fd that arrives while requests completed unsignalled must not lose them.
             self.signal()
-        elif t is MsgType.SET_ENABLE:
-            self.enabled = bool(msg.fields[0])
+        elif isinstance(msg, SetEnable):
+            self.enabled = bool(msg.enabled)
             self._serve_after = self.enabled
-        elif t is MsgType.SHUTDOWN:
+        elif isinstance(msg, Shutdown):
             self.running = False
-        elif t is MsgType.MEM_UNMAP:
+        elif isinstance(msg, MemUnmap):
             if self.queue is not None:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
                 self.stop_ring()
             self.mem.clear()
-        return control.encode(MsgType.ACK, msg.seq)
+        return Ack(seq=msg.seq)
 
-    def set_mem_table(self, msg: Message) -> None:
+    def set_mem_table(self, msg: MemTable) -> None:
         """Swap in a new table; the queue's views are rebuilt against it before any use."""
         new = GuestMemory()
         try:
-            for (gpa, size, uaddr, offset), fd in zip(msg.fields, msg.fds, strict=True):
-                new.add_region(gpa, size, uaddr, offset, fd)
+            for r, fd in zip(msg.regions, msg.fds, strict=True):
+                new.add_region(r.guest_phys_addr, r.memory_size, r.userspace_addr,
+                               r.mmap_offset, fd)
         finally:
             control.close_fds(msg.fds)
         queue = None
@@ -218,9 +232,9 @@ class Worker:
         self.mem.clear()
         self.mem = new
 
-    def start_ring(self, msg: Message) -> None:
-        num, flags, desc, avail, used, next_avail, _ = msg.fields
-        flags = RingFlag(flags)
+    def start_ring(self, msg: RingStart) -> None:
+        num, flags, desc, avail, used = msg.num, msg.flags, msg.desc, msg.avail, msg.used
+        next_avail = msg.next_avail
         fds = list(msg.fds)
         kick = fds.pop(0) if flags & RingFlag.HAS_KICK and fds else None
         call = fds.pop(0) if flags & RingFlag.HAS_CALL and fds else None
@@ -533,7 +547,7 @@ class Worker:
         self.process()
 
     def run(self) -> None:
-        control.send(self.channel, control.encode(MsgType.READY, 0, self.index))
+        control.send(self.channel, Ready(self.index, seq=0))
         chan = self.channel.fileno()
         while self.running:
             engine = self.engine

@@ -14,8 +14,7 @@ import subprocess
 
 import pytest
 
-from pyvirtiofsd.common import control
-from pyvirtiofsd.common.control import MsgType
+from pyvirtiofsd.common.control import RingStop
 from pyvirtiofsd.supervisor.procs import ProcessTable, WorkerGone, WorkerHandle
 
 
@@ -28,7 +27,7 @@ def test_an_empty_answer_kills_the_worker() -> None:
     try:
         theirs.send(b"")
         with pytest.raises(WorkerGone):
-            table.request(0, lambda seq: control.encode(MsgType.RING_STOP, seq))
+            table.request(0, lambda seq: RingStop(seq=seq))
         assert select.select([handle.pidfd], [], [], 10)[0], "the worker was not killed"
         assert sleeper.wait(10) == -9
     finally:

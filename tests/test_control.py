@@ -1,0 +1,96 @@
+"""The control messages' wire format, pinned byte for byte, and their fd rules.
+
+Supervisor and workers of one daemon always run the same code, but the layout is what the
+fuzzers and the worker's seccomp-confined decoder are written against: a change must show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+import pytest
+
+from pyvirtiofsd.common import control
+from pyvirtiofsd.common.control import MsgType, RingFlag
+
+ALL = control.TO_WORKER | control.FROM_WORKER | control.TO_SPAWNER | control.FROM_SPAWNER
+
+# (message, its datagram in hex): header "=HxxI" (type, seq), then the payload.
+GOLDEN = [
+    (control.RingStart(8, RingFlag.HAS_KICK | RingFlag.EVENT_IDX, 0x1000, 0x2000, 0x3000, 7,
+                       seq=5),
+     "0200000005000000" "08000000" "05000000" "0010000000000000" "0020000000000000"
+     "0030000000000000" "07000000" "00000000"),
+    (control.RingStop(seq=1), "0300000001000000"),
+    (control.SetCall(0, seq=2), "0400000002000000" "00000000"),
+    (control.SetEnable(1, seq=3), "0500000003000000" "01000000"),
+    (control.Shutdown(seq=4), "0600000004000000"),
+    (control.MemUnmap(seq=6), "0700000006000000"),
+    (control.Spawn(2, seq=2), "1000000002000000" "02000000"),
+    (control.Spawned(4242, seq=2), "1100000002000000" "92100000"),
+    (control.Standby(seq=0xFFFFFFFF), "12000000ffffffff"),
+    (control.Ready(3, seq=0), "2000000000000000" "03000000"),
+    (control.Ack(seq=9), "2100000009000000"),
+    (control.Stopped(0x1234, seq=9), "2200000009000000" "34120000"),
+    (control.Failed(-errno.EPERM, seq=9), "2300000009000000" "ffffffff"),
+]
+
+
+def test_every_type_is_pinned() -> None:
+    assert {m.type for m, _ in GOLDEN} | {MsgType.MEM_TABLE} == set(MsgType)
+
+
+@pytest.mark.parametrize(("msg", "wire"), GOLDEN, ids=[m.type.name for m, _ in GOLDEN])
+def test_wire_format(msg: control.Message, wire: str) -> None:
+    assert msg.pack().hex() == wire
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(msg.FDS[0])]
+    try:
+        assert control.decode(bytes.fromhex(wire), list(fds), ALL) == \
+            dataclasses.replace(msg, fds=tuple(fds))
+    finally:
+        control.close_fds(fds)
+
+
+def test_mem_table_is_one_row_per_region_with_one_fd_each() -> None:
+    regions = (control.Region(0, 0x1000, 0x7F0000000000, 0),
+               control.Region(0x100000, 0x2000, 0x7F0000100000, 0x1000))
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in regions]
+    data = control.MemTable(regions, seq=1, fds=tuple(fds)).pack()
+    assert data[:8].hex() == "0100000001000000"
+    assert data[8:40].hex() == ("0000000000000000" "0010000000000000" "00000000007f0000"
+                                "0000000000000000")
+    msg = control.decode(data, list(fds), control.TO_WORKER)
+    assert isinstance(msg, control.MemTable) and msg.regions == regions
+    control.close_fds(msg.fds)
+    # One fd short: refused, and the fd that did come is closed.
+    fd = os.open("/dev/null", os.O_RDONLY)
+    with pytest.raises(control.ProtocolError, match="MEM_TABLE with 1 fds"):
+        control.decode(data, [fd], control.TO_WORKER)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+@pytest.mark.parametrize(("msg", "most"), [
+    (control.RingStart(8, RingFlag(0), 0, 0, 0, 0, seq=1), 3),
+    (control.SetCall(1, seq=1), 1),
+    (control.Spawn(0, seq=1), 1),
+    (control.Standby(seq=1), 1),
+    (control.RingStop(seq=1), 0),
+    (control.Failed(errno.EIO, seq=1), 0),
+], ids=lambda v: v.type.name if isinstance(v, control.Message) else str(v))
+def test_fd_allowance(msg: control.Message, most: int) -> None:
+    fewest = msg.FDS[0]
+    for n in range(fewest, most + 1):
+        fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(n)]
+        got = control.decode(msg.pack(), fds, ALL)
+        assert got.fds == tuple(fds)
+        control.close_fds(fds)
+    for n in {fewest - 1, most + 1} - {-1}:
+        fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(n)]
+        with pytest.raises(control.ProtocolError, match=f"with {n} fds"):
+            control.decode(msg.pack(), fds, ALL)
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
