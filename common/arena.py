@@ -70,11 +70,15 @@ import errno
 import mmap
 import os
 import weakref
+from typing import Generic, Protocol, TypeVar
 
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.journal import QueueJournal
 
-__all__ = ["Arena", "HandleTable", "InodeTable", "QueueCounters"]
+__all__ = ["Arena", "HandleTable", "InodeTable", "Pinnable", "Pinned", "QueueCounters"]
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 _MAX_SLOTS = 1 << 30
 _U64_MAX = (1 << 64) - 1
@@ -114,16 +118,25 @@ def _refused(arena_c, kind: str, capacity: int) -> OSError:
     return OSError(errno.ENFILE, f"{kind} table full ({capacity} entries)")
 
 
-class _Pinned:
-    """Context manager pinning one id of a table for the duration of a with-block."""
+class Pinnable(Protocol[T_co]):
+    """A table whose ids can be pinned: what `acquire` returns stays valid until `release`."""
+
+    def acquire(self, ident: int, /) -> T_co: ...
+
+    def release(self, ident: int, /) -> None: ...
+
+
+class Pinned(Generic[T]):
+    """``with Pinned(table, id) as what_acquire_returns:`` -- acquire, release on exit; for
+    any Pinnable table (the arena's own, and the journaled views of them in a queue worker)."""
 
     __slots__ = ("_id", "_table")
 
-    def __init__(self, table, ident: int) -> None:  # an InodeTable or a HandleTable
+    def __init__(self, table: Pinnable[T], ident: int) -> None:
         self._table = table
         self._id = ident
 
-    def __enter__(self):
+    def __enter__(self) -> T:
         return self._table.acquire(self._id)
 
     def __exit__(self, *exc: object) -> None:
@@ -132,7 +145,7 @@ class _Pinned:
 
 class _SlotTable:
     """What both tables share on the Python side: the C view, reusable out-parameters (one
-    thread per process uses an Arena), the id-checking call and the pinning helper."""
+    thread per process uses an Arena) and the id-checking call."""
 
     _kind = ""
 
@@ -154,9 +167,6 @@ class _SlotTable:
         if rc:
             raise _bad_id(self._kind, ident)
 
-    def pinned(self, ident: int) -> _Pinned:
-        """``with table.pinned(id) as what_acquire_returns:`` -- acquire, release on exit."""
-        return _Pinned(self, ident)
 
 
 class InodeTable(_SlotTable):
@@ -193,6 +203,10 @@ class InodeTable(_SlotTable):
     def release(self, nodeid: int) -> None:
         """Unpin `nodeid`; closes its fd if it was forgotten and this was the last pin."""
         self._by_id(nodeid, _lib.vfs_inode_release, self._c, nodeid)
+
+    def pinned(self, nodeid: int) -> Pinned[int]:
+        """``with inodes.pinned(nodeid) as fd:`` -- the fd stays open for the block."""
+        return Pinned(self, nodeid)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """FORGET: drop up to `nlookup` lookups; the root is never freed, unknown ids ignored."""
@@ -270,6 +284,10 @@ class HandleTable(_SlotTable):
     def release(self, fh: int) -> None:
         """Unpin `fh`; closes the fd if it was removed and this was the last pin."""
         self._by_id(fh, _lib.vfs_handle_release, self._c, fh)
+
+    def pinned(self, fh: int) -> Pinned[tuple[int, int, int]]:
+        """``with handles.pinned(fh) as (fd, nodeid, flags):`` -- valid for the block."""
+        return Pinned(self, fh)
 
     def remove(self, fh: int) -> None:
         """RELEASE: `fh` is unusable at once; its fd is closed when the last pin goes."""

@@ -405,3 +405,55 @@ def test_kill_points_are_those_of_the_plane_asked_for(rig) -> None:
     line = r.daemon.wait_for("answered natively", timeout=10)
     m = re.search(r"queue 1: ring stopped at \d+; (\d+) request\(s\) answered natively", line)
     assert m and int(m.group(1)) >= 2, line
+
+
+def test_journaled_fs_lists_every_operation() -> None:
+    # An operation JournaledFs does not list itself would fall back to Filesystem's ENOSYS
+    # default and the guest would lose it only in queue workers; nothing is forwarded by
+    # attribute lookup either, so what a request runs is what the class says.
+    from pyvirtiofsd.worker import recovery
+    from pyvirtiofsd.worker.filesystem import Filesystem
+
+    operations = {n for n, v in vars(Filesystem).items() if callable(v) and n[0] != "_"}
+    assert operations - set(vars(recovery.JournaledFs)) == set()
+    for cls in (recovery.JournaledFs, recovery.JournaledArena, recovery.JournaledInodes,
+                recovery.JournaledHandles):
+        assert "__getattr__" not in vars(cls), cls
+
+
+def test_identify_tells_what_a_name_is_as_the_daemon(tmp_path: Path) -> None:
+    # The pre-state of a non-idempotent call: (dev, ino) of the name, None when absent, an
+    # error for what no operation would accept -- read as the daemon, so that a caller who
+    # may not search the directory cannot make a completed call look not done.
+    from pyvirtiofsd.common.arena import Arena
+    from pyvirtiofsd.worker.filesystem import Context, FsOptions
+    from pyvirtiofsd.worker.passthrough import PassthroughFs
+
+    arena = Arena.create(max_inodes=16, max_handles=4, max_queues=1)
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    st_ = os.fstat(root)
+    arena.inodes.set_root(root, st_.st_dev, st_.st_ino)
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "d" / "f").write_bytes(b"x")
+    proc = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY)
+    fs = PassthroughFs(arena, proc, FsOptions())
+    try:
+        d = fs.lookup(Context(0, 0, 0), ROOT, b"d").nodeid
+        f = os.stat(tmp_path / "d" / "f")
+        assert fs.identify(d, b"f") == (f.st_dev, f.st_ino)
+        assert fs.identify(d, b"absent") is None
+        for bad in (b"", b".", b"..", b"a/b", b"a\0b", b"n" * (fa.NAME_MAX + 1)):
+            with pytest.raises(OSError):
+                fs.identify(d, bad)
+        with pytest.raises(OSError) as e:
+            fs.identify(1 << 40, b"f")
+        assert e.value.errno == errno.EBADF
+        if os.geteuid() == 0:
+            # A caller that may not search `d` is refused; identify still sees the name.
+            with pytest.raises(PermissionError):
+                fs.lookup(Context(4242, 4242, 0), d, b"f")
+            assert fs.identify(d, b"f") == (f.st_dev, f.st_ino)
+    finally:
+        fs.restore_credentials()
+        os.close(proc)
+        arena.close()

@@ -48,6 +48,7 @@ from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
 
@@ -113,7 +114,7 @@ class Worker:
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
-              journal: Journal, make_fs: Callable[[JournaledArena], object],
+              journal: Journal, make_fs: Callable[[JournaledArena], PassthroughFs],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
               poll_us: int = 0, stats: Stats | None = None,
               options: FsOptions | None = None) -> Worker:
@@ -144,8 +145,7 @@ class Worker:
                 # Test hooks fire between the Python plane's steps: the requests they name
                 # are served there, from the same journal records.
                 engine.serve_in_python(hooks.opcodes())
-            native_options = getattr(fs, "native_options", None)
-            native = native_options() if native_options is not None else None
+            native = fs.native_options()
             if native is not None:
                 engine.serve_natively(session.address, **native)
                 fs.share_credentials(engine.credentials)

@@ -57,13 +57,16 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.xattrmap import XattrMap
 from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+
+if TYPE_CHECKING:
+    from pyvirtiofsd.worker.recovery import JournaledArena
 
 _libc = ctypes.CDLL(None, use_errno=True)
 T = TypeVar("T")
@@ -215,7 +218,8 @@ class Credentials:
 
 
 class PassthroughFs(Filesystem):
-    def __init__(self, arena: Arena, proc_self_fd: int, options: FsOptions) -> None:
+    def __init__(self, arena: Arena | JournaledArena, proc_self_fd: int,
+                 options: FsOptions) -> None:
         self._inodes = arena.inodes
         self._handles = arena.handles
         self._proc = proc_self_fd
@@ -318,6 +322,21 @@ class PassthroughFs(Filesystem):
             native.setfsgid(os.getegid())
             self._creds.fsuid = os.geteuid()
             self._creds.fsgid = os.getegid()
+
+    def identify(self, parent: int, name: bytes) -> tuple[int, int] | None:
+        """(dev, ino) that `name` in `parent` refers to now, None if absent; OSError if that
+        cannot be told (a name no operation would accept, an unknown parent).  Crash recovery
+        (worker/recovery.py) compares these before and after a non-idempotent call.  It asks
+        as the daemon itself, so that the caller's permissions cannot hide a name; the next
+        operation switches to its caller again."""
+        self.restore_credentials()
+        _check_name(name)
+        with self._inodes.pinned(parent) as pfd:
+            try:
+                st = _lstat_at(pfd, name)
+            except FileNotFoundError:
+                return None
+        return st.st_dev, st.st_ino
 
     # -- the native data plane (worker/engine.c) shares these -----------------------------
     def native_options(self) -> dict[str, int | bool] | None:

@@ -58,11 +58,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common.arena import Arena, HandleTable, InodeTable, Pinned
 from pyvirtiofsd.common.journal import Effect, Inflight, PinKind, PreState, QueueJournal, SlotState
-from pyvirtiofsd.worker.filesystem import Filesystem
+from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+from pyvirtiofsd.worker.passthrough import PassthroughFs
+from pyvirtiofsd.worker.testhooks import Hooks
 
 log = logging.getLogger("pyvirtiofsd.recovery")
 
@@ -79,34 +83,20 @@ FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_INSERT_RANGE = 0x20
 _NO_CREATE = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)
 
-
-class _Pinned:
-    __slots__ = ("_id", "_table")
-
-    def __init__(self, table, ident: int) -> None:
-        self._table = table
-        self._id = ident
-
-    def __enter__(self):
-        return self._table.acquire(self._id)
-
-    def __exit__(self, *exc: object) -> None:
-        self._table.release(self._id)
+T = TypeVar("T")
 
 
 class JournaledInodes:
     """The shared inode table, with this worker's pins and lookup counts journaled (in the
     order common/state.c's vfs_*_j functions keep, which the native engine calls too)."""
 
-    def __init__(self, table, journal: QueueJournal) -> None:
+    ROOT = InodeTable.ROOT
+
+    def __init__(self, table: InodeTable, journal: QueueJournal) -> None:
         self._t = table
         self._j = journal
-        self.ROOT = table.ROOT
         self.skip_forgets = 0      # set for a replay: FORGETs its first run applied
         self.pending: tuple[int, int] | None = None    # and the one it may have applied
-
-    def __getattr__(self, name: str):
-        return getattr(self._t, name)
 
     def lookup_or_insert(self, fd: int, dev: int, ino: int, mnt_id: int = 0) -> tuple[int, bool]:
         return self._t.lookup_or_insert_journaled(self._j, fd, dev, ino, mnt_id)
@@ -117,8 +107,8 @@ class JournaledInodes:
     def release(self, nodeid: int) -> None:
         self._t.release_journaled(self._j, nodeid)
 
-    def pinned(self, nodeid: int) -> _Pinned:
-        return _Pinned(self, nodeid)
+    def pinned(self, nodeid: int) -> Pinned[int]:
+        return Pinned(self, nodeid)
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         if self.skip_forgets:
@@ -139,16 +129,23 @@ class JournaledInodes:
             return True                     # the entry is gone: the FORGET dropped it
         return now != before and now == max(0, before - nlookup)
 
+    # Whole-table calls hold no pin and count no lookup of one request: nothing to journal.
+    def forget_all(self) -> None:
+        self._t.forget_all()
+
+    def info(self, nodeid: int) -> tuple[int, int, int]:
+        return self._t.info(nodeid)
+
+    def live_count(self) -> int:
+        return self._t.live_count()
+
 
 class JournaledHandles:
     """The shared handle table, with this worker's pins and the handles it opened journaled."""
 
-    def __init__(self, table, journal: QueueJournal) -> None:
+    def __init__(self, table: HandleTable, journal: QueueJournal) -> None:
         self._t = table
         self._j = journal
-
-    def __getattr__(self, name: str):
-        return getattr(self._t, name)
 
     def insert(self, fd: int, nodeid: int, flags: int) -> int:
         return self._t.insert_journaled(self._j, fd, nodeid, flags)
@@ -159,22 +156,30 @@ class JournaledHandles:
     def release(self, fh: int) -> None:
         self._t.release_journaled(self._j, fh)
 
-    def pinned(self, fh: int) -> _Pinned:
-        return _Pinned(self, fh)
+    def pinned(self, fh: int) -> Pinned[tuple[int, int, int]]:
+        return Pinned(self, fh)
+
+    # RELEASE's removal is undone by no replay (a replayed RELEASE of a removed handle is
+    # answered with success, JournaledFs.release), so it is not journaled.
+    def remove(self, fh: int) -> None:
+        self._t.remove(fh)
+
+    def remove_all(self) -> None:
+        self._t.remove_all()
+
+    def live_count(self) -> int:
+        return self._t.live_count()
 
 
 class JournaledArena:
     """What a filesystem sees of the arena in a queue worker: the same tables, journaled."""
 
-    def __init__(self, arena, journal: QueueJournal) -> None:
+    def __init__(self, arena: Arena, journal: QueueJournal) -> None:
         self.arena = arena
         self.journal = journal
         self.inodes = JournaledInodes(arena.inodes, journal)
         self.handles = JournaledHandles(arena.handles, journal)
         self.counters = arena.counters
-
-    def __getattr__(self, name: str):
-        return getattr(self.arena, name)
 
     def reclaim(self) -> None:
         """Release the pins and close the fds a dead predecessor on this queue left behind."""
@@ -215,34 +220,110 @@ class JournaledArena:
         return forgets, pending
 
 
-class JournaledFs:
+class JournaledFs(Filesystem):
     """A Filesystem whose non-idempotent calls journal their pre-state, and which answers a
-    replayed EXECUTING request from the filesystem's current state (see the module doc)."""
+    replayed EXECUTING request from the filesystem's current state (see the module doc).
 
-    def __init__(self, inner, tables: JournaledArena, hooks=None) -> None:
+    Every operation is listed: the idempotent ones pass straight to the inner filesystem, the
+    others are overridden below.  With test hooks, each call fires the "executing" and
+    "executed" kill points around the inner call."""
+
+    def __init__(self, inner: PassthroughFs, tables: JournaledArena,
+                 hooks: Hooks | None = None) -> None:
         self.inner = inner
         self._tables = tables
         self._inodes = tables.inodes
         self._handles = tables.handles
         self._j = tables.journal
         self._hooks = hooks
-        self._restore = getattr(inner, "restore_credentials", None)
         self.replay: Inflight | None = None
-        # Every other method of the inner filesystem is bound here once, so that calling it
-        # costs no __getattr__; with test hooks, the Filesystem operations among them fire
-        # the "executing" and "executed" points around the call.
-        own = {n for n in dir(type(self)) if not n.startswith("_")}
-        operations = {n for n in dir(Filesystem) if not n.startswith("_")}
-        for name in dir(inner):
-            if name.startswith("_") or name in own or name == "options":
-                continue
-            fn = getattr(inner, name)
-            if callable(fn):
-                hooked = hooks is not None and name in operations
-                setattr(self, name, self._hooked(fn) if hooked else fn)
 
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+    # -- what the worker and the native engine ask of the filesystem ------------------------
+    @property
+    def options(self) -> FsOptions:
+        return self.inner.options
+
+    def native_options(self) -> dict[str, int | bool] | None:
+        return self.inner.native_options()
+
+    def share_credentials(self, shared: object) -> None:
+        self.inner.share_credentials(shared)
+
+    def restore_credentials(self) -> None:
+        self.inner.restore_credentials()
+
+    # -- idempotent operations: served as they are ------------------------------------------
+    def init(self, capable: int) -> int:
+        return self._call(self.inner.init, capable)
+
+    def destroy(self) -> None:
+        return self._call(self.inner.destroy)
+
+    def lookup(self, ctx: Context, parent: int, name: bytes) -> Entry:
+        return self._call(self.inner.lookup, ctx, parent, name)
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        return self._call(self.inner.forget, nodeid, nlookup)
+
+    def batch_forget(self, items: Iterable[tuple[int, int]]) -> None:
+        return self._call(self.inner.batch_forget, items)
+
+    def getattr(self, ctx: Context, nodeid: int, fh: int | None) -> tuple[os.stat_result, float]:
+        return self._call(self.inner.getattr, ctx, nodeid, fh)
+
+    def setattr(self, ctx: Context, nodeid: int, attr: fa.SetattrIn,
+                fh: int | None) -> tuple[os.stat_result, float]:
+        return self._call(self.inner.setattr, ctx, nodeid, attr, fh)
+
+    def readlink(self, ctx: Context, nodeid: int) -> bytes:
+        return self._call(self.inner.readlink, ctx, nodeid)
+
+    def open(self, ctx: Context, nodeid: int, flags: int, kill_priv: bool) -> tuple[int, int]:
+        return self._call(self.inner.open, ctx, nodeid, flags, kill_priv)
+
+    def read(self, ctx: Context, nodeid: int, fh: int, offset: int,
+             bufs: Sequence[memoryview]) -> int:
+        return self._call(self.inner.read, ctx, nodeid, fh, offset, bufs)
+
+    def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
+        return self._call(self.inner.flush, ctx, nodeid, fh, lock_owner)
+
+    def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        return self._call(self.inner.fsync, ctx, nodeid, fh, datasync)
+
+    def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
+        return self._call(self.inner.lseek, ctx, nodeid, fh, offset, whence)
+
+    def copy_file_range(self, ctx: Context, nodeid_in: int, fh_in: int, off_in: int,
+                        nodeid_out: int, fh_out: int, off_out: int, length: int,
+                        flags: int) -> int:
+        return self._call(self.inner.copy_file_range, ctx, nodeid_in, fh_in, off_in,
+                          nodeid_out, fh_out, off_out, length, flags)
+
+    def opendir(self, ctx: Context, nodeid: int, flags: int) -> tuple[int, int]:
+        return self._call(self.inner.opendir, ctx, nodeid, flags)
+
+    def readdir(self, ctx: Context, nodeid: int, fh: int, offset: int,
+                size: int) -> Iterable[DirEntry]:
+        return self._call(self.inner.readdir, ctx, nodeid, fh, offset, size)
+
+    def fsyncdir(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        return self._call(self.inner.fsyncdir, ctx, nodeid, fh, datasync)
+
+    def statfs(self, ctx: Context, nodeid: int) -> os.statvfs_result:
+        return self._call(self.inner.statfs, ctx, nodeid)
+
+    def syncfs(self, ctx: Context, nodeid: int) -> None:
+        return self._call(self.inner.syncfs, ctx, nodeid)
+
+    def access(self, ctx: Context, nodeid: int, mask: int) -> None:
+        return self._call(self.inner.access, ctx, nodeid, mask)
+
+    def getxattr(self, ctx: Context, nodeid: int, name: bytes, size: int) -> bytes | int:
+        return self._call(self.inner.getxattr, ctx, nodeid, name, size)
+
+    def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
+        return self._call(self.inner.listxattr, ctx, nodeid, size)
 
     # -- replay bookkeeping ------------------------------------------------------------------
     def begin_replay(self, rec: Inflight) -> None:
@@ -273,54 +354,28 @@ class JournaledFs:
             return None
         return rec.pre
 
-    def _hooked(self, fn: Callable) -> Callable:
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Make the call, between the test hooks' kill points when there are any."""
         hooks = self._hooks
-
-        def call(*args, **kw):
-            hooks.at("executing")
-            result = fn(*args, **kw)
-            hooks.at("executed")
-            return result
-        return call
-
-    def _run(self, pre: PreState, fn: Callable, *args):
-        """Journal `pre`, then make the call."""
-        self._j.executing(pre)
-        hooks = self._hooks
-        if hooks is not None:
-            hooks.at("executing")
+        if hooks is None:
+            return fn(*args)
+        hooks.at("executing")
         result = fn(*args)
-        if hooks is not None:
-            hooks.at("executed")
+        hooks.at("executed")
         return result
 
+    def _run(self, pre: PreState, fn: Callable[..., T], *args: Any) -> T:
+        """Journal `pre`, then make the call."""
+        self._j.executing(pre)
+        return self._call(fn, *args)
+
     # -- taking pre-states -------------------------------------------------------------------
-    def _as_daemon(self) -> None:
-        # Pre-states are read with the daemon's own credentials so the caller's permissions
-        # cannot hide a name; the call itself runs as the caller again.
-        if self._restore is not None:
-            self._restore()
-
-    def _ident(self, parent: int, name: bytes) -> tuple[int, int] | None:
-        """(dev, ino) that `name` in `parent` refers to now, None if absent; OSError if that
-        cannot be told."""
-        if not name or b"/" in name or b"\0" in name or name in (b".", b"..") \
-                or len(name) > fa.NAME_MAX:
-            raise OSError(errno.EINVAL, "not a single name")
-        with self._inodes.pinned(parent) as pfd:
-            try:
-                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-        return st.st_dev, st.st_ino
-
     def _names(self, a: tuple[int, bytes], b: tuple[int, bytes] | None = None) -> PreState:
-        self._as_daemon()
         flags = 0
         vals = [0, 0, 0, 0]
         try:
-            ia = self._ident(*a)
-            ib = self._ident(*b) if b is not None else None
+            ia = self.inner.identify(*a)
+            ib = self.inner.identify(*b) if b is not None else None
         except OSError:
             return PreState(PRE_NAMES, F_UNKNOWN)
         if ia is not None:
@@ -340,10 +395,10 @@ class JournaledFs:
         return pre.values[2:4] if pre.flags & F_B else None
 
     def _now(self, parent: int, name: bytes) -> tuple[int, int] | bool | None:
-        """Like _ident, False when it cannot be told."""
-        self._as_daemon()
+        """What `name` in `parent` refers to now (PassthroughFs.identify), False when that
+        cannot be told."""
         try:
-            return self._ident(parent, name)
+            return self.inner.identify(parent, name)
         except OSError:
             return False
 
@@ -371,24 +426,25 @@ class JournaledFs:
         now = self._now(parent, name)
         return now is not None and now is not False
 
-    def mkdir(self, ctx, parent, name, mode):
+    def mkdir(self, ctx: Context, parent: int, name: bytes, mode: int) -> Entry:
         if self._created(parent, name):
             return self.inner.lookup(ctx, parent, name)
         return self._run(self._names((parent, name)), self.inner.mkdir, ctx, parent, name, mode)
 
-    def mknod(self, ctx, parent, name, mode, rdev):
+    def mknod(self, ctx: Context, parent: int, name: bytes, mode: int, rdev: int) -> Entry:
         if self._created(parent, name):
             return self.inner.lookup(ctx, parent, name)
         return self._run(self._names((parent, name)), self.inner.mknod, ctx, parent, name, mode,
                          rdev)
 
-    def symlink(self, ctx, target, parent, name):
+    def symlink(self, ctx: Context, target: bytes, parent: int, name: bytes) -> Entry:
         if self._created(parent, name):
             return self.inner.lookup(ctx, parent, name)
         return self._run(self._names((parent, name)), self.inner.symlink, ctx, target, parent,
                          name)
 
-    def create(self, ctx, parent, name, mode, flags, kill_priv):
+    def create(self, ctx: Context, parent: int, name: bytes, mode: int, flags: int,
+               kill_priv: bool) -> tuple[Entry, int, int]:
         if self._created(parent, name):
             entry = self.inner.lookup(ctx, parent, name)
             try:
@@ -400,7 +456,7 @@ class JournaledFs:
         return self._run(self._names((parent, name)), self.inner.create, ctx, parent, name,
                          mode, flags, kill_priv)
 
-    def link(self, ctx, nodeid, newparent, newname):
+    def link(self, ctx: Context, nodeid: int, newparent: int, newname: bytes) -> Entry:
         pre = self._replayed(PRE_NAMES)
         if pre is not None and self._a(pre) is None:
             target = self._inode_ident(nodeid)
@@ -417,17 +473,18 @@ class JournaledFs:
         now = self._now(parent, name)
         return now is not False and now != self._a(pre)
 
-    def unlink(self, ctx, parent, name):
+    def unlink(self, ctx: Context, parent: int, name: bytes) -> None:
         if self._removed(parent, name):
             return None
         return self._run(self._names((parent, name)), self.inner.unlink, ctx, parent, name)
 
-    def rmdir(self, ctx, parent, name):
+    def rmdir(self, ctx: Context, parent: int, name: bytes) -> None:
         if self._removed(parent, name):
             return None
         return self._run(self._names((parent, name)), self.inner.rmdir, ctx, parent, name)
 
-    def rename(self, ctx, olddir, oldname, newdir, newname, flags):
+    def rename(self, ctx: Context, olddir: int, oldname: bytes, newdir: int, newname: bytes,
+               flags: int) -> None:
         pre = self._replayed(PRE_NAMES)
         if pre is not None and self._a(pre) is not None and self._a(pre) != self._b(pre):
             old, new = self._now(olddir, oldname), self._now(newdir, newname)
@@ -442,7 +499,8 @@ class JournaledFs:
                          ctx, olddir, oldname, newdir, newname, flags)
 
     # -- size-changing writes ----------------------------------------------------------------
-    def write(self, ctx, nodeid, fh, offset, bufs, write_flags, open_flags):
+    def write(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence[memoryview],
+              write_flags: int, open_flags: int) -> int:
         if not open_flags & os.O_APPEND or write_flags & fa.WRITE_CACHE:
             return self._call(self.inner.write, ctx, nodeid, fh, offset, bufs, write_flags,
                               open_flags)
@@ -456,7 +514,8 @@ class JournaledFs:
         return self._run(state, self.inner.write, ctx, nodeid, fh, offset, bufs, write_flags,
                          open_flags)
 
-    def fallocate(self, ctx, nodeid, fh, mode, offset, length):
+    def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
+                  length: int) -> None:
         if not mode & (FALLOC_FL_COLLAPSE_RANGE | FALLOC_FL_INSERT_RANGE):
             return self._call(self.inner.fallocate, ctx, nodeid, fh, mode, offset, length)
         pre = self._replayed(PRE_SIZE)
@@ -470,14 +529,15 @@ class JournaledFs:
         return self._run(state, self.inner.fallocate, ctx, nodeid, fh, mode, offset, length)
 
     # -- extended attributes -----------------------------------------------------------------
-    def _xattr_present(self, ctx, nodeid, name) -> bool | None:
+    def _xattr_present(self, ctx: Context, nodeid: int, name: bytes) -> bool | None:
         try:
             self.inner.getxattr(ctx, nodeid, name, 0)
         except OSError as e:
             return False if e.errno == errno.ENODATA else None
         return True
 
-    def setxattr(self, ctx, nodeid, name, value, flags, setxattr_flags):
+    def setxattr(self, ctx: Context, nodeid: int, name: bytes, value: bytes, flags: int,
+                 setxattr_flags: int) -> None:
         if not flags & XATTR_CREATE:
             return self._call(self.inner.setxattr, ctx, nodeid, name, value, flags,
                               setxattr_flags)
@@ -493,7 +553,7 @@ class JournaledFs:
         return self._run(state, self.inner.setxattr, ctx, nodeid, name, value, flags,
                          setxattr_flags)
 
-    def removexattr(self, ctx, nodeid, name):
+    def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         pre = self._replayed(PRE_XATTR)
         if pre is not None and pre.flags & F_A \
                 and self._xattr_present(ctx, nodeid, name) is False:
@@ -503,14 +563,15 @@ class JournaledFs:
         return self._run(state, self.inner.removexattr, ctx, nodeid, name)
 
     # -- handles -----------------------------------------------------------------------------
-    def release(self, ctx, nodeid, fh, flags, release_flags, lock_owner):
+    def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
+                lock_owner: int) -> None:
         return self._release(self.inner.release, ctx, nodeid, fh, flags, release_flags,
                              lock_owner)
 
-    def releasedir(self, ctx, nodeid, fh, flags):
+    def releasedir(self, ctx: Context, nodeid: int, fh: int, flags: int) -> None:
         return self._release(self.inner.releasedir, ctx, nodeid, fh, flags)
 
-    def _release(self, fn: Callable, *args):
+    def _release(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             return self._call(fn, *args)
         except OSError as e:
@@ -518,8 +579,3 @@ class JournaledFs:
             if self.replay is None or e.errno != errno.EBADF:
                 raise
             return None
-
-    def _call(self, fn: Callable, *args):
-        if self._hooks is not None:
-            return self._hooked(fn)(*args)
-        return fn(*args)
