@@ -18,7 +18,6 @@ import resource
 import select
 import signal
 import socket
-import sys
 import time
 
 import prctl
@@ -28,7 +27,7 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.stats import Stats, bucket_bounds_us, queue_entry
-from pyvirtiofsd.common.vhost_user import HEADER_SIZE, MAX_FDS, Header, HeaderFlag
+from pyvirtiofsd.common.vhost_user import Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import Config, error_exit
@@ -37,7 +36,7 @@ from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessT
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.systemd import Notifier
-from pyvirtiofsd.supervisor.vhost import Backend, Disconnect
+from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, receive
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
 from pyvirtiofsd.worker.main import Worker
@@ -45,7 +44,6 @@ from pyvirtiofsd.worker.passthrough import PassthroughFs
 
 log = logging.getLogger("pyvirtiofsd")
 
-MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
 # Share of the open-file limit kept for the daemon's own fds in the table the workers share
 # (control channels, guest memory, notifiers, respawns), as virtiofsd keeps about 40 %: the
 # guest's inodes and handles get the rest, and past it LOOKUP, OPEN and CREATE answer ENFILE.
@@ -81,52 +79,6 @@ def fs_options(config: Config) -> FsOptions:
         preserve_noatime=config.preserve_noatime,
         allow_mmap=config.allow_mmap,
     )
-
-
-def recv_message(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
-    """One vhost-user message: the header arrives with any fds (spec "Communication")."""
-    fds: list[int] = []
-    data, anc, flags, _ = conn.recvmsg(HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
-    for level, kind, cdata in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.extend(int.from_bytes(cdata[i:i + 4], sys.byteorder)
-                       for i in range(0, len(cdata) - len(cdata) % 4, 4))
-    try:
-        if flags & socket.MSG_CTRUNC:
-            # Name the request when its header came whole with the fds, as for other errors.
-            what = f"request {Header.unpack(data).request}: " if len(data) == HEADER_SIZE else ""
-            raise Disconnect(f"{what}more than {MAX_FDS} file descriptors in one message")
-        if not data:
-            if fds:
-                raise Disconnect("file descriptors without a message")
-            return None
-        conn.settimeout(MESSAGE_TIMEOUT)
-        try:
-            while len(data) < HEADER_SIZE:
-                more = conn.recv(HEADER_SIZE - len(data))
-                if not more:
-                    raise Disconnect("connection closed inside a message header")
-                data += more
-            hdr = Header.unpack(data)
-            if not hdr.is_valid():
-                raise Disconnect(f"request {hdr.request}: invalid header (flags {hdr.flags:#x},"
-                                 f" size {hdr.size})")
-            payload = b""
-            while len(payload) < hdr.size:
-                more = conn.recv(hdr.size - len(payload))
-                if not more:
-                    raise Disconnect(f"request {hdr.request}: connection closed inside payload")
-                payload += more
-        except TimeoutError:
-            raise Disconnect("a message stayed incomplete for"
-                             f" {MESSAGE_TIMEOUT:.0f} s") from None
-        finally:
-            conn.settimeout(None)
-        return hdr, payload, fds
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
 
 
 class Supervisor:
@@ -338,7 +290,7 @@ class Supervisor:
             while True:
                 self.wait(conn, wake)
                 try:
-                    msg = recv_message(conn)
+                    msg = receive(conn)
                     if msg is None:
                         log.info("front-end disconnected")
                         return

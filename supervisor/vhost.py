@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +23,8 @@ from pyvirtiofsd.common.control import MAX_FDS as CONTROL_MAX_FDS
 from pyvirtiofsd.common.control import RingFlag, RingGeometry
 from pyvirtiofsd.common.vhost_user import (
     F_PROTOCOL_FEATURES,
+    HEADER_SIZE,
+    MAX_FDS,
     U64,
     ConfigSpace,
     Header,
@@ -52,12 +56,64 @@ BASE_PROTOCOL_FEATURES = (
 MAX_MEM_SLOTS = CONTROL_MAX_FDS
 
 
+MESSAGE_TIMEOUT = 10.0   # seconds to receive the rest of a message once it has started
+
+
 class RequestError(Exception):
     """The request is refused; the front-end gets a failure ack (or, without one, a log line)."""
 
 
 class Disconnect(Exception):
     """The connection cannot continue (bad framing, or a reply we cannot give)."""
+
+
+def receive(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
+    """One vhost-user message off the connection, framed: the header arrives with any fds
+    (spec "Communication"), is checked here (flags, payload size) before the payload is read,
+    and the rest of the checks are Backend.gate()'s.  None: the front-end closed the
+    connection.  Every fd received is closed on any error."""
+    fds: list[int] = []
+    data, anc, flags, _ = conn.recvmsg(HEADER_SIZE, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, cdata in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(cdata[i:i + 4], sys.byteorder)
+                       for i in range(0, len(cdata) - len(cdata) % 4, 4))
+    try:
+        if flags & socket.MSG_CTRUNC:
+            # Name the request when its header came whole with the fds, as for other errors.
+            what = f"request {Header.unpack(data).request}: " if len(data) == HEADER_SIZE else ""
+            raise Disconnect(f"{what}more than {MAX_FDS} file descriptors in one message")
+        if not data:
+            if fds:
+                raise Disconnect("file descriptors without a message")
+            return None
+        conn.settimeout(MESSAGE_TIMEOUT)
+        try:
+            while len(data) < HEADER_SIZE:
+                more = conn.recv(HEADER_SIZE - len(data))
+                if not more:
+                    raise Disconnect("connection closed inside a message header")
+                data += more
+            hdr = Header.unpack(data)
+            if not hdr.is_valid():
+                raise Disconnect(f"request {hdr.request}: invalid header (flags {hdr.flags:#x},"
+                                 f" size {hdr.size})")
+            payload = b""
+            while len(payload) < hdr.size:
+                more = conn.recv(hdr.size - len(payload))
+                if not more:
+                    raise Disconnect(f"request {hdr.request}: connection closed inside payload")
+                payload += more
+        except TimeoutError:
+            raise Disconnect("a message stayed incomplete for"
+                             f" {MESSAGE_TIMEOUT:.0f} s") from None
+        finally:
+            conn.settimeout(None)
+        return hdr, payload, fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 class QueueControl(Protocol):
@@ -172,9 +228,8 @@ class Backend:
 
     # -- the one validation gate ----------------------------------------------------------
     def gate(self, hdr: Header, payload: bytes, fds: list[int]) -> Rule:
-        if not hdr.is_valid():
-            raise Disconnect(f"{_name(hdr.request)}: invalid header flags {hdr.flags:#x}"
-                             f" or size {hdr.size}")
+        """The checks on a framed message (receive() checked its header) before its handler
+        runs: known request, payload size, fd count, negotiated feature, owner."""
         try:
             req = Request(hdr.request)
         except ValueError:

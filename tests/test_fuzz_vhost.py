@@ -193,9 +193,9 @@ def test_backend_answers_refuses_or_disconnects(tmp_path_factory, seq) -> None:
                 continue
             hdr = Header.unpack(data[:HEADER_SIZE])
             payload = data[HEADER_SIZE:]
-            if len(payload) != hdr.size:
-                # The socket layer would wait for the rest or refuse the size (daemon.py);
-                # the handler only ever sees whole messages.
+            if len(payload) != hdr.size or not hdr.is_valid():
+                # Framing (vhost.receive) would wait for the rest or refuse the header; the
+                # handler only ever sees whole, framed messages.
                 for fd in fds:
                     os.close(fd)
                 continue
