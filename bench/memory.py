@@ -33,7 +33,7 @@ from tests.proctree import children
 
 from .daemons import Daemon, Running
 from .ring import Engine, Lane, Ring, Slot
-from .workloads import MEM_SIZE, QUEUE_SIZE, U64, Ctx, getattr_root, read_seq_1m
+from .workloads import MEM_SIZE, QUEUE_SIZE, U64, Ctx, failure, getattr_root, read_seq_1m
 
 BIG_DIR = "dir100k"
 BIG_ENTRIES = 100_000
@@ -218,8 +218,7 @@ def measure(daemon: Daemon, shared: str, workdir: str) -> dict[str, dict[str, in
     except LookupsFailed:
         raise
     except Exception as e:
-        tail = run.log_tail(600).strip()
-        raise RuntimeError(f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")) from e
+        raise failure(run, e) from e
     finally:
         if fe is not None:
             fe.close()

@@ -298,6 +298,12 @@ def group_cpu_ns(pgid: int) -> int:
     return total
 
 
+def failure(run, e: Exception) -> RuntimeError:
+    """What a measurement that failed says: the error, then the end of the daemon's log."""
+    tail = run.log_tail(600).strip()
+    return RuntimeError(f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else ""))
+
+
 def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str,
             seconds: float, warmup: float) -> dict[str, float]:
     """One fresh daemon, one workload: {value (in wl.unit), glitches (impossible used.idx
@@ -322,8 +328,7 @@ def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str
                 "glitches": sum(r.glitches for r in rings),
                 "cpu_us": cpu / 1000 / max(1, engine.requests)}
     except Exception as e:
-        tail = run.log_tail(600).strip()
-        raise RuntimeError(f"{type(e).__name__}: {e}" + (f"\n{tail}" if tail else "")) from e
+        raise failure(run, e) from e
     finally:
         if fe is not None:
             fe.close()

@@ -1244,8 +1244,6 @@ static int64_t do_batch_forget(struct vfs_engine *e, uint64_t body_len) {
     return 0;
 }
 
-/* Serve the request in e->in natively: the used length, or DEFER to hand it to Python.  The
- * checks before the switch are FuseServer.handle's, in its order. */
 /* Does an active option the native handlers do not implement change this request?  Then
  * Python serves it.  What a native handler must do to serve it instead:
  *  IDS       map the caller's uid/gid/groups guest->host before acting as them (a forbidden
@@ -1286,6 +1284,8 @@ static int deferred_by_options(const struct vfs_engine *e) {
     return 0;
 }
 
+/* Serve the request in e->in natively: the used length, or DEFER to hand it to Python.  The
+ * checks before the switch are FuseServer.handle's, in its order. */
 static int64_t serve_native(struct vfs_engine *e) {
     if (deferred_by_options(e))
         return DEFER;
