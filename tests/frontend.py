@@ -841,6 +841,9 @@ class DriverQueue:
         # zero-fills first, so the daemon could see a transient 0 avail idx or used_event.
         self.avail16 = self.avail.cast("H")
         self.used = self.mem.view(self.used_gpa, virtio.used_ring_size(size))
+        # Fields the device stores while we read them: one 2-byte load each (struct reads a
+        # byte at a time and could mix an old and a new byte).
+        self.used16 = self.used.cast("H")
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -862,7 +865,7 @@ class DriverQueue:
         self.calls = 0
 
     def close(self) -> None:
-        for v in (self.desc, self.avail, self.used):
+        for v in (self.avail16, self.used16, self.desc, self.avail, self.used):
             v.release()
         _close_fds((self.kick_fd, self.call_fd))
 
@@ -907,10 +910,10 @@ class DriverQueue:
         new, old = self.avail_idx, self._kicked_at
         self._kicked_at = new
         if self.event_idx:
-            (event,) = U16.unpack_from(self.used, self._avail_event_off)
+            event = self.used16[self._avail_event_off >> 1]
             need = virtio.need_event(event, new, old)
         else:
-            (flags,) = U16.unpack_from(self.used, 0)
+            flags = self.used16[0]
             need = not flags & virtio.USED_F_NO_NOTIFY
         if need or force:
             os.eventfd_write(self.kick_fd, 1)
@@ -920,7 +923,7 @@ class DriverQueue:
         return False
 
     def used_idx(self) -> int:
-        return U16.unpack_from(self.used, 2)[0]
+        return self.used16[1]
 
     # -- chains
 
@@ -1008,7 +1011,7 @@ class DriverQueue:
 
     def poll(self) -> int:
         """Harvest every used entry the daemon has published; returns how many."""
-        idx = U16.unpack_from(self.used, 2)[0]
+        idx = self.used16[1]
         n = (idx - self.last_used) & 0xFFFF
         if not n:
             return 0
@@ -1044,7 +1047,7 @@ class DriverQueue:
         if self.event_idx:
             self.avail16[self._used_event_off >> 1] = self.last_used
         fence()  # used_event store before the used.idx re-check (spec 2.7.10 race)
-        return U16.unpack_from(self.used, 2)[0] != self.last_used
+        return self.used16[1] != self.last_used
 
     def _sleep(self, deadline: float) -> None:
         left = deadline - time.monotonic()

@@ -123,7 +123,11 @@ class FakeGuest:
         return U16.unpack(self.read(self.used, 2))[0]
 
     def used_idx(self) -> int:
-        return U16.unpack(self.read(self.used + 2, 2))[0]
+        # One 2-byte load, as a driver does: a byte-wise copy (mmap slicing, struct) racing
+        # the device's store could mix an old and a new byte.
+        m, pos, _ = self._locate(self.used + 2)
+        with memoryview(m) as whole, whole[pos : pos + 2] as field, field.cast("H") as u16:
+            return u16[0]
 
     def set_used_idx(self, idx: int) -> None:
         self.write(self.used + 2, U16.pack(idx))

@@ -75,7 +75,7 @@ class SplitQueue:
     __slots__ = (
         "_mem", "_size", "_mask", "_desc", "_avail", "_used", "_event_idx", "_indirect",
         "_next_avail", "_shadow_avail", "_next_used", "_signalled_used", "_signalled_valid",
-        "_used16",
+        "_used16", "_avail16",
         "_used_event_off", "_avail_event_off",
     )
 
@@ -112,6 +112,10 @@ class SplitQueue:
         # through a u16 view: one 2-byte store.  struct.pack_into zero-fills before it packs,
         # so the driver could observe a transient 0 (a used idx "jumping" backwards).
         self._used16 = self._used.cast("H")
+        # The same for the fields the driver writes while we read them (avail idx, flags,
+        # used_event): struct assembles "<H" a byte at a time, so a read racing the driver's
+        # store could see 0x01FF -> 0x0200 as 0x0100.  x86 and virtio are both little-endian.
+        self._avail16 = self._avail.cast("H")
         self._event_idx = event_idx
         self._indirect = indirect
         self._next_avail = next_avail & 0xFFFF
@@ -144,7 +148,7 @@ class SplitQueue:
         """
         last = self._next_avail
         if last == self._shadow_avail:
-            avail_idx = _U16.unpack_from(self._avail, 2)[0]
+            avail_idx = self._avail16[1]
             if avail_idx == last:
                 return None
             if (avail_idx - last) & 0xFFFF > self._size:
@@ -247,7 +251,7 @@ class SplitQueue:
         # Store (used idx) -> load (flags / used_event) ordering: a full barrier.
         fence()
         if not self._event_idx:
-            return not _U16.unpack_from(self._avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+            return not self._avail16[0] & AVAIL_F_NO_INTERRUPT
         new = self._next_used
         old = self._signalled_used
         valid = self._signalled_valid
@@ -255,7 +259,7 @@ class SplitQueue:
         self._signalled_valid = True
         if not valid:
             return True
-        return need_event(_U16.unpack_from(self._avail, self._used_event_off)[0], new, old)
+        return need_event(self._avail16[self._used_event_off >> 1], new, old)
 
     def disable_notification(self) -> None:
         """Ask the driver not to kick while the device is busy (advisory, spec 2.7.10)."""
@@ -274,4 +278,4 @@ class SplitQueue:
             self._used16[0] = 0
         # Store (avail_event / flags) -> load (avail idx): a full barrier (protocol.md 2.5 step 3).
         fence()
-        return _U16.unpack_from(self._avail, 2)[0] != self._next_avail
+        return self._avail16[1] != self._next_avail
