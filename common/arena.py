@@ -69,6 +69,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import struct
 import weakref
 from typing import Generic, Protocol, TypeVar
 
@@ -85,6 +86,12 @@ _U64_MAX = (1 << 64) - 1
 # Where the tables' lock words are (the header layout above).
 _INODE_LOCK_OFF = 64
 _HANDLE_LOCK_OFF = 128
+
+# Raw views of table entries (handle_file): state + nodeid, flags, inode (dev, ino).
+_ENTRY_HEAD = struct.Struct("=QQ")
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_DEV_INO = struct.Struct("=QQ")
 
 _ffi = native.ffi
 _lib = native.lib
@@ -404,6 +411,34 @@ class Arena:
             mm.close()
             raise OSError(-rc, "cannot format the shared arena")
         return cls(mm)
+
+    def handle_file(self, fh: int) -> tuple[int, int, int] | None:
+        """(dev, ino, open flags) of the file behind the live handle `fh`, or None.
+
+        Read without taking the locks, for the supervisor, which must never wait for a worker:
+        an entry's state word is written last (the module doc), so an entry whose state word
+        is the same live word before and after its fields are read was read whole.  The answer
+        is a snapshot: the handle may be released a moment later, as after any check."""
+        c = self._c
+        slot = fh & 0xFFFFFFFF
+        if not 0 < slot <= c.max_handles or fh >> 64:
+            return None
+        live = (fh & ~0xFFFFFFFF) | 1
+        at = c.handles_off + 32 * slot
+        state, nodeid = _ENTRY_HEAD.unpack_from(self._mm, at)
+        (flags,) = _U32.unpack_from(self._mm, at + 24)
+        if state != live or _ENTRY_HEAD.unpack_from(self._mm, at)[0] != live:
+            return None
+        islot = nodeid & 0xFFFFFFFF
+        if not 0 < islot <= c.max_inodes:
+            return None
+        ilive = (nodeid & ~0xFFFFFFFF) | 1
+        iat = c.inodes_off + 56 * islot
+        (istate,) = _U64.unpack_from(self._mm, iat)
+        dev, ino = _DEV_INO.unpack_from(self._mm, iat + 24)
+        if istate != ilive or _U64.unpack_from(self._mm, iat)[0] != ilive:
+            return None
+        return dev, ino, flags
 
     @property
     def address(self) -> int:

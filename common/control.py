@@ -47,6 +47,12 @@ class MsgType(enum.IntEnum):
     ACK = 33
     STOPPED = 34       # next avail index
     FAILED = 35        # errno
+    # worker -> supervisor: DAX window requests, each answered by DAX_DONE (supervisor/dax.py)
+    DAX_MAP = 40       # map an open file's range into the window; fd: the file
+    DAX_UNMAP = 41     # unmap a window range (length ~0: the whole window)
+    DAX_SYNC = 42      # write back a window range (length ~0: every mapping)
+    # supervisor -> worker
+    DAX_DONE = 43      # the answer to a DAX request: 0 or an errno
 
 
 class RingFlag(enum.IntFlag):
@@ -285,16 +291,74 @@ class Failed(Message):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
 
 
+# -- worker -> supervisor: the DAX window (supervisor/dax.py) ----------------------------------
+# Requests a worker makes while it serves a FUSE request; the supervisor validates each against
+# the window and the open handles before the front-end hears of it.  The sequence numbers are
+# the worker's own; DAX_DONE echoes them.
+DAX_ALL = (1 << 64) - 1      # a length meaning "the whole window"
+
+
+@dataclass(frozen=True, slots=True)
+class DaxMap(Message):
+    """FUSE_SETUPMAPPING: map [foffset, +length) of open file `fh` at window offset `moffset`;
+    `flags` are FUSE_SETUPMAPPING_FLAG_*; fd: the handle's file."""
+
+    fh: int
+    foffset: int
+    length: int
+    moffset: int
+    flags: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_MAP
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQQQI4x")
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class DaxUnmap(Message):
+    """FUSE_REMOVEMAPPING (one range), or the whole window with length DAX_ALL."""
+
+    moffset: int
+    length: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_UNMAP
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DaxSync(Message):
+    """Write back what is mapped in a window range (length DAX_ALL: every mapping)."""
+
+    moffset: int
+    length: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_SYNC
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+
+
+@dataclass(frozen=True, slots=True)
+class DaxDone(Message):
+    """The answer to a DAX request: 0, or the errno the guest gets."""
+
+    errno: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_DONE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
+
+
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
-                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed)
+                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
+                              DaxMap, DaxUnmap, DaxSync, DaxDone)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP})
-FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
+                       MsgType.MEM_UNMAP, MsgType.DAX_DONE})
+WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC})
+FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED}
+                        | WORKER_ASKS)
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
 FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})
 

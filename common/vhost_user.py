@@ -72,6 +72,7 @@ class Request(enum.IntEnum):
     GET_SHARED_OBJECT = 41
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
+    GET_SHMEM_CONFIG = 44       # crosvm's GET_SHARED_MEMORY_REGIONS (section 1.13)
 
 
 class ProtocolFeature(enum.IntFlag):
@@ -97,6 +98,7 @@ class ProtocolFeature(enum.IntFlag):
     XEN_MMAP = 1 << 17
     SHARED_OBJECT = 1 << 18
     DEVICE_STATE = 1 << 19
+    SHMEM = 1 << 22             # VIRTIO shared memory regions (section 1.3: bit 22)
 
 
 # VHOST_USER_F_PROTOCOL_FEATURES: reuses the legacy virtio bit 30 (section 1.2).
@@ -273,3 +275,101 @@ class ConfigSpace:
             and payload_len == self.STRUCT.size + self.size
             and self.offset + self.size <= MAX_CONFIG_SIZE
         )
+
+
+# -- the back-end channel (section 1.5): DAX window requests --------------------------------------
+class FsBackendRequest(enum.IntEnum):
+    """cloud-hypervisor's virtio-fs cache-window requests on the back-end channel (rust-vmm's
+    numbering until 2024-05; protocol.md 1.5, legacy table)."""
+
+    FS_MAP = 6
+    FS_UNMAP = 7
+    FS_SYNC = 8
+    FS_IO = 9
+
+
+class ShmemBackendRequest(enum.IntEnum):
+    """VIRTIO shared memory region requests on the back-end channel (VU+, section 1.13).
+
+    The two families share numbers (FS_IO and SHMEM_MAP are both 9), so a connection speaks
+    one of them, decided by the negotiated SHMEM protocol feature (supervisor/dax.py)."""
+
+    SHMEM_MAP = 9
+    SHMEM_UNMAP = 10
+
+
+FS_ENTRIES = 8                  # VHOST_USER_FS_BACKEND_ENTRIES
+FS_UNMAP_ALL = (1 << 64) - 1    # FS_UNMAP len meaning "the whole window" (cloud-hypervisor)
+
+
+class FsMapFlag(enum.IntFlag):
+    """VhostUserFSBackendMsg flags (VHOST_USER_FS_FLAG_MAP_R/W)."""
+
+    MAP_R = 1 << 0
+    MAP_W = 1 << 1
+
+
+@dataclass(frozen=True, slots=True)
+class FsBackendMsg:
+    """VhostUserFSBackendMsg: up to FS_ENTRIES (fd_offset, cache_offset, len, flags) ranges,
+    stored as four arrays; unused entries have len 0 and are skipped by the front-end."""
+
+    entries: tuple[tuple[int, int, int, int], ...]
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(f"={4 * FS_ENTRIES}Q")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> FsBackendMsg:
+        v = cls.STRUCT.unpack(data)
+        n = FS_ENTRIES
+        return cls(tuple((v[i], v[n + i], v[2 * n + i], v[3 * n + i]) for i in range(n)))
+
+    def pack(self) -> bytes:
+        rows = list(self.entries) + [(0, 0, 0, 0)] * (FS_ENTRIES - len(self.entries))
+        return self.STRUCT.pack(*(row[k] for k in range(4) for row in rows))
+
+    def is_valid(self) -> bool:
+        return len(self.entries) <= FS_ENTRIES and all(
+            0 <= x < 1 << 64 for row in self.entries for x in row)
+
+
+class ShmemFlag(enum.IntFlag):
+    """VhostUserMMap flags (VU+: 0 read-only, 1 read-write)."""
+
+    WRITABLE = 1 << 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShmemMap:
+    """VhostUserMMap: SHMEM_MAP (with one fd) and SHMEM_UNMAP."""
+
+    shmid: int
+    fd_offset: int
+    shm_offset: int
+    len: int
+    flags: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=B7xQQQQ")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ShmemMap:
+        return cls(*cls.STRUCT.unpack(data))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.shmid, self.fd_offset, self.shm_offset, self.len,
+                                self.flags)
+
+
+SHMEM_MAX_REGIONS = 256
+SHMEM_CONFIG = struct.Struct(f"=I4x{SHMEM_MAX_REGIONS}Q")   # VhostUserShMemConfig (2056 B)
+
+
+def pack_shmem_config(sizes: list[int]) -> bytes:
+    """GET_SHMEM_CONFIG's reply: nregions and the size of each region by shmid (0 = unused)."""
+    return SHMEM_CONFIG.pack(sum(1 for s in sizes if s),
+                             *(sizes + [0] * (SHMEM_MAX_REGIONS - len(sizes))))
+
+
+def unpack_shmem_config(data: bytes) -> list[int]:
+    _n, *sizes = SHMEM_CONFIG.unpack(data)
+    return sizes

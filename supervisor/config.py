@@ -65,6 +65,7 @@ SANDBOX_MODES = ("namespace", "chroot", "none")
 SECCOMP_ACTIONS = ("kill", "log", "trap", "none")
 DATA_PLANES = ("native", "python")
 MAX_POLL_US = 1_000_000
+DAX_DEFAULT_WINDOW = 8 << 30          # cloud-hypervisor's default cache_size
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
@@ -131,6 +132,9 @@ class Config:
     metrics_socket: str | None = None
     # Busy-poll the avail ring this long (µs) before sleeping; 0: never (native plane only).
     poll_us: int = 0
+    # DAX (supervisor/dax.py): offered when the front-end has a cache window; its size.
+    dax: bool = False
+    dax_window: int = DAX_DEFAULT_WINDOW
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -213,6 +217,22 @@ def _uint(lo: int = 0, hi: int = (1 << 64) - 1) -> Callable[[str | int], int]:
             raise ValueError(f"value {value} out of range ({lo}..{hi})")
         return value
     return convert
+
+
+_DAX_RANGE = 2 << 20                  # FUSE_DAX_SZ: the Linux driver maps 2 MiB ranges
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _dax_window(value: str) -> int:
+    m = re.fullmatch(r"([0-9]+)([kKmMgGtT]?)(?:i?[bB])?", value)
+    if not m:
+        raise ValueError(f"invalid size {_show(value)} (expected bytes, or a number with K, M,"
+                         " G or T)")
+    size = int(m.group(1)) * _SIZE_SUFFIX[m.group(2).lower()]
+    if not _DAX_RANGE <= size < 1 << 63 or size % _DAX_RANGE:
+        raise ValueError(f"window size {size} is not a non-zero multiple of 2 MiB (the guest"
+                         " maps 2 MiB ranges)")
+    return size
 
 
 def _queue_size(value: str | int) -> int:
@@ -314,6 +334,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "data_plane": _choice(DATA_PLANES),
     "metrics_socket": _nonempty,
     "poll_us": _uint(0, MAX_POLL_US),
+    "dax_window": _dax_window,
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues", "poll_us",
@@ -434,6 +455,11 @@ def _build_parser() -> _Parser:
           " (GET /metrics) on this UNIX socket")
     value("poll_us", "busy-poll each ring this many microseconds before sleeping, adapting "
           "to how often it finds work; native data plane only [default: 0, never]")
+    flag("dax", "offer DAX (file ranges mapped into the front-end's cache window) when the "
+         "front-end has a window: cloud-hypervisor's cache_size, or VIRTIO shared memory "
+         "regions (GET_SHMEM_CONFIG) [default: off]")
+    value("dax_window", "size of the cache window, as cloud-hypervisor's cache_size, and the "
+          "shared memory region offered to SHMEM front-ends; a multiple of 2M [default: 8G]")
     return p
 
 

@@ -31,6 +31,7 @@ from pyvirtiofsd.common.vhost_user import Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import Config, error_exit
+from pyvirtiofsd.supervisor.dax import DaxWindow
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
@@ -251,11 +252,14 @@ class Supervisor:
         """Block until `sock` is readable (True) while handling signals and worker deaths."""
         while True:
             pidfds = self.procs.pidfds()
+            # Workers' own requests (the DAX window) arrive on their channels.
+            channels = self.procs.channels() if self.procs.dax is not None else {}
             status = self.status
             listeners = status.listeners if status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
             ready = [wake] if self.signals else select.select(
-                [sock, wake, *pidfds, *listeners], [], [], self.procs.next_respawn())[0]
+                [sock, wake, *pidfds, *listeners, *channels], [], [],
+                self.procs.next_respawn())[0]
             if status is not None:
                 for fd in ready:
                     if fd in listeners:
@@ -272,6 +276,9 @@ class Supervisor:
             for fd in ready:
                 if fd in pidfds:
                     self.procs.worker_exited(pidfds[fd])
+            for fd in ready:
+                if fd in channels and channels[fd] in self.procs.workers:
+                    self.procs.channel_readable(channels[fd])
             self.procs.respawn_due()
             if sock in ready:
                 return True
@@ -285,6 +292,10 @@ class Supervisor:
 
     def serve(self, conn: socket.socket, wake: socket.socket) -> None:
         backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+        if self.config.dax:
+            window = DaxWindow(self.config.dax_window, self.arena, self._publish_dax)
+            backend.dax = window
+            self.procs.dax = window.serve
         self.connected = True
         try:
             while True:
@@ -313,7 +324,12 @@ class Supervisor:
             self.connected = False
             self.frontends_served += 1
             backend.close()
+            self.procs.dax = None
             conn.close()
+
+    def _publish_dax(self, size: int) -> None:
+        """Tell the workers whether the guest may be offered DAX (FUSE_INIT reads it)."""
+        self.session.dax_window = size
 
 
 def run(config: Config, listener: socket.socket, status_server: StatusServer,

@@ -57,6 +57,7 @@ import prctl
 
 from pyvirtiofsd.common import control, native
 from pyvirtiofsd.common.control import (
+    DaxDone,
     Failed,
     MemTable,
     MemUnmap,
@@ -313,6 +314,9 @@ class ProcessTable:
     # worker ends as soon as the daemon is told to stop.
     wake_fd: int = -1
     stopping: Callable[[], bool] = lambda: False
+    # Serves a worker's DAX request (supervisor/dax.py DaxWindow.serve): (queue, message) ->
+    # 0 or errno.  None: no window, every request answered ENOSYS.
+    dax: Callable[[int, Message], int] | None = None
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -451,6 +455,10 @@ class ProcessTable:
             if msg is None:
                 # An empty datagram or a closed channel, from a process that is still alive.
                 raise OSError(errno.ECONNRESET, f"{who} hung up")
+            if msg.type in control.WORKER_ASKS:
+                # The worker asked before it read our request: answer, then wait on.
+                self._serve_ask(sock, msg)
+                continue
             if msg.seq == seq:
                 control.close_fds(msg.fds)
                 return msg
@@ -546,7 +554,10 @@ class ProcessTable:
             msg = control.receive(handle.channel, control.FROM_WORKER)
             if msg is None:
                 raise OSError(errno.ECONNRESET, "hung up")
-            self._late(handle, msg)
+            if msg.type in control.WORKER_ASKS:
+                self._serve_ask(handle.channel, msg)
+            else:
+                self._late(handle, msg)
 
     def _late(self, handle: WorkerHandle, msg: Message) -> bool:
         """An answer to a request sent without waiting (True), logged if it is a refusal."""
@@ -558,6 +569,47 @@ class ProcessTable:
             log.warning("worker for queue %d refused a ring setting: %s", handle.queue,
                         os.strerror(msg.errno))
         return True
+
+    # -- requests from workers (the DAX window) ----------------------------------------------
+    def channels(self) -> dict[int, int]:
+        """The workers' channel fds (to the queue): the supervisor's loop watches them for
+        requests a worker makes while it serves a FUSE request."""
+        return {h.channel.fileno(): q for q, h in self.workers.items() if h.status is None}
+
+    def channel_readable(self, queue: int) -> None:
+        """A worker's channel has a message outside any request of ours: its own request, or
+        a late answer; anything else breaks the protocol and the worker is killed."""
+        handle = self.workers.get(queue)
+        if handle is None:
+            return
+        try:
+            msg = control.receive(handle.channel, control.FROM_WORKER)
+        except control.ProtocolError as e:
+            log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
+            self.kill(queue)
+            return
+        if msg is None:
+            return
+        if msg.type in control.WORKER_ASKS:
+            self._serve_ask(handle.channel, msg)
+        elif not self._late(handle, msg):
+            control.close_fds(msg.fds)
+            log.error("worker for queue %d sent %s #%d unasked: killing it", queue,
+                      msg.type.name, msg.seq)
+            self.kill(queue)
+
+    def _serve_ask(self, channel: socket.socket, msg: Message) -> None:
+        queue = next((q for q, h in self.workers.items() if h.channel is channel), -1)
+        if self.dax is None or queue < 0:
+            control.close_fds(msg.fds)
+            err = errno.ENOSYS
+        else:
+            err = self.dax(queue, msg)       # owns msg.fds
+        try:
+            control.send(channel, DaxDone(err, seq=msg.seq))
+        except OSError as e:
+            log.warning("worker for queue %d: cannot answer its %s: %s", queue, msg.type.name,
+                        e.strerror or e)
 
     def _answer(self, handle: WorkerHandle, seq: int) -> Message:
         """The worker's answer to `seq`.  Past ANSWER_TIMEOUT the worker is waited for only

@@ -33,9 +33,11 @@ from pyvirtiofsd.common.vhost_user import (
     Request,
     VringAddr,
     VringState,
+    pack_shmem_config,
     unpack_memory_table,
     unpack_single_region,
 )
+from pyvirtiofsd.supervisor.dax import DaxWindow
 
 log = logging.getLogger("pyvirtiofsd.vhost")
 
@@ -191,7 +193,14 @@ RULES: dict[Request, Rule] = {
     Request.REM_MEM_REG: Rule(_REGION_MSG, fds=(0, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
     Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
+    # DAX (supervisor/dax.py), offered with --dax only.  The back-end channel carries no
+    # payload of its own; some front-ends send a u64 with it.
+    Request.SET_BACKEND_REQ_FD: Rule(None, fds=(1, 1), gate=ProtocolFeature.BACKEND_REQ),
+    Request.GET_SHMEM_CONFIG: Rule(0, replies=True, gate=ProtocolFeature.SHMEM),
 }
+# With --dax: the back-end channel, fds over it, and VIRTIO shared memory regions.
+DAX_PROTOCOL_FEATURES = (ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD
+                         | ProtocolFeature.SHMEM)
 
 
 def _name(code: int) -> str:
@@ -213,6 +222,8 @@ class Backend:
     status: int = 0
     regions: list[tuple[MemoryRegion, int]] = field(default_factory=list)
     vrings: list[Vring] = field(default_factory=list)
+    # The DAX window of this connection (--dax), None without.
+    dax: DaxWindow | None = None
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(self.num_queues)]
@@ -224,6 +235,8 @@ class Backend:
     def offered_protocol_features(self) -> int:
         # QEMU 7.1-8.0 crash when a back-end offers CONFIG, so only with --tag (as virtiofsd).
         extra = ProtocolFeature.CONFIG if self.tag else 0
+        if self.dax is not None:
+            extra |= DAX_PROTOCOL_FEATURES
         return int(BASE_PROTOCOL_FEATURES | extra)
 
     # -- the one validation gate ----------------------------------------------------------
@@ -315,6 +328,8 @@ class Backend:
         if features & ~self.offered_protocol_features:
             raise RequestError(f"protocol features {features:#x} include bits never offered")
         self.protocol_features = features
+        if self.dax is not None:
+            self.dax.negotiated(features)
 
     def on_get_queue_num(self, payload: bytes, fds: list[int]) -> bytes:
         return U64.pack(self.num_queues)
@@ -322,6 +337,9 @@ class Backend:
     def on_reset_device(self, payload: bytes, fds: list[int]) -> None:
         # Disable all rings and forget negotiated virtio features; keep ownership (spec).
         self.stop_all()
+        if self.dax is not None:
+            # The front-end unmaps the window across a reset (VU+ 1.13).
+            self.dax.mappings.clear()
         self.acked_features = 0
         self.status = 0
 
@@ -345,6 +363,22 @@ class Backend:
 
     def on_set_config(self, payload: bytes, fds: list[int]) -> None:
         raise RequestError("the virtio-fs configuration space is read-only")
+
+    # -- DAX: the back-end channel and the window (supervisor/dax.py) -----------------------
+    def on_set_backend_req_fd(self, payload: bytes, fds: list[int]) -> None:
+        if len(payload) not in (0, U64.size):
+            raise RequestError(f"SET_BACKEND_REQ_FD: payload of {len(payload)} bytes")
+        assert self.dax is not None          # the gate: BACKEND_REQ is offered with --dax only
+        try:
+            self.dax.attach(fds.pop())
+        except OSError as e:
+            raise RequestError(f"SET_BACKEND_REQ_FD: {e.strerror or e}") from None
+        log.info("back-end channel set: DAX %s", "offered to the guest" if self.dax.active
+                 else "waits for GET_SHMEM_CONFIG")
+
+    def on_get_shmem_config(self, payload: bytes, fds: list[int]) -> bytes:
+        assert self.dax is not None          # the gate: SHMEM is offered with --dax only
+        return pack_shmem_config(self.dax.shmem_config())
 
     # -- memory ----------------------------------------------------------------------------
     def on_set_mem_table(self, payload: bytes, fds: list[int]) -> None:
@@ -542,3 +576,5 @@ class Backend:
         self.stop_all()
         self.close_regions()
         self.queues.drop_memory()
+        if self.dax is not None:
+            self.dax.close()

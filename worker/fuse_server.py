@@ -113,6 +113,16 @@ class Session:
     def stop(self) -> None:
         self._word[0] = 0
 
+    # The DAX window's size in bytes, 0 for none: the supervisor writes it when the front-end
+    # has a window and a back-end channel (supervisor/dax.py), INIT reads it.
+    @property
+    def dax_window(self) -> int:
+        return int(self._word[1])
+
+    @dax_window.setter
+    def dax_window(self, size: int) -> None:
+        self._word[1] = size
+
     @property
     def address(self) -> int:
         """Where the word is (the native engine reads it)."""
