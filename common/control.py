@@ -50,7 +50,7 @@ class MsgType(enum.IntEnum):
     # worker -> supervisor: DAX window requests, each answered by DAX_DONE (supervisor/dax.py)
     DAX_MAP = 40       # map an open file's range into the window; fd: the file
     DAX_UNMAP = 41     # unmap a window range (length ~0: the whole window)
-    DAX_SYNC = 42      # write back a window range (length ~0: every mapping)
+    DAX_SYNC = 42      # write back what the window maps of an open file (FUSE_FSYNC)
     # supervisor -> worker
     DAX_DONE = 43      # the answer to a DAX request: 0 or an errno
 
@@ -327,13 +327,12 @@ class DaxUnmap(Message):
 
 @dataclass(frozen=True, slots=True)
 class DaxSync(Message):
-    """Write back what is mapped in a window range (length DAX_ALL: every mapping)."""
+    """FUSE_FSYNC of open file `fh`: write back what the window maps of its file first."""
 
-    moffset: int
-    length: int
+    fh: int
 
     TYPE: ClassVar[MsgType] = MsgType.DAX_SYNC
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=Q")
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
+import errno
 import itertools
 import mmap
 import os
@@ -28,6 +30,7 @@ import select
 import socket
 import struct
 import subprocess
+import threading
 import time
 from bisect import bisect_right, insort
 from collections.abc import Iterable, Sequence
@@ -39,6 +42,7 @@ from pyvirtiofsd.common import virtio
 from pyvirtiofsd.common.native import fence
 from pyvirtiofsd.common.vhost_user import (
     F_PROTOCOL_FEATURES,
+    FS_UNMAP_ALL,
     HEADER_SIZE,
     MAX_FDS,
     MAX_PAYLOAD,
@@ -46,15 +50,22 @@ from pyvirtiofsd.common.vhost_user import (
     VERSION,
     VRING_NOFD_MASK,
     ConfigSpace,
+    FsBackendMsg,
+    FsBackendRequest,
+    FsMapFlag,
     Header,
     HeaderFlag,
     MemoryRegion,
     ProtocolFeature,
     Request,
+    ShmemBackendRequest,
+    ShmemFlag,
+    ShmemMap,
     VringAddr,
     VringState,
     pack_memory_table,
     pack_single_region,
+    unpack_shmem_config,
 )
 from pyvirtiofsd.common.virtio import DESC, U16, USED_ELEM, DescFlag, Feature
 
@@ -90,6 +101,7 @@ _EXPLICIT_REPLY = frozenset({
     Request.GET_SHARED_OBJECT,
     Request.SET_DEVICE_STATE_FD,
     Request.CHECK_DEVICE_STATE,
+    Request.GET_SHMEM_CONFIG,
 })
 
 # Protocol features negotiated by default when the daemon offers them: the set QEMU's
@@ -1435,6 +1447,17 @@ class FuseClient:
         data = self._fixed(fa.Opcode.COPY_FILE_RANGE, nodeid_in, body, fa.WRITE_OUT)
         return fa.WRITE_OUT.unpack(data)[0]
 
+    def setupmapping(self, nodeid: int, fh: int, foffset: int, length: int, moffset: int,
+                     flags: int = fa.SETUPMAPPING_FLAG_READ) -> None:
+        self.call(fa.Opcode.SETUPMAPPING, nodeid,
+                  fa.SETUPMAPPING_IN.pack(fh, foffset, length, flags, moffset))
+
+    def removemapping(self, ranges: Sequence[tuple[int, int]], nodeid: int = fa.ROOT_ID) -> None:
+        """(moffset, len) ranges; the array follows the 4-byte count (protocol.md 3.5)."""
+        body = fa.REMOVEMAPPING_IN.pack(len(ranges)) + b"".join(
+            fa.REMOVEMAPPING_ONE.pack(m, n) for m, n in ranges)
+        self.call(fa.Opcode.REMOVEMAPPING, nodeid, body)
+
     def getlk(self, nodeid: int, fh: int, owner: int, start: int, end: int, type_: int,
               pid: int = 0, lk_flags: int = 0) -> tuple[int, int, int, int]:
         """Returns the conflicting lock (start, end, type, pid), type F_UNLCK if none."""
@@ -1533,6 +1556,235 @@ class FuseClient:
         self.call(fa.Opcode.REMOVEXATTR, nodeid, _name(name))
 
 
+# --- the DAX cache window and the back-end channel (protocol.md 1.5, 1.13, 3.5)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.msync.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_MS_SYNC = 4
+_PROT_NONE = 0
+
+
+class CacheWindow:
+    """The VMM's cache window: address space reserved PROT_NONE, into which the back-end's
+    requests map file ranges with MAP_FIXED, as cloud-hypervisor maps its virtio-fs cache.
+
+    It records what is mapped where, so that reads and writes "through the window" (what the
+    guest does with DAX) touch only mapped pages: a stray access to the reservation would
+    kill the test process with SIGSEGV, as it would fault the guest."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        addr = _libc.mmap(None, size, _PROT_NONE,
+                          mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "cannot reserve the cache window")
+        self.base = addr
+        self.mapped: dict[int, tuple[int, bool]] = {}   # page offset -> (end, writable)
+
+    def _fits(self, offset: int, length: int) -> bool:
+        return length > 0 and offset + length <= self.size and not (offset | length) % PAGE
+
+    def map(self, fd: int, fd_offset: int, offset: int, length: int, writable: bool) -> None:
+        if not self._fits(offset, length):
+            raise OSError(errno.EINVAL, "range outside the window")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        got = _libc.mmap(self.base + offset, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd,
+                         fd_offset)
+        if got in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "mmap into the window failed")
+        self._drop(offset, offset + length)
+        self.mapped[offset] = (offset + length, writable)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Back to the reservation (cloud-hypervisor maps anonymous PROT_NONE over it)."""
+        if not self._fits(offset, length):
+            raise OSError(errno.EINVAL, "range outside the window")
+        got = _libc.mmap(self.base + offset, length, _PROT_NONE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED | _MAP_NORESERVE,
+                         -1, 0)
+        if got in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), "unmapping the window failed")
+        self._drop(offset, offset + length)
+
+    def sync(self, offset: int, length: int) -> None:
+        if not self._fits(offset, length):
+            raise OSError(errno.EINVAL, "range outside the window")
+        if _libc.msync(self.base + offset, length, _MS_SYNC):
+            raise OSError(ctypes.get_errno(), "msync failed")
+
+    def _drop(self, start: int, end: int) -> None:
+        for off, (e, w) in list(self.mapped.items()):
+            if e <= start or off >= end:
+                continue
+            del self.mapped[off]
+            if off < start:
+                self.mapped[off] = (start, w)
+            if e > end:
+                self.mapped[end] = (e, w)
+
+    def covered(self, offset: int, length: int, write: bool = False) -> bool:
+        pos, end = offset, offset + length
+        while pos < end:
+            start = pos - pos % PAGE
+            hit = next(((o, e, w) for o, (e, w) in self.mapped.items() if o <= start < e), None)
+            if hit is None or (write and not hit[2]):
+                return False
+            pos = hit[1]
+        return True
+
+    def read(self, offset: int, length: int) -> bytes:
+        """What the guest reads through the window; OSError(EFAULT) where nothing is mapped."""
+        if not self.covered(offset, length):
+            raise OSError(errno.EFAULT, f"window range {offset:#x}+{length:#x} is not mapped")
+        return ctypes.string_at(self.base + offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not self.covered(offset, len(data), write=True):
+            raise OSError(errno.EFAULT, f"window range {offset:#x}+{len(data):#x} is not"
+                                        " mapped writable")
+        ctypes.memmove(self.base + offset, data, len(data))
+
+    def close(self) -> None:
+        if self.base:
+            _libc.munmap(self.base, self.size)
+            self.base = 0
+            self.mapped.clear()
+
+
+class BackendChannel:
+    """The front-end's end of the back-end channel (SET_BACKEND_REQ_FD), served by a thread as
+    a VMM serves it beside the device's own socket.  `family` is "fs" (cloud-hypervisor's
+    FS_MAP/FS_UNMAP/FS_SYNC/FS_IO) or "shmem" (SHMEM_MAP/SHMEM_UNMAP, region 0 = the window).
+    Each request is logged in `requests` as (name, details, result) with the errno answered
+    (0: done), and answered with a u64 (-errno on failure) when it asks for a reply."""
+
+    def __init__(self, window: CacheWindow, family: str = "fs",
+                 memory: GuestMemory | None = None) -> None:
+        self.window = window
+        self.family = family
+        self.memory = memory
+        self.requests: list[tuple[str, tuple, int]] = []
+        self.changed = threading.Condition()
+        self.ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ours.settimeout(None)
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, name="backend-channel", daemon=True)
+        self.thread.start()
+
+    def wait_for(self, count: int,
+                 timeout: float = DEFAULT_TIMEOUT) -> list[tuple[str, tuple, int]]:
+        """The log once it holds `count` requests (ReplyTimeout if it never does)."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise ReplyTimeout(f"{len(self.requests)} back-end requests, {count} awaited")
+            return list(self.requests)
+
+    def _recv(self, n: int, fds: list[int]) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk, anc, _flags, _ = self.ours.recvmsg(n - len(data), socket.CMSG_SPACE(8 * 4))
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", cdata[: len(cdata) - len(cdata) % 4]))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _serve(self) -> None:
+        while not self._stop:
+            fds: list[int] = []
+            try:
+                hdr = Header.unpack(self._recv(HEADER_SIZE, fds))
+                payload = self._recv(hdr.size, fds) if hdr.size else b""
+            except (EOFError, OSError):
+                _close_fds(fds)
+                return
+            try:
+                name, details, err = self._handle(hdr.request, payload, fds)
+            finally:
+                _close_fds(fds)
+            with self.changed:
+                self.requests.append((name, details, err))
+                self.changed.notify_all()
+            if hdr.flags & HeaderFlag.NEED_REPLY:
+                value = (-err) & ((1 << 64) - 1)
+                reply = Header(hdr.request, VERSION | HeaderFlag.REPLY, U64.size).pack()
+                with contextlib.suppress(OSError):
+                    self.ours.sendall(reply + U64.pack(value))
+
+    def _handle(self, request: int, payload: bytes, fds: list[int]) -> tuple[str, tuple, int]:
+        w = self.window
+        try:
+            if self.family == "fs":
+                name = FsBackendRequest(request).name
+                entries = [e for e in FsBackendMsg.unpack(payload).entries if e[2]]
+                for fd_offset, offset, length, flags in entries:
+                    if request == FsBackendRequest.FS_MAP:
+                        w.map(fds[0], fd_offset, offset, length, bool(flags & FsMapFlag.MAP_W))
+                    elif request == FsBackendRequest.FS_UNMAP:
+                        if length == FS_UNMAP_ALL:       # cloud-hypervisor: the whole window
+                            offset, length = 0, w.size
+                        w.unmap(offset, length)
+                    elif request == FsBackendRequest.FS_SYNC:
+                        w.sync(offset, length)
+                    else:
+                        raise OSError(errno.ENOSYS, "FS_IO is not served by this driver")
+                return name, tuple(entries), 0
+            name = ShmemBackendRequest(request).name
+            m = ShmemMap.unpack(payload)
+            if m.shmid != 0:
+                raise OSError(errno.EINVAL, f"no shared memory region {m.shmid}")
+            details = (m.fd_offset, m.shm_offset, m.len, m.flags)
+            if request == ShmemBackendRequest.SHMEM_MAP:
+                if not w.covered(m.shm_offset, m.len) and any(
+                        o < m.shm_offset + m.len and m.shm_offset < e
+                        for o, (e, _w) in w.mapped.items()):
+                    raise OSError(errno.EEXIST, "mapping over an existing mapping")
+                w.map(fds[0], m.fd_offset, m.shm_offset, m.len,
+                      bool(m.flags & ShmemFlag.WRITABLE))
+            else:
+                if w.mapped.get(m.shm_offset, (None,))[0] != m.shm_offset + m.len:
+                    raise OSError(errno.EINVAL, "not one whole mapping")
+                w.unmap(m.shm_offset, m.len)
+            return name, details, 0
+        except (OSError, ValueError, IndexError) as e:
+            err = e.errno if isinstance(e, OSError) and e.errno else errno.EINVAL
+            return f"request {request}", (payload[:64],), err
+
+    def close(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self.ours.shutdown(socket.SHUT_RDWR)
+        self.thread.join(DEFAULT_TIMEOUT)
+        self.ours.close()
+        self.theirs.close()
+
+
+def attach_window(fe: Frontend, window: CacheWindow, family: str = "fs") -> BackendChannel:
+    """Give the daemon a back-end channel to `window` (SET_BACKEND_REQ_FD); for the SHMEM
+    family the driver first asks for the daemon's regions, as crosvm does."""
+    channel = BackendChannel(window, family, fe.memory)
+    try:
+        if family == "shmem":
+            sizes = unpack_shmem_config(fe.send(Request.GET_SHMEM_CONFIG).payload)
+            if sizes[0] != window.size:
+                raise ProtocolViolation(f"shared memory region 0 of {sizes[0]} bytes, the"
+                                        f" window has {window.size}")
+        fe.send(Request.SET_BACKEND_REQ_FD, fds=[channel.theirs.fileno()])
+    except BaseException:
+        channel.close()
+        raise
+    return channel
+
+
 # --- running a daemon
 
 
@@ -1566,8 +1818,9 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = DEFAULT_TIMEOUT) -> int
 
 __all__ = [
     "ANCHOR", "DEFAULT_INIT_FLAGS", "DEFAULT_PROTOCOL_FEATURES", "DEFAULT_TIMEOUT",
-    "BackendError", "Completion", "DaemonGone", "DriverQueue", "Frontend", "FrontendError",
+    "BackendChannel", "BackendError", "CacheWindow", "Completion", "DaemonGone", "DriverQueue",
+    "Frontend", "FrontendError",
     "FuseClient", "FuseError", "FuseReply", "GuestMemory", "Message", "ProtocolViolation",
-    "QueueFull", "Region", "ReplyTimeout", "anchor_argv", "connect_unix",
+    "QueueFull", "Region", "ReplyTimeout", "anchor_argv", "attach_window", "connect_unix",
     "start_daemon", "stop_daemon",
 ]

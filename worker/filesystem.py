@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -189,6 +189,13 @@ class Filesystem:
         raise _enosys()
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
+        raise _enosys()
+
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int, mapper: Callable[..., None]) -> None:
+        """DAX: map [foffset, +length) of open file `fh` at window offset `moffset` by calling
+        `mapper(fd, fh, foffset, length, moffset, flags)` with the file's fd while it is
+        pinned (worker/dax.py DaxClient.map).  `flags`: FUSE_SETUPMAPPING_FLAG_*."""
         raise _enosys()
 
     def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,

@@ -41,6 +41,7 @@ from pyvirtiofsd.common.fuse_abi import InitFlag, Opcode
 from pyvirtiofsd.common.idmap import IdMap
 from pyvirtiofsd.common.stats import QueueStats
 from pyvirtiofsd.worker.chain import ChainTooShort, Reader, Writer
+from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem, FsOptions
 
 log = logging.getLogger("pyvirtiofsd.fuse")
@@ -78,6 +79,11 @@ _INIT = int(Opcode.INIT)
 _WRITE = int(Opcode.WRITE)
 _WRITE_IN_SIZE = fa.WRITE_IN.size
 _WRITE_SIZE_OFF = 16                   # fuse_write_in.size
+_MAP_FLAGS = fa.SETUPMAPPING_FLAG_READ | fa.SETUPMAPPING_FLAG_WRITE
+_REMOVEMAPPING_MAX = mmap.PAGESIZE // fa.REMOVEMAPPING_ONE.size   # FUSE_REMOVEMAPPING_MAX_ENTRY
+# log2 of the alignment of SETUPMAPPING's offsets (INIT's map_alignment): a page, which the
+# front-end's mmap needs; the Linux driver's 2 MiB ranges are multiples of it.
+DAX_MAP_ALIGNMENT = mmap.PAGESIZE.bit_length() - 1
 
 
 class Session:
@@ -228,6 +234,8 @@ class FuseServer:
         self.queue_index = queue_index
         self.session = session if session is not None else Session()
         self.stats = stats
+        # The DAX window's requests to the supervisor (worker/dax.py); None: no DAX.
+        self.dax: DaxClient | None = None
         # The request being served, for its statistics: opcode (-1 until its header is
         # decoded) and the errno of its error reply (0: none).
         self._op = -1
@@ -254,6 +262,7 @@ class FuseServer:
             (op_.READDIRPLUS, self._readdirplus), (op_.RENAME2, self._rename2),
             (op_.LSEEK, self._lseek), (op_.COPY_FILE_RANGE, self._copy_file_range),
             (op_.SYNCFS, self._syncfs), (op_.COPY_FILE_RANGE_64, self._copy_file_range_64),
+            (op_.SETUPMAPPING, self._setupmapping), (op_.REMOVEMAPPING, self._removemapping),
         )}
 
     # -- the request loop's entry point ----------------------------------------------------
@@ -415,16 +424,68 @@ class FuseServer:
             # A second INIT starts a new session (protocol.md 3.2).
             self.session.stop()
             self.fs.destroy()
-        enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable))
+        enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable) | self._dax_init())
         self.session.start(min(minor, fa.KERNEL_MINOR_VERSION), enabled)
         log.info("queue %d: FUSE session started: kernel 7.%d, flags %#x", self.queue_index,
                  minor, enabled)
+        alignment = DAX_MAP_ALIGNMENT if enabled & InitFlag.MAP_ALIGNMENT else 0
         return fa.INIT_OUT.pack(
             fa.KERNEL_VERSION, fa.KERNEL_MINOR_VERSION, max_readahead, enabled & 0xFFFFFFFF,
-            0xFFFF, 0xFFFF // 4 * 3, MAX_WRITE, 1, _MAX_PAGES, 0, enabled >> 32, 0, 0)
+            0xFFFF, 0xFFFF // 4 * 3, MAX_WRITE, 1, _MAX_PAGES, alignment, enabled >> 32, 0, 0)
+
+    # -- DAX (worker/dax.py, supervisor/dax.py; protocol.md 3.5) ------------------------------
+    def _dax_window(self) -> int:
+        """The window's size when the front-end has one and this worker may ask for it."""
+        return self.session.dax_window if self.dax is not None else 0
+
+    def _dax_init(self) -> int:
+        """A new session: the window starts empty (the previous driver's mappings would
+        otherwise stay readable through it), and the kernel learns the map alignment, which
+        it asks for (FUSE_MAP_ALIGNMENT) when mounted with dax."""
+        if not self._dax_window():
+            return 0
+        self._dax_clear()
+        return int(InitFlag.MAP_ALIGNMENT)
+
+    def _dax_clear(self) -> None:
+        assert self.dax is not None
+        try:
+            self.dax.unmap_all()
+        except OSError as e:
+            log.warning("queue %d: could not empty the DAX window: %s", self.queue_index,
+                        e.strerror or e)
+
+    def _setupmapping(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                      writer: Writer | None) -> _Result:
+        fh, foffset, length, flags, moffset = _unpack(fa.SETUPMAPPING_IN, body)
+        if not self._dax_window():
+            raise OSError(errno.ENOSYS, "no DAX window")
+        if flags & ~_MAP_FLAGS or not flags & _MAP_FLAGS:
+            raise _einval(f"SETUPMAPPING flags {flags:#x}")
+        assert self.dax is not None
+        self.fs.setupmapping(ctx, nodeid, fh, foffset, length, flags, moffset, self.dax.map)
+        return b""
+
+    def _removemapping(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                       writer: Writer | None) -> _Result:
+        (count,) = _unpack(fa.REMOVEMAPPING_IN, body)
+        if not self._dax_window():
+            raise OSError(errno.ENOSYS, "no DAX window")
+        # The array follows the 4-byte count at once (protocol.md 3.5).
+        size = fa.REMOVEMAPPING_IN.size
+        one = fa.REMOVEMAPPING_ONE
+        if not 0 < count <= _REMOVEMAPPING_MAX or len(body) < size + count * one.size:
+            raise _einval(f"REMOVEMAPPING of {count} ranges in {len(body)} bytes")
+        assert self.dax is not None
+        for i in range(count):
+            moffset, length = one.unpack_from(body, size + i * one.size)
+            self.dax.unmap(moffset, length)
+        return b""
 
     def _destroy(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                  writer: Writer | None) -> _Result:
+        if self._dax_window():
+            self._dax_clear()
         self.session.stop()
         self.fs.destroy()
         return b""
@@ -582,6 +643,10 @@ class FuseServer:
     def _fsync(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
+        if self._dax_window():
+            # What the guest wrote through the window first (FS_SYNC: msync in the front-end).
+            assert self.dax is not None
+            self.dax.sync(fh)
         self.fs.fsync(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
         return b""
 
@@ -680,6 +745,10 @@ class FuseServer:
     def _fsyncdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                   writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
+        if self._dax_window():
+            # What the guest wrote through the window first (FS_SYNC: msync in the front-end).
+            assert self.dax is not None
+            self.dax.sync(fh)
         self.fs.fsyncdir(ctx, nodeid, fh, bool(fsync_flags & fa.FSYNC_FDATASYNC))
         return b""
 

@@ -44,6 +44,7 @@ from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometr
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
@@ -111,6 +112,10 @@ class Worker:
         # What an answered control message left to do: recover a resumed ring, then serve it.
         self._recover_after: SplitQueue | None = None
         self._serve_after = False
+        # Its requests to the supervisor for the DAX window, and the control messages that
+        # arrived while it waited for their answers.
+        self.dax = DaxClient(channel)
+        server.dax = self.dax
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -154,7 +159,9 @@ class Worker:
     # -- control channel ------------------------------------------------------------------
     def on_control(self) -> None:
         try:
-            msg = control.receive(self.channel, control.TO_WORKER)
+            # One that came while this worker waited for a DAX answer first (worker/dax.py).
+            msg = (self.dax.deferred.pop(0) if self.dax.deferred
+                   else control.receive(self.channel, control.TO_WORKER))
         except control.ProtocolError as e:
             # The supervisor is trusted to be well-formed; a bad message means a bug: say so.
             # One whose fds found no room in the fd table (EMFILE) is answered FAILED at once:
@@ -407,6 +414,10 @@ class Worker:
         worker's main loop only: control messages handled here never nest), the engine also
         sleeps in C while the ring is empty, so a kick costs no Python at all."""
         while self.running and self.queue is not None and self.enabled:
+            if self.dax.deferred:
+                # Control messages that came during a DAX request, before the next request.
+                self.on_control()
+                continue
             queue = self.queue
             self._start_engine(queue)
             status = engine.serve(self.kick) if wait else engine.run()
@@ -484,7 +495,7 @@ class Worker:
         try:
             while True:
                 while True:
-                    if pending(0):
+                    if self.dax.deferred or pending(0):
                         self.on_control()
                         if self.queue is not queue or not self.enabled or not self.running:
                             return False
@@ -550,6 +561,9 @@ class Worker:
         control.send(self.channel, Ready(self.index, seq=0))
         chan = self.channel.fileno()
         while self.running:
+            if self.dax.deferred:
+                self.on_control()
+                continue
             engine = self.engine
             if engine is not None and self.queue is not None and self.enabled:
                 self.busy = True

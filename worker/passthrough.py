@@ -969,6 +969,16 @@ class PassthroughFs(Filesystem):
         finally:
             self._handles.release(fh)
 
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int, mapper: Callable[..., None]) -> None:
+        if flags & fa.SETUPMAPPING_FLAG_WRITE:
+            self._writable()
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            mapper(fd, fh, foffset, length, moffset, flags)
+        finally:
+            self._handles.release(fh)
+
     def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
                   length: int) -> None:
         self._writable()

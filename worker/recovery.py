@@ -291,6 +291,12 @@ class JournaledFs(Filesystem):
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         return self._call(self.inner.fsync, ctx, nodeid, fh, datasync)
 
+    def setupmapping(self, ctx: Context, nodeid: int, fh: int, foffset: int, length: int,
+                     flags: int, moffset: int, mapper: Callable[..., None]) -> None:
+        # Idempotent: mapping the same range again replaces it with the same pages.
+        return self._call(self.inner.setupmapping, ctx, nodeid, fh, foffset, length, flags,
+                          moffset, mapper)
+
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
         return self._call(self.inner.lseek, ctx, nodeid, fh, offset, whence)
 

@@ -1,0 +1,385 @@
+"""DAX end to end: file ranges mapped into the front-end's cache window (supervisor/dax.py).
+
+The test front-end (tests/frontend.py CacheWindow, BackendChannel) plays the VMM: it reserves a
+window, gives the daemon a back-end channel and maps, unmaps and syncs what the daemon asks,
+with MAP_FIXED, as cloud-hypervisor does with its virtio-fs cache.  The tests read and write
+"through the window" as a guest with dax=always does, and check the host file.  Both request
+families run: cloud-hypervisor's FS_MAP/FS_UNMAP/FS_SYNC and SHMEM_MAP/SHMEM_UNMAP with
+GET_SHMEM_CONFIG; both data planes (the engine hands these opcodes to Python).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.control import DAX_ALL, DaxDone, DaxMap, DaxUnmap, RingStop
+from pyvirtiofsd.common.vhost_user import FS_UNMAP_ALL, ProtocolFeature, Request
+from pyvirtiofsd.supervisor.dax import DaxWindow
+from pyvirtiofsd.worker.dax import DaxClient
+from tests.conftest import DATA_PLANES, Daemon
+from tests.frontend import (
+    DEFAULT_INIT_FLAGS,
+    DEFAULT_PROTOCOL_FEATURES,
+    BackendChannel,
+    CacheWindow,
+    Frontend,
+    FuseClient,
+    FuseError,
+    attach_window,
+)
+
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
+PAGE = mmap.PAGESIZE
+_HANDLER_BUG = re.compile(r"failed: [A-Za-z]*(Error|Exception|Warning)\b")
+MIB = 1 << 20
+WINDOW = 64 * MIB
+READ = fa.SETUPMAPPING_FLAG_READ
+RW = fa.SETUPMAPPING_FLAG_READ | fa.SETUPMAPPING_FLAG_WRITE
+DAX_FEATURES = ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD
+
+
+@dataclass
+class DaxSession:
+    daemon: Daemon
+    fe: Frontend
+    client: FuseClient
+    window: CacheWindow
+    channel: BackendChannel
+    family: str
+
+    def requests(self) -> list[tuple[str, tuple, int]]:
+        return list(self.channel.requests)
+
+    def open_file(self, name: str, data: bytes, flags: int = os.O_RDWR) -> tuple[int, int]:
+        (self.daemon.share / name).write_bytes(data)
+        nodeid = self.client.lookup(fa.ROOT_ID, name).nodeid
+        return nodeid, self.client.open(nodeid, flags).fh
+
+
+@pytest.fixture
+def dax_session(daemon_factory) -> Iterator:
+    """dax_session(family, *daemon_args, window=WINDOW): a daemon with --dax, a front-end
+    whose window is `window` bytes, and a FUSE session that asked for DAX."""
+    opened: list[DaxSession] = []
+
+    def start(family: str = "fs", *args: str, window: int = WINDOW,
+              dax_window: int = WINDOW) -> DaxSession:
+        d = daemon_factory("--dax", f"--dax-window={dax_window}", *args)
+        pf = DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES
+        if family == "shmem":
+            pf |= ProtocolFeature.SHMEM
+        fe = Frontend.connect(d.socket, process=d.proc, protocol_features=pf)
+        win = CacheWindow(window)
+        channel = attach_window(fe, win, family)
+        client = FuseClient(fe)
+        s = DaxSession(d, fe, client, win, channel, family)
+        opened.append(s)
+        out = client.init(flags=DEFAULT_INIT_FLAGS | fa.InitFlag.MAP_ALIGNMENT)
+        assert out.all_flags & fa.InitFlag.MAP_ALIGNMENT
+        assert out.map_alignment == PAGE.bit_length() - 1
+        return s
+
+    yield start
+    for s in opened:
+        alive = s.daemon.proc.poll() is None
+        s.fe.close()
+        s.channel.close()
+        s.window.close()
+        assert alive, "the daemon died during the test:\n" + s.daemon.text
+        assert "Traceback" not in s.daemon.text, s.daemon.text
+        # A handler that raised something other than OSError is a bug, though the guest sees
+        # only EIO; so is a worker's death the test did not cause.
+        assert not _HANDLER_BUG.search(s.daemon.text), s.daemon.text
+
+
+def _content(n: int) -> bytes:
+    return bytes((i * 7 + i // PAGE) & 0xFF for i in range(n))
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+def test_map_read_write_sync_unmap(dax_session, family: str) -> None:
+    s = dax_session(family)
+    data = _content(4 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    before = len(s.requests())
+    s.client.setupmapping(nodeid, fh, PAGE, 3 * PAGE, 2 * MIB, RW)
+    name, details, err = s.channel.wait_for(before + 1)[before]
+    assert err == 0
+    if family == "fs":
+        assert name == "FS_MAP"
+        assert details == ((PAGE, 2 * MIB, 3 * PAGE, 3),)        # MAP_R | MAP_W
+    else:
+        assert name == "SHMEM_MAP"
+        assert details == (PAGE, 2 * MIB, 3 * PAGE, 1)           # writable
+    # What the guest reads through the window is the file, from the offset asked for.
+    assert s.window.read(2 * MIB, 3 * PAGE) == data[PAGE:]
+    # A write through the window is the host file's: the window maps it MAP_SHARED.
+    s.window.write(2 * MIB + 10, b"through the window")
+    path = s.daemon.share / "f"
+    assert path.read_bytes()[PAGE + 10:PAGE + 28] == b"through the window"
+    # And a write on the host shows in the window.
+    with open(path, "r+b") as f:
+        f.seek(2 * PAGE)
+        f.write(b"from the host")
+    assert s.window.read(2 * MIB + PAGE, 13) == b"from the host"
+    n = len(s.requests())
+    s.client.fsync(nodeid, fh)
+    if family == "fs":
+        name, details, err = s.channel.wait_for(n + 1)[n]
+        assert (name, details, err) == ("FS_SYNC", ((PAGE, 2 * MIB, 3 * PAGE, 0),), 0)
+    else:
+        # No SHMEM message syncs; the worker's fsync of the file covers the window's pages.
+        assert len(s.requests()) == n
+    s.client.removemapping([(2 * MIB, 3 * PAGE)])
+    name, details, err = s.channel.wait_for(n + (2 if family == "fs" else 1))[-1]
+    assert err == 0
+    assert name == ("FS_UNMAP" if family == "fs" else "SHMEM_UNMAP")
+    with pytest.raises(OSError) as ei:
+        s.window.read(2 * MIB, PAGE)
+    assert ei.value.errno == errno.EFAULT
+    assert path.read_bytes()[PAGE + 10:PAGE + 28] == b"through the window"
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+def test_whole_window_unmap_on_destroy_and_init(dax_session, family: str) -> None:
+    s = dax_session(family)
+    nodeid, fh = s.open_file("f", _content(2 * PAGE))
+    s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 0, READ)
+    s.client.setupmapping(nodeid, fh, 0, PAGE, 8 * MIB, READ)
+    assert s.window.read(8 * MIB, PAGE) == _content(PAGE)
+    n = len(s.requests())
+    s.client.destroy()
+    assert s.window.mapped == {}
+    got = s.requests()[n:]
+    if family == "fs":
+        # cloud-hypervisor's whole-window unmap: one entry of length ~0.
+        assert got == [("FS_UNMAP", ((0, 0, FS_UNMAP_ALL, 0),), 0)]
+    else:
+        assert sorted(d[1] for _name, d, _err in got) == [0, 8 * MIB]
+        assert {name for name, _d, _err in got} == {"SHMEM_UNMAP"}
+    # A new session starts with an empty window as well (the driver's mappings are gone).
+    s.client.init(flags=DEFAULT_INIT_FLAGS | fa.InitFlag.MAP_ALIGNMENT)
+    nodeid, fh = s.open_file("g", _content(PAGE))
+    s.client.setupmapping(nodeid, fh, 0, PAGE, 4 * MIB, READ)
+    assert s.window.read(4 * MIB, PAGE) == _content(PAGE)
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+def test_mappings_outside_the_window_are_refused(dax_session, family: str) -> None:
+    s = dax_session(family)
+    nodeid, fh = s.open_file("f", _content(4 * PAGE))
+    n = len(s.requests())
+    for foffset, length, moffset, flags in (
+            (0, 2 * PAGE, WINDOW - PAGE, READ),         # runs past the end
+            (0, PAGE, WINDOW, READ),                    # starts at the end
+            (0, 2 * PAGE, (1 << 64) - PAGE, READ),      # wraps around 2**64
+            (0, (1 << 64) - PAGE, PAGE, READ),          # longer than the window
+            (0, PAGE, PAGE + 1, READ),                  # window offset not aligned
+            (1, PAGE, PAGE, READ),                      # file offset not aligned
+            (0, 0, PAGE, READ),                         # empty
+            (0, PAGE, PAGE, 0),                         # neither read nor write
+            (0, PAGE, PAGE, 4)):                        # unknown flag
+        with pytest.raises(FuseError) as ei:
+            s.client.setupmapping(nodeid, fh, foffset, length, moffset, flags)
+        assert ei.value.errno == errno.EINVAL, (foffset, length, moffset, flags)
+    for moffset, length in ((WINDOW - PAGE, 2 * PAGE), ((1 << 64) - PAGE, 2 * PAGE)):
+        with pytest.raises(FuseError) as ei:
+            s.client.removemapping([(moffset, length)])
+        assert ei.value.errno == errno.EINVAL
+    # None of them reached the front-end.
+    assert len(s.requests()) == n
+    assert s.window.mapped == {}
+
+
+def test_bad_handles_are_refused(dax_session) -> None:
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(PAGE), os.O_RDONLY)
+    n = len(s.requests())
+    with pytest.raises(FuseError) as ei:
+        s.client.setupmapping(nodeid, fh + (1 << 32), 0, PAGE, 0, READ)   # stale generation
+    assert ei.value.errno == errno.EBADF
+    with pytest.raises(FuseError) as ei:
+        s.client.setupmapping(nodeid, fh, 0, PAGE, 0, RW)    # write mapping of a read-only fh
+    assert ei.value.errno == errno.EACCES
+    s.client.release(nodeid, fh)
+    with pytest.raises(FuseError) as ei:
+        s.client.setupmapping(nodeid, fh, 0, PAGE, 0, READ)  # released
+    assert ei.value.errno == errno.EBADF
+    assert len(s.requests()) == n
+
+
+def test_the_front_ends_refusal_reaches_the_guest(dax_session) -> None:
+    """cloud-hypervisor checks each range against its own cache_size too: a window smaller than
+    --dax-window refuses what lies past its end, and the guest gets its errno."""
+    s = dax_session("fs", window=4 * MIB)
+    nodeid, fh = s.open_file("f", _content(PAGE))
+    with pytest.raises(FuseError) as ei:
+        s.client.setupmapping(nodeid, fh, 0, PAGE, 8 * MIB, READ)
+    assert ei.value.errno == errno.EINVAL
+    assert s.requests()[-1] == ("request 6", s.requests()[-1][1], errno.EINVAL)
+    # The daemon does not count a refused mapping as mapped.
+    s.client.setupmapping(nodeid, fh, 0, PAGE, 0, READ)
+    assert s.window.read(0, PAGE) == _content(PAGE)
+
+
+def test_shmem_mapping_over_part_of_a_mapping_is_refused(dax_session) -> None:
+    s = dax_session("shmem")
+    nodeid, fh = s.open_file("f", _content(4 * PAGE))
+    s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 2 * MIB, READ)
+    with pytest.raises(FuseError) as ei:
+        s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 2 * MIB + PAGE, READ)
+    assert ei.value.errno == errno.EBUSY
+    # The same range again (the driver upgrading a read mapping to write) replaces it.
+    n = len(s.requests())
+    s.client.setupmapping(nodeid, fh, 2 * PAGE, 2 * PAGE, 2 * MIB, RW)
+    assert [r[0] for r in s.requests()[n:]] == ["SHMEM_UNMAP", "SHMEM_MAP"]
+    assert s.window.read(2 * MIB, 2 * PAGE) == _content(4 * PAGE)[2 * PAGE:]
+    s.window.write(2 * MIB, b"rw")
+    assert (s.daemon.share / "f").read_bytes()[2 * PAGE:2 * PAGE + 2] == b"rw"
+
+
+def test_shmem_config_names_the_window(daemon_factory) -> None:
+    d = daemon_factory("--dax", "--dax-window=32M")
+    fe = Frontend.connect(d.socket, process=d.proc,
+                          protocol_features=DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES
+                          | ProtocolFeature.SHMEM)
+    try:
+        reply = fe.send(Request.GET_SHMEM_CONFIG)
+        assert reply is not None
+        nregions, size0, size1 = (int.from_bytes(reply.payload[i:i + n], "little")
+                                  for i, n in ((0, 4), (8, 8), (16, 8)))
+        assert (nregions, size0, size1) == (1, 32 * MIB, 0)
+        assert len(reply.payload) == 2056
+    finally:
+        fe.close()
+
+
+def test_without_a_window_dax_is_not_offered(daemon_factory) -> None:
+    """--dax alone offers nothing: the front-end must have a window (a back-end channel; for
+    SHMEM front-ends also GET_SHMEM_CONFIG).  Without --dax the features are not offered."""
+    for args, pf in ((("--dax",), DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES), ((), None)):
+        d = daemon_factory(*args)
+        fe = Frontend.connect(d.socket, process=d.proc, protocol_features=pf)
+        try:
+            offered = fe.protocol_features & (DAX_FEATURES | ProtocolFeature.SHMEM)
+            assert offered == (DAX_FEATURES | ProtocolFeature.SHMEM if args else 0)
+            client = FuseClient(fe)
+            out = client.init(flags=DEFAULT_INIT_FLAGS | fa.InitFlag.MAP_ALIGNMENT)
+            assert not out.all_flags & fa.InitFlag.MAP_ALIGNMENT
+            (d.share / "f").write_bytes(_content(PAGE))
+            nodeid = client.lookup(fa.ROOT_ID, "f").nodeid
+            fh = client.open(nodeid, os.O_RDONLY).fh
+            with pytest.raises(FuseError) as ei:
+                client.setupmapping(nodeid, fh, 0, PAGE, 0, READ)
+            assert ei.value.errno == errno.ENOSYS
+            with pytest.raises(FuseError) as ei:
+                client.removemapping([(0, PAGE)])
+            assert ei.value.errno == errno.ENOSYS
+        finally:
+            fe.close()
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+def test_a_killed_worker_leaves_its_mappings_to_the_window(dax_session, family: str) -> None:
+    """Mappings belong to the window (the front-end holds them), not to the worker that asked:
+    a worker killed with mappings in place loses none of them; its successor serves reads
+    through them and removes them."""
+    s = dax_session(family)
+    data = _content(2 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 6 * MIB, RW)
+    pid = next(p["pid"] for p in s.daemon.status()["processes"]
+               if p["role"] == "worker" and p["queue"] == 1)
+    os.kill(pid, signal.SIGKILL)
+    s.daemon.wait_status(lambda doc: doc["worker_restarts"] >= 1 and any(
+        p["role"] == "worker" and p["queue"] == 1 and p["pid"] not in (None, pid)
+        and p["state"] == "serving" for p in doc["processes"]))
+    assert s.window.read(6 * MIB, 2 * PAGE) == data
+    s.window.write(6 * MIB, b"still")
+    assert s.client.read(nodeid, fh, 0, 5) == b"still"
+    n = len(s.requests())
+    s.client.removemapping([(6 * MIB, 2 * PAGE)])
+    assert s.channel.wait_for(n + 1)[n][2] == 0
+    assert s.window.mapped == {}
+
+
+# -- the gate and the worker's client, without a daemon -----------------------------------------
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator:
+    """A DaxWindow over a real arena holding one handle of file `a`, with a back-end channel
+    whose far end the test reads."""
+    arena = Arena.create(max_inodes=16, max_handles=16)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(bytes(PAGE))
+    b.write_bytes(bytes(PAGE))
+    fd_a = os.open(a, os.O_RDWR)
+    st = os.fstat(fd_a)
+    root = os.open(tmp_path, os.O_PATH)
+    arena.inodes.set_root(root, 0, 0)
+    nodeid, _ = arena.inodes.lookup_or_insert(os.open(a, os.O_PATH), st.st_dev, st.st_ino)
+    fh = arena.handles.insert(fd_a, nodeid, os.O_RDWR)
+    window = DaxWindow(WINDOW, arena)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    window.negotiated(0)                 # no REPLY_ACK: requests go out unanswered
+    window.attach(os.dup(theirs.fileno()))
+    theirs.close()
+    ours.setblocking(False)
+    yield window, fh, a, b, ours
+    window.close()
+    ours.close()
+    arena.close()
+
+
+def _sent(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except BlockingIOError:
+        return b""
+
+
+def test_gate_refuses_an_fd_that_is_not_the_handles_file(gate) -> None:
+    window, fh, a, b, far = gate
+    for path, flags, err in ((b, os.O_RDWR, errno.EBADF),     # another file
+                             (a, os.O_WRONLY, errno.EACCES),  # cannot be mapped at all
+                             (a, os.O_RDONLY, errno.EACCES)):  # not for a write mapping
+        fd = os.open(path, flags)
+        assert window.serve(1, DaxMap(fh, 0, PAGE, 0, RW, seq=1, fds=(fd,))) == err
+        with pytest.raises(OSError):
+            os.fstat(fd)                 # the gate closed it
+        assert _sent(far) == b""
+    fd = os.open(a, os.O_RDWR)
+    assert window.serve(1, DaxMap(fh, 0, PAGE, 0, RW, seq=1, fds=(fd,))) == 0
+    assert len(_sent(far)) == 12 + 256   # one FS_MAP went out
+    assert window.serve(1, DaxUnmap(0, DAX_ALL, seq=2)) == 0
+    assert window.mappings == []
+
+
+def test_client_keeps_control_messages_that_arrive_while_it_waits() -> None:
+    worker, sup = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        client = DaxClient(worker)
+        sup.send(RingStop(seq=5).pack())
+        sup.send(DaxDone(0, seq=99).pack())             # a stale answer: ignored
+        sup.send(DaxDone(0, seq=1).pack())
+        client.unmap(0, PAGE)
+        assert [(m.type.name, m.seq) for m in client.deferred] == [("RING_STOP", 5)]
+        sup.send(DaxDone(errno.EINVAL, seq=2).pack())
+        with pytest.raises(OSError) as ei:
+            client.unmap(0, PAGE)
+        assert ei.value.errno == errno.EINVAL
+        assert sup.recv(64)[:2] == (41).to_bytes(2, "little")   # the DAX_UNMAP it sent
+    finally:
+        worker.close()
+        sup.close()
