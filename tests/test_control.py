@@ -35,6 +35,13 @@ GOLDEN = [
     (control.Ack(seq=9), "2100000009000000"),
     (control.Stopped(0x1234, seq=9), "2200000009000000" "34120000"),
     (control.Failed(-errno.EPERM, seq=9), "2300000009000000" "ffffffff"),
+    (control.DaxMap(0x100000002, 0x3000, 0x200000, 0x400000, 3, seq=7),
+     "2800000007000000" "0200000001000000" "0030000000000000" "0000200000000000"
+     "0000400000000000" "03000000" "00000000"),
+    (control.DaxUnmap(0, control.DAX_ALL, seq=8),
+     "2900000008000000" "0000000000000000" "ffffffffffffffff"),
+    (control.DaxSync(0x100000002, seq=9), "2a00000009000000" "0200000001000000"),
+    (control.DaxDone(errno.EINVAL, seq=9), "2b00000009000000" "16000000"),
 ]
 
 

@@ -291,6 +291,33 @@ def test_without_a_window_dax_is_not_offered(daemon_factory) -> None:
             fe.close()
 
 
+def test_a_mount_without_dax_sends_nothing(daemon_factory) -> None:
+    """QEMU sets up a back-end channel for every vhost-user device, window or not: a session
+    whose kernel did not ask for DAX (no FUSE_MAP_ALIGNMENT: mounted without dax) leaves the
+    channel silent, so such a front-end never sees a request it does not know."""
+    d = daemon_factory("--dax")
+    fe = Frontend.connect(d.socket, process=d.proc,
+                          protocol_features=DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES)
+    window = CacheWindow(WINDOW)
+    channel = attach_window(fe, window)
+    try:
+        client = FuseClient(fe)
+        out = client.init()
+        assert not out.all_flags & fa.InitFlag.MAP_ALIGNMENT
+        assert out.map_alignment == 0
+        (d.share / "f").write_bytes(_content(PAGE))
+        nodeid = client.lookup(fa.ROOT_ID, "f").nodeid
+        fh = client.open(nodeid).fh
+        client.fsync(nodeid, fh)
+        client.destroy()
+        client.init()
+        assert channel.requests == []
+    finally:
+        fe.close()
+        channel.close()
+        window.close()
+
+
 @pytest.mark.parametrize("family", ["fs", "shmem"])
 def test_a_killed_worker_leaves_its_mappings_to_the_window(dax_session, family: str) -> None:
     """Mappings belong to the window (the front-end holds them), not to the worker that asked:

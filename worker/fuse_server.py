@@ -424,7 +424,7 @@ class FuseServer:
             # A second INIT starts a new session (protocol.md 3.2).
             self.session.stop()
             self.fs.destroy()
-        enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable) | self._dax_init())
+        enabled = capable & (SERVER_INIT_FLAGS | self.fs.init(capable) | self._dax_init(capable))
         self.session.start(min(minor, fa.KERNEL_MINOR_VERSION), enabled)
         log.info("queue %d: FUSE session started: kernel 7.%d, flags %#x", self.queue_index,
                  minor, enabled)
@@ -438,11 +438,14 @@ class FuseServer:
         """The window's size when the front-end has one and this worker may ask for it."""
         return self.session.dax_window if self.dax is not None else 0
 
-    def _dax_init(self) -> int:
-        """A new session: the window starts empty (the previous driver's mappings would
-        otherwise stay readable through it), and the kernel learns the map alignment, which
-        it asks for (FUSE_MAP_ALIGNMENT) when mounted with dax."""
-        if not self._dax_window():
+    def _dax_init(self, capable: int) -> int:
+        """A DAX session (the kernel offers FUSE_MAP_ALIGNMENT only when mounted with dax and
+        the device has a window): the window starts empty -- the previous driver's mappings
+        would otherwise stay readable through it -- and the kernel learns the alignment.
+
+        Only then: QEMU sets up a back-end channel for every vhost-user device, window or not,
+        and answers the FS_* requests it does not know with a failure and an error line."""
+        if not self._dax_window() or not capable & InitFlag.MAP_ALIGNMENT:
             return 0
         self._dax_clear()
         return int(InitFlag.MAP_ALIGNMENT)
@@ -484,7 +487,7 @@ class FuseServer:
 
     def _destroy(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                  writer: Writer | None) -> _Result:
-        if self._dax_window():
+        if self._dax_window() and self.session.flags & InitFlag.MAP_ALIGNMENT:
             self._dax_clear()
         self.session.stop()
         self.fs.destroy()
@@ -643,7 +646,7 @@ class FuseServer:
     def _fsync(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
-        if self._dax_window():
+        if self._dax_window() and self.session.flags & InitFlag.MAP_ALIGNMENT:
             # What the guest wrote through the window first (FS_SYNC: msync in the front-end).
             assert self.dax is not None
             self.dax.sync(fh)
@@ -745,7 +748,7 @@ class FuseServer:
     def _fsyncdir(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                   writer: Writer | None) -> _Result:
         fh, fsync_flags = _unpack(fa.FSYNC_IN, body)
-        if self._dax_window():
+        if self._dax_window() and self.session.flags & InitFlag.MAP_ALIGNMENT:
             # What the guest wrote through the window first (FS_SYNC: msync in the front-end).
             assert self.dax is not None
             self.dax.sync(fh)
