@@ -194,9 +194,11 @@ RULES: dict[Request, Rule] = {
     Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
     Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
     # DAX (supervisor/dax.py), offered with --dax only.  The back-end channel carries no
-    # payload of its own; some front-ends send a u64 with it.
-    Request.SET_BACKEND_REQ_FD: Rule(None, fds=(1, 1), gate=ProtocolFeature.BACKEND_REQ),
-    Request.GET_SHMEM_CONFIG: Rule(0, replies=True, gate=ProtocolFeature.SHMEM),
+    # payload of its own; some front-ends send a u64 with it.  QEMU sets it up right after
+    # the protocol features, before SET_OWNER (vhost_user_backend_init).
+    Request.SET_BACKEND_REQ_FD: Rule(None, fds=(1, 1), gate=ProtocolFeature.BACKEND_REQ,
+                                     owner=False),
+    Request.GET_SHMEM_CONFIG: Rule(0, replies=True, gate=ProtocolFeature.SHMEM, owner=False),
 }
 # With --dax: the back-end channel, fds over it, and VIRTIO shared memory regions.
 DAX_PROTOCOL_FEATURES = (ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD
@@ -373,8 +375,8 @@ class Backend:
             self.dax.attach(fds.pop())
         except OSError as e:
             raise RequestError(f"SET_BACKEND_REQ_FD: {e.strerror or e}") from None
-        log.info("back-end channel set: DAX %s", "offered to the guest" if self.dax.active
-                 else "waits for GET_SHMEM_CONFIG")
+        log.info("back-end channel set; the cache window is %s", "known" if self.dax.active
+                 else "not known until GET_SHMEM_CONFIG")
 
     def on_get_shmem_config(self, payload: bytes, fds: list[int]) -> bytes:
         assert self.dax is not None          # the gate: SHMEM is offered with --dax only

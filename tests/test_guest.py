@@ -557,3 +557,43 @@ def test_guest_fsx_while_workers_and_the_spawner_are_killed(daemon: GuestDaemon,
         data = (share / "f" / name).read_bytes()
         assert str(len(data)) == vals[f"{name}.size"]
         assert _fnv(data) == vals[f"{name}.fnv"]
+
+
+# -- DAX with the QEMU here --------------------------------------------------------------------
+# QEMU 7.2's vhost-user-fs has no cache window (no cache-size property: `-device
+# vhost-user-fs-pci,help`), but it takes the back-end channel every vhost-user back-end offers.
+# A guest mounted without dax must then work as usual, and the daemon must send QEMU nothing:
+# QEMU answers back-end requests it does not know with an error.
+DAX_WORKLOAD = PRELUDE + r"""
+io() {
+  printf 'dax off\n' > plain
+  drop_caches
+  [ "$(cat plain)" = "dax off" ]
+  sync plain
+}
+step io
+val mount "$(grep ' /mnt ' /proc/mounts)"
+# What this kernel says to dax=always on a device without a window (reported, see docs).
+mkdir -p /tmp/dax
+val daxmount "$(mount -t virtiofs -o dax=always myfs /tmp/dax 2>&1; echo rc=$?)"
+val daxmsg "$(dmesg | grep -i dax | tail -2 | tr '\n' ' ')"
+exit $failed
+"""
+
+
+def test_guest_with_dax_on_a_qemu_without_a_window(daemon: GuestDaemon, kernel61: Kernel,
+                                                   tmp_path: Path) -> None:
+    if daemon.name != "pyvirtiofsd":
+        pytest.skip("--dax is pyvirtiofsd's")
+    share = tmp_path / "share"
+    share.mkdir()
+    result = run_guest([*daemon.command(), "--dax", "--log-level=debug"], share, DAX_WORKLOAD,
+                       kernel=kernel61, timeout=BOOT_TIMEOUT)
+    vals = assert_ran(result, ["io"])
+    print(f"dax=always mount in the guest: {vals['daxmount']} / {vals['daxmsg']}")
+    assert "virtiofs" in vals["mount"] and "dax" not in vals["mount"], vals["mount"]
+    assert (share / "plain").read_text() == "dax off\n"
+    # QEMU set up the back-end channel; the session did not ask for DAX, so nothing was sent.
+    assert "back-end channel set" in result.daemon_output, result.daemon_output[-2000:]
+    for trouble in ("refused", "could not empty the DAX window", "back-end channel failed"):
+        assert trouble not in result.daemon_output, result.daemon_output[-2000:]
