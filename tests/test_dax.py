@@ -33,6 +33,7 @@ from tests.frontend import (
     DEFAULT_INIT_FLAGS,
     DEFAULT_PROTOCOL_FEATURES,
     BackendChannel,
+    BackendError,
     CacheWindow,
     Frontend,
     FuseClient,
@@ -150,6 +151,57 @@ def test_map_read_write_sync_unmap(dax_session, family: str) -> None:
         s.window.read(2 * MIB, PAGE)
     assert ei.value.errno == errno.EFAULT
     assert path.read_bytes()[PAGE + 10:PAGE + 28] == b"through the window"
+
+
+@pytest.mark.data_planes("native")
+def test_dax_in_the_full_sandbox(dax_session) -> None:
+    """The supervisor's and the workers' seccomp policies allow what DAX needs (SCM_RIGHTS
+    both ways, fstat and F_GETFL of the file, the back-end channel), in the namespace sandbox."""
+    s = dax_session("fs", "--sandbox=namespace", "--seccomp=kill")
+    nodeid, fh = s.open_file("f", _content(2 * PAGE))
+    s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 0, RW)
+    s.window.write(0, b"sandboxed")
+    s.client.fsync(nodeid, fh)
+    s.client.removemapping([(0, 2 * PAGE)])
+    assert (s.daemon.share / "f").read_bytes()[:9] == b"sandboxed"
+    assert [r[0] for r in s.requests()] == ["FS_UNMAP", "FS_MAP", "FS_SYNC", "FS_UNMAP"]
+    assert "SIGSYS" not in s.daemon.text
+
+
+def test_the_back_end_channel_is_refused_without_dax(daemon_factory) -> None:
+    d = daemon_factory()
+    fe = Frontend.connect(d.socket, process=d.proc)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert not fe.protocol_features & DAX_FEATURES
+        with pytest.raises(BackendError):
+            fe.send(Request.SET_BACKEND_REQ_FD, fds=[b.fileno()])
+        b.close()
+        # The daemon closed its copy: the far end sees EOF.
+        a.settimeout(10)
+        assert a.recv(1) == b""
+    finally:
+        fe.close()
+        a.close()
+
+
+def test_a_back_end_channel_that_is_no_socket_is_refused(daemon_factory) -> None:
+    d = daemon_factory("--dax")
+    fe = Frontend.connect(d.socket, process=d.proc,
+                          protocol_features=DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES)
+    try:
+        r, w = os.pipe()
+        try:
+            with pytest.raises(BackendError):
+                fe.send(Request.SET_BACKEND_REQ_FD, fds=[r])
+        finally:
+            os.close(r)
+            os.close(w)
+        client = FuseClient(fe)
+        out = client.init(flags=DEFAULT_INIT_FLAGS | fa.InitFlag.MAP_ALIGNMENT)
+        assert not out.all_flags & fa.InitFlag.MAP_ALIGNMENT
+    finally:
+        fe.close()
 
 
 @pytest.mark.parametrize("family", ["fs", "shmem"])
