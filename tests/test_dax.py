@@ -76,12 +76,12 @@ def dax_session(daemon_factory) -> Iterator:
     opened: list[DaxSession] = []
 
     def start(family: str = "fs", *args: str, window: int = WINDOW,
-              dax_window: int = WINDOW) -> DaxSession:
+              dax_window: int = WINDOW, queues: int = 2) -> DaxSession:
         d = daemon_factory("--dax", f"--dax-window={dax_window}", *args)
         pf = DEFAULT_PROTOCOL_FEATURES | DAX_FEATURES
         if family == "shmem":
             pf |= ProtocolFeature.SHMEM
-        fe = Frontend.connect(d.socket, process=d.proc, protocol_features=pf)
+        fe = Frontend.connect(d.socket, process=d.proc, protocol_features=pf, queues=queues)
         win = CacheWindow(window)
         channel = attach_window(fe, win, family)
         client = FuseClient(fe)
@@ -269,6 +269,43 @@ def test_bad_handles_are_refused(dax_session) -> None:
     with pytest.raises(FuseError) as ei:
         s.client.setupmapping(nodeid, fh, 0, PAGE, 0, READ)  # released
     assert ei.value.errno == errno.EBADF
+    assert len(s.requests()) == n
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+def test_two_queues_share_one_window(dax_session, family: str) -> None:
+    """Requests from two queue workers in flight at once are served one after the other by
+    the supervisor, and a range mapped through one queue is removed through the other."""
+    s = dax_session(family, "--request-queues=2", queues=3)
+    data = _content(16 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    other = FuseClient(s.fe, queue=2)
+    tokens = []
+    for i in range(8):
+        for client, base in ((s.client, 0), (other, 32 * MIB)):
+            body = fa.SETUPMAPPING_IN.pack(fh, 2 * i * PAGE, 2 * PAGE, RW, base + 2 * i * MIB)
+            tokens.append((client, client.submit(fa.Opcode.SETUPMAPPING, nodeid, body)))
+    for client, token in tokens:
+        assert client.result(token).error == 0
+    for i in range(8):
+        for base in (0, 32 * MIB):
+            assert s.window.read(base + 2 * i * MIB, 2 * PAGE) == data[2 * i * PAGE:][:2 * PAGE]
+    other.removemapping([(2 * i * MIB, 2 * PAGE) for i in range(8)])
+    s.client.removemapping([(32 * MIB + 2 * i * MIB, 2 * PAGE) for i in range(8)])
+    assert s.window.mapped == {}
+    assert all(err == 0 for _name, _d, err in s.requests())
+
+
+def test_malformed_removemapping_is_refused(dax_session) -> None:
+    s = dax_session("fs")
+    n = len(s.requests())
+    one = fa.REMOVEMAPPING_ONE.pack(0, PAGE)
+    for body in (fa.REMOVEMAPPING_IN.pack(0),                      # nothing to remove
+                 fa.REMOVEMAPPING_IN.pack(2) + one,                # fewer ranges than counted
+                 fa.REMOVEMAPPING_IN.pack(PAGE // 16 + 1) + one * (PAGE // 16 + 1),  # too many
+                 b"\1\0"):                                         # no count
+        r = s.client.request(fa.Opcode.REMOVEMAPPING, fa.ROOT_ID, body)
+        assert r.error == errno.EINVAL, body[:8]
     assert len(s.requests()) == n
 
 
