@@ -176,6 +176,10 @@ class DaxWindow:
         except Refused as e:
             log.warning("queue %d: DAX %s refused: %s", queue, msg.type.name, e)
             return e.errno
+        except OSError as e:
+            # fstat/fcntl of the fd that came with the request: a worker's fault, not ours.
+            log.warning("queue %d: DAX %s refused: %s", queue, msg.type.name, e.strerror or e)
+            return e.errno or errno.EIO
         finally:
             for fd in msg.fds:
                 try:

@@ -24,8 +24,15 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.control import DAX_ALL, DaxDone, DaxMap, DaxUnmap, RingStop
-from pyvirtiofsd.common.vhost_user import FS_UNMAP_ALL, ProtocolFeature, Request
+from pyvirtiofsd.common.control import DAX_ALL, DaxDone, DaxMap, DaxSync, DaxUnmap, RingStop
+from pyvirtiofsd.common.vhost_user import (
+    FS_UNMAP_ALL,
+    FsBackendMsg,
+    FsBackendRequest,
+    Header,
+    ProtocolFeature,
+    Request,
+)
 from pyvirtiofsd.supervisor.dax import DaxWindow
 from pyvirtiofsd.worker.dax import DaxClient
 from tests.conftest import DATA_PLANES, Daemon
@@ -459,10 +466,16 @@ def gate(tmp_path: Path) -> Iterator:
 
 
 def _sent(sock: socket.socket) -> bytes:
-    try:
-        return sock.recv(65536)
-    except BlockingIOError:
-        return b""
+    """Everything the window sent so far (a message with an fd arrives as its own chunk)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
 
 
 def test_gate_refuses_an_fd_that_is_not_the_handles_file(gate) -> None:
@@ -499,3 +512,24 @@ def test_client_keeps_control_messages_that_arrive_while_it_waits() -> None:
     finally:
         worker.close()
         sup.close()
+
+
+def test_gate_keeps_the_rest_of_a_mapping_a_range_cuts(gate) -> None:
+    """FS_UNMAP of the middle of a mapping leaves both ends mapped (cloud-hypervisor unmaps
+    exactly the range); FS_SYNC then names both ends, with their own file offsets."""
+    window, fh, a, _b, far = gate
+    fd = os.open(a, os.O_RDWR)
+    assert window.serve(1, DaxMap(fh, 4 * PAGE, 4 * PAGE, 8 * PAGE, RW, seq=1, fds=(fd,))) == 0
+    assert window.serve(1, DaxUnmap(9 * PAGE, PAGE, seq=2)) == 0
+    _sent(far)
+    assert [(m.moffset, m.length, m.foffset) for m in window.mappings] == \
+        [(8 * PAGE, PAGE, 4 * PAGE), (10 * PAGE, 2 * PAGE, 6 * PAGE)]
+    assert window.serve(1, DaxSync(fh, seq=3)) == 0
+    msg = _sent(far)
+    hdr, payload = Header.unpack(msg[:12]), FsBackendMsg.unpack(msg[12:])
+    assert hdr.request == FsBackendRequest.FS_SYNC
+    assert [e for e in payload.entries if e[2]] == [(4 * PAGE, 8 * PAGE, PAGE, 0),
+                                                   (6 * PAGE, 10 * PAGE, 2 * PAGE, 0)]
+    # A stale fh is refused before anything is sent.
+    assert window.serve(1, DaxSync(fh + (1 << 32), seq=4)) == errno.EBADF
+    assert _sent(far) == b""
