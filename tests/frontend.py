@@ -12,6 +12,10 @@ Layers, each usable on its own so tests can inject faults at any of them:
   DriverQueue  the driver half of one split ring: chains (direct, indirect, split, straddling a
                region boundary), avail publishing, kicks, used harvesting, many in flight.
   FuseClient   FUSE requests over a DriverQueue; typed helpers raise FuseError.
+  CacheWindow, BackendChannel
+               the DAX side of a VMM: a reserved cache window that the daemon's back-end
+               requests (FS_MAP/FS_UNMAP/FS_SYNC or SHMEM_MAP/SHMEM_UNMAP) map with MAP_FIXED,
+               served by a thread on the back-end channel (`attach_window()`).
 
 Every wait has a deadline: a daemon that stops answering raises ReplyTimeout, one that closed
 the connection or died raises DaemonGone.  Nothing here ever blocks without a timeout.
