@@ -120,6 +120,10 @@ def test_defaults_are_virtiofsds():
     (["--data-plane=python", "--data-plane=native"], "data_plane", "native"),
     (["--allow-device-nodes"], "allow_device_nodes", True),
     (["--poll-us=50"], "poll_us", 50),
+    (["--dax"], "dax", True),
+    (["--dax-window=16M"], "dax_window", 16 << 20),
+    (["--dax-window", "2g"], "dax_window", 2 << 30),
+    (["--dax-window=4194304"], "dax_window", 4 << 20),
     (["--cache=never", "--cache=always"], "cache", CacheMode.ALWAYS),  # last one wins
     (["-f"], "shared_dir", "/srv"),
 ])
@@ -353,6 +357,12 @@ BAD_ARGS = [
     ([*BASE, "--data-plane=rust"], "--data-plane: invalid value 'rust'"),
     ([*BASE, "--poll-us=1000001"], "--poll-us"),
     ([*BASE, "--poll-us=5", "--data-plane=python"], "--poll-us needs --data-plane=native"),
+    ([*BASE, "--dax=yes"], "ignored explicit argument 'yes'"),
+    ([*BASE, "--dax-window=3M"], "--dax-window: window size 3145728 is not a non-zero multiple"
+     " of 2 MiB"),
+    ([*BASE, "--dax-window=0"], "--dax-window: window size 0 is not"),
+    ([*BASE, "--dax-window=8X"], "--dax-window: invalid size '8X'"),
+    ([*BASE, "--dax-window=9223372036854775808"], "--dax-window: window size"),
 ]
 
 
@@ -473,6 +483,9 @@ log-level = "warn"
     ('deprecations = []\n', "key 'deprecations': unknown key"),
     ('socket = "/x"\n', "key 'socket': unknown key"),
     ('cache = "never\n', "invalid TOML"),
+    ('dax = "yes"\n', "key 'dax': expected true or false, got str 'yes'"),
+    ("dax-window = 8\n", "key 'dax-window': expected a string, got int"),
+    ('dax-window = "1M"\n', "key 'dax-window': window size 1048576 is not"),
 ])
 def test_file_errors_name_key_and_file(tmp_path, text, message, capsys):
     path = write(tmp_path, text)
