@@ -37,6 +37,7 @@ import select
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtiofsd.common.arena import Arena
@@ -101,11 +102,12 @@ class Mapping:
 class DaxWindow:
     """One front-end connection's window: its back-end channel, family and mapping table."""
 
-    def __init__(self, size: int, arena: Arena, publish=None) -> None:
+    def __init__(self, size: int, arena: Arena,
+                 publish: Callable[[int], None] | None = None) -> None:
         self.size = size
         self.arena = arena
         # publish(size): tell the workers whether a window exists (0: none); Session.dax_window
-        self.publish = publish or (lambda size: None)
+        self.publish: Callable[[int], None] = publish or (lambda size: None)
         self.channel: socket.socket | None = None
         self.reply_ack = False
         self.family = Family.FS

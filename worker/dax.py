@@ -14,6 +14,7 @@ import logging
 import os
 import select
 import socket
+from collections.abc import Callable
 
 from pyvirtiofsd.common import control
 from pyvirtiofsd.common.control import (
@@ -53,7 +54,7 @@ class DaxClient:
     def sync(self, fh: int) -> None:
         self._ask(lambda seq: DaxSync(fh, seq=seq))
 
-    def _ask(self, make) -> None:
+    def _ask(self, make: Callable[[int], Message]) -> None:
         """Send the request and wait for its answer; OSError with the errno the guest gets."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq

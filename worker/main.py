@@ -73,6 +73,9 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
 
 
 class Worker:
+    # Its DAX requests to the supervisor (worker/dax.py); set for every built worker.
+    dax: DaxClient | None = None
+
     def __init__(self, queue_index: int, channel: socket.socket, server: FuseServer,
                  arena: Arena, journal: QueueJournal, fs: JournaledFs,
                  hooks: testhooks.Hooks | None = None, engine: Engine | None = None) -> None:
@@ -160,7 +163,8 @@ class Worker:
     def on_control(self) -> None:
         try:
             # One that came while this worker waited for a DAX answer first (worker/dax.py).
-            msg = (self.dax.deferred.pop(0) if self.dax.deferred
+            dax = self.dax
+            msg = (dax.deferred.pop(0) if dax is not None and dax.deferred
                    else control.receive(self.channel, control.TO_WORKER))
         except control.ProtocolError as e:
             # The supervisor is trusted to be well-formed; a bad message means a bug: say so.
@@ -192,6 +196,10 @@ class Worker:
         if self._serve_after:
             self._serve_after = False
             self.process()
+
+    def _deferred(self) -> bool:
+        """Whether control messages wait that came while a DAX request awaited its answer."""
+        return self.dax is not None and bool(self.dax.deferred)
 
     def dispatch(self, msg: Message) -> Message:
         """Carry out one request (control.TO_WORKER) and return its answer."""
@@ -414,7 +422,7 @@ class Worker:
         worker's main loop only: control messages handled here never nest), the engine also
         sleeps in C while the ring is empty, so a kick costs no Python at all."""
         while self.running and self.queue is not None and self.enabled:
-            if self.dax.deferred:
+            if self._deferred():
                 # Control messages that came during a DAX request, before the next request.
                 self.on_control()
                 continue
@@ -495,7 +503,7 @@ class Worker:
         try:
             while True:
                 while True:
-                    if self.dax.deferred or pending(0):
+                    if self._deferred() or pending(0):
                         self.on_control()
                         if self.queue is not queue or not self.enabled or not self.running:
                             return False
@@ -561,7 +569,7 @@ class Worker:
         control.send(self.channel, Ready(self.index, seq=0))
         chan = self.channel.fileno()
         while self.running:
-            if self.dax.deferred:
+            if self._deferred():
                 self.on_control()
                 continue
             engine = self.engine
