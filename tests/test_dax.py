@@ -533,3 +533,26 @@ def test_gate_keeps_the_rest_of_a_mapping_a_range_cuts(gate) -> None:
     # A stale fh is refused before anything is sent.
     assert window.serve(1, DaxSync(fh + (1 << 32), seq=4)) == errno.EBADF
     assert _sent(far) == b""
+
+
+@pytest.mark.parametrize("family", ["fs", "shmem"])
+@pytest.mark.parametrize("crash", ["SETUPMAPPING:executing", "SETUPMAPPING:executed",
+                                   "REMOVEMAPPING:popped", "REMOVEMAPPING:replied"])
+def test_a_worker_killed_inside_a_mapping_request(dax_session, monkeypatch, crash: str,
+                                                  family: str) -> None:
+    """The worker dies at the hook's point of a SETUPMAPPING or REMOVEMAPPING: its successor
+    completes the request from the journal (mapping again is idempotent, so a replay after the
+    front-end mapped the range leaves it mapped once), and the guest sees no error."""
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", crash)
+    # The hook kills its own worker, which no worker seccomp policy allows.
+    s = dax_session(family, "--seccomp=none")
+    data = _content(2 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    s.client.setupmapping(nodeid, fh, 0, 2 * PAGE, 10 * MIB, RW)
+    assert s.window.read(10 * MIB, 2 * PAGE) == data
+    s.client.removemapping([(10 * MIB, 2 * PAGE)])
+    assert s.window.mapped == {}
+    line = s.daemon.wait_for("worker for queue 1 (pid")
+    assert "was killed by SIGKILL" in line and crash.split(":")[0] in line, line
+    assert all(err == 0 for _name, _d, err in s.requests()), s.requests()
