@@ -93,6 +93,8 @@ class Supervisor:
         self.connected = False
         self.frontends_served = 0      # connections that ended (status: a reconnect's count)
         self.status: StatusServer | None = None
+        # The DAX window of the connected front-end (--dax), for the status document.
+        self.dax: DaxWindow | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session()
         self.sandbox = Sandbox(config, max(64, self.num_queues))
@@ -180,7 +182,19 @@ class Supervisor:
             "handles": handles,
             "worker_restarts": procs.respawns,
             "latency_buckets_us": bucket_bounds_us(),
+            **self._dax_status(),
         }
+
+    def _dax_status(self) -> dict:
+        """With --dax: the window the guest may use now (0: none) and what is mapped in it."""
+        if not self.config.dax:
+            return {}
+        w = self.dax
+        active = w is not None and w.active
+        return {"dax": {"window_bytes": w.size if active else 0,
+                        "requests": w.family.name if active else None,
+                        "mappings": len(w.mappings) if active else 0,
+                        "mapped_bytes": sum(m.length for m in w.mappings) if active else 0}}
 
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
@@ -296,6 +310,7 @@ class Supervisor:
             window = DaxWindow(self.config.dax_window, self.arena, self._publish_dax)
             backend.dax = window
             self.procs.dax = window.serve
+            self.dax = window
         self.connected = True
         try:
             while True:
@@ -325,6 +340,7 @@ class Supervisor:
             self.frontends_served += 1
             backend.close()
             self.procs.dax = None
+            self.dax = None
             conn.close()
 
     def _publish_dax(self, size: int) -> None:

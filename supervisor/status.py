@@ -196,6 +196,14 @@ def prometheus(doc: dict[str, Any]) -> str:
     out.append(f"pyvirtiofsd_inodes {doc['inodes']}")
     family("pyvirtiofsd_handles", "gauge", "Open file handles.")
     out.append(f"pyvirtiofsd_handles {doc['handles']}")
+    if "dax" in doc:
+        family("pyvirtiofsd_dax_window_bytes", "gauge", "Size of the DAX cache window the"
+               " guest may map files into (0: none).")
+        out.append(f"pyvirtiofsd_dax_window_bytes {doc['dax']['window_bytes']}")
+        family("pyvirtiofsd_dax_mappings", "gauge", "File ranges mapped in the DAX window.")
+        out.append(f"pyvirtiofsd_dax_mappings {doc['dax']['mappings']}")
+        family("pyvirtiofsd_dax_mapped_bytes", "gauge", "Bytes mapped in the DAX window.")
+        out.append(f"pyvirtiofsd_dax_mapped_bytes {doc['dax']['mapped_bytes']}")
     queues = doc["queues"]
     for name, kind, key, help_ in (
             ("pyvirtiofsd_requests_total", "counter", "requests", "Requests served."),

@@ -128,6 +128,11 @@ def render(doc: dict[str, Any], path: str) -> str:
     lines.append("errors by errno: " + ("; ".join(errs) if errs else "none"))
     lines.append(f"inodes in use: {doc['inodes']}, handles in use: {doc['handles']},"
                  f" worker restarts: {doc['worker_restarts']}")
+    dax = doc.get("dax")
+    if dax is not None:
+        lines.append(f"DAX window: {dax['window_bytes'] >> 20} MiB ({dax['requests']}),"
+                     f" {dax['mappings']} mappings of {dax['mapped_bytes']} bytes"
+                     if dax["window_bytes"] else "DAX window: none (the front-end has none)")
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,9 @@ from pyvirtiofsd.common.vhost_user import (
     Request,
 )
 from pyvirtiofsd.supervisor.dax import DaxWindow
+from pyvirtiofsd.supervisor.status import prometheus
 from pyvirtiofsd.worker.dax import DaxClient
-from tests.conftest import DATA_PLANES, Daemon
+from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import (
     DEFAULT_INIT_FLAGS,
     DEFAULT_PROTOCOL_FEATURES,
@@ -297,10 +299,21 @@ def test_two_queues_share_one_window(dax_session, family: str) -> None:
     for i in range(8):
         for base in (0, 32 * MIB):
             assert s.window.read(base + 2 * i * MIB, 2 * PAGE) == data[2 * i * PAGE:][:2 * PAGE]
+    doc = s.daemon.status()
+    assert doc["dax"] == {"window_bytes": WINDOW, "requests": family.upper(), "mappings": 16,
+                          "mapped_bytes": 16 * 2 * PAGE}
+    shown = subprocess.run([str(DAEMON), "status", s.daemon.socket], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert f"DAX window: 64 MiB ({family.upper()}), 16 mappings of {16 * 2 * PAGE} bytes" \
+        in shown, shown
+    metrics = prometheus(doc)
+    assert "pyvirtiofsd_dax_mappings 16\n" in metrics
+    assert f"pyvirtiofsd_dax_window_bytes {WINDOW}\n" in metrics
     other.removemapping([(2 * i * MIB, 2 * PAGE) for i in range(8)])
     s.client.removemapping([(32 * MIB + 2 * i * MIB, 2 * PAGE) for i in range(8)])
     assert s.window.mapped == {}
     assert all(err == 0 for _name, _d, err in s.requests())
+    assert s.daemon.status()["dax"]["mappings"] == 0
 
 
 def test_malformed_removemapping_is_refused(dax_session) -> None:
@@ -371,6 +384,9 @@ def test_without_a_window_dax_is_not_offered(daemon_factory) -> None:
         try:
             offered = fe.protocol_features & (DAX_FEATURES | ProtocolFeature.SHMEM)
             assert offered == (DAX_FEATURES | ProtocolFeature.SHMEM if args else 0)
+            doc = d.status()
+            assert doc.get("dax") == ({"window_bytes": 0, "requests": None, "mappings": 0,
+                                       "mapped_bytes": 0} if args else None)
             client = FuseClient(fe)
             out = client.init(flags=DEFAULT_INIT_FLAGS | fa.InitFlag.MAP_ALIGNMENT)
             assert not out.all_flags & fa.InitFlag.MAP_ALIGNMENT
