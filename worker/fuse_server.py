@@ -460,9 +460,10 @@ class FuseServer:
 
     def _setupmapping(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                       writer: Writer | None) -> _Result:
-        fh, foffset, length, flags, moffset = _unpack(fa.SETUPMAPPING_IN, body)
         if not self._dax_window():
+            # As before DAX existed here, and as virtiofsd answers, whatever the body.
             raise OSError(errno.ENOSYS, "no DAX window")
+        fh, foffset, length, flags, moffset = _unpack(fa.SETUPMAPPING_IN, body)
         if flags & ~_MAP_FLAGS or not flags & _MAP_FLAGS:
             raise _einval(f"SETUPMAPPING flags {flags:#x}")
         assert self.dax is not None
@@ -471,9 +472,9 @@ class FuseServer:
 
     def _removemapping(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                        writer: Writer | None) -> _Result:
-        (count,) = _unpack(fa.REMOVEMAPPING_IN, body)
         if not self._dax_window():
             raise OSError(errno.ENOSYS, "no DAX window")
+        (count,) = _unpack(fa.REMOVEMAPPING_IN, body)
         # The array follows the 4-byte count at once (protocol.md 3.5).
         size = fa.REMOVEMAPPING_IN.size
         one = fa.REMOVEMAPPING_ONE
