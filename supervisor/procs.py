@@ -578,7 +578,8 @@ class ProcessTable:
 
     def channel_readable(self, queue: int) -> None:
         """A worker's channel has a message outside any request of ours: its own request, or
-        a late answer; anything else breaks the protocol and the worker is killed."""
+        a late answer; a stale answer is ignored (as _wait does), a malformed message breaks
+        the protocol and the worker is killed."""
         handle = self.workers.get(queue)
         if handle is None:
             return
@@ -594,9 +595,8 @@ class ProcessTable:
             self._serve_ask(handle.channel, msg)
         elif not self._late(handle, msg):
             control.close_fds(msg.fds)
-            log.error("worker for queue %d sent %s #%d unasked: killing it", queue,
-                      msg.type.name, msg.seq)
-            self.kill(queue)
+            log.warning("worker for queue %d: stale answer %s #%d ignored", queue,
+                        msg.type.name, msg.seq)
 
     def _serve_ask(self, channel: socket.socket, msg: Message) -> None:
         queue = next((q for q, h in self.workers.items() if h.channel is channel), -1)

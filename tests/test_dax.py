@@ -37,6 +37,7 @@ from pyvirtiofsd.common.vhost_user import (
 from pyvirtiofsd.supervisor.dax import DaxWindow
 from pyvirtiofsd.supervisor.status import prometheus
 from pyvirtiofsd.worker.dax import DaxClient
+from pyvirtiofsd.worker.main import Worker
 from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import (
     DEFAULT_INIT_FLAGS,
@@ -575,3 +576,22 @@ def test_a_worker_killed_inside_a_mapping_request(dax_session, monkeypatch, cras
     line = s.daemon.wait_for("worker for queue 1 (pid")
     assert "was killed by SIGKILL" in line and crash.split(":")[0] in line, line
     assert all(err == 0 for _name, _d, err in s.requests()), s.requests()
+
+
+def test_a_late_dax_answer_is_no_request(tmp_path: Path) -> None:
+    """A DAX_DONE that comes after the worker stopped waiting for it reaches the worker's loop
+    as a control message: it is dropped, not answered (an answer would be one the supervisor
+    never asked for)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        w = Worker.__new__(Worker)
+        w.index, w.channel, w.running = 1, theirs, True
+        ours.send(DaxDone(0, seq=3).pack())
+        w.on_control()
+        assert w.running
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(64)
+    finally:
+        ours.close()
+        theirs.close()

@@ -27,6 +27,7 @@ from pyvirtiofsd.common import control
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import (
     Ack,
+    DaxDone,
     Failed,
     MemTable,
     MemUnmap,
@@ -176,6 +177,10 @@ class Worker:
             return
         if msg is None:                      # supervisor gone
             self.running = False
+            return
+        if isinstance(msg, DaxDone):
+            # The answer to a DAX request this worker stopped waiting for (worker/dax.py): it
+            # is no request, and is not answered.
             return
         # dispatch() owns msg.fds and closes them on every path: closing them again here would
         # close whatever another worker opened under the same numbers in the shared fd table.
