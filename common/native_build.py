@@ -37,6 +37,7 @@ long vfs_raw_clone(unsigned long flags);
 struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
 int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who);
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -49,6 +50,7 @@ SOURCE = r"""
 #define _GNU_SOURCE
 #endif
 #include "state.h"
+#include "dirtylog.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -165,6 +167,11 @@ int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
     uint64_t how[3] = {flags, mode, resolve};
     return (int)syscall(SYS_openat2, dirfd, path, how, sizeof how);
+}
+
+/* Dirty-page logging from the Python data plane: the engine's own marking (dirtylog.h). */
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len) {
+    vfs_log_range(log, size, gpa, len);
 }
 """
 
