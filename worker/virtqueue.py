@@ -345,7 +345,11 @@ class SplitQueue:
                 continue
             if flags & _F_WRITE and length:
                 k = min(length, left)
-                spans.append((addr, k))
+                if spans and spans[-1][0] + spans[-1][1] == addr:
+                    # One call per contiguous run (a READ's page-sized buffers).
+                    spans[-1] = (spans[-1][0], spans[-1][1] + k)
+                else:
+                    spans.append((addr, k))
                 left -= k
             if not flags & _F_NEXT or nxt >= limit:
                 break
