@@ -23,6 +23,7 @@ from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import (
     DEFAULT_PROTOCOL_FEATURES,
     BackendError,
+    DaemonGone,
     DirtyLog,
     Frontend,
     FuseClient,
@@ -331,3 +332,18 @@ def test_capabilities_do_not_offer_migration_yet() -> None:
                          text=True, check=True).stdout
     assert "migrate-precopy" not in out
 
+
+
+def test_refused_log_base_without_reply_ack_ends_the_connection(rig) -> None:
+    """Without REPLY_ACK the reply QEMU waits for carries no status: a refused log is not
+    answered as if it were taken (the migration would go on unlogged), the connection ends."""
+    r = rig(reply_ack=False)
+    fe = r.fe
+    fd = _log_fd(4096)
+    try:
+        with pytest.raises(DaemonGone):
+            fe.send(Request.SET_LOG_BASE, LogDescription(0, 0).pack(), [fd])
+    finally:
+        os.close(fd)
+    assert r.daemon.proc.wait(timeout=20) == 0
+    assert "SET_LOG_BASE cannot be answered: dirty log of 0x0 bytes" in r.daemon.text
