@@ -42,6 +42,7 @@ class Rig:
     daemon: Daemon
     fe: Frontend
     client: FuseClient
+    kills_expected: bool = False
 
     def worker(self, queue: int) -> int:
         return next(p for p, n in children(self.daemon.proc.pid).items()
@@ -111,6 +112,9 @@ def rig(daemon_factory) -> Iterator[Callable[..., Rig]]:
     yield start
     for r in made:
         r.fe.close()
+        if not r.kills_expected:
+            assert "killed by" not in r.daemon.text, r.daemon.text
+        assert "Traceback" not in r.daemon.text, r.daemon.text
 
 
 def test_every_page_written_is_marked_and_no_other(rig) -> None:
@@ -218,6 +222,7 @@ def test_log_replaced_while_rings_run(rig) -> None:
 
 def test_worker_respawned_keeps_logging(rig) -> None:
     r = rig()
+    r.kills_expected = True
     fe = r.fe
     log = DirtyLog(fe.memory)
     try:
@@ -347,3 +352,28 @@ def test_refused_log_base_without_reply_ack_ends_the_connection(rig) -> None:
         os.close(fd)
     assert r.daemon.proc.wait(timeout=20) == 0
     assert "SET_LOG_BASE cannot be answered: dirty log of 0x0 bytes" in r.daemon.text
+
+
+def test_reply_left_by_a_dead_worker_is_marked_by_its_successor(rig, monkeypatch) -> None:
+    """A worker killed with a READ's reply in guest memory but not pushed: its successor maps
+    the log before it resumes the ring, and marks the reply's pages when it pushes it."""
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", "READ:replied")
+    r = rig("--seccomp=none")          # the hook kills its own worker
+    r.kills_expected = True
+    fe, c = r.fe, r.client
+    log = DirtyLog(fe.memory)
+    try:
+        fe.set_log_base(log)
+        fe.set_logging(True)
+        entry = c.lookup(ROOT, "data")
+        fh = c.open(entry.nodeid, os.O_RDONLY).fh
+        pid = r.worker(1)
+        written = r.record()
+        data = c.read(entry.nodeid, fh, 8192, 40000)
+        assert data == (r.daemon.share / "data").read_bytes()[8192:48192]
+        assert r.worker(1) != pid, "the READ was not served across a respawn"
+        assert "killed by SIGKILL" in r.daemon.text
+        _check(r, log, written)
+    finally:
+        log.close()
