@@ -377,3 +377,28 @@ def test_reply_left_by_a_dead_worker_is_marked_by_its_successor(rig, monkeypatch
         _check(r, log, written)
     finally:
         log.close()
+
+
+def test_a_new_front_end_starts_without_the_old_log(rig) -> None:
+    """--reconnect: the log and VHOST_F_LOG_ALL belong to the connection that set them; the
+    workers unmap it when it ends, and the next front-end's requests mark nothing."""
+    r = rig("--reconnect")
+    log = DirtyLog(r.fe.memory, name="dirty-log-gone")
+    try:
+        r.fe.set_log_base(log)
+        r.fe.set_logging(True)
+        r.workload()
+        assert log.pages()
+        workers = [r.worker(q) for q in (0, 1)]
+        r.fe.close()
+        r.daemon.wait_for("front-end disconnected")
+        log.clear()
+        fe = Frontend.connect(r.daemon.socket, process=r.daemon.proc, queues=2)
+        r.fe, r.client = fe, FuseClient(fe)
+        r.client.init()
+        r.workload()
+        assert not log.pages()
+        for pid in workers:
+            assert _maps(pid, "dirty-log-gone") == 0, "the old connection's log is still mapped"
+    finally:
+        log.close()
