@@ -424,6 +424,7 @@ class Backend:
         for fd in known - kept:
             os.close(fd)
         self.regions = table
+        self._check_log_reach()
 
     def close_regions(self) -> None:
         for _, fd in self.regions:
@@ -635,6 +636,17 @@ class Backend:
     def _update_logging(self) -> None:
         for i, vring in enumerate(self.vrings):
             self._send_log_state(i, vring)
+
+    def _check_log_reach(self) -> None:
+        """Guest memory grew past the log: QEMU sends a larger log first (vhost_commit), so
+        this is a front-end that forgot; writes there go unlogged until it sends one."""
+        if self.dirty_log is None:
+            return
+        covers = self.dirty_log[0].covers
+        reach = max((r.guest_phys_addr + r.memory_size for r, _ in self.regions), default=0)
+        if reach > covers:
+            log.warning("guest memory reaches %#x, past the dirty log's %#x: writes there are"
+                        " not logged until a larger log is set (SET_LOG_BASE)", reach, covers)
 
     def close_log(self) -> None:
         """The front-end is gone: its log is unmapped, and logging off for the next one."""

@@ -402,3 +402,21 @@ def test_a_new_front_end_starts_without_the_old_log(rig) -> None:
             assert _maps(pid, "dirty-log-gone") == 0, "the old connection's log is still mapped"
     finally:
         log.close()
+
+
+def test_memory_growing_past_the_log_is_said(rig) -> None:
+    """QEMU grows the log before guest memory; a front-end that does not is told so in the
+    daemon's log, and logging goes on for the memory the log covers."""
+    r = rig()
+    fe = r.fe
+    log = DirtyLog(fe.memory)
+    try:
+        fe.set_log_base(log)
+        fe.set_logging(True)
+        fe.add_mem_region(1 << 20, gpa=log.size * 8 * LogDescription.PAGE)
+        r.daemon.wait_for("past the dirty log's")
+        written = r.record()
+        r.workload()
+        _check(r, log, written)
+    finally:
+        log.close()
