@@ -594,7 +594,10 @@ class Frontend:
         if not reply:
             return None
         msg = self.recv_reply(request)
-        if explicit and not (request == Request.SET_LOG_BASE and flags & HeaderFlag.NEED_REPLY):
+        # SET_LOG_BASE's reply is a u64 status here and in libvhost-user; the Rust virtiofsd
+        # echoes the 16-byte log description instead (protocol.md 1.4).
+        if explicit and not (request == Request.SET_LOG_BASE and flags & HeaderFlag.NEED_REPLY
+                             and len(msg.payload) == U64.size):
             return msg
         _close_fds(msg.fds)
         value = msg.u64()

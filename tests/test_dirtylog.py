@@ -9,10 +9,13 @@ the log must hold exactly their pages, plus the used rings' pages and nothing el
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +30,10 @@ from tests.frontend import (
     DirtyLog,
     Frontend,
     FuseClient,
+    anchor_argv,
     pages_of,
+    start_daemon,
+    stop_daemon,
 )
 from tests.proctree import children
 
@@ -420,3 +426,53 @@ def test_memory_growing_past_the_log_is_said(rig) -> None:
         _check(r, log, written)
     finally:
         log.close()
+
+
+def _anchor_pages(tmp_path: Path) -> tuple[set[int], set[int]]:
+    """The Rust virtiofsd under the same driver and workload: (pages marked, pages written)."""
+    share = tmp_path / "anchor-share"
+    share.mkdir()
+    (share / "data").write_bytes(os.urandom(FILE_SIZE))
+    (share / "dir").mkdir()
+    sockdir = tempfile.mkdtemp(prefix="vfs-")       # sun_path holds 108 bytes
+    sock = os.path.join(sockdir, "s")
+    proc = start_daemon(anchor_argv(sock, str(share)), str(tmp_path / "anchor.log"))
+    try:
+        fe = Frontend.connect(sock, process=proc, queues=2)
+        try:
+            c = FuseClient(fe)
+            c.init()
+            r = Rig(None, fe, c)          # type: ignore[arg-type]  (no pyvirtiofsd here)
+            log = DirtyLog(fe.memory)
+            try:
+                fe.set_log_base(log)
+                fe.set_logging(True)
+                written = r.record()
+                r.workload()
+                return log.pages(), pages_of(written)
+            finally:
+                log.close()
+        finally:
+            fe.close()
+    finally:
+        stop_daemon(proc)
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_the_rust_virtiofsd_marks_the_same_pages(rig, tmp_path: Path) -> None:
+    """The reference daemon, driven the same way, marks exactly what pyvirtiofsd marks: the
+    written pages and its used rings (the driver lays both daemons' memory out alike)."""
+    theirs, theirs_written = _anchor_pages(tmp_path)
+    r = rig()
+    log = DirtyLog(r.fe.memory)
+    try:
+        r.fe.set_log_base(log)
+        r.fe.set_logging(True)
+        written = r.record()
+        r.workload()
+        ours = log.pages()
+    finally:
+        log.close()
+    assert pages_of(written) == theirs_written
+    assert ours == theirs, (f"only pyvirtiofsd: {sorted(ours - theirs)},"
+                            f" only virtiofsd: {sorted(theirs - ours)}")
