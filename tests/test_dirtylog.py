@@ -476,3 +476,37 @@ def test_the_rust_virtiofsd_marks_the_same_pages(rig, tmp_path: Path) -> None:
     assert pages_of(written) == theirs_written
     assert ours == theirs, (f"only pyvirtiofsd: {sorted(ours - theirs)},"
                             f" only virtiofsd: {sorted(theirs - ours)}")
+
+
+def test_qemu_start_order_and_final_pass(rig) -> None:
+    """vhost_dev_start during a migration sets VHOST_F_LOG_ALL and the rings' log flag before
+    SET_LOG_BASE; at the end QEMU stops the rings (GET_VRING_BASE) and reads the log one last
+    time: by then every request the daemon completed is marked."""
+    r = rig()
+    fe, c = r.fe, r.client
+    log = DirtyLog(fe.memory)
+    try:
+        fe.set_logging(True)
+        fe.set_log_base(log)
+        entry = c.lookup(ROOT, "data")
+        fh = c.open(entry.nodeid, os.O_RDONLY).fh
+        written = r.record()
+        q = fe.queue(1)
+        first = q.avail_idx
+        body = fa.ReadIn(fh, 0, 32768).pack()
+        tokens = [c.submit(fa.Opcode.READ, entry.nodeid, body, out_size=32768)
+                  for _ in range(16)]
+        # The ring stops at a request boundary; what it took is answered (and marked) first.
+        base = fe.get_vring_base(1)
+        q.poll()
+        taken = (base - first) & 0xFFFF
+        assert len(tokens) - len(q.inflight) == taken
+        if taken:
+            _check(r, log, written)
+        # Restarted (with its log flag, by start_queue), the ring serves the rest.
+        fe.start_queue(1, base)
+        for t in tokens:
+            assert len(c.result(t).body) == 32768
+        _check(r, log, written)
+    finally:
+        log.close()
