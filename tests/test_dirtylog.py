@@ -510,3 +510,24 @@ def test_qemu_start_order_and_final_pass(rig) -> None:
         _check(r, log, written)
     finally:
         log.close()
+
+
+def test_logging_inside_the_sandbox(rig) -> None:
+    """The default sandbox (namespaces, pivot_root, the workers' seccomp policy, kill on a
+    refused call): the supervisor checks the log's fd and the workers map and mark it."""
+    r = rig("--sandbox=namespace")
+    log = DirtyLog(r.fe.memory)
+    try:
+        r.fe.set_log_base(log)
+        r.fe.set_logging(True)
+        written = r.record()
+        r.workload()
+        _check(r, log, written)
+        fd = _log_fd(4096)
+        try:
+            with pytest.raises(BackendError):
+                r.fe.send(Request.SET_LOG_BASE, LogDescription(log.size, 4096).pack(), [fd])
+        finally:
+            os.close(fd)
+    finally:
+        log.close()
