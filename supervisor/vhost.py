@@ -197,12 +197,12 @@ RULES: dict[Request, Rule] = {
     # The spec says no fd SHOULD come with REM_MEM_REG, but a back-end MAY accept one.
     Request.REM_MEM_REG: Rule(_REGION_MSG, fds=(0, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
+    Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
     # Dirty logging (spec "Migration"): QEMU waits for SET_LOG_BASE's reply whenever LOG_SHMFD
     # is negotiated, REPLY_ACK or not (its vhost_user_set_log_base reads one back).
     Request.SET_LOG_BASE: Rule(LogDescription.STRUCT.size, fds=(1, 1), replies=True,
                                gate=ProtocolFeature.LOG_SHMFD),
     Request.SET_LOG_FD: Rule(0, fds=(1, 1)),
-    Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
 }
 
 
