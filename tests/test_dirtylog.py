@@ -108,7 +108,7 @@ def rig(daemon_factory) -> Iterator[Callable[..., Rig]]:
         d = daemon_factory(*args)
         (d.share / "data").write_bytes(os.urandom(FILE_SIZE))
         (d.share / "dir").mkdir()
-        fe = Frontend.connect(d.socket, process=d.proc, queues=2, **kw)
+        fe = Frontend.connect(d.socket, process=d.proc, **{"queues": 2, **kw})
         c = FuseClient(fe)
         c.init()
         r = Rig(d, fe, c)
@@ -529,5 +529,34 @@ def test_logging_inside_the_sandbox(rig) -> None:
                 r.fe.send(Request.SET_LOG_BASE, LogDescription(log.size, 4096).pack(), [fd])
         finally:
             os.close(fd)
+    finally:
+        log.close()
+
+
+def test_every_worker_marks_the_one_log(rig) -> None:
+    """Two request queues, two workers, one log: READs in flight on both at once set bits in
+    the same bytes of the log (pages next to each other), none lost.  The atomic or makes this
+    exact; a plain read-modify-write would lose a bit now and then, and fail it."""
+    r = rig("--request-queues=2", queues=3, queue_size=256)
+    fe = r.fe
+    log = DirtyLog(fe.memory)
+    try:
+        fe.set_log_base(log)
+        fe.set_logging(True)
+        clients = [r.client, FuseClient(fe, queue=2)]
+        entry = r.client.lookup(ROOT, "data")
+        fh = r.client.open(entry.nodeid, os.O_RDONLY).fh
+        written = r.record()
+        # Small READs, each into its own page-sized buffer (all in flight at once, so no
+        # buffer is reused and re-marked): the two workers set bits of neighbouring pages,
+        # often in the same byte of the log.
+        body = fa.ReadIn(fh, 0, 100).pack()
+        tokens = [(c, c.submit(fa.Opcode.READ, entry.nodeid, body, out_size=4096,
+                               indirect=True))
+                  for _ in range(100) for c in clients]
+        for c, t in tokens:
+            assert len(c.result(t).body) == 100
+        assert {i for i, q in fe.queues.items() if q.last_used} >= {1, 2}
+        _check(r, log, written)
     finally:
         log.close()
