@@ -38,6 +38,8 @@ class MsgType(enum.IntEnum):
     SET_ENABLE = 5     # enable (1) / disable (0) processing of a started ring
     SHUTDOWN = 6       # exit cleanly
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
+    LOG_BASE = 12      # the dirty log: size, offset + its fd (no fd: no log)
+    LOG_STATE = 13     # dirty logging on/off, the ring's log flag and used-ring log address
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker (or standby spawner)
@@ -225,6 +227,40 @@ class MemUnmap(Message):
     TYPE: ClassVar[MsgType] = MsgType.MEM_UNMAP
 
 
+# -- dirty-page logging (vhost-user "Migration"; worker/dirtylog.py) -------------------------
+@dataclass(frozen=True, slots=True)
+class LogBase(Message):
+    """The front-end's dirty log (SET_LOG_BASE): `size` bytes at `offset` in the attached fd,
+    which the worker maps and uses from its next write to guest memory on; size 0 and no fd:
+    no log (the worker unmaps it)."""
+
+    size: int
+    offset: int
+
+    TYPE: ClassVar[MsgType] = MsgType.LOG_BASE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    FDS: ClassVar[tuple[int, int]] = (0, 1)
+
+    def is_valid(self) -> bool:
+        return len(self.fds) == (1 if self.size else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LogState(Message):
+    """Whether writes are logged (VHOST_F_LOG_ALL), and the worker's ring's VHOST_VRING_F_LOG
+    with the guest-physical address its used-ring writes are logged at (SET_VRING_ADDR)."""
+
+    log_all: int
+    ring: int
+    used_gpa: int
+
+    TYPE: ClassVar[MsgType] = MsgType.LOG_STATE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=IIQ")
+
+    def is_valid(self) -> bool:
+        return self.log_all in (0, 1) and self.ring in (0, 1) and not self.fds
+
+
 # -- supervisor <-> spawner --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Spawn(Message):
@@ -348,13 +384,14 @@ class DaxDone(Message):
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
                               MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
-                              DaxMap, DaxUnmap, DaxSync, DaxDone)
+                              DaxMap, DaxUnmap, DaxSync, DaxDone, LogBase, LogState)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP, MsgType.DAX_DONE})
+                       MsgType.MEM_UNMAP, MsgType.DAX_DONE, MsgType.LOG_BASE,
+                       MsgType.LOG_STATE})
 WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED}
                         | WORKER_ASKS)

@@ -37,6 +37,11 @@ long vfs_raw_clone(unsigned long flags);
 struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
 int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who);
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len);
+struct vfs_log_region { uint64_t gpa, size; uint8_t *host; };
+void vfs_log_chain_regions(uint8_t *log, uint64_t size, const uint8_t *desc, uint32_t ring_size,
+                           uint16_t head, uint32_t used_len,
+                           const struct vfs_log_region *regions, uint32_t nregions);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -49,6 +54,7 @@ SOURCE = r"""
 #define _GNU_SOURCE
 #endif
 #include "state.h"
+#include "dirtylog.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -165,6 +171,48 @@ int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
     uint64_t how[3] = {flags, mode, resolve};
     return (int)syscall(SYS_openat2, dirfd, path, how, sizeof how);
+}
+
+/* Dirty-page logging from the Python data plane: the engine's own marking (dirtylog.h). */
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len) {
+    vfs_log_range(log, size, gpa, len);
+}
+
+/* The Python plane's guest memory, for vfs_log_chain's reads of indirect tables: its regions
+ * by guest-physical address, sorted, each mapped at `host`. */
+struct vfs_log_region { uint64_t gpa, size; uint8_t *host; };
+struct vfs_log_regions { const struct vfs_log_region *r; uint32_t n; };
+
+static int vfs_log_read_regions(const void *ctx, uint64_t gpa, uint8_t *out) {
+    const struct vfs_log_regions *m = ctx;
+    uint32_t done = 0;
+    while (done < VFS_LOG_DESC_SIZE) {
+        const struct vfs_log_region *r = NULL;
+        for (uint32_t k = 0; k < m->n; k++) {
+            if (gpa >= m->r[k].gpa && gpa - m->r[k].gpa < m->r[k].size) {
+                r = &m->r[k];
+                break;
+            }
+        }
+        if (r == NULL)
+            return -1;
+        uint64_t off = gpa - r->gpa, k = r->size - off;
+        if (k > VFS_LOG_DESC_SIZE - done)
+            k = VFS_LOG_DESC_SIZE - done;
+        memcpy(out + done, r->host + off, k);
+        done += (uint32_t)k;
+        if (__builtin_add_overflow(gpa, k, &gpa))
+            return -1;
+    }
+    return 0;
+}
+
+/* vfs_log_chain() for the Python plane (worker/virtqueue.py), the same walk as the engine's. */
+void vfs_log_chain_regions(uint8_t *log, uint64_t size, const uint8_t *desc, uint32_t ring_size,
+                           uint16_t head, uint32_t used_len,
+                           const struct vfs_log_region *regions, uint32_t nregions) {
+    struct vfs_log_regions m = {regions, nregions};
+    vfs_log_chain(log, size, desc, ring_size, head, used_len, vfs_log_read_regions, &m);
 }
 """
 

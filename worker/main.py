@@ -29,6 +29,8 @@ from pyvirtiofsd.common.control import (
     Ack,
     DaxDone,
     Failed,
+    LogBase,
+    LogState,
     MemTable,
     MemUnmap,
     Message,
@@ -46,6 +48,7 @@ from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
 from pyvirtiofsd.worker.dax import DaxClient
+from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
@@ -120,6 +123,8 @@ class Worker:
         # arrived while it waited for their answers.
         self.dax = DaxClient(channel)
         server.dax = self.dax
+        # Dirty-page logging for live migration (worker/dirtylog.py): off until told.
+        self.dirty_log = DirtyLog()
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -223,6 +228,10 @@ class Worker:
             self._serve_after = self.enabled
         elif isinstance(msg, Shutdown):
             self.running = False
+        elif isinstance(msg, LogBase):
+            self.set_log_base(msg)
+        elif isinstance(msg, LogState):
+            self.set_log_state(msg)
         elif isinstance(msg, MemUnmap):
             if self.queue is not None:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
@@ -249,6 +258,7 @@ class Worker:
             self.engine.stop()
         if queue is not None:
             self.queue = queue
+            self._apply_log()
         self.mem.clear()
         self.mem = new
 
@@ -289,6 +299,7 @@ class Worker:
             self._abandon()
             j.reset(next_avail, key, num)
         self.queue = queue
+        self._apply_log()
         self.geometry = (num, desc, avail, used, event_idx, indirect)
         self.kick = kick
         if kick is not None:
@@ -300,6 +311,31 @@ class Worker:
             self._recover_after = queue
         # Rings start with SET_VRING_KICK; a front-end need not kick again (protocol.md 1.8).
         self._serve_after = True
+
+    # -- dirty-page logging (worker/dirtylog.py) --------------------------------------------
+    def set_log_base(self, msg: LogBase) -> None:
+        """A new log (or none): every write from the next request on marks it.  Applied
+        between two requests, so nothing writes through the old mapping when it is dropped."""
+        try:
+            old = self.dirty_log.replace(msg.fds[0] if msg.fds else None, msg.size, msg.offset)
+        finally:
+            control.close_fds(msg.fds)
+        self._apply_log()
+        DirtyLog.drop(old)
+
+    def set_log_state(self, msg: LogState) -> None:
+        log = self.dirty_log
+        log.log_all, log.ring, log.used_gpa = bool(msg.log_all), bool(msg.ring), msg.used_gpa
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        """Hand the logging state to whatever writes guest memory: the queue and the engine."""
+        log = self.dirty_log
+        active = log.active
+        if self.queue is not None:
+            self.queue.set_log(log if active else None)
+        if self.engine is not None:
+            self.engine.set_log(log.address if active else 0, log.size, log.ring, log.used_gpa)
 
     def _next_avail(self) -> int:
         if self.engine is not None and self.engine.running:
