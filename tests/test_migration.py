@@ -23,8 +23,11 @@ import pytest
 
 from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DATA_PLANES, Daemon
 from tests.frontend import BackendError, Frontend, FuseClient, FuseError
+
+# Restored tables and the EIO of lost inodes are served by both data planes.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 
 ROOT = fa.ROOT_ID
 MODES = ("find-paths", "file-handles")
@@ -85,10 +88,16 @@ def mode(request) -> str:
 
 
 @pytest.fixture
-def pair(daemon_factory, mode: str) -> Iterator[Callable[..., tuple[Daemon, Daemon]]]:
+def sandbox() -> tuple[str, ...]:
+    return ()
+
+
+@pytest.fixture
+def pair(daemon_factory, mode: str,
+         sandbox: tuple[str, ...]) -> Iterator[Callable[..., tuple[Daemon, Daemon]]]:
     def start(*dest_args: str) -> tuple[Daemon, Daemon]:
-        src = daemon_factory(f"--migration-mode={mode}")
-        dst = daemon_factory(f"--migration-mode={mode}", *dest_args)
+        src = daemon_factory(f"--migration-mode={mode}", *sandbox)
+        dst = daemon_factory(f"--migration-mode={mode}", *sandbox, *dest_args)
         return src, dst
     yield start
 
@@ -252,3 +261,19 @@ def test_host_changes_become_guest_errors(pair, mode: str) -> None:
         (dst.share / "ro.txt").write_bytes(b"new")
         assert c.lookup(ROOT, "ro.txt").nodeid != g.ro_id
     assert "cannot be found again" in dst.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace sandbox needs root here")
+@pytest.mark.parametrize("sandbox", [("--sandbox=namespace", "--seccomp=kill")])
+def test_migration_inside_the_sandbox(pair, sandbox) -> None:
+    """Pivoted into the share, under the workers' kill-action seccomp filter."""
+    src, dst = pair()
+    g = hold(src)
+    data = g.fe.save_state()
+    g.fe.close()
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+        assert names(c, g.dir_id, g.dir_fh) == {b"sub", b"rw.txt"}
+        assert c.getattr(g.nested_id).attr.size == 4
+    assert "seccomp refused" not in src.text + dst.text
