@@ -176,6 +176,12 @@ class FakeQueues:
     def set_enable(self, index: int, enabled: bool) -> None:
         pass
 
+    def set_log_base(self, size: int, offset: int, fd) -> None:
+        pass
+
+    def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None:
+        pass
+
 
 @budget(800)
 @given(sequences)

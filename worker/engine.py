@@ -204,6 +204,12 @@ class Engine:
         """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
         lib.vfs_engine_set_poll_us(self._e, us)
 
+    def set_log(self, log: int, size: int, ring: bool, used_gpa: int) -> None:
+        """Dirty-page logging into the `size`-byte log mapped at address `log` (0: off); with
+        `ring`, the used ring's writes too, at guest-physical `used_gpa`.  The caller keeps the
+        mapping alive until logging is turned off or moved (worker/dirtylog.py)."""
+        lib.vfs_engine_set_log(self._e, ffi.cast("uint8_t *", log), size, int(ring), used_gpa)
+
     def set_stats(self, queue_block: int) -> None:
         """Record every natively answered request in this common/stats.py queue block (its
         address, QueueStats.address), as FuseServer.handle records what Python answers."""
