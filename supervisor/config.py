@@ -150,10 +150,11 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        # The --migration-* options act on device-state migration (worker/migration.py).
-        for name, default in (("inode_file_handles", "never"),):
-            if getattr(self, name) != default:
-                out.append(f"{_opt(name)}={getattr(self, name)}")
+        # The --migration-* options act on device-state migration (worker/migration.py), and
+        # --inode-file-handles=mandatory on every inode the guest is given; "prefer" only
+        # checks that handles work: inodes are still kept as O_PATH fds.
+        if self.inode_file_handles == "prefer":
+            out.append("--inode-file-handles=prefer")
         return out
 
 

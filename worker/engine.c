@@ -1391,6 +1391,10 @@ static int deferred_by_options(const struct vfs_engine *e) {
     if ((d & VFS_DEFER_KILLPRIV) && (op == OP_WRITE || op == OP_SETATTR || op == OP_OPEN ||
                                      op == OP_CREATE))
         return 1;
+    if ((d & VFS_DEFER_ENTRIES) && (op == OP_LOOKUP || op == OP_READDIRPLUS || op == OP_CREATE ||
+                                    op == OP_MKNOD || op == OP_MKDIR || op == OP_SYMLINK ||
+                                    op == OP_TMPFILE))
+        return 1;
     return 0;
 }
 
