@@ -25,7 +25,7 @@ import pytest
 from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import DAEMON, DATA_PLANES, Daemon
-from tests.frontend import BackendError, Frontend, FuseClient, FuseError
+from tests.frontend import BackendError, DirtyLog, Frontend, FuseClient, FuseError
 
 # Restored tables and the EIO of lost inodes are served by both data planes.
 pytestmark = pytest.mark.data_planes(*DATA_PLANES)
@@ -340,3 +340,45 @@ def test_mandatory_file_handles_refuse_inodes_without_them(daemon_factory, share
             d.stop()
     finally:
         subprocess.run(["umount", "-l", str(share / "proc")], check=True)
+
+
+# --- finding inodes the kernel cannot name -----------------------------------------------------
+
+def test_a_held_file_known_only_by_another_name_is_found(pair) -> None:
+    """The name the guest looked a file up by is gone but a hard link remains (the kernel then
+    names the fd "... (deleted)"): the source finds the other name in a directory the guest
+    holds, and the destination opens it there."""
+    src, dst = pair()
+    g = hold(src)
+    os.link(src.share / "ro.txt", src.share / "dir" / "other.txt")
+    os.unlink(src.share / "ro.txt")
+    data = g.fe.save_state()
+    g.fe.close()
+    inode = devstate.decode(data).inode(g.ro_id)
+    assert inode is not None and (inode.parent, inode.name) == (g.dir_id, b"other.txt")
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+    assert "0 invalid" in dst.wait_for("device state loaded")
+
+
+def test_log_all_starts_the_pre_migration_pass(daemon_factory) -> None:
+    """Dirty logging turning on means a migration has started: the source records every
+    inode's location then, while the guest still runs, and the state taken at switch-over
+    carries the guest on."""
+    src = daemon_factory()
+    dst = daemon_factory()
+    g = hold(src)
+    log = DirtyLog(g.fe.memory)
+    g.fe.set_log_base(log)
+    g.fe.set_logging(True)
+    located = src.wait_for("pre-migration pass")
+    assert "pre-migration pass: 5 inodes located" in located, located   # dir, sub, deep, rw, ro
+    # The guest keeps running meanwhile.
+    assert g.c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+    data = g.fe.save_state()
+    g.fe.close()
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.getattr(g.nested_id).attr.size == 4
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"

@@ -42,6 +42,9 @@ _DELETED = b" (deleted)"
 # Flags a reopen must not repeat: creation and truncation happened once, on the source.
 _REOPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOFOLLOW | os.O_PATH | os.O_NOCTTY
 _LOW32 = 0xFFFFFFFF
+# Names looked at, at most, when inodes the kernel cannot name are searched for in the
+# directories the guest holds (Locator.search).
+SEARCH_LIMIT = 1 << 20
 
 # The options a guest's session depends on, by the names the command line gives them.
 _OPTION_NAMES = {
@@ -130,6 +133,40 @@ class Locator:
                 found = parent, name
         return found
 
+    def search(self, lost: dict[tuple[int, int], int],
+               dirs: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+        """The inodes of `lost` ((dev, ino): nodeid) that the kernel cannot name any more (the
+        name they were looked up by is gone) but that have another name in a directory the
+        guest holds (`dirs`, nodeid: O_PATH fd): a hard link, or a rename the kernel did not
+        see.  At most SEARCH_LIMIT names are looked at."""
+        found: dict[int, tuple[int, bytes]] = {}
+        budget = SEARCH_LIMIT
+        for parent, pfd in dirs.items():
+            if len(found) == len(lost) or budget <= 0:
+                break
+            try:
+                dfd = os.open(b"%d" % pfd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                              dir_fd=self.proc_fd)
+            except OSError:
+                continue
+            try:
+                names = os.listdir(dfd)
+            except OSError:
+                names = []
+            finally:
+                os.close(dfd)
+            for name in names[:budget]:
+                raw = os.fsencode(name)
+                try:
+                    cst = os.stat(raw, dir_fd=pfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                nodeid = lost.get((cst.st_dev, cst.st_ino))
+                if nodeid is not None and nodeid not in found:
+                    found[nodeid] = parent, raw
+            budget -= len(names)
+        return found
+
     def _check(self, rel: bytes, st: os.stat_result,
                by_key: dict[tuple[int, int], int]) -> tuple[int, bytes] | None:
         parent_rel, _, name = rel.rpartition(b"/")
@@ -155,15 +192,22 @@ def collect(arena: Arena, started: bool, minor: int, init_flags: int, max_write:
     fds = {e.nodeid: e.fd for e in entries}
     handles_wanted = (options.migration_mode == "file-handles"
                       or options.migration_verify_handles)
+    stats = {e.nodeid: os.fstat(e.fd) for e in entries if e.fd >= 0}
+    places = {e.nodeid: locator.locate(e.fd, e.nodeid, stats[e.nodeid], by_key, fds)
+              for e in entries if e.nodeid in stats and e.nodeid != devstate.ROOT_NODEID}
+    lost = {(stats[n].st_dev, stats[n].st_ino): n for n, where in places.items() if where is None}
+    if lost:
+        dirs = {n: fds[n] for n, st in stats.items() if stat.S_ISDIR(st.st_mode)}
+        places.update(locator.search(lost, dirs))
     inodes: list[Inode] = []
     for e in entries:
-        st = os.fstat(e.fd) if e.fd >= 0 else None
+        st = stats.get(e.nodeid)
         mode = st.st_mode if st is not None else 0
         if e.nodeid == devstate.ROOT_NODEID:
             inodes.append(Inode(nodeid=e.nodeid, lookups=e.nlookup, parent=0, name=b"",
                                 mode=mode, dev=e.dev, ino=e.ino, mount_id=e.mnt_id))
             continue
-        where = locator.locate(e.fd, e.nodeid, st, by_key, fds) if st is not None else None
+        where = places.get(e.nodeid)
         handle: tuple[int, bytes, int] | None = None
         if handles_wanted and st is not None:
             try:
