@@ -131,7 +131,7 @@ class Worker:
               journal: Journal, make_fs: Callable[[JournaledArena], PassthroughFs],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
               poll_us: int = 0, stats: Stats | None = None,
-              options: FsOptions | None = None) -> Worker:
+              options: FsOptions | None = None, mount_fd: int = -1) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -166,7 +166,7 @@ class Worker:
         worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
         inner = fs.inner
         worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
-                                    inner._mnt_id, queue)
+                                    inner._mnt_id, queue, mount_fd)
         return worker
 
     # -- control channel ------------------------------------------------------------------

@@ -286,7 +286,8 @@ def _parents_first(state: DeviceState) -> list[Inode]:
 
 
 def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, root_fd: int,
-          mnt_id_of: Callable[[int], int], start_session: Callable[[int, int], None]) -> int:
+          mnt_id_of: Callable[[int], int], start_session: Callable[[int, int], None],
+          share_mount_fd: int = -1) -> int:
     """Find every inode again and reopen every handle, then put them all into the (fresh)
     tables at once.  Returns how many inodes were put in as invalid.  MigrationError: nothing
     was changed."""
@@ -300,11 +301,14 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
     found: dict[int, tuple[int, int, int]] = {}           # nodeid: dev, ino, mnt_id
     reopened: dict[int, int] = {}
     lost: list[int] = []
-    # open_by_handle_at(2) names the filesystem by an fd that is not O_PATH: the share's root,
-    # reopened for reading (a handle on another mount of the share does not decode through it,
-    # and is then lost like any inode not found again).
-    mount_fd = (os.open(b"%d" % root_fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                        dir_fd=proc_fd) if by_handle else -1)
+    # open_by_handle_at(2) names the filesystem by an fd that is not O_PATH: the one the
+    # supervisor opened on the share before the sandbox, or else the share's root reopened for
+    # reading.  (A handle on another mount inside the share does not decode through it, and is
+    # then lost like any inode not found again.)
+    mount_fd = -1
+    if by_handle and share_mount_fd < 0:
+        mount_fd = os.open(b"%d" % root_fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                           dir_fd=proc_fd)
 
     def lose(what: str, nodeid: int, why: str) -> None:
         if not guest_error:
@@ -323,8 +327,8 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
                 lose(what, inode.nodeid, "the source could not locate it")
                 continue
             try:
-                fd = _find(inode, opened, mount_fd, by_handle,
-                           options.migration_verify_handles)
+                fd = _find(inode, opened, share_mount_fd if share_mount_fd >= 0 else mount_fd,
+                           by_handle, options.migration_verify_handles)
             except OSError as e:
                 lose(what, inode.nodeid, e.strerror or str(e))
                 continue
@@ -452,13 +456,14 @@ class StateService:
     save or load itself runs after the answer, and its outcome is kept for STATE_CHECK."""
 
     def __init__(self, arena: Arena, session: Session, options: FsOptions, proc_fd: int,
-                 mnt_id_of: Callable[[int], int], queue: int) -> None:
+                 mnt_id_of: Callable[[int], int], queue: int, mount_fd: int = -1) -> None:
         self.arena = arena
         self.session = session
         self.options = options
         self.proc_fd = proc_fd
         self.mnt_id_of = mnt_id_of
         self.queue = queue
+        self.mount_fd = mount_fd        # the supervisor's, shared by every worker: never closed
         self._locator: Locator | None = None
         self.outcome = 0             # errno of the last save or load; 0: it completed
 
@@ -500,7 +505,7 @@ class StateService:
             data = read_all(fd)
             state = devstate.decode(data)
             lost = apply(state, self.arena, self.options, self.proc_fd, self._root_fd(),
-                         self.mnt_id_of, self.session.start)
+                         self.mnt_id_of, self.session.start, self.mount_fd)
             for name, n in state.counters.items():
                 if name.startswith("requests.q") and name[10:].isdigit():
                     self.arena.counters.add(int(name[10:]), n)
