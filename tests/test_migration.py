@@ -382,3 +382,33 @@ def test_log_all_starts_the_pre_migration_pass(daemon_factory) -> None:
     with fe:
         assert c.getattr(g.nested_id).attr.size == 4
         assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+
+
+# --- the requests themselves (protocol.md 1.12) ------------------------------------------------
+
+def test_set_device_state_fd_is_refused_unless_the_device_is_stopped(daemon_factory) -> None:
+    """A transfer while a ring runs, in another phase than STOPPED or in an unknown direction
+    is refused in the reply (error code, "invalid fd" bit set: no fd of the back-end's), and
+    the connection and the guest carry on."""
+    d = daemon_factory()
+    g = hold(d)
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd) == (1, None)  # rings run
+        g.fe.stop_device()
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd, phase=1) == (1, None)
+        assert g.fe.set_device_state_fd(7, wfd) == (1, None)
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd) == (0, None)
+    finally:
+        os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 1 << 16):
+        data += chunk
+    os.close(rfd)
+    assert g.fe.check_device_state() == 0
+    assert devstate.decode(data).inode(g.rw_id) is not None
+    for q in (0, 1):
+        g.fe.start_queue(q)
+    assert g.c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+    g.fe.close()
+    assert d.text.count("SET_DEVICE_STATE_FD refused") == 3, d.text

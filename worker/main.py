@@ -254,9 +254,10 @@ class Worker:
             elif isinstance(msg, StatePrepare):
                 service.prepare()
             elif isinstance(msg, StateSave):
-                data = service.take()
+                # Taken after the answer too: a large table takes a while to walk, and the
+                # front-end reads the pipe until the worker closes it.
                 service.outcome = errno.EINPROGRESS
-                self._state_after = lambda out=fd: service.send(out, data)
+                self._state_after = lambda out=fd: service.save(out)
                 fd = None
             elif isinstance(msg, StateLoad):
                 service.outcome = errno.EINPROGRESS

@@ -487,6 +487,18 @@ class StateService:
                         counters)
         return devstate.encode(state)
 
+    def save(self, fd: int) -> None:
+        """Take the state, write it to the front-end's pipe end and close that (EOF ends the
+        state; a state that cannot be taken is an empty one, and STATE_CHECK says why)."""
+        try:
+            data = self.take()
+        except (StateError, MigrationError, OSError) as e:
+            self.outcome = getattr(e, "errno", None) or errno.EINVAL
+            log.error("device state cannot be taken: %s", getattr(e, "strerror", None) or e)
+            os.close(fd)
+            return
+        self.send(fd, data)
+
     def send(self, fd: int, data: bytes) -> None:
         """Write the state to the front-end's pipe end and close it (EOF ends the state)."""
         try:
