@@ -412,3 +412,24 @@ def test_set_device_state_fd_is_refused_unless_the_device_is_stopped(daemon_fact
     assert g.c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
     g.fe.close()
     assert d.text.count("SET_DEVICE_STATE_FD refused") == 3, d.text
+
+
+def test_a_session_this_daemon_cannot_continue_is_refused(daemon_factory, monkeypatch) -> None:
+    """A state from a newer FUSE, a larger max_write or INIT flags this daemon does not serve
+    (a state another daemon wrote) is refused in one line."""
+    src = daemon_factory()
+    g = hold(src)
+    state = devstate.decode(g.fe.save_state())
+    g.fe.close()
+    s = state.session
+    for session, line in (
+            (dataclasses.replace(s, minor=99), "the guest's FUSE session is 7.99"),
+            (dataclasses.replace(s, max_write=s.max_write * 2), "this daemon takes"),
+            (dataclasses.replace(s, init_flags=s.init_flags | 1 << 62),
+             "INIT flags 0x4000000000000000 this daemon does not serve")):
+        dst = daemon_factory()
+        with Frontend.connect(dst.socket, process=dst.proc, queues=0) as fe:
+            with pytest.raises(BackendError):
+                fe.load_state(devstate.encode(dataclasses.replace(state, session=session)))
+            assert line in dst.wait_for("device state refused")
+        dst.stop()

@@ -53,7 +53,7 @@ from pyvirtiofsd.worker.chain import Reader, Writer
 from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import FuseServer, Session
+from pyvirtiofsd.worker.fuse_server import SERVER_INIT_FLAGS, FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
@@ -77,6 +77,15 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
         if len(head) >= _PEEK_END:
             return _PEEK.unpack_from(head, 4)
     return 0, 0
+
+
+def _supported_init_flags(fs: PassthroughFs) -> int:
+    """Every INIT flag this daemon may agree to under its options: a session carried over from
+    another daemon must have no other (worker/migration.py)."""
+    try:
+        return int(SERVER_INIT_FLAGS | fs.init((1 << 64) - 1))
+    except OSError:
+        return int(SERVER_INIT_FLAGS)
 
 
 class Worker:
@@ -166,7 +175,8 @@ class Worker:
         worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
         inner = fs.inner
         worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
-                                    inner._mnt_id, queue, mount_fd)
+                                    inner._mnt_id, queue, mount_fd,
+                                    supported_flags=_supported_init_flags(inner))
         return worker
 
     # -- control channel ------------------------------------------------------------------

@@ -29,6 +29,7 @@ import stat
 from collections.abc import Callable
 
 from pyvirtiofsd.common import devstate, native
+from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.devstate import DeviceState, Handle, Inode, SessionOption, StateError
 from pyvirtiofsd.worker.filesystem import FsOptions
@@ -257,14 +258,28 @@ def prepare(arena: Arena, locator: Locator) -> int:
     return len(locator.known)
 
 
-def check_compatible(state: DeviceState, options: FsOptions) -> None:
+def check_compatible(state: DeviceState, options: FsOptions,
+                     supported_flags: int | None = None) -> None:
     """StateError (one line) when this daemon cannot serve the guest's session as the source
-    did: an option the source had that is off here."""
+    did: an option the source had that is off here, or a session it cannot continue (a newer
+    FUSE minor, a larger max_write, INIT flags it does not serve)."""
     missing = int(state.session.options) & ~int(session_options(options))
     if missing:
         names = [name for flag, name in _OPTION_NAMES.items() if missing & flag]
         raise StateError("the source served the guest with " + ", ".join(names)
                          + ", which this daemon does not have: start it with the same options")
+    s = state.session
+    if not s.minor:
+        return                      # the guest had not started its FUSE session
+    if s.minor > fa.KERNEL_MINOR_VERSION:
+        raise StateError(f"the guest's FUSE session is 7.{s.minor}; this daemon speaks up to"
+                         f" 7.{fa.KERNEL_MINOR_VERSION}")
+    if s.max_write > MAX_WRITE or s.max_pages > MAX_PAGES:
+        raise StateError(f"the guest may write {s.max_write} bytes ({s.max_pages} pages) at"
+                         f" once; this daemon takes {MAX_WRITE} ({MAX_PAGES})")
+    if supported_flags is not None and s.init_flags & ~supported_flags:
+        raise StateError(f"the guest's FUSE session has INIT flags"
+                         f" {s.init_flags & ~supported_flags:#x} this daemon does not serve")
 
 
 def _parents_first(state: DeviceState) -> list[Inode]:
@@ -287,11 +302,11 @@ def _parents_first(state: DeviceState) -> list[Inode]:
 
 def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, root_fd: int,
           mnt_id_of: Callable[[int], int], start_session: Callable[[int, int], None],
-          share_mount_fd: int = -1) -> int:
+          share_mount_fd: int = -1, supported_flags: int | None = None) -> int:
     """Find every inode again and reopen every handle, then put them all into the (fresh)
     tables at once.  Returns how many inodes were put in as invalid.  MigrationError: nothing
     was changed."""
-    check_compatible(state, options)
+    check_compatible(state, options, supported_flags)
     if len(arena.inode_entries()) > 1 or arena.handle_entries():
         raise MigrationError("the guest of this daemon already holds inodes or handles: a"
                              " device state is loaded only into a fresh daemon")
@@ -456,7 +471,8 @@ class StateService:
     save or load itself runs after the answer, and its outcome is kept for STATE_CHECK."""
 
     def __init__(self, arena: Arena, session: Session, options: FsOptions, proc_fd: int,
-                 mnt_id_of: Callable[[int], int], queue: int, mount_fd: int = -1) -> None:
+                 mnt_id_of: Callable[[int], int], queue: int, mount_fd: int = -1,
+                 supported_flags: int | None = None) -> None:
         self.arena = arena
         self.session = session
         self.options = options
@@ -464,6 +480,7 @@ class StateService:
         self.mnt_id_of = mnt_id_of
         self.queue = queue
         self.mount_fd = mount_fd        # the supervisor's, shared by every worker: never closed
+        self.supported_flags = supported_flags    # the INIT flags this daemon may agree to
         self._locator: Locator | None = None
         self.outcome = 0             # errno of the last save or load; 0: it completed
 
@@ -517,7 +534,8 @@ class StateService:
             data = read_all(fd)
             state = devstate.decode(data)
             lost = apply(state, self.arena, self.options, self.proc_fd, self._root_fd(),
-                         self.mnt_id_of, self.session.start, self.mount_fd)
+                         self.mnt_id_of, self.session.start, self.mount_fd,
+                         self.supported_flags)
             for name, n in state.counters.items():
                 if name.startswith("requests.q") and name[10:].isdigit():
                     self.arena.counters.add(int(name[10:]), n)
