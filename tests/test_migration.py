@@ -226,6 +226,9 @@ def test_host_changes_abort_the_migration(pair) -> None:
     g = hold(src)
     data = g.fe.save_state()
     g.fe.close()
+    # The source gone (QEMU's source quits once the guest runs on the destination), nothing
+    # holds the deleted file any more: no file handle finds it.
+    src.stop()
     _move_things(src.share)
     fe = Frontend.connect(dst.socket, process=dst.proc, queues=0)
     with fe, pytest.raises(BackendError):
@@ -239,6 +242,7 @@ def test_host_changes_become_guest_errors(pair, mode: str) -> None:
     g = hold(src)
     data = g.fe.save_state()
     g.fe.close()
+    src.stop()
     _move_things(src.share)
     fe, c = resume(dst, data)
     with fe:
