@@ -396,6 +396,7 @@ def test_set_device_state_fd_is_refused_unless_the_device_is_stopped(daemon_fact
     the connection and the guest carry on."""
     d = daemon_factory()
     g = hold(d)
+    assert g.fe.check_device_state() != 0         # no transfer yet: nothing to vouch for
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd) == (1, None)  # rings run

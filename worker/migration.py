@@ -482,7 +482,9 @@ class StateService:
         self.mount_fd = mount_fd        # the supervisor's, shared by every worker: never closed
         self.supported_flags = supported_flags    # the INIT flags this daemon may agree to
         self._locator: Locator | None = None
-        self.outcome = 0             # errno of the last save or load; 0: it completed
+        # errno of the last save or load, 0 when it completed; ENODATA before any (a fresh
+        # worker, or a respawned one that never saw the transfer): nothing to vouch for.
+        self.outcome = errno.ENODATA
 
     def _root_fd(self) -> int:
         for e in self.arena.inode_entries():
