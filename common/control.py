@@ -38,6 +38,11 @@ class MsgType(enum.IntEnum):
     SET_ENABLE = 5     # enable (1) / disable (0) processing of a started ring
     SHUTDOWN = 6       # exit cleanly
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
+    # device state (worker/migration.py), while every ring is stopped
+    STATE_SAVE = 24    # take the device state and write it to the fd (the front-end's pipe end)
+    STATE_LOAD = 25    # read a device state from the fd to EOF and apply it
+    STATE_CHECK = 26   # whether the last save or load completed: ACK, or FAILED with errno
+    STATE_PREPARE = 27  # the pre-migration pass: record where every inode is now
     LOG_BASE = 12      # the dirty log: size, offset + its fd (no fd: no log)
     LOG_STATE = 13     # dirty logging on/off, the ring's log flag and used-ring log address
     # spawner protocol (supervisor <-> spawner)
@@ -381,17 +386,53 @@ class DaxDone(Message):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
 
 
+# -- device state (supervisor -> worker) -------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StateSave(Message):
+    """Take the device state now and, once answered, write it to the fd and close it (the
+    answer comes first: the front-end reads only after its SET_DEVICE_STATE_FD reply)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_SAVE
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StateLoad(Message):
+    """Once answered, read a device state from the fd until EOF, check it and apply it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_LOAD
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StateCheck(Message):
+    """Did the last save or load complete?  ACK, or FAILED with the reason's errno."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_CHECK
+
+
+@dataclass(frozen=True, slots=True)
+class StatePrepare(Message):
+    """The pre-migration pass (dirty logging started): record every inode's location."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_PREPARE
+
+
+STATE_MESSAGES = frozenset({MsgType.STATE_SAVE, MsgType.STATE_LOAD, MsgType.STATE_CHECK,
+                            MsgType.STATE_PREPARE})
+
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
                               MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
-                              DaxMap, DaxUnmap, DaxSync, DaxDone, LogBase, LogState)
+                              DaxMap, DaxUnmap, DaxSync, DaxDone, LogBase, LogState,
+                              StateSave, StateLoad, StateCheck, StatePrepare)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
                        MsgType.MEM_UNMAP, MsgType.DAX_DONE, MsgType.LOG_BASE,
-                       MsgType.LOG_STATE})
+                       MsgType.LOG_STATE}) | STATE_MESSAGES
 WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED}
                         | WORKER_ASKS)

@@ -38,6 +38,7 @@ from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.systemd import Notifier
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, receive
+from pyvirtiofsd.worker import migration
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
 from pyvirtiofsd.worker.main import Worker
@@ -61,6 +62,23 @@ def guest_fd_budget(limit: int) -> int:
     return max(limit - reserve, 16)
 
 
+def file_handles_unusable(root_fd: int, mount_fd: int) -> str | None:
+    """Why the share's inodes cannot be kept and found by file handle, or None."""
+    try:
+        htype, handle, _mnt = migration.file_handle(root_fd)
+    except OSError as e:
+        return f"the shared directory's filesystem gives no file handles ({e.strerror})"
+    if mount_fd < 0:
+        return "the shared directory cannot be opened for reading, as open_by_handle_at needs"
+    try:
+        os.close(migration.open_by_handle(mount_fd, htype, handle, os.O_PATH | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return "opening by file handle needs CAP_DAC_READ_SEARCH, which the daemon lacks"
+        return f"a file handle of the shared directory does not open ({e.strerror})"
+    return None
+
+
 def fs_options(config: Config) -> FsOptions:
     return FsOptions(
         cache=str(config.cache),
@@ -79,6 +97,11 @@ def fs_options(config: Config) -> FsOptions:
         killpriv_v2=config.killpriv_v2,
         preserve_noatime=config.preserve_noatime,
         allow_mmap=config.allow_mmap,
+        inode_file_handles=config.inode_file_handles,
+        migration_mode=config.migration_mode,
+        migration_on_error=config.migration_on_error,
+        migration_verify_handles=config.migration_verify_handles,
+        migration_confirm_paths=config.migration_confirm_paths,
     )
 
 
@@ -106,6 +129,10 @@ class Supervisor:
                                   report=self.sandbox.report, journal=self.journal,
                                   stats=self.stats)
         self.root_fd = -1
+        # The share's filesystem for open_by_handle_at(2) (file-handles migration,
+        # --inode-file-handles): a plain directory fd, which O_PATH is not; -1 if it cannot be
+        # opened for reading (the worker then reopens the root through /proc).
+        self.mount_fd = -1
         # The service manager, if any (systemd's NOTIFY_SOCKET); main() connects it.
         self.notifier = Notifier({})
 
@@ -115,6 +142,27 @@ class Supervisor:
         self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+        try:
+            self.mount_fd = os.open(self.sandbox.share_path,
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            log.debug("no mount fd for file handles: %s", e.strerror or e)
+
+    def file_handles_refused(self) -> str | None:
+        """--inode-file-handles: whether the share's filesystem gives file handles and the
+        daemon may open by them (CAP_DAC_READ_SEARCH), asked before any worker needs it.
+        mandatory: the reason it cannot be honoured (one line); prefer: a warning, and then
+        served without."""
+        mode = self.config.inode_file_handles
+        if mode == "never":
+            return None
+        why = file_handles_unusable(self.root_fd, self.mount_fd)
+        if why is None:
+            return None
+        if mode == "mandatory":
+            return f"--inode-file-handles=mandatory: {why}"
+        log.warning("--inode-file-handles=prefer: %s; inodes are kept as O_PATH fds", why)
+        return None
 
     def worker_entry(self, queue: int, channel: socket.socket) -> None:
         """Runs in the worker process, which shares the spawner's fd table.  Its channel end is
@@ -141,7 +189,7 @@ class Supervisor:
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
                               poll_us=self.config.poll_us, stats=self.stats,
-                              options=options)
+                              options=options, mount_fd=self.mount_fd)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:
@@ -217,8 +265,12 @@ class Supervisor:
         log.debug("the guest may hold %d inodes and open files (open-file limit %d)",
                   self.arena.fd_budget, limit)
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
+        if self.mount_fd >= 0:
+            keep.add(self.mount_fd)
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now
+        if self.mount_fd >= 0:
+            os.close(self.mount_fd)
         # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
         self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)
@@ -380,6 +432,10 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
         if os.getpid() != starter:
             pidfile.release()        # only closes this process's copy; the lock stays
         sup.open_share()
+        refused = sup.file_handles_refused()
+        if refused:
+            log.error("%s", refused)
+            return 2
         return sup.run(listener)
     except OSError as e:
         if e.errno == errno.EPIPE:

@@ -77,6 +77,10 @@ from pyvirtiofsd.common.control import (
     Spawn,
     Spawned,
     Standby,
+    StateCheck,
+    StateLoad,
+    StatePrepare,
+    StateSave,
     Stopped,
 )
 from pyvirtiofsd.common.fuse_abi import Opcode
@@ -104,6 +108,9 @@ MAX_UNANSWERED = 8
 # so the pause is exact (tests/test_pause_resume.py); one asleep in a system call stops when
 # the call returns, and the front-end's control plane does not wait for that.
 DISABLE_PATIENCE = 1.0
+# How long a device-state load may take before CHECK_DEVICE_STATE is answered (a state of the
+# largest inode table the daemon keeps, 2^18 inodes, loads in well under this).
+STATE_TIMEOUT = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A start that failed for want of a free fd is retried after this long, without counting it
 # towards failing the queue; so is one the spawner's death interrupted (at once).
@@ -501,7 +508,7 @@ class ProcessTable:
 
     # -- requests to workers -----------------------------------------------------------------
     def request(self, queue: int, make: Callable[[int], Message], answer: bool = True,
-                patience: float = 0.0) -> Message | None:
+                patience: float = 0.0, answer_timeout: float = ANSWER_TIMEOUT) -> Message | None:
         """Send the request `make(seq)` (with its fds, which stay ours) to the worker of `queue`
         and return its answer.  With answer=False
         (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
@@ -521,7 +528,7 @@ class ProcessTable:
                     return None
             else:
                 control.send(handle.channel, make(handle.seq))
-                reply = self._answer(handle, handle.seq)
+                reply = self._answer(handle, handle.seq, answer_timeout)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
@@ -617,7 +624,8 @@ class ProcessTable:
             log.warning("worker for queue %d: cannot answer its %s: %s", queue, msg.type.name,
                         e.strerror or e)
 
-    def _answer(self, handle: WorkerHandle, seq: int) -> Message:
+    def _answer(self, handle: WorkerHandle, seq: int,
+                timeout: float = ANSWER_TIMEOUT) -> Message:
         """The worker's answer to `seq`.  Past ANSWER_TIMEOUT the worker is waited for only
         while it is asleep in the kernel with a request in flight, up to SLOW_REQUEST_LIMIT;
         silent and dead, spinning or stopped, it is given up (OSError ETIMEDOUT)."""
@@ -627,7 +635,7 @@ class ProcessTable:
         while True:
             try:
                 return self._wait(handle.channel, control.FROM_WORKER, seq, who, handle.pidfd,
-                                  handle)
+                                  handle, timeout)
             except OSError as e:
                 if e.errno != errno.ETIMEDOUT:
                     raise
@@ -769,6 +777,30 @@ class ProcessTable:
             except WorkerGone:
                 pass
 
+    # -- device state (worker/migration.py) ----------------------------------------------------
+    # One worker does it all: the share's fds are in the fd table the workers share, and every
+    # ring is stopped, so the first queue's worker is as good as any.
+    STATE_QUEUE = 0
+
+    def save_state(self, fd: int) -> None:
+        """Have the state taken now and written to `fd` (ours still; the worker gets its own
+        copy) once the worker has answered.  OSError when it cannot be taken."""
+        self.request(self.STATE_QUEUE, lambda seq: StateSave(seq=seq, fds=(fd,)))
+
+    def load_state(self, fd: int) -> None:
+        """Have a state read from `fd` to EOF and applied, after the answer."""
+        self.request(self.STATE_QUEUE, lambda seq: StateLoad(seq=seq, fds=(fd,)))
+
+    def check_state(self) -> None:
+        """OSError unless the last save or load completed.  A load may still be finding inodes
+        and reopening handles when the front-end asks: that is waited for, STATE_TIMEOUT at
+        most."""
+        self.request(self.STATE_QUEUE, lambda seq: StateCheck(seq=seq),
+                     answer_timeout=STATE_TIMEOUT)
+
+    def prepare_state(self) -> None:
+        """The pre-migration pass: every inode's location recorded now."""
+        self.request(self.STATE_QUEUE, lambda seq: StatePrepare(seq=seq))
     # -- dirty-page logging (worker/dirtylog.py) -------------------------------------------------
     def set_log_base(self, size: int, offset: int, fd: int | None) -> None:
         """Every worker maps the new log (fd None: none) between two requests.  A worker that

@@ -42,6 +42,10 @@ GOLDEN = [
      "2900000008000000" "0000000000000000" "ffffffffffffffff"),
     (control.DaxSync(0x100000002, seq=9), "2a00000009000000" "0200000001000000"),
     (control.DaxDone(errno.EINVAL, seq=9), "2b00000009000000" "16000000"),
+    (control.StateSave(seq=7), "1800000007000000"),
+    (control.StateLoad(seq=7), "1900000007000000"),
+    (control.StateCheck(seq=8), "1a00000008000000"),
+    (control.StatePrepare(seq=8), "1b00000008000000"),
 ]
 # Dirty-page logging (worker/dirtylog.py); a LOG_BASE with a log carries its fd (below).
 GOLDEN += [

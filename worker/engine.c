@@ -654,8 +654,10 @@ static int as_caller(struct vfs_engine *e) {
 /* Pin an inode / a handle, journaled as JournaledInodes/JournaledHandles do it: the pin is
  * recorded after it is taken and forgotten before it is released. */
 static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
-    if (vfs_inode_acquire(e->arena, nodeid, fd) != 0)
-        return -EBADF;
+    /* -EIO: an inode a restored state could not find again (vfs_inode_restore). */
+    int rc = vfs_inode_acquire(e->arena, nodeid, fd);
+    if (rc != 0)
+        return rc == -EIO ? -EIO : -EBADF;
     vfs_jq_pin(e->jq, VFS_PIN_INODE, nodeid);
     return 0;
 }
@@ -669,8 +671,9 @@ static void unpin_inode(struct vfs_engine *e, uint64_t nodeid) {
 static int pin_handle(struct vfs_engine *e, uint64_t fh, uint64_t nodeid, int *fd) {
     uint64_t owner;
     uint32_t flags;
-    if (vfs_handle_acquire(e->arena, fh, fd, &owner, &flags) != 0)
-        return -EBADF;
+    int rc = vfs_handle_acquire(e->arena, fh, fd, &owner, &flags);
+    if (rc != 0)
+        return rc == -EIO ? -EIO : -EBADF;
     vfs_jq_pin(e->jq, VFS_PIN_HANDLE, fh);
     if (owner != nodeid) {
         vfs_jq_unpin(e->jq, VFS_PIN_HANDLE, fh);
@@ -1344,6 +1347,10 @@ static int deferred_by_options(const struct vfs_engine *e) {
         return 1;
     if ((d & VFS_DEFER_KILLPRIV) && (op == OP_WRITE || op == OP_SETATTR || op == OP_OPEN ||
                                      op == OP_CREATE))
+        return 1;
+    if ((d & VFS_DEFER_ENTRIES) && (op == OP_LOOKUP || op == OP_READDIRPLUS || op == OP_CREATE ||
+                                    op == OP_MKNOD || op == OP_MKDIR || op == OP_SYMLINK ||
+                                    op == OP_TMPFILE))
         return 1;
     return 0;
 }

@@ -23,6 +23,8 @@ enum vfs_engine_defer {
     VFS_DEFER_CREATE = 1u << 2,     /* --posix-acl, --security-label: creating requests */
     VFS_DEFER_OPEN = 1u << 3,       /* --preserve-noatime, --allow-mmap: open flags and replies */
     VFS_DEFER_KILLPRIV = 1u << 4,   /* --killpriv-v2: set-id and capability clearing */
+    VFS_DEFER_ENTRIES = 1u << 5,    /* --inode-file-handles=mandatory: requests that make an
+                                     * inode known (each must have a file handle) */
 };
 
 /* What vfs_engine_run() stopped for. */

@@ -68,6 +68,7 @@ class Defer(enum.IntFlag):
     CREATE = 1 << 2
     OPEN = 1 << 3
     KILLPRIV = 1 << 4
+    ENTRIES = 1 << 5
 
 
 def defer_for(options: FsOptions | None) -> Defer:
@@ -85,6 +86,8 @@ def defer_for(options: FsOptions | None) -> Defer:
         d |= Defer.KILLPRIV
     if options.preserve_noatime:
         d |= Defer.OPEN
+    if options.inode_file_handles == "mandatory":
+        d |= Defer.ENTRIES
     if options.xattrmap is not None:
         d |= Defer.XATTR
         if renames_capability(options.xattrmap):

@@ -41,6 +41,10 @@ from pyvirtiofsd.common.control import (
     SetCall,
     SetEnable,
     Shutdown,
+    StateCheck,
+    StateLoad,
+    StatePrepare,
+    StateSave,
     Stopped,
 )
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
@@ -51,8 +55,9 @@ from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import FuseServer, Session
+from pyvirtiofsd.worker.fuse_server import SERVER_INIT_FLAGS, FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
@@ -74,6 +79,15 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
         if len(head) >= _PEEK_END:
             return _PEEK.unpack_from(head, 4)
     return 0, 0
+
+
+def _supported_init_flags(fs: PassthroughFs) -> int:
+    """Every INIT flag this daemon may agree to under its options: a session carried over from
+    another daemon must have no other (worker/migration.py)."""
+    try:
+        return int(SERVER_INIT_FLAGS | fs.init((1 << 64) - 1))
+    except OSError:
+        return int(SERVER_INIT_FLAGS)
 
 
 class Worker:
@@ -123,6 +137,10 @@ class Worker:
         # arrived while it waited for their answers.
         self.dax = DaxClient(channel)
         server.dax = self.dax
+        # Device-state transfers (worker/migration.py): set by build(); the pipe I/O of a save
+        # or load runs after the answer (_state_after).
+        self.state: StateService | None = None
+        self._state_after: Callable[[], None] | None = None
         # Dirty-page logging for live migration (worker/dirtylog.py): off until told.
         self.dirty_log = DirtyLog()
 
@@ -131,7 +149,7 @@ class Worker:
               journal: Journal, make_fs: Callable[[JournaledArena], PassthroughFs],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
               poll_us: int = 0, stats: Stats | None = None,
-              options: FsOptions | None = None) -> Worker:
+              options: FsOptions | None = None, mount_fd: int = -1) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -163,7 +181,12 @@ class Worker:
             if native is not None:
                 engine.serve_natively(session.address, **native)
                 fs.share_credentials(engine.credentials)
-        return cls(queue, channel, server, arena, jq, fs, hooks, engine)
+        worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
+        inner = fs.inner
+        worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
+                                    inner._mnt_id, queue, mount_fd,
+                                    supported_flags=_supported_init_flags(inner))
+        return worker
 
     # -- control channel ------------------------------------------------------------------
     def on_control(self) -> None:
@@ -203,6 +226,9 @@ class Worker:
         queue, self._recover_after = self._recover_after, None
         if queue is not None and queue is self.queue:
             self.recover(queue)
+        after, self._state_after = self._state_after, None
+        if after is not None:
+            after()
         if self._serve_after:
             self._serve_after = False
             self.process()
@@ -228,6 +254,8 @@ class Worker:
             self._serve_after = self.enabled
         elif isinstance(msg, Shutdown):
             self.running = False
+        elif msg.type in control.STATE_MESSAGES:
+            return self.on_state(msg)
         elif isinstance(msg, LogBase):
             self.set_log_base(msg)
         elif isinstance(msg, LogState):
@@ -237,6 +265,37 @@ class Worker:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
                 self.stop_ring()
             self.mem.clear()
+        return Ack(seq=msg.seq)
+
+    def on_state(self, msg: Message) -> Message:
+        """STATE_SAVE / LOAD / CHECK / PREPARE (worker/migration.py); only with the ring
+        stopped, so no request changes the tables meanwhile."""
+        service = self.state
+        fd = msg.fds[0] if msg.fds else None
+        try:
+            if service is None:
+                raise OSError(errno.ENOSYS, "no device-state service")
+            if isinstance(msg, StateSave | StateLoad) and self.queue is not None:
+                raise OSError(errno.EBUSY, "device state is moved only while the rings are"
+                                           " stopped")
+            if isinstance(msg, StateCheck):
+                if service.outcome:
+                    return Failed(service.outcome, seq=msg.seq)
+            elif isinstance(msg, StatePrepare):
+                service.prepare()
+            elif isinstance(msg, StateSave):
+                # Taken after the answer too: a large table takes a while to walk, and the
+                # front-end reads the pipe until the worker closes it.
+                service.outcome = errno.EINPROGRESS
+                self._state_after = lambda out=fd: service.save(out)
+                fd = None
+            elif isinstance(msg, StateLoad):
+                service.outcome = errno.EINPROGRESS
+                self._state_after = lambda src=fd: service.receive(src)
+                fd = None
+        finally:
+            if fd is not None:
+                os.close(fd)
         return Ack(seq=msg.seq)
 
     def set_mem_table(self, msg: MemTable) -> None:
