@@ -44,6 +44,8 @@ class WindowBuffer:
         return self.length
 
     def __getitem__(self, key: slice) -> WindowBuffer:
+        if not isinstance(key, slice):
+            raise TypeError("a window buffer holds no bytes here")
         start, stop, step = key.indices(self.length)
         if step != 1:
             raise TypeError("a window buffer is sliced contiguously")
