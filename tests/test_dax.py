@@ -842,3 +842,29 @@ def test_gate_carries_the_front_ends_count(gate) -> None:
         assert hdr.request == FsBackendRequest.FS_IO and hdr.flags & HeaderFlag.NEED_REPLY
         assert FsBackendMsg.unpack(sent[12:]).entries[0] == \
             (0, CacheWindow.DEFAULT_GPA, PAGE, 1)
+
+
+@pytest.mark.parametrize("crash", ["READ:executing", "READ:executed", "WRITE:executing",
+                                   "WRITE:executed"])
+def test_a_worker_killed_inside_window_io(dax_session, monkeypatch, crash: str) -> None:
+    """The worker dies before or after the front-end moved a READ's or WRITE's window data:
+    its successor replays the request from the journal (FS_IO at an offset is idempotent)
+    and the guest sees the reply it would have had."""
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", crash)
+    s = dax_session("fs", "--seccomp=none")
+    data = _content(2 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    gpa = _window_source(s, bytes(PAGE))
+    if crash.startswith("READ"):
+        r = s.client.read_foreign(nodeid, fh, PAGE, [(gpa, PAGE)])
+        assert r.error == 0
+        assert s.window.read(2 * MIB, PAGE) == data[PAGE:]
+    else:
+        s.window.write(2 * MIB, b"replayed")
+        r = s.client.write_foreign(nodeid, fh, 100, [(gpa, 8)])
+        assert r.error == 0 and fa.WRITE_OUT.unpack(r.body)[0] == 8
+        assert (s.daemon.share / "f").read_bytes() == data[:100] + b"replayed" + data[108:]
+    line = s.daemon.wait_for("worker for queue 1 (pid")
+    assert "was killed by SIGKILL" in line and crash.split(":")[0] in line, line
+    assert all(err == 0 for _name, _d, err in s.requests()), s.requests()
