@@ -696,6 +696,21 @@ def test_window_buffers_the_front_end_refuses(dax_session) -> None:
     assert (s.daemon.share / "f").read_bytes()[:100] == _content(PAGE)[:100]
 
 
+def test_window_io_with_a_bad_handle_is_refused(dax_session) -> None:
+    """The handle must be live and open in the direction asked (the supervisor's gate checks
+    the fd it is sent against the handle table): the front-end hears of nothing."""
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(PAGE), os.O_RDONLY)
+    gpa = _window_source(s, bytes(PAGE))
+    n = len(s.requests())
+    assert s.client.read_foreign(nodeid, fh + (1 << 32), 0, [(gpa, 100)]).error == errno.EBADF
+    assert s.client.write_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EBADF
+    s.client.release(nodeid, fh)
+    assert s.client.read_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EBADF
+    assert s.requests()[n:] == []
+    assert (s.daemon.share / "f").read_bytes() == _content(PAGE)
+
+
 def test_malformed_window_chains_are_refused(dax_session) -> None:
     """What cannot lie in the window is a malformed chain (used length 0, nothing asked of
     the front-end): a range that wraps past 2**64, one longer than the window, one partly in
