@@ -8,7 +8,9 @@ the window is known, the range lies inside it (overflow-free: Python integers, a
 below 2**64), offsets and lengths are page-aligned (the map_alignment INIT announces), the fd is
 a regular file and is the file of the open handle `fh` named in the request (the handle table in
 the shared arena says which inode that is), and its open mode allows the mapping.  Only then is
-the front-end asked, and its answer (REPLY_ACK) is carried back to the worker.
+the front-end asked, and its answer (REPLY_ACK) is carried back to the worker.  A READ or
+WRITE whose data lies in the window (worker/guestmem.py WindowBuffer) passes the same gate as
+DAX_IO and becomes FS_IO: the front-end moves the data and answers the byte count (DAX_IO_DONE).
 
 How a front-end tells it has a window, and how large:
 * cloud-hypervisor (FS_* family): it sets up the back-end channel only when its virtio-fs device
