@@ -60,6 +60,10 @@ class MsgType(enum.IntEnum):
     DAX_SYNC = 42      # write back what the window maps of an open file (FUSE_FSYNC)
     # supervisor -> worker
     DAX_DONE = 43      # the answer to a DAX request: 0 or an errno
+    # worker -> supervisor: READ/WRITE data in the window, moved by the front-end (FS_IO)
+    DAX_IO = 44        # fd: the file
+    # supervisor -> worker
+    DAX_IO_DONE = 45   # the answer to DAX_IO: an errno, or 0 and the bytes moved
 
 
 class RingFlag(enum.IntFlag):
@@ -386,6 +390,34 @@ class DaxDone(Message):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
 
 
+@dataclass(frozen=True, slots=True)
+class DaxIo(Message):
+    """READ (write=0: file -> window) or WRITE (write=1: window -> file) of `length` bytes at
+    file offset `foffset` of open file `fh`, the guest's buffer at guest-physical `gpa`,
+    outside guest RAM (in the window); fd: the handle's file."""
+
+    fh: int
+    foffset: int
+    gpa: int
+    length: int
+    write: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_IO
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQQQI4x")
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class DaxIoDone(Message):
+    """The answer to DAX_IO: errno 0 and the bytes the front-end moved, or the errno."""
+
+    errno: int
+    count: int
+
+    TYPE: ClassVar[MsgType] = MsgType.DAX_IO_DONE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=i4xQ")
+
+
 # -- device state (supervisor -> worker) -------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class StateSave(Message):
@@ -424,16 +456,17 @@ STATE_MESSAGES = frozenset({MsgType.STATE_SAVE, MsgType.STATE_LOAD, MsgType.STAT
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
                               MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
-                              DaxMap, DaxUnmap, DaxSync, DaxDone, LogBase, LogState,
-                              StateSave, StateLoad, StateCheck, StatePrepare)
+                              DaxMap, DaxUnmap, DaxSync, DaxDone, DaxIo, DaxIoDone, LogBase,
+                              LogState, StateSave, StateLoad, StateCheck, StatePrepare)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP, MsgType.DAX_DONE, MsgType.LOG_BASE,
-                       MsgType.LOG_STATE}) | STATE_MESSAGES
-WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC})
+                       MsgType.MEM_UNMAP, MsgType.DAX_DONE, MsgType.DAX_IO_DONE,
+                       MsgType.LOG_BASE, MsgType.LOG_STATE}) | STATE_MESSAGES
+WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC,
+                         MsgType.DAX_IO})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED}
                         | WORKER_ASKS)
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})

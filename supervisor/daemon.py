@@ -361,7 +361,7 @@ class Supervisor:
         if self.config.dax:
             window = DaxWindow(self.config.dax_window, self.arena, self._publish_dax)
             backend.dax = window
-            self.procs.dax = window.serve
+            self.procs.dax = window.answer
             self.dax = window
         self.connected = True
         try:

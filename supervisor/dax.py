@@ -8,7 +8,9 @@ the window is known, the range lies inside it (overflow-free: Python integers, a
 below 2**64), offsets and lengths are page-aligned (the map_alignment INIT announces), the fd is
 a regular file and is the file of the open handle `fh` named in the request (the handle table in
 the shared arena says which inode that is), and its open mode allows the mapping.  Only then is
-the front-end asked, and its answer (REPLY_ACK) is carried back to the worker.
+the front-end asked, and its answer (REPLY_ACK) is carried back to the worker.  A READ or
+WRITE whose data lies in the window (worker/guestmem.py WindowBuffer) passes the same gate as
+DAX_IO and becomes FS_IO: the front-end moves the data and answers the byte count (DAX_IO_DONE).
 
 How a front-end tells it has a window, and how large:
 * cloud-hypervisor (FS_* family): it sets up the back-end channel only when its virtio-fs device
@@ -41,7 +43,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.control import DAX_ALL, DaxMap, DaxSync, DaxUnmap, Message
+from pyvirtiofsd.common.control import (
+    DAX_ALL,
+    DaxDone,
+    DaxIo,
+    DaxIoDone,
+    DaxMap,
+    DaxSync,
+    DaxUnmap,
+    Message,
+)
 from pyvirtiofsd.common.fuse_abi import SETUPMAPPING_FLAG_READ, SETUPMAPPING_FLAG_WRITE
 from pyvirtiofsd.common.vhost_user import (
     FS_ENTRIES,
@@ -113,6 +124,7 @@ class DaxWindow:
         self.family = Family.FS
         self.shmem_asked = False
         self.mappings: list[Mapping] = []       # sorted by moffset, never overlapping
+        self.moved = 0                          # what the last FS_IO moved (answer())
 
     # -- the front-end's side of the set-up (supervisor/vhost.py) ----------------------------
     def negotiated(self, protocol_features: int) -> None:
@@ -160,6 +172,15 @@ class DaxWindow:
     close = detach
 
     # -- the gate -----------------------------------------------------------------------------
+    def answer(self, queue: int, msg: Message) -> Message:
+        """The answer the worker gets (ProcessTable._serve_ask): DAX_IO_DONE with the bytes
+        moved for DAX_IO, DAX_DONE for the others."""
+        self.moved = 0
+        err = self.serve(queue, msg)
+        if isinstance(msg, DaxIo):
+            return DaxIoDone(err, 0 if err else self.moved, seq=msg.seq)
+        return DaxDone(err, seq=msg.seq)
+
     def serve(self, queue: int, msg: Message) -> int:
         """Carry out one worker's DAX request; 0 or the errno its guest request gets.  Owns
         (closes) the fds that came with `msg`."""
@@ -172,6 +193,8 @@ class DaxWindow:
                 self._unmap(msg.moffset, msg.length)
             elif isinstance(msg, DaxSync):
                 self._sync(msg.fh)
+            elif isinstance(msg, DaxIo):
+                self.moved = self._io(msg)
             else:
                 raise Refused(errno.EPROTO, f"{msg.type.name} is not a DAX request")
             return 0
@@ -283,6 +306,45 @@ class DaxWindow:
         for i in range(0, len(ranges), FS_ENTRIES):
             self._send_fs(FsBackendRequest.FS_SYNC, ranges[i:i + FS_ENTRIES])
 
+    def _io(self, msg: DaxIo) -> int:
+        """FS_IO (cloud-hypervisor's fs_backend_io): the front-end preads (READ) or pwrites
+        (WRITE) between the fd and the guest-physical range, which it finds in its window;
+        its answer is the byte count.  The daemon cannot know where the window lies (no
+        message says), so the range is checked for what can be checked -- non-empty, no
+        longer than the window, no wrap past 2**64 -- and the front-end checks it against
+        its window (EFAULT outside)."""
+        if self.family is not Family.FS:
+            raise Refused(errno.EFAULT, "the SHMEM requests cannot move data: a buffer in the"
+                                        " window cannot be served")
+        if not self.reply_ack:
+            raise Refused(errno.EFAULT, "FS_IO needs REPLY_ACK to learn what was moved")
+        where = f"guest range {msg.gpa:#x}+{msg.length:#x}"
+        if msg.length == 0 or msg.length > self.size or msg.gpa + msg.length > _U64_LIMIT:
+            raise Refused(errno.EFAULT, f"{where} cannot lie in the {self.size:#x}-byte window")
+        if msg.foffset + msg.length >= 1 << 63:
+            raise Refused(errno.EINVAL, "file range past the largest file offset")
+        if msg.write not in (0, 1):
+            raise Refused(errno.EINVAL, f"I/O direction {msg.write}")
+        fd = msg.fds[0]
+        known = self.arena.handle_file(msg.fh)
+        if known is None:
+            raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not an open file")
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != known[:2] or not stat.S_ISREG(st.st_mode):
+            raise Refused(errno.EBADF, f"the fd sent is not the file of fh {msg.fh:#x}")
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        if mode == (os.O_RDONLY if msg.write else os.O_WRONLY):
+            raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not open for "
+                                       f"{'writing' if msg.write else 'reading'}")
+        # MAP_W: from guest memory to the file; MAP_R: from the file to guest memory.
+        flags = FsMapFlag.MAP_W if msg.write else FsMapFlag.MAP_R
+        moved = self._send_fs(FsBackendRequest.FS_IO,
+                              [(msg.foffset, msg.gpa, msg.length, int(flags))], fd, count=True)
+        if moved > msg.length:
+            raise Refused(errno.EIO, f"the front-end says FS_IO moved {moved} of"
+                                     f" {msg.length} bytes")
+        return moved
+
     # -- the mapping table --------------------------------------------------------------------
     def _overlapping(self, start: int, end: int) -> list[Mapping]:
         return [m for m in self.mappings if m.moffset < end and start < m.end]
@@ -307,20 +369,21 @@ class DaxWindow:
 
     # -- the back-end channel ----------------------------------------------------------------
     def _send_fs(self, request: FsBackendRequest, entries: list[tuple[int, int, int, int]],
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, count: bool = False) -> int:
         msg = FsBackendMsg(tuple(entries))
         assert msg.is_valid()
-        self._send(int(request), request.name, msg.pack(), fd)
+        return self._send(int(request), request.name, msg.pack(), fd, count)
 
     def _send_shmem(self, request: ShmemBackendRequest, moffset: int, length: int,
                     foffset: int, flags: int = 0, fd: int | None = None) -> None:
         self._send(int(request), request.name,
                    ShmemMap(SHMID, foffset, moffset, length, int(flags)).pack(), fd)
 
-    def _send(self, request: int, name: str, payload: bytes, fd: int | None) -> None:
+    def _send(self, request: int, name: str, payload: bytes, fd: int | None,
+              count: bool = False) -> int:
         """One back-end request and, with REPLY_ACK, its answer (0: done; else a failure, as
-        -errno where the front-end says which).  A channel that fails is dropped: the guest's
-        later DAX requests get ENOSYS."""
+        -errno where the front-end says which; with `count` (FS_IO) a byte count, or -errno).
+        A channel that fails is dropped: the guest's later DAX requests get ENOSYS."""
         sock = self.channel
         assert sock is not None
         flags = 1 | (HeaderFlag.NEED_REPLY if self.reply_ack else 0)
@@ -333,7 +396,7 @@ class DaxWindow:
             else:
                 sock.sendall(data)
             if not self.reply_ack:
-                return
+                return 0
             value = self._reply(sock, request)
         except (OSError, ValueError) as e:
             log.error("the back-end channel failed on %s (%s): DAX is off until the front-end"
@@ -343,10 +406,13 @@ class DaxWindow:
         finally:
             if self.channel is not None:
                 self.channel.settimeout(None)
+        signed = value - _U64_LIMIT if value >= 1 << 63 else value
+        if count and signed >= 0:
+            return value
         if value:
-            signed = value - _U64_LIMIT if value >= 1 << 63 else value
             err = -signed if -4096 < signed < 0 else errno.EIO
             raise Refused(err, f"the front-end refused {name} ({os.strerror(err)})")
+        return 0
 
     @staticmethod
     def _reply(sock: socket.socket, request: int) -> int:

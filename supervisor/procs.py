@@ -323,9 +323,9 @@ class ProcessTable:
     # worker ends as soon as the daemon is told to stop.
     wake_fd: int = -1
     stopping: Callable[[], bool] = lambda: False
-    # Serves a worker's DAX request (supervisor/dax.py DaxWindow.serve): (queue, message) ->
-    # 0 or errno.  None: no window, every request answered ENOSYS.
-    dax: Callable[[int, Message], int] | None = None
+    # Serves a worker's DAX request (supervisor/dax.py DaxWindow.answer): (queue, message) ->
+    # the answer (DAX_DONE, DAX_IO_DONE).  None: no window, every request answered ENOSYS.
+    dax: Callable[[int, Message], Message] | None = None
     # The dirty log (size, offset, fd; the fd is the control plane's) and each ring's logging
     # state (log_all, ring, used_gpa), for the workers started later.
     dirty_log: tuple[int, int, int] | None = None
@@ -615,11 +615,11 @@ class ProcessTable:
         queue = next((q for q, h in self.workers.items() if h.channel is channel), -1)
         if self.dax is None or queue < 0:
             control.close_fds(msg.fds)
-            err = errno.ENOSYS
+            answer: Message = DaxDone(errno.ENOSYS, seq=msg.seq)
         else:
-            err = self.dax(queue, msg)       # owns msg.fds
+            answer = self.dax(queue, msg)    # owns msg.fds
         try:
-            control.send(channel, DaxDone(err, seq=msg.seq))
+            control.send(channel, answer)
         except OSError as e:
             log.warning("worker for queue %d: cannot answer its %s: %s", queue, msg.type.name,
                         e.strerror or e)

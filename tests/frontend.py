@@ -987,6 +987,7 @@ class _Inflight:
     descs: list[int]
     allocs: list[int]
     writable: list[tuple[int, int]]   # coalesced (gpa, length) runs
+    foreign: int = 0                  # writable bytes outside guest memory (the DAX window)
 
 
 class DriverQueue:
@@ -1058,7 +1059,8 @@ class DriverQueue:
         DESC.pack_into(self.desc, 16 * index, addr, length, flags, next_)
 
     def publish(self, head: int, *, descs: Sequence[int] = (), allocs: Sequence[int] = (),
-                writable: Sequence[tuple[int, int]] = (), kick: bool = True) -> int:
+                writable: Sequence[tuple[int, int]] = (), kick: bool = True,
+                foreign: int = 0) -> int:
         """Put `head` on the avail ring and track it; returns the completion token.
 
         descs/allocs are returned to their free lists when the used entry arrives; writable
@@ -1067,7 +1069,8 @@ class DriverQueue:
         if head in self._by_head:
             raise ValueError(f"head {head} is already in flight")
         token = next(self._tokens)
-        self.inflight[token] = _Inflight(token, head, list(descs), list(allocs), list(writable))
+        self.inflight[token] = _Inflight(token, head, list(descs), list(allocs), list(writable),
+                                         foreign)
         self._by_head[head] = token
         U16.pack_into(self.avail, 4 + 2 * (self.avail_idx % self.size), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
@@ -1175,6 +1178,46 @@ class DriverQueue:
                 runs.append((addr, n))
         return self.publish(head, descs=descs, allocs=allocs, writable=runs, kick=kick)
 
+    def submit_foreign(self, readable: Sequence[bytes | tuple[int, int]],
+                       writable: Sequence[int | tuple[int, int]], *, kick: bool = True) -> int:
+        """A chain some of whose buffers are given as (gpa, length) and used as they are --
+        outside guest memory, e.g. in the DAX window, as a guest's read() into a DAX-mapped
+        page makes them.  bytes and sizes are placed in guest memory, as submit() does.
+        Completion.data holds the writable part's guest-memory buffers only."""
+        allocs: list[int] = []
+        segs: list[tuple[int, int, int]] = []
+        ours: list[bool] = []            # placed in guest memory here
+        foreign = 0
+        try:
+            for i, part in enumerate([*readable, *writable]):
+                flag = _WRITE if i >= len(readable) else 0
+                ours.append(not isinstance(part, tuple))
+                if isinstance(part, tuple):
+                    segs.append((part[0], part[1], flag))
+                    foreign += part[1] if flag else 0
+                    continue
+                n = part if isinstance(part, int) else len(part)
+                gpa = self.mem.alloc(max(n, 1), 64)
+                allocs.append(gpa)
+                if not isinstance(part, int):
+                    self.mem.write(gpa, part)
+                segs.append((gpa, n, flag))
+            if len(segs) > len(self.free_descs):
+                raise QueueFull(f"queue {self.index}: chain of {len(segs)} descriptors")
+            descs = [self.free_descs.pop() for _ in segs]
+        except BaseException:
+            for a in allocs:
+                self.mem.free(a)
+            raise
+        for i, (addr, n, flag) in enumerate(segs):
+            last = i + 1 == len(segs)
+            self.write_desc(descs[i], addr, n, flag if last else flag | _NEXT,
+                            0 if last else descs[i + 1])
+        runs = [(a, n) for (a, n, flag), placed in zip(segs, ours, strict=True)
+                if flag and placed]
+        return self.publish(descs[0], descs=descs, allocs=allocs, writable=runs, kick=kick,
+                            foreign=foreign)
+
     def _alloc_across(self, total: int, at: int) -> int:
         if not 0 < at < total:
             raise ValueError(f"boundary offset {at} is not inside the {total}-byte chain area")
@@ -1206,7 +1249,7 @@ class DriverQueue:
                 raise ProtocolViolation(f"queue {self.index}: used entry for head {head}, "
                                         "which is not in flight")
             rec = self.inflight.pop(token)
-            capacity = sum(n for _, n in rec.writable)
+            capacity = sum(n for _, n in rec.writable) + rec.foreign
             if used_len > capacity:
                 raise ProtocolViolation(f"queue {self.index}: used.len {used_len} exceeds the "
                                         f"{capacity} writable bytes of head {head}")
@@ -1594,6 +1637,27 @@ class FuseClient:
         return fa.WRITE_OUT.unpack(self._fixed(fa.Opcode.WRITE, nodeid, body, fa.WRITE_OUT,
                                                **chain))[0]
 
+    def read_foreign(self, nodeid: int, fh: int, offset: int,
+                     data: Sequence[int | tuple[int, int]]) -> FuseReply:
+        """READ whose data buffers are `data`: sizes placed in guest memory, (gpa, length)
+        used as they are (the DAX window); the reply's body holds the guest-memory part."""
+        size = sum(p[1] if isinstance(p, tuple) else p for p in data)
+        unique, readable = self.build(fa.Opcode.READ, nodeid, fa.ReadIn(fh, offset, size).pack())
+        token = self.vq.submit_foreign(readable, [fa.OUT_HEADER.size, *data])
+        return self.parse(self.vq.wait(token), unique, fa.OUT_HEADER.size + size)
+
+    def write_foreign(self, nodeid: int, fh: int, offset: int,
+                      data: Sequence[bytes | tuple[int, int]]) -> FuseReply:
+        """WRITE whose data buffers are `data`: bytes placed in guest memory, (gpa, length)
+        used as they are (the DAX window)."""
+        size = sum(p[1] if isinstance(p, tuple) else len(p) for p in data)
+        body = fa.WriteIn(fh, offset, size, 0).pack()
+        unique, readable = self.build(fa.Opcode.WRITE, nodeid, body,
+                                      length=fa.IN_HEADER.size + len(body) + size)
+        token = self.vq.submit_foreign([*readable, *data],
+                                       [fa.OUT_HEADER.size, fa.WRITE_OUT.size])
+        return self.parse(self.vq.wait(token), unique, fa.OUT_HEADER.size + fa.WRITE_OUT.size)
+
     def release(self, nodeid: int, fh: int, flags: int = 0, release_flags: int = 0,
                 lock_owner: int = 0) -> None:
         self.call(fa.Opcode.RELEASE, nodeid,
@@ -1752,8 +1816,13 @@ class CacheWindow:
     guest does with DAX) touch only mapped pages: a stray access to the reservation would
     kill the test process with SIGSEGV, as it would fault the guest."""
 
-    def __init__(self, size: int) -> None:
+    # Where the guest sees the window: past any guest memory a test gives (cloud-hypervisor
+    # places its cache BAR in the 64-bit PCI hole, above RAM).
+    DEFAULT_GPA = 1 << 40
+
+    def __init__(self, size: int, gpa: int = DEFAULT_GPA) -> None:
         self.size = size
+        self.gpa = gpa
         addr = _libc.mmap(None, size, _PROT_NONE,
                           mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
         if addr in (None, _MAP_FAILED):
@@ -1824,6 +1893,37 @@ class CacheWindow:
                                         " mapped writable")
         ctypes.memmove(self.base + offset, data, len(data))
 
+    def io(self, fd: int, fd_offset: int, gpa: int, length: int, to_file: bool,
+           memory: GuestMemory | None) -> int:
+        """FS_IO as cloud-hypervisor serves it: pread (to_file False) or pwrite between `fd`
+        and guest-physical [gpa, +length) -- the window, or else guest memory; the bytes
+        moved.  A range that leaves the window or memory is EFAULT; a page of the window
+        that maps nothing (or is read-only, for a pread) is EFAULT from the kernel."""
+        if self.gpa <= gpa < self.gpa + self.size:
+            if gpa + length > self.gpa + self.size:
+                raise OSError(errno.EFAULT, "range runs past the window")
+            buf = memoryview((ctypes.c_char * length).from_address(
+                self.base + gpa - self.gpa)).cast("B")
+        else:
+            try:
+                if memory is None:
+                    raise ValueError("no guest memory")
+                buf = memory.view(gpa, length)
+            except ValueError:
+                raise OSError(errno.EFAULT, f"{gpa:#x}+{length:#x} is neither window nor"
+                                            " guest memory") from None
+        done = 0
+        while done < length:
+            if to_file:
+                n = os.pwritev(fd, [buf[done:]], fd_offset + done)
+            else:
+                n = os.preadv(fd, [buf[done:]], fd_offset + done)
+            if n == 0:
+                # cloud-hypervisor fails an FS_IO that meets end of file (no errno: EINVAL).
+                raise OSError(errno.EINVAL, "end of file")
+            done += n
+        return done
+
     def close(self) -> None:
         if self.base:
             _libc.munmap(self.base, self.size)
@@ -1889,12 +1989,15 @@ class BackendChannel:
                 self.changed.notify_all()
             if hdr.flags & HeaderFlag.NEED_REPLY:
                 value = (-err) & ((1 << 64) - 1)
+                if name == "FS_IO" and not err:
+                    value = details[1]           # FS_IO answers the bytes it moved
                 reply = Header(hdr.request, VERSION | HeaderFlag.REPLY, U64.size).pack()
                 with contextlib.suppress(OSError):
                     self.ours.sendall(reply + U64.pack(value))
 
     def _handle(self, request: int, payload: bytes, fds: list[int]) -> tuple[str, tuple, int]:
         w = self.window
+        moved = 0
         try:
             if self.family == "fs":
                 name = FsBackendRequest(request).name
@@ -1908,8 +2011,11 @@ class BackendChannel:
                         w.unmap(offset, length)
                     elif request == FsBackendRequest.FS_SYNC:
                         w.sync(offset, length)
-                    else:
-                        raise OSError(errno.ENOSYS, "FS_IO is not served by this driver")
+                    else:                                # FS_IO: `offset` is a guest address
+                        moved += w.io(fds[0], fd_offset, offset, length,
+                                      bool(flags & FsMapFlag.MAP_W), self.memory)
+                if request == FsBackendRequest.FS_IO:
+                    return name, (tuple(entries), moved), 0
                 return name, tuple(entries), 0
             name = ShmemBackendRequest(request).name
             m = ShmemMap.unpack(payload)

@@ -46,6 +46,11 @@ GOLDEN = [
     (control.StateLoad(seq=7), "1900000007000000"),
     (control.StateCheck(seq=8), "1a00000008000000"),
     (control.StatePrepare(seq=8), "1b00000008000000"),
+    (control.DaxIo(0x100000002, 0x3000, 0x1_0000_0000_0000, 0x2000, 1, seq=10),
+     "2c0000000a000000" "0200000001000000" "0030000000000000" "0000000000000100"
+     "0020000000000000" "01000000" "00000000"),
+    (control.DaxIoDone(0, 0x2000, seq=10), "2d0000000a000000" "00000000" "00000000"
+     "0020000000000000"),
 ]
 # Dirty-page logging (worker/dirtylog.py); a LOG_BASE with a log carries its fd (below).
 GOLDEN += [

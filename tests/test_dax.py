@@ -10,6 +10,7 @@ GET_SHMEM_CONFIG; both data planes (the engine hands these opcodes to Python).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -25,12 +26,22 @@ import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.arena import Arena
-from pyvirtiofsd.common.control import DAX_ALL, DaxDone, DaxMap, DaxSync, DaxUnmap, RingStop
+from pyvirtiofsd.common.control import (
+    DAX_ALL,
+    DaxDone,
+    DaxIo,
+    DaxIoDone,
+    DaxMap,
+    DaxSync,
+    DaxUnmap,
+    RingStop,
+)
 from pyvirtiofsd.common.vhost_user import (
     FS_UNMAP_ALL,
     FsBackendMsg,
     FsBackendRequest,
     Header,
+    HeaderFlag,
     ProtocolFeature,
     Request,
 )
@@ -595,3 +606,280 @@ def test_a_late_dax_answer_is_no_request(tmp_path: Path) -> None:
     finally:
         ours.close()
         theirs.close()
+
+
+# -- READ and WRITE data in the window: FS_IO (cloud-hypervisor's fs_backend_io) ----------------
+# A guest's read() into, or write() from, a page of the window (a DAX-mapped file, O_DIRECT)
+# gives the device buffers outside guest RAM: the front-end moves that data (FS_IO).  The
+# engine hands such a chain to Python (it walks only guest RAM), so both planes serve it.
+def _window_source(s: DaxSession, data: bytes, moffset: int = 2 * MIB) -> int:
+    """Map a file holding `data` writable at `moffset`: the window pages a guest reads into or
+    writes from; their guest-physical address."""
+    g_node, g_fh = s.open_file("g", data)
+    s.client.setupmapping(g_node, g_fh, 0, len(data), moffset, RW)
+    return s.window.gpa + moffset
+
+
+def _fs_io(s: DaxSession, since: int) -> list[tuple]:
+    return [r for r in s.requests()[since:] if r[0] == "FS_IO"]
+
+
+def test_read_into_and_write_from_the_window(dax_session) -> None:
+    s = dax_session("fs")
+    data = _content(4 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    gpa = _window_source(s, bytes(4 * PAGE))
+    g = s.daemon.share / "g"
+    n = len(s.requests())
+    # READ of f straight into the window: the front-end preads into the pages of g.
+    r = s.client.read_foreign(nodeid, fh, 100, [(gpa + 10, 3000)])
+    assert (r.error, r.body) == (0, b"")
+    assert s.window.read(2 * MIB + 10, 3000) == data[100:3100]
+    assert g.read_bytes()[10:3010] == data[100:3100]
+    assert _fs_io(s, n) == [("FS_IO", (((100, gpa + 10, 3000, 1),), 3000), 0)]   # MAP_R
+    # WRITE to f from the window: the front-end pwrites what the pages of g hold.
+    s.window.write(2 * MIB + PAGE, b"written from the window")
+    n = len(s.requests())
+    r = s.client.write_foreign(nodeid, fh, 2 * PAGE + 5, [(gpa + PAGE, 23)])
+    assert r.error == 0 and fa.WRITE_OUT.unpack(r.body)[0] == 23
+    assert (s.daemon.share / "f").read_bytes()[2 * PAGE + 5:][:23] == b"written from the window"
+    assert _fs_io(s, n) == [("FS_IO", (((2 * PAGE + 5, gpa + PAGE, 23, 2),), 23), 0)]  # MAP_W
+    # Data split between guest memory and the window, in order: each part where it lies.
+    n = len(s.requests())
+    r = s.client.read_foreign(nodeid, fh, 0, [700, (gpa + 3 * PAGE, 900), 300])
+    assert r.error == 0
+    assert r.body == data[:700] + data[1600:1900]
+    assert s.window.read(2 * MIB + 3 * PAGE, 900) == data[700:1600]
+    assert len(_fs_io(s, n)) == 1
+    r = s.client.write_foreign(nodeid, fh, 0, [b"ram:", (gpa + PAGE, 7), b":ram"])
+    assert fa.WRITE_OUT.unpack(r.body)[0] == 15
+    assert (s.daemon.share / "f").read_bytes()[:15] == b"ram:written:ram"
+
+
+def test_a_read_into_the_window_stops_at_end_of_file(dax_session) -> None:
+    """READ is short at end of file; cloud-hypervisor fails an FS_IO that meets it, so the
+    daemon asks only for what the file holds, and nothing past its end."""
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(5000))
+    gpa = _window_source(s, bytes(2 * PAGE))
+    n = len(s.requests())
+    r = s.client.read_foreign(nodeid, fh, 1000, [(gpa, 2 * PAGE)])
+    assert r.error == 0
+    assert s.window.read(2 * MIB, 4000) == _content(5000)[1000:]
+    assert _fs_io(s, n) == [("FS_IO", (((1000, gpa, 4000, 1),), 4000), 0)]
+    n = len(s.requests())
+    r = s.client.read_foreign(nodeid, fh, 6000, [(gpa, PAGE)])
+    assert r.error == 0
+    assert _fs_io(s, n) == []
+
+
+def test_window_buffers_the_front_end_refuses(dax_session) -> None:
+    """The daemon cannot know where the window lies (no message says): a buffer outside
+    guest RAM goes to the front-end, which refuses what is not in its window (EFAULT), and
+    the guest gets that errno, as a read() into a bad buffer does."""
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(4 * PAGE))
+    gpa = _window_source(s, bytes(PAGE))
+    for buf in ((s.window.gpa + WINDOW - 100, 200),     # runs past the window's end
+                (s.window.gpa - 4 * MIB, 100),          # below it, outside guest memory
+                (gpa + 8 * PAGE, 100)):                 # in the window, where nothing is mapped
+        n = len(s.requests())
+        r = s.client.read_foreign(nodeid, fh, 0, [buf])
+        assert r.error == errno.EFAULT, buf
+        assert [err for _name, _d, err in s.requests()[n:]] == [errno.EFAULT]
+    # A window page mapped read-only cannot be read into; it can be written from.
+    s.client.setupmapping(*s.open_file("h", _content(PAGE)), 0, PAGE, 4 * MIB, READ)
+    r = s.client.read_foreign(nodeid, fh, 0, [(s.window.gpa + 4 * MIB, 100)])
+    assert r.error == errno.EFAULT
+    r = s.client.write_foreign(nodeid, fh, 0, [(s.window.gpa + 4 * MIB, 100)])
+    assert r.error == 0
+    assert (s.daemon.share / "f").read_bytes()[:100] == _content(PAGE)[:100]
+
+
+def test_window_io_with_a_bad_handle_is_refused(dax_session) -> None:
+    """The handle must be live and open in the direction asked (the supervisor's gate checks
+    the fd it is sent against the handle table): the front-end hears of nothing."""
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(PAGE), os.O_RDONLY)
+    gpa = _window_source(s, bytes(PAGE))
+    n = len(s.requests())
+    assert s.client.read_foreign(nodeid, fh + (1 << 32), 0, [(gpa, 100)]).error == errno.EBADF
+    assert s.client.write_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EBADF
+    s.client.release(nodeid, fh)
+    assert s.client.read_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EBADF
+    assert s.requests()[n:] == []
+    assert (s.daemon.share / "f").read_bytes() == _content(PAGE)
+
+
+def test_malformed_window_chains_are_refused(dax_session) -> None:
+    """What cannot lie in the window is a malformed chain (used length 0, nothing asked of
+    the front-end): a range that wraps past 2**64, one longer than the window, one partly in
+    guest memory, and any buffer in the window other than READ's or WRITE's data."""
+    s = dax_session("fs")
+    nodeid, fh = s.open_file("f", _content(4 * PAGE))
+    gpa = _window_source(s, bytes(PAGE))
+    vq = s.client.vq
+    ram_end = s.fe.memory.regions[-1].end
+    read_in = fa.ReadIn(fh, 0, 200).pack()
+    n = len(s.requests())
+    chains = [
+        ([s.client.build(fa.Opcode.READ, nodeid, read_in)[1][0] + read_in],
+         [16, ((1 << 64) - 100, 200)]),                         # wraps past 2**64
+        ([s.client.build(fa.Opcode.READ, nodeid, read_in)[1][0] + read_in],
+         [16, (s.window.gpa, WINDOW + PAGE)]),                  # longer than the window
+        ([s.client.build(fa.Opcode.READ, nodeid, read_in)[1][0] + read_in],
+         [16, (ram_end - 100, 200)]),                           # half in guest memory
+        ([s.client.build(fa.Opcode.READ, nodeid, read_in)[1][0] + read_in],
+         [(gpa, 16), 200]),                                     # fuse_out_header in it
+        ([(gpa, 40), read_in], [16, 200]),                      # fuse_in_header in it
+        ([s.client.build(fa.Opcode.GETATTR, nodeid, bytes(16))[1][0] + bytes(16)],
+         [16, (gpa, fa.ATTR_OUT.size)]),                        # not READ's data
+        ([s.client.build(fa.Opcode.WRITE, nodeid, b"", length=40 + 40 + 8)[1][0],
+          (gpa, 40), b"12345678"], [16, 8]),                    # fuse_write_in in it
+        ([s.client.build(fa.Opcode.WRITE, nodeid, b"", length=40 + 40 + 8)[1][0],
+          fa.WriteIn(fh, 0, 8, 0).pack(), b"12345678"], [16, (gpa, 8)]),   # WRITE's reply
+    ]
+    for readable, writable in chains:
+        c = vq.wait(vq.submit_foreign(readable, writable))
+        assert c.used_len == 0, (readable, writable)
+    assert s.requests()[n:] == []
+    s.daemon.wait_for("buffers in the DAX window outside the data of a READ or WRITE")
+    assert (s.daemon.share / "f").read_bytes() == _content(4 * PAGE)
+    # The queue goes on.
+    assert s.client.read(nodeid, fh, 0, 10) == _content(10)
+
+
+def test_window_buffers_without_a_window_are_malformed(daemon_factory) -> None:
+    """No window (no --dax, or no back-end channel): a buffer outside guest RAM is what it
+    always was, a malformed chain."""
+    for args in ((), ("--dax",)):
+        d = daemon_factory(*args)
+        fe = Frontend.connect(d.socket, process=d.proc,
+                              protocol_features=DEFAULT_PROTOCOL_FEATURES
+                              | (DAX_FEATURES if args else 0))
+        try:
+            client = FuseClient(fe)
+            client.init()
+            (d.share / "f").write_bytes(_content(PAGE))
+            nodeid = client.lookup(fa.ROOT_ID, "f").nodeid
+            fh = client.open(nodeid).fh
+            read_in = fa.ReadIn(fh, 0, 100).pack()
+            hdr = client.build(fa.Opcode.READ, nodeid, read_in)[1][0]
+            c = client.vq.wait(client.vq.submit_foreign([hdr + read_in],
+                                                        [16, (CacheWindow.DEFAULT_GPA, 100)]))
+            assert c.used_len == 0
+            assert "outside guest memory" in d.wait_for("malformed descriptor chain")
+        finally:
+            fe.close()
+
+
+def test_shmem_front_ends_cannot_move_window_data(dax_session) -> None:
+    """The SHMEM requests map and unmap only: no message moves data, so a buffer in the
+    window is answered EFAULT and the front-end hears nothing."""
+    s = dax_session("shmem")
+    nodeid, fh = s.open_file("f", _content(PAGE))
+    gpa = _window_source(s, bytes(PAGE))
+    n = len(s.requests())
+    assert s.client.read_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EFAULT
+    assert s.client.write_foreign(nodeid, fh, 0, [(gpa, 100)]).error == errno.EFAULT
+    assert s.requests()[n:] == []
+    assert (s.daemon.share / "f").read_bytes() == _content(PAGE)
+
+
+@pytest.mark.data_planes("native")
+def test_window_io_in_the_full_sandbox(dax_session) -> None:
+    s = dax_session("fs", "--sandbox=namespace", "--seccomp=kill")
+    nodeid, fh = s.open_file("f", _content(2 * PAGE))
+    gpa = _window_source(s, bytes(PAGE))
+    assert s.client.read_foreign(nodeid, fh, 0, [(gpa, PAGE)]).error == 0
+    assert s.window.read(2 * MIB, PAGE) == _content(2 * PAGE)[:PAGE]
+    assert s.client.write_foreign(nodeid, fh, PAGE, [(gpa, 10)]).error == 0
+    assert (s.daemon.share / "f").read_bytes()[PAGE:PAGE + 10] == _content(10)
+    assert "SIGSYS" not in s.daemon.text
+
+
+def test_gate_refuses_bad_window_io(gate) -> None:
+    """DAX_IO passes the same gate as DAX_MAP: the fd must be the handle's file, open in the
+    direction asked; the range non-empty, no longer than the window, not wrapping 2**64.
+    Every refusal closes the fd and sends nothing."""
+    window, fh, a, b, far = gate
+    window.reply_ack = True
+    base = CacheWindow.DEFAULT_GPA
+    cases = [
+        (b, os.O_RDWR, DaxIo(fh, 0, base, PAGE, 0, seq=1), errno.EBADF),        # another file
+        (a, os.O_WRONLY, DaxIo(fh, 0, base, PAGE, 0, seq=1), errno.EBADF),      # cannot read
+        (a, os.O_RDONLY, DaxIo(fh, 0, base, PAGE, 1, seq=1), errno.EBADF),      # cannot write
+        (tmp := a.parent, os.O_RDONLY, DaxIo(fh, 0, base, PAGE, 0, seq=1), errno.EBADF),
+        (a, os.O_RDWR, DaxIo(fh + (1 << 32), 0, base, PAGE, 0, seq=1), errno.EBADF),  # stale fh
+        (a, os.O_RDWR, DaxIo(fh, 0, base, 0, 0, seq=1), errno.EFAULT),          # empty
+        (a, os.O_RDWR, DaxIo(fh, 0, base, WINDOW + 1, 0, seq=1), errno.EFAULT),  # > the window
+        (a, os.O_RDWR, DaxIo(fh, 0, (1 << 64) - PAGE, 2 * PAGE, 0, seq=1), errno.EFAULT),
+        (a, os.O_RDWR, DaxIo(fh, (1 << 63) - 1, base, PAGE, 0, seq=1), errno.EINVAL),
+        (a, os.O_RDWR, DaxIo(fh, 0, base, PAGE, 2, seq=1), errno.EINVAL),       # direction
+    ]
+    assert tmp.is_dir()
+    for path, flags, msg, err in cases:
+        fd = os.open(path, flags)
+        msg = dataclasses.replace(msg, fds=(fd,))
+        assert window.answer(1, msg) == DaxIoDone(err, 0, seq=1), (path, flags, msg)
+        with pytest.raises(OSError):
+            os.fstat(fd)                 # the gate closed it
+    assert _sent(far) == b""
+    # Without REPLY_ACK the daemon could not learn what was moved; SHMEM has no I/O request.
+    window.reply_ack = False
+    fd = os.open(a, os.O_RDWR)
+    assert window.answer(1, DaxIo(fh, 0, base, PAGE, 0, seq=2, fds=(fd,))).errno == errno.EFAULT
+    window.reply_ack = True
+    window.negotiated(ProtocolFeature.REPLY_ACK | ProtocolFeature.SHMEM)
+    window.shmem_config()
+    fd = os.open(a, os.O_RDWR)
+    assert window.answer(1, DaxIo(fh, 0, base, PAGE, 0, seq=3, fds=(fd,))).errno == errno.EFAULT
+    assert _sent(far) == b""
+
+
+def test_gate_carries_the_front_ends_count(gate) -> None:
+    """The front-end's answer to FS_IO is the byte count (or -errno); more than was asked is
+    a broken answer (EIO)."""
+    window, fh, a, _b, far = gate
+    window.negotiated(ProtocolFeature.REPLY_ACK)
+    far.setblocking(True)
+    for value, want in ((PAGE, DaxIoDone(0, PAGE, seq=5)), (100, DaxIoDone(0, 100, seq=5)),
+                        ((-errno.EFAULT) & ((1 << 64) - 1), DaxIoDone(errno.EFAULT, 0, seq=5)),
+                        (PAGE + 1, DaxIoDone(errno.EIO, 0, seq=5))):
+        answer = Header(FsBackendRequest.FS_IO, 1 | HeaderFlag.REPLY, 8).pack() + \
+            value.to_bytes(8, "little")
+        far.send(answer)                 # read by the gate once its request is out
+        got = window.answer(1, DaxIo(fh, 0, CacheWindow.DEFAULT_GPA, PAGE, 0, seq=5,
+                                     fds=(os.open(a, os.O_RDWR),)))
+        assert got == want
+        sent = far.recv(65536)
+        hdr = Header.unpack(sent[:12])
+        assert hdr.request == FsBackendRequest.FS_IO and hdr.flags & HeaderFlag.NEED_REPLY
+        assert FsBackendMsg.unpack(sent[12:]).entries[0] == \
+            (0, CacheWindow.DEFAULT_GPA, PAGE, 1)
+
+
+@pytest.mark.parametrize("crash", ["READ:executing", "READ:executed", "WRITE:executing",
+                                   "WRITE:executed"])
+def test_a_worker_killed_inside_window_io(dax_session, monkeypatch, crash: str) -> None:
+    """The worker dies before or after the front-end moved a READ's or WRITE's window data:
+    its successor replays the request from the journal (FS_IO at an offset is idempotent)
+    and the guest sees the reply it would have had."""
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", crash)
+    s = dax_session("fs", "--seccomp=none")
+    data = _content(2 * PAGE)
+    nodeid, fh = s.open_file("f", data)
+    gpa = _window_source(s, bytes(PAGE))
+    if crash.startswith("READ"):
+        r = s.client.read_foreign(nodeid, fh, PAGE, [(gpa, PAGE)])
+        assert r.error == 0
+        assert s.window.read(2 * MIB, PAGE) == data[PAGE:]
+    else:
+        s.window.write(2 * MIB, b"replayed")
+        r = s.client.write_foreign(nodeid, fh, 100, [(gpa, 8)])
+        assert r.error == 0 and fa.WRITE_OUT.unpack(r.body)[0] == 8
+        assert (s.daemon.share / "f").read_bytes() == data[:100] + b"replayed" + data[108:]
+    line = s.daemon.wait_for("worker for queue 1 (pid")
+    assert "was killed by SIGKILL" in line and crash.split(":")[0] in line, line
+    assert all(err == 0 for _name, _d, err in s.requests()), s.requests()

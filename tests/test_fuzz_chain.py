@@ -23,7 +23,7 @@ from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.virtio import DESC, DescFlag
 from pyvirtiofsd.worker.chain import Reader, Writer
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address
-from pyvirtiofsd.worker.guestmem import GuestMemory
+from pyvirtiofsd.worker.guestmem import GuestMemory, WindowBuffer
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
 from tests.conftest import DATA_PLANES
 from tests.fuzzing import budget
@@ -174,6 +174,43 @@ def test_hostile_rings_never_escape_guest_memory(guest: Guest, ring) -> None:
             w.write(b"\xa5" * min(w.remaining, 64))
         q.push(chain.head, 0)
     assert popped <= min(jump, QSIZE) if jump <= QSIZE else popped == 0
+
+
+WINDOW = 1 << 20
+
+
+@budget(400)
+@given(rings())
+def test_hostile_rings_with_a_dax_window(guest: Guest, ring) -> None:
+    """With a DAX window, what a descriptor names outside guest RAM may come out as a
+    WindowBuffer: never overlapping guest RAM, never longer than the window, never wrapping
+    2**64; a chain says whether it holds one; an indirect table is never one."""
+    _tables, _descs, _heads, start, _jump, indirect = ring
+    write_ring(guest, ring)
+    guest.mem.window = lambda: WINDOW
+    try:
+        q = SplitQueue(guest.mem, QSIZE, guest.uaddr(guest.desc), guest.uaddr(guest.avail),
+                       guest.uaddr(guest.used), start, event_idx=False, indirect=indirect)
+        for _ in range(QSIZE + 2):
+            try:
+                chain = q.pop()
+            except ChainError as e:
+                q.push(e.head, 0)
+                continue
+            except RingError:
+                break
+            if chain is None:
+                break
+            bufs = chain.readable + chain.writable
+            window = [b for b in bufs if isinstance(b, WindowBuffer)]
+            assert chain.window == bool(window)
+            for b in window:
+                assert 0 < len(b) <= WINDOW and b.gpa + len(b) <= 1 << 64
+                assert all(b.gpa + len(b) <= g or g + n <= b.gpa for g, n, _u, _o in LAYOUT)
+            assert all(_inside(v) for v in bufs if isinstance(v, memoryview))
+            q.push(chain.head, 0)
+    finally:
+        guest.mem.window = lambda: 0
 
 
 # --- the same rings through the native engine ---------------------------------------------------

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvirtiofsd.common.virtio import DESC, USED_ELEM, DescFlag
-from pyvirtiofsd.worker.chain import Reader, Writer
-from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.chain import Reader, Writer, ram_prefix
+from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError, WindowBuffer
 from pyvirtiofsd.worker.virtqueue import Chain, ChainError, RingError, SplitQueue
 
 MiB = 1 << 20
@@ -89,6 +89,12 @@ class FakeGuest:
             if base <= gpa < base + size:
                 return ua + gpa - base
         raise AssertionError(gpa)
+
+    def mem_error(self, gpa: int, length: int) -> str:
+        """What the window gate says of [gpa, +length)."""
+        with pytest.raises(GuestMemoryError) as ei:
+            self.mem.window_buffers(gpa, length)
+        return str(ei.value)
 
     def alloc(self, n: int) -> int:
         gpa = self.brk
@@ -837,3 +843,59 @@ def test_driver_never_sees_used_idx_step_back(guest):
         os.close(w)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 0, "the driver saw the used idx step back"
+
+
+# ---------------------------------------------------------------- buffers in the DAX window
+
+
+def test_buffers_outside_guest_memory_are_window_buffers_while_a_window_exists(guest):
+    """With a DAX window, a buffer entirely outside guest RAM (in the gap between regions, or
+    past the last) is a WindowBuffer -- address and length, no memory -- and the chain says
+    so; the window's size bounds it.  Without one it is a malformed chain (MALFORMED)."""
+    guest.mem.window = lambda: 16 * MiB
+    guest.write(0x50000, b"header")
+    head = guest.add_chain([(0x50000, 6, False), (GAP + 16, 100, False),
+                            (0x60000, 16, True), (1 << 40, 4096, True)])
+    guest.publish(head)
+    chain = guest.queue().pop()
+    assert chain.window
+    assert bytes(chain.readable[0]) == b"header"
+    w = chain.readable[1]
+    assert isinstance(w, WindowBuffer) and (w.gpa, len(w)) == (GAP + 16, 100)
+    assert [type(v) for v in chain.writable] == [memoryview, WindowBuffer]
+    assert (ram_prefix(chain.readable), ram_prefix(chain.writable)) == (6, 16)
+    # The cursors hand window buffers out as views, split where asked; bytes never.
+    r = Reader(chain.readable, window=True)
+    assert r.read(6) == b"header"
+    views = r.views(60)
+    assert [(v.gpa, len(v)) for v in views] == [(GAP + 16, 60)]
+    with pytest.raises(TypeError):
+        r.read(10)
+    w = Writer(chain.writable, window=True)
+    w.advance(16)
+    assert [(v.gpa, len(v)) for v in w.views(1000)] == [(1 << 40, 1000)]
+    # A chain wholly in guest memory is no window chain.
+    guest.publish(guest.add_chain([(0x50000, 6, False)]))
+    assert not guest.queue().walk(guest.next_desc - 1).window
+
+
+@pytest.mark.parametrize(("addr", "length", "why"), [
+    (2 * MiB - 8, 16, "partly in guest memory"),           # starts in region 1, leaves it
+    (GAP, MiB + 8, "partly in guest memory"),              # runs into region 2
+    (2**64 - 8, 16, "cannot lie in"),                      # wraps past 2**64
+    (1 << 40, 16 * MiB + 1, "cannot lie in"),              # longer than the window
+])
+def test_what_cannot_lie_in_the_window_is_malformed(guest, addr, length, why):
+    guest.mem.window = lambda: 16 * MiB
+    guest.publish(guest.add_chain([(0x50000, 4, False), (addr, length, True)]))
+    with pytest.raises(ChainError) as ei:
+        guest.queue().pop()
+    assert why in guest.mem_error(addr, length) and "descriptor chain" in str(ei.value)
+
+
+def test_an_indirect_table_is_never_in_the_window(guest):
+    guest.mem.window = lambda: 16 * MiB
+    guest.set_desc(0, GAP, 16, INDIRECT)
+    guest.publish(0)
+    with pytest.raises(ChainError, match="indirect table"):
+        guest.queue().pop()

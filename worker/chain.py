@@ -2,8 +2,10 @@
 
 A chain's device-readable part and device-writable part are each one byte stream split over
 guest buffers of any size (virtio spec 2.7.4: the device must not assume a layout).  Handlers
-only ever see these two objects, never guest addresses.  Segments are memoryviews onto the
-guest memory mapping, so `views()` lets preadv/pwritev move data with no intermediate copy.
+only ever see these two objects, never guest addresses -- except READ's and WRITE's data in
+the DAX window, which arrive as WindowBuffers for the front-end to move (FS_IO).  Segments are
+memoryviews onto the guest memory mapping, so `views()` lets preadv/pwritev move data with no
+intermediate copy.
 """
 
 from __future__ import annotations
@@ -11,15 +13,34 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
+from pyvirtiofsd.worker.guestmem import WindowBuffer
+
 
 class ChainTooShort(ValueError):
     """The request or its reply does not fit the buffers the driver supplied."""
 
 
-class _Cursor:
-    __slots__ = ("_segs", "_seg", "_off", "_left")
+def ram_prefix(segs: Sequence[memoryview | WindowBuffer]) -> int:
+    """How many bytes of `segs` come before the first one in the DAX window."""
+    n = 0
+    for s in segs:
+        if isinstance(s, WindowBuffer):
+            break
+        n += len(s)
+    return n
 
-    def __init__(self, segs: Sequence[memoryview]) -> None:
+
+def has_window(segs: Sequence[memoryview | WindowBuffer]) -> bool:
+    return any(isinstance(s, WindowBuffer) for s in segs)
+
+
+class _Cursor:
+    __slots__ = ("_segs", "_seg", "_off", "_left", "window")
+
+    def __init__(self, segs: Sequence[memoryview], window: bool = False) -> None:
+        # window: some segments are WindowBuffers (the chain's `window`); views() then hands
+        # them out among the memoryviews, and only READ/WRITE may ask (worker/main.py).
+        self.window = window
         self._segs = [s for s in segs if len(s)]
         self._seg = 0
         self._off = 0
@@ -91,8 +112,8 @@ class Writer(_Cursor):
 
     __slots__ = ("_written", "_all")
 
-    def __init__(self, segs: Sequence[memoryview]) -> None:
-        super().__init__(segs)
+    def __init__(self, segs: Sequence[memoryview], window: bool = False) -> None:
+        super().__init__(segs, window)
         self._all = list(self._segs)
         self._written = 0
 

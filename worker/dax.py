@@ -1,8 +1,9 @@
 """A worker's side of the DAX window: its requests to the supervisor (supervisor/dax.py).
 
-FUSE_SETUPMAPPING / FUSE_REMOVEMAPPING / FUSE_FSYNC are served while a request is in flight,
-so the worker asks the supervisor over its control channel and waits for the answer
-(DAX_DONE, with the same sequence number).  The supervisor's own requests may arrive meanwhile
+FUSE_SETUPMAPPING / FUSE_REMOVEMAPPING / FUSE_FSYNC, and READ/WRITE data in the window
+(DAX_IO), are served while a request is in flight, so the worker asks the supervisor over its
+control channel and waits for the answer (DAX_DONE or DAX_IO_DONE, with the same sequence
+number).  The supervisor's own requests may arrive meanwhile
 (a ring stop, a new memory table): they are kept, in order, and the worker's loop handles them
 between two requests, as it handles any control message (worker/main.py).
 """
@@ -20,6 +21,8 @@ from pyvirtiofsd.common import control
 from pyvirtiofsd.common.control import (
     DAX_ALL,
     DaxDone,
+    DaxIo,
+    DaxIoDone,
     DaxMap,
     DaxSync,
     DaxUnmap,
@@ -54,8 +57,15 @@ class DaxClient:
     def sync(self, fh: int) -> None:
         self._ask(lambda seq: DaxSync(fh, seq=seq))
 
-    def _ask(self, make: Callable[[int], Message]) -> None:
-        """Send the request and wait for its answer; OSError with the errno the guest gets."""
+    def io(self, fd: int, fh: int, foffset: int, gpa: int, length: int, write: bool) -> int:
+        """FS_IO: the front-end moves `length` bytes between the file at `foffset` and the
+        guest's buffer at `gpa` in its window (write: to the file); the bytes it moved."""
+        return self._ask(lambda seq: DaxIo(fh, foffset, gpa, length, int(write), seq=seq,
+                                           fds=(fd,)))
+
+    def _ask(self, make: Callable[[int], Message]) -> int:
+        """Send the request and wait for its answer; OSError with the errno the guest gets.
+        Returns the bytes moved (DAX_IO_DONE), else 0."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         seq = self._seq
         msg = make(seq)
@@ -76,10 +86,10 @@ class DaxClient:
                 continue
             if got is None:
                 raise OSError(errno.EIO, "the supervisor is gone")
-            if isinstance(got, DaxDone):
+            if isinstance(got, DaxDone | DaxIoDone):
                 if got.seq != seq:
                     continue                 # the answer to one that timed out: too late
                 if got.errno:
                     raise OSError(got.errno, os.strerror(got.errno))
-                return
+                return got.count if isinstance(got, DaxIoDone) else 0
             self.deferred.append(got)

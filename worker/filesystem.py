@@ -209,6 +209,14 @@ class Filesystem:
         pinned (worker/dax.py DaxClient.map).  `flags`: FUSE_SETUPMAPPING_FLAG_*."""
         raise _enosys()
 
+    def window_io(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence,
+                  write: bool, write_flags: int, mover: Callable[..., int]) -> int:
+        """READ (write=False) into or WRITE from `bufs`, some of which are WindowBuffers in
+        the DAX window (worker/guestmem.py): those are moved by `mover(fd, fh, foffset, gpa,
+        length, write)` -> bytes moved (worker/dax.py DaxClient.io), with the file's fd
+        pinned; the rest as read()/write() would.  Returns the bytes moved, in order."""
+        raise _enosys()
+
     def fallocate(self, ctx: Context, nodeid: int, fh: int, mode: int, offset: int,
                   length: int) -> None:
         raise _enosys()

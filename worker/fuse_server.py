@@ -622,15 +622,31 @@ class FuseServer:
         if writer is None or writer.remaining < _OUT_SIZE:
             raise OSError(errno.EIO, "no room for the reply header")
         writer.advance(_OUT_SIZE)               # the header goes in last (handle())
-        n = self.fs.read(ctx, nodeid, fh, offset, writer.views(size))
+        if writer.window:
+            n = self._window_io(ctx, nodeid, fh, offset, writer.views(size), False)
+        else:
+            n = self.fs.read(ctx, nodeid, fh, offset, writer.views(size))
         writer.advance(n)
         return n
 
     def _write(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:
         fh, offset, size, write_flags, _owner, flags = _unpack(fa.WRITE_IN, body)
-        n = self.fs.write(ctx, nodeid, fh, offset, reader.views(size), write_flags, flags)
+        if reader.window:
+            n = self._window_io(ctx, nodeid, fh, offset, reader.views(size), True, write_flags)
+        else:
+            n = self.fs.write(ctx, nodeid, fh, offset, reader.views(size), write_flags, flags)
         return fa.WRITE_OUT.pack(n)
+
+    def _window_io(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: list,
+                   write: bool, write_flags: int = 0) -> int:
+        """READ into / WRITE from data buffers some of which lie in the DAX window: the
+        front-end moves those between the file and its window (FS_IO, worker/dax.py)."""
+        if not self._dax_window():
+            raise OSError(errno.EFAULT, "buffers outside guest memory and no DAX window")
+        assert self.dax is not None
+        return self.fs.window_io(ctx, nodeid, fh, offset, bufs, write, write_flags,
+                                 self.dax.io)
 
     def _flush(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                writer: Writer | None) -> _Result:

@@ -12,14 +12,47 @@ import ctypes
 import os
 import stat
 from bisect import bisect_right
+from collections.abc import Callable
 
 from pyvirtiofsd.worker.mapping import map_shared
 
 _ADDR_LIMIT = 1 << 64
 
 
+def _no_window() -> int:
+    return 0
+
+
 class GuestMemoryError(Exception):
     """An address range is not (entirely) backed by guest memory, or a region is unusable."""
+
+
+class WindowBuffer:
+    """A buffer that lies outside guest RAM, where the DAX window may be: only the front-end
+    can reach it (FS_IO, supervisor/dax.py), so it carries the guest-physical range and no
+    memory.  Sliced like a memoryview, so the chain cursors (worker/chain.py) can split it;
+    any attempt to read or write it as bytes fails (TypeError), so a header or a body other
+    than READ's or WRITE's data never lands in it."""
+
+    __slots__ = ("gpa", "length")
+
+    def __init__(self, gpa: int, length: int) -> None:
+        self.gpa = gpa
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: slice) -> WindowBuffer:
+        if not isinstance(key, slice):
+            raise TypeError("a window buffer holds no bytes here")
+        start, stop, step = key.indices(self.length)
+        if step != 1:
+            raise TypeError("a window buffer is sliced contiguously")
+        return WindowBuffer(self.gpa + start, max(0, stop - start))
+
+    def __repr__(self) -> str:
+        return f"WindowBuffer({self.gpa:#x}, {self.length:#x})"
 
 
 class _Region:
@@ -58,6 +91,9 @@ class GuestMemory:
         self._g_size: list[int] = []
         self._g_view: list[memoryview] = []
         self._u_start: list[int] = []
+        # The DAX window's size while the front-end has one (0: none), read only for a buffer
+        # outside guest RAM (window_buffers); the worker sets it from the FUSE session's page.
+        self.window: Callable[[], int] = _no_window
 
     @property
     def regions(self) -> list[tuple[int, int, int, int]]:
@@ -175,6 +211,28 @@ class GuestMemory:
                     f"guest range {gpa:#x}+{total:#x} runs past guest memory at {end:#x}"
                 )
             off = 0
+
+    def window_buffers(self, gpa: int, length: int) -> list[WindowBuffer]:
+        """A descriptor buffer that gpa_views() refused, as a window buffer, when it may lie
+        in the DAX window; GuestMemoryError otherwise.
+
+        The back-end cannot know where the window is: the VMM places it (cloud-hypervisor: a
+        64-bit PCI BAR the guest may move; SHMEM front-ends: a shared memory region whose
+        address no message carries), so every buffer entirely outside guest RAM is a
+        candidate, and the front-end, which knows, checks the range again when it serves
+        FS_IO (EFAULT outside its window).  Refused here: no window; an empty or negative
+        length; a range that wraps past 2**64; one longer than the window; one that touches
+        guest RAM (a buffer is in RAM or in the window, never both)."""
+        size = self.window()
+        where = f"guest range {gpa:#x}+{length:#x}"
+        if not size:
+            raise GuestMemoryError(f"{where} is outside guest memory")
+        if length <= 0 or gpa < 0 or gpa + length > _ADDR_LIMIT or length > size:
+            raise GuestMemoryError(f"{where} cannot lie in the {size:#x}-byte DAX window")
+        i = bisect_right(self._g_start, gpa + length - 1) - 1
+        if i >= 0 and gpa < self._g_start[i] + self._g_size[i]:
+            raise GuestMemoryError(f"{where} is partly in guest memory")
+        return [WindowBuffer(gpa, length)]
 
     def uaddr_view(self, uaddr: int, length: int) -> memoryview:
         """A contiguous view of front-end user range [uaddr, uaddr+length) (ring parts)."""

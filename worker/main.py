@@ -28,6 +28,7 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import (
     Ack,
     DaxDone,
+    DaxIoDone,
     Failed,
     LogBase,
     LogState,
@@ -47,16 +48,17 @@ from pyvirtiofsd.common.control import (
     StateSave,
     Stopped,
 )
+from pyvirtiofsd.common.fuse_abi import OUT_HEADER, WRITE_IN, Opcode
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
-from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.chain import Reader, Writer, has_window, ram_prefix
 from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import SERVER_INIT_FLAGS, FuseServer, Session
-from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError, WindowBuffer
 from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
@@ -68,13 +70,20 @@ log = logging.getLogger("pyvirtiofsd.worker")
 _PEEK = struct.Struct("<IQ")
 _PEEK_END = 4 + _PEEK.size
 _IN_SIZE = 40                    # fuse_in_header
+_OUT_SIZE = OUT_HEADER.size
+_WRITE_IN_SIZE = WRITE_IN.size
 
 
 def _peek(parts: list[memoryview]) -> tuple[int, int]:
     if parts and len(parts[0]) >= _PEEK_END:
-        return _PEEK.unpack_from(parts[0], 4)
+        try:
+            return _PEEK.unpack_from(parts[0], 4)
+        except TypeError:
+            return 0, 0                  # a header in the DAX window: no request
     head = bytearray()
     for p in parts:
+        if isinstance(p, WindowBuffer):
+            break
         head += p[:_PEEK_END - len(head)]
         if len(head) >= _PEEK_END:
             return _PEEK.unpack_from(head, 4)
@@ -143,6 +152,8 @@ class Worker:
         self._state_after: Callable[[], None] | None = None
         # Dirty-page logging for live migration (worker/dirtylog.py): off until told.
         self.dirty_log = DirtyLog()
+        # Buffers outside guest RAM may be in the DAX window while it exists (guestmem.py).
+        self.mem.window = lambda: server.session.dax_window if server.dax is not None else 0
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -206,7 +217,7 @@ class Worker:
         if msg is None:                      # supervisor gone
             self.running = False
             return
-        if isinstance(msg, DaxDone):
+        if isinstance(msg, DaxDone | DaxIoDone):
             # The answer to a DAX request this worker stopped waiting for (worker/dax.py): it
             # is no request, and is not answered.
             return
@@ -301,6 +312,7 @@ class Worker:
     def set_mem_table(self, msg: MemTable) -> None:
         """Swap in a new table; the queue's views are rebuilt against it before any use."""
         new = GuestMemory()
+        new.window = self.mem.window
         try:
             for r, fd in zip(msg.regions, msg.fds, strict=True):
                 new.add_region(r.guest_phys_addr, r.memory_size, r.userspace_addr,
@@ -640,8 +652,31 @@ class Worker:
             return True
 
     def _serve(self, chain) -> int:
+        if chain.window:
+            return self._serve_window(chain)
         writer = Writer(chain.writable) if chain.writable else None
         return self.server.handle(Reader(chain.readable), writer)
+
+    def _serve_window(self, chain) -> int:
+        """A chain with buffers in the DAX window (virtqueue.py): only READ's data (the
+        writable part after fuse_out_header) and WRITE's data (the readable part after
+        fuse_in_header and fuse_write_in) may lie there -- the front-end moves them (FS_IO);
+        anything else is a malformed chain, completed with used length 0 as any other."""
+        readable, writable = chain.readable, chain.writable
+        opcode = _peek(readable)[0] if ram_prefix(readable) >= _PEEK_END else 0
+        if opcode == Opcode.READ:
+            ok = not has_window(readable) and ram_prefix(writable) >= _OUT_SIZE
+        elif opcode == Opcode.WRITE:
+            ok = ram_prefix(readable) >= _IN_SIZE + _WRITE_IN_SIZE and not has_window(writable)
+        else:
+            ok = False
+        if not ok:
+            log.warning("queue %d: malformed descriptor chain %d: buffers in the DAX window"
+                        " outside the data of a READ or WRITE (opcode %d)", self.index,
+                        chain.head, opcode)
+            return 0
+        writer = Writer(writable, window=True) if writable else None
+        return self.server.handle(Reader(readable, window=True), writer)
 
     def _complete(self, queue: SplitQueue, head: int, used: int) -> None:
         """Journal the reply, push it, free the slot, notify if asked to."""

@@ -64,6 +64,7 @@ from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.xattrmap import XattrMap
 from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+from pyvirtiofsd.worker.guestmem import WindowBuffer
 
 if TYPE_CHECKING:
     from pyvirtiofsd.worker.recovery import JournaledArena
@@ -958,6 +959,46 @@ class PassthroughFs(Filesystem):
         finally:
             self._handles.release(fh)
 
+    def window_io(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence,
+                  write: bool, write_flags: int, mover: Callable[..., int]) -> int:
+        """READ or WRITE whose data lies partly in the DAX window (Filesystem.window_io):
+        guest-RAM runs with preadv/pwritev here, window runs by the front-end (FS_IO with
+        the handle's fd).  A READ stops at the end of the file before asking the front-end:
+        cloud-hypervisor fails an FS_IO that meets end of file, where READ is short."""
+        if write:
+            self._writable()
+        self._as_caller(ctx)
+        offset = _offset(offset)
+        fd = self._pin_handle(fh, nodeid)
+        try:
+            want = sum(map(len, bufs))
+            if write:
+                self._drop_mapped_caps(fd, False)
+            else:
+                want = max(0, min(want, os.fstat(fd).st_size - offset))
+            total = 0
+            io = os.pwritev if write else os.preadv
+            for run in _runs(bufs, want):
+                if isinstance(run, WindowBuffer):
+                    size = len(run)
+                    n = mover(fd, fh, offset + total, run.gpa, size, write)
+                else:
+                    size = sum(map(len, run))
+                    n = io(fd, run[:_IOV_MAX], offset + total)
+                    while 0 < n < size:
+                        more = io(fd, _skip(run, n)[:_IOV_MAX], offset + total + n)
+                        if more <= 0:
+                            break
+                        n += more
+                total += n
+                if n < size:
+                    break                # short: end of file, or the front-end stopped
+            if write and write_flags & fa.WRITE_KILL_SUIDGID and total:
+                self._kill_suidgid(fd)
+            return total
+        finally:
+            self._handles.release(fh)
+
     def flush(self, ctx: Context, nodeid: int, fh: int, lock_owner: int) -> None:
         self._as_caller(ctx)
         fd = self._pin_handle(fh, nodeid)
@@ -1275,6 +1316,25 @@ def _open_changes(oflags: int) -> bool:
     truncating, or an O_TMPFILE made in a directory."""
     return (oflags & os.O_ACCMODE != os.O_RDONLY or bool(oflags & os.O_TRUNC)
             or oflags & _O_TMPFILE == _O_TMPFILE)
+
+
+def _runs(bufs: Sequence, want: int) -> list:
+    """The first `want` bytes of `bufs` as runs: a list of memoryviews in guest RAM (one
+    preadv/pwritev), or one WindowBuffer (one FS_IO)."""
+    out: list = []
+    for b in bufs:
+        if want <= 0:
+            break
+        if len(b) > want:
+            b = b[:want]
+        want -= len(b)
+        if isinstance(b, WindowBuffer):
+            out.append(b)
+        elif out and isinstance(out[-1], list):
+            out[-1].append(b)
+        else:
+            out.append([b])
+    return out
 
 
 def _skip(bufs: Sequence[memoryview], n: int) -> list[memoryview]:

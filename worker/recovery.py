@@ -297,6 +297,12 @@ class JournaledFs(Filesystem):
         return self._call(self.inner.setupmapping, ctx, nodeid, fh, foffset, length, flags,
                           moffset, mapper)
 
+    def window_io(self, ctx: Context, nodeid: int, fh: int, offset: int, bufs: Sequence,
+                  write: bool, write_flags: int, mover: Callable[..., int]) -> int:
+        # Idempotent as a READ, or a WRITE at an offset: FS_IO has no append.
+        return self._call(self.inner.window_io, ctx, nodeid, fh, offset, bufs, write,
+                          write_flags, mover)
+
     def lseek(self, ctx: Context, nodeid: int, fh: int, offset: int, whence: int) -> int:
         return self._call(self.inner.lseek, ctx, nodeid, fh, offset, whence)
 

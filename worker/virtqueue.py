@@ -28,7 +28,7 @@ from pyvirtiofsd.common.virtio import (
     used_ring_size,
 )
 from pyvirtiofsd.worker.dirtylog import ChainMarker, DirtyLog
-from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError, WindowBuffer
 
 _U16 = struct.Struct("<H")
 _F_NEXT = int(DescFlag.NEXT)
@@ -63,11 +63,14 @@ class RingError(Exception):
 
 @dataclass(slots=True)
 class Chain:
-    """A popped request: guest buffers in chain order, readable part then writable part."""
+    """A popped request: guest buffers in chain order, readable part then writable part.
+    `window`: some buffers lie outside guest RAM, in the DAX window (WindowBuffer, not
+    memoryview); only READ's and WRITE's data may (worker/main.py checks before serving)."""
 
     head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
+    readable: list[memoryview | WindowBuffer]
+    writable: list[memoryview | WindowBuffer]
+    window: bool = False
 
 
 class SplitQueue:
@@ -187,6 +190,7 @@ class SplitQueue:
         total = 0
         in_write = False
         in_table = False
+        window = False
         i = head
         count = 0
         while True:
@@ -227,13 +231,19 @@ class SplitQueue:
                 try:
                     views = gpa_views(addr, length)
                 except GuestMemoryError as e:
-                    raise ChainError(head, str(e)) from None
+                    # Outside guest RAM: a buffer in the DAX window, if DAX is on and the
+                    # range may lie in it (guestmem.py window_buffers, the same gate).
+                    try:
+                        views = self._mem.window_buffers(addr, length)
+                    except GuestMemoryError:
+                        raise ChainError(head, str(e)) from None
+                    window = True
                 if in_write:
                     writable += views
                 else:
                     readable += views
             if not flags & _F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, window)
             if nxt >= limit:
                 raise ChainError(head, f"next {nxt} is outside the table of {limit}")
             i = nxt
