@@ -238,10 +238,6 @@ def measure_memory(results: report.Results, order: list[Daemon], rep: int, reps:
             continue
         try:
             m = memory.measure(d, str(share), str(work))
-        except memory.NotSupported as e:
-            for row in rows:
-                row.na(d.key, str(e))
-            continue
         except Exception as e:
             m = getattr(e, "partial", {})
             for row in rows[len(m):] if m else rows:
