@@ -37,6 +37,7 @@ long vfs_raw_clone(unsigned long flags);
 struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
 int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who);
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+int malloc_trim(size_t pad);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -51,6 +52,7 @@ SOURCE = r"""
 #include "state.h"
 #include <errno.h>
 #include <linux/futex.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
