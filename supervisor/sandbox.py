@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import prctl
 
-from pyvirtiofsd.common import seccomp
+from pyvirtiofsd.common import native, seccomp
 from pyvirtiofsd.common.seccomp import pyseccomp
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor import signals
@@ -472,6 +472,11 @@ class Sandbox:
             else:
                 _check(_libc.unshare(CLONE_NEWPID), "unshare (pid namespace)")
         share = os.path.realpath(self.config.shared_dir)
+        # The parent left outside keeps the pages of everything imported so far, shared with the
+        # supervisor only until one of the two writes to them: the first garbage collection in
+        # the supervisor would write to every object's header, and the parent would be left
+        # holding a private copy of the whole heap (native.settle_memory).
+        native.settle_memory()
         pid = os.fork()
         if pid:
             return pid
