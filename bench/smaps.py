@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.smaps                 # a fresh pyvirtiofsd, idle after INIT
     .venv/bin/python -m bench.smaps --pid PID       # a running daemon and every process below it
     .venv/bin/python -m bench.smaps --top 12        # more mappings per process (default 6)
+    .venv/bin/python -m bench.smaps --sandbox namespace   # the default sandbox's six processes
 
 Per process: PSS, its private dirty part (pages no other process maps: what this process
 wrote since it was forked, or allocated), and the anonymous and file-backed parts; then the
@@ -93,7 +94,7 @@ def report(pid: int, top: int) -> str:
     return "\n".join(lines)
 
 
-def fresh_daemon(exe: str, top: int) -> str:
+def fresh_daemon(exe: str, top: int, sandbox: str = "none") -> str:
     """A pyvirtiofsd on an empty share, connected and INIT answered, reported, stopped."""
     from tests.frontend import Frontend, FuseClient
 
@@ -101,7 +102,7 @@ def fresh_daemon(exe: str, top: int) -> str:
         share = Path(tmp) / "share"
         share.mkdir()
         sock = str(Path(tmp) / "vfs.sock")
-        proc = subprocess.Popen([exe, "--sandbox=none", f"--socket-path={sock}",
+        proc = subprocess.Popen([exe, f"--sandbox={sandbox}", f"--socket-path={sock}",
                                  f"--shared-dir={share}", "--log-level=error"],
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         fe = None
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pid", type=int, help="a running daemon's pid (default: start one)")
     ap.add_argument("--top", type=int, default=6, help="mappings listed per process")
     ap.add_argument("--pyvirtiofsd", default=None, help="the executable to start")
+    ap.add_argument("--sandbox", default="none", choices=("none", "chroot", "namespace"),
+                    help="the started daemon's sandbox (default none, as the benchmark runs it)")
     args = ap.parse_args(argv)
     if args.top < 0:
         ap.error("--top must be 0 or more")
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"no process {args.pid}")
         print(report(args.pid, args.top))
     else:
-        print(fresh_daemon(args.pyvirtiofsd or default_pyvirtiofsd(), args.top))
+        print(fresh_daemon(args.pyvirtiofsd or default_pyvirtiofsd(), args.top, args.sandbox))
     return 0
 
 
