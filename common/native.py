@@ -61,8 +61,9 @@ def settle_memory() -> None:
     gc.freeze() moves every object to the permanent generation, so no later collection, here
     or in a child, writes to the headers of those objects (which would copy each page they sit
     on into every process); malloc_trim(0) returns the allocator's free pages to the kernel
-    instead of leaving them mapped (and copied once touched) in every process.
+    instead of leaving them mapped (and copied once touched) in every process.  No collection
+    first (the gc module's own advice for freeze before fork): at start-up it frees nothing,
+    costs 4-10 ms, and would leave holes that children fill, copying the pages.
     """
-    gc.collect()
     gc.freeze()
     lib.malloc_trim(0)
