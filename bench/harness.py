@@ -241,10 +241,6 @@ def measure_memory(results: report.Results, order: list[Daemon], rep: int, reps:
             continue
         try:
             m = memory.measure(d, str(share), str(work))
-        except memory.NotSupported as e:
-            for row in rows:
-                row.na(d.key, str(e))
-            continue
         except Exception as e:
             m = getattr(e, "partial", {})
             for row in rows[len(m):] if m else rows:
@@ -260,10 +256,8 @@ def measure_memory(results: report.Results, order: list[Daemon], rep: int, reps:
             row.add(d.key, total * 1024 / 1e6)
             row.procs.setdefault(d.key, []).append(s)
         if memory.EXTRAPOLATED and "lookup" in m:
-            serving, looked = m["serving"]["total"], m["lookup"]["total"]
-            per_inode = (looked - serving) / memory.LOOKUPS
             results.rows[f"{memory.KEY}/{memory.EXTRAPOLATED.key}"].add(
-                d.key, (serving + per_inode * memory.BIG_ENTRIES) * 1024 / 1e6)
+                d.key, memory.extrapolate(m) * 1024 / 1e6)
         log(f"[{rep + 1}/{reps}] memory {d.label:15} "
             + ", ".join(f"{ph.key} {m[ph.key]['total'] * 1024 / 1e6:.1f} MB"
                         for ph in memory.PHASES if ph.key in m)

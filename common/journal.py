@@ -49,9 +49,12 @@ worker's journal back) in Python.
 from __future__ import annotations
 
 import enum
-import hashlib
 import mmap
 import struct
+
+# hashlib.blake2b is this built-in one, but importing hashlib loads OpenSSL's libcrypto (about
+# 1.7 MB of PSS in every process of the daemon) for this one digest.
+from _blake2 import blake2b
 from dataclasses import dataclass
 
 from pyvirtiofsd.common import native
@@ -134,7 +137,7 @@ class Inflight:
 
 def geometry_key(size: int, desc: int, avail: int, used: int) -> int:
     """A non-zero 64-bit key naming one ring layout, the same in every process."""
-    digest = hashlib.blake2b(struct.pack("=IQQQ", size, desc, avail, used), digest_size=8)
+    digest = blake2b(struct.pack("=IQQQ", size, desc, avail, used), digest_size=8)
     return int.from_bytes(digest.digest(), "little") | 1
 
 

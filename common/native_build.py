@@ -46,6 +46,7 @@ struct vfs_log_region { uint64_t gpa, size; uint8_t *host; };
 void vfs_log_chain_regions(uint8_t *log, uint64_t size, const uint8_t *desc, uint32_t ring_size,
                            uint16_t head, uint32_t used_len,
                            const struct vfs_log_region *regions, uint32_t nregions);
+int malloc_trim(size_t pad);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -61,6 +62,7 @@ SOURCE = r"""
 #include "dirtylog.h"
 #include <errno.h>
 #include <linux/futex.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>

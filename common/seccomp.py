@@ -35,19 +35,53 @@ A call made under a foreign architecture (i386 `int 0x80`, x32) always kills the
 
 from __future__ import annotations
 
+import ctypes
 import errno as errno_mod
+import importlib
 import itertools
 import mmap
 import os
 import re
 import struct
+import sys
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import pyseccomp
-
 from pyvirtiofsd import policies
 from pyvirtiofsd.common import native
+
+# The ABI names of the two libraries pyseccomp loads (glibc's libc since 2.x, libseccomp 2.x).
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> types.ModuleType:
+    """pyseccomp, imported without ctypes.util where the libraries' ABI names load.
+
+    pyseccomp finds libc and libseccomp with ctypes.util.find_library, which runs ldconfig in
+    two child processes (about 20 ms of start-up) and imports subprocess, shutil, tempfile,
+    random, bz2 and lzma: about 0.6 MB that every process of the daemon would carry.  It gets
+    a find_library that answers the ABI names instead; where one of them does not load, the
+    import is repeated with the real ctypes.util."""
+    if "pyseccomp" in sys.modules or "ctypes.util" in sys.modules:
+        return importlib.import_module("pyseccomp")
+    try:
+        for soname in _SONAMES.values():
+            ctypes.CDLL(soname)
+    except OSError:
+        return importlib.import_module("pyseccomp")
+    lookup = types.ModuleType("ctypes.util")
+    lookup.find_library = _SONAMES.get          # type: ignore[attr-defined]
+    sys.modules["ctypes.util"] = ctypes.util = lookup     # type: ignore[attr-defined]
+    try:
+        return importlib.import_module("pyseccomp")
+    finally:
+        # Not left for anything else that imports ctypes.util: it gets the real one.
+        del sys.modules["ctypes.util"]
+        del ctypes.util                          # type: ignore[attr-defined]
+
+
+pyseccomp = _import_pyseccomp()
 
 ACTIONS = ("kill", "trap", "log", "none")
 ROLES = ("parent", "supervisor", "spawner", "worker")

@@ -14,7 +14,10 @@ Layout (every integer a native-endian, naturally aligned u64 word; offsets in wo
       +0                      requests     requests answered (or dropped without an answer)
       +1                      errors       of those, answered with an error (-errno)
       +2                      last_opcode  opcode of the request most recently started
-      +3 .. +15               zero (room for more per-queue words)
+      +3                      deferred     of those, requests the native request engine handed
+                                           to the Python FUSE server (counted by the worker's
+                                           Python side; 0 on the Python data plane)
+      +4 .. +15               zero (room for more per-queue words)
       +QUEUE_WORDS + e        errno e      answers with -e, 1 <= e < ERRNOS; word 0 counts
                                            the larger ones
       +QUEUE_WORDS + ERRNOS + op * OP_WORDS    one block per opcode op < OPCODES (slot 0
@@ -70,9 +73,11 @@ QUEUE_BLOCK = QUEUE_WORDS + ERRNOS + OPCODES * OP_WORDS
 REQUESTS = 0
 ERRORS = 1
 LAST_OPCODE = 2
+DEFERRED = 3
 
 _HEADER = struct.Struct("=8sQQQQQQQ")
 _record = native.lib.vfs_stats_record
+_fetch_add = native.lib.vfs_fetch_add64
 
 
 def bucket_bounds_us() -> list[int]:
@@ -95,6 +100,7 @@ class QueueSnapshot:
     last_opcode: int
     errnos: dict[int, int] = field(default_factory=dict)   # errno (0: >= ERRNOS) -> answers
     ops: dict[int, OpStats] = field(default_factory=dict)  # opcode (0: >= OPCODES) -> figures
+    deferred: int = 0      # handed by the native engine to the Python FUSE server
 
 
 class QueueStats:
@@ -116,6 +122,10 @@ class QueueStats:
 
     def record(self, opcode: int, err: int, ns: int) -> None:
         _record(self._p, opcode, err, ns)
+
+    def deferred(self) -> None:
+        """One request the native engine handed to the Python FUSE server."""
+        _fetch_add(self._p + DEFERRED, 1)
 
 
 class Stats:
@@ -160,7 +170,7 @@ class Stats:
             if w[o]:
                 ops[op] = OpStats(w[o], w[o + 1], w[o + 2], tuple(w[o + 3:o + 3 + BUCKETS]))
         return QueueSnapshot(w[base + REQUESTS], w[base + ERRORS], w[base + LAST_OPCODE],
-                             errnos, ops)
+                             errnos, ops, w[base + DEFERRED])
 
     def close(self) -> None:
         if self._mm.closed:
@@ -195,6 +205,7 @@ def queue_entry(queue: int, snap: QueueSnapshot, in_flight: int,
         "requests": snap.requests,
         "errors": snap.errors,
         "errnos": {errno_name(e): n for e, n in sorted(snap.errnos.items())},
+        "deferred": snap.deferred,
         "in_flight": in_flight,
         "restarts": restarts,
         "last_opcode": opcode_name(snap.last_opcode) if snap.last_opcode else None,

@@ -23,6 +23,7 @@ import time
 import prctl
 
 from pyvirtiofsd import __version__
+from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
@@ -195,6 +196,7 @@ class Supervisor:
         except OSError as e:
             log.error("worker for queue %d cannot confine itself: %s", queue, e)
             os._exit(EXIT_SETUP_FAILED)
+        native.settle_memory()
         worker.run()
 
     def status_doc(self) -> dict:

@@ -18,7 +18,6 @@ nor stall it:
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import select
 import socket
@@ -26,6 +25,10 @@ import stat
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import logging.handlers
 
 LOGGER_NAME = "pyvirtiofsd"
 TRACE = logging.DEBUG - 5
@@ -261,25 +264,6 @@ class _StreamLines(_Lines):
         super().close()
 
 
-class _SyslogLines(logging.handlers.SysLogHandler, _Lines):
-    """SysLogHandler's framing, sent with MSG_DONTWAIT; no reconnect (inside the sandbox
-    /dev/log cannot be reached again)."""
-
-    def __init__(self) -> None:
-        logging.handlers.SysLogHandler.__init__(
-            self, address=SYSLOG_ADDRESS, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
-        self.dropped = 0
-
-    def _frame(self, record: logging.LogRecord) -> bytes:
-        prio = self.encodePriority(self.facility, self.mapPriority(record.levelname))
-        return f"<{prio}>".encode() + _encode(self.format(record)) + b"\0"
-
-    def _send(self, data: bytes) -> None:
-        self.socket.send(data, socket.MSG_DONTWAIT)
-
-    emit = _Lines.emit
-
-
 def logger() -> logging.Logger:
     """The daemon's logger; modules may also use logging.getLogger(__name__) under it."""
     return logging.getLogger(LOGGER_NAME)
@@ -321,10 +305,35 @@ def setup(level: str, syslog: bool, role: str = "supervisor") -> None:
         log.warning("%s; logging to stderr", fallback_reason)
 
 
+def _syslog_lines() -> logging.handlers.SysLogHandler:
+    """SysLogHandler's framing, sent with MSG_DONTWAIT; no reconnect (inside the sandbox
+    /dev/log cannot be reached again).  logging.handlers (with pickle and queue) is imported
+    only by a daemon that logs to syslog: every process of the daemon would carry it."""
+    import logging.handlers
+
+    class SyslogLines(logging.handlers.SysLogHandler, _Lines):
+        def __init__(self) -> None:
+            logging.handlers.SysLogHandler.__init__(
+                self, address=SYSLOG_ADDRESS,
+                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            self.dropped = 0
+
+        def _frame(self, record: logging.LogRecord) -> bytes:
+            prio = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+            return f"<{prio}>".encode() + _encode(self.format(record)) + b"\0"
+
+        def _send(self, data: bytes) -> None:
+            self.socket.send(data, socket.MSG_DONTWAIT)
+
+        emit = _Lines.emit
+
+    return SyslogLines()
+
+
 def _syslog_handler() -> tuple[logging.Handler | None, str | None]:
     """A handler connected to the syslog socket, or None and why not."""
     try:
-        handler = _SyslogLines()
+        handler = _syslog_lines()
     except OSError as e:
         return None, f"cannot log to syslog at {SYSLOG_ADDRESS}: {e.strerror or e}"
     if handler.socket.fileno() < 0:
@@ -352,9 +361,9 @@ def fds() -> list[int]:
     """File descriptors the log handlers write to: a child that closes fds must keep these."""
     out = []
     for handler in logger().handlers:
-        if isinstance(handler, logging.handlers.SysLogHandler):
-            sock: socket.socket | None = handler.socket
-            if sock is not None and sock.fileno() >= 0:
+        sock: socket.socket | None = getattr(handler, "socket", None)    # syslog's
+        if isinstance(sock, socket.socket):
+            if sock.fileno() >= 0:
                 out.append(sock.fileno())
         elif isinstance(handler, _StreamLines) and handler.fd >= 0:
             out.append(handler.fd)

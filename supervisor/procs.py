@@ -259,6 +259,7 @@ def _spawner_main(channel: socket.socket, entry: WorkerEntry,
         if standby:
             # A child is born with its parent's name: a standby must never show as the spawner.
             prctl.set_name("pyvfs-standby")
+        native.settle_memory()
         try:
             pid = native.clone_process(native.CLONE_FILES | native.CLONE_PARENT)
         except OSError as e:
@@ -334,6 +335,9 @@ class ProcessTable:
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Everything the daemon imported and built so far is shared with the spawner and,
+        # through it, with every worker: keep it so (native.settle_memory).
+        native.settle_memory()
         with signals.blocked():
             pid = os.fork()
             if pid == 0:

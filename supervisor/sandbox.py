@@ -36,13 +36,12 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 from dataclasses import dataclass, field
 
 import prctl
-import pyseccomp
 
-from pyvirtiofsd.common import seccomp
+from pyvirtiofsd.common import native, seccomp
+from pyvirtiofsd.common.seccomp import pyseccomp
 from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor import signals
 from pyvirtiofsd.supervisor.config import (
@@ -292,6 +291,8 @@ class _IdMaps:
 
 def _run_map_helpers(maps: _IdMaps, pid: int) -> None:
     """newuidmap/newgidmap PID ... for the namespace `pid` just created (run from outside it)."""
+    import subprocess  # only here, outside the sandbox: no other process needs it
+
     for kind, tool in (("uid", "newuidmap"), ("gid", "newgidmap")):
         if not maps.need_helper(kind):
             continue
@@ -471,6 +472,11 @@ class Sandbox:
             else:
                 _check(_libc.unshare(CLONE_NEWPID), "unshare (pid namespace)")
         share = os.path.realpath(self.config.shared_dir)
+        # The parent left outside keeps the pages of everything imported so far, shared with the
+        # supervisor only until one of the two writes to them: the first garbage collection in
+        # the supervisor would write to every object's header, and the parent would be left
+        # holding a private copy of the whole heap (native.settle_memory).
+        native.settle_memory()
         pid = os.fork()
         if pid:
             return pid

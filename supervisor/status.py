@@ -212,7 +212,9 @@ def prometheus(doc: dict[str, Any]) -> str:
             ("pyvirtiofsd_in_flight_requests", "gauge", "in_flight",
              "Requests taken from the ring and not yet answered."),
             ("pyvirtiofsd_worker_restarts_total", "counter", "restarts",
-             "Workers started to replace a dead one.")):
+             "Workers started to replace a dead one."),
+            ("pyvirtiofsd_deferred_requests_total", "counter", "deferred",
+             "Requests the native request engine handed to the Python FUSE server.")):
         family(name, kind, help_)
         out.extend(f"{name}{_labels(queue=q['queue'])} {q[key]}" for q in queues)
     family("pyvirtiofsd_errors_total", "counter", "Error answers by errno.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,37 @@ def test_bench_lists_the_memory_workload() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=True)
     assert any(ln.split()[:2] == ["memory", "memory"] for ln in proc.stdout.splitlines())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+def test_smaps_breaks_down_every_process_of_the_daemon(daemon_factory) -> None:
+    """`python -m bench.smaps --pid` lists each process with its PSS split by mapping, and the
+    last line sums them."""
+    from tests.frontend import Frontend, FuseClient
+
+    d = daemon_factory()
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        FuseClient(fe).init()
+        proc = subprocess.run([sys.executable, "-m", "bench.smaps", "--pid", str(d.proc.pid),
+                               "--top", "3"], cwd=REPO, capture_output=True, text=True,
+                              timeout=60, check=False)
+    finally:
+        fe.close()
+    assert proc.returncode == 0, proc.stderr
+    heads = re.findall(r"^(\S+)\[(\d+)\]: PSS ([\d,]+) KiB", proc.stdout, re.M)
+    comms = sorted(c for c, _, _ in heads)
+    assert comms == sorted(["pyvirtiofsd", "pyvfs-spawner", "pyvfs-standby", "pyvfs-q0",
+                            "pyvfs-q1"]), proc.stdout
+    assert int(heads[0][1]) == d.proc.pid
+    total = re.search(r"^all processes: PSS ([\d,]+) KiB", proc.stdout, re.M)
+    assert total and int(total[1].replace(",", "")) == \
+        sum(int(k.replace(",", "")) for _, _, k in heads)
+    # Each process shows its heaviest mappings, the interpreter's anonymous memory among them.
+    assert proc.stdout.count("private dirty  [anon]") == 5, proc.stdout
+
+
+def test_smaps_refuses_a_bad_argument() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.smaps", "--top", "-1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "--top" in proc.stderr

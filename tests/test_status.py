@@ -358,3 +358,25 @@ def test_status_of_a_request_stuck_in_flight_and_a_failed_queue(daemon_factory,
         assert re.search(r"^  worker q1 +- +failed$", run_status(d.socket).stdout, re.M)
         m = parse_prometheus(http_get(d.socket + ".status", "/metrics")[1])
         assert m[("pyvirtiofsd_in_flight_requests", frozenset({("queue", "1")}))] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon serves files of any owner: root")
+@pytest.mark.parametrize("plane", ["native", "python"])
+def test_requests_deferred_to_python_are_counted(daemon_factory, plane: str) -> None:
+    """`deferred` counts what the native engine hands to the Python FUSE server: INIT (the
+    session is Python's) and SYMLINK here, not the GETATTRs it answers itself; the Python
+    plane defers nothing."""
+    d = daemon_factory(f"--data-plane={plane}")
+    with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+        client = FuseClient(fe)
+        client.init()
+        client.symlink(ROOT, "l", "target")
+        for _ in range(3):
+            client.getattr(ROOT)
+        doc = status_json(d.socket)
+        q0, q1 = doc["queues"]
+        assert q1["requests"] == 5
+        assert (q0["deferred"], q1["deferred"]) == (0, 2 if plane == "native" else 0)
+        m = parse_prometheus(http_get(d.socket + ".status", "/metrics")[1])
+        assert m[("pyvirtiofsd_deferred_requests_total", frozenset({("queue", "1")}))] == \
+            q1["deferred"]

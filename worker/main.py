@@ -546,6 +546,8 @@ class Worker:
             if status is Status.CONTROL:
                 self.on_control()
             elif status is Status.DEFER:
+                if self.server.stats is not None:
+                    self.server.stats.deferred()
                 head = engine.head
                 readable, writable = engine.chain()
                 self._on_popped(_peek(readable)[0])
