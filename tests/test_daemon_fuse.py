@@ -125,6 +125,13 @@ def _worker_fds(daemon: Daemon) -> int:
     raise AssertionError("no spawner process")
 
 
+def _settled(*clients: FuseClient) -> None:
+    """Every queue's worker has answered a request, so none is still booting (and opening
+    files in the fd table the workers share) while a test counts that table."""
+    for c in clients:
+        c.getattr(ROOT)
+
+
 @pytest.mark.parametrize("how", ["destroy", "init-again"])
 def test_a_new_session_releases_the_old_ones_inodes_and_handles(session: Session,
                                                                 how: str) -> None:
@@ -1190,6 +1197,7 @@ def test_same_inodes_looked_up_on_two_queues_at_once(open_session) -> None:
     names = [f"n{i:02d}" for i in range(40)]
     for n in names:
         (s.share / n).write_bytes(n.encode())
+    _settled(q1, q2)
     idle = _worker_fds(s.daemon)
     t1 = {q1.submit(fa.Opcode.LOOKUP, ROOT, n.encode() + b"\0", kick=False): n for n in names}
     t2 = {q2.submit(fa.Opcode.LOOKUP, ROOT, n.encode() + b"\0", kick=False): n for n in names}
@@ -1217,6 +1225,7 @@ def test_release_on_one_queue_while_reads_run_on_another(open_session) -> None:
     data = _pattern(64 * 4096, 9)
     (s.share / "f").write_bytes(data)
     node = q1.lookup(ROOT, "f").nodeid
+    _settled(q1, q2)
     before = _worker_fds(s.daemon)
     fh = q1.open(node, os.O_RDONLY).fh
     tokens = {q1.submit(fa.Opcode.READ, node, fa.ReadIn(fh, 4096 * i, 4096).pack(),
