@@ -80,8 +80,9 @@ CONSTANTS: dict[str, int] = {
     "CLONE_CHILD_CLEARTID": 0x200000, "CLONE_CHILD_SETTID": 0x1000000,
     "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000, "CLONE_NEWNET": 0x40000000,
     # signals
-    "SIGHUP": 1, "SIGINT": 2, "SIGKILL": 9, "SIGUSR1": 10, "SIGSEGV": 11, "SIGTERM": 15,
-    "SIGCHLD": 17, "SIGSYS": 31,
+    "SIGHUP": 1, "SIGINT": 2, "SIGKILL": 9, "SIGUSR1": 10, "SIGSEGV": 11, "SIGUSR2": 12,
+    "SIGTERM": 15, "SIGCHLD": 17, "SIGSYS": 31,
+    "SIGSETXID": 33,               # glibc's internal SIGRTMIN + 1 (setuid/setgroups broadcast)
     # fcntl(2) commands
     "F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_SETFL": 4, "F_GETLK": 5,
     "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38,
@@ -108,6 +109,7 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("kill", 0): 32,               # pid_t pid
     ("kill", 1): 32,               # int sig
     ("fcntl", 1): 32,              # unsigned int cmd
+    ("tgkill", 2): 32,             # int sig
     ("ioctl", 1): 32,              # unsigned int cmd
     ("prctl", 0): 32,              # int option
     ("prctl", 1): 64,              # unsigned long arg2

@@ -78,6 +78,8 @@ def fs_options(config: Config) -> FsOptions:
         killpriv_v2=config.killpriv_v2,
         preserve_noatime=config.preserve_noatime,
         allow_mmap=config.allow_mmap,
+        posix_lock=config.posix_lock,
+        flock=config.flock,
     )
 
 

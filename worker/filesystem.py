@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -88,10 +88,19 @@ class FsOptions:
     preserve_noatime: bool = False
     # FUSE_DIRECT_IO_ALLOW_MMAP: shared mmap of files opened with FOPEN_DIRECT_IO.
     allow_mmap: bool = False
+    # FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS (worker/locks.py): the guest's fcntl and flock
+    # locks are taken on the host; off, the guest kernel keeps them to itself.
+    posix_lock: bool = True
+    flock: bool = True
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
+
+
+# A lock request that has to wait (Filesystem.setlk): the blocking call, made in a helper
+# thread (0 or an errno), and what the worker's main thread does once it returned.
+LockWait = tuple[Callable[[], int], Callable[[int], None]]
 
 
 def _enosys() -> OSError:
@@ -245,3 +254,19 @@ class Filesystem:
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         raise _enosys()
+
+    # -- locks -------------------------------------------------------------------------------
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int) -> tuple[int, int, int, int]:
+        """The first lock conflicting with the one described, as (type, start, end, pid);
+        type F_UNLCK when there is none."""
+        raise _enosys()
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int, sleep: bool) -> LockWait | None:
+        """Take or release a lock of `owner` (flock(2) semantics with LK_FLOCK).  None when
+        done; with `sleep`, a LockWait when the lock must be waited for."""
+        raise _enosys()
+
+    def interrupt(self, unique: int) -> None:
+        """FUSE_INTERRUPT: request `unique` should stop waiting (no reply)."""
