@@ -104,6 +104,8 @@ class Worker:
         # Lock requests waiting in helper threads (worker/locks.py): answered out of order,
         # from the main loop, when their eventfd says one finished.
         self.waits = Waits(BOARD)
+        # In the fd table the workers share: a successor closes it (recovery.py reclaim).
+        journal.own_fd(self.waits.fd)
         self.poll.register(self.waits.fd, select.POLLIN)
         # The native data plane (worker/engine.c), or None for the Python reference.  With it,
         # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
