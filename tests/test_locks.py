@@ -178,6 +178,21 @@ def test_flush_releases_the_closing_owners_locks_only(s: Session) -> None:
     assert host_ofd_test(s.path, WR) == UN
 
 
+def test_release_drops_the_locks_of_the_handles_own_owner(s: Session) -> None:
+    """A guest OFD lock's owner is its open file description: no FLUSH names it, its RELEASE
+    ends it.  The locks an owner took through another handle stay."""
+    c = s.c
+    fh = c.open(s.node, os.O_RDWR).fh
+    c.setlk(s.node, fh, C, 0, 9, WR, pid=303)           # C: the new handle's own owner
+    c.setlk(s.node, s.fh2, B, 20, 29, WR, pid=202)
+    c.flush(s.node, fh, A)                              # a process's close: not C's
+    assert err(c.setlk, s.node, s.fh, A, 5, 5, RD) == errno.EAGAIN
+    c.release(s.node, fh)
+    c.setlk(s.node, s.fh, A, 0, 9, WR, pid=101)
+    assert err(c.setlk, s.node, s.fh, A, 20, 20, RD) == errno.EAGAIN
+    assert host_ofd_test(s.path, RD, 0, 10) == WR
+
+
 def test_flock_conflicts_with_host_flock_and_release_drops_it(s: Session) -> None:
     c = s.c
     c.setlk(s.node, s.fh, A, 0, EOF, WR, lk_flags=fa.LK_FLOCK)

@@ -770,7 +770,7 @@ static int locks_to_release(const struct vfs_engine *e, uint32_t release_flags) 
     const uint32_t *owners = e->fs.lock_owners;
     if (e->in.opcode == OP_RELEASE && (release_flags & FUSE_RELEASE_FLOCK_UNLOCK))
         return 1;
-    return e->in.opcode == OP_FLUSH && owners != NULL
+    return (e->in.opcode == OP_FLUSH || e->in.opcode == OP_RELEASE) && owners != NULL
         && __atomic_load_n(owners, __ATOMIC_ACQUIRE) != 0;
 }
 

@@ -20,7 +20,10 @@ wedge the others.
 
 Release (what the kernel expects, fs/fuse/file.c): the guest kernel keeps no record of the
 locks FUSE took, so a close() in the guest sends FLUSH with its lock owner and the owner's
-POSIX locks on that inode are dropped here (the owner's OFD is unlocked and closed); a RELEASE
+POSIX locks on that inode are dropped here (the owner's OFD is unlocked and closed).  An OFD
+lock in the guest has the guest's open file description for owner, which no FLUSH names: the
+owners whose first lock came through a handle are dropped when that handle is released (a
+process's locks taken through it are gone by then, with the FLUSH of its close).  A RELEASE
 with FUSE_RELEASE_FLOCK_UNLOCK drops the flock lock of the handle.  The native data plane
 hands FLUSH and RELEASE to Python while the board holds any owner (`live`), so they do this
 too.
@@ -73,7 +76,9 @@ _EARLY_NEXT_OFF = 8      # u32: next early-interrupt slot
 MAX_OWNERS = 2048
 MAX_WAITS = 1024
 _EARLY = 64
-_OWNER = struct.Struct("<QQQI4x")    # nodeid (0: free), owner, fh of its OFD, guest pid
+# nodeid (0: free), owner, fh of its OFD, the guest's fh it first locked through, guest pid
+_OWNER = struct.Struct("<QQQQI4x")
+_OWNER_PID_OFF = 32
 _WAIT = struct.Struct("<QiiI4x")     # unique (0: free), tgid, tid, state
 _KEY = struct.Struct("<QQ")
 _U64 = struct.Struct("<Q")
@@ -144,7 +149,7 @@ class LockBoard:
         at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
         if at < 0:
             return None
-        _n, _o, fh, pid = _OWNER.unpack_from(self._mm, at)
+        _n, _o, fh, _via, pid = _OWNER.unpack_from(self._mm, at)
         return fh, pid
 
     def owners_of(self, nodeid: int) -> list[tuple[int, int, int]]:
@@ -159,13 +164,31 @@ class LockBoard:
             at = self._find(key, at, _WAITS_OFF, _OWNER.size)
             if at < 0:
                 return out
-            _n, o, fh, pid = _OWNER.unpack_from(mm, at)
+            _n, o, fh, _via, pid = _OWNER.unpack_from(mm, at)
             out.append((o, fh, pid))
             at += _OWNER.size
 
-    def add_owner(self, nodeid: int, owner: int, fh: int, pid: int) -> int | None:
-        """Record the owner's OFD; returns the fh already recorded (another queue won the
-        race: the caller drops its own), or None.  ENOLCK when the board is full."""
+    def owners_via(self, nodeid: int, fh: int) -> list[int]:
+        """The owners of `nodeid` whose OFD was made for a lock through the guest's `fh`."""
+        out = []
+        if not self._live[0]:
+            return out
+        mm = self._mm
+        key = _U64.pack(nodeid)
+        at = _OWNERS_OFF
+        while True:
+            at = self._find(key, at, _WAITS_OFF, _OWNER.size)
+            if at < 0:
+                return out
+            _n, o, _fh, via, _pid = _OWNER.unpack_from(mm, at)
+            if via == fh:
+                out.append(o)
+            at += _OWNER.size
+
+    def add_owner(self, nodeid: int, owner: int, fh: int, via: int, pid: int) -> int | None:
+        """Record the owner's OFD `fh`, made for a lock through the guest's handle `via`;
+        returns the fh already recorded (another queue won the race: the caller drops its
+        own), or None.  ENOLCK when the board is full."""
         self._lock()
         try:
             at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
@@ -174,7 +197,7 @@ class LockBoard:
             at = self._find(_U64.pack(0), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
             if at < 0:
                 raise OSError(errno.ENOLCK, "no room for another lock owner")
-            _OWNER.pack_into(self._mm, at, 0, owner, fh, pid)
+            _OWNER.pack_into(self._mm, at, 0, owner, fh, via, pid)
             _U64.pack_into(self._mm, at, nodeid)
             self._live[0] += 1
             return None
@@ -184,7 +207,7 @@ class LockBoard:
     def set_pid(self, nodeid: int, owner: int, pid: int) -> None:
         at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
         if at >= 0:
-            struct.pack_into("<I", self._mm, at + 24, pid & 0xFFFFFFFF)
+            struct.pack_into("<I", self._mm, at + _OWNER_PID_OFF, pid & 0xFFFFFFFF)
 
     def remove_owner(self, nodeid: int, owner: int) -> int | None:
         """Forget the owner's OFD; returns its fh (the caller removes the handle)."""

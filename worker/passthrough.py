@@ -976,6 +976,12 @@ class PassthroughFs(Filesystem):
                 lock_owner: int) -> None:
         fd = self._pin_handle(fh, nodeid)
         try:
+            # Locks of an open file description's own (OFD locks in the guest: the kernel's
+            # owner is its struct file) go with it; no FLUSH names that owner.  A process's
+            # locks taken through it were dropped by the FLUSH of its last close already.
+            if self._board.live:
+                for owner in self._board.owners_via(nodeid, fh):
+                    self._drop_owner(nodeid, owner)
             if release_flags & fa.RELEASE_FLOCK_UNLOCK:
                 # Now, even if another queue still has the fd pinned for a moment.
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -1022,7 +1028,7 @@ class PassthroughFs(Filesystem):
             os.close(fd)
             raise
         try:
-            other = self._board.add_owner(nodeid, owner, ofh, pid)
+            other = self._board.add_owner(nodeid, owner, ofh, fh, pid)
         except BaseException:
             self._lock_handles.remove(ofh)
             raise
