@@ -309,3 +309,30 @@ def test_a_worker_killed_while_a_request_waits_answers_it_once(s: Session) -> No
     assert c.result(token).error == 0
     assert c2.getlk(s.node, s.fh, A, 0, 0, RD) == (0, 0, WR, 202)
     c.vq.expect_no_completion(QUIET)                   # answered once
+
+
+def test_an_interrupt_that_comes_first_is_kept_for_its_request(s: Session) -> None:
+    """The hiprio queue may serve an INTERRUPT before its request queue pops the SETLKW it
+    names: the request is answered EINTR as soon as it would wait."""
+    c = s.c
+    c.setlk(s.node, s.fh, A, 0, 9, WR, pid=101)
+    token = c.submit(fa.Opcode.SETLKW, s.node, fa.LK_IN.pack(s.fh2, B, 0, 0, WR, 202, 0),
+                     kick=False)
+    unique = c._pending[token][0]
+    interrupt(c, unique)
+    c.vq.kick(force=True)
+    assert c.result(token).error == errno.EINTR
+    c.setlk(s.node, s.fh, A, 0, 9, UN)
+    assert c.getlk(s.node, s.fh, A, 0, EOF, WR)[2] == UN
+
+
+def test_destroy_ends_every_wait(s: Session) -> None:
+    """DESTROY answers every waiting request -- EINTR, or success when the session's end
+    released the lock in the way first -- and no lock outlives the session."""
+    c = s.c
+    c.setlk(s.node, s.fh, A, 0, 9, WR, pid=101)
+    token, _ = submit_lock(c, s.node, s.fh2, B, 0, 0, WR, pid=202)
+    c.vq.expect_no_completion(QUIET)
+    s.c2.destroy()
+    assert c.result(token).error in (0, errno.EINTR)
+    assert host_ofd_test(s.path, WR) == UN          # the owners' OFDs closed with the session

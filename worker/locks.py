@@ -237,16 +237,16 @@ class LockBoard:
         """Put a waiting request on the board; True when an INTERRUPT for it came first."""
         self._lock()
         try:
-            early = self._find(_U64.pack(unique), _EARLY_OFF, _SIZE, 8)
-            if early >= 0:
-                _U64.pack_into(self._mm, early, 0)
-                return True
             at = self._find(_U64.pack(0), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
             if at < 0:
                 raise OSError(errno.ENOLCK, "too many requests waiting for a lock")
-            _WAIT.pack_into(self._mm, at, 0, os.getpid(), tid, WAITING)
+            early = self._find(_U64.pack(unique), _EARLY_OFF, _SIZE, 8)
+            if early >= 0:
+                _U64.pack_into(self._mm, early, 0)
+            _WAIT.pack_into(self._mm, at, 0, os.getpid(), tid,
+                            INTERRUPTED if early >= 0 else WAITING)
             _U64.pack_into(self._mm, at, unique)
-            return False
+            return early >= 0
         finally:
             self._unlock()
 
@@ -397,7 +397,7 @@ class Waits:
             wake(os.getpid(), w.tid)
             raise
         if early:
-            self.board.interrupt(blocked.unique)
+            wake(os.getpid(), w.tid)
 
     def _run(self, w: Wait) -> None:
         board = self.board
