@@ -336,3 +336,19 @@ def test_destroy_ends_every_wait(s: Session) -> None:
     s.c2.destroy()
     assert c.result(token).error in (0, errno.EINTR)
     assert host_ofd_test(s.path, WR) == UN          # the owners' OFDs closed with the session
+
+
+def test_a_stopped_ring_waits_again_when_it_resumes(s: Session) -> None:
+    """GET_VRING_BASE while a request waits answers at once (the wait ends unanswered and the
+    request stays in the journal); the ring resumed at that index waits again and answers."""
+    c, c2 = s.c, s.c2
+    c2.setlk(s.node, s.fh, A, 0, 9, WR, pid=101)
+    token, _ = submit_lock(c, s.node, s.fh2, B, 0, 0, WR, pid=202)
+    c.vq.expect_no_completion(QUIET)
+    base = s.fe.get_vring_base(1)
+    s.fe.start_queue(1, base)
+    c.vq.expect_no_completion(QUIET)
+    assert c.getattr(s.node).attr.size == 4096
+    c2.setlk(s.node, s.fh, A, 0, 9, UN)
+    assert c.result(token).error == 0
+    assert c2.getlk(s.node, s.fh, A, 0, 0, RD) == (0, 0, WR, 202)
