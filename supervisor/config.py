@@ -380,7 +380,8 @@ def _build_parser() -> _Parser:
     value("socket_group", "name of group for the vhost-user socket")
     value("fd", "file descriptor for the listening (not yet connected) socket")
     value("thread_pool_size", "threads serving each queue: 0 or 1, each queue's worker process "
-          "serves its requests one at a time [default: 0]")
+          "serves its requests one at a time (a lock request that must wait waits in a thread "
+          "of its own) [default: 0]")
     flag("xattr", "enable support for extended attributes")
     flag("posix_acl", "enable support for posix ACLs (implies --xattr)")
     value("xattrmap", "rules translating extended attributes between host and guest")
