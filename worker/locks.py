@@ -224,17 +224,20 @@ class LockBoard:
             self._unlock()
 
     def clear_owners(self) -> None:
-        """The session ended: its handles (the OFDs among them) are gone already."""
+        """The session ended: its handles (the OFDs among them) are gone, and the uniques of
+        INTERRUPTs it remembered mean nothing to the next one."""
         self._lock()
         try:
             self._mm[_OWNERS_OFF:_WAITS_OFF] = bytes(_WAITS_OFF - _OWNERS_OFF)
+            self._mm[_EARLY_OFF:_SIZE] = bytes(_SIZE - _EARLY_OFF)
             self._live[0] = 0
         finally:
             self._unlock()
 
     # -- waiting requests and interrupts ------------------------------------------------------
     def add_wait(self, unique: int, tid: int) -> bool:
-        """Put a waiting request on the board; True when an INTERRUPT for it came first."""
+        """Put a waiting request on the board (its thread `tid`, 0 until it runs: set_tid());
+        True when an INTERRUPT for it came first.  ENOLCK when the board is full."""
         self._lock()
         try:
             at = self._find(_U64.pack(0), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
@@ -249,6 +252,11 @@ class LockBoard:
             return early >= 0
         finally:
             self._unlock()
+
+    def set_tid(self, unique: int, tid: int) -> None:
+        at = self._find(_U64.pack(unique), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+        if at >= 0:
+            struct.pack_into("<i", self._mm, at + 12, tid)
 
     def remove_wait(self, unique: int) -> None:
         self._lock()
@@ -384,18 +392,22 @@ class Waits:
         install_wake_signal()
 
     def start(self, head: int, blocked: Blocked) -> None:
+        """Wait for `blocked` in a thread of its own.  OSError (ENOLCK: too many waits,
+        EAGAIN: no thread) when the wait could not start: nothing of it is left running."""
+        unique = blocked.unique
+        early = self.board.add_wait(unique, 0)
         w = Wait(head, blocked)
         w.thread = threading.Thread(target=self._run, args=(w,), daemon=True,
-                                    name=f"lock-wait-{blocked.unique}")
-        w.thread.start()
-        w.tid = w.thread.native_id or 0
-        self.pending[blocked.unique] = w
+                                    name=f"lock-wait-{unique}")
         try:
-            early = self.board.add_wait(blocked.unique, w.tid)
-        except OSError:
-            w.cancelled = True
-            wake(os.getpid(), w.tid)
-            raise
+            w.thread.start()
+        except RuntimeError as e:
+            self.board.remove_wait(unique)
+            raise OSError(errno.EAGAIN, f"no thread to wait for a lock in: {e}") from None
+        w.tid = w.thread.native_id or 0
+        self.pending[unique] = w
+        # Until here an INTERRUPT could not signal the thread: resend() does (stuck()).
+        self.board.set_tid(unique, w.tid)
         if early:
             wake(os.getpid(), w.tid)
 
