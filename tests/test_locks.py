@@ -352,3 +352,39 @@ def test_a_stopped_ring_waits_again_when_it_resumes(s: Session) -> None:
     c2.setlk(s.node, s.fh, A, 0, 9, UN)
     assert c.result(token).error == 0
     assert c2.getlk(s.node, s.fh, A, 0, 0, RD) == (0, 0, WR, 202)
+
+
+# --- the board and the ranges, without a daemon ---------------------------------------------------
+
+
+def test_ranges_between_fuse_and_struct_flock() -> None:
+    from pyvirtiofsd.worker.locks import flock_range, fuse_range
+    assert fuse_range(0, EOF) == (0, 0)
+    assert fuse_range(10, 19) == (10, 10)
+    assert flock_range(10, 10) == (10, 19)
+    assert flock_range(7, 0) == (7, EOF)
+    for start, end in ((5, 4), (0, EOF + 1), (EOF + 1, EOF + 1)):
+        with pytest.raises(OSError) as ei:
+            fuse_range(start, end)
+        assert ei.value.errno == errno.EINVAL
+
+
+def test_board_owners_fill_up_and_a_session_end_clears_them() -> None:
+    from pyvirtiofsd.worker.locks import MAX_OWNERS, LockBoard
+    b = LockBoard()
+    assert b.add_owner(7, A, 100, 1, 11) is None
+    assert b.add_owner(7, A, 101, 2, 12) == 100           # one OFD per (inode, owner)
+    assert b.owner(7, A) == (100, 11) and b.owner(7, B) is None and b.live == 1
+    for n in range(1, MAX_OWNERS):
+        assert b.add_owner(8, n, 200 + n, 1, 0) is None
+    with pytest.raises(OSError) as ei:
+        b.add_owner(9, A, 1, 1, 0)
+    assert ei.value.errno == errno.ENOLCK
+    assert b.owners_via(7, 1) == [A] and b.owners_via(7, 2) == []
+    assert b.remove_owner(7, A) == 100 and b.live == MAX_OWNERS - 1
+    b.interrupt(0x77)                                      # remembered: not waiting yet
+    b.clear_owners()
+    assert b.live == 0 and b.owner(8, 1) is None
+    assert b.add_wait(0x77, 0) is False                    # forgotten with the session
+    b.interrupt(0x78)
+    assert b.add_wait(0x78, 0) is True and b.interrupted(0x78)
