@@ -816,6 +816,7 @@ def test_guest_locks(daemon: GuestDaemon, kernel612: Kernel, tmp_path: Path,
     assert vals["sqlite.check"] == f"rows {3 * LOCK_ROWS} ok", vals
     out = result.daemon_output
     assert "SIGSYS" not in out and "Traceback" not in out, out[-3000:]
+    daemon.check_queues(result, 2)                # the processes on two CPUs used both queues
     import sqlite3
     db = sqlite3.connect(share / "l" / "db")
     rows = db.execute("SELECT who, count(*), min(i), max(i) FROM t GROUP BY who").fetchall()
