@@ -73,6 +73,10 @@ _SYS_TGKILL = 234 if os.uname().machine == "x86_64" else 131
 _LOCK_OFF = 0            # u32: vfs_lock word
 _LIVE_OFF = 4            # u32: owner slots in use (the native engine reads it)
 _EARLY_NEXT_OFF = 8      # u32: next early-interrupt slot
+# u32 each: slots below which every owner (waiting request) is.  Slots are taken lowest first
+# and the mark comes down when the last one is freed, so a search reads only the slots in use.
+_OWNERS_END_OFF = 12
+_WAITS_END_OFF = 16
 MAX_OWNERS = 2048
 MAX_WAITS = 1024
 _EARLY = 64
@@ -132,6 +136,34 @@ class LockBoard:
     def _unlock(self) -> None:
         self._lib.vfs_unlock(self._word)
 
+    def _end(self, mark: int, start: int, size: int) -> int:
+        return start + struct.unpack_from("<I", self._mm, mark)[0] * size
+
+    def _owners_end(self) -> int:
+        return self._end(_OWNERS_END_OFF, _OWNERS_OFF, _OWNER.size)
+
+    def _waits_end(self) -> int:
+        return self._end(_WAITS_END_OFF, _WAITS_OFF, _WAIT.size)
+
+    def _free_slot(self, mark: int, start: int, limit: int, size: int) -> int:
+        """A free slot (key 0) below the mark, else the one at the mark, raised; -1: full.
+        Under the lock; the caller writes the slot's key last."""
+        end = self._end(mark, start, size)
+        at = self._find(_U64.pack(0), start, end, size)
+        if at >= 0:
+            return at
+        if end >= limit:
+            return -1
+        struct.pack_into("<I", self._mm, mark, (end - start) // size + 1)
+        return end
+
+    def _lower(self, mark: int, start: int, size: int) -> None:
+        """Bring the mark down over the free slots at its top (under the lock)."""
+        n = struct.unpack_from("<I", self._mm, mark)[0]
+        while n and _U64.unpack_from(self._mm, start + (n - 1) * size)[0] == 0:
+            n -= 1
+        struct.pack_into("<I", self._mm, mark, n)
+
     def _find(self, key: bytes, start: int, end: int, size: int) -> int:
         mm = self._mm
         at = start
@@ -146,7 +178,7 @@ class LockBoard:
         """(fh of the owner's OFD, guest pid) or None."""
         if not self._live[0]:
             return None
-        at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
+        at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, self._owners_end(), _OWNER.size)
         if at < 0:
             return None
         _n, _o, fh, _via, pid = _OWNER.unpack_from(self._mm, at)
@@ -161,7 +193,7 @@ class LockBoard:
         key = _U64.pack(nodeid)
         at = _OWNERS_OFF
         while True:
-            at = self._find(key, at, _WAITS_OFF, _OWNER.size)
+            at = self._find(key, at, self._owners_end(), _OWNER.size)
             if at < 0:
                 return out
             _n, o, fh, _via, pid = _OWNER.unpack_from(mm, at)
@@ -177,7 +209,7 @@ class LockBoard:
         key = _U64.pack(nodeid)
         at = _OWNERS_OFF
         while True:
-            at = self._find(key, at, _WAITS_OFF, _OWNER.size)
+            at = self._find(key, at, self._owners_end(), _OWNER.size)
             if at < 0:
                 return out
             _n, o, _fh, via, _pid = _OWNER.unpack_from(mm, at)
@@ -191,10 +223,10 @@ class LockBoard:
         own), or None.  ENOLCK when the board is full."""
         self._lock()
         try:
-            at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
+            at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, self._owners_end(), _OWNER.size)
             if at >= 0:
                 return _OWNER.unpack_from(self._mm, at)[2]
-            at = self._find(_U64.pack(0), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
+            at = self._free_slot(_OWNERS_END_OFF, _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
             if at < 0:
                 raise OSError(errno.ENOLCK, "no room for another lock owner")
             _OWNER.pack_into(self._mm, at, 0, owner, fh, via, pid)
@@ -205,7 +237,7 @@ class LockBoard:
             self._unlock()
 
     def set_pid(self, nodeid: int, owner: int, pid: int) -> None:
-        at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
+        at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, self._owners_end(), _OWNER.size)
         if at >= 0:
             struct.pack_into("<I", self._mm, at + _OWNER_PID_OFF, pid & 0xFFFFFFFF)
 
@@ -213,12 +245,13 @@ class LockBoard:
         """Forget the owner's OFD; returns its fh (the caller removes the handle)."""
         self._lock()
         try:
-            at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, _WAITS_OFF, _OWNER.size)
+            at = self._find(_KEY.pack(nodeid, owner), _OWNERS_OFF, self._owners_end(), _OWNER.size)
             if at < 0:
                 return None
             fh = _OWNER.unpack_from(self._mm, at)[2]
             _U64.pack_into(self._mm, at, 0)
             self._live[0] -= 1
+            self._lower(_OWNERS_END_OFF, _OWNERS_OFF, _OWNER.size)
             return fh
         finally:
             self._unlock()
@@ -230,6 +263,7 @@ class LockBoard:
         try:
             self._mm[_OWNERS_OFF:_WAITS_OFF] = bytes(_WAITS_OFF - _OWNERS_OFF)
             self._mm[_EARLY_OFF:_SIZE] = bytes(_SIZE - _EARLY_OFF)
+            struct.pack_into("<I", self._mm, _OWNERS_END_OFF, 0)
             self._live[0] = 0
         finally:
             self._unlock()
@@ -240,7 +274,7 @@ class LockBoard:
         True when an INTERRUPT for it came first.  ENOLCK when the board is full."""
         self._lock()
         try:
-            at = self._find(_U64.pack(0), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+            at = self._free_slot(_WAITS_END_OFF, _WAITS_OFF, _EARLY_OFF, _WAIT.size)
             if at < 0:
                 raise OSError(errno.ENOLCK, "too many requests waiting for a lock")
             early = self._find(_U64.pack(unique), _EARLY_OFF, _SIZE, 8)
@@ -254,22 +288,23 @@ class LockBoard:
             self._unlock()
 
     def set_tid(self, unique: int, tid: int) -> None:
-        at = self._find(_U64.pack(unique), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+        at = self._find(_U64.pack(unique), _WAITS_OFF, self._waits_end(), _WAIT.size)
         if at >= 0:
             struct.pack_into("<i", self._mm, at + 12, tid)
 
     def remove_wait(self, unique: int) -> None:
         self._lock()
         try:
-            at = self._find(_U64.pack(unique), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+            at = self._find(_U64.pack(unique), _WAITS_OFF, self._waits_end(), _WAIT.size)
             if at >= 0:
                 _U64.pack_into(self._mm, at, 0)
+                self._lower(_WAITS_END_OFF, _WAITS_OFF, _WAIT.size)
         finally:
             self._unlock()
 
     def interrupted(self, unique: int) -> bool:
         """Read by the waiting thread itself: one aligned load, no lock."""
-        at = self._find(_U64.pack(unique), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+        at = self._find(_U64.pack(unique), _WAITS_OFF, self._waits_end(), _WAIT.size)
         return at >= 0 and _WAIT.unpack_from(self._mm, at)[3] == INTERRUPTED
 
     def interrupt(self, unique: int) -> None:
@@ -278,7 +313,7 @@ class LockBoard:
             return
         self._lock()
         try:
-            at = self._find(_U64.pack(unique), _WAITS_OFF, _EARLY_OFF, _WAIT.size)
+            at = self._find(_U64.pack(unique), _WAITS_OFF, self._waits_end(), _WAIT.size)
             if at < 0:
                 # Not (yet) waiting: remembered, in case its SETLKW is still on its way.
                 nxt = struct.unpack_from("<I", self._mm, _EARLY_NEXT_OFF)[0] % _EARLY
@@ -296,7 +331,7 @@ class LockBoard:
         woken = []
         self._lock()
         try:
-            for at in range(_WAITS_OFF, _EARLY_OFF, _WAIT.size):
+            for at in range(_WAITS_OFF, self._waits_end(), _WAIT.size):
                 u, tgid, tid, _state = _WAIT.unpack_from(self._mm, at)
                 if u:
                     struct.pack_into("<I", self._mm, at + 16, INTERRUPTED)
