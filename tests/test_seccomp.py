@@ -617,7 +617,7 @@ def test_worker_policy_serves_lock_waits_and_nothing_more(tmp_path: Path) -> Non
 
     def body() -> None:
         fd = os.open(path, os.O_RDWR)
-        assert locks.test_posix(fd, fcntl.F_RDLCK, 0, 0)[0] == fcntl.F_WRLCK
+        assert locks.probe_posix(fd, fcntl.F_RDLCK, 0, 0)[0] == fcntl.F_WRLCK
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         locks.install_wake_signal()
         result: list[int] = []

@@ -108,7 +108,8 @@ def flock_range(l_start: int, l_len: int) -> tuple[int, int]:
 
 class LockBoard:
     """The lock state every worker shares: one anonymous MAP_SHARED mapping, made before the
-    workers are forked.  Used by each worker's main thread only."""
+    workers are forked.  Changed by the workers' main threads only, under the board's lock;
+    a helper thread only reads whether its request was interrupted."""
 
     def __init__(self) -> None:
         self._mm = mmap.mmap(-1, _SIZE, flags=mmap.MAP_SHARED,
@@ -388,7 +389,7 @@ def try_posix(fd: int, l_type: int, l_start: int, l_len: int) -> None:
     fcntl.fcntl(fd, F_OFD_SETLK, FLOCK.pack(l_type, os.SEEK_SET, l_start, l_len, 0))
 
 
-def test_posix(fd: int, l_type: int, l_start: int, l_len: int) -> tuple[int, int, int]:
+def probe_posix(fd: int, l_type: int, l_start: int, l_len: int) -> tuple[int, int, int]:
     """F_OFD_GETLK: (type, l_start, l_len) of the first conflicting lock, type F_UNLCK: none."""
     out = fcntl.fcntl(fd, F_OFD_GETLK, FLOCK.pack(l_type, os.SEEK_SET, l_start, l_len, 0))
     t, _w, s, n, _pid = FLOCK.unpack(out)

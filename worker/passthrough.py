@@ -1067,7 +1067,7 @@ class PassthroughFs(Filesystem):
             fd = self._pin_handle(fh, nodeid)   # holds no POSIX lock: every lock conflicts
             release, ident = self._handles.release, fh
         try:
-            t, s, n = locks.test_posix(fd, typ, l_start, l_len)
+            t, s, n = locks.probe_posix(fd, typ, l_start, l_len)
         finally:
             release(ident)
         if t == fcntl.F_UNLCK:
@@ -1085,7 +1085,7 @@ class PassthroughFs(Filesystem):
             except OSError:
                 continue
             try:
-                t, _s, _n = locks.test_posix(fd, fcntl.F_WRLCK, l_start, l_len)
+                t, _s, _n = locks.probe_posix(fd, fcntl.F_WRLCK, l_start, l_len)
             finally:
                 self._lock_handles.release(ofh)
             if t == fcntl.F_UNLCK:
