@@ -109,7 +109,6 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("kill", 0): 32,               # pid_t pid
     ("kill", 1): 32,               # int sig
     ("fcntl", 1): 32,              # unsigned int cmd
-    ("tgkill", 2): 32,             # int sig
     ("ioctl", 1): 32,              # unsigned int cmd
     ("prctl", 0): 32,              # int option
     ("prctl", 1): 64,              # unsigned long arg2
@@ -118,6 +117,7 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("socketpair", 0): 32,         # int family
     ("socketpair", 1): 32,         # int type
     ("seccomp", 0): 32,            # unsigned int op
+    ("tgkill", 2): 32,             # int sig
     ("openat", 2): 32,             # int flags
     ("mmap", 2): 64,               # unsigned long prot
     ("mprotect", 2): 64,           # unsigned long prot
