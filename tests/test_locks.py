@@ -388,3 +388,18 @@ def test_board_owners_fill_up_and_a_session_end_clears_them() -> None:
     assert b.add_wait(0x77, 0) is False                    # forgotten with the session
     b.interrupt(0x78)
     assert b.add_wait(0x78, 0) is True and b.interrupted(0x78)
+
+
+def test_a_worker_killed_while_waiting_then_interrupted(s: Session) -> None:
+    """The INTERRUPT reaches the board while the request's worker is being replaced: the
+    successor, serving the request again, answers it EINTR."""
+    c, c2 = s.c, s.c2
+    c2.setlk(s.node, s.fh, A, 0, 9, WR, pid=101)
+    token, unique = submit_lock(c, s.node, s.fh2, B, 0, 0, WR, pid=202)
+    c.vq.expect_no_completion(QUIET)
+    worker = s.worker(1)
+    os.kill(worker, signal.SIGKILL)
+    interrupt(c, unique)
+    assert c.result(token).error == errno.EINTR
+    c2.setlk(s.node, s.fh, A, 0, 9, UN)
+    assert c2.getlk(s.node, s.fh, A, 0, EOF, WR)[2] == UN

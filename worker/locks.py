@@ -275,6 +275,13 @@ class LockBoard:
         True when an INTERRUPT for it came first.  ENOLCK when the board is full."""
         self._lock()
         try:
+            at = self._find(_U64.pack(unique), _WAITS_OFF, self._waits_end(), _WAIT.size)
+            if at >= 0:
+                # Left by a worker that died while the request waited: its successor serves
+                # the request again, and an INTERRUPT that reached the dead one still counts.
+                state = _WAIT.unpack_from(self._mm, at)[3]
+                _WAIT.pack_into(self._mm, at, unique, os.getpid(), tid, state)
+                return state == INTERRUPTED
             at = self._free_slot(_WAITS_END_OFF, _WAITS_OFF, _EARLY_OFF, _WAIT.size)
             if at < 0:
                 raise OSError(errno.ENOLCK, "too many requests waiting for a lock")
