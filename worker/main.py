@@ -1,11 +1,15 @@
-"""A queue worker: one process per virtqueue, single-threaded.
+"""A queue worker: one process per virtqueue, serving its requests one at a time.
 
 It maps guest memory from the fds its control channel brings, runs its split ring and answers
 FUSE requests through the passthrough filesystem.  Control messages are handled between
 requests, so a new memory table or a stop request never races a request in progress: when the
 worker answers, it no longer uses what the message replaced (vhost-user "suspended" state).
 That also makes GET_VRING_BASE exact: every request popped before RING_STOP was answered is
-completed, so the index it reports is both the next to pop and the used index reached.
+completed, so the index it reports is both the next to pop and the used index reached -- but
+for lock requests still waiting (SETLKW), the one kind of request that outlives its turn: each
+waits in a helper thread (worker/locks.py) and is answered out of order when its wait ends.
+RING_STOP ends those waits unanswered; they stay in the journal, and a ring resumed at the
+reported index serves them again.
 
 Every request goes through the queue's inflight journal (common/journal.py): popped, executing
 (for non-idempotent calls), replied (reply in guest memory), pushed.  A worker started to replace
