@@ -114,8 +114,9 @@ CONSTANTS: dict[str, int] = {
     "CLONE_CHILD_CLEARTID": 0x200000, "CLONE_CHILD_SETTID": 0x1000000,
     "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000, "CLONE_NEWNET": 0x40000000,
     # signals
-    "SIGHUP": 1, "SIGINT": 2, "SIGKILL": 9, "SIGUSR1": 10, "SIGSEGV": 11, "SIGTERM": 15,
-    "SIGCHLD": 17, "SIGSYS": 31,
+    "SIGHUP": 1, "SIGINT": 2, "SIGKILL": 9, "SIGUSR1": 10, "SIGSEGV": 11, "SIGUSR2": 12,
+    "SIGTERM": 15, "SIGCHLD": 17, "SIGSYS": 31,
+    "SIGSETXID": 33,               # glibc's internal SIGRTMIN + 1 (setuid/setgroups broadcast)
     # fcntl(2) commands
     "F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_SETFL": 4, "F_GETLK": 5,
     "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38,
@@ -150,6 +151,7 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("socketpair", 0): 32,         # int family
     ("socketpair", 1): 32,         # int type
     ("seccomp", 0): 32,            # unsigned int op
+    ("tgkill", 2): 32,             # int sig
     ("openat", 2): 32,             # int flags
     ("mmap", 2): 64,               # unsigned long prot
     ("mprotect", 2): 64,           # unsigned long prot

@@ -98,6 +98,9 @@ class Config:
     posix_acl: bool = False
     announce_submounts: bool = True
     readdirplus: bool = True
+    # File locks served on the host (worker/locks.py); virtiofsd answers ENOSYS instead.
+    posix_lock: bool = True
+    flock: bool = True
     writeback: bool = False
     allow_direct_io: bool = False
     allow_mmap: bool = False
@@ -398,7 +401,8 @@ def _build_parser() -> _Parser:
     value("socket_group", "name of group for the vhost-user socket")
     value("fd", "file descriptor for the listening (not yet connected) socket")
     value("thread_pool_size", "threads serving each queue: 0 or 1, each queue's worker process "
-          "serves its requests one at a time [default: 0]")
+          "serves its requests one at a time (a lock request that must wait waits in a thread "
+          "of its own) [default: 0]")
     flag("xattr", "enable support for extended attributes")
     flag("posix_acl", "enable support for posix ACLs (implies --xattr)")
     value("xattrmap", "rules translating extended attributes between host and guest")
@@ -416,6 +420,10 @@ def _build_parser() -> _Parser:
          "[default: refused, EPERM; overlayfs whiteouts (0:0) are always allowed]")
     flag("readdirplus", "disable support for READDIRPLUS operations", const=False,
          opt="--no-readdirplus")
+    flag("posix_lock", "do not take the guest's POSIX (fcntl) locks on the host; the guest "
+         "kernel then keeps them to itself", const=False, opt="--no-posix-lock")
+    flag("flock", "do not take the guest's flock(2) locks on the host; the guest kernel then "
+         "keeps them to itself", const=False, opt="--no-flock")
     flag("writeback", "enable writeback cache")
     flag("allow_direct_io", "honor the O_DIRECT flag passed down by guest applications")
     value("modcaps", "modify the list of capabilities, e.g. --modcaps=+sys_admin:-chown")
@@ -463,8 +471,8 @@ def _build_parser() -> _Parser:
     return p
 
 
-# -o compat options, as virtiofsd's legacy parser maps them. flock/posix_lock are rejected like
-# virtiofsd does: the daemon does not implement them, accepting them would mislead.
+# -o compat options, as virtiofsd's legacy parser maps them (and the C daemon's posix_lock and
+# flock, which virtiofsd refuses because it does not implement locks; this daemon does).
 _COMPAT_FLAGS: dict[str, tuple[str, bool]] = {
     "xattr": ("xattr", True), "no_xattr": ("xattr", False),
     "readdirplus": ("readdirplus", True), "no_readdirplus": ("readdirplus", False),
@@ -475,8 +483,10 @@ _COMPAT_FLAGS: dict[str, tuple[str, bool]] = {
     "killpriv_v2": ("killpriv_v2", True), "no_killpriv_v2": ("killpriv_v2", False),
     "posix_acl": ("posix_acl", True), "no_posix_acl": ("posix_acl", False),
     "security_label": ("security_label", True), "no_security_label": ("security_label", False),
+    "posix_lock": ("posix_lock", True), "no_posix_lock": ("posix_lock", False),
+    "flock": ("flock", True), "no_flock": ("flock", False),
 }
-_COMPAT_NOOPS = frozenset({"no_posix_lock", "no_flock"})
+_COMPAT_NOOPS: frozenset[str] = frozenset()
 _COMPAT_LOG_LEVEL = _choice(["debug", "info", "warn", "error"], aliases={"err": "error"})
 _COMPAT_VALUES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "source": ("shared_dir", _nonempty),

@@ -103,6 +103,8 @@ def fs_options(config: Config) -> FsOptions:
         migration_on_error=config.migration_on_error,
         migration_verify_handles=config.migration_verify_handles,
         migration_confirm_paths=config.migration_confirm_paths,
+        posix_lock=config.posix_lock,
+        flock=config.flock,
     )
 
 

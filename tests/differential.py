@@ -87,6 +87,8 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "readdirplus-small-buffer": "a READDIRPLUS buffer too small for the next entry is "
                                 "EINVAL; virtiofsd answers an empty page (the end of the "
                                 "directory) when the name alone would fit",
+    "locks": "INIT negotiates POSIX_LOCKS and FLOCK_LOCKS and GETLK/SETLK/SETLKW are served "
+             "(worker/locks.py); virtiofsd offers neither and answers ENOSYS",
     "open-special": "opening something that is not a regular file or directory (a CREATE that "
                     "finds a symlink) fails like open(2) with O_NOFOLLOW (ELOOP); virtiofsd "
                     "answers EBADF",
@@ -501,9 +503,15 @@ def norm_statfs(s: fa.Kstatfs) -> tuple:
             ("namelen", s.namelen), ("frsize", s.frsize))
 
 
+# Served here only (KNOWN_DIFFERENCES['locks']).
+LOCK_FLAGS = int(fa.InitFlag.POSIX_LOCKS | fa.InitFlag.FLOCK_LOCKS)
+
+
 def norm_init(o: fa.InitOut) -> tuple:
-    """INIT reply without the minor version (KNOWN_DIFFERENCES['init-minor'])."""
-    return tuple((k, v) for k, v in o._asdict().items() if k != "minor")
+    """INIT reply without the minor version (KNOWN_DIFFERENCES['init-minor']) and the lock
+    flags (KNOWN_DIFFERENCES['locks'])."""
+    return tuple((k, v & ~LOCK_FLAGS if k == "flags" else v) for k, v in o._asdict().items()
+                 if k != "minor")
 
 
 def mismatch(what: str, a, b) -> Divergence:

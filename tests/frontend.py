@@ -2112,3 +2112,21 @@ __all__ = [
     "start_daemon", "stop_daemon",
 ]
 __all__ += ["DirtyLog", "pages_of"]      # dirty-page logging (tests/test_dirtylog.py)
+
+
+# --- file locks: a request left waiting, and its interruption ------------------------------------
+
+
+def submit_lock(client: FuseClient, nodeid: int, fh: int, owner: int, start: int, end: int,
+                type_: int, *, pid: int = 0, lk_flags: int = 0,
+                wait: bool = True) -> tuple[int, int]:
+    """Queue a SETLKW (SETLK with wait=False) without waiting for its reply: (token, unique).
+    client.result(token) collects the reply whenever it comes."""
+    op = fa.Opcode.SETLKW if wait else fa.Opcode.SETLK
+    token = client.submit(op, nodeid, fa.LK_IN.pack(fh, owner, start, end, type_, pid, lk_flags))
+    return token, client._pending[token][0]
+
+
+def interrupt(client: FuseClient, unique: int, timeout: float | None = None) -> Completion:
+    """FUSE_INTERRUPT of request `unique`, on the hiprio queue as the spec places it."""
+    return client._hiprio(fa.Opcode.INTERRUPT, 0, fa.INTERRUPT_IN.pack(unique), timeout)

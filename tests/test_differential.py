@@ -1414,8 +1414,9 @@ def everything_pair():
 
 def test_init_with_every_flag_offered(everything_pair):
     """A kernel offering every INIT flag, every flag option on: pyvirtiofsd negotiates what
-    virtiofsd 1.13 does but ALLOW_IDMAP (docs/differences.md, "INIT flags")."""
+    virtiofsd 1.13 does but ALLOW_IDMAP, and the lock flags too (docs/differences.md, "INIT
+    flags")."""
     py, rs = (s.init_out for s in everything_pair.sides)
     assert rs.all_flags & ~py.all_flags == fa.InitFlag.ALLOW_IDMAP
-    assert py.all_flags & ~rs.all_flags == 0
+    assert py.all_flags & ~rs.all_flags == fa.InitFlag.POSIX_LOCKS | fa.InitFlag.FLOCK_LOCKS
     assert norm_init(py._replace(flags=0, flags2=0)) == norm_init(rs._replace(flags=0, flags2=0))

@@ -244,7 +244,7 @@ def test_unknown_and_unserved_opcodes_are_enosys(env):
     c = env.client
     assert c.err(99) == errno.ENOSYS
     assert c.err(7) == errno.ENOSYS
-    for op in (Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW, Opcode.BMAP, Opcode.IOCTL,
+    for op in (Opcode.BMAP, Opcode.IOCTL,
                Opcode.POLL, Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING, Opcode.TMPFILE,
                Opcode.STATX):
         assert c.err(op, 1, bytes(64)) == errno.ENOSYS, op.name
@@ -312,12 +312,12 @@ def test_init_negotiation(env):
     assert out.max_readahead == 128 * 1024 and out.time_gran == 1
     flags = out.all_flags
     want = (SERVER_INIT_FLAGS | InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
-            | InitFlag.SUBMOUNTS)
+            | InitFlag.SUBMOUNTS | InitFlag.POSIX_LOCKS | InitFlag.FLOCK_LOCKS)
     assert flags == want
     assert flags & InitFlag.CREATE_SUPP_GROUP and out.flags2 == InitFlag.CREATE_SUPP_GROUP >> 32
     for never in (InitFlag.WRITEBACK_CACHE, InitFlag.POSIX_ACL, InitFlag.DONT_MASK,
                   InitFlag.EXPORT_SUPPORT, InitFlag.ALLOW_IDMAP, InitFlag.PASSTHROUGH,
-                  InitFlag.SPLICE_READ, InitFlag.POSIX_LOCKS, InitFlag.SECURITY_CTX):
+                  InitFlag.SPLICE_READ, InitFlag.SECURITY_CTX):
         assert not flags & never, never.name
     assert env.session.started and env.session.flags == flags
 

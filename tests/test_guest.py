@@ -10,12 +10,14 @@ The first run fetches Debian's kernels into guest/work/ (guest/fetch-kernels.sh)
 from __future__ import annotations
 
 import calendar
+import fcntl
 import hashlib
 import os
 import random
 import signal
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -597,3 +599,264 @@ def test_guest_with_dax_on_a_qemu_without_a_window(daemon: GuestDaemon, kernel61
     assert "back-end channel set" in result.daemon_output, result.daemon_output[-2000:]
     for trouble in ("refused", "could not empty the DAX window", "back-end channel failed"):
         assert trouble not in result.daemon_output, result.daemon_output[-2000:]
+# --- file locks: flock, POSIX and OFD locks between guest processes, queues and the host ---------
+
+LOCK_ROWS = 60         # rows each SQLite writer inserts, one transaction each
+
+LOCK_WORKLOAD = (
+    PRELUDE
+    + rf"""
+cp /mnt/.locktool /tmp/lt
+cp /mnt/.sqlw /tmp/sqlw
+chmod 755 /tmp/lt /tmp/sqlw
+mkdir l
+cd l
+: > f
+: > g
+: > h
+# Waits for a file another process (or the host) makes when it has done its part.
+waitfile() {{ while [ ! -e "$1" ]; do usleep 20000; done; }}
+# The exit status of a command that must fail with 1 (a conflicting lock).
+busy() {{ rc=0; "$@" || rc=$?; [ $rc -eq 1 ]; }}
+flock_locks() {{
+  taskset -c 0 /tmp/lt flock f hold w 0 0 r1 go1 &
+  p=$!
+  waitfile r1
+  busy taskset -c 1 /tmp/lt flock f try r 0 0
+  echo "@@HOST probe f"
+  waitfile probe.f
+  [ "$(cat probe.f)" = "posix-free flock-busy" ]
+  taskset -c 1 /tmp/lt flock f wait w 0 0 > w1.out &
+  w=$!
+  stat f > /dev/null
+  [ ! -s w1.out ]
+  touch go1
+  wait $p
+  wait $w
+  [ "$(cat w1.out)" = got ]
+}}
+posix_locks() {{
+  taskset -c 0 /tmp/lt posix f hold w 0 10 r2 go2 &
+  p=$!
+  waitfile r2
+  # The pid a guest sees is the holder's own.
+  [ "$(taskset -c 1 /tmp/lt posix f getlk w 0 0)" = "w 0 10 $p" ]
+  busy taskset -c 1 /tmp/lt posix f try r 5 1
+  busy taskset -c 1 /tmp/lt ofd f try r 9 1
+  taskset -c 1 /tmp/lt posix f try w 10 5
+  echo "@@HOST probe f"
+  waitfile probe.f
+  [ "$(cat probe.f)" = "posix-busy flock-free" ]
+  taskset -c 1 /tmp/lt posix f wait r 0 0 > w2.out &
+  w=$!
+  stat f > /dev/null
+  [ ! -s w2.out ]
+  touch go2
+  wait $p
+  wait $w
+  [ "$(cat w2.out)" = got ]
+}}
+ofd_locks() {{
+  taskset -c 1 /tmp/lt ofd g hold r 0 0 r3 go3 &
+  p=$!
+  waitfile r3
+  taskset -c 0 /tmp/lt ofd g try r 0 100
+  busy taskset -c 0 /tmp/lt ofd g try w 50 1
+  busy taskset -c 0 /tmp/lt posix g try w 0 0
+  [ "$(taskset -c 0 /tmp/lt ofd g getlk w 0 0 | cut -d' ' -f1-3)" = "r 0 0" ]
+  taskset -c 0 /tmp/lt ofd g wait w 0 0 > w3.out &
+  w=$!
+  stat g > /dev/null
+  [ ! -s w3.out ]
+  touch go3
+  wait $p
+  wait $w
+  [ "$(cat w3.out)" = got ]
+}}
+host_locks() {{
+  echo "@@HOST lock g"
+  waitfile host.locked
+  busy /tmp/lt posix g try w 0 0
+  busy /tmp/lt ofd g try r 0 0
+  # A host process has no pid in the guest: 0.
+  [ "$(/tmp/lt posix g getlk w 0 0)" = "w 0 0 0" ]
+  taskset -c 1 /tmp/lt posix g wait w 0 0 > w4.out &
+  w=$!
+  stat g > /dev/null
+  [ ! -s w4.out ]
+  echo "@@HOST unlock g"
+  wait $w
+  [ "$(cat w4.out)" = got ]
+  taskset -c 0 /tmp/lt posix h hold w 0 0 r4 go4 &
+  p=$!
+  waitfile r4
+  echo "@@HOST probe h"
+  waitfile probe.h
+  [ "$(cat probe.h)" = "posix-busy flock-free" ]
+  touch go4
+  wait $p
+}}
+killed_holder() {{
+  taskset -c 0 /tmp/lt posix f hold w 0 0 r5 go5 &
+  p=$!
+  waitfile r5
+  kill -9 $p
+  wait $p || true
+  # Its descriptor closed as it died (FLUSH): the lock is gone.
+  taskset -c 1 /tmp/lt posix f try w 0 0
+  taskset -c 1 /tmp/lt flock f hold w 0 0 r6 go6 &
+  p=$!
+  waitfile r6
+  kill -9 $p
+  wait $p || true
+  taskset -c 0 /tmp/lt flock f try w 0 0
+}}
+killed_waiter() {{
+  taskset -c 0 /tmp/lt posix f hold w 0 0 r7 go7 &
+  p=$!
+  waitfile r7
+  taskset -c 1 /tmp/lt posix f wait w 0 0 > w7.out &
+  w=$!
+  stat f > /dev/null
+  kill -9 $w
+  touch go7
+  wait $p
+  # virtio-fs sends no INTERRUPT: the killed waiter goes once its request is answered.
+  wait $w || true
+  [ ! -s w7.out ]
+  taskset -c 0 /tmp/lt posix f try w 0 0
+  taskset -c 1 /tmp/lt flock f try w 0 0
+}}
+sqlite() {{
+  echo "@@HOST sqlite db"
+  taskset -c 0 /tmp/sqlw db guest0 {LOCK_ROWS} > s0.out &
+  a=$!
+  taskset -c 1 /tmp/sqlw db guest1 {LOCK_ROWS} > s1.out &
+  b=$!
+  wait $a
+  wait $b
+  waitfile host.sqlite
+  [ "$(cat host.sqlite)" = "host done" ]
+  /tmp/sqlw db check > check.out
+  val sqlite.check "$(tr '\n' ' ' < check.out)"
+  [ "$(cat check.out)" = "$(printf 'rows %d\nok' {3 * LOCK_ROWS})" ]
+}}
+for s in flock_locks posix_locks ofd_locks host_locks killed_holder killed_waiter sqlite; do
+  step $s
+done
+exit $failed
+"""
+)
+LOCK_STEPS = ["flock_locks", "posix_locks", "ofd_locks", "host_locks", "killed_holder",
+              "killed_waiter", "sqlite"]
+
+
+def _build_static(src: str, out: Path, *libs: str) -> None:
+    path = Path(__file__).resolve().parent.parent / "guest" / src
+    subprocess.run(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror",
+                    "-D_FORTIFY_SOURCE=2", "-fstack-protector-strong", "-o", str(out), str(path),
+                    *libs], check=True, capture_output=True, text=True)
+
+
+class HostSide:
+    """What the host does when the guest asks (@@HOST lines): hold and drop a POSIX lock,
+    say which locks a host process would meet, and run a third SQLite writer."""
+
+    def __init__(self, share: Path) -> None:
+        self.dir = share / "l"
+        self.held: dict[str, object] = {}
+        self.writer: threading.Thread | None = None
+        self.errors: list[str] = []
+
+    def _answer(self, name: str, text: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text)
+        os.rename(tmp, self.dir / name)           # the guest never reads half of it
+
+    def on_line(self, line) -> None:
+        if not line.text.startswith("@@HOST "):
+            return
+        try:
+            self._do(*line.text.split()[1:])
+        except Exception as e:                    # reported by the test, not lost in a thread
+            self.errors.append(f"{line.text}: {e!r}")
+
+    def _do(self, what: str, name: str) -> None:
+        path = self.dir / name
+        if what == "lock":
+            f = open(path, "r+b")                 # noqa: SIM115 -- held until "unlock"
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.held[name] = f
+            self._answer("host.locked", "")
+        elif what == "unlock":
+            self.held.pop(name).close()           # type: ignore[attr-defined]
+        elif what == "probe":
+            (self.dir / f"probe.{name}").unlink(missing_ok=True)
+            with open(path, "r+b") as f:
+                try:
+                    fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    posix = "posix-free"
+                except BlockingIOError:
+                    posix = "posix-busy"
+            with open(path, "rb") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    flock = "flock-free"
+                except BlockingIOError:
+                    flock = "flock-busy"
+            self._answer(f"probe.{name}", f"{posix} {flock}")
+        elif what == "sqlite":
+            self.writer = threading.Thread(target=self._sqlite, args=(path,), daemon=True)
+            self.writer.start()
+
+    def _sqlite(self, path: Path) -> None:
+        import sqlite3
+        try:
+            db = sqlite3.connect(path, timeout=120, isolation_level=None)
+            db.execute("CREATE TABLE IF NOT EXISTS t (who TEXT, i INTEGER)")
+            for i in range(LOCK_ROWS):
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("INSERT INTO t VALUES (?, ?)", ("host", i))
+                db.execute("COMMIT")
+            db.close()
+            self._answer("host.sqlite", "host done")
+        except Exception as e:
+            self.errors.append(f"host SQLite writer: {e!r}")
+            self._answer("host.sqlite", f"host failed: {e!r}")
+
+
+@pytest.mark.parametrize("plane", ["python", "native"])
+def test_guest_locks(daemon: GuestDaemon, kernel612: Kernel, tmp_path: Path,
+                     plane: str) -> None:
+    """flock, fcntl POSIX and OFD locks, blocking and not, between two guest processes on two
+    CPUs (two request queues) and a host process; a guest process killed while it holds a
+    lock and while it waits for one; three SQLite writers, two in the guest and one on the
+    host, on one database.  --cache=never, so the writers read each other's pages from the
+    host, and the sandbox with its seccomp filters, so the lock waits' threads run in it."""
+    if daemon.name != "pyvirtiofsd":
+        pytest.skip("virtiofsd answers lock requests with ENOSYS (docs/differences.md, Locks)")
+    share = tmp_path / "share"
+    share.mkdir()
+    _build_static("locktool.c", share / ".locktool")
+    _build_static("sqlw.c", share / ".sqlw", "-lsqlite3", "-lm")
+    host = HostSide(share)
+    result = run_guest(
+        [*daemon.command(request_queues=2), "--cache=never", f"--data-plane={plane}",
+         *SANDBOXED], share, LOCK_WORKLOAD,
+        kernel=kernel612, smp=2, num_request_queues=2, timeout=BOOT_TIMEOUT * 3,
+        on_line=host.on_line,
+    )  # fmt: skip
+    report(f"locks on {kernel612.package}, {plane} data plane", result)
+    for f in host.held.values():
+        f.close()                                 # type: ignore[attr-defined]
+    assert not host.errors, host.errors
+    vals = assert_ran(result, LOCK_STEPS)
+    assert vals["sqlite.check"] == f"rows {3 * LOCK_ROWS} ok", vals
+    out = result.daemon_output
+    assert "SIGSYS" not in out and "Traceback" not in out, out[-3000:]
+    daemon.check_queues(result, 2)                # the processes on two CPUs used both queues
+    import sqlite3
+    db = sqlite3.connect(share / "l" / "db")
+    rows = db.execute("SELECT who, count(*), min(i), max(i) FROM t GROUP BY who").fetchall()
+    assert sorted(rows) == [(w, LOCK_ROWS, 0, LOCK_ROWS - 1)
+                            for w in ("guest0", "guest1", "host")], rows

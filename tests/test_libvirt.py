@@ -330,22 +330,20 @@ def test_libvirt_finds_the_descriptor_and_destroy(libvirt: Libvirt, kernel: Kern
         (vhost_user / "40-pyvirtiofsd.json").unlink()
 
 
-def test_libvirt_remote_locks_are_refused(libvirt: Libvirt, kernel: Kernel,
-                                          tmp_path: Path) -> None:
-    """<lock posix='on'/> becomes `-o ...,posix_lock`, which pyvirtiofsd refuses as virtiofsd
-    does (no remote POSIX locks): one error line in libvirt's log, the domain does not start,
-    nothing is left behind."""
-    share = tmp_path / "share"
-    share.mkdir()
-    xml = tmp_path / "locks.xml"
-    xml.write_text(domain_xml("pyvfs-locks", kernel, share, tmp_path / "console.log",
-                              f"<binary path='{DAEMON}'><lock posix='on'/></binary>"))
-    result = libvirt.virsh("create", str(xml), check=False)
-    assert result.returncode != 0
-    assert "pyvfs-locks" not in libvirt.running()
-    log = libvirt.daemon_log("pyvfs-locks").splitlines()
-    assert log == ["pyvirtiofsd: error: invalid compat argument '-o posix_lock'"], log
-    assert libvirt.pid_files("pyvfs-locks") == [] and libvirt.sockets("pyvfs-locks") == []
+def test_libvirt_remote_locks_are_served(libvirt: Libvirt, kernel: Kernel,
+                                         tmp_path: Path) -> None:
+    """<lock posix='on' flock='on'/> becomes `-o ...,posix_lock,flock`, which virtiofsd refuses
+    (it has no remote locks) and pyvirtiofsd honours: the domain starts and the daemon serves
+    it; `virsh destroy` leaves nothing behind."""
+    binary = f"<binary path='{DAEMON}'><lock posix='on' flock='on'/></binary>"
+    run = boot(libvirt, kernel, tmp_path, "pyvfs-locks", binary)
+    options = run.argv[-1]
+    assert options.endswith(",flock,posix_lock") or options.endswith(",posix_lock,flock"), \
+        run.argv
+    log = libvirt.daemon_log("pyvfs-locks")
+    assert "serving" in log and "invalid compat argument" not in log, log
+    libvirt.virsh("destroy", "pyvfs-locks")
+    assert_nothing_left(libvirt, "pyvfs-locks", run)
 
 
 # --- the descriptor, without libvirt ---------------------------------------------------------

@@ -98,17 +98,25 @@ def test_every_non_obvious_line_is_commented() -> None:
             assert "#" in line or above.startswith("#"), f"{path.name}:{n + 1}: {line}"
 
 
-def test_spawner_allows_what_workers_need_and_workers_cannot_clone() -> None:
+# pthread_create's clone flags (glibc), the only clone a worker may make: its lock-wait threads.
+THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x40000 | 0x800 | 0x10000 | 0x80000 | 0x100000 | 0x200000
+
+
+def test_spawner_allows_what_workers_need_and_workers_clone_only_threads() -> None:
     worker, spawner = seccomp.load_policy("worker"), seccomp.load_policy("spawner")
     # Filters stack: a worker can only ever do what its spawner's filter allows too.
     assert {r.syscall for r in worker.rules} <= {r.syscall for r in spawner.rules}
-    for name in ("clone", "seccomp", "prctl", "execve", "ptrace", "socketpair"):
+    for name in ("seccomp", "prctl", "execve", "ptrace", "socketpair"):
         assert worker.rule(name) is None, name
-    clone = spawner.rule("clone")
+    clone = worker.rule("clone")
     assert clone is not None and len(clone.alternatives) == 1
     (cmp,) = clone.alternatives[0]
-    assert (cmp.arg, cmp.op, cmp.value) == (0, "==", native.CLONE_FILES | native.CLONE_PARENT
-                                            | native.SIGCHLD)
+    assert (cmp.arg, cmp.op, cmp.value) == (0, "==", THREAD_FLAGS)
+    clone = spawner.rule("clone")
+    assert clone is not None and len(clone.alternatives) == 2
+    assert [(c.arg, c.op, c.value) for (c,) in clone.alternatives] == [
+        (0, "==", native.CLONE_FILES | native.CLONE_PARENT | native.SIGCHLD),
+        (0, "==", THREAD_FLAGS)]
 
 
 def test_supervisor_keeps_only_read_only_opens() -> None:
@@ -389,6 +397,7 @@ _PROBE_ARGS: dict[str, tuple[int, ...]] = {
     "ioctl": ((1 << 32) - 1, 0, 0), "prctl": (0, 0, 0, 0, 0),
     "socket": (0, socket.SOCK_DGRAM, 0), "socketpair": (0, socket.SOCK_DGRAM, 0, 0),
     "seccomp": (0, 0, 0), "openat": ((1 << 32) - 1, 0, 0, 0),
+    "tgkill": (0x3FFFFFF0, 0x3FFFFFF0, 0),      # no such thread: ESRCH
 }
 _HIGH_HALVES = (1 << 32, 0xFFFFFFFF << 32, 0x80000000 << 32)
 
@@ -455,10 +464,18 @@ def test_spawner_clones_workers_only_with_their_flags() -> None:
     os.close(w)
     # os.fork() is clone(CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD): refused.
     assert killed_by_sigsys(run_confined(filter_for("spawner"), "kill", os.fork))
-    # A thread is clone(CLONE_VM | CLONE_THREAD ...), after clone3 said ENOSYS.
+    # A thread is clone(CLONE_VM | CLONE_THREAD ...) with pthread_create's exact flags, after
+    # clone3 said ENOSYS: allowed for a worker's lock waits (worker.policy), nothing else.
     import threading
-    assert killed_by_sigsys(run_confined(filter_for("spawner"), "kill",
-                                         lambda: threading.Thread(target=int).start()))
+
+    def thread() -> None:
+        t = threading.Thread(target=int)
+        t.start()
+        t.join()
+    assert run_confined(filter_for("spawner"), "kill", thread) == 0
+    assert run_confined(filter_for("worker"), "kill", thread) == 0
+    assert killed_by_sigsys(run_confined(filter_for("worker"), "kill", os.fork))
+    assert killed_by_sigsys(run_confined(filter_for("worker"), "kill", clone_worker_like))
 
 
 def test_errno_denials_do_not_kill() -> None:
@@ -582,3 +599,40 @@ def test_supervisor_names_the_call_that_killed_a_worker(tmp_path: Path, args) ->
     assert "stopping:" in line and "--seccomp=log" in line
     assert "pyvirtiofsd worker q1: seccomp refused system call 59" in d.text
     assert "respawning" not in d.text
+
+
+def test_worker_policy_serves_lock_waits_and_nothing_more(tmp_path: Path) -> None:
+    """A worker under its filter: OFD locks and flock, a waiting F_OFD_SETLKW in a helper
+    thread interrupted by SIGUSR2 (EINTR), setgroups() with a thread alive (glibc signals
+    each thread); the classic process-owned F_SETLK is refused."""
+    import fcntl
+    import threading
+
+    from pyvirtiofsd.worker import locks
+
+    path = tmp_path / "f"
+    path.write_bytes(b"")
+    holder = os.open(path, os.O_RDWR)           # an OFD lock of the test process
+    locks.try_posix(holder, fcntl.F_WRLCK, 0, 0)
+
+    def body() -> None:
+        fd = os.open(path, os.O_RDWR)
+        assert locks.probe_posix(fd, fcntl.F_RDLCK, 0, 0)[0] == fcntl.F_WRLCK
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locks.install_wake_signal()
+        result: list[int] = []
+        call = locks.blocking_posix(fd, fcntl.F_WRLCK, 0, 0)
+        t = threading.Thread(target=lambda: result.append(call()))
+        t.start()
+        os.setgroups([])
+        while t.is_alive():
+            locks.wake(os.getpid(), t.native_id or 0)
+            t.join(0.01)
+        assert result == [errno.EINTR], result
+
+    assert run_confined(filter_for("worker"), "kill", body) == 0
+
+    def classic() -> None:
+        fcntl.lockf(os.open(path, os.O_RDWR), fcntl.LOCK_SH | fcntl.LOCK_NB)
+    assert killed_by_sigsys(run_confined(filter_for("worker"), "kill", classic))
+    os.close(holder)

@@ -533,6 +533,7 @@ struct fuse_write_in { uint64_t fh, offset; uint32_t size, write_flags; uint64_t
                        uint32_t flags, padding; };
 struct fuse_flush_in { uint64_t fh; uint32_t unused, padding; uint64_t lock_owner; };
 struct fuse_release_in { uint64_t fh; uint32_t flags, release_flags; uint64_t lock_owner; };
+#define FUSE_RELEASE_FLOCK_UNLOCK (1u << 1)
 struct fuse_access_in { uint32_t mask, padding; };
 _Static_assert(sizeof(struct fuse_attr_out) == 104, "fuse_attr_out");
 _Static_assert(sizeof(struct fuse_entry_out) == 128, "fuse_entry_out");
@@ -831,9 +832,20 @@ static int64_t do_write(struct vfs_engine *e, uint64_t body_len) {
     return reply(e, out, sizeof out);
 }
 
+/* Locks to release on this FLUSH or RELEASE: Python's (see lock_owners in engine.h). */
+static int locks_to_release(const struct vfs_engine *e, uint32_t release_flags) {
+    const uint32_t *owners = e->fs.lock_owners;
+    if (e->in.opcode == OP_RELEASE && (release_flags & FUSE_RELEASE_FLOCK_UNLOCK))
+        return 1;
+    return (e->in.opcode == OP_FLUSH || e->in.opcode == OP_RELEASE) && owners != NULL
+        && __atomic_load_n(owners, __ATOMIC_ACQUIRE) != 0;
+}
+
 static int64_t do_flush(struct vfs_engine *e, uint64_t body_len) {
     struct fuse_flush_in in;
     if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
+        return DEFER;
+    if (locks_to_release(e, 0))
         return DEFER;
     read_at(e, IN_HEADER_SIZE, &in, sizeof in);
     if (as_caller(e))
@@ -857,6 +869,8 @@ static int64_t do_release(struct vfs_engine *e, uint64_t body_len) {
     if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
         return DEFER;
     read_at(e, IN_HEADER_SIZE, &in, sizeof in);
+    if (locks_to_release(e, in.release_flags))
+        return DEFER;
     int fd, rc;
     if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
         return reply_error(e, -rc);

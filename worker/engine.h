@@ -66,6 +66,11 @@ struct vfs_engine_fs {
     uint32_t file_open_flags, dir_open_flags;   /* fuse_open_out.open_flags of the cache mode */
     uint8_t writeback;        /* --writeback */
     uint64_t python_ops[2];   /* opcodes (< 128) always served by Python (test hooks) */
+    /* File locks (worker/locks.py): the count of lock owners on the shared board (NULL: none).
+     * While it is not zero FLUSH and RELEASE go to Python, which drops the closing owner's
+     * locks (and the released handle's own); so does a RELEASE that drops a flock lock
+     * (FUSE_RELEASE_FLOCK_UNLOCK). */
+    const uint32_t *lock_owners;
 };
 
 /* Dirty-page logging (vhost-user "Migration"; common/dirtylog.h): the front-end's log as this

@@ -183,6 +183,12 @@ class Engine:
         fs.writeback = writeback
         fs.enabled = 1
 
+    def watch_lock_owners(self, address: int) -> None:
+        """FLUSH and RELEASE go to Python while the uint32 at `address`
+        (LockBoard.live_address) is not zero, and so does a RELEASE with
+        FUSE_RELEASE_FLOCK_UNLOCK: Python releases the locks (worker/locks.py)."""
+        self._e.fs.lock_owners = ffi.cast("uint32_t *", address)
+
     @property
     def native_enabled(self) -> bool:
         return bool(self._e.fs.enabled)

@@ -99,10 +99,19 @@ class FsOptions:
     migration_on_error: str = "abort"
     migration_verify_handles: bool = False
     migration_confirm_paths: bool = False
+    # FUSE_POSIX_LOCKS and FUSE_FLOCK_LOCKS (worker/locks.py): the guest's fcntl and flock
+    # locks are taken on the host; off, the guest kernel keeps them to itself.
+    posix_lock: bool = True
+    flock: bool = True
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {self.cache!r}")
+
+
+# A lock request that has to wait (Filesystem.setlk): the blocking call, made in a helper
+# thread (0 or an errno), and what the worker's main thread does once it returned.
+LockWait = tuple[Callable[[], int], Callable[[int], None]]
 
 
 def _enosys() -> OSError:
@@ -271,3 +280,19 @@ class Filesystem:
 
     def removexattr(self, ctx: Context, nodeid: int, name: bytes) -> None:
         raise _enosys()
+
+    # -- locks -------------------------------------------------------------------------------
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int) -> tuple[int, int, int, int]:
+        """The first lock conflicting with the one described, as (type, start, end, pid);
+        type F_UNLCK when there is none."""
+        raise _enosys()
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int, sleep: bool) -> LockWait | None:
+        """Take or release a lock of `owner` (flock(2) semantics with LK_FLOCK).  None when
+        done; with `sleep`, a LockWait when the lock must be waited for."""
+        raise _enosys()
+
+    def interrupt(self, unique: int) -> None:
+        """FUSE_INTERRUPT: request `unique` should stop waiting (no reply)."""

@@ -43,6 +43,7 @@ from pyvirtiofsd.common.stats import QueueStats
 from pyvirtiofsd.worker.chain import ChainTooShort, Reader, Writer
 from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.filesystem import Context, Entry, Filesystem, FsOptions
+from pyvirtiofsd.worker.locks import Blocked
 
 log = logging.getLogger("pyvirtiofsd.fuse")
 
@@ -72,9 +73,16 @@ _NS = 1_000_000_000
 # Requests whose caller becomes the owner of a new inode (IdTranslation).
 _OWNING = frozenset((Opcode.CREATE, Opcode.MKNOD, Opcode.MKDIR, Opcode.SYMLINK))
 _now_ns = time.monotonic_ns
+
+
+class _Waiting:
+    """A handler's answer for a lock request left waiting (take_blocked())."""
+
+
+_WAITING = _Waiting()
 # What an opcode handler returns: the reply body, the length of a body it already placed in the
-# Writer after a reserved header (READ), or None for no reply at all.
-_Result = bytes | int | None
+# Writer after a reserved header (READ), _WAITING, or None for no reply at all.
+_Result = bytes | int | _Waiting | None
 _INIT = int(Opcode.INIT)
 _WRITE = int(Opcode.WRITE)
 _WRITE_IN_SIZE = fa.WRITE_IN.size
@@ -84,6 +92,8 @@ _REMOVEMAPPING_MAX = mmap.PAGESIZE // fa.REMOVEMAPPING_ONE.size   # FUSE_REMOVEM
 # log2 of the alignment of SETUPMAPPING's offsets (INIT's map_alignment): a page, which the
 # front-end's mmap needs; the Linux driver's 2 MiB ranges are multiples of it.
 DAX_MAP_ALIGNMENT = mmap.PAGESIZE.bit_length() - 1
+# handle()'s answer for a request that waits for a lock: no reply yet (take_blocked()).
+PENDING = -1
 
 
 class Session:
@@ -243,6 +253,9 @@ class FuseServer:
         self._warned_short = False
         self._warned_room = False
         self._warned_version = False
+        # The SETLKW handle() just left waiting (PENDING), for the worker to take.
+        self._blocked: Blocked | None = None
+        self._unique = 0
         op_ = Opcode
         self._ops = {int(op): fn for op, fn in (
             (op_.LOOKUP, self._lookup), (op_.FORGET, self._forget), (op_.GETATTR, self._getattr),
@@ -263,6 +276,7 @@ class FuseServer:
             (op_.LSEEK, self._lseek), (op_.COPY_FILE_RANGE, self._copy_file_range),
             (op_.SYNCFS, self._syncfs), (op_.COPY_FILE_RANGE_64, self._copy_file_range_64),
             (op_.SETUPMAPPING, self._setupmapping), (op_.REMOVEMAPPING, self._removemapping),
+            (op_.GETLK, self._getlk), (op_.SETLK, self._setlk), (op_.SETLKW, self._setlkw),
         )}
 
     # -- the request loop's entry point ----------------------------------------------------
@@ -307,6 +321,7 @@ class FuseServer:
             return 0 if no_reply else self._error(writer, unique, errno.EIO)
         if length > _MAX_REQUEST:
             return 0 if no_reply else self._error(writer, unique, errno.ENOMEM)
+        self._unique = unique
         handler = self._ops.get(opcode)
         if handler is None:
             return 0 if no_reply else self._error(writer, unique, errno.ENOSYS)
@@ -347,6 +362,8 @@ class FuseServer:
             return 0 if no_reply else self._error(writer, unique, errno.EIO)
         if result is None:
             return 0
+        if result is _WAITING:
+            return PENDING
         if isinstance(result, int):
             # The handler placed `result` body bytes after the header it reserved.
             writer.write_at(0, _OUT_PACK(_OUT_SIZE + result, 0, unique))
@@ -496,8 +513,50 @@ class FuseServer:
 
     def _interrupt(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
                    writer: Writer | None) -> _Result:
-        # Requests are served synchronously, so the target has completed already.
+        # Only a lock wait outlives its turn on the ring; every other request has completed
+        # already.  No reply: the interrupted request answers EINTR itself.
+        (unique,) = _unpack(fa.INTERRUPT_IN, body)
+        self.fs.interrupt(unique)
         return None
+
+    # -- locks (worker/locks.py) -----------------------------------------------------------
+    def _lk(self, ctx: Context, nodeid: int, body: bytes, sleep: bool | None) -> _Result:
+        fh, owner, start, end, typ, pid, lk_flags = _unpack(fa.LK_IN, body)
+        if sleep is None:
+            t, s, e, p = self.fs.getlk(ctx, nodeid, fh, owner, start, end, typ, pid, lk_flags)
+            return fa.LK_OUT.pack(s, e, t, p)
+        # The pid of the request's lock is the guest's (fuse_lk_fill: the caller's tgid).
+        wait = self.fs.setlk(ctx, nodeid, fh, owner, start, end, typ, pid or ctx.pid,
+                             lk_flags, sleep)
+        if wait is None:
+            return b""
+        self._blocked = Blocked(self._unique, *wait)
+        return _WAITING
+
+    def _getlk(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
+        return self._lk(ctx, nodeid, body, None)
+
+    def _setlk(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+               writer: Writer | None) -> _Result:
+        return self._lk(ctx, nodeid, body, False)
+
+    def _setlkw(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,
+                writer: Writer | None) -> _Result:
+        return self._lk(ctx, nodeid, body, True)
+
+    def take_blocked(self) -> Blocked:
+        """The lock request handle() answered PENDING for: the worker waits for it."""
+        blocked, self._blocked = self._blocked, None
+        assert blocked is not None
+        return blocked
+
+    def reply_status(self, writer: Writer | None, unique: int, err: int) -> int:
+        """A header-only reply (err 0: success) for a request answered later; its used
+        length."""
+        if err:
+            return self._error(writer, unique, err)
+        return self._reply(writer, unique, b"", Opcode.SETLKW)
 
     # -- names and inodes ------------------------------------------------------------------
     def _lookup(self, ctx: Context, nodeid: int, body: bytes, reader: Reader,

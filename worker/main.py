@@ -1,11 +1,15 @@
-"""A queue worker: one process per virtqueue, single-threaded.
+"""A queue worker: one process per virtqueue, serving its requests one at a time.
 
 It maps guest memory from the fds its control channel brings, runs its split ring and answers
 FUSE requests through the passthrough filesystem.  Control messages are handled between
 requests, so a new memory table or a stop request never races a request in progress: when the
 worker answers, it no longer uses what the message replaced (vhost-user "suspended" state).
 That also makes GET_VRING_BASE exact: every request popped before RING_STOP was answered is
-completed, so the index it reports is both the next to pop and the used index reached.
+completed, so the index it reports is both the next to pop and the used index reached -- but
+for lock requests still waiting (SETLKW), the one kind of request that outlives its turn: each
+waits in a helper thread (worker/locks.py) and is answered out of order when its wait ends.
+RING_STOP ends those waits unanswered; they stay in the journal, and a ring resumed at the
+reported index serves them again.
 
 Every request goes through the queue's inflight journal (common/journal.py): popped, executing
 (for non-idempotent calls), replied (reply in guest memory), pushed.  A worker started to replace
@@ -57,8 +61,9 @@ from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import SERVER_INIT_FLAGS, FuseServer, Session
+from pyvirtiofsd.worker.fuse_server import PENDING, SERVER_INIT_FLAGS, FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError, WindowBuffer
+from pyvirtiofsd.worker.locks import BOARD, Waits
 from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
@@ -131,6 +136,12 @@ class Worker:
         self.control_pending.register(channel.fileno(), select.POLLIN)
         self.busy = False
         self.running = True
+        # Lock requests waiting in helper threads (worker/locks.py): answered out of order,
+        # from the main loop, when their eventfd says one finished.
+        self.waits = Waits(BOARD)
+        # In the fd table the workers share: a successor closes it (recovery.py reclaim).
+        journal.own_fd(self.waits.fd)
+        self.poll.register(self.waits.fd, select.POLLIN)
         # The native data plane (worker/engine.c), or None for the Python reference.  With it,
         # self.queue (the Python SplitQueue) only validates rings, walks the chains the engine
         # hands back and replays the journal; the engine owns the ring indices.
@@ -192,6 +203,7 @@ class Worker:
             if native is not None:
                 engine.serve_natively(session.address, **native)
                 fs.share_credentials(engine.credentials)
+                engine.watch_lock_owners(BOARD.live_address)
         worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
         inner = fs.inner
         worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
@@ -431,6 +443,8 @@ class Worker:
         if self.queue is not None:
             self.stopped_at = self._next_avail()
         had_ring = self.queue is not None
+        # Requests waiting for a lock stay in the journal: a resumed ring serves them again.
+        self.waits.cancel_all()
         self.queue = None
         if self.engine is not None:
             self.engine.stop()
@@ -469,6 +483,7 @@ class Worker:
                         " request(s) of the old ring dropped", self.index, len(pending))
         for rec in pending:
             self.fs.abandon(rec)
+        self.waits.cancel_all()
 
     # -- recovery ------------------------------------------------------------------------
     def recover(self, queue: SplitQueue) -> None:
@@ -500,6 +515,9 @@ class Worker:
                 used = self._serve(chain)
             finally:
                 self.fs.end_replay()
+            if used == PENDING:
+                self._wait(rec.head)         # a lock it waited for: waited for again
+                continue
             self._complete(queue, rec.head, used)
         # As libvhost-user after reconnecting: one call, whatever the suppression state says.
         self.signal()
@@ -540,7 +558,9 @@ class Worker:
                 continue
             queue = self.queue
             self._start_engine(queue)
-            status = engine.serve(self.kick) if wait else engine.run()
+            # While a lock request waits, the main loop polls for its end: no sleep in C.
+            sleep = wait and not self.waits.pending
+            status = engine.serve(self.kick) if sleep else engine.run()
             if status is Status.EMPTY:
                 break
             if status is Status.CONTROL:
@@ -558,7 +578,10 @@ class Worker:
                     reader.skip(_IN_SIZE)       # decoded once, by the engine
                 used = self.server.handle(reader, writer, header)
                 del readable, writable, reader, writer
-                self._finish(engine, head, used)
+                if used == PENDING:
+                    self._wait(head)
+                else:
+                    self._finish(engine, head, used)
             elif status is Status.WALK:
                 self._walk_in_python(engine, queue)
             else:
@@ -584,7 +607,11 @@ class Worker:
         opcode, unique = _peek(chain.readable)
         j.popped(head, pos, opcode, unique)
         self._on_popped(opcode)
-        self._finish(engine, head, self._serve(chain))
+        used = self._serve(chain)
+        if used == PENDING:
+            self._wait(head)
+        else:
+            self._finish(engine, head, used)
 
     # What Python does around a request it serves for the engine: nothing more, or (a worker
     # with test hooks, chosen once at boot) the hook points of the Python plane's steps.
@@ -639,7 +666,11 @@ class Worker:
                     if hooks is not None:
                         hooks.opcode = opcode
                         hooks.at("popped")
-                    self._complete(queue, chain.head, self._serve(chain))
+                    used = self._serve(chain)
+                    if used == PENDING:
+                        self._wait(chain.head)
+                    else:
+                        self._complete(queue, chain.head, used)
                 if not queue.enable_notification():
                     return True
         except RingError as e:
@@ -695,6 +726,47 @@ class Worker:
         if queue.should_notify():
             self.signal()
 
+    # -- lock requests answered out of order (worker/locks.py) ---------------------------------
+    def _wait(self, head: int) -> None:
+        """The request just served waits for a lock, in a helper thread."""
+        blocked = self.server.take_blocked()
+        try:
+            self.waits.start(head, blocked)
+        except OSError as e:
+            blocked.done(e.errno or errno.ENOLCK)
+            self._answer(head, blocked.unique, e.errno or errno.ENOLCK)
+
+    def finish_waits(self) -> None:
+        """Answer the lock requests whose wait ended: granted (0), interrupted (EINTR) or
+        failed.  A wait the ring's stop cancelled is not answered (the journal keeps it)."""
+        for w in self.waits.finished():
+            if not w.cancelled:
+                self._answer(w.head, w.blocked.unique, w.err)
+
+    def _answer(self, head: int, unique: int, err: int) -> None:
+        """Complete `head` with a header-only reply, through the push path of either plane.
+        The chain is walked again: the guest memory table may have changed while it waited."""
+        queue = self.queue
+        if queue is None:
+            return
+        try:
+            chain = queue.walk(head)
+        except ChainError as e:
+            log.warning("queue %d: descriptor chain %d of a lock request: %s", self.index,
+                        head, e)
+            used = 0
+        else:
+            writer = Writer(chain.writable) if chain.writable else None
+            used = self.server.reply_status(writer, unique, err)
+            del chain, writer
+        if self.hooks is not None:
+            self.hooks.opcode = 0
+        if self.engine is not None:
+            self._start_engine(queue)
+            self._finish(self.engine, head, used)
+        else:
+            self._complete(queue, head, used)
+
     def on_kick(self) -> None:
         try:
             os.eventfd_read(self.kick)
@@ -705,6 +777,7 @@ class Worker:
     def run(self) -> None:
         control.send(self.channel, Ready(self.index, seq=0))
         chan = self.channel.fileno()
+        waits = self.waits
         while self.running:
             if self._deferred():
                 self.on_control()
@@ -716,9 +789,16 @@ class Worker:
                     self._process_native(engine, wait=True)
                 finally:
                     self.busy = False
-                continue
-            for fd, _ev in self.poll.poll():
+                if not waits.pending:
+                    continue
+            # A wait told to stop may have been signalled just before it began to sleep: the
+            # signal is sent again until its thread returns.
+            for fd, _ev in self.poll.poll(20 if waits.stuck() else None):
                 if fd == chan:
                     self.on_control()
                 elif fd == self.kick:
                     self.on_kick()
+                elif fd == waits.fd:
+                    self.finish_waits()
+            if waits.pending and waits.stuck():
+                waits.resend()

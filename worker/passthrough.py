@@ -52,6 +52,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import functools
 import os
 import stat
@@ -63,7 +64,8 @@ from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.xattrmap import XattrMap
-from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+from pyvirtiofsd.worker import locks
+from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions, LockWait
 from pyvirtiofsd.worker.guestmem import WindowBuffer
 
 if TYPE_CHECKING:
@@ -220,9 +222,13 @@ class Credentials:
 
 class PassthroughFs(Filesystem):
     def __init__(self, arena: Arena | JournaledArena, proc_self_fd: int,
-                 options: FsOptions) -> None:
+                 options: FsOptions, board: locks.LockBoard | None = None) -> None:
         self._inodes = arena.inodes
         self._handles = arena.handles
+        # Lock OFDs and the pins of waiting lock requests outlive one request, so they use the
+        # table itself, not its journaled view (whose records are one request's).
+        self._lock_handles = arena.arena.handles if hasattr(arena, "arena") else arena.handles
+        self._board = board if board is not None else locks.BOARD
         self._proc = proc_self_fd
         self.options = options
         self._timeout = _TIMEOUTS[options.cache]
@@ -595,7 +601,10 @@ class PassthroughFs(Filesystem):
     # -- session ---------------------------------------------------------------------------
     def destroy(self) -> None:
         # The session is over: the kernel holds no nodeid or fh any more (virtiofsd drops
-        # every inode and handle here too), so none of their fds may stay open.
+        # every inode and handle here too), so none of their fds may stay open.  Lock waits
+        # end (EINTR) and the owners' OFDs, handles too, close with every lock on them.
+        self._board.interrupt_all()
+        self._board.clear_owners()
         self._handles.remove_all()
         self._inodes.forget_all()
 
@@ -625,6 +634,12 @@ class PassthroughFs(Filesystem):
             want |= fa.InitFlag.HANDLE_KILLPRIV_V2
         if self.options.allow_mmap:
             want |= fa.InitFlag.DIRECT_IO_ALLOW_MMAP
+        # Locks served here (worker/locks.py); without them the guest kernel keeps its locks
+        # to itself, which is what virtiofsd, answering ENOSYS, gets too.
+        if self.options.posix_lock:
+            want |= fa.InitFlag.POSIX_LOCKS
+        if self.options.flock:
+            want |= fa.InitFlag.FLOCK_LOCKS
         return int(want)
 
     # -- names and inodes ------------------------------------------------------------------
@@ -1008,14 +1023,191 @@ class PassthroughFs(Filesystem):
             os.close(os.dup(fd))
         finally:
             self._handles.release(fh)
+        # ... and the guest kernel expects the closing owner's POSIX locks on the file gone
+        # (fs/fuse/file.c fuse_flush: it keeps no record of its own).
+        if self._board.live:
+            self._drop_owner(nodeid, lock_owner)
 
     def release(self, ctx: Context, nodeid: int, fh: int, flags: int, release_flags: int,
                 lock_owner: int) -> None:
-        self._pin_handle(fh, nodeid)
+        fd = self._pin_handle(fh, nodeid)
         try:
+            # Locks of an open file description's own (OFD locks in the guest: the kernel's
+            # owner is its struct file) go with it; no FLUSH names that owner.  A process's
+            # locks taken through it were dropped by the FLUSH of its last close already.
+            if self._board.live:
+                for owner in self._board.owners_via(nodeid, fh):
+                    self._drop_owner(nodeid, owner)
+            if release_flags & fa.RELEASE_FLOCK_UNLOCK:
+                # Now, even if another queue still has the fd pinned for a moment.
+                fcntl.flock(fd, fcntl.LOCK_UN)
             self._handles.remove(fh)
         finally:
             self._handles.release(fh)  # the fd closes here, or when the last user unpins
+
+    # -- locks (worker/locks.py) --------------------------------------------------------------
+    def _pin_lock_handle(self, fh: int, nodeid: int) -> int:
+        """Pin `fh` in the table itself (for longer than a request); EBADF as _pin_handle."""
+        fd, owner, _ = self._lock_handles.acquire(fh)
+        if owner != nodeid:
+            self._lock_handles.release(fh)
+            raise _err(errno.EBADF)
+        return fd
+
+    def _open_lock_fd(self, ifd: int, fh: int) -> int:
+        # Read-write when the host lets the daemon, so one OFD takes the owner's read and
+        # write locks (the guest kernel checked the mode of the file it locks through:
+        # fcntl(2) EBADF); else the access mode of the handle the request came through.
+        if not self._readonly:
+            try:
+                return self._reopen(ifd, os.O_RDWR)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ETXTBSY):
+                    raise
+        _fd, _nodeid, flags = self._lock_handles.acquire(fh)
+        self._lock_handles.release(fh)
+        return self._reopen(ifd, flags & os.O_ACCMODE)
+
+    def _owner_handle(self, nodeid: int, fh: int, owner: int, pid: int) -> int:
+        """The handle of the owner's OFD on `nodeid`, made on its first lock."""
+        found = self._board.owner(nodeid, owner)
+        if found is not None:
+            return found[0]
+        self._pin_handle(fh, nodeid)            # the request's own handle must be the inode's
+        self._handles.release(fh)
+        with self._inodes.pinned(nodeid) as ifd:
+            self._check_openable(ifd, False)
+            fd = self._as_daemon(self._open_lock_fd, ifd, fh)
+        try:
+            ofh = self._lock_handles.insert(fd, nodeid, os.O_RDWR)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            other = self._board.add_owner(nodeid, owner, ofh, fh, pid)
+        except BaseException:
+            self._lock_handles.remove(ofh)
+            raise
+        if other is not None:                   # another queue made it meanwhile
+            self._lock_handles.remove(ofh)
+            return other
+        return ofh
+
+    def _drop_owner(self, nodeid: int, owner: int) -> None:
+        """Release every POSIX lock of `owner` on `nodeid` and close its OFD."""
+        ofh = self._board.remove_owner(nodeid, owner)
+        if ofh is None:
+            return
+        try:
+            fd, _, _ = self._lock_handles.acquire(ofh)
+        except OSError:
+            return
+        try:
+            # Unlocked first: a pin elsewhere (a lock wait) may keep the fd open a while.
+            locks.try_posix(fd, fcntl.F_UNLCK, 0, 0)
+            self._lock_handles.remove(ofh)
+        finally:
+            self._lock_handles.release(ofh)
+
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int) -> tuple[int, int, int, int]:
+        if typ not in (fcntl.F_RDLCK, fcntl.F_WRLCK):
+            raise _err(errno.EINVAL)
+        l_start, l_len = locks.fuse_range(start, end)
+        found = self._board.owner(nodeid, owner)
+        if found is not None:
+            # The owner's own locks never conflict: asked through its OFD.
+            fd = self._pin_lock_handle(found[0], nodeid)
+            release, ident = self._lock_handles.release, found[0]
+        else:
+            fd = self._pin_handle(fh, nodeid)   # holds no POSIX lock: every lock conflicts
+            release, ident = self._handles.release, fh
+        try:
+            t, s, n = locks.probe_posix(fd, typ, l_start, l_len)
+        finally:
+            release(ident)
+        if t == fcntl.F_UNLCK:
+            return fcntl.F_UNLCK, start, end, 0
+        return (t, *locks.flock_range(s, n), self._holder(nodeid, owner, s, n))
+
+    def _holder(self, nodeid: int, owner: int, l_start: int, l_len: int) -> int:
+        """The guest pid of the owner holding the lock found over [l_start, +l_len), or 0 (a
+        host process, or several readers): the owner whose OFD sees nothing else there."""
+        for other, ofh, pid in self._board.owners_of(nodeid):
+            if other == owner:
+                continue
+            try:
+                fd = self._pin_lock_handle(ofh, nodeid)
+            except OSError:
+                continue
+            try:
+                t, _s, _n = locks.probe_posix(fd, fcntl.F_WRLCK, l_start, l_len)
+            finally:
+                self._lock_handles.release(ofh)
+            if t == fcntl.F_UNLCK:
+                return pid
+        return 0
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int, sleep: bool) -> LockWait | None:
+        if lk_flags & fa.LK_FLOCK:
+            return self._flock(nodeid, fh, typ, sleep)
+        if typ == fcntl.F_UNLCK:
+            l_start, l_len = locks.fuse_range(start, end)
+            found = self._board.owner(nodeid, owner)
+            if found is not None:               # else: the owner holds nothing here
+                fd = self._pin_lock_handle(found[0], nodeid)
+                try:
+                    locks.try_posix(fd, fcntl.F_UNLCK, l_start, l_len)
+                finally:
+                    self._lock_handles.release(found[0])
+            return None
+        if typ not in (fcntl.F_RDLCK, fcntl.F_WRLCK):
+            raise _err(errno.EINVAL)
+        l_start, l_len = locks.fuse_range(start, end)
+        ofh = self._owner_handle(nodeid, fh, owner, pid)
+        fd = self._pin_lock_handle(ofh, nodeid)
+        try:
+            locks.try_posix(fd, typ, l_start, l_len)
+        except OSError as e:
+            if not sleep or e.errno not in (errno.EAGAIN, errno.EACCES):
+                self._lock_handles.release(ofh)
+                raise
+        else:
+            self._board.set_pid(nodeid, owner, pid)
+            self._lock_handles.release(ofh)
+            return None
+
+        def done(err: int) -> None:
+            if err == 0:
+                self._board.set_pid(nodeid, owner, pid)
+            self._lock_handles.release(ofh)
+        return locks.blocking_posix(fd, typ, l_start, l_len), done
+
+    def _flock(self, nodeid: int, fh: int, typ: int, sleep: bool) -> LockWait | None:
+        ops = {fcntl.F_RDLCK: fcntl.LOCK_SH, fcntl.F_WRLCK: fcntl.LOCK_EX,
+               fcntl.F_UNLCK: fcntl.LOCK_UN}
+        if typ not in ops:
+            raise _err(errno.EINVAL)
+        op = ops[typ]
+        fd = self._pin_lock_handle(fh, nodeid)
+        try:
+            fcntl.flock(fd, op if op == fcntl.LOCK_UN else op | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not sleep:
+                self._lock_handles.release(fh)
+                raise
+        except BaseException:
+            self._lock_handles.release(fh)
+            raise
+        else:
+            self._lock_handles.release(fh)
+            return None
+        return (locks.blocking_flock(fd, op),
+                lambda err: self._lock_handles.release(fh))
+
+    def interrupt(self, unique: int) -> None:
+        self._board.interrupt(unique)
 
     def fsync(self, ctx: Context, nodeid: int, fh: int, datasync: bool) -> None:
         self._as_caller(ctx)

@@ -51,6 +51,24 @@ What is guaranteed, and what is not:
   again) or applied.
 * Effects beyond MAX_EFFECTS for one request (a READDIRPLUS of thousands of entries) are not
   recorded and leak the same way if that request is interrupted.
+
+Locks (worker/locks.py).  GETLK, SETLK and SETLKW replay as they are: an owner taking again
+a lock it holds, or releasing a range it does not hold, changes nothing, and its locks live
+on open file descriptions in the fd table the workers share, never in a worker.  So:
+* a worker killed holding locks loses none, its owners' nor anyone else's: the guest keeps
+  what it was told it holds, and releases it with an unlock or a FLUSH through any queue;
+* a worker killed while a SETLKW waits (in one of its helper threads) owes the guest one
+  answer to that request: the kernel drops the dead thread's wait, the request is still
+  POPPED in the journal, and the successor serves it again -- it waits again, in a thread of
+  its own, and answers when the lock is granted or the guest interrupts it.  If the lock had
+  been granted and the worker died before the reply, the replay finds it held by the same
+  owner and answers success at once;
+* a ring stopped while requests wait (GET_VRING_BASE) ends their waits unanswered: they stay
+  in the journal, and the ring resumed at the index it reported serves them again, as above.
+  A ring restarted elsewhere abandons them like any other journaled request;
+* kills inside the few instructions between making an owner's OFD and recording it on the
+  board leak that fd until the session ends (no lock is on it yet); a pin a waiting request
+  held is leaked the same way, which only keeps an unlocked fd open.
 """
 
 from __future__ import annotations
@@ -64,7 +82,14 @@ from typing import Any, TypeVar
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.arena import Arena, HandleTable, InodeTable, Pinned
 from pyvirtiofsd.common.journal import Effect, Inflight, PinKind, PreState, QueueJournal, SlotState
-from pyvirtiofsd.worker.filesystem import Context, DirEntry, Entry, Filesystem, FsOptions
+from pyvirtiofsd.worker.filesystem import (
+    Context,
+    DirEntry,
+    Entry,
+    Filesystem,
+    FsOptions,
+    LockWait,
+)
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.testhooks import Hooks
 
@@ -336,6 +361,21 @@ class JournaledFs(Filesystem):
 
     def listxattr(self, ctx: Context, nodeid: int, size: int) -> bytes | int:
         return self._call(self.inner.listxattr, ctx, nodeid, size)
+
+    # Locks are idempotent per owner: taking again a lock the owner holds, or releasing one
+    # it does not, changes nothing (see "Locks" in the module doc).
+    def getlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int) -> tuple[int, int, int, int]:
+        return self._call(self.inner.getlk, ctx, nodeid, fh, owner, start, end, typ, pid,
+                          lk_flags)
+
+    def setlk(self, ctx: Context, nodeid: int, fh: int, owner: int, start: int, end: int,
+              typ: int, pid: int, lk_flags: int, sleep: bool) -> LockWait | None:
+        return self._call(self.inner.setlk, ctx, nodeid, fh, owner, start, end, typ, pid,
+                          lk_flags, sleep)
+
+    def interrupt(self, unique: int) -> None:
+        return self._call(self.inner.interrupt, unique)
 
     # -- replay bookkeeping ------------------------------------------------------------------
     def begin_replay(self, rec: Inflight) -> None:
