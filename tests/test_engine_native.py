@@ -308,6 +308,47 @@ def test_native_replies_are_the_reference_replies(planes: Planes) -> None:
     assert planes.answered_natively(0) == 3
 
 
+def test_readdirplus_of_a_large_directory_is_the_reference(planes: Planes) -> None:
+    """The engine reads a directory in parts sized to the reply (so that the directory's
+    position stays where the next reply starts); the entries of each reply must still be
+    those Python's one getdents64 buffer yields, whatever the names' lengths and the reply
+    sizes, also while names go away between two replies."""
+    shares = [d.share for d in planes.daemons]
+    names = [(f"{i:03d}" + "n" * (i * 37 % 253)).encode() for i in range(400)]
+    for share in shares:
+        (share / "big").mkdir()
+        for name in names:
+            (share / "big" / os.fsdecode(name)).write_bytes(b"")
+    # The two directories' sizes may differ (how ext4 split them): looked up apart.
+    big, other = (c.lookup(ROOT, "big").nodeid for c in planes.clients)
+    assert big == other
+    sizes = (4096, 1000, 8192, 600, 65536, 4096, 520, 12000)   # each fits any one entry
+    for walk in range(2):
+        dfh = planes.open(big, os.O_RDONLY | os.O_DIRECTORY, Op.OPENDIR)
+        offset, listed, replies = 0, 0, 0
+        while True:
+            size = sizes[replies % len(sizes)]
+            r = planes.both(Op.READDIRPLUS, big, _read(dfh, offset, size), out_size=size)
+            replies += 1
+            assert not r.error
+            if not r.body:
+                break
+            pos = 0
+            while pos < len(r.body):
+                namelen = struct.unpack_from("<I", r.body, pos + 144)[0]
+                offset = struct.unpack_from("<Q", r.body, pos + 136)[0]
+                pos += fa.direntplus_size(namelen)
+                listed += 1
+            if walk == 1 and replies % 3 == 0:
+                # Names removed behind and ahead of the listing, on both hosts alike.
+                for share in shares:
+                    for name in names[replies * 7:replies * 7 + 4]:
+                        (share / "big" / os.fsdecode(name)).unlink(missing_ok=True)
+        planes.both(Op.RELEASEDIR, big, fa.RELEASE_IN.pack(dfh, 0, 0, 0))
+        if walk == 0:
+            assert listed == len(names) + 2 and replies > 10
+
+
 def _setattr(valid: int, *, fh: int = 0, size: int = 0, mode: int = 0, uid: int = 0,
              gid: int = 0, atime: int = 0, mtime: int = 0) -> bytes:
     return fa.SetattrIn(valid, fh=fh, size=size, atime=atime, mtime=mtime, atimensec=5,

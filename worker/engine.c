@@ -989,30 +989,32 @@ static int register_fd(struct vfs_engine *e, int pfd, int fd, struct fuse_entry_
     return 0;
 }
 
-/* PassthroughFs.lookup of a checked `name` in `parent`, the caller's credentials in force:
- * 0 with `out` filled (one lookup counted, journaled as an effect), -errno, or DEFER (EACCES
- * and EPERM included: Python serves those again with the directory's group, member retry). */
+/* PassthroughFs._lookup_at of a checked `name` in the directory `pfd` (pinned, beneath the
+ * root), the caller's credentials in force: 0 with `out` filled (one lookup counted,
+ * journaled as an effect), -errno, or DEFER (EACCES and EPERM included: Python serves those
+ * again with the directory's group, member retry). */
+static int lookup_in(struct vfs_engine *e, int pfd, const char *name,
+                     struct fuse_entry_out *out) {
+    int fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (fd == -ENOSYS || fd == -EACCES || fd == -EPERM)
+        return DEFER;
+    if (fd < 0)
+        return fd;
+    return register_fd(e, pfd, fd, out);
+}
+
+/* PassthroughFs.lookup of a checked `name` in `parent`: lookup_in() after the parent is
+ * pinned and checked to be beneath the root. */
 static int lookup_name(struct vfs_engine *e, uint64_t parent, const char *name,
                        struct fuse_entry_out *out) {
     int pfd, rc;
     if ((rc = pin_inode(e, parent, &pfd)) != 0)
         return rc;
     int r = check_beneath(e, pfd);
-    int fd = -1;
-    if (r == 0) {
-        fd = open_beneath(pfd, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
-        if (fd == -ENOSYS)
-            r = DEFER;
-        else if (fd < 0)
-            r = fd;
-    }
-    if (r == DEFER || r == -EACCES || r == -EPERM || r < 0) {
-        unpin_inode(e, parent);
-        return r == -EACCES || r == -EPERM ? DEFER : r;
-    }
-    int err = register_fd(e, pfd, fd, out);
+    if (r == 0)
+        r = lookup_in(e, pfd, name, out);
     unpin_inode(e, parent);
-    return err;
+    return r == -EACCES || r == -EPERM ? DEFER : r;
 }
 
 static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
@@ -1045,6 +1047,32 @@ static int64_t do_lookup(struct vfs_engine *e, uint64_t body_len) {
 
 struct fuse_dirent_head { uint64_t ino, off; uint32_t namelen, type; };
 
+#define DIRENT64_MIN 24u                   /* the smallest getdents64 record */
+#define DIRENT64_MAX 280u                  /* the largest: a NAME_MAX name */
+#define DIRENTPLUS_MIN 160u                /* the smallest reply record: a 1-byte name */
+
+/* The next getdents64 read of a READDIRPLUS: about as many records as `room` bytes of reply
+ * take, guessed from the average record `avg` so far, and no more than `left` bytes (what
+ * Python's one buffer has left).  Reading no further than the reply uses keeps the directory's
+ * position where the next request starts: ext4 then goes on with the hash-ordered listing it
+ * built, rather than building it again for every reply (ext4_dx_readdir). */
+static uint64_t dir_chunk(uint64_t room, uint64_t avg, uint64_t left) {
+    /* A reply record is its getdents64 record plus 128 to 136 bytes (fuse_entry_out and the
+     * fuse_dirent head replace the 19-byte head, both rounded to 8). */
+    uint64_t c = room * avg / (avg + 136);
+    if (c < DIRENT64_MIN)
+        c = DIRENT64_MIN;
+    return c < left ? c : left;
+}
+
+static long getdents_into(int fd, uint8_t *buf, uint64_t want, uint64_t left) {
+    long n = syscall(SYS_getdents64, fd, buf, want);
+    if (n < 0 && errno == EINVAL && want < DIRENT64_MAX && left > want)
+        /* The next record is longer than `want`: room for any record (within `left`). */
+        n = syscall(SYS_getdents64, fd, buf, left < DIRENT64_MAX ? left : DIRENT64_MAX);
+    return n;
+}
+
 static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
     struct fuse_read_in in;
     if (body_len < sizeof in || e->writable_bytes < OUT_HEADER_SIZE)
@@ -1065,27 +1093,46 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
         if (e->dirbuf == NULL)
             return DEFER;
     }
+    /* Python reads one getdents64 buffer of `bufsize` bytes: the entries a reply may list are
+     * those its records fill, read here in smaller parts (dir_chunk) and counted in `listed`. */
     uint64_t bufsize = size < 4096 ? 4096 : size;
-    int fd, rc;
+    int fd, pfd, rc;
     if ((rc = pin_handle(e, in.fh, e->in.nodeid, &fd)) != 0)
         return reply_error(e, -rc);
     int r = check_beneath(e, fd);
     long n = 0;
+    uint64_t avg = DIRENT64_MIN, listed = 0, nread = 0;
     if (r == 0) {
         /* The position is the open file description's, shared by every queue; the guest
-         * serialises getdents on one open directory, so no two READDIRs of one fh race. */
+         * serialises getdents on one open directory, so no two READDIRs of one fh race.
+         * Seeking to where it is already changes nothing (vfs_setpos). */
         if (lseek(fd, (off_t)in.offset, SEEK_SET) < 0)
             r = -errno;
-        else if ((n = syscall(SYS_getdents64, fd, e->dirbuf, bufsize)) < 0)
+        else if ((n = getdents_into(fd, e->dirbuf, dir_chunk(size, avg, bufsize),
+                                    bufsize)) < 0)
             r = -errno;
     }
-    unpin_handle(e, in.fh);
-    if (r == DEFER)
-        return DEFER;
-    if (r < 0)
-        return reply_error(e, -r);
+    /* The names are looked up in the handle's directory, pinned once for the request and
+     * checked beneath the root once, above (Python pins and checks it for every name: only a
+     * directory the host moves out of the share meanwhile could tell the two apart). */
+    if (r == 0 && pin_inode(e, e->in.nodeid, &pfd) != 0)
+        r = DEFER;                            /* Python's EBADF for every name */
+    if (r != 0) {
+        unpin_handle(e, in.fh);
+        return r == DEFER ? DEFER : reply_error(e, -r);
+    }
     uint64_t used = 0;
-    for (long pos = 0; pos + 19 <= n;) {
+    int64_t result = -2;                      /* -2: the reply made so far */
+    for (long pos = 0;;) {
+        if (pos + 19 > n) {
+            /* This part is listed: read the next while the reply has room for an entry. */
+            if (n <= 0 || size - used < DIRENTPLUS_MIN || listed >= bufsize)
+                break;
+            n = getdents_into(fd, e->dirbuf, dir_chunk(size - used, avg, bufsize - listed),
+                              bufsize - listed);
+            pos = 0;
+            continue;                         /* 0 (the end) or an error: done */
+        }
         uint64_t ino;
         int64_t off;
         uint16_t reclen;
@@ -1094,8 +1141,11 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
         memcpy(&off, e->dirbuf + pos + 8, 8);
         memcpy(&reclen, e->dirbuf + pos + 16, 2);
         type = e->dirbuf[pos + 18];
-        if (reclen < 19 || pos + reclen > n)
-            break;                            /* the kernel's records are never like this */
+        if (reclen < 19 || pos + reclen > n || listed + reclen > bufsize)
+            break;                            /* the end of what Python's buffer holds */
+        listed += reclen;
+        nread++;
+        avg = listed / nread;
         const char *name = (const char *)e->dirbuf + pos + 19;
         const char *nul = memchr(name, 0, reclen - 19);
         uint32_t namelen = (uint32_t)(nul != NULL ? nul - name : reclen - 19);
@@ -1103,7 +1153,7 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
         uint64_t rec = (sizeof(struct fuse_entry_out) + DIRENT_HEAD + namelen + 7) & ~7ull;
         if (used + rec > size) {
             if (used == 0)                    /* not even one entry fits: getdents(2)'s EINVAL */
-                return reply_error(e, EINVAL);
+                result = reply_error(e, EINVAL);
             break;                            /* checked before the lookup: nothing to undo */
         }
         struct fuse_entry_out entry;
@@ -1115,18 +1165,17 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
             entry.attr.mode = (uint32_t)type << 12;
         } else if (nul == NULL || namelen > NAME_MAX_FUSE) {
             if (used == 0)
-                return DEFER;
+                result = DEFER;
             break;
         } else {
-            int lr = lookup_name(e, e->in.nodeid, name, &entry);
+            int lr = lookup_in(e, pfd, name, &entry);
             if (lr == -ENOENT)
                 continue;                     /* removed since it was listed */
-            if (lr == DEFER && used == 0)
-                return DEFER;
             if (lr != 0) {
-                if (used)
-                    break;                    /* keep what was counted; the guest asks again */
-                return reply_error(e, -lr);
+                /* Keep what was counted (the guest asks again), or answer as Python. */
+                if (used == 0)
+                    result = lr == DEFER ? DEFER : reply_error(e, -lr);
+                break;
             }
         }
         struct fuse_dirent_head d = {ino, (uint64_t)off, namelen, type};
@@ -1139,6 +1188,10 @@ static int64_t do_readdirplus(struct vfs_engine *e, uint64_t body_len) {
                  rec - sizeof entry - sizeof d - namelen);
         used += rec;
     }
+    unpin_inode(e, e->in.nodeid);
+    unpin_handle(e, in.fh);
+    if (result != -2)
+        return result;
     struct fuse_out_header h = {OUT_HEADER_SIZE + (uint32_t)used, 0, e->in.unique};
     write_at(e, 0, &h, sizeof h);
     return h.len;
