@@ -349,6 +349,23 @@ def test_readdirplus_of_a_large_directory_is_the_reference(planes: Planes) -> No
             assert listed == len(names) + 2 and replies > 10
 
 
+def test_both_planes_of_one_daemon_name_an_inode_alike(planes: Planes) -> None:
+    """The engine reads an inode's device and number with statx, Python with fstat: the
+    shared inode table must key them alike, or one inode would get two nodeids."""
+    c = planes.clients[0]
+    ext = fa.pack_supp_groups([3000])
+    for name in (b"f", b"d", b"secret"):
+        native = c.lookup(ROOT, name).nodeid
+        # With supplementary groups the request is Python's.
+        unique, readable = c.build(Op.LOOKUP, ROOT, name + b"\0" + ext,
+                                   total_extlen=len(ext) // 8)
+        done = c.vq.wait(c.vq.submit(readable, [fa.OUT_HEADER.size, fa.ENTRY_OUT.size]))
+        r = c.parse(done, unique, fa.OUT_HEADER.size + fa.ENTRY_OUT.size)
+        assert r.error == 0 and fa.ENTRY_OUT.unpack_from(r.body)[0] == native
+        c.forget(native, 2)
+    assert planes.answered_natively(1) == 3
+
+
 def _setattr(valid: int, *, fh: int = 0, size: int = 0, mode: int = 0, uid: int = 0,
              gid: int = 0, atime: int = 0, mtime: int = 0) -> bytes:
     return fa.SetattrIn(valid, fh=fh, size=size, atime=atime, mtime=mtime, atimensec=5,

@@ -848,6 +848,40 @@ static int64_t mnt_id(int fd) {
     return (mask & STATX_MNT_ID_BIT) ? (int64_t)buf[STATX_MNT_ID_OFF / 8] : 0;
 }
 
+/* fstat(2) and mnt_id() of `fd` in one statx(2): 0, or -errno.  The fields are those fstat
+ * reports, from the same kernel attributes (cp_new_stat): device numbers new_encode_dev()d,
+ * EOVERFLOW where that encoding cannot hold them. */
+static int stat_mnt(int fd, struct stat *st, int64_t *mnt) {
+    union { struct statx x; uint64_t raw[32]; } b;
+    _Static_assert(sizeof b == 256, "struct statx");
+    memset(&b, 0, sizeof b);
+    if (statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID_BIT,
+              &b.x) != 0)
+        return -errno;
+    const struct statx *x = &b.x;
+    if (x->stx_dev_major >= 4096 || x->stx_dev_minor >= (1u << 20)
+            || x->stx_rdev_major >= 4096 || x->stx_rdev_minor >= (1u << 20))
+        return -EOVERFLOW;
+    memset(st, 0, sizeof *st);
+    st->st_dev = (x->stx_dev_minor & 0xff) | (x->stx_dev_major << 8)
+               | ((uint64_t)(x->stx_dev_minor & ~0xffu) << 12);
+    st->st_rdev = (x->stx_rdev_minor & 0xff) | (x->stx_rdev_major << 8)
+                | ((uint64_t)(x->stx_rdev_minor & ~0xffu) << 12);
+    st->st_ino = x->stx_ino;
+    st->st_mode = x->stx_mode;
+    st->st_nlink = x->stx_nlink;
+    st->st_uid = x->stx_uid;
+    st->st_gid = x->stx_gid;
+    st->st_size = (off_t)x->stx_size;
+    st->st_blksize = x->stx_blksize;
+    st->st_blocks = (blkcnt_t)x->stx_blocks;
+    st->st_atim = (struct timespec){x->stx_atime.tv_sec, x->stx_atime.tv_nsec};
+    st->st_mtim = (struct timespec){x->stx_mtime.tv_sec, x->stx_mtime.tv_nsec};
+    st->st_ctim = (struct timespec){x->stx_ctime.tv_sec, x->stx_ctime.tv_nsec};
+    *mnt = (x->stx_mask & STATX_MNT_ID_BIT) ? (int64_t)b.raw[STATX_MNT_ID_OFF / 8] : 0;
+    return 0;
+}
+
 /* /proc/self/fd/N's target into `out` (NUL-terminated): its length, -errno, or -ENAMETOOLONG
  * when it does not fit (then Python, which has no limit, answers). */
 static int fd_path(const struct vfs_engine *e, int fd, char *out, size_t size) {
@@ -950,11 +984,10 @@ static int register_fd(struct vfs_engine *e, int pfd, int fd, struct fuse_entry_
     struct stat st, pst;
     uint32_t flags = 0;
     int64_t mnt = 0;
-    int err = fstat(fd, &st) != 0 ? -errno : 0;
+    memset(&st, 0, sizeof st);
+    int err = stat_mnt(fd, &st, &mnt);
     if (!err && st.st_nlink > UINT32_MAX)
         err = DEFER;                      /* Python's struct refuses it: let it answer */
-    if (!err && (mnt = mnt_id(fd)) < 0)
-        err = (int)mnt;
     if (!err && e->fs.submounts && S_ISDIR(st.st_mode)) {
         /* A directory on another filesystem or mount is a submount (FUSE_ATTR_SUBMOUNT). */
         if (fstat(pfd, &pst) != 0) {
