@@ -427,6 +427,21 @@ static int pop(struct vfs_engine *e) {
     return 1;
 }
 
+/* The decimal name of `fd` in /proc/self/fd, into `name` (16 bytes): snprintf's work for the
+ * one case the handlers need, on every path through the proc directory. */
+static void fd_name(char name[16], int fd) {
+    char tmp[16];
+    unsigned v = fd < 0 ? 0 : (unsigned)fd;
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    for (int k = 0; k < n; k++)
+        name[k] = tmp[n - 1 - k];
+    name[n] = 0;
+}
+
 /* -- native handlers --------------------------------------------------------------------- */
 
 /* Each mirrors the Python FuseServer + PassthroughFs path for the same request (the reference)
@@ -812,7 +827,7 @@ static int64_t do_access(struct vfs_engine *e, uint64_t body_len) {
     if ((rc = pin_inode(e, e->in.nodeid, &fd)) != 0)
         return reply_error(e, -rc);
     char name[16];
-    snprintf(name, sizeof name, "%d", fd);
+    fd_name(name, fd);
     /* AT_EACCESS: with the fsuid/fsgid, groups and capabilities in force, the caller's. */
     int err = faccessat(e->fs.proc_fd, name, (int)mask, AT_EACCESS) != 0 ? errno : 0;
     unpin_inode(e, e->in.nodeid);
@@ -886,7 +901,7 @@ static int stat_mnt(int fd, struct stat *st, int64_t *mnt) {
  * when it does not fit (then Python, which has no limit, answers). */
 static int fd_path(const struct vfs_engine *e, int fd, char *out, size_t size) {
     char name[16];
-    snprintf(name, sizeof name, "%d", fd);
+    fd_name(name, fd);
     ssize_t n = readlinkat(e->fs.proc_fd, name, out, size);
     if (n < 0)
         return -errno;
@@ -1240,7 +1255,7 @@ struct fuse_open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
  * Python's os.open passes). */
 static int reopen(const struct vfs_engine *e, int fd, int flags) {
     char name[16];
-    snprintf(name, sizeof name, "%d", fd);
+    fd_name(name, fd);
     int r = openat(e->fs.proc_fd, name, (flags & ~O_NOFOLLOW) | O_CLOEXEC, 0777);
     return r < 0 ? -errno : r;
 }
@@ -1603,7 +1618,7 @@ static int setattr_steps(struct vfs_engine *e, const struct fuse_setattr_in *in,
                          int hfd) {
     uint32_t valid = in->valid;
     char name[16];
-    snprintf(name, sizeof name, "%d", ifd);
+    fd_name(name, ifd);
     if (valid & FATTR_MODE) {
         mode_t mode = in->mode & 07777;
         if ((hfd >= 0 ? fchmod(hfd, mode) : fchmodat(e->fs.proc_fd, name, mode, 0)) != 0)
