@@ -1790,6 +1790,8 @@ static int64_t serve_native(struct vfs_engine *e) {
 
 /* -- the batch loop ------------------------------------------------------------------------- */
 
+#define NOTIFY_NOW_BYTES (64u << 10)   /* a request moving this much is announced at once */
+
 /* A natively answered request into the queue's statistics, as FuseServer.handle records one
  * Python answers (the opcode it started, then count, errno and latency).  FORGET and
  * BATCH_FORGET, which get no reply, count with errno 0 there too. */
@@ -1878,6 +1880,13 @@ int vfs_engine_run(struct vfs_engine *e) {
             complete(e, e->head, (uint32_t)used);
         e->native++;
         e->since_poll++;
+        /* Completions are announced together, every poll_every requests or when the ring runs
+         * empty: one eventfd write for a batch of small requests.  A request that moved much
+         * data took long enough that its driver, waiting for it to send the next one, would
+         * leave the ring to run dry meanwhile: it is announced at once (virtiofsd signals
+         * every request; EVENT_IDX still lets the driver decline). */
+        if ((uint64_t)used + e->readable_bytes >= NOTIFY_NOW_BYTES)
+            vfs_engine_notify(e);
     }
 }
 
