@@ -14,6 +14,10 @@ otherwise `load()` returns None and the worker never looks at hooks again.
              pushed     used entry published; journal slot not yet freed
              boot       worker of queue N starting (before it says READY)
 
+On the native data plane the engine's own handlers of CREATE, MKDIR, UNLINK, RMDIR and
+SETATTR (engine.PROBED_OPCODES) stop at these points themselves, and the log says "in the
+native engine"; a request of another opcode a hook names is served by the Python plane.
+
 The hook fires on matching occurrences FIRST..LAST (default FIRST = LAST = 1; `@2-` means from
 the second on), counted across every worker and respawn of the daemon in the journal's shared
 hook counters.  The worker kills itself with kill(2), which the worker seccomp policy refuses:
