@@ -12,7 +12,8 @@ from .daemons import BENCH
 
 
 def measure(build_dir: Path, seconds: float) -> dict[str, float]:
-    """{memcpy_mb_s, syscall_ns, wakeup_rtt_us}; raises RuntimeError if it cannot run."""
+    """{memcpy_mb_s, syscall_ns, wakeup_rtt_us, preadv_mb_s, pwritev_mb_s}; raises
+    RuntimeError if it cannot run."""
     src = BENCH / "limits.c"
     exe = build_dir / "limits"
     if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:

@@ -212,7 +212,19 @@ class Results:
                 f"round trip {m['syscall_ns']:.0f} ns (= {fmt(1e9 / m['syscall_ns'])} per "
                 f"second); eventfd wake-up round trip between two processes "
                 f"{m['wakeup_rtt_us']:.1f} µs.  Percentages: each median as a fraction of its "
-                f"limit (MB/s of memcpy, anything per second of bare syscalls).")
+                f"limit (MB/s of memcpy, anything per second of bare syscalls)."
+                + self.kernel_copy_sentence(m))
+
+    @staticmethod
+    def kernel_copy_sentence(m: dict[str, float]) -> str:
+        """The kernel's own copy of a 1 MiB READ / WRITE chain, where the run measured it (runs
+        saved before it was measured have none)."""
+        if "preadv_mb_s" not in m or "pwritev_mb_s" not in m:
+            return ""
+        return (f"  For reference, the kernel's own copy of a 1 MiB chain of 4 KiB pages "
+                f"between the share's page cache and such a mapping: preadv "
+                f"{fmt(m['preadv_mb_s'])} MB/s, pwritev {fmt(m['pwritev_mb_s'])} MB/s (what a "
+                f"READ or WRITE cannot beat, whatever the daemon).")
 
     def notes(self) -> list[str]:
         """Failed runs of figures that still have a median, grouped by daemon and reason."""

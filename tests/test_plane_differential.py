@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import run_state_machine_as_test
+from hypothesis.stateful import rule, run_state_machine_as_test
 
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.fuse_abi import Opcode
 from tests.conftest import DATA_PLANES, Daemon
-from tests.differential import DaemonPair, Divergence, SameBytes
+from tests.differential import ROOT, DaemonPair, Divergence, SameBytes
 from tests.frontend import Frontend, FuseClient, FuseReply
-from tests.test_differential import EXERCISED, DiffMachine
+from tests.test_differential import EXERCISED, FILE_MODES, OFFSETS, PATHS, DiffMachine
 
 LONG_RUN = "DIFF_EXAMPLES" in os.environ
 EXAMPLES = int(os.environ.get("DIFF_EXAMPLES", "150"))
@@ -60,9 +61,31 @@ def writeback_planes():
     yield from _planes("--xattr", "--writeback", "--cache=always")
 
 
-def _run(pair: DaemonPair, examples: int) -> None:
+class PlaneMachine(DiffMachine):
+    """DiffMachine, and what the native handlers of CREATE, UNLINK and SETATTR do differently
+    for an inode the guest still holds once its name is gone."""
+
+    @rule(path=PATHS, mode=FILE_MODES, size=OFFSETS, chmod=FILE_MODES)
+    def create_unlink_setattr(self, path, mode, size, chmod) -> None:
+        """CREATE, UNLINK of the new name, then SETATTR of the nameless inode through its
+        handle and through its nodeid (_check_inode_beneath passes an inode with no links)."""
+        if self.pair.readonly or self.hstat(path) is not None:
+            return
+        h = self._create(path, mode, 0, os.O_RDWR | os.O_CREAT | os.O_EXCL, ROOT)
+        if h is None:
+            return
+        self.remove(path, ROOT, False)
+        if self.hstat(path) is None:
+            self.setattr(f"SETATTR {h} size={size} (fh, unlinked)", h.nodes, ROOT, h=h,
+                         size=size)
+            self.setattr(f"SETATTR {h} mode={chmod:o} (unlinked)", h.nodes, ROOT,
+                         mode=stat.S_IFREG | chmod, mtime=5)
+        self._release(h)
+
+
+def _run(pair: DaemonPair, examples: int, machine: type[DiffMachine] = DiffMachine) -> None:
     run_state_machine_as_test(
-        lambda: DiffMachine(pair),
+        lambda: machine(pair),
         settings=settings(max_examples=examples, stateful_step_count=STEPS, deadline=None,
                           derandomize=not LONG_RUN, database=None, print_blob=LONG_RUN,
                           suppress_health_check=list(HealthCheck)))
@@ -78,6 +101,17 @@ def test_generated_sequences(planes) -> None:
     _run(planes, EXAMPLES)
     assert set(planes.sent) >= EXERCISED, f"never sent: {sorted(EXERCISED - set(planes.sent))}"
     assert planes.same_bytes.checked - before >= EXAMPLES
+    assert planes.restarts == 0
+
+
+def test_generated_sequences_unlinked_inodes(planes) -> None:
+    """PlaneMachine's extra rule among the others: inodes changed after their name is gone."""
+    before = planes.same_bytes.checked
+    sent = planes.sent.copy()
+    _run(planes, max(1, EXAMPLES // 3), PlaneMachine)
+    new = planes.sent - sent
+    assert new[Opcode.CREATE.name] and new[Opcode.UNLINK.name] and new[Opcode.SETATTR.name]
+    assert planes.same_bytes.checked > before
     assert planes.restarts == 0
 
 

@@ -203,6 +203,18 @@ def do_symlink(r: Rig) -> None:
     r.client.forget(entry.nodeid, 1)
 
 
+def do_setattr(r: Rig) -> None:
+    # Idempotent: a replay sets the same mode, size and times again.
+    (r.share / "s").write_bytes(b"0123456789")
+    node = r.client.lookup(ROOT, "s").nodeid
+    attr = r.client.setattr(node, mode=0o600, size=4, mtime=(1234, 5)).attr
+    killed(r, "SETATTR")
+    st = (r.share / "s").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns) == (0o600, 4, 1234 * 10**9 + 5)
+    assert (attr.mode, attr.size, attr.mtime, attr.mtimensec) == (st.st_mode, 4, 1234, 5)
+    r.client.forget(node, 1)
+
+
 def do_lookup(r: Rig) -> None:
     (r.share / "f").write_bytes(b"x")
     node = r.client.lookup(ROOT, "f").nodeid
@@ -230,8 +242,10 @@ def do_release(r: Rig) -> None:
 CASES: dict[str, Callable[[Rig], None]] = {
     "READ": do_read, "WRITE": do_write, "CREATE": do_create, "MKDIR": do_mkdir,
     "UNLINK": do_unlink, "RENAME": do_rename, "RMDIR": do_rmdir, "LINK": do_link,
-    "SYMLINK": do_symlink, "LOOKUP": do_lookup, "RELEASE": do_release,
+    "SYMLINK": do_symlink, "LOOKUP": do_lookup, "RELEASE": do_release, "SETATTR": do_setattr,
 }
+# Served by the engine's own handlers, which stop at the kill points themselves.
+NATIVE = {"CREATE", "MKDIR", "UNLINK", "RMDIR", "SETATTR"}
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -244,6 +258,9 @@ def test_worker_killed_inside_a_request(rig, opcode: str, point: str) -> None:
     r.settled()
     assert r.table_fds() == base, r.daemon.text
     assert r.daemon.text.count("test hook") == 1
+    # The request was killed where the plane it is served on (the engine, for NATIVE) was.
+    assert (f"test hook {opcode} at {point} in the native engine" in r.daemon.text) == (
+        opcode in NATIVE), r.daemon.text
 
 
 @pytest.mark.parametrize("point", POINTS)

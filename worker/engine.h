@@ -118,6 +118,21 @@ struct vfs_engine {
     uint64_t *stats;          /* this queue's common/stats.py block; NULL: not counted */
     int32_t last_err;         /* the errno of the native reply being made (0: success) */
     struct vfs_engine_log dlog;
+    /* Test hooks (worker/testhooks.py): called at each kill point (enum vfs_engine_point) of
+     * a natively served request whose opcode is in probe_ops.  NULL: none. */
+    void (*probe)(uint32_t opcode, uint32_t point);
+    uint64_t probe_ops[2];
+    int8_t openat2;           /* openat2(2) usable: 0 not asked yet, 1 yes, -1 no */
+};
+
+/* The kill points of a request (worker/testhooks.py POINTS), where struct vfs_engine's probe
+ * is called. */
+enum vfs_engine_point {
+    VFS_POINT_POPPED = 1,     /* taken and journaled, nothing executed */
+    VFS_POINT_EXECUTING = 2,  /* the pre-state journaled, the call not made */
+    VFS_POINT_EXECUTED = 3,   /* the call made, no reply yet */
+    VFS_POINT_REPLIED = 4,    /* the reply in guest memory and journaled, not pushed */
+    VFS_POINT_PUSHED = 5,     /* the used element published, the journal slot not freed */
 };
 
 /* Set up an engine for queue `queue`, whose control channel is `chan_fd`, journaling through

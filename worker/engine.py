@@ -14,8 +14,10 @@ from __future__ import annotations
 import enum
 import importlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyvirtiofsd.common.fuse_abi import Opcode
 from pyvirtiofsd.common.xattrmap import XattrMap
 
 if TYPE_CHECKING:
@@ -104,6 +106,14 @@ def renames_capability(xattrmap: str) -> bool:
         return False
 
 
+# The opcodes whose native handlers reach the test hooks' kill points themselves
+# (Engine.probe_natively); a worker with hooks on any other opcode serves it in Python.
+PROBED_OPCODES = frozenset(int(op) for op in (
+    Opcode.CREATE, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR, Opcode.SETATTR))
+# enum vfs_engine_point
+_POINTS = {1: "popped", 2: "executing", 3: "executed", 4: "replied", 5: "pushed"}
+
+
 class EngineError(ValueError):
     """The engine refused a region table or a ring (the message says which)."""
 
@@ -123,7 +133,7 @@ class Engine:
     `struct vfs_jq` and `struct vfs_arena` (QueueJournal.address, Arena.address; arena 0: no
     tables).  Both must outlive the engine."""
 
-    __slots__ = ("_e", "_views")
+    __slots__ = ("_e", "_probe", "_views")
 
     def __init__(self, channel_fd: int, journal: int, arena: int = 0, queue: int = 0,
                  defer: int = 0) -> None:
@@ -133,6 +143,7 @@ class Engine:
                             ffi.cast("struct vfs_arena *", arena), queue)
         lib.vfs_engine_set_defer(self._e, int(defer))
         self._views = ffi.buffer
+        self._probe: Any = None
 
     def close(self) -> None:
         lib.vfs_engine_fini(self._e)
@@ -267,6 +278,18 @@ class Engine:
             if opcodes is None or op in opcodes:
                 words[op // 64] |= 1 << (op % 64)
         self._e.fs.python_ops[0], self._e.fs.python_ops[1] = words
+
+    def probe_natively(self, probe: Callable[[int, str], None], opcodes: set[int]) -> None:
+        """Call probe(opcode, point) at each kill point (testhooks.POINTS) of a request with
+        one of `opcodes` that the engine serves itself (test hooks; see PROBED_OPCODES)."""
+        def call(opcode: int, point: int) -> None:
+            probe(opcode, _POINTS[point])
+        self._probe = ffi.callback("void(uint32_t, uint32_t)", call)
+        self._e.probe = self._probe
+        words = [0, 0]
+        for op in opcodes & PROBED_OPCODES:
+            words[op // 64] |= 1 << (op % 64)
+        self._e.probe_ops[0], self._e.probe_ops[1] = words
 
     @property
     def running(self) -> bool:

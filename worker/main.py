@@ -59,7 +59,7 @@ from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer, has_window, ram_prefix
 from pyvirtiofsd.worker.dax import DaxClient
 from pyvirtiofsd.worker.dirtylog import DirtyLog
-from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
+from pyvirtiofsd.worker.engine import PROBED_OPCODES, Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import PENDING, SERVER_INIT_FLAGS, FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError, WindowBuffer
@@ -197,8 +197,14 @@ class Worker:
                 engine.set_stats(stats.queue(queue).address)
             if hooks is not None:
                 # Test hooks fire between the Python plane's steps: the requests they name
-                # are served there, from the same journal records.
-                engine.serve_in_python(hooks.opcodes())
+                # are served there, from the same journal records -- except those whose
+                # native handlers stop at the same points themselves.
+                named = hooks.opcodes()
+                if named is None:
+                    engine.serve_in_python(None)
+                else:
+                    engine.serve_in_python(named - PROBED_OPCODES)
+                    engine.probe_natively(hooks.at_native, named)
             native = fs.native_options()
             if native is not None:
                 engine.serve_natively(session.address, **native)

@@ -14,6 +14,10 @@ otherwise `load()` returns None and the worker never looks at hooks again.
              pushed     used entry published; journal slot not yet freed
              boot       worker of queue N starting (before it says READY)
 
+On the native data plane the engine's own handlers of CREATE, MKDIR, UNLINK, RMDIR and
+SETATTR (engine.PROBED_OPCODES) stop at these points themselves, and the log says "in the
+native engine"; a request of another opcode a hook names is served by the Python plane.
+
 The hook fires on matching occurrences FIRST..LAST (default FIRST = LAST = 1; `@2-` means from
 the second on), counted across every worker and respawn of the daemon in the journal's shared
 hook counters.  The worker kills itself with kill(2), which the worker seccomp policy refuses:
@@ -88,6 +92,7 @@ class Hooks:
         self._boot = [p for p in points if p.point == "boot" and p.opcode == queue]
         self._points = [p for p in points if p.point != "boot"]
         self.opcode = 0          # of the request being served
+        self._where = ""         # which plane serves it, for the log
 
     def opcodes(self) -> set[int] | None:
         """The opcodes a request-path point names; None: any request."""
@@ -100,6 +105,15 @@ class Hooks:
             if p.point == point and p.opcode in (-1, self.opcode):
                 self._hit(p)
 
+    def at_native(self, opcode: int, point: str) -> None:
+        """at(), called by the native engine inside a request it serves itself."""
+        self.opcode = opcode
+        self._where = " in the native engine"
+        try:
+            self.at(point)
+        finally:
+            self._where = ""
+
     def at_boot(self) -> None:
         for p in self._boot:
             self._hit(p)
@@ -107,8 +121,8 @@ class Hooks:
     def _hit(self, p: CrashPoint) -> None:
         n = self._journal.hook_hit(p.index)
         if p.first <= n <= p.last:
-            log.warning("queue %d: test hook %s at %s (hit %d): killing this worker",
-                        self._queue, _what(p), p.point, n)
+            log.warning("queue %d: test hook %s at %s%s (hit %d): killing this worker",
+                        self._queue, _what(p), p.point, self._where, n)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
