@@ -441,7 +441,7 @@ def test_killed_worker_is_respawned_and_its_ring_resumes(connect) -> None:
     assert c.forget(node, 1).used_len == 0
     assert FuseClient(conn.fe, queue=2).read(node, fh, 0, 3) == b"sur"
     conn.still_serves()
-    assert "respawning it" in conn.daemon.text
+    conn.daemon.wait_for("respawning it")
 
 
 def test_every_advertised_memory_slot_can_be_used(connect) -> None:
@@ -706,8 +706,8 @@ def test_without_reply_ack_a_refusal_is_logged_and_the_connection_kept(connect) 
     fe.send(Request.SET_VRING_NUM, _state(5, 128))
     fe.send(99, b"junk")
     conn.still_serves()
-    assert "SET_VRING_NUM refused" in conn.daemon.text
-    assert "request 99 refused" in conn.daemon.text
+    conn.daemon.wait_for("SET_VRING_NUM refused")
+    conn.daemon.wait_for("request 99 refused")
 
 
 # --- bad input: the connection ends cleanly -----------------------------------------------
@@ -869,7 +869,7 @@ def test_malformed_chains_complete_with_length_0(two_queues: Conn) -> None:
     c2 = FuseClient(fe, queue=2)
     assert c2.getattr(ROOT).attr.ino > 0
     conn.still_serves()
-    assert "malformed descriptor chain" in conn.daemon.text
+    conn.daemon.wait_for("malformed descriptor chain")
 
 
 def test_indirect_chain_without_the_feature_is_refused(connect) -> None:
@@ -937,6 +937,6 @@ def test_kick_without_fd_is_refused_not_left_hanging(connect) -> None:
     index = 1
     fe.get_vring_base(index)                 # stop the ring, then try to restart it polled
     refused(fe, Request.SET_VRING_KICK, U64.pack(index | VRING_NOFD_MASK))
-    assert "polling without a kick fd is not supported" in conn.daemon.text
+    conn.daemon.wait_for("polling without a kick fd is not supported")
     fe.start_queue(index)
     conn.still_serves()
