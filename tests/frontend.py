@@ -1533,6 +1533,91 @@ class FuseClient:
         self.call(fa.Opcode.REMOVEXATTR, nodeid, _name(name))
 
 
+# --- device-state transfer (protocol.md 1.12), the way QEMU's vhost_save/load_backend_state
+# drive it: a pipe, SET_DEVICE_STATE_FD with one end, the state through the other end until EOF,
+# then CHECK_DEVICE_STATE.
+
+TRANSFER_STATE = struct.Struct("=II")     # direction, phase
+TRANSFER_SAVE, TRANSFER_LOAD = 0, 1
+TRANSFER_PHASE_STOPPED = 0
+# The reply's bit 8: the back-end returned no fd of its own (the front-end keeps its channel).
+TRANSFER_NO_FD = 0x100
+
+
+def _transfer_channel(fe: Frontend, direction: int, ours: int, theirs: int) -> int:
+    """Send SET_DEVICE_STATE_FD with `theirs`; returns the fd to use: `ours`, or the back-end's
+    own channel when it supplied one (then `ours` is closed, as the spec says to discard it)."""
+    try:
+        msg = fe.send(Request.SET_DEVICE_STATE_FD,
+                      TRANSFER_STATE.pack(direction, TRANSFER_PHASE_STOPPED), [theirs])
+    finally:
+        os.close(theirs)
+    assert msg is not None
+    value = msg.u64()
+    if value & 0xFF:
+        _close_fds(msg.fds)
+        os.close(ours)
+        raise BackendError(Request.SET_DEVICE_STATE_FD, value)
+    if value & TRANSFER_NO_FD:
+        if msg.fds:
+            _close_fds(msg.fds)
+            os.close(ours)
+            raise ProtocolViolation("SET_DEVICE_STATE_FD reply says no fd but carries one")
+        return ours
+    if len(msg.fds) != 1:
+        _close_fds(msg.fds)
+        os.close(ours)
+        raise ProtocolViolation(f"SET_DEVICE_STATE_FD reply promises an fd, has {len(msg.fds)}")
+    os.close(ours)
+    return msg.fds[0]
+
+
+def check_device_state(fe: Frontend) -> None:
+    """CHECK_DEVICE_STATE: raises BackendError unless the back-end says the transfer worked."""
+    value = fe._call(Request.CHECK_DEVICE_STATE).u64()
+    if value:
+        raise BackendError(Request.CHECK_DEVICE_STATE, value)
+
+
+def save_device_state(fe: Frontend, *, check: bool = True) -> bytes:
+    """The source's half: the rings must be stopped (GET_VRING_BASE) first, as QEMU does."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fd = _transfer_channel(fe, TRANSFER_SAVE, r, w)
+    chunks = []
+    deadline = time.monotonic() + fe.timeout
+    try:
+        while True:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise ReplyTimeout(f"the back-end wrote no state EOF within {fe.timeout}s")
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(fd)
+    if check:
+        check_device_state(fe)
+    return b"".join(chunks)
+
+
+def load_device_state(fe: Frontend, state: bytes, *, check: bool = True) -> None:
+    """The destination's half: the state is written through the channel, which is closed
+    (EOF), then CHECK_DEVICE_STATE says whether the back-end applied it."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    fd = _transfer_channel(fe, TRANSFER_LOAD, w, r)
+    try:
+        view = memoryview(state)
+        deadline = time.monotonic() + fe.timeout
+        while view:
+            if not select.select([], [fd], [], max(0.0, deadline - time.monotonic()))[1]:
+                raise ReplyTimeout(f"the back-end read no state within {fe.timeout}s")
+            view = view[os.write(fd, view[: 1 << 16]):]
+    finally:
+        os.close(fd)
+    if check:
+        check_device_state(fe)
+
+
 # --- running a daemon
 
 
