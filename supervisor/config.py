@@ -68,6 +68,12 @@ MAX_POLL_US = 1_000_000
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
+# The device state written on a migration's source (SET_DEVICE_STATE_FD SAVE): pyvirtiofsd's own
+# (docs/state-format.md), or the Rust virtiofsd 1.13's for a virtiofsd destination
+# (docs/rust-state-format.md).  QEMU moves the state as opaque bytes and the two back-ends never
+# talk, so nothing tells the source what the destination reads: the operator does.  Loading
+# needs no option, the two formats differ in their first byte.
+MIGRATION_STATE_FORMATS = ("pyvirtiofsd", "virtiofsd")
 # Linux capability names (linux/capability.h, without CAP_), for --modcaps.
 CAPABILITIES = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
@@ -131,6 +137,8 @@ class Config:
     metrics_socket: str | None = None
     # Busy-poll the avail ring this long (µs) before sleeping; 0: never (native plane only).
     poll_us: int = 0
+    # Which daemon's device-state format a migration source writes (MIGRATION_STATE_FORMATS).
+    migration_state_format: str = "pyvirtiofsd"
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -314,6 +322,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "data_plane": _choice(DATA_PLANES),
     "metrics_socket": _nonempty,
     "poll_us": _uint(0, MAX_POLL_US),
+    "migration_state_format": _choice(MIGRATION_STATE_FORMATS),
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues", "poll_us",
@@ -434,6 +443,9 @@ def _build_parser() -> _Parser:
           " (GET /metrics) on this UNIX socket")
     value("poll_us", "busy-poll each ring this many microseconds before sleeping, adapting "
           "to how often it finds work; native data plane only [default: 0, never]")
+    value("migration_state_format", "device state a migration source writes: pyvirtiofsd, or "
+          "virtiofsd for a Rust virtiofsd 1.13 destination (loading reads either) "
+          "[default: pyvirtiofsd]")
     return p
 
 

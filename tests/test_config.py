@@ -715,3 +715,23 @@ def test_startup_listen_fd(tmp_path):
     msg = f"--fd {closed} is not an open file descriptor"
     with pytest.raises(ConfigError, match=re.escape(msg)):
         startup(tmp_path, socket_path=None, fd=closed)
+
+
+# -- --migration-state-format ------------------------------------------------------------------
+
+def test_migration_state_format_from_the_command_line_and_the_file(tmp_path):
+    assert p().migration_state_format == "pyvirtiofsd"
+    assert p("--migration-state-format=virtiofsd").migration_state_format == "virtiofsd"
+    path = tmp_path / "c.toml"
+    path.write_text('migration-state-format = "virtiofsd"\n')
+    assert p("--config", str(path)).migration_state_format == "virtiofsd"
+    assert p("--config", str(path), "--migration-state-format=pyvirtiofsd"
+             ).migration_state_format == "pyvirtiofsd"
+
+
+def test_unknown_migration_state_format_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli([*BASE, "--migration-state-format=rust"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--migration-state-format: invalid value 'rust'" in err
