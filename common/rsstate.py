@@ -318,7 +318,7 @@ def encode_wire(state: RsState) -> bytes:
         w.boolean(flag)
     if state.version == Version.V2:
         w.varint(len(state.mount_paths))
-        for mount_id, path in sorted(state.mount_paths.items()):
+        for mount_id, path in state.mount_paths.items():
             w.varint(mount_id)
             w.string(path)
     return bytes(w.out)
@@ -417,13 +417,43 @@ def check_wire(state: RsState) -> None:
 # -- onto DeviceState and back -----------------------------------------------------------------
 
 # The INIT flags that follow virtiofsd's negotiated options (the rest of the session is not in
-# its state).
+# its state).  With posix ACLs virtiofsd 1.13 also takes DONT_MASK and SETXATTR_EXT.
 _OPTION_FLAGS = (
     ("writeback", SessionOption.WRITEBACK, InitFlag.WRITEBACK_CACHE),
     ("announce_submounts", SessionOption.ANNOUNCE_SUBMOUNTS, InitFlag.SUBMOUNTS),
-    ("posix_acl", SessionOption.POSIX_ACL, InitFlag.POSIX_ACL),
+    ("posix_acl", SessionOption.POSIX_ACL,
+     InitFlag.POSIX_ACL | InitFlag.DONT_MASK | InitFlag.SETXATTR_EXT),
     ("sup_group_extension", SessionOption(0), InitFlag.CREATE_SUPP_GROUP),
 )
+
+# The FUSE session virtiofsd 1.13 serves a Linux guest, whatever its options: its FUSE minor
+# (the guest's is at least that on any current kernel) and the INIT flags it always takes.  Read
+# off its FUSE_INIT reply; the flags that depend on its options are set from the state
+# (_OPTION_FLAGS) or from the loading daemon's own configuration (session_template).
+VIRTIOFSD_MINOR = 38
+VIRTIOFSD_INIT_FLAGS = int(
+    InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
+    | InitFlag.HAS_IOCTL_DIR | InitFlag.AUTO_INVAL_DATA | InitFlag.ASYNC_DIO
+    | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES | InitFlag.INIT_EXT)
+VIRTIOFSD_MAX_WRITE = 1 << 20
+VIRTIOFSD_MAX_PAGES = 256
+
+
+def session_template(minor: int, *, readdirplus: bool, killpriv_v2: bool,
+                     security_label: bool, options: SessionOption) -> Session:
+    """The session to carry on a virtiofsd guest with, for `to_device_state`: virtiofsd 1.13's
+    (capped at this daemon's FUSE `minor`), with the flags that follow options virtiofsd does not
+    record taken from the loading daemon's configuration -- the same options on both sides, as
+    virtiofsd itself expects of a migration."""
+    flags = VIRTIOFSD_INIT_FLAGS
+    if readdirplus:
+        flags |= InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO
+    if killpriv_v2:
+        flags |= InitFlag.HANDLE_KILLPRIV_V2
+    if security_label:
+        flags |= InitFlag.SECURITY_CTX
+    return Session(minor=min(minor, VIRTIOFSD_MINOR), init_flags=int(flags),
+                   max_write=VIRTIOFSD_MAX_WRITE, max_pages=VIRTIOFSD_MAX_PAGES, options=options)
 
 
 def _child_refs(inodes: tuple[RsInode, ...]) -> dict[int, int]:
@@ -444,10 +474,6 @@ def to_device_state(rs: RsState, session: Session) -> DeviceState:
     if not rs.inodes:
         raise StateError("virtiofsd state: no inodes (the guest had not mounted the "
                          "filesystem), nothing for pyvirtiofsd to carry on")
-    if any(i.location == Location.FILE_HANDLE for i in rs.inodes):
-        raise StateError("virtiofsd state: inodes located by file handle only "
-                         "(--migration-mode=file-handles on the source) cannot be loaded; "
-                         "migrate with --migration-mode=find-paths")
     refs = _child_refs(rs.inodes)
     inodes = []
     for i in rs.inodes:
@@ -464,12 +490,20 @@ def to_device_state(rs: RsState, session: Session) -> DeviceState:
                                  f"({i.filename!r}) has no parent inode to hang from")
             parent, name = ROOT_ID, i.filename.encode("utf-8")
         fh = i.file_handle
+        mount_id = fh.mnt_id if fh else 0
+        if i.location == Location.FILE_HANDLE:
+            fh = _shared_dir_handle(rs, i)
+            mount_id = fh.mnt_id
+        elif i.id == ROOT_ID and fh is None:
+            # The shared directory's mount, as the source named it (mount path "."): what
+            # locates the inodes found by file handle, kept for writing them back.
+            mount_id = next((m for m, p in rs.mount_paths.items() if p == "."), 0)
         inodes.append(Inode(
             nodeid=i.id, lookups=i.refcount - own, parent=parent, name=name,
             # virtiofsd's state has no mode, device or inode number: the destination learns
             # them when it opens the inode again.
             mode=0, dev=0, ino=0,
-            mount_id=fh.mnt_id if fh else 0, handle_type=fh.handle_type if fh else 0,
+            mount_id=mount_id, handle_type=fh.handle_type if fh else 0,
             handle=fh.handle if fh else None, invalid=i.location == Location.INVALID))
     handles = []
     for h in rs.handles:
@@ -492,21 +526,53 @@ def to_device_state(rs: RsState, session: Session) -> DeviceState:
     return state
 
 
+def _shared_dir_handle(rs: RsState, i: RsInode) -> RsFileHandle:
+    """The file handle that locates inode `i` (file-handles mode), if DeviceState can carry it:
+    DeviceState has no mount paths, so only a handle on the shared directory's own mount (the
+    mount path ".") is understood the same way by both daemons."""
+    fh = i.location_handle
+    assert fh is not None
+    if i.file_handle is not None and i.file_handle != fh:
+        raise StateError(f"virtiofsd state, inode {i.id}: two different file handles")
+    path = rs.mount_paths.get(fh.mnt_id)
+    if path is None:
+        raise StateError(f"virtiofsd state, inode {i.id}: its file handle's mount "
+                         f"{fh.mnt_id} has no path")
+    if path != ".":
+        raise StateError(f"virtiofsd state, inode {i.id}: its file handle is on the submount "
+                         f"{path!r}, which pyvirtiofsd's state cannot name; migrate with "
+                         "--migration-mode=find-paths")
+    return fh
+
+
 def from_device_state(state: DeviceState) -> RsState:
-    """virtiofsd's state for a DeviceState, as 1.13 writes it (version 2, find-paths: each inode
-    by parent and name, with its file handle attached for the destination to verify, as
-    --migration-verify-handles does)."""
+    """virtiofsd's state for a DeviceState, as 1.13 writes it: version 2; an inode with a path
+    by parent and name, its file handle (if any) attached for the destination to verify, as
+    --migration-verify-handles does; an inode with no path by its file handle, as
+    --migration-mode=file-handles does."""
     devstate._check_state(state)
     by_id = {i.nodeid: i for i in state.inodes}
+    mount_paths: dict[int, str] = {}
     inodes = []
     for i in state.inodes:
         fh = None
         if i.handle is not None:
             fh = RsFileHandle(i.mount_id, i.handle_type, i.handle)
+        location_handle = None
         if i.nodeid == ROOT_ID:
             location, parent, filename = Location.ROOT_NODE, 0, ""
         elif i.invalid:
             location, parent, filename = Location.INVALID, 0, ""
+        elif i.parent == 0:
+            # Found by its file handle alone (file-handles mode), as virtiofsd's FileHandle.
+            location, parent, filename = Location.FILE_HANDLE, 0, ""
+            location_handle, fh = fh, None
+            assert location_handle is not None
+            if by_id[ROOT_ID].mount_id != location_handle.mnt_id:
+                raise StateError(f"inode {i.nodeid}: located by a file handle on mount "
+                                 f"{location_handle.mnt_id}, not the shared directory's, and "
+                                 "its path is not in the state")
+            mount_paths[location_handle.mnt_id] = "."
         else:
             try:
                 filename = i.name.decode("utf-8")
@@ -517,7 +583,7 @@ def from_device_state(state: DeviceState) -> RsState:
             if by_id[parent].invalid:
                 raise StateError(f"inode {i.nodeid}: its parent {parent} is invalid, and "
                                  "virtiofsd's state cannot locate a child through it")
-        inodes.append(RsInode(i.nodeid, 0, location, parent, filename, None, fh))
+        inodes.append(RsInode(i.nodeid, 0, location, parent, filename, location_handle, fh))
     refs = _child_refs(tuple(inodes))
     out = []
     for rs_inode, i in zip(inodes, state.inodes, strict=True):
@@ -538,7 +604,8 @@ def from_device_state(state: DeviceState) -> RsState:
         announce_submounts=bool(s.options & SessionOption.ANNOUNCE_SUBMOUNTS),
         posix_acl=bool(s.options & SessionOption.POSIX_ACL),
         sup_group_extension=bool(s.init_flags & InitFlag.CREATE_SUPP_GROUP))
-    rs = RsState(Version.V2, tuple(out), next_inode, tuple(handles), next_handle, options, {})
+    rs = RsState(Version.V2, tuple(out), next_inode, tuple(handles), next_handle, options,
+                 mount_paths)
     check_wire(rs)
     return rs
 

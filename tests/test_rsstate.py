@@ -242,7 +242,8 @@ def test_what_virtiofsd_does_not_migrate_is_dropped_and_the_rest_kept():
 # -- any model state -----------------------------------------------------------------------------
 
 _OPTIONS = (SessionOption.WRITEBACK, SessionOption.ANNOUNCE_SUBMOUNTS, SessionOption.POSIX_ACL)
-_FLAGS = (InitFlag.WRITEBACK_CACHE, InitFlag.SUBMOUNTS, InitFlag.POSIX_ACL)
+_FLAGS = (InitFlag.WRITEBACK_CACHE, InitFlag.SUBMOUNTS,
+          InitFlag.POSIX_ACL | InitFlag.DONT_MASK | InitFlag.SETXATTR_EXT)
 names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="/\0"),
                 min_size=1, max_size=20).filter(
     lambda s: s not in (".", "..") and len(s.encode()) <= 255)
