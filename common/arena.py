@@ -70,7 +70,7 @@ import errno
 import mmap
 import os
 import weakref
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.journal import QueueJournal
@@ -164,6 +164,9 @@ class _SlotTable:
             rc = fn(*args)
         except OverflowError:
             rc = -errno.EBADF
+        if rc == -errno.EIO:
+            # Restored from a device state but not found again (vfs_inode_restore).
+            raise OSError(errno.EIO, f"{self._kind} {ident:#x} was lost in a migration")
         if rc:
             raise _bad_id(self._kind, ident)
 
@@ -346,6 +349,22 @@ class QueueCounters:
         return [_lib.vfs_counter_get(self._c, q) for q in range(self._n)]
 
 
+class InodeEntry(NamedTuple):
+    nodeid: int
+    nlookup: int
+    dev: int
+    ino: int
+    mnt_id: int
+    fd: int
+
+
+class HandleEntry(NamedTuple):
+    fh: int
+    nodeid: int
+    flags: int
+    fd: int
+
+
 class Arena:
     """The shared mapping and the three views onto it; create() before forking the workers."""
 
@@ -404,6 +423,54 @@ class Arena:
             mm.close()
             raise OSError(-rc, "cannot format the shared arena")
         return cls(mm)
+
+    # -- device state (common/devstate.py): walk and restore the tables while no queue serves --
+    def inode_entries(self) -> list[InodeEntry]:
+        """Every inode the guest holds (forgotten-but-pinned ones left out), root included."""
+        out: list[InodeEntry] = []
+        nodeid, nlookup, dev, ino, mnt = (_ffi.new("uint64_t[1]") for _ in range(5))
+        fd = _ffi.new("int[1]")
+        slot = 1
+        while True:
+            rc = _lib.vfs_inode_entry(self._c, slot, nodeid, nlookup, dev, ino, mnt, fd)
+            if rc == -errno.EINVAL:
+                return out
+            if rc == 0:
+                out.append(InodeEntry(nodeid[0], nlookup[0], dev[0], ino[0], mnt[0], fd[0]))
+            slot += 1
+
+    def handle_entries(self) -> list[HandleEntry]:
+        out: list[HandleEntry] = []
+        fh, nodeid = _ffi.new("uint64_t[1]"), _ffi.new("uint64_t[1]")
+        flags, fd = _ffi.new("uint32_t[1]"), _ffi.new("int[1]")
+        slot = 1
+        while True:
+            rc = _lib.vfs_handle_entry(self._c, slot, fh, nodeid, flags, fd)
+            if rc == -errno.EINVAL:
+                return out
+            if rc == 0:
+                out.append(HandleEntry(fh[0], nodeid[0], flags[0], fd[0]))
+            slot += 1
+
+    def restore_inode(self, nodeid: int, fd: int, nlookup: int, dev: int, ino: int,
+                      mnt_id: int) -> None:
+        """Put an inode at exactly `nodeid`; the table owns `fd` (-1: invalid, answers EIO)."""
+        rc = _lib.vfs_inode_restore(self._c, nodeid, fd, nlookup, dev, ino, mnt_id)
+        if rc:
+            raise OSError(-rc, f"nodeid {nodeid:#x} cannot be restored")
+
+    def restore_handle(self, fh: int, fd: int, nodeid: int, flags: int) -> None:
+        rc = _lib.vfs_handle_restore(self._c, fh, fd, nodeid, flags)
+        if rc:
+            raise OSError(-rc, f"fh {fh:#x} cannot be restored")
+
+    def capacity(self) -> tuple[int, int]:
+        """(inode slots, handle slots): the largest slot number an id may name in each."""
+        return self._c.max_inodes, self._c.max_handles
+
+    def restored(self) -> None:
+        """All restored entries are in: rebuild the free lists and the inode index."""
+        _lib.vfs_arena_restored(self._c)
 
     @property
     def address(self) -> int:

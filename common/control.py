@@ -38,6 +38,11 @@ class MsgType(enum.IntEnum):
     SET_ENABLE = 5     # enable (1) / disable (0) processing of a started ring
     SHUTDOWN = 6       # exit cleanly
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
+    # device state (worker/migration.py), while every ring is stopped
+    STATE_SAVE = 24    # take the device state and write it to the fd (the front-end's pipe end)
+    STATE_LOAD = 25    # read a device state from the fd to EOF and apply it
+    STATE_CHECK = 26   # whether the last save or load completed: ACK, or FAILED with errno
+    STATE_PREPARE = 27  # the pre-migration pass: record where every inode is now
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker (or standby spawner)
@@ -285,15 +290,51 @@ class Failed(Message):
     STRUCT: ClassVar[struct.Struct] = struct.Struct("=i")
 
 
+# -- device state (supervisor -> worker) -------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StateSave(Message):
+    """Take the device state now and, once answered, write it to the fd and close it (the
+    answer comes first: the front-end reads only after its SET_DEVICE_STATE_FD reply)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_SAVE
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StateLoad(Message):
+    """Once answered, read a device state from the fd until EOF, check it and apply it."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_LOAD
+    FDS: ClassVar[tuple[int, int]] = (1, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class StateCheck(Message):
+    """Did the last save or load complete?  ACK, or FAILED with the reason's errno."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_CHECK
+
+
+@dataclass(frozen=True, slots=True)
+class StatePrepare(Message):
+    """The pre-migration pass (dirty logging started): record every inode's location."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE_PREPARE
+
+
+STATE_MESSAGES = frozenset({MsgType.STATE_SAVE, MsgType.STATE_LOAD, MsgType.STATE_CHECK,
+                            MsgType.STATE_PREPARE})
+
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
-                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed)
+                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
+                              StateSave, StateLoad, StateCheck, StatePrepare)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP})
+                       MsgType.MEM_UNMAP}) | STATE_MESSAGES
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
 FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})

@@ -92,7 +92,7 @@ class Inode:
     `handle_type` and `mount_id` locate it by file handle; `dev`/`ino` confirm what was found."""
     nodeid: int
     lookups: int
-    parent: int                 # 0 for the root and for an invalid inode with no known location
+    parent: int                 # 0: the root, or no path (found by handle alone, or invalid)
     name: bytes                 # b"" for the root
     mode: int                   # st_mode: file type and permission bits
     dev: int
@@ -167,7 +167,8 @@ def _check_inode(i: Inode) -> None:
             raise StateError("the root inode has a parent or a name")
         return
     if i.parent == 0:
-        if not i.invalid or i.name:
+        # No path: found again by its file handle alone, or not at all (invalid).
+        if not (i.invalid or i.handle) or i.name:
             raise StateError(f"inode {i.nodeid} has no parent")
         return
     if i.name in (b"", b".", b"..") or b"/" in i.name or b"\0" in i.name:

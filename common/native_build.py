@@ -37,6 +37,10 @@ long vfs_raw_clone(unsigned long flags);
 struct vfs_sigsys_slot { uint32_t pid; int32_t nr; uint32_t arch; uint32_t count; };
 int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const char *who);
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve);
+int vfs_name_to_handle(int fd, uint8_t *handle, uint32_t *handle_len, int *handle_type,
+                       uint64_t *mount_id);
+int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
+                       int handle_type, int flags);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -165,6 +169,38 @@ int vfs_sigsys_install(struct vfs_sigsys_slot *slot, uint32_t pid, int fd, const
 int vfs_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode, uint64_t resolve) {
     uint64_t how[3] = {flags, mode, resolve};
     return (int)syscall(SYS_openat2, dirfd, path, how, sizeof how);
+}
+
+/* File handles (name_to_handle_at(2)), for --inode-file-handles and file-handles migration.
+ * `handle` holds MAX_HANDLE_SZ (128) bytes; *handle_len gets the length used.  The 64-bit
+ * mount id (AT_HANDLE_MNT_ID_UNIQUE) is not asked for: the classic int one names the mount in
+ * /proc/self/mountinfo and statx's STATX_MNT_ID alike. */
+#include <fcntl.h>
+int vfs_name_to_handle(int fd, uint8_t *handle, uint32_t *handle_len, int *handle_type,
+                       uint64_t *mount_id) {
+    union { struct file_handle fh; uint8_t raw[sizeof(struct file_handle) + 128]; } u;
+    int mnt = 0;
+    u.fh.handle_bytes = 128;
+    if (name_to_handle_at(fd, "", &u.fh, &mnt, AT_EMPTY_PATH) != 0)
+        return -1;
+    memcpy(handle, u.fh.f_handle, u.fh.handle_bytes);
+    *handle_len = u.fh.handle_bytes;
+    *handle_type = u.fh.handle_type;
+    *mount_id = (uint64_t)(uint32_t)mnt;
+    return 0;
+}
+
+int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
+                       int handle_type, int flags) {
+    union { struct file_handle fh; uint8_t raw[sizeof(struct file_handle) + 128]; } u;
+    if (handle_len == 0 || handle_len > 128) {
+        errno = EINVAL;
+        return -1;
+    }
+    u.fh.handle_bytes = handle_len;
+    u.fh.handle_type = handle_type;
+    memcpy(u.fh.f_handle, handle, handle_len);
+    return open_by_handle_at(mount_fd, &u.fh, flags);
 }
 """
 

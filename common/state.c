@@ -317,7 +317,7 @@ static void slots_push_free(const struct slots *t, uint32_t slot)
 }
 
 /* Rebuild free list, high-water mark and live count from the state words. */
-static void slots_repair(const struct slots *t)
+static void slots_rebuild(const struct slots *t)
 {
     struct table_hdr *h = t->hdr;
     uint32_t hwm = h->hwm < t->first ? t->first : hwm_of(t);
@@ -334,7 +334,12 @@ static void slots_repair(const struct slots *t)
     h->hwm = hwm;
     __atomic_store_n(&h->live, live, __ATOMIC_RELAXED);
     h->index_used = 0;
-    h->repairs++;
+}
+
+static void slots_repair(const struct slots *t)
+{
+    slots_rebuild(t);
+    t->hdr->repairs++;
 }
 
 static void close_owned(int fd)
@@ -392,8 +397,8 @@ static void index_rebuild(const struct vfs_arena *a, const struct slots *t)
     memset(idx, 0, 4 * (uint64_t)a->buckets);
     for (uint32_t slot = 2; slot < hwm; slot++) {
         const struct inode_entry *e = inode_at(t, slot);
-        if ((e->h.state & LOW32) != ST_LIVE)
-            continue;
+        if ((e->h.state & LOW32) != ST_LIVE || e->h.fd < 0)
+            continue;         /* an invalid entry must not answer a LOOKUP of a new inode */
         uint32_t b = bucket_of(a, e);
         while (idx[b] != IDX_EMPTY)
             b = (b + 1) & mask;
@@ -532,7 +537,9 @@ static int table_pin(const struct vfs_arena *a, const struct slots *t, uint64_t 
     if (!e)
         return rc;
     table_lock(a, t);
-    if (e->state == live_word(id) && !dropped(t, slot, e)) {
+    if (e->state == live_word(id) && !dropped(t, slot, e) && e->fd < 0) {
+        rc = -EIO;            /* restored as invalid: its inode could not be found again */
+    } else if (e->state == live_word(id) && !dropped(t, slot, e)) {
         e->pins++;
         *out = *e;
         if (flags)
@@ -1171,4 +1178,129 @@ void vfs_stats_record(uint64_t *queue, uint32_t opcode, uint32_t err, uint64_t n
         stats_add(&op[1], 1);
         stats_add(&queue[VFS_STATS_QUEUE_WORDS + (err < VFS_STATS_ERRNOS ? err : 0)], 1);
     }
+}
+
+/* -- saving and restoring the tables (common/devstate.py) --------------------------------------- */
+/* Both run while no queue serves (the rings are stopped), so a table does not change under a
+ * walk; each entry is still read under the lock, as every other reader does. */
+
+int vfs_inode_entry(struct vfs_arena *a, uint32_t slot, uint64_t *nodeid, uint64_t *nlookup,
+                    uint64_t *dev, uint64_t *ino, uint64_t *mnt_id, int *fd)
+{
+    struct slots t = inode_slots(a);
+    int rc = -ENOENT;
+    if (slot == 0 || slot > t.cap)
+        return -EINVAL;
+    table_lock(a, &t);
+    if (slot >= hwm_of(&t)) {
+        rc = -EINVAL;
+    } else {
+        const struct inode_entry *e = inode_at(&t, slot);
+        /* Forgotten entries still pinned are not the guest's any more: not part of a state. */
+        if ((e->h.state & LOW32) == ST_LIVE && !dropped(&t, slot, &e->h)) {
+            *nodeid = (e->h.state & ~LOW32) | slot;
+            *nlookup = e->h.aux;
+            *dev = e->dev;
+            *ino = e->ino;
+            *mnt_id = e->mnt_id;
+            *fd = e->h.fd;
+            rc = 0;
+        }
+    }
+    table_unlock(&t);
+    return rc;
+}
+
+int vfs_handle_entry(struct vfs_arena *a, uint32_t slot, uint64_t *fh, uint64_t *nodeid,
+                     uint32_t *flags, int *fd)
+{
+    struct slots t = handle_slots(a);
+    int rc = -ENOENT;
+    if (slot == 0 || slot > t.cap)
+        return -EINVAL;
+    table_lock(a, &t);
+    if (slot >= hwm_of(&t)) {
+        rc = -EINVAL;
+    } else {
+        const struct handle_entry *e = (const struct handle_entry *)slot_at(&t, slot);
+        if ((e->h.state & LOW32) == ST_LIVE) {
+            *fh = (e->h.state & ~LOW32) | slot;
+            *nodeid = e->h.aux;
+            *flags = e->flags;
+            *fd = e->h.fd;
+            rc = 0;
+        }
+    }
+    table_unlock(&t);
+    return rc;
+}
+
+/* Claim exactly the slot and generation `id` names; the caller fills and commits the entry.
+ * The free list is left stale: vfs_arena_restored() rebuilds it once all entries are in. */
+static struct slot_head *restore_claim(const struct slots *t, uint64_t id, int *rc)
+{
+    uint32_t slot;
+    struct slot_head *e = slot_of_id(t, id, &slot);
+    *rc = -EINVAL;
+    if (!e || slot < t->first)
+        return NULL;
+    *rc = -EEXIST;
+    if ((e->state & LOW32) != ST_FREE)
+        return NULL;
+    if (t->hdr->hwm <= slot)
+        t->hdr->hwm = slot + 1;
+    *rc = 0;
+    return e;
+}
+
+int vfs_inode_restore(struct vfs_arena *a, uint64_t nodeid, int fd, uint64_t nlookup,
+                      uint64_t dev, uint64_t ino, uint64_t mnt_id)
+{
+    struct slots t = inode_slots(a);
+    int rc;
+    table_lock(a, &t);
+    struct inode_entry *e = (struct inode_entry *)restore_claim(&t, nodeid, &rc);
+    if (e) {
+        e->h.aux = nlookup;
+        e->h.pins = 0;
+        e->h.fd = fd;
+        e->dev = dev;
+        e->ino = ino;
+        e->mnt_id = mnt_id;
+        e->next_free = 0;
+        slot_commit(&e->h, (nodeid & ~LOW32) | ST_LIVE);
+    }
+    table_unlock(&t);
+    return rc;
+}
+
+int vfs_handle_restore(struct vfs_arena *a, uint64_t fh, int fd, uint64_t nodeid,
+                       uint32_t flags)
+{
+    struct slots t = handle_slots(a);
+    int rc;
+    table_lock(a, &t);
+    struct handle_entry *e = (struct handle_entry *)restore_claim(&t, fh, &rc);
+    if (e) {
+        e->h.aux = nodeid;
+        e->h.pins = 0;
+        e->h.fd = fd;
+        e->flags = flags;
+        e->next_free = 0;
+        slot_commit(&e->h, (fh & ~LOW32) | ST_LIVE);
+    }
+    table_unlock(&t);
+    return rc;
+}
+
+void vfs_arena_restored(struct vfs_arena *a)
+{
+    struct slots it = inode_slots(a), ht = handle_slots(a);
+    table_lock(a, &it);
+    slots_rebuild(&it);
+    index_rebuild(a, &it);
+    table_unlock(&it);
+    table_lock(a, &ht);
+    slots_rebuild(&ht);
+    table_unlock(&ht);
 }

@@ -70,6 +70,22 @@ int vfs_handle_remove_all(struct vfs_arena *a);
 uint32_t vfs_handle_live(struct vfs_arena *a);     /* open fds, removed-but-pinned included */
 uint32_t vfs_handle_repairs(struct vfs_arena *a);
 
+/* Saving and restoring the tables (common/devstate.py), while no queue serves.  *_entry: the
+ * live entry in `slot` (0), -ENOENT for a free slot, -EINVAL past the last slot ever used.
+ * *_restore: an entry at exactly the id given, in a slot that is free (-EEXIST otherwise,
+ * -EINVAL outside the table or the root's slot); the table owns `fd` on success.  An inode
+ * restored with fd < 0 is invalid (not found again): pinning it fails with -EIO, FORGET still
+ * counts.  vfs_arena_restored() rebuilds the free lists and the index once all are in. */
+int vfs_inode_entry(struct vfs_arena *a, uint32_t slot, uint64_t *nodeid, uint64_t *nlookup,
+                    uint64_t *dev, uint64_t *ino, uint64_t *mnt_id, int *fd);
+int vfs_handle_entry(struct vfs_arena *a, uint32_t slot, uint64_t *fh, uint64_t *nodeid,
+                     uint32_t *flags, int *fd);
+int vfs_inode_restore(struct vfs_arena *a, uint64_t nodeid, int fd, uint64_t nlookup,
+                      uint64_t dev, uint64_t ino, uint64_t mnt_id);
+int vfs_handle_restore(struct vfs_arena *a, uint64_t fh, int fd, uint64_t nodeid,
+                       uint32_t flags);
+void vfs_arena_restored(struct vfs_arena *a);
+
 /* Lock-free per-queue request counters (an out-of-range queue is ignored). */
 void vfs_counter_add(struct vfs_arena *a, uint32_t queue, uint64_t n);
 uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue);

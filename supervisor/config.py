@@ -156,11 +156,8 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        for flag in ("migration_verify_handles", "migration_confirm_paths"):
-            if getattr(self, flag):
-                out.append(_opt(flag))
-        for name, default in (("inode_file_handles", "never"), ("migration_mode", "find-paths"),
-                              ("migration_on_error", "abort")):
+        # The --migration-* options act on device-state migration (worker/migration.py).
+        for name, default in (("inode_file_handles", "never"),):
             if getattr(self, name) != default:
                 out.append(f"{_opt(name)}={getattr(self, name)}")
         return out

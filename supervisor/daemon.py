@@ -78,6 +78,10 @@ def fs_options(config: Config) -> FsOptions:
         killpriv_v2=config.killpriv_v2,
         preserve_noatime=config.preserve_noatime,
         allow_mmap=config.allow_mmap,
+        migration_mode=config.migration_mode,
+        migration_on_error=config.migration_on_error,
+        migration_verify_handles=config.migration_verify_handles,
+        migration_confirm_paths=config.migration_confirm_paths,
     )
 
 

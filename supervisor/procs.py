@@ -74,6 +74,10 @@ from pyvirtiofsd.common.control import (
     Spawn,
     Spawned,
     Standby,
+    StateCheck,
+    StateLoad,
+    StatePrepare,
+    StateSave,
     Stopped,
 )
 from pyvirtiofsd.common.fuse_abi import Opcode
@@ -710,6 +714,28 @@ class ProcessTable:
                              patience=0.0 if enabled else DISABLE_PATIENCE)
             except WorkerGone:
                 pass
+
+    # -- device state (worker/migration.py) ----------------------------------------------------
+    # One worker does it all: the share's fds are in the fd table the workers share, and every
+    # ring is stopped, so the first queue's worker is as good as any.
+    STATE_QUEUE = 0
+
+    def save_state(self, fd: int) -> None:
+        """Have the state taken now and written to `fd` (ours still; the worker gets its own
+        copy) once the worker has answered.  OSError when it cannot be taken."""
+        self.request(self.STATE_QUEUE, lambda seq: StateSave(seq=seq, fds=(fd,)))
+
+    def load_state(self, fd: int) -> None:
+        """Have a state read from `fd` to EOF and applied, after the answer."""
+        self.request(self.STATE_QUEUE, lambda seq: StateLoad(seq=seq, fds=(fd,)))
+
+    def check_state(self) -> None:
+        """OSError unless the last save or load completed."""
+        self.request(self.STATE_QUEUE, lambda seq: StateCheck(seq=seq))
+
+    def prepare_state(self) -> None:
+        """The pre-migration pass: every inode's location recorded now."""
+        self.request(self.STATE_QUEUE, lambda seq: StatePrepare(seq=seq))
 
     # -- deaths --------------------------------------------------------------------------------
     def pidfds(self) -> dict[int, int]:

@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pyvirtiofsd.common import virtio
 from pyvirtiofsd.common.control import MAX_FDS as CONTROL_MAX_FDS
 from pyvirtiofsd.common.control import RingFlag, RingGeometry
 from pyvirtiofsd.common.vhost_user import (
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     HEADER_SIZE,
     MAX_FDS,
@@ -51,6 +53,7 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
+    | ProtocolFeature.DEVICE_STATE
 )
 # Every region's fd reaches the workers in one control message.
 MAX_MEM_SLOTS = CONTROL_MAX_FDS
@@ -126,6 +129,10 @@ class QueueControl(Protocol):
     def stop_ring(self, index: int) -> int: ...
     def set_call(self, index: int, call: int | None) -> None: ...
     def set_enable(self, index: int, enabled: bool) -> None: ...
+    def save_state(self, fd: int) -> None: ...
+    def load_state(self, fd: int) -> None: ...
+    def check_state(self) -> None: ...
+    def prepare_state(self) -> None: ...
 
 
 @dataclass
@@ -162,6 +169,13 @@ class Rule:
 
 _U64 = U64.size
 _STATE = VringState.STRUCT.size
+# SET_DEVICE_STATE_FD's payload: transfer direction, migration phase (spec "Migrating back-end
+# state").  Its reply: bits 0-7 an error code, bit 8 "no fd" (the front-end's own channel is
+# used); this back-end never offers a channel of its own, so bit 8 is always set.
+DEVICE_STATE_PARAMS = struct.Struct("=II")
+STATE_SAVE, STATE_LOAD = 0, 1
+STATE_PHASE_STOPPED = 0
+STATE_NO_FD = 0x100
 _REGION_MSG = 8 + MemoryRegion.STRUCT.size
 
 RULES: dict[Request, Rule] = {
@@ -191,6 +205,9 @@ RULES: dict[Request, Rule] = {
     Request.REM_MEM_REG: Rule(_REGION_MSG, fds=(0, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
     Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
+    Request.SET_DEVICE_STATE_FD: Rule(DEVICE_STATE_PARAMS.size, fds=(1, 1), replies=True,
+                                      gate=ProtocolFeature.DEVICE_STATE),
+    Request.CHECK_DEVICE_STATE: Rule(0, replies=True, gate=ProtocolFeature.DEVICE_STATE),
 }
 
 
@@ -291,6 +308,7 @@ class Backend:
         (features,) = U64.unpack(payload)
         if features & ~int(FEATURES):
             raise RequestError(f"features {features & ~int(FEATURES):#x} were never offered")
+        self._log_all(self.acked_features, features)
         self.acked_features = features
         if not features & F_PROTOCOL_FEATURES:
             # Without protocol features every ring is enabled at once (spec "Ring states").
@@ -345,6 +363,54 @@ class Backend:
 
     def on_set_config(self, payload: bytes, fds: list[int]) -> None:
         raise RequestError("the virtio-fs configuration space is read-only")
+
+    # -- device state (spec "Migrating back-end state"; worker/migration.py) ----------------
+    def on_set_device_state_fd(self, payload: bytes, fds: list[int]) -> bytes:
+        direction, phase = DEVICE_STATE_PARAMS.unpack(payload)
+        fd = fds.pop()
+        try:
+            if direction not in (STATE_SAVE, STATE_LOAD):
+                raise RequestError(f"unknown transfer direction {direction}")
+            if phase != STATE_PHASE_STOPPED:
+                raise RequestError(f"migration phase {phase}: only STOPPED (0) is supported")
+            running = [i for i, v in enumerate(self.vrings) if v.started]
+            if running:
+                raise RequestError(f"vring {running[0]} is running: the device must be"
+                                   " stopped first (GET_VRING_BASE)")
+            try:
+                if direction == STATE_SAVE:
+                    self.queues.save_state(fd)
+                else:
+                    self.queues.load_state(fd)
+            except OSError as e:
+                what = "taken" if direction == STATE_SAVE else "loaded"
+                raise RequestError(f"the device state cannot be {what}: {e.strerror or e}"
+                                   ) from None
+        except RequestError as e:
+            log.warning("vhost-user SET_DEVICE_STATE_FD refused: %s", e)
+            return U64.pack(STATE_NO_FD | 1)
+        finally:
+            os.close(fd)           # the worker holds its own copy
+        return U64.pack(STATE_NO_FD)
+
+    def on_check_device_state(self, payload: bytes, fds: list[int]) -> bytes:
+        try:
+            self.queues.check_state()
+        except OSError as e:
+            # The worker logged the reason in one line when the transfer failed.
+            log.warning("vhost-user CHECK_DEVICE_STATE: the last transfer failed (%s)",
+                        e.strerror or e)
+            return U64.pack(1)
+        return U64.pack(0)
+
+    def _log_all(self, before: int, after: int) -> None:
+        """Dirty logging turning on means a migration is starting: the pre-migration pass
+        records where every inode is while the guest still runs."""
+        if after & F_LOG_ALL and not before & F_LOG_ALL:
+            try:
+                self.queues.prepare_state()
+            except OSError as e:
+                log.warning("pre-migration pass failed: %s", e.strerror or e)
 
     # -- memory ----------------------------------------------------------------------------
     def on_set_mem_table(self, payload: bytes, fds: list[int]) -> None:

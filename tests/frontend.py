@@ -729,6 +729,84 @@ class Frontend:
     def reset_device(self) -> None:
         self.send(Request.RESET_DEVICE)
 
+    # -- device state (protocol.md 1.12), as QEMU's vhost_save_backend_state and
+    # vhost_load_backend_state move it: the device stopped, a pipe, SET_DEVICE_STATE_FD with one
+    # end (or the back-end's own channel when its reply has no "invalid fd" bit), the bytes to
+    # EOF, then CHECK_DEVICE_STATE.
+
+    STATE_SAVE, STATE_LOAD = 0, 1
+    STATE_NO_FD = 0x100
+
+    def set_device_state_fd(self, direction: int, fd: int,
+                            phase: int = 0) -> tuple[int, int | None]:
+        """(the reply's error code, the back-end's own channel fd or None)."""
+        msg = self._call(Request.SET_DEVICE_STATE_FD, struct.pack("=II", direction, phase),
+                         [fd])
+        value = msg.u64()
+        if value & self.STATE_NO_FD:
+            _close_fds(msg.fds)
+            return value & 0xFF, None
+        if len(msg.fds) != 1 or value & 0xFF:
+            _close_fds(msg.fds)
+            raise ProtocolViolation(f"SET_DEVICE_STATE_FD reply {value:#x} with"
+                                    f" {len(msg.fds)} fds")
+        return 0, msg.fds[0]
+
+    def check_device_state(self) -> int:
+        return self._call(Request.CHECK_DEVICE_STATE).u64()
+
+    def stop_device(self) -> None:
+        """Every started ring stopped (GET_VRING_BASE), as QEMU stops the device."""
+        for index, q in self.queues.items():
+            if q.started:
+                self.get_vring_base(index)
+
+    def save_state(self) -> bytes:
+        """The back-end's device state; BackendError when it is refused or fails."""
+        self.stop_device()
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            err, own = self.set_device_state_fd(self.STATE_SAVE, wfd)
+            os.close(wfd)
+            wfd = -1
+            if err:
+                raise BackendError(Request.SET_DEVICE_STATE_FD, err)
+            if own is not None:
+                os.close(rfd)
+                rfd = own
+            chunks = []
+            while chunk := _read_with_deadline(rfd, self.timeout):
+                chunks.append(chunk)
+        finally:
+            _close_fds(fd for fd in (rfd, wfd) if fd >= 0)
+        value = self.check_device_state()
+        if value:
+            raise BackendError(Request.CHECK_DEVICE_STATE, value)
+        return b"".join(chunks)
+
+    def load_state(self, data: bytes) -> None:
+        """Hand `data` to the back-end as its device state; BackendError when refused."""
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            err, own = self.set_device_state_fd(self.STATE_LOAD, rfd)
+            os.close(rfd)
+            rfd = -1
+            if err:
+                raise BackendError(Request.SET_DEVICE_STATE_FD, err)
+            if own is not None:
+                os.close(wfd)
+                wfd = own
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view[:1 << 16]):]
+            os.close(wfd)
+            wfd = -1
+        finally:
+            _close_fds(fd for fd in (rfd, wfd) if fd >= 0)
+        value = self.check_device_state()
+        if value:
+            raise BackendError(Request.CHECK_DEVICE_STATE, value)
+
     # -- queues
 
     def add_queue(self, index: int, size: int = 128) -> DriverQueue:
@@ -1727,6 +1805,14 @@ def start_daemon(argv: Sequence[str], log_path: str | None = None) -> subprocess
     finally:
         if log_path:
             out.close()
+
+
+def _read_with_deadline(fd: int, timeout: float) -> bytes:
+    """One read of a device-state channel, or ReplyTimeout when nothing comes."""
+    ready, _, _ = select.select([fd], [], [], timeout)
+    if not ready:
+        raise ReplyTimeout(f"no device state for {timeout}s")
+    return os.read(fd, 1 << 16)
 
 
 def stop_daemon(proc: subprocess.Popen, timeout: float = DEFAULT_TIMEOUT) -> int:

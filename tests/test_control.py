@@ -35,6 +35,10 @@ GOLDEN = [
     (control.Ack(seq=9), "2100000009000000"),
     (control.Stopped(0x1234, seq=9), "2200000009000000" "34120000"),
     (control.Failed(-errno.EPERM, seq=9), "2300000009000000" "ffffffff"),
+    (control.StateSave(seq=7), "1800000007000000"),
+    (control.StateLoad(seq=7), "1900000007000000"),
+    (control.StateCheck(seq=8), "1a00000008000000"),
+    (control.StatePrepare(seq=8), "1b00000008000000"),
 ]
 
 

@@ -590,8 +590,10 @@ static int as_caller(struct vfs_engine *e) {
 /* Pin an inode / a handle, journaled as JournaledInodes/JournaledHandles do it: the pin is
  * recorded after it is taken and forgotten before it is released. */
 static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
-    if (vfs_inode_acquire(e->arena, nodeid, fd) != 0)
-        return -EBADF;
+    /* -EIO: an inode a restored state could not find again (vfs_inode_restore). */
+    int rc = vfs_inode_acquire(e->arena, nodeid, fd);
+    if (rc != 0)
+        return rc == -EIO ? -EIO : -EBADF;
     vfs_jq_pin(e->jq, VFS_PIN_INODE, nodeid);
     return 0;
 }
@@ -605,8 +607,9 @@ static void unpin_inode(struct vfs_engine *e, uint64_t nodeid) {
 static int pin_handle(struct vfs_engine *e, uint64_t fh, uint64_t nodeid, int *fd) {
     uint64_t owner;
     uint32_t flags;
-    if (vfs_handle_acquire(e->arena, fh, fd, &owner, &flags) != 0)
-        return -EBADF;
+    int rc = vfs_handle_acquire(e->arena, fh, fd, &owner, &flags);
+    if (rc != 0)
+        return rc == -EIO ? -EIO : -EBADF;
     vfs_jq_pin(e->jq, VFS_PIN_HANDLE, fh);
     if (owner != nodeid) {
         vfs_jq_unpin(e->jq, VFS_PIN_HANDLE, fh);

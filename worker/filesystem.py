@@ -88,6 +88,14 @@ class FsOptions:
     preserve_noatime: bool = False
     # FUSE_DIRECT_IO_ALLOW_MMAP: shared mmap of files opened with FOPEN_DIRECT_IO.
     allow_mmap: bool = False
+    # Device-state migration (worker/migration.py): how the destination finds each inode again
+    # (find-paths / file-handles), what an inode it cannot find becomes (abort / guest-error),
+    # whether find-paths also compares file handles, and whether the source re-checks every
+    # path when the state is taken.
+    migration_mode: str = "find-paths"
+    migration_on_error: str = "abort"
+    migration_verify_handles: bool = False
+    migration_confirm_paths: bool = False
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

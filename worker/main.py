@@ -38,6 +38,10 @@ from pyvirtiofsd.common.control import (
     SetCall,
     SetEnable,
     Shutdown,
+    StateCheck,
+    StateLoad,
+    StatePrepare,
+    StateSave,
     Stopped,
 )
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
@@ -48,6 +52,7 @@ from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
+from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
 from pyvirtiofsd.worker.recovery import JournaledArena, JournaledFs
 from pyvirtiofsd.worker.virtqueue import ChainError, RingError, SplitQueue
@@ -111,6 +116,10 @@ class Worker:
         # What an answered control message left to do: recover a resumed ring, then serve it.
         self._recover_after: SplitQueue | None = None
         self._serve_after = False
+        # Device-state transfers (worker/migration.py): set by build(); the pipe I/O of a save
+        # or load runs after the answer (_state_after).
+        self.state: StateService | None = None
+        self._state_after: Callable[[], None] | None = None
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -149,7 +158,11 @@ class Worker:
             if native is not None:
                 engine.serve_natively(session.address, **native)
                 fs.share_credentials(engine.credentials)
-        return cls(queue, channel, server, arena, jq, fs, hooks, engine)
+        worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
+        inner = fs.inner
+        worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
+                                    inner._mnt_id, queue)
+        return worker
 
     # -- control channel ------------------------------------------------------------------
     def on_control(self) -> None:
@@ -182,6 +195,9 @@ class Worker:
         queue, self._recover_after = self._recover_after, None
         if queue is not None and queue is self.queue:
             self.recover(queue)
+        after, self._state_after = self._state_after, None
+        if after is not None:
+            after()
         if self._serve_after:
             self._serve_after = False
             self.process()
@@ -203,11 +219,43 @@ class Worker:
             self._serve_after = self.enabled
         elif isinstance(msg, Shutdown):
             self.running = False
+        elif msg.type in control.STATE_MESSAGES:
+            return self.on_state(msg)
         elif isinstance(msg, MemUnmap):
             if self.queue is not None:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
                 self.stop_ring()
             self.mem.clear()
+        return Ack(seq=msg.seq)
+
+    def on_state(self, msg: Message) -> Message:
+        """STATE_SAVE / LOAD / CHECK / PREPARE (worker/migration.py); only with the ring
+        stopped, so no request changes the tables meanwhile."""
+        service = self.state
+        fd = msg.fds[0] if msg.fds else None
+        try:
+            if service is None:
+                raise OSError(errno.ENOSYS, "no device-state service")
+            if isinstance(msg, StateSave | StateLoad) and self.queue is not None:
+                raise OSError(errno.EBUSY, "device state is moved only while the rings are"
+                                           " stopped")
+            if isinstance(msg, StateCheck):
+                if service.outcome:
+                    return Failed(service.outcome, seq=msg.seq)
+            elif isinstance(msg, StatePrepare):
+                service.prepare()
+            elif isinstance(msg, StateSave):
+                data = service.take()
+                service.outcome = errno.EINPROGRESS
+                self._state_after = lambda out=fd: service.send(out, data)
+                fd = None
+            elif isinstance(msg, StateLoad):
+                service.outcome = errno.EINPROGRESS
+                self._state_after = lambda src=fd: service.receive(src)
+                fd = None
+        finally:
+            if fd is not None:
+                os.close(fd)
         return Ack(seq=msg.seq)
 
     def set_mem_table(self, msg: MemTable) -> None:

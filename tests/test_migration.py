@@ -1,0 +1,254 @@
+"""Device-state migration through the front-end driver (vhost-user SET_DEVICE_STATE_FD and
+CHECK_DEVICE_STATE, protocol.md 1.12; worker/migration.py; docs/state-format.md).
+
+One daemon serves a guest that holds looked-up nodes, open files and an open directory; its
+state is saved as QEMU saves it (device stopped, a pipe, CHECK_DEVICE_STATE) and loaded into a
+fresh daemon before its rings start, and the guest carries on there with the same nodeids and
+fhs.  Then what must be refused is: corrupt, truncated, wrong-version and wrong-checksum state,
+options the destination lacks, and inodes the host moved or deleted in between (by
+`--migration-on-error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import devstate
+from pyvirtiofsd.common import fuse_abi as fa
+from tests.conftest import Daemon
+from tests.frontend import BackendError, Frontend, FuseClient, FuseError
+
+ROOT = fa.ROOT_ID
+MODES = ("find-paths", "file-handles")
+
+
+@dataclass
+class Guest:
+    """What the guest holds on the source: nodeids and fhs it goes on using after the move."""
+
+    fe: Frontend
+    c: FuseClient
+    d: Daemon
+    dir_id: int
+    rw_id: int
+    rw_fh: int
+    ro_id: int
+    ro_fh: int
+    dir_fh: int
+    nested_id: int
+
+
+def hold(d: Daemon) -> Guest:
+    share = d.share
+    (share / "dir").mkdir()
+    (share / "dir" / "sub").mkdir()
+    (share / "dir" / "sub" / "deep.txt").write_bytes(b"deep")
+    (share / "ro.txt").write_bytes(b"read me")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    c = FuseClient(fe)
+    c.init()
+    dir_id = c.lookup(ROOT, "dir").nodeid
+    sub_id = c.lookup(dir_id, "sub").nodeid
+    nested_id = c.lookup(sub_id, "deep.txt").nodeid
+    entry, opened = c.create(dir_id, "rw.txt")
+    c.write(entry.nodeid, opened.fh, 0, b"before")
+    ro_id = c.lookup(ROOT, "ro.txt").nodeid
+    ro_fh = c.open(ro_id, os.O_RDONLY).fh
+    dir_fh = c.opendir(dir_id).fh
+    return Guest(fe, c, d, dir_id, entry.nodeid, opened.fh, ro_id, ro_fh, dir_fh, nested_id)
+
+
+def resume(d: Daemon, data: bytes) -> tuple[Frontend, FuseClient]:
+    """The destination as QEMU brings it up: connected, state loaded, then the rings."""
+    fe = Frontend.connect(d.socket, process=d.proc, queues=0)
+    fe.load_state(data)
+    fe.add_queue(0)
+    fe.add_queue(1)
+    return fe, FuseClient(fe)
+
+
+def names(c: FuseClient, nodeid: int, fh: int) -> set[bytes]:
+    return {e.name for e in c.readdir_all(nodeid, fh)} - {b".", b".."}
+
+
+@pytest.fixture(params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def pair(daemon_factory, mode: str) -> Iterator[Callable[..., tuple[Daemon, Daemon]]]:
+    def start(*dest_args: str) -> tuple[Daemon, Daemon]:
+        src = daemon_factory(f"--migration-mode={mode}")
+        dst = daemon_factory(f"--migration-mode={mode}", *dest_args)
+        return src, dst
+    yield start
+
+
+def test_guest_carries_on_with_the_same_nodeids_and_fhs(pair) -> None:
+    src, dst = pair()
+    g = hold(src)
+    data = g.fe.save_state()
+    state = devstate.decode(data)
+    held = {i.nodeid for i in state.inodes}
+    assert {ROOT, g.dir_id, g.rw_id, g.ro_id, g.nested_id} <= held
+    assert {h.fh for h in state.handles} == {g.rw_fh, g.ro_fh, g.dir_fh}
+    g.fe.close()
+
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+        assert c.write(g.rw_id, g.rw_fh, 6, b" and after") == 10
+        assert (dst.share / "dir" / "rw.txt").read_bytes() == b"before and after"
+        assert c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+        assert names(c, g.dir_id, g.dir_fh) == {b"sub", b"rw.txt"}
+        assert c.getattr(g.nested_id).attr.size == 4
+        # The lookup counts came along: the same nodeid answers a new LOOKUP.
+        assert c.lookup(g.dir_id, "rw.txt").nodeid == g.rw_id
+        # New inodes and handles do not collide with the restored ones.
+        entry, opened = c.create(g.dir_id, "new.txt")
+        assert entry.nodeid not in held and opened.fh not in {g.rw_fh, g.ro_fh, g.dir_fh}
+        c.release(g.rw_id, g.rw_fh)
+        with pytest.raises(FuseError) as err:
+            c.read(g.rw_id, g.rw_fh, 0, 10)
+        assert err.value.errno == errno.EBADF
+    assert "Traceback" not in src.text + dst.text
+
+
+def test_source_keeps_serving_after_a_save(pair) -> None:
+    src, _dst = pair()
+    g = hold(src)
+    g.fe.save_state()
+    # QEMU restarts the rings when a migration fails or is cancelled.
+    for q in (0, 1):
+        g.fe.start_queue(q)
+    assert g.c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+    g.fe.close()
+
+
+def _corrupt(data: bytes, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[bytes, str]]:
+    payload = data[devstate.HEADER_SIZE:]
+    flipped = bytearray(data)
+    flipped[-5] ^= 0x40
+    bad_crc = bytearray(data)
+    bad_crc[devstate.HEADER_SIZE - 1] ^= 0xFF
+    # A valid frame and checksum around a state whose handle names an inode that is not there.
+    state = devstate.decode(data)
+    state = dataclasses.replace(state, handles=(*state.handles,
+                                                devstate.Handle(fh=99, nodeid=0xDEAD, flags=0)))
+    with monkeypatch.context() as m:
+        m.setattr(devstate, "_check_state", lambda state: None)
+        dangling = devstate.encode(state)
+    return {
+        "corrupt": (bytes(flipped), "checksum mismatch"),
+        "truncated": (data[:len(data) // 2], "truncated"),
+        "wrong version": (devstate.frame(payload, major=devstate.FORMAT_MAJOR + 1),
+                          "format version 2.0 is not supported"),
+        "wrong crc": (bytes(bad_crc), "checksum mismatch"),
+        "empty": (b"", "truncated: 0 bytes"),
+        "foreign": (b"\x00" * 64, "bad magic"),
+        "dangling handle": (dangling, "inode 57005 is missing"),
+    }
+
+
+def test_bad_state_is_refused_and_nothing_is_applied(daemon_factory, monkeypatch) -> None:
+    src = daemon_factory()
+    g = hold(src)
+    data = g.fe.save_state()
+    assert zlib.crc32(data)      # a real state to spoil
+    for what, (bad, line) in _corrupt(data, monkeypatch).items():
+        dst = daemon_factory()
+        with Frontend.connect(dst.socket, process=dst.proc, queues=0) as fe:
+            with pytest.raises(BackendError) as err:
+                fe.load_state(bad)
+            assert err.value.request == 43, what             # CHECK_DEVICE_STATE
+            refused = dst.wait_for("device state refused")
+            assert line in refused and refused.count("\n") <= 1, (what, refused)
+            # Nothing half-applied: the guest's nodeids are unknown here, and the session is
+            # not started (a request before FUSE_INIT is refused).
+            fe.add_queue(0)
+            fe.add_queue(1)
+            c = FuseClient(fe)
+            with pytest.raises(FuseError) as e:
+                c.getattr(g.ro_id)
+            assert e.value.errno == errno.EIO, what
+            c.init()
+            with pytest.raises(FuseError) as e:
+                c.getattr(g.ro_id)
+            assert e.value.errno == errno.EBADF, what
+        dst.stop()
+    # The source kept serving throughout.
+    for q in (0, 1):
+        g.fe.start_queue(q)
+    assert g.c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+    g.fe.close()
+
+
+def test_options_the_destination_lacks_are_refused(daemon_factory) -> None:
+    src = daemon_factory("--writeback", "--posix-acl")
+    g = hold(src)
+    data = g.fe.save_state()
+    dst = daemon_factory()
+    fe = Frontend.connect(dst.socket, process=dst.proc, queues=0)
+    with fe, pytest.raises(BackendError):
+        fe.load_state(data)
+    line = dst.wait_for("device state refused")
+    assert "--writeback, --posix-acl, --xattr" in line, line
+    g.fe.close()
+
+
+def _move_things(share: Path) -> None:
+    """The host renames a held file and deletes another while the guest is stopped."""
+    os.rename(share / "dir" / "sub" / "deep.txt", share / "dir" / "sub" / "moved.txt")
+    os.unlink(share / "ro.txt")
+
+
+def test_host_changes_abort_the_migration(pair) -> None:
+    src, dst = pair("--migration-on-error=abort")
+    g = hold(src)
+    data = g.fe.save_state()
+    g.fe.close()
+    _move_things(src.share)
+    fe = Frontend.connect(dst.socket, process=dst.proc, queues=0)
+    with fe, pytest.raises(BackendError):
+        fe.load_state(data)
+    line = dst.wait_for("device state refused")
+    assert "cannot be found again" in line, line
+
+
+def test_host_changes_become_guest_errors(pair, mode: str) -> None:
+    src, dst = pair("--migration-on-error=guest-error")
+    g = hold(src)
+    data = g.fe.save_state()
+    g.fe.close()
+    _move_things(src.share)
+    fe, c = resume(dst, data)
+    with fe:
+        # The deleted file is lost: EIO for its nodeid and its fh, as virtiofsd answers.
+        for call in (lambda: c.getattr(g.ro_id), lambda: c.read(g.ro_id, g.ro_fh, 0, 10)):
+            with pytest.raises(FuseError) as err:
+                call()
+            assert err.value.errno == errno.EIO
+        if mode == "file-handles":
+            # Found by its handle wherever it went.
+            assert c.getattr(g.nested_id).attr.size == 4
+        else:
+            with pytest.raises(FuseError) as err:
+                c.getattr(g.nested_id)
+            assert err.value.errno == errno.EIO
+        # Everything else carries on.
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+        assert names(c, g.dir_id, g.dir_fh) == {b"sub", b"rw.txt"}
+        # A FORGET of a lost inode is still counted, and a new file may take its name.
+        c.forget(g.ro_id)
+        (dst.share / "ro.txt").write_bytes(b"new")
+        assert c.lookup(ROOT, "ro.txt").nodeid != g.ro_id
+    assert "cannot be found again" in dst.text
