@@ -27,7 +27,7 @@ from pyvirtiofsd.common.rsstate import Location
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rs-state"
 ALL = sorted(p.name for p in FIXTURES.glob("*.bin"))
-MAPPABLE = [n for n in ALL if n != "file-handles.bin"]
+MAPPABLE = ALL
 # What the loading daemon supplies: virtiofsd's state has no FUSE session of its own.
 SESSION = Session(minor=38, init_flags=int(InitFlag.ASYNC_READ | InitFlag.INIT_EXT),
                   max_write=1 << 20, max_pages=256)
@@ -94,12 +94,32 @@ def test_root_only_state():
     assert state.handles == ()
 
 
-def test_file_handles_state_decodes_but_cannot_be_mapped():
+def test_file_handles_state_locates_inodes_by_handle_alone():
     wire = rsstate.decode_wire(fixture("file-handles.bin"))
-    assert wire.mount_paths and set(wire.mount_paths.values()) == {"."}
     assert [i.location for i in wire.inodes] == [Location.ROOT_NODE] + [Location.FILE_HANDLE] * 3
-    with pytest.raises(StateError, match=r"file handle only.*find-paths"):
-        rsstate.to_device_state(wire, SESSION)
+    (mount,) = wire.mount_paths
+    assert wire.mount_paths == {mount: "."}
+    state = rsstate.decode(fixture("file-handles.bin"), SESSION)
+    root, *rest = state.inodes
+    assert (root.mount_id, root.handle) == (mount, None)
+    for inode in rest:
+        assert (inode.parent, inode.name, inode.mount_id) == (0, b"", mount)
+        assert inode.handle and not inode.invalid
+    # No Path children: the root's count is its own reference and the guest's.
+    assert [i.lookups for i in state.inodes] == [1, 1, 1, 2]
+
+
+def test_file_handles_on_a_submount_cannot_be_mapped():
+    wire = rsstate.decode_wire(fixture("file-handles.bin"))
+    (mount,) = wire.mount_paths
+    sub = dataclasses.replace(wire, mount_paths={mount: "sub/mnt"})
+    with pytest.raises(StateError, match=r"inode 2: .* submount 'sub/mnt'.*find-paths"):
+        rsstate.to_device_state(sub, SESSION)
+    state = rsstate.decode(fixture("file-handles.bin"), SESSION)
+    elsewhere = dataclasses.replace(state, inodes=(
+        dataclasses.replace(state.inodes[0], mount_id=mount + 1), *state.inodes[1:]))
+    with pytest.raises(StateError, match=r"inode 2: located by a file handle on mount"):
+        rsstate.encode(elsewhere)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -256,15 +276,21 @@ def mappable_states(draw) -> DeviceState:
     n = draw(st.integers(1, 12))
     ids = [1, *sorted(draw(st.sets(st.integers(2, 1 << 40), min_size=n - 1, max_size=n - 1)))]
     inodes, dirs = [], [1]
+    shared_mount = draw(st.integers(1, 1 << 40))     # the shared directory's mount
     for k, nodeid in enumerate(ids):
         handle = draw(st.none() | st.binary(min_size=1, max_size=128))
         fh = dict(mount_id=draw(st.integers(1, 1 << 40)), handle_type=draw(
             st.integers(-(1 << 31), (1 << 31) - 1)), handle=handle) if handle else {}
         lookups = draw(st.integers(0, 1 << 62))
         if k == 0:
-            inodes.append(Inode(1, lookups, 0, b"", 0, 0, 0, **fh))
+            inodes.append(Inode(1, lookups, 0, b"", 0, 0, 0, **{**fh, "mount_id": shared_mount}))
         elif draw(st.booleans()) and k == len(ids) - 1:
             inodes.append(Inode(nodeid, lookups, 0, b"", 0, 0, 0, invalid=True, **fh))
+        elif handle and draw(st.booleans()):
+            # Found by its file handle alone, on the shared directory's mount.
+            inodes.append(Inode(nodeid, lookups, 0, b"", 0, 0, 0,
+                                **{**fh, "mount_id": shared_mount}))
+            dirs.append(nodeid)
         else:
             parent = draw(st.sampled_from(dirs))
             inodes.append(Inode(nodeid, lookups, parent, draw(names).encode(), 0, 0, 0, **fh))
@@ -291,5 +317,12 @@ def test_any_mappable_state_round_trips(state):
     data = rsstate.encode(state)
     assert rsstate.is_rust_state(data)
     back = rsstate.decode(data, state.session)
+    # virtiofsd's state has mount IDs only inside file handles, and the shared directory's
+    # (the root's) only while some inode is found by file handle on it.
+    root = state.inodes[0]
+    if root.handle is None and not any(i.parent == 0 and i.handle and not i.invalid
+                                       for i in state.inodes[1:]):
+        state = dataclasses.replace(state, inodes=(dataclasses.replace(root, mount_id=0),
+                                                   *state.inodes[1:]))
     assert back == state
     assert rsstate.encode(back) == data
