@@ -82,6 +82,7 @@ def fs_options(config: Config) -> FsOptions:
         migration_on_error=config.migration_on_error,
         migration_verify_handles=config.migration_verify_handles,
         migration_confirm_paths=config.migration_confirm_paths,
+        migration_state_format=config.migration_state_format,
     )
 
 

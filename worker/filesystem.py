@@ -96,6 +96,9 @@ class FsOptions:
     migration_on_error: str = "abort"
     migration_verify_handles: bool = False
     migration_confirm_paths: bool = False
+    # Whose format a saved state is in: "pyvirtiofsd", or "virtiofsd" for a Rust virtiofsd 1.13
+    # destination (common/rsstate.py).  A load reads either.
+    migration_state_format: str = "pyvirtiofsd"
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
