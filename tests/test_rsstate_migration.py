@@ -9,6 +9,7 @@ its rings start, and the guest carries on with the same nodeids and handles.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from tests.frontend import (
     BackendError,
     Frontend,
     FuseClient,
+    FuseError,
     adopt,
     anchor_argv,
     start_daemon,
@@ -179,25 +181,35 @@ def test_session_template_is_what_virtiofsd_negotiates(rust_factory, share):
 
 # -- pyvirtiofsd in it --------------------------------------------------------------------------
 
-def test_virtiofsd_to_pyvirtiofsd(rust_factory, daemon_factory, share):
+# Each mode on the source, the same on the destination (virtiofsd ignores it there).
+MODES = {
+    "find-paths": (),
+    "verify-handles": ("--migration-verify-handles",),
+    "file-handles": ("--migration-mode=file-handles",),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_virtiofsd_to_pyvirtiofsd(rust_factory, daemon_factory, share, mode):
     populate(share)
-    src = rust_factory(share)
+    src = rust_factory(share, *MODES[mode])
     fe = Frontend.connect(src.socket, process=src.proc)
     c = FuseClient(fe)
     g = use(c)
     state = stop_and_save(fe)
-    dst: Daemon = daemon_factory()
+    dst: Daemon = daemon_factory(*MODES[mode])
     fe2 = adopt(fe, dst.socket, process=dst.proc)
     fe.close()
     carry_on(fe2, state, c)
     check_guest(c, g, share)
-    dst.wait_for("device state loaded")
+    dst.wait_for("device state loaded: 4 inodes (0 invalid), 3 handles")
     fe2.close()
 
 
-def test_pyvirtiofsd_to_virtiofsd(rust_factory, daemon_factory, share):
+@pytest.mark.parametrize("mode", MODES)
+def test_pyvirtiofsd_to_virtiofsd(rust_factory, daemon_factory, share, mode):
     populate(share)
-    src: Daemon = daemon_factory("--migration-state-format=virtiofsd")
+    src: Daemon = daemon_factory("--migration-state-format=virtiofsd", *MODES[mode])
     fe = Frontend.connect(src.socket, process=src.proc)
     c = FuseClient(fe)
     g = use(c)
@@ -206,6 +218,11 @@ def test_pyvirtiofsd_to_virtiofsd(rust_factory, daemon_factory, share):
     decoded = rsstate.decode_wire(state)
     assert {i.id for i in decoded.inodes} == {fa.ROOT_ID, g.d, g.f, g.top}
     assert {h.id for h in decoded.handles} == {g.fh_rw, g.fh_ro, g.fh_dir}
+    # pyvirtiofsd records every inode's path, and in the handle modes its file handle too:
+    # virtiofsd's destination opens the path and checks that the handle matches.
+    f = next(i for i in decoded.inodes if i.id == g.f)
+    assert (f.location, f.parent, f.filename) == (rsstate.Location.PATH, g.d, "f.txt")
+    assert (f.file_handle is not None) == (mode != "find-paths")
     dst = rust_factory(share)
     fe2 = adopt(fe, dst.socket, process=dst.proc)
     fe.close()
@@ -245,3 +262,41 @@ def test_unmappable_virtiofsd_state_is_refused_and_the_daemon_keeps_serving(
         c = FuseClient(fe)
         c.init()
         assert c.lookup(fa.ROOT_ID, "top.txt").nodeid
+
+
+@pytest.mark.parametrize("on_error", ["abort", "guest-error"])
+def test_inode_virtiofsd_lost_in_both_on_error_modes(rust_factory, daemon_factory, share,
+                                                     on_error):
+    """The host deletes a file the guest holds: virtiofsd sends that inode as Invalid; an
+    aborting destination refuses the whole state, a guest-error one answers EIO for it alone."""
+    populate(share)
+    src = rust_factory(share)
+    fe = Frontend.connect(src.socket, process=src.proc)
+    c = FuseClient(fe)
+    g = use(c)
+    (share / "top.txt").unlink()
+    state = stop_and_save(fe)
+    assert any(i.location == rsstate.Location.INVALID for i in rsstate.decode_wire(state).inodes)
+    dst: Daemon = daemon_factory(f"--migration-on-error={on_error}")
+    fe2 = adopt(fe, dst.socket, process=dst.proc)
+    fe.close()
+    if on_error == "abort":
+        with pytest.raises(BackendError):
+            fe2.load_state(state)
+        assert "cannot be found again" in dst.wait_for("device state refused")
+        fe2.close()
+        return
+    fe2.load_state(state)
+    fe2.set_mem_table()
+    for index in sorted(fe2.queues):
+        fe2.start_queue(index)
+    c.fe = fe2
+    with pytest.raises(FuseError) as e:
+        c.read(g.top, g.fh_ro, 0, 10)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(FuseError) as e:
+        c.getattr(g.top)
+    assert e.value.errno == errno.EIO
+    assert c.read(g.f, g.fh_rw, 0, 100) == b"hello\nbefore\n"
+    dst.wait_for("device state loaded: 4 inodes (1 invalid), 3 handles")
+    fe2.close()
