@@ -157,3 +157,45 @@ def test_framing_is_crosvms(daemon_factory, share):
         assert fe.recv_message().payload == CROSVM_SUCCESS.pack(0)
         crosvm_wake(fe)
         assert fe.get_features()          # the connection carries on
+
+
+# -- the snapshot format (common/snapshot.py), pure data ---------------------------------------
+
+def _snap() -> snapshot.Snapshot:
+    F = snapshot.RingFlag
+    return snapshot.Snapshot(
+        0x1_7000_0000, 0x8_A209,
+        (snapshot.RingState(128, F.ENABLED | F.RUNNING | F.ADDRESSED, 7, 0x1000, 0x2000,
+                            0x3000),
+         snapshot.RingState(0, F(0), 0, 0, 0, 0)),
+        b"PVFSDEV\0 and the rest")
+
+
+def test_snapshot_round_trip():
+    snap = _snap()
+    assert snapshot.decode(snapshot.encode(snap)) == snap
+
+
+def test_snapshot_every_truncation_and_wrong_version_refused():
+    data = snapshot.encode(_snap())
+    header = 32 + 2 * 36
+    for n in range(header + 1):
+        with pytest.raises(StateError):
+            snapshot.decode(data[:n])
+    bad = bytearray(data)
+    bad[8] = 2
+    with pytest.raises(StateError, match="snapshot version 2 is not supported"):
+        snapshot.decode(bytes(bad))
+
+
+@pytest.mark.parametrize(("ring", "message"), [
+    (snapshot.RingState(128, snapshot.RingFlag.RUNNING, 0, 0, 0, 0), "without a size or addr"),
+    (snapshot.RingState(100, snapshot.RingFlag.RUNNING | snapshot.RingFlag.ADDRESSED, 0, 1, 2,
+                        3), "without a size or addr"),
+    (snapshot.RingState(128, snapshot.RingFlag(0), 0, 0x1000, 0, 0), "inconsistent"),
+    (snapshot.RingState(128, snapshot.RingFlag(8), 0, 0, 0, 0), "reserved bits"),
+])
+def test_snapshot_inconsistent_rings_refused(ring, message):
+    snap = snapshot.Snapshot(0, 0, (ring,), b"x")
+    with pytest.raises(StateError, match=message):
+        snapshot.decode(snapshot.encode(snap))
