@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--poll-us", type=int, metavar="N",
                     help="also run pyvirtiofsd with --poll-us=N, as daemon 'py-poll' (add it "
                          "to --daemons; default: added when this is given)")
+    ap.add_argument("--dirty-log", action="store_true",
+                    help="front-end level with dirty-page logging on, as in a live migration")
     ap.add_argument("--out", default=str(BENCH / "results"), help="results directory")
     ap.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     ap.add_argument("--update-doc", action="store_true",
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         command=" ".join([Path(sys.executable).name, "-m", "bench", *(argv or sys.argv[1:])]),
         config={"reps": reps, "seconds": seconds, "warmup": warmup, "queues": queues,
                 "queue_size": QUEUE_SIZE, "guest": run_guest, "fio_runtime": FIO_RUNTIME,
-                "fio_ramp": FIO_RAMP, "quick": args.quick},
+                "fio_ramp": FIO_RAMP, "quick": args.quick, "dirty_log": args.dirty_log},
         machine=report.machine_info(chosen),
         daemons={d.key: d.label for d in chosen},
     )
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         clean(share / SCRATCH_NAME)
                         try:
-                            m = measure(d, w, q, str(share), str(work), seconds, warmup)
+                            m = measure(d, w, q, str(share), str(work), seconds, warmup,
+                                        args.dirty_log)
                         except Exception as e:   # one failure must not end the run
                             row.fail(d.key, str(e))
                             log(f"[{rep + 1}/{reps}] {row.key} {d.label}: FAILED "

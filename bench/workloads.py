@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.frontend import Frontend, FuseClient
+from tests.frontend import DirtyLog, Frontend, FuseClient
 
 from .daemons import Daemon, Running
 from .ring import Engine, ForgetSlot, Lane, Ring, Slot
@@ -305,11 +305,13 @@ def failure(run, e: Exception) -> RuntimeError:
 
 
 def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str,
-            seconds: float, warmup: float) -> dict[str, float]:
+            seconds: float, warmup: float, dirty_log: bool = False) -> dict[str, float]:
     """One fresh daemon, one workload: {value (in wl.unit), glitches (impossible used.idx
-    values seen), cpu_us (the daemon's CPU time per request, all its processes/threads)}."""
+    values seen), cpu_us (the daemon's CPU time per request, all its processes/threads)}.
+    With `dirty_log`, the daemon logs every page it writes, as during a live migration."""
     run = Running(daemon, shared, workdir, queues)
     fe = None
+    log = None
     try:
         fe = Frontend.connect(run.socket, queues=1 + queues, queue_size=QUEUE_SIZE,
                               mem_size=MEM_SIZE, process=run.proc)
@@ -317,6 +319,10 @@ def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str
             raise RuntimeError("the daemon did not offer INDIRECT_DESC")
         client = FuseClient(fe, queue=1)
         client.init()
+        if dirty_log:
+            log = DirtyLog(fe.memory)
+            fe.set_log_base(log)
+            fe.set_logging(True)
         ctx = Ctx(fe, client, queues, wl.depth)
         lanes, units = wl.build(ctx)
         rings = ctx.rings() + ([ctx._hiprio] if ctx._hiprio else [])
@@ -333,3 +339,5 @@ def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str
         if fe is not None:
             fe.close()
         run.stop()
+        if log is not None:
+            log.close()

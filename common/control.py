@@ -43,6 +43,8 @@ class MsgType(enum.IntEnum):
     STATE_LOAD = 25    # read a device state from the fd to EOF and apply it
     STATE_CHECK = 26   # whether the last save or load completed: ACK, or FAILED with errno
     STATE_PREPARE = 27  # the pre-migration pass: record where every inode is now
+    LOG_BASE = 12      # the dirty log: size, offset + its fd (no fd: no log)
+    LOG_STATE = 13     # dirty logging on/off, the ring's log flag and used-ring log address
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker (or standby spawner)
@@ -224,6 +226,40 @@ class MemUnmap(Message):
     TYPE: ClassVar[MsgType] = MsgType.MEM_UNMAP
 
 
+# -- dirty-page logging (vhost-user "Migration"; worker/dirtylog.py) -------------------------
+@dataclass(frozen=True, slots=True)
+class LogBase(Message):
+    """The front-end's dirty log (SET_LOG_BASE): `size` bytes at `offset` in the attached fd,
+    which the worker maps and uses from its next write to guest memory on; size 0 and no fd:
+    no log (the worker unmaps it)."""
+
+    size: int
+    offset: int
+
+    TYPE: ClassVar[MsgType] = MsgType.LOG_BASE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    FDS: ClassVar[tuple[int, int]] = (0, 1)
+
+    def is_valid(self) -> bool:
+        return len(self.fds) == (1 if self.size else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class LogState(Message):
+    """Whether writes are logged (VHOST_F_LOG_ALL), and the worker's ring's VHOST_VRING_F_LOG
+    with the guest-physical address its used-ring writes are logged at (SET_VRING_ADDR)."""
+
+    log_all: int
+    ring: int
+    used_gpa: int
+
+    TYPE: ClassVar[MsgType] = MsgType.LOG_STATE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=IIQ")
+
+    def is_valid(self) -> bool:
+        return self.log_all in (0, 1) and self.ring in (0, 1) and not self.fds
+
+
 # -- supervisor <-> spawner --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Spawn(Message):
@@ -328,13 +364,14 @@ STATE_MESSAGES = frozenset({MsgType.STATE_SAVE, MsgType.STATE_LOAD, MsgType.STAT
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
                               MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
-                              StateSave, StateLoad, StateCheck, StatePrepare)
+                              StateSave, StateLoad, StateCheck, StatePrepare, LogBase,
+                              LogState)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP}) | STATE_MESSAGES
+                       MsgType.MEM_UNMAP, MsgType.LOG_BASE, MsgType.LOG_STATE}) | STATE_MESSAGES
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
 FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})

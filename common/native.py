@@ -18,6 +18,8 @@ SIGCHLD = 17
 fence = lib.vfs_fence
 setfsuid = lib.vfs_setfsuid
 setfsgid = lib.vfs_setfsgid
+# log_mark(log, size, gpa, length): dirty-page logging's atomic bit-sets (common/dirtylog.h).
+log_mark = lib.vfs_log_mark
 
 _pyapi = ctypes.pythonapi
 

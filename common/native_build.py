@@ -41,6 +41,7 @@ int vfs_name_to_handle(int fd, uint8_t *handle, uint32_t *handle_len, int *handl
                        uint64_t *mount_id);
 int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
                        int handle_type, int flags);
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -53,6 +54,7 @@ SOURCE = r"""
 #define _GNU_SOURCE
 #endif
 #include "state.h"
+#include "dirtylog.h"
 #include <errno.h>
 #include <linux/futex.h>
 #include <signal.h>
@@ -201,6 +203,11 @@ int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
     u.fh.handle_type = handle_type;
     memcpy(u.fh.f_handle, handle, handle_len);
     return open_by_handle_at(mount_fd, &u.fh, flags);
+}
+
+/* Dirty-page logging from the Python data plane: the engine's own marking (dirtylog.h). */
+void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len) {
+    vfs_log_range(log, size, gpa, len);
 }
 """
 

@@ -288,3 +288,30 @@ class ConfigSpace:
 
 # crosvm's VhostUserSuccess (vmm_vhost message.rs): one signed byte, non-zero for success.
 CROSVM_SUCCESS = struct.Struct("=b")
+
+
+@dataclass(frozen=True, slots=True)
+class LogDescription:
+    """VhostUserLog, the SET_LOG_BASE payload: the log is `mmap_size` bytes at `mmap_offset` in
+    the attached fd, one bit per 4 KiB guest-physical page from address 0 (spec "Migration")."""
+
+    mmap_size: int
+    mmap_offset: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQ")
+    PAGE: ClassVar[int] = 0x1000                # VHOST_LOG_PAGE
+
+    @classmethod
+    def unpack(cls, data: bytes) -> LogDescription:
+        return cls(*cls.STRUCT.unpack(data))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.mmap_size, self.mmap_offset)
+
+    def is_valid(self) -> bool:
+        return self.mmap_size > 0 and self.mmap_offset + self.mmap_size <= 1 << 64
+
+    @property
+    def covers(self) -> int:
+        """Guest-physical bytes the log has a bit for."""
+        return self.mmap_size * 8 * self.PAGE

@@ -37,6 +37,9 @@ KERNELS = {"61": "k61", "612": "k612"}
 SCRIPT_NAME = ".guest-script.sh"
 MARKER = "@@GUEST "
 QEMU = "qemu-system-x86_64"
+# QEMU 10 from Debian trixie in a debootstrap tree (scripts/install-qemu10.sh): what moves a
+# vhost-user back-end's state in a live migration (DEVICE_STATE, QEMU 9 and later).
+QEMU10_DIR = Path(os.environ.get("QEMU10_DIR", str(WORK_DIR / "qemu10")))
 
 
 class GuestError(RuntimeError):
@@ -246,6 +249,16 @@ def qemu_argv(
         "-no-reboot",
         "-nic", "none",
     ]  # fmt: skip
+
+
+def qemu10_command(tree: Path = QEMU10_DIR) -> list[str]:
+    """The tree's qemu-system-x86_64 run through the tree's own dynamic loader and libraries
+    (trixie's glibc is newer than the host's), with its firmware: no chroot, nothing mounted.
+    Put it in place of qemu_argv()'s first element."""
+    libs = f"{tree}/lib/x86_64-linux-gnu:{tree}/usr/lib/x86_64-linux-gnu"
+    return [f"{tree}/lib64/ld-linux-x86-64.so.2", "--library-path", libs,
+            f"{tree}/usr/bin/qemu-system-x86_64",
+            "-L", f"{tree}/usr/share/qemu", "-L", f"{tree}/usr/share/seabios"]
 
 
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:

@@ -45,4 +45,7 @@ bash scripts/install-anchors.sh >/dev/null
 # Guest kernels (Debian 6.1 and trixie's 6.12), fetched as packages and unpacked, not installed.
 echo "setup: fetching the guest kernels (cached under guest/work/)"
 bash guest/fetch-kernels.sh >/dev/null
+# QEMU 10 (Debian trixie) in a debootstrap tree, for the live-migration guest test.
+echo "setup: installing QEMU 10 for the migration test (cached under guest/work/qemu10)"
+bash scripts/install-qemu10.sh >/dev/null
 echo "setup: done; the daemon is .venv/bin/pyvirtiofsd"

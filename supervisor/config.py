@@ -37,12 +37,14 @@ MAX_REQUEST_QUEUES = 64
 MAX_QUEUE_SIZE = 32768  # virtio spec 2.7: split queue size is a power of two up to 32768
 
 # `--print-capabilities` output (vhost-user.json schema, read by libvirt to learn the backend
-# type and which options it may pass separately): virtiofsd's, less "migrate-precopy", which
-# libvirt takes as a promise that the domain can be migrated.  It comes back with DEVICE_STATE
-# migration; advertising it before would let libvirt start a migration that cannot work.
+# type and which options it may pass separately): virtiofsd's, byte for byte.  "migrate-precopy"
+# promises libvirt that the domain can be live-migrated: the daemon moves its device state
+# (DEVICE_STATE, worker/migration.py) and logs the pages it dirties (LOG_SHMFD), which
+# tests/test_guest_migration.py shows with QEMU 10.
 CAPABILITIES_JSON = """{
   "type": "fs",
   "features": [
+    "migrate-precopy",
     "separate-options"
   ]
 }
@@ -156,10 +158,11 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        # The --migration-* options act on device-state migration (worker/migration.py).
-        for name, default in (("inode_file_handles", "never"),):
-            if getattr(self, name) != default:
-                out.append(f"{_opt(name)}={getattr(self, name)}")
+        # The --migration-* options act on device-state migration (worker/migration.py), and
+        # --inode-file-handles=mandatory on every inode the guest is given; "prefer" only
+        # checks that handles work: inodes are still kept as O_PATH fds.
+        if self.inode_file_handles == "prefer":
+            out.append("--inode-file-handles=prefer")
         return out
 
 

@@ -37,6 +37,7 @@ from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.systemd import Notifier
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, receive
+from pyvirtiofsd.worker import migration
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
 from pyvirtiofsd.worker.main import Worker
@@ -60,6 +61,24 @@ def guest_fd_budget(limit: int) -> int:
     return max(limit - reserve, 16)
 
 
+def file_handles_unusable(root_fd: int, share_path: str) -> str | None:
+    """Why the share's inodes cannot be kept and found by file handle, or None."""
+    try:
+        htype, handle, _mnt = migration.file_handle(root_fd)
+    except OSError as e:
+        return f"the shared directory's filesystem gives no file handles ({e.strerror})"
+    mount_fd = os.open(share_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.close(migration.open_by_handle(mount_fd, htype, handle, os.O_PATH | os.O_CLOEXEC))
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            return "opening by file handle needs CAP_DAC_READ_SEARCH, which the daemon lacks"
+        return f"a file handle of the shared directory does not open ({e.strerror})"
+    finally:
+        os.close(mount_fd)
+    return None
+
+
 def fs_options(config: Config) -> FsOptions:
     return FsOptions(
         cache=str(config.cache),
@@ -78,6 +97,7 @@ def fs_options(config: Config) -> FsOptions:
         killpriv_v2=config.killpriv_v2,
         preserve_noatime=config.preserve_noatime,
         allow_mmap=config.allow_mmap,
+        inode_file_handles=config.inode_file_handles,
         migration_mode=config.migration_mode,
         migration_on_error=config.migration_on_error,
         migration_verify_handles=config.migration_verify_handles,
@@ -117,6 +137,22 @@ class Supervisor:
         self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+
+    def file_handles_refused(self) -> str | None:
+        """--inode-file-handles: whether the share's filesystem gives file handles and the
+        daemon may open by them (CAP_DAC_READ_SEARCH), asked before any worker needs it.
+        mandatory: the reason it cannot be honoured (one line); prefer: a warning, and then
+        served without."""
+        mode = self.config.inode_file_handles
+        if mode == "never":
+            return None
+        why = file_handles_unusable(self.root_fd, self.sandbox.share_path)
+        if why is None:
+            return None
+        if mode == "mandatory":
+            return f"--inode-file-handles=mandatory: {why}"
+        log.warning("--inode-file-handles=prefer: %s; inodes are kept as O_PATH fds", why)
+        return None
 
     def worker_entry(self, queue: int, channel: socket.socket) -> None:
         """Runs in the worker process, which shares the spawner's fd table.  Its channel end is
@@ -353,6 +389,10 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
         if os.getpid() != starter:
             pidfile.release()        # only closes this process's copy; the lock stays
         sup.open_share()
+        refused = sup.file_handles_refused()
+        if refused:
+            log.error("%s", refused)
+            return 2
         return sup.run(listener)
     except OSError as e:
         if e.errno == errno.EPIPE:

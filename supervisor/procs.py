@@ -58,6 +58,8 @@ import prctl
 from pyvirtiofsd.common import control, native
 from pyvirtiofsd.common.control import (
     Failed,
+    LogBase,
+    LogState,
     MemTable,
     MemUnmap,
     Message,
@@ -317,6 +319,10 @@ class ProcessTable:
     # worker ends as soon as the daemon is told to stop.
     wake_fd: int = -1
     stopping: Callable[[], bool] = lambda: False
+    # The dirty log (size, offset, fd; the fd is the control plane's) and each ring's logging
+    # state (log_all, ring, used_gpa), for the workers started later.
+    dirty_log: tuple[int, int, int] | None = None
+    log_states: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -736,6 +742,45 @@ class ProcessTable:
     def prepare_state(self) -> None:
         """The pre-migration pass: every inode's location recorded now."""
         self.request(self.STATE_QUEUE, lambda seq: StatePrepare(seq=seq))
+    # -- dirty-page logging (worker/dirtylog.py) -------------------------------------------------
+    def set_log_base(self, size: int, offset: int, fd: int | None) -> None:
+        """Every worker maps the new log (fd None: none) between two requests.  A worker that
+        cannot is killed: it must not go on writing guest memory that is not logged, and its
+        successor maps the log before it serves (respawn)."""
+        self.dirty_log = (size, offset, fd) if fd is not None else None
+        for q in list(self.workers):
+            try:
+                self._send_log_base(q)
+            except WorkerGone:
+                pass
+            except OSError as e:
+                log.error("worker for queue %d could not map the dirty log: %s; killing it",
+                          q, e.strerror or e)
+                self.kill(q)
+
+    def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None:
+        state = (int(log_all), int(ring), used_gpa)
+        self.log_states[index] = state
+        if index in self.workers:
+            try:
+                self.request(index, lambda seq: LogState(*state, seq=seq))
+            except WorkerGone:
+                pass
+
+    def _send_log_base(self, queue: int) -> None:
+        if self.dirty_log is None:
+            self.request(queue, lambda seq: LogBase(0, 0, seq=seq))
+        else:
+            size, offset, fd = self.dirty_log
+            self.request(queue, lambda seq: LogBase(size, offset, seq=seq, fds=(fd,)))
+
+    def _send_log(self, queue: int) -> None:
+        """A new worker's logging, before its ring starts: no write of it goes unlogged."""
+        if self.dirty_log is not None:
+            self._send_log_base(queue)
+        state = self.log_states.get(queue)
+        if state is not None and any(state):
+            self.request(queue, lambda seq: LogState(*state, seq=seq))
 
     # -- deaths --------------------------------------------------------------------------------
     def pidfds(self) -> dict[int, int]:
@@ -910,6 +955,7 @@ class ProcessTable:
                 regions, fds = self.memory
                 rows = _rows(regions)
                 self.request(queue, lambda seq: MemTable(rows, seq=seq, fds=tuple(fds)))
+            self._send_log(queue)
             setup = self.rings.get(queue)
             if setup is not None:
                 self._send_ring(queue, setup, resume=setup.delivered)

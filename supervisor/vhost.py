@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from pyvirtiofsd.common.vhost_user import (
     U64,
     ConfigSpace,
     Header,
+    LogDescription,
     MemoryRegion,
     ProtocolFeature,
     Request,
@@ -48,6 +50,7 @@ FEATURES = (
     | virtio.Feature.INDIRECT_DESC
     | virtio.Feature.EVENT_IDX
     | F_PROTOCOL_FEATURES
+    | F_LOG_ALL
 )
 BASE_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
@@ -56,6 +59,7 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.RESET_DEVICE
     | ProtocolFeature.STATUS
     | ProtocolFeature.DEVICE_STATE
+    | ProtocolFeature.LOG_SHMFD
 )
 # Every region's fd reaches the workers in one control message.
 MAX_MEM_SLOTS = CONTROL_MAX_FDS
@@ -135,6 +139,8 @@ class QueueControl(Protocol):
     def load_state(self, fd: int) -> None: ...
     def check_state(self) -> None: ...
     def prepare_state(self) -> None: ...
+    def set_log_base(self, size: int, offset: int, fd: int | None) -> None: ...
+    def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None: ...
 
 
 @dataclass
@@ -211,6 +217,11 @@ RULES: dict[Request, Rule] = {
     # The spec says no fd SHOULD come with REM_MEM_REG, but a back-end MAY accept one.
     Request.REM_MEM_REG: Rule(_REGION_MSG, fds=(0, 1), gate=ProtocolFeature.CONFIGURE_MEM_SLOTS),
     Request.SET_STATUS: Rule(_U64, gate=ProtocolFeature.STATUS),
+    # Dirty logging (spec "Migration"): QEMU waits for SET_LOG_BASE's reply whenever LOG_SHMFD
+    # is negotiated, REPLY_ACK or not (its vhost_user_set_log_base reads one back).
+    Request.SET_LOG_BASE: Rule(LogDescription.STRUCT.size, fds=(1, 1), replies=True,
+                               gate=ProtocolFeature.LOG_SHMFD),
+    Request.SET_LOG_FD: Rule(0, fds=(1, 1)),
     Request.GET_STATUS: Rule(0, replies=True, gate=ProtocolFeature.STATUS),
     Request.SET_DEVICE_STATE_FD: Rule(DEVICE_STATE_PARAMS.size, fds=(1, 1), replies=True,
                                       gate=ProtocolFeature.DEVICE_STATE),
@@ -266,6 +277,10 @@ class Backend:
     status: int = 0
     regions: list[tuple[MemoryRegion, int]] = field(default_factory=list)
     vrings: list[Vring] = field(default_factory=list)
+    # The dirty log (spec "Migration"): its description and fd, kept for workers started
+    # later; and the logging state each ring's worker was last given (log_all, ring, address).
+    dirty_log: tuple[LogDescription, int] | None = None
+    log_sent: dict[int, tuple[bool, bool, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(self.num_queues)]
@@ -353,6 +368,8 @@ class Backend:
             # Without protocol features every ring is enabled at once (spec "Ring states").
             for i, vring in enumerate(self.vrings):
                 self._set_enabled(i, vring, True)
+        # VHOST_F_LOG_ALL may be turned on and off while the rings run (spec "Migration").
+        self._update_logging()
         return None
 
     def on_set_owner(self, payload: bytes, fds: list[int]) -> None:
@@ -381,6 +398,7 @@ class Backend:
         self.stop_all()
         self.acked_features = 0
         self.status = 0
+        self._update_logging()
 
     def on_set_status(self, payload: bytes, fds: list[int]) -> None:
         (status,) = U64.unpack(payload)
@@ -532,11 +550,13 @@ class Backend:
         vring = self._vring(addr.index)
         if not addr.is_valid():
             raise RequestError(f"vring {addr.index}: misaligned ring address or unknown flags")
-        if addr.flags & VringAddr.F_LOG:
-            raise RequestError("dirty logging was not negotiated")
-        if vring.started:
+        if addr.flags & VringAddr.F_LOG and not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise RequestError("VHOST_VRING_F_LOG, but dirty logging (LOG_SHMFD) was not"
+                               " negotiated")
+        if vring.started and not self._same_ring(vring.addr, addr):
             raise RequestError(f"SET_VRING_ADDR on running vring {addr.index}")
         vring.addr = addr
+        self._send_log_state(addr.index, vring)
 
     def on_set_vring_base(self, payload: bytes, fds: list[int]) -> None:
         st = VringState.unpack(payload)
@@ -645,6 +665,7 @@ class Backend:
     def close(self) -> None:
         """End of the connection: stop rings, drop memory and notifiers."""
         self.stop_all()
+        self.close_log()
         self.close_regions()
         self.queues.drop_memory()
 
@@ -786,3 +807,84 @@ class Backend:
         if not addr.is_valid():
             raise RequestError(f"vring {index}: misaligned ring address")
         return addr
+
+    # -- dirty-page logging (spec "Migration"; protocol.md 1.10; worker/dirtylog.py) ---------
+    # A log for 128 TiB of guest memory; a larger size or offset is a front-end's mistake.
+    MAX_LOG_SIZE = 1 << 32
+
+    def on_set_log_base(self, payload: bytes, fds: list[int]) -> bytes:
+        """Every worker maps the log and marks it from its next request on; the previous log
+        is dropped once they all moved (QEMU replaces the log when guest memory grows)."""
+        desc = LogDescription.unpack(payload)
+        what = f"dirty log of {desc.mmap_size:#x} bytes at offset {desc.mmap_offset:#x}"
+        if not desc.is_valid():
+            raise RequestError(f"{what}: empty, or past the end of the address space")
+        if desc.mmap_size > self.MAX_LOG_SIZE or desc.mmap_offset > self.MAX_LOG_SIZE:
+            raise RequestError(f"{what}: size and offset are limited to {self.MAX_LOG_SIZE:#x}")
+        reach = max((r.guest_phys_addr + r.memory_size for r, _ in self.regions), default=0)
+        if desc.covers < reach:
+            # QEMU sizes the log to the memory table (vhost_get_log_size) and grows it before
+            # the table: a log that is short would silently lose pages.
+            raise RequestError(f"{what}: covers guest memory up to {desc.covers:#x}, but the"
+                               f" memory table reaches {reach:#x}")
+        fd = fds[0]
+        try:
+            st = os.fstat(fd)
+        except OSError as e:
+            raise RequestError(f"{what}: fd {fd}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RequestError(f"{what}: its fd is not shared memory that can be mapped")
+        if st.st_size < desc.mmap_offset + desc.mmap_size:
+            # A worker touching a page past the end of the file would die of SIGBUS.
+            raise RequestError(f"{what}: its fd holds only {st.st_size:#x} bytes")
+        fds.clear()
+        try:
+            self.queues.set_log_base(desc.mmap_size, desc.mmap_offset, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.dirty_log is not None:
+            os.close(self.dirty_log[1])
+        self.dirty_log = (desc, fd)
+        log.info("dirty log: %#x bytes, covering guest memory up to %#x", desc.mmap_size,
+                 desc.covers)
+        return U64.pack(0)
+
+    def on_set_log_fd(self, payload: bytes, fds: list[int]) -> None:
+        """An eventfd to signal when the log was written (the kernel's vhost); the front-end
+        reads the shared log itself, so the spec lets a back-end ignore it: handle() closes
+        it."""
+
+    @staticmethod
+    def _same_ring(old: VringAddr | None, new: VringAddr) -> bool:
+        """Only the log flag and address change: how QEMU turns logging on and off for a
+        running ring (vhost_dev_set_log)."""
+        return old is not None and (old.desc, old.used, old.avail) == (new.desc, new.used,
+                                                                      new.avail)
+
+    def _log_state(self, vring: Vring) -> tuple[bool, bool, int]:
+        log_all = bool(self.acked_features & F_LOG_ALL)
+        ring = bool(vring.addr is not None and vring.addr.flags & VringAddr.F_LOG)
+        return log_all, ring, vring.addr.log if ring and vring.addr is not None else 0
+
+    def _send_log_state(self, index: int, vring: Vring) -> None:
+        """Tell the ring's worker when its logging changed (the worker keeps it across ring
+        restarts, so a ring that starts logged writes nothing unlogged)."""
+        state = self._log_state(vring)
+        if state != self.log_sent.get(index, (False, False, 0)):
+            self.queues.set_log_state(index, *state)
+            self.log_sent[index] = state
+
+    def _update_logging(self) -> None:
+        for i, vring in enumerate(self.vrings):
+            self._send_log_state(i, vring)
+
+    def close_log(self) -> None:
+        """The front-end is gone: its log is unmapped, and logging off for the next one."""
+        for i in [i for i, state in self.log_sent.items() if any(state)]:
+            self.queues.set_log_state(i, False, False, 0)
+        self.log_sent.clear()
+        if self.dirty_log is not None:
+            self.queues.set_log_base(0, 0, None)
+            os.close(self.dirty_log[1])
+            self.dirty_log = None

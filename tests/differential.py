@@ -75,8 +75,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {
                                   "that creates nothing runs as the overflow id (65534); "
                                   "virtiofsd runs it as itself",
     "init-minor": "INIT answers FUSE 7.45; virtiofsd 1.13 answers 7.38",
-    "capabilities": "--print-capabilities leaves out migrate-precopy until migration works "
-                    "(tests/test_config.py compares the two documents)",
     "access-root-search": "ACCESS answers what access(2) on the host answers: root may "
                           "search any directory; virtiofsd says EACCES for X_OK on a directory "
                           "without execute bits",

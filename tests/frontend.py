@@ -39,6 +39,7 @@ from pyvirtiofsd.common import virtio
 from pyvirtiofsd.common.native import fence
 from pyvirtiofsd.common.vhost_user import (
     CROSVM_SUCCESS,
+    F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     HEADER_SIZE,
     MAX_FDS,
@@ -49,6 +50,7 @@ from pyvirtiofsd.common.vhost_user import (
     ConfigSpace,
     Header,
     HeaderFlag,
+    LogDescription,
     MemoryRegion,
     ProtocolFeature,
     Request,
@@ -584,7 +586,8 @@ class Frontend:
         explicit = self.expects_reply(request)
         if flags is None:
             flags = VERSION
-            if self.reply_ack and not explicit:
+            # SET_LOG_BASE's own reply is a u64 too: with NEED_REPLY it doubles as the ack.
+            if self.reply_ack and (not explicit or request == Request.SET_LOG_BASE):
                 flags |= HeaderFlag.NEED_REPLY
         self.send_raw(Header(request, flags, len(payload)).pack() + payload, fds)
         if reply is None:
@@ -592,7 +595,7 @@ class Frontend:
         if not reply:
             return None
         msg = self.recv_reply(request)
-        if explicit:
+        if explicit and not (request == Request.SET_LOG_BASE and flags & HeaderFlag.NEED_REPLY):
             return msg
         _close_fds(msg.fds)
         value = msg.u64()
@@ -829,7 +832,7 @@ class Frontend:
         self.set_vring_base(index, q.avail_idx if base is None else base)
         mem = self.memory
         self.set_vring_addr(index, mem.uaddr(q.desc_gpa), mem.uaddr(q.used_gpa),
-                            mem.uaddr(q.avail_gpa))
+                            mem.uaddr(q.avail_gpa), **self._log_ring(q))
         # A kick still pending on the eventfd would wake virtiofsd's ring worker while
         # SET_VRING_KICK is being handled, before the ring is ready; the worker then spins on
         # the error holding the ring lock and the daemon never answers.  So the count is
@@ -844,6 +847,34 @@ class Frontend:
         q.started = True
         if q.inflight:
             q.kick(force=True)
+
+    # -- dirty-page logging (protocol.md 1.10), as QEMU's vhost_migration_log does it
+
+    dirty_log: DirtyLog | None = None
+    logging: bool = False
+
+    def set_log_base(self, log: DirtyLog) -> None:
+        """SET_LOG_BASE with the log's memfd; the daemon marks it from then on."""
+        self.send(Request.SET_LOG_BASE, log.describe().pack(), [log.fd])
+        self.dirty_log = log
+
+    def _log_ring(self, q: DriverQueue) -> dict[str, int]:
+        """SET_VRING_ADDR's log fields: VHOST_VRING_F_LOG at the used ring's guest address."""
+        if not self.logging:
+            return {}
+        return {"flags": VringAddr.F_LOG, "log": q.used_gpa}
+
+    def set_logging(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL on or off, then every started ring's log flag (QEMU's order, in
+        vhost_dev_set_log): on running rings, without stopping them."""
+        features = self.acked_features | F_LOG_ALL if on else self.acked_features & ~F_LOG_ALL
+        self.set_features(features)
+        self.logging = on
+        mem = self.memory
+        for index, q in self.queues.items():
+            if q.started:
+                self.set_vring_addr(index, mem.uaddr(q.desc_gpa), mem.uaddr(q.used_gpa),
+                                    mem.uaddr(q.avail_gpa), **self._log_ring(q))
 
     def sync(self) -> None:
         """Return once the daemon has handled every request sent so far.
@@ -872,6 +903,53 @@ class Frontend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# --- the dirty log
+
+
+class DirtyLog:
+    """A dirty log as QEMU makes one (vhost_get_log_size, vhost_log_alloc): a memfd with one
+    bit per 4 KiB guest page from address 0 up to the end of guest memory, in u64 chunks."""
+
+    CHUNK = LogDescription.PAGE * 64
+
+    def __init__(self, memory: GuestMemory, *, extra: int = 0, offset: int = 0,
+                 name: str = "dirty-log") -> None:
+        end = max(r.end for r in memory.regions)
+        self.size = ((end - 1) // self.CHUNK + 1) * 8 + extra
+        self.offset = offset
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, offset + self.size)
+        self._mm = mmap.mmap(self.fd, offset + self.size)
+
+    def describe(self) -> LogDescription:
+        return LogDescription(self.size, self.offset)
+
+    def pages(self) -> set[int]:
+        """Guest page numbers marked dirty."""
+        data = self._mm[self.offset : self.offset + self.size]
+        out = set()
+        for i, byte in enumerate(data):
+            if byte:
+                out.update(i * 8 + b for b in range(8) if byte >> b & 1)
+        return out
+
+    def clear(self) -> None:
+        self._mm[self.offset : self.offset + self.size] = bytes(self.size)
+
+    def close(self) -> None:
+        self._mm.close()
+        os.close(self.fd)
+
+
+def pages_of(ranges: Iterable[tuple[int, int]]) -> set[int]:
+    """The 4 KiB guest pages that guest-physical (address, length) ranges touch."""
+    out: set[int] = set()
+    for a, n in ranges:
+        if n > 0:
+            out.update(range(a // LogDescription.PAGE, (a + n - 1) // LogDescription.PAGE + 1))
+    return out
 
 
 # --- driver-side split ring
@@ -939,6 +1017,9 @@ class DriverQueue:
         self._by_head: dict[int, int] = {}
         self._done: dict[int, Completion] = {}
         self.started = False
+        # When a list: each completion appends the guest ranges its used.len covers (the
+        # bytes the daemon wrote), for the dirty-log tests.
+        self.written: list[tuple[int, int]] | None = None
         self.kicks = 0              # statistics, for notification-suppression tests
         self.kicks_suppressed = 0
         self.calls = 0
@@ -1115,6 +1196,13 @@ class DriverQueue:
                 data = mem.read(*rec.writable[0])
             else:
                 data = b"".join(mem.read(a, n) for a, n in rec.writable)
+            if self.written is not None:
+                left = used_len
+                for a, k in rec.writable:
+                    if left <= 0:
+                        break
+                    self.written.append((a, min(k, left)))
+                    left -= k
             self.free_descs.extend(rec.descs)
             for a in rec.allocs:
                 mem.free(a)
@@ -1751,3 +1839,4 @@ __all__ = [
     "QueueFull", "Region", "ReplyTimeout", "anchor_argv", "connect_unix",
     "start_daemon", "stop_daemon",
 ]
+__all__ += ["DirtyLog", "pages_of"]      # dirty-page logging (tests/test_dirtylog.py)

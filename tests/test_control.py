@@ -40,6 +40,26 @@ GOLDEN = [
     (control.StateCheck(seq=8), "1a00000008000000"),
     (control.StatePrepare(seq=8), "1b00000008000000"),
 ]
+# Dirty-page logging (worker/dirtylog.py); a LOG_BASE with a log carries its fd (below).
+GOLDEN += [
+    (control.LogBase(0, 0, seq=7), "0c00000007000000" "0000000000000000" "0000000000000000"),
+    (control.LogState(1, 1, 0x12345000, seq=8),
+     "0d00000008000000" "01000000" "01000000" "0050341200000000"),
+]
+
+
+def test_log_base_carries_its_fd_exactly_when_it_has_a_log() -> None:
+    wire = control.LogBase(0x2000, 0x10, seq=1).pack()
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        msg = control.decode(wire, [fd], control.TO_WORKER)
+        assert isinstance(msg, control.LogBase) and (msg.size, msg.offset) == (0x2000, 0x10)
+    finally:
+        os.close(fd)
+    with pytest.raises(control.ProtocolError):
+        control.decode(wire, [], control.TO_WORKER)
+    with pytest.raises(control.ProtocolError):
+        control.decode(control.LogState(2, 0, 0, seq=1).pack(), [], control.TO_WORKER)
 
 
 def test_every_type_is_pinned() -> None:

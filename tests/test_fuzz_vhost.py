@@ -190,6 +190,12 @@ class FakeQueues:
     def prepare_state(self) -> None:
         raise OSError(errno.EIO, "no worker")
 
+    def set_log_base(self, size: int, offset: int, fd) -> None:
+        pass
+
+    def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None:
+        pass
+
 
 @budget(800)
 @given(sequences)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import subprocess
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ import pytest
 
 from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
-from tests.conftest import Daemon
+from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import BackendError, Frontend, FuseClient, FuseError
+
+# Restored tables and the EIO of lost inodes are served by both data planes.
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 
 ROOT = fa.ROOT_ID
 MODES = ("find-paths", "file-handles")
@@ -85,10 +89,16 @@ def mode(request) -> str:
 
 
 @pytest.fixture
-def pair(daemon_factory, mode: str) -> Iterator[Callable[..., tuple[Daemon, Daemon]]]:
+def sandbox() -> tuple[str, ...]:
+    return ()
+
+
+@pytest.fixture
+def pair(daemon_factory, mode: str,
+         sandbox: tuple[str, ...]) -> Iterator[Callable[..., tuple[Daemon, Daemon]]]:
     def start(*dest_args: str) -> tuple[Daemon, Daemon]:
-        src = daemon_factory(f"--migration-mode={mode}")
-        dst = daemon_factory(f"--migration-mode={mode}", *dest_args)
+        src = daemon_factory(f"--migration-mode={mode}", *sandbox)
+        dst = daemon_factory(f"--migration-mode={mode}", *sandbox, *dest_args)
         return src, dst
     yield start
 
@@ -253,3 +263,81 @@ def test_host_changes_become_guest_errors(pair, mode: str) -> None:
         (dst.share / "ro.txt").write_bytes(b"new")
         assert c.lookup(ROOT, "ro.txt").nodeid != g.ro_id
     assert "cannot be found again" in dst.text
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the namespace sandbox needs root here")
+@pytest.mark.parametrize("sandbox", [("--sandbox=namespace", "--seccomp=kill")])
+def test_migration_inside_the_sandbox(pair, sandbox) -> None:
+    """Pivoted into the share, under the workers' kill-action seccomp filter."""
+    src, dst = pair()
+    g = hold(src)
+    data = g.fe.save_state()
+    g.fe.close()
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+        assert names(c, g.dir_id, g.dir_fh) == {b"sub", b"rw.txt"}
+        assert c.getattr(g.nested_id).attr.size == 4
+    assert "seccomp refused" not in src.text + dst.text
+
+
+def test_verify_handles_sends_and_checks_file_handles(daemon_factory) -> None:
+    """find-paths with --migration-verify-handles: the state carries every inode's file
+    handle, and the destination compares the one it finds by path against it."""
+    src = daemon_factory("--migration-verify-handles")
+    dst = daemon_factory("--migration-verify-handles")
+    g = hold(src)
+    data = g.fe.save_state()
+    g.fe.close()
+    state = devstate.decode(data)
+    assert all(i.handle for i in state.inodes if i.nodeid != ROOT)
+    # The same name, another file: the dev/ino check and the handle check refuse it.
+    os.rename(src.share / "ro.txt", src.share / "old.txt")
+    (src.share / "ro.txt").write_bytes(b"impostor")
+    fe = Frontend.connect(dst.socket, process=dst.proc, queues=0)
+    with fe, pytest.raises(BackendError):
+        fe.load_state(data)
+    assert "a different file is there now" in dst.wait_for("device state refused")
+
+
+# --- --inode-file-handles ------------------------------------------------------------------------
+
+def test_mandatory_file_handles_refuse_a_share_without_them(tmp_path: Path) -> None:
+    """procfs has no file handles: the daemon refuses to start, in one line, exit status 2."""
+    r = subprocess.run([str(DAEMON), f"--socket-path={tmp_path / 's'}", "--shared-dir=/proc/sys",
+                        "--sandbox=none", "--inode-file-handles=mandatory"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "--inode-file-handles=mandatory: the shared directory's" \
+        " filesystem gives no file handles" in errors[0], r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting procfs in the share needs root")
+def test_mandatory_file_handles_refuse_inodes_without_them(daemon_factory, share: Path) -> None:
+    """An inode without a file handle (a procfs mounted in the share) is not made known to the
+    guest under --inode-file-handles=mandatory (EOPNOTSUPP, as name_to_handle_at says); with
+    `never` it is."""
+    (share / "proc").mkdir()
+    (share / "file").write_bytes(b"x")
+    subprocess.run(["mount", "-t", "proc", "proc", str(share / "proc")], check=True)
+    try:
+        for mode, refused in (("mandatory", True), ("never", False)):
+            d = daemon_factory(f"--inode-file-handles={mode}")
+            with Frontend.connect(d.socket, process=d.proc, queues=2) as fe:
+                c = FuseClient(fe)
+                c.init()
+                assert c.lookup(ROOT, "file").nodeid != ROOT
+                if refused:
+                    with pytest.raises(FuseError) as err:
+                        c.lookup(ROOT, "proc")
+                    assert err.value.errno == errno.EOPNOTSUPP
+                    # Nor does READDIRPLUS give it a nodeid.
+                    fh = c.opendir(ROOT).fh
+                    got = {p.dirent.name: p.entry.nodeid for p in c.readdirplus(ROOT, fh)}
+                    assert got.get(b"proc", 0) == 0 and got[b"file"] != 0, got
+                else:
+                    assert c.lookup(ROOT, "proc").nodeid != ROOT
+            d.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(share / "proc")], check=True)

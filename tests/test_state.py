@@ -780,3 +780,99 @@ def test_session_end_over_several_close_batches(tmp_path):
     assert (inodes.live_count(), handles.live_count()) == (1, 0)
     _check_consistent(arena)
     arena.close()
+
+
+# --- device state: walking the tables and restoring them at the same ids -----------------------
+
+def test_restored_tables_keep_every_id_and_stay_consistent(tmp_path):
+    src = Arena.create(max_inodes=16, max_handles=8, max_queues=1)
+    dst = Arena.create(max_inodes=16, max_handles=8, max_queues=1)
+    for arena in (src, dst):
+        root = os.open(tmp_path, os.O_PATH)
+        st = os.fstat(root)
+        arena.inodes.set_root(root, st.st_dev, st.st_ino)
+    ids = []
+    for i in range(6):
+        (tmp_path / f"f{i}").write_bytes(b"x")
+        fd = os.open(tmp_path / f"f{i}", os.O_PATH)
+        st = os.fstat(fd)
+        nodeid, _ = src.inodes.lookup_or_insert(fd, st.st_dev, st.st_ino, 0)
+        ids.append(nodeid)
+    src.inodes.lookup_or_insert(os.open(tmp_path / "f0", os.O_PATH), *_key(tmp_path / "f0"))
+    src.inodes.forget(ids[2], 1)           # a gap, and a slot whose generation moved on
+    fhs = [src.handles.insert(os.open(tmp_path / "f1", os.O_RDWR), ids[1], os.O_RDWR)
+           for _ in range(3)]
+    src.handles.remove(fhs[1])
+    inodes, handles = src.inode_entries(), src.handle_entries()
+    assert [e.nodeid for e in inodes] == [1, *ids[:2], *ids[3:]]
+    assert inodes[1].nlookup == 2
+    assert [(h.fh, h.nodeid, h.flags) for h in handles] == [
+        (fhs[0], ids[1], os.O_RDWR), (fhs[2], ids[1], os.O_RDWR)]
+
+    for e in inodes[1:]:
+        dst.restore_inode(e.nodeid, os.dup(e.fd), e.nlookup, e.dev, e.ino, e.mnt_id)
+    for h in handles:
+        dst.restore_handle(h.fh, os.dup(h.fd), h.nodeid, h.flags)
+    dst.restored()
+    _check_consistent(dst)
+    strip = [(e.nodeid, e.nlookup, e.dev, e.ino, e.mnt_id) for e in inodes]
+    assert [(e.nodeid, e.nlookup, e.dev, e.ino, e.mnt_id) for e in dst.inode_entries()] == strip
+    assert [(h.fh, h.nodeid, h.flags) for h in dst.handle_entries()] == [
+        (h.fh, h.nodeid, h.flags) for h in handles]
+    # A known inode is found at its restored id; new entries never take a restored one.
+    fd = os.open(tmp_path / "f3", os.O_PATH)
+    assert dst.inodes.lookup_or_insert(fd, *_key(tmp_path / "f3")) == (ids[3], False)
+    os.close(fd)
+    (tmp_path / "new").write_bytes(b"")
+    new, inserted = dst.inodes.lookup_or_insert(os.open(tmp_path / "new", os.O_PATH),
+                                                *_key(tmp_path / "new"))
+    # (The forgotten ids[2] may come back: the guest holds it no more, and FUSE ids are only
+    # unique among the ones it holds.)
+    assert inserted and new not in [e.nodeid for e in inodes]
+    assert dst.handles.insert(os.open(tmp_path / "f1", os.O_RDONLY), ids[1], 0) not in (
+        fhs[0], fhs[2])
+    _check_consistent(dst)
+    # Taken slots, the root's and slots outside the table are refused.
+    with pytest.raises(OSError) as err:
+        dst.restore_inode(ids[0], -1, 1, 0, 0, 0)
+    assert err.value.errno == errno.EEXIST
+    for bad in (1, 17, 0):
+        with pytest.raises(OSError) as err:
+            dst.restore_inode(bad, -1, 1, 0, 0, 0)
+        assert err.value.errno == errno.EINVAL
+    src.close()
+    dst.close()
+
+
+def test_an_invalid_restored_inode_answers_eio_until_forgotten(tmp_path):
+    arena = Arena.create(max_inodes=8, max_handles=4, max_queues=1)
+    root = os.open(tmp_path, os.O_PATH)
+    st = os.fstat(root)
+    arena.inodes.set_root(root, st.st_dev, st.st_ino)
+    (tmp_path / "gone").write_bytes(b"")
+    dev, ino, _mnt = _key(tmp_path / "gone")
+    lost = (1 << 32) | 3                       # generation 1, slot 3
+    arena.restore_inode(lost, -1, 2, dev, ino, 0)
+    arena.restore_handle(3, -1, lost, os.O_RDONLY)
+    arena.restored()
+    for call in (lambda: arena.inodes.acquire(lost), lambda: arena.handles.acquire(3)):
+        with pytest.raises(OSError) as err:
+            call()
+        assert err.value.errno == errno.EIO
+    # Not in the index: a LOOKUP of the same file makes a new, working entry.
+    fd = os.open(tmp_path / "gone", os.O_PATH)
+    nodeid, inserted = arena.inodes.lookup_or_insert(fd, dev, ino, 0)
+    assert inserted and nodeid != lost
+    # FORGET still counts; the last one frees the slot.
+    arena.inodes.forget(lost, 2)
+    with pytest.raises(OSError) as err:
+        arena.inodes.acquire(lost)
+    assert err.value.errno == errno.EBADF
+    arena.handles.remove(3)
+    assert [e.nodeid for e in arena.inode_entries()] == [1, nodeid]
+    arena.close()
+
+
+def _key(path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, 0

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "dirtylog.h"
 #include "engine.h"
 
 #define DESC_SIZE 16u
@@ -221,6 +222,103 @@ int vfs_engine_start(struct vfs_engine *e, uint32_t size, uint64_t desc, uint64_
 
 void vfs_engine_stop(struct vfs_engine *e) { e->size = 0; }
 
+/* -- dirty-page logging (vhost-user "Migration", protocol.md 1.10) ------------------------- */
+
+/* Logging costs nothing while it is off: the used-ring writers test e->dlog.log once, and
+ * every byte of a reply is marked in one place, when the reply is pushed (push_logged), from
+ * the descriptors themselves -- whichever plane wrote the reply (a native handler, Python for a
+ * deferred or recovered request) and however (copies, preadv straight into guest memory). */
+
+void vfs_engine_set_log(struct vfs_engine *e, uint8_t *log, uint64_t size, int ring,
+                        uint64_t used_gpa) {
+    e->dlog.log = size ? log : NULL;
+    e->dlog.size = size;
+    e->dlog.ring = ring != 0;
+    e->dlog.used_gpa = used_gpa;
+}
+
+/* A write to the used ring at `offset`: logged at log_guest_addr + offset, and only with
+ * VHOST_VRING_F_LOG (the address may lie outside guest RAM, spec "Migration"). */
+static inline void log_used(const struct vfs_engine *e, uint64_t offset, uint64_t len) {
+    uint64_t gpa;
+    if (__builtin_expect(e->dlog.log != NULL, 0) && e->dlog.ring
+            && !__builtin_add_overflow(e->dlog.used_gpa, offset, &gpa))
+        vfs_log_range(e->dlog.log, e->dlog.size, gpa, len);
+}
+
+/* Descriptor `i` of a table at guest-physical `table`, which may straddle two regions. */
+static int load_desc_gpa(const struct vfs_engine *e, uint64_t table, uint32_t i,
+                         struct desc *d) {
+    struct iovec iov[2];
+    uint8_t raw[DESC_SIZE];
+    uint32_t n = 0, done = 0;
+    uint64_t gpa;
+    if (__builtin_add_overflow(table, (uint64_t)i * DESC_SIZE, &gpa)
+            || gpa_to_iov(e, gpa, DESC_SIZE, iov, &n, 2) != 0)
+        return -1;
+    for (uint32_t k = 0; k < n; k++) {
+        memcpy(raw + done, iov[k].iov_base, iov[k].iov_len);
+        done += (uint32_t)iov[k].iov_len;
+    }
+    load_desc(raw, 0, d);
+    return 0;
+}
+
+/* Mark the first `used_len` bytes of the writable part of the chain at `head`: the bytes the
+ * reply covers (used.len).  The chain is walked again from the ring, by guest-physical
+ * address, as libvhost-user's vu_log_queue_fill does; the driver cannot have reused the
+ * descriptors, whose used element is not published yet.  A chain that no longer walks marks
+ * what it reached: only a driver that rewrote its own in-flight descriptors gets there. */
+static void log_chain(const struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    uint64_t left = used_len, table = 0;
+    uint32_t limit = e->size, count = 0, i = head;
+    int in_table = 0;
+    while (left) {
+        struct desc d;
+        if (++count > limit)
+            return;
+        if (in_table) {
+            if (load_desc_gpa(e, table, i, &d) != 0)
+                return;
+        } else {
+            load_desc(e->desc, i, &d);
+        }
+        if (d.flags & F_INDIRECT) {
+            if (in_table || (d.flags & F_NEXT) || d.len < DESC_SIZE)
+                return;
+            table = d.addr;
+            limit = d.len / DESC_SIZE < MAX_INDIRECT ? d.len / DESC_SIZE : MAX_INDIRECT;
+            in_table = 1;
+            i = 0;
+            count = 0;
+            continue;
+        }
+        if (d.flags & F_WRITE) {
+            uint64_t k = d.len < left ? d.len : left;
+            vfs_log_range(e->dlog.log, e->dlog.size, d.addr, k);
+            left -= k;
+        }
+        if (!(d.flags & F_NEXT) || d.next >= limit)
+            return;
+        i = d.next;
+    }
+}
+
+/* push() while logging: the reply's pages and the used element are marked before the used idx
+ * publishes them, the idx after it is written (Linux vhost's vhost_add_used order). */
+static void push_logged(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    uint32_t slot = e->next_used & (e->size - 1);
+    uint8_t *elem = e->used + 4 + 8 * slot;
+    log_chain(e, head, used_len);
+    __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(elem + 4), used_len, __ATOMIC_RELAXED);
+    log_used(e, 4 + 8ull * slot, 8);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    e->next_used++;
+    __atomic_store_n((uint16_t *)(e->used + 2), e->next_used, __ATOMIC_RELAXED);
+    log_used(e, 2, 2);
+}
+
 /* -- notifications (spec 2.7.10) ------------------------------------------------------------ */
 
 static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old) {
@@ -262,17 +360,22 @@ void vfs_engine_notify(struct vfs_engine *e) {
 /* Ask the driver not to kick while a batch runs (advisory); with EVENT_IDX the avail_event
  * written last by enable_notification already says where the next kick is wanted. */
 static void disable_notification(struct vfs_engine *e) {
-    if (!e->event_idx)
+    if (!e->event_idx) {
         store16(e->used, USED_F_NO_NOTIFY);
+        log_used(e, 0, 2);
+    }
 }
 
 /* Ask for a kick on the next buffer; 1 if buffers are already waiting (then serve them: a chain
  * published before the request became visible would never be kicked for). */
 static int enable_notification(struct vfs_engine *e) {
-    if (e->event_idx)
+    if (e->event_idx) {
         store16(e->used + 4 + 8 * e->size, e->next_avail);
-    else
+        log_used(e, 4 + 8ull * e->size, 2);
+    } else {
         store16(e->used, 0);
+        log_used(e, 0, 2);
+    }
     /* Store (avail_event / flags) -> load (avail idx): a full barrier (protocol.md 2.5 step 3). */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return load16(e->avail + 2) != e->next_avail;
@@ -281,6 +384,10 @@ static int enable_notification(struct vfs_engine *e) {
 /* -- push (spec 2.7.8) -------------------------------------------------------------------- */
 
 static void push(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
+    if (__builtin_expect(e->dlog.log != NULL, 0)) {
+        push_logged(e, head, used_len);
+        return;
+    }
     uint8_t *elem = e->used + 4 + 8 * (uint32_t)(e->next_used & (e->size - 1));
     __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(elem + 4), used_len, __ATOMIC_RELAXED);
@@ -1283,6 +1390,10 @@ static int deferred_by_options(const struct vfs_engine *e) {
         return 1;
     if ((d & VFS_DEFER_KILLPRIV) && (op == OP_WRITE || op == OP_SETATTR || op == OP_OPEN ||
                                      op == OP_CREATE))
+        return 1;
+    if ((d & VFS_DEFER_ENTRIES) && (op == OP_LOOKUP || op == OP_READDIRPLUS || op == OP_CREATE ||
+                                    op == OP_MKNOD || op == OP_MKDIR || op == OP_SYMLINK ||
+                                    op == OP_TMPFILE))
         return 1;
     return 0;
 }

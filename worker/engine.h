@@ -23,6 +23,8 @@ enum vfs_engine_defer {
     VFS_DEFER_CREATE = 1u << 2,     /* --posix-acl, --security-label: creating requests */
     VFS_DEFER_OPEN = 1u << 3,       /* --preserve-noatime, --allow-mmap: open flags and replies */
     VFS_DEFER_KILLPRIV = 1u << 4,   /* --killpriv-v2: set-id and capability clearing */
+    VFS_DEFER_ENTRIES = 1u << 5,    /* --inode-file-handles=mandatory: requests that make an
+                                     * inode known (each must have a file handle) */
 };
 
 /* What vfs_engine_run() stopped for. */
@@ -66,6 +68,15 @@ struct vfs_engine_fs {
     uint64_t python_ops[2];   /* opcodes (< 128) always served by Python (test hooks) */
 };
 
+/* Dirty-page logging (vhost-user "Migration"; common/dirtylog.h): the front-end's log as this
+ * worker mapped it, or log NULL while logging is off. */
+struct vfs_engine_log {
+    uint8_t *log;
+    uint64_t size;            /* bytes of log at `log` */
+    uint64_t used_gpa;        /* guest-physical address of the used ring (SET_VRING_ADDR log) */
+    uint32_t ring;            /* 1: the used ring's writes are logged too (VHOST_VRING_F_LOG) */
+};
+
 struct vfs_engine {
     struct vfs_engine_region regions[VFS_ENGINE_MAX_REGIONS];
     uint32_t nregions;
@@ -101,6 +112,7 @@ struct vfs_engine {
     char why[160];            /* what broke the ring (VFS_ENGINE_BROKEN) */
     uint64_t *stats;          /* this queue's common/stats.py block; NULL: not counted */
     int32_t last_err;         /* the errno of the native reply being made (0: success) */
+    struct vfs_engine_log dlog;
 };
 
 /* Set up an engine for queue `queue`, whose control channel is `chan_fd`, journaling through
@@ -138,6 +150,11 @@ void vfs_engine_complete(struct vfs_engine *e, uint16_t head, uint32_t used_len)
 void vfs_engine_replied(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_push(struct vfs_engine *e, uint16_t head, uint32_t used_len);
 void vfs_engine_pushed(struct vfs_engine *e, uint16_t head);
+/* Log every write to guest memory from now on in `log` (`size` bytes), the used ring's too when
+ * `ring` (at guest-physical `used_gpa`); log NULL turns logging off.  The caller keeps the
+ * mapping alive until logging is turned off or moved to another log. */
+void vfs_engine_set_log(struct vfs_engine *e, uint8_t *log, uint64_t size, int ring,
+                        uint64_t used_gpa);
 /* Signal the call eventfd if the driver wants to hear of what was pushed (spec 2.7.10). */
 void vfs_engine_notify(struct vfs_engine *e);
 

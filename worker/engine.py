@@ -68,6 +68,7 @@ class Defer(enum.IntFlag):
     CREATE = 1 << 2
     OPEN = 1 << 3
     KILLPRIV = 1 << 4
+    ENTRIES = 1 << 5
 
 
 def defer_for(options: FsOptions | None) -> Defer:
@@ -85,6 +86,8 @@ def defer_for(options: FsOptions | None) -> Defer:
         d |= Defer.KILLPRIV
     if options.preserve_noatime:
         d |= Defer.OPEN
+    if options.inode_file_handles == "mandatory":
+        d |= Defer.ENTRIES
     if options.xattrmap is not None:
         d |= Defer.XATTR
         if renames_capability(options.xattrmap):
@@ -203,6 +206,12 @@ class Engine:
     def poll_us(self, us: int) -> None:
         """Busy-poll an empty ring up to `us` microseconds in serve() (--poll-us)."""
         lib.vfs_engine_set_poll_us(self._e, us)
+
+    def set_log(self, log: int, size: int, ring: bool, used_gpa: int) -> None:
+        """Dirty-page logging into the `size`-byte log mapped at address `log` (0: off); with
+        `ring`, the used ring's writes too, at guest-physical `used_gpa`.  The caller keeps the
+        mapping alive until logging is turned off or moved (worker/dirtylog.py)."""
+        lib.vfs_engine_set_log(self._e, ffi.cast("uint8_t *", log), size, int(ring), used_gpa)
 
     def set_stats(self, queue_block: int) -> None:
         """Record every natively answered request in this common/stats.py queue block (its

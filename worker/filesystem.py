@@ -92,6 +92,9 @@ class FsOptions:
     # (find-paths / file-handles), what an inode it cannot find becomes (abort / guest-error),
     # whether find-paths also compares file handles, and whether the source re-checks every
     # path when the state is taken.
+    # --inode-file-handles: "mandatory" makes an inode known to the guest only when it has a
+    # file handle (name_to_handle_at), so that file-handles migration can always find it again.
+    inode_file_handles: str = "never"
     migration_mode: str = "find-paths"
     migration_on_error: str = "abort"
     migration_verify_handles: bool = False

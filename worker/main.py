@@ -28,6 +28,8 @@ from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import (
     Ack,
     Failed,
+    LogBase,
+    LogState,
     MemTable,
     MemUnmap,
     Message,
@@ -48,6 +50,7 @@ from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometr
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
 from pyvirtiofsd.worker.chain import Reader, Writer
+from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import FuseServer, Session
@@ -120,6 +123,8 @@ class Worker:
         # or load runs after the answer (_state_after).
         self.state: StateService | None = None
         self._state_after: Callable[[], None] | None = None
+        # Dirty-page logging for live migration (worker/dirtylog.py): off until told.
+        self.dirty_log = DirtyLog()
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -221,6 +226,10 @@ class Worker:
             self.running = False
         elif msg.type in control.STATE_MESSAGES:
             return self.on_state(msg)
+        elif isinstance(msg, LogBase):
+            self.set_log_base(msg)
+        elif isinstance(msg, LogState):
+            self.set_log_state(msg)
         elif isinstance(msg, MemUnmap):
             if self.queue is not None:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
@@ -277,6 +286,7 @@ class Worker:
             self.engine.stop()
         if queue is not None:
             self.queue = queue
+            self._apply_log()
         self.mem.clear()
         self.mem = new
 
@@ -317,6 +327,7 @@ class Worker:
             self._abandon()
             j.reset(next_avail, key, num)
         self.queue = queue
+        self._apply_log()
         self.geometry = (num, desc, avail, used, event_idx, indirect)
         self.kick = kick
         if kick is not None:
@@ -328,6 +339,31 @@ class Worker:
             self._recover_after = queue
         # Rings start with SET_VRING_KICK; a front-end need not kick again (protocol.md 1.8).
         self._serve_after = True
+
+    # -- dirty-page logging (worker/dirtylog.py) --------------------------------------------
+    def set_log_base(self, msg: LogBase) -> None:
+        """A new log (or none): every write from the next request on marks it.  Applied
+        between two requests, so nothing writes through the old mapping when it is dropped."""
+        try:
+            old = self.dirty_log.replace(msg.fds[0] if msg.fds else None, msg.size, msg.offset)
+        finally:
+            control.close_fds(msg.fds)
+        self._apply_log()
+        DirtyLog.drop(old)
+
+    def set_log_state(self, msg: LogState) -> None:
+        log = self.dirty_log
+        log.log_all, log.ring, log.used_gpa = bool(msg.log_all), bool(msg.ring), msg.used_gpa
+        self._apply_log()
+
+    def _apply_log(self) -> None:
+        """Hand the logging state to whatever writes guest memory: the queue and the engine."""
+        log = self.dirty_log
+        active = log.active
+        if self.queue is not None:
+            self.queue.set_log(log if active else None)
+        if self.engine is not None:
+            self.engine.set_log(log.address if active else 0, log.size, log.ring, log.used_gpa)
 
     def _next_avail(self) -> int:
         if self.engine is not None and self.engine.running:

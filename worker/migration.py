@@ -79,7 +79,7 @@ def file_handle(fd: int) -> tuple[int, bytes, int]:
                           native.ffi.new("uint64_t[1]"))
     if native.lib.vfs_name_to_handle(fd, buf, length, htype, mnt) != 0:
         err = native.ffi.errno
-        raise OSError(err, f"no file handle: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err))
     return htype[0], bytes(native.ffi.buffer(buf, length[0])), mnt[0]
 
 
@@ -87,7 +87,7 @@ def open_by_handle(mount_fd: int, htype: int, handle: bytes, flags: int) -> int:
     fd = native.lib.vfs_open_by_handle(mount_fd, handle, len(handle), htype, flags)
     if fd < 0:
         err = native.ffi.errno
-        raise OSError(err, f"open_by_handle_at: {os.strerror(err)}")
+        raise OSError(err, os.strerror(err))
     return fd
 
 
@@ -170,7 +170,7 @@ def collect(arena: Arena, started: bool, minor: int, init_flags: int, max_write:
             try:
                 handle = file_handle(e.fd)
             except OSError as err:
-                log.warning("inode %#x: %s", e.nodeid, err.strerror or err)
+                log.warning("inode %#x has no file handle: %s", e.nodeid, err.strerror or err)
         parent, name = where if where is not None else (0, b"")
         inodes.append(Inode(
             nodeid=e.nodeid, lookups=e.nlookup, parent=parent, name=name, mode=mode,

@@ -257,6 +257,9 @@ class PassthroughFs(Filesystem):
             except OSError:
                 name = XATTR_NAME_CAPS
             self._caps_name = None if name == XATTR_NAME_CAPS else name
+        self._handles_mandatory = options.inode_file_handles == "mandatory"
+        self._handle_buf = (native.ffi.new("uint8_t[128]"), native.ffi.new("uint32_t[1]"),
+                            native.ffi.new("int[1]"), native.ffi.new("uint64_t[1]"))
         self._cwd = -1
         self._root_path: bytes | None = None
         self._root_fd = -1
@@ -380,6 +383,8 @@ class PassthroughFs(Filesystem):
             if self._submounts and stat.S_ISDIR(st.st_mode) and (
                     os.fstat(parent_fd).st_dev != st.st_dev or self._mnt_id(parent_fd) != mnt_id):
                 attr_flags = fa.AttrFlag.SUBMOUNT
+            if self._handles_mandatory:
+                self._check_file_handle(fd)
             nodeid, owned = self._inodes.lookup_or_insert(fd, st.st_dev, st.st_ino, mnt_id)
         except BaseException:
             os.close(fd)
@@ -387,6 +392,16 @@ class PassthroughFs(Filesystem):
         if not owned:
             os.close(fd)
         return Entry(nodeid, 0, st, self._timeout, self._timeout, int(attr_flags))
+
+    def _check_file_handle(self, fd: int) -> None:
+        """--inode-file-handles=mandatory: an inode without a file handle is not made known to
+        the guest (virtiofsd fails the request the same way), so that every inode it holds can
+        be found again by handle (file-handles migration)."""
+        buf = self._handle_buf
+        if native.lib.vfs_name_to_handle(fd, buf[0], buf[1], buf[2], buf[3]) != 0:
+            err = native.ffi.errno
+            raise OSError(err, f"no file handle ({os.strerror(err)}) and "
+                               "--inode-file-handles=mandatory")
 
     def _lookup_at(self, parent_fd: int, name: bytes) -> Entry:
         fd = _open_beneath(parent_fd, name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)

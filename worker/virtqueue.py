@@ -27,6 +27,7 @@ from pyvirtiofsd.common.virtio import (
     need_event,
     used_ring_size,
 )
+from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 
 _U16 = struct.Struct("<H")
@@ -76,7 +77,7 @@ class SplitQueue:
         "_mem", "_size", "_mask", "_desc", "_avail", "_used", "_event_idx", "_indirect",
         "_next_avail", "_shadow_avail", "_next_used", "_signalled_used", "_signalled_valid",
         "_used16", "_avail16",
-        "_used_event_off", "_avail_event_off",
+        "_used_event_off", "_avail_event_off", "_log",
     )
 
     def __init__(
@@ -126,6 +127,8 @@ class SplitQueue:
         self._signalled_valid = False
         self._used_event_off = 4 + 2 * size
         self._avail_event_off = 4 + 8 * size
+        # The dirty log while writes are logged (worker/dirtylog.py), else None.
+        self._log: DirtyLog | None = None
 
     @property
     def size(self) -> int:
@@ -236,6 +239,9 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes in its writable part."""
+        if self._log is not None:
+            self._push_logged(head, written, self._log)
+            return
         used = self._used
         n = self._next_used
         USED_ELEM.pack_into(used, 4 + 8 * (n & self._mask), head, written)
@@ -265,6 +271,8 @@ class SplitQueue:
         """Ask the driver not to kick while the device is busy (advisory, spec 2.7.10)."""
         if not self._event_idx:
             self._used16[0] = USED_F_NO_NOTIFY
+            if self._log is not None:
+                self._log.mark_used(0, 2)
 
     def enable_notification(self) -> bool:
         """Ask for a kick on the next available buffer; True if buffers are already waiting.
@@ -276,6 +284,70 @@ class SplitQueue:
             self._used16[self._avail_event_off >> 1] = self._next_avail
         else:
             self._used16[0] = 0
+        if self._log is not None:
+            self._log.mark_used(self._avail_event_off if self._event_idx else 0, 2)
         # Store (avail_event / flags) -> load (avail idx): a full barrier (protocol.md 2.5 step 3).
         fence()
         return self._avail16[1] != self._next_avail
+
+    # -- dirty-page logging (vhost-user "Migration"; worker/dirtylog.py) -----------------------
+    def set_log(self, log: DirtyLog | None) -> None:
+        """Log every write to guest memory in `log` from now on (None: stop logging)."""
+        self._log = log
+
+    def _push_logged(self, head: int, written: int, log: DirtyLog) -> None:
+        """push() while logging, in worker/engine.c's push_logged order: the reply's pages
+        and the used element marked before the used idx publishes them, the idx after."""
+        for gpa, length in self._writable_spans(head, written):
+            log.mark(gpa, length)
+        used = self._used
+        n = self._next_used
+        slot = 4 + 8 * (n & self._mask)
+        USED_ELEM.pack_into(used, slot, head, written)
+        log.mark_used(slot, 8)
+        fence()
+        n = (n + 1) & 0xFFFF
+        self._used16[1] = n
+        self._next_used = n
+        log.mark_used(2, 2)
+
+    def _writable_spans(self, head: int, written: int) -> list[tuple[int, int]]:
+        """Guest-physical spans of the first `written` bytes of the chain's writable part (what
+        used.len covers), walked again from the ring as libvhost-user's vu_log_queue_fill does.
+        Whoever wrote the reply (a Writer, preadv straight into guest memory), these are its
+        bytes.  A chain that no longer walks gives what was reached: only a driver that
+        rewrote its own in-flight descriptors gets there."""
+        spans: list[tuple[int, int]] = []
+        unpack = DESC.unpack_from
+        table: memoryview | bytes = self._desc
+        limit = self._size
+        in_table = False
+        i = head
+        count = 0
+        left = written
+        while left > 0:
+            count += 1
+            if count > limit:
+                break
+            addr, length, flags, nxt = unpack(table, i * DESC_SIZE)
+            if flags & _F_INDIRECT:
+                if in_table or flags & _F_NEXT or length < DESC_SIZE:
+                    break
+                limit = min(length // DESC_SIZE, _MAX_INDIRECT)
+                try:
+                    parts = self._mem.gpa_views(addr, limit * DESC_SIZE)
+                except GuestMemoryError:
+                    break
+                table = parts[0] if len(parts) == 1 else _join_prefix(parts, limit * DESC_SIZE)
+                in_table = True
+                i = 0
+                count = 0
+                continue
+            if flags & _F_WRITE and length:
+                k = min(length, left)
+                spans.append((addr, k))
+                left -= k
+            if not flags & _F_NEXT or nxt >= limit:
+                break
+            i = nxt
+        return spans
