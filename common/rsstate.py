@@ -431,10 +431,14 @@ _OPTION_FLAGS = (
 # off its FUSE_INIT reply; the flags that depend on its options are set from the state
 # (_OPTION_FLAGS) or from the loading daemon's own configuration (session_template).
 VIRTIOFSD_MINOR = 38
+# ALLOW_IDMAP is among them: virtiofsd takes it whenever a guest offers it (Linux 6.12 does), and
+# the guest then sends requests it needs no ids for with uid and gid 0xffffffff; a loading
+# pyvirtiofsd serves those as virtiofsd does (worker/fuse_server.py).
 VIRTIOFSD_INIT_FLAGS = int(
     InitFlag.ASYNC_READ | InitFlag.ATOMIC_O_TRUNC | InitFlag.BIG_WRITES
     | InitFlag.HAS_IOCTL_DIR | InitFlag.AUTO_INVAL_DATA | InitFlag.ASYNC_DIO
-    | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES | InitFlag.INIT_EXT)
+    | InitFlag.PARALLEL_DIROPS | InitFlag.MAX_PAGES | InitFlag.INIT_EXT
+    | InitFlag.ALLOW_IDMAP)
 VIRTIOFSD_MAX_WRITE = 1 << 20
 VIRTIOFSD_MAX_PAGES = 256
 

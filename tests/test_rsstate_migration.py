@@ -166,14 +166,15 @@ def test_session_template_is_what_virtiofsd_negotiates(rust_factory, share):
         r = rust_factory(share, *extra)
         with Frontend.connect(r.socket, process=r.proc) as fe:
             c = FuseClient(fe)
-            out = c.init()
+            # What Linux 6.12 offers besides: ALLOW_IDMAP, which virtiofsd takes.
+            offered = DEFAULT_INIT_FLAGS | InitFlag.ALLOW_IDMAP
+            out = c.init(flags=int(offered))
             agreed = out.flags | out.flags2 << 32
             state = rsstate.decode(fe.save_state(), rsstate.session_template(
                 fa.KERNEL_MINOR_VERSION, readdirplus=True, killpriv_v2=False,
                 security_label=False, options=devstate.SessionOption(0)))
-        # Flags the driver's guest offers; anything else virtiofsd cannot have agreed to.
-        assert state.session.init_flags == agreed & DEFAULT_INIT_FLAGS, (
-            InitFlag(state.session.init_flags ^ (agreed & DEFAULT_INIT_FLAGS)))
+        assert agreed & InitFlag.ALLOW_IDMAP
+        assert state.session.init_flags == agreed, InitFlag(state.session.init_flags ^ agreed)
         assert state.session.minor == min(out.minor, fa.KERNEL_MINOR_VERSION)
         assert (state.session.max_write, state.session.max_pages) == (out.max_write,
                                                                       out.max_pages)
@@ -300,3 +301,33 @@ def test_inode_virtiofsd_lost_in_both_on_error_modes(rust_factory, daemon_factor
     assert c.read(g.f, g.fh_rw, 0, 100) == b"hello\nbefore\n"
     dst.wait_for("device state loaded: 4 inodes (1 invalid), 3 handles")
     fe2.close()
+
+
+def test_guest_from_virtiofsd_may_send_no_ids(rust_factory, daemon_factory, share):
+    """virtiofsd takes FUSE_ALLOW_IDMAP from a Linux 6.12 guest, which then sends uid and gid
+    0xffffffff for requests it needs no ids for: pyvirtiofsd carries such a session on, serving
+    them as virtiofsd does; its own sessions never have the flag and refuse such ids."""
+    populate(share)
+    src = rust_factory(share)
+    fe = Frontend.connect(src.socket, process=src.proc)
+    c = FuseClient(fe)
+    out = c.init(flags=int(DEFAULT_INIT_FLAGS | InitFlag.ALLOW_IDMAP))
+    assert out.flags2 << 32 & InitFlag.ALLOW_IDMAP
+    top = c.lookup(fa.ROOT_ID, "top.txt").nodeid
+    state = stop_and_save(fe)
+    dst: Daemon = daemon_factory()
+    fe2 = adopt(fe, dst.socket, process=dst.proc)
+    fe.close()
+    carry_on(fe2, state, c)
+    c.uid = c.gid = fa.INVALID_UIDGID
+    assert c.getattr(top).attr.ino == os.stat(share / "top.txt").st_ino
+    fe2.close()
+    own: Daemon = daemon_factory()
+    with Frontend.connect(own.socket, process=own.proc) as fe3:
+        c3 = FuseClient(fe3)
+        c3.init(flags=int(DEFAULT_INIT_FLAGS | InitFlag.ALLOW_IDMAP))
+        assert not c3.flags & InitFlag.ALLOW_IDMAP
+        c3.uid = c3.gid = fa.INVALID_UIDGID
+        with pytest.raises(FuseError) as e:
+            c3.getattr(fa.ROOT_ID)
+        assert e.value.errno == errno.EPERM
