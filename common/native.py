@@ -20,6 +20,8 @@ setfsuid = lib.vfs_setfsuid
 setfsgid = lib.vfs_setfsgid
 # log_mark(log, size, gpa, length): dirty-page logging's atomic bit-sets (common/dirtylog.h).
 log_mark = lib.vfs_log_mark
+# log_chain(log, size, desc, ring_size, head, used_len, regions, n): a reply's pages (dirtylog.h).
+log_chain = lib.vfs_log_chain_regions
 
 _pyapi = ctypes.pythonapi
 

@@ -42,6 +42,10 @@ int vfs_name_to_handle(int fd, uint8_t *handle, uint32_t *handle_len, int *handl
 int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
                        int handle_type, int flags);
 void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len);
+struct vfs_log_region { uint64_t gpa, size; uint8_t *host; };
+void vfs_log_chain_regions(uint8_t *log, uint64_t size, const uint8_t *desc, uint32_t ring_size,
+                           uint16_t head, uint32_t used_len,
+                           const struct vfs_log_region *regions, uint32_t nregions);
 #define VFS_STATS_QUEUE_WORDS 16
 #define VFS_STATS_ERRNOS 128
 #define VFS_STATS_OPCODES 64
@@ -208,6 +212,43 @@ int vfs_open_by_handle(int mount_fd, const uint8_t *handle, uint32_t handle_len,
 /* Dirty-page logging from the Python data plane: the engine's own marking (dirtylog.h). */
 void vfs_log_mark(uint8_t *log, uint64_t size, uint64_t gpa, uint64_t len) {
     vfs_log_range(log, size, gpa, len);
+}
+
+/* The Python plane's guest memory, for vfs_log_chain's reads of indirect tables: its regions
+ * by guest-physical address, sorted, each mapped at `host`. */
+struct vfs_log_region { uint64_t gpa, size; uint8_t *host; };
+struct vfs_log_regions { const struct vfs_log_region *r; uint32_t n; };
+
+static int vfs_log_read_regions(const void *ctx, uint64_t gpa, uint8_t *out) {
+    const struct vfs_log_regions *m = ctx;
+    uint32_t done = 0;
+    while (done < VFS_LOG_DESC_SIZE) {
+        const struct vfs_log_region *r = NULL;
+        for (uint32_t k = 0; k < m->n; k++) {
+            if (gpa >= m->r[k].gpa && gpa - m->r[k].gpa < m->r[k].size) {
+                r = &m->r[k];
+                break;
+            }
+        }
+        if (r == NULL)
+            return -1;
+        uint64_t off = gpa - r->gpa, k = r->size - off;
+        if (k > VFS_LOG_DESC_SIZE - done)
+            k = VFS_LOG_DESC_SIZE - done;
+        memcpy(out + done, r->host + off, k);
+        done += (uint32_t)k;
+        if (__builtin_add_overflow(gpa, k, &gpa))
+            return -1;
+    }
+    return 0;
+}
+
+/* vfs_log_chain() for the Python plane (worker/virtqueue.py), the same walk as the engine's. */
+void vfs_log_chain_regions(uint8_t *log, uint64_t size, const uint8_t *desc, uint32_t ring_size,
+                           uint16_t head, uint32_t used_len,
+                           const struct vfs_log_region *regions, uint32_t nregions) {
+    struct vfs_log_regions m = {regions, nregions};
+    vfs_log_chain(log, size, desc, ring_size, head, used_len, vfs_log_read_regions, &m);
 }
 """
 

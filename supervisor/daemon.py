@@ -61,21 +61,20 @@ def guest_fd_budget(limit: int) -> int:
     return max(limit - reserve, 16)
 
 
-def file_handles_unusable(root_fd: int, share_path: str) -> str | None:
+def file_handles_unusable(root_fd: int, mount_fd: int) -> str | None:
     """Why the share's inodes cannot be kept and found by file handle, or None."""
     try:
         htype, handle, _mnt = migration.file_handle(root_fd)
     except OSError as e:
         return f"the shared directory's filesystem gives no file handles ({e.strerror})"
-    mount_fd = os.open(share_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if mount_fd < 0:
+        return "the shared directory cannot be opened for reading, as open_by_handle_at needs"
     try:
         os.close(migration.open_by_handle(mount_fd, htype, handle, os.O_PATH | os.O_CLOEXEC))
     except OSError as e:
         if e.errno == errno.EPERM:
             return "opening by file handle needs CAP_DAC_READ_SEARCH, which the daemon lacks"
         return f"a file handle of the shared directory does not open ({e.strerror})"
-    finally:
-        os.close(mount_fd)
     return None
 
 
@@ -128,6 +127,10 @@ class Supervisor:
                                   report=self.sandbox.report, journal=self.journal,
                                   stats=self.stats)
         self.root_fd = -1
+        # The share's filesystem for open_by_handle_at(2) (file-handles migration,
+        # --inode-file-handles): a plain directory fd, which O_PATH is not; -1 if it cannot be
+        # opened for reading (the worker then reopens the root through /proc).
+        self.mount_fd = -1
         # The service manager, if any (systemd's NOTIFY_SOCKET); main() connects it.
         self.notifier = Notifier({})
 
@@ -137,6 +140,11 @@ class Supervisor:
         self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+        try:
+            self.mount_fd = os.open(self.sandbox.share_path,
+                                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            log.debug("no mount fd for file handles: %s", e.strerror or e)
 
     def file_handles_refused(self) -> str | None:
         """--inode-file-handles: whether the share's filesystem gives file handles and the
@@ -146,7 +154,7 @@ class Supervisor:
         mode = self.config.inode_file_handles
         if mode == "never":
             return None
-        why = file_handles_unusable(self.root_fd, self.sandbox.share_path)
+        why = file_handles_unusable(self.root_fd, self.mount_fd)
         if why is None:
             return None
         if mode == "mandatory":
@@ -179,7 +187,7 @@ class Supervisor:
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
                               poll_us=self.config.poll_us, stats=self.stats,
-                              options=options)
+                              options=options, mount_fd=self.mount_fd)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:
@@ -243,8 +251,12 @@ class Supervisor:
         log.debug("the guest may hold %d inodes and open files (open-file limit %d)",
                   self.arena.fd_budget, limit)
         keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
+        if self.mount_fd >= 0:
+            keep.add(self.mount_fd)
         self.procs.start(keep)
         os.close(self.root_fd)        # the spawner's fd table holds them now
+        if self.mount_fd >= 0:
+            os.close(self.mount_fd)
         # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
         self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)

@@ -107,6 +107,9 @@ MAX_UNANSWERED = 8
 # so the pause is exact (tests/test_pause_resume.py); one asleep in a system call stops when
 # the call returns, and the front-end's control plane does not wait for that.
 DISABLE_PATIENCE = 1.0
+# How long a device-state load may take before CHECK_DEVICE_STATE is answered (a state of the
+# largest inode table the daemon keeps, 2^18 inodes, loads in well under this).
+STATE_TIMEOUT = 300.0
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A start that failed for want of a free fd is retried after this long, without counting it
 # towards failing the queue; so is one the spawner's death interrupted (at once).
@@ -497,7 +500,7 @@ class ProcessTable:
 
     # -- requests to workers -----------------------------------------------------------------
     def request(self, queue: int, make: Callable[[int], Message], answer: bool = True,
-                patience: float = 0.0) -> Message | None:
+                patience: float = 0.0, answer_timeout: float = ANSWER_TIMEOUT) -> Message | None:
         """Send the request `make(seq)` (with its fds, which stay ours) to the worker of `queue`
         and return its answer.  With answer=False
         (requests whose effect the supervisor also keeps, and that the worker cannot refuse)
@@ -517,7 +520,7 @@ class ProcessTable:
                     return None
             else:
                 control.send(handle.channel, make(handle.seq))
-                reply = self._answer(handle, handle.seq)
+                reply = self._answer(handle, handle.seq, answer_timeout)
         except control.ProtocolError as e:
             log.error("worker for queue %d sent a malformed message (%s): killing it", queue, e)
             self.kill(queue)
@@ -569,7 +572,8 @@ class ProcessTable:
                         os.strerror(msg.errno))
         return True
 
-    def _answer(self, handle: WorkerHandle, seq: int) -> Message:
+    def _answer(self, handle: WorkerHandle, seq: int,
+                timeout: float = ANSWER_TIMEOUT) -> Message:
         """The worker's answer to `seq`.  Past ANSWER_TIMEOUT the worker is waited for only
         while it is asleep in the kernel with a request in flight, up to SLOW_REQUEST_LIMIT;
         silent and dead, spinning or stopped, it is given up (OSError ETIMEDOUT)."""
@@ -579,7 +583,7 @@ class ProcessTable:
         while True:
             try:
                 return self._wait(handle.channel, control.FROM_WORKER, seq, who, handle.pidfd,
-                                  handle)
+                                  handle, timeout)
             except OSError as e:
                 if e.errno != errno.ETIMEDOUT:
                     raise
@@ -736,8 +740,11 @@ class ProcessTable:
         self.request(self.STATE_QUEUE, lambda seq: StateLoad(seq=seq, fds=(fd,)))
 
     def check_state(self) -> None:
-        """OSError unless the last save or load completed."""
-        self.request(self.STATE_QUEUE, lambda seq: StateCheck(seq=seq))
+        """OSError unless the last save or load completed.  A load may still be finding inodes
+        and reopening handles when the front-end asks: that is waited for, STATE_TIMEOUT at
+        most."""
+        self.request(self.STATE_QUEUE, lambda seq: StateCheck(seq=seq),
+                     answer_timeout=STATE_TIMEOUT)
 
     def prepare_state(self) -> None:
         """The pre-migration pass: every inode's location recorded now."""

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import stat
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -296,3 +297,27 @@ def test_limits_refused_on_encode() -> None:
     with pytest.raises(StateError, match="lookup count -1 is not a 64-bit unsigned integer"):
         devstate.encode(dataclasses.replace(sample(), inodes=(
             dataclasses.replace(_root(), lookups=-1),)))
+
+
+def test_bytes_are_as_documented() -> None:
+    """docs/state-format.md, field by field: a root, one named inode with a file handle, one
+    handle and one counter."""
+    state = DeviceState(
+        session=Session(minor=38, init_flags=0x11, max_write=4096, max_pages=1,
+                        options=SessionOption.WRITEBACK | SessionOption.XATTR),
+        inodes=(Inode(nodeid=1, lookups=1, parent=0, name=b"", mode=0o40755, dev=2, ino=3),
+                Inode(nodeid=5, lookups=2, parent=1, name=b"ab", mode=0o100644, dev=2, ino=9,
+                      mount_id=7, handle_type=1, handle=b"\xaa\xbb")),
+        handles=(Handle(fh=6, nodeid=5, flags=2),),
+        counters={"n": 4})
+    session = struct.pack("<IIQIHHQ", 7, 38, 0x11, 4096, 1, 0, 0b1001)
+    inodes = (struct.pack("<QQQIIQQQiHH", 1, 1, 0, 0, 0o40755, 2, 3, 0, 0, 0, 0)
+              + struct.pack("<QQQIIQQQiHH", 5, 2, 1, 2, 0o100644, 2, 9, 7, 1, 2, 2)
+              + b"ab\xaa\xbb")
+    handles = struct.pack("<QQII", 6, 5, 2, 0)
+    counters = struct.pack("<QB", 4, 1) + b"n"
+    payload = b"".join(struct.pack("<HHII", tag, 0, count, len(body)) + body for tag, count, body
+                       in ((1, 1, session), (2, 2, inodes), (3, 1, handles), (4, 1, counters)))
+    prefix = b"PVFSDEV\0" + struct.pack("<HHQ", 1, 0, len(payload))
+    crc = zlib.crc32(payload, zlib.crc32(prefix))
+    assert devstate.encode(state) == prefix + struct.pack("<I", crc) + payload

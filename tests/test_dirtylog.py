@@ -23,6 +23,7 @@ from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import (
     DEFAULT_PROTOCOL_FEATURES,
     BackendError,
+    DaemonGone,
     DirtyLog,
     Frontend,
     FuseClient,
@@ -41,6 +42,7 @@ class Rig:
     daemon: Daemon
     fe: Frontend
     client: FuseClient
+    kills_expected: bool = False
 
     def worker(self, queue: int) -> int:
         return next(p for p, n in children(self.daemon.proc.pid).items()
@@ -110,6 +112,9 @@ def rig(daemon_factory) -> Iterator[Callable[..., Rig]]:
     yield start
     for r in made:
         r.fe.close()
+        if not r.kills_expected:
+            assert "killed by" not in r.daemon.text, r.daemon.text
+        assert "Traceback" not in r.daemon.text, r.daemon.text
 
 
 def test_every_page_written_is_marked_and_no_other(rig) -> None:
@@ -217,6 +222,7 @@ def test_log_replaced_while_rings_run(rig) -> None:
 
 def test_worker_respawned_keeps_logging(rig) -> None:
     r = rig()
+    r.kills_expected = True
     fe = r.fe
     log = DirtyLog(fe.memory)
     try:
@@ -332,3 +338,68 @@ def test_capabilities_offer_migration() -> None:
                          text=True, check=True).stdout
     assert '"migrate-precopy"' in out
 
+
+
+def test_refused_log_base_without_reply_ack_ends_the_connection(rig) -> None:
+    """Without REPLY_ACK the reply QEMU waits for carries no status: a refused log is not
+    answered as if it were taken (the migration would go on unlogged), the connection ends."""
+    r = rig(reply_ack=False)
+    fe = r.fe
+    fd = _log_fd(4096)
+    try:
+        with pytest.raises(DaemonGone):
+            fe.send(Request.SET_LOG_BASE, LogDescription(0, 0).pack(), [fd])
+    finally:
+        os.close(fd)
+    assert r.daemon.proc.wait(timeout=20) == 0
+    assert "SET_LOG_BASE cannot be answered: dirty log of 0x0 bytes" in r.daemon.text
+
+
+def test_reply_left_by_a_dead_worker_is_marked_by_its_successor(rig, monkeypatch) -> None:
+    """A worker killed with a READ's reply in guest memory but not pushed: its successor maps
+    the log before it resumes the ring, and marks the reply's pages when it pushes it."""
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+    monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", "READ:replied")
+    r = rig("--seccomp=none")          # the hook kills its own worker
+    r.kills_expected = True
+    fe, c = r.fe, r.client
+    log = DirtyLog(fe.memory)
+    try:
+        fe.set_log_base(log)
+        fe.set_logging(True)
+        entry = c.lookup(ROOT, "data")
+        fh = c.open(entry.nodeid, os.O_RDONLY).fh
+        pid = r.worker(1)
+        written = r.record()
+        data = c.read(entry.nodeid, fh, 8192, 40000)
+        assert data == (r.daemon.share / "data").read_bytes()[8192:48192]
+        assert r.worker(1) != pid, "the READ was not served across a respawn"
+        assert "killed by SIGKILL" in r.daemon.text
+        _check(r, log, written)
+    finally:
+        log.close()
+
+
+def test_a_new_front_end_starts_without_the_old_log(rig) -> None:
+    """--reconnect: the log and VHOST_F_LOG_ALL belong to the connection that set them; the
+    workers unmap it when it ends, and the next front-end's requests mark nothing."""
+    r = rig("--reconnect")
+    log = DirtyLog(r.fe.memory, name="dirty-log-gone")
+    try:
+        r.fe.set_log_base(log)
+        r.fe.set_logging(True)
+        r.workload()
+        assert log.pages()
+        workers = [r.worker(q) for q in (0, 1)]
+        r.fe.close()
+        r.daemon.wait_for("front-end disconnected")
+        log.clear()
+        fe = Frontend.connect(r.daemon.socket, process=r.daemon.proc, queues=2)
+        r.fe, r.client = fe, FuseClient(fe)
+        r.client.init()
+        r.workload()
+        assert not log.pages()
+        for pid in workers:
+            assert _maps(pid, "dirty-log-gone") == 0, "the old connection's log is still mapped"
+    finally:
+        log.close()

@@ -25,7 +25,7 @@ import pytest
 from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
 from tests.conftest import DAEMON, DATA_PLANES, Daemon
-from tests.frontend import BackendError, Frontend, FuseClient, FuseError
+from tests.frontend import BackendError, DirtyLog, Frontend, FuseClient, FuseError
 
 # Restored tables and the EIO of lost inodes are served by both data planes.
 pytestmark = pytest.mark.data_planes(*DATA_PLANES)
@@ -227,6 +227,9 @@ def test_host_changes_abort_the_migration(pair) -> None:
     g = hold(src)
     data = g.fe.save_state()
     g.fe.close()
+    # The source gone (QEMU's source quits once the guest runs on the destination), nothing
+    # holds the deleted file any more: no file handle finds it.
+    src.stop()
     _move_things(src.share)
     fe = Frontend.connect(dst.socket, process=dst.proc, queues=0)
     with fe, pytest.raises(BackendError):
@@ -240,6 +243,7 @@ def test_host_changes_become_guest_errors(pair, mode: str) -> None:
     g = hold(src)
     data = g.fe.save_state()
     g.fe.close()
+    src.stop()
     _move_things(src.share)
     fe, c = resume(dst, data)
     with fe:
@@ -341,3 +345,97 @@ def test_mandatory_file_handles_refuse_inodes_without_them(daemon_factory, share
             d.stop()
     finally:
         subprocess.run(["umount", "-l", str(share / "proc")], check=True)
+
+
+# --- finding inodes the kernel cannot name -----------------------------------------------------
+
+def test_a_held_file_known_only_by_another_name_is_found(pair) -> None:
+    """The name the guest looked a file up by is gone but a hard link remains (the kernel then
+    names the fd "... (deleted)"): the source finds the other name in a directory the guest
+    holds, and the destination opens it there."""
+    src, dst = pair()
+    g = hold(src)
+    os.link(src.share / "ro.txt", src.share / "dir" / "other.txt")
+    os.unlink(src.share / "ro.txt")
+    data = g.fe.save_state()
+    g.fe.close()
+    inode = devstate.decode(data).inode(g.ro_id)
+    assert inode is not None and (inode.parent, inode.name) == (g.dir_id, b"other.txt")
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+    assert "0 invalid" in dst.wait_for("device state loaded")
+
+
+def test_log_all_starts_the_pre_migration_pass(daemon_factory) -> None:
+    """Dirty logging turning on means a migration has started: the source records every
+    inode's location then, while the guest still runs, and the state taken at switch-over
+    carries the guest on."""
+    src = daemon_factory()
+    dst = daemon_factory()
+    g = hold(src)
+    log = DirtyLog(g.fe.memory)
+    g.fe.set_log_base(log)
+    g.fe.set_logging(True)
+    located = src.wait_for("pre-migration pass")
+    assert "pre-migration pass: 5 inodes located" in located, located   # dir, sub, deep, rw, ro
+    # The guest keeps running meanwhile.
+    assert g.c.read(g.ro_id, g.ro_fh, 0, 100) == b"read me"
+    data = g.fe.save_state()
+    g.fe.close()
+    fe, c = resume(dst, data)
+    with fe:
+        assert c.getattr(g.nested_id).attr.size == 4
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+
+
+# --- the requests themselves (protocol.md 1.12) ------------------------------------------------
+
+def test_set_device_state_fd_is_refused_unless_the_device_is_stopped(daemon_factory) -> None:
+    """A transfer while a ring runs, in another phase than STOPPED or in an unknown direction
+    is refused in the reply (error code, "invalid fd" bit set: no fd of the back-end's), and
+    the connection and the guest carry on."""
+    d = daemon_factory()
+    g = hold(d)
+    assert g.fe.check_device_state() != 0         # no transfer yet: nothing to vouch for
+    rfd, wfd = os.pipe2(os.O_CLOEXEC)
+    try:
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd) == (1, None)  # rings run
+        g.fe.stop_device()
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd, phase=1) == (1, None)
+        assert g.fe.set_device_state_fd(7, wfd) == (1, None)
+        assert g.fe.set_device_state_fd(Frontend.STATE_SAVE, wfd) == (0, None)
+    finally:
+        os.close(wfd)
+    data = b""
+    while chunk := os.read(rfd, 1 << 16):
+        data += chunk
+    os.close(rfd)
+    assert g.fe.check_device_state() == 0
+    assert devstate.decode(data).inode(g.rw_id) is not None
+    for q in (0, 1):
+        g.fe.start_queue(q)
+    assert g.c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+    g.fe.close()
+    assert d.text.count("SET_DEVICE_STATE_FD refused") == 3, d.text
+
+
+def test_a_session_this_daemon_cannot_continue_is_refused(daemon_factory, monkeypatch) -> None:
+    """A state from a newer FUSE, a larger max_write or INIT flags this daemon does not serve
+    (a state another daemon wrote) is refused in one line."""
+    src = daemon_factory()
+    g = hold(src)
+    state = devstate.decode(g.fe.save_state())
+    g.fe.close()
+    s = state.session
+    for session, line in (
+            (dataclasses.replace(s, minor=99), "the guest's FUSE session is 7.99"),
+            (dataclasses.replace(s, max_write=s.max_write * 2), "this daemon takes"),
+            (dataclasses.replace(s, init_flags=s.init_flags | 1 << 62),
+             "INIT flags 0x4000000000000000 this daemon does not serve")):
+        dst = daemon_factory()
+        with Frontend.connect(dst.socket, process=dst.proc, queues=0) as fe:
+            with pytest.raises(BackendError):
+                fe.load_state(devstate.encode(dataclasses.replace(state, session=session)))
+            assert line in dst.wait_for("device state refused")
+        dst.stop()

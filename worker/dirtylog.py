@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.native import ffi
-from pyvirtiofsd.worker.guestmem import GuestMemoryError
+from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.mapping import map_shared
 
 
@@ -82,3 +82,35 @@ class DirtyLog:
         if self.ring:
             native.log_mark(self._ptr, self.size, (self.used_gpa + offset) & (2**64 - 1),
                             length)
+
+
+class ChainMarker:
+    """Marks a reply's pages for one ring over one memory table: the chain walked again in C
+    (common/dirtylog.h vfs_log_chain, the walk the native engine does), from the ring's
+    descriptor table and, for indirect tables, the table's regions."""
+
+    __slots__ = ("_log", "_keep", "_desc", "_size", "_regions", "_n")
+
+    def __init__(self, log: DirtyLog, mem: GuestMemory, desc: memoryview, ring_size: int) -> None:
+        views = mem.views()
+        # The exports keep the mappings alive as long as this marker may read them.
+        self._keep = [native.address_of(view) for _, _, _, view in views]
+        self._desc = native.address_of(desc)
+        regions = ffi.new("struct vfs_log_region[]", max(1, len(views)))
+        for row, (gpa, size, _uaddr, _view), host in zip(regions, views, self._keep,
+                                                          strict=False):
+            row.gpa, row.size, row.host = gpa, size, host
+        self._log = log
+        self._regions = regions
+        self._n = len(views)
+        self._size = ring_size
+
+    @property
+    def log(self) -> DirtyLog:
+        return self._log
+
+    def mark(self, head: int, written: int) -> None:
+        """The pages of the first `written` bytes of the writable part of chain `head`."""
+        log = self._log
+        native.log_chain(log._ptr, log.size, self._desc, self._size, head, written,
+                         self._regions, self._n)

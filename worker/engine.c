@@ -246,62 +246,18 @@ static inline void log_used(const struct vfs_engine *e, uint64_t offset, uint64_
         vfs_log_range(e->dlog.log, e->dlog.size, gpa, len);
 }
 
-/* Descriptor `i` of a table at guest-physical `table`, which may straddle two regions. */
-static int load_desc_gpa(const struct vfs_engine *e, uint64_t table, uint32_t i,
-                         struct desc *d) {
+/* An indirect table's descriptor for vfs_log_chain(), through the translation gate. */
+static int read_desc_gpa(const void *ctx, uint64_t gpa, uint8_t *out) {
+    const struct vfs_engine *e = ctx;
     struct iovec iov[2];
-    uint8_t raw[DESC_SIZE];
     uint32_t n = 0, done = 0;
-    uint64_t gpa;
-    if (__builtin_add_overflow(table, (uint64_t)i * DESC_SIZE, &gpa)
-            || gpa_to_iov(e, gpa, DESC_SIZE, iov, &n, 2) != 0)
+    if (gpa_to_iov(e, gpa, DESC_SIZE, iov, &n, 2) != 0)
         return -1;
     for (uint32_t k = 0; k < n; k++) {
-        memcpy(raw + done, iov[k].iov_base, iov[k].iov_len);
+        memcpy(out + done, iov[k].iov_base, iov[k].iov_len);
         done += (uint32_t)iov[k].iov_len;
     }
-    load_desc(raw, 0, d);
     return 0;
-}
-
-/* Mark the first `used_len` bytes of the writable part of the chain at `head`: the bytes the
- * reply covers (used.len).  The chain is walked again from the ring, by guest-physical
- * address, as libvhost-user's vu_log_queue_fill does; the driver cannot have reused the
- * descriptors, whose used element is not published yet.  A chain that no longer walks marks
- * what it reached: only a driver that rewrote its own in-flight descriptors gets there. */
-static void log_chain(const struct vfs_engine *e, uint16_t head, uint32_t used_len) {
-    uint64_t left = used_len, table = 0;
-    uint32_t limit = e->size, count = 0, i = head;
-    int in_table = 0;
-    while (left) {
-        struct desc d;
-        if (++count > limit)
-            return;
-        if (in_table) {
-            if (load_desc_gpa(e, table, i, &d) != 0)
-                return;
-        } else {
-            load_desc(e->desc, i, &d);
-        }
-        if (d.flags & F_INDIRECT) {
-            if (in_table || (d.flags & F_NEXT) || d.len < DESC_SIZE)
-                return;
-            table = d.addr;
-            limit = d.len / DESC_SIZE < MAX_INDIRECT ? d.len / DESC_SIZE : MAX_INDIRECT;
-            in_table = 1;
-            i = 0;
-            count = 0;
-            continue;
-        }
-        if (d.flags & F_WRITE) {
-            uint64_t k = d.len < left ? d.len : left;
-            vfs_log_range(e->dlog.log, e->dlog.size, d.addr, k);
-            left -= k;
-        }
-        if (!(d.flags & F_NEXT) || d.next >= limit)
-            return;
-        i = d.next;
-    }
 }
 
 /* push() while logging: the reply's pages and the used element are marked before the used idx
@@ -309,7 +265,8 @@ static void log_chain(const struct vfs_engine *e, uint16_t head, uint32_t used_l
 static void push_logged(struct vfs_engine *e, uint16_t head, uint32_t used_len) {
     uint32_t slot = e->next_used & (e->size - 1);
     uint8_t *elem = e->used + 4 + 8 * slot;
-    log_chain(e, head, used_len);
+    vfs_log_chain(e->dlog.log, e->dlog.size, e->desc, e->size, head, used_len, read_desc_gpa,
+                  e);
     __atomic_store_n((uint32_t *)elem, (uint32_t)head, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(elem + 4), used_len, __ATOMIC_RELAXED);
     log_used(e, 4 + 8ull * slot, 8);

@@ -46,6 +46,7 @@ from pyvirtiofsd.common.control import (
     StateSave,
     Stopped,
 )
+from pyvirtiofsd.common.fuse_abi import InitFlag
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
@@ -53,7 +54,7 @@ from pyvirtiofsd.worker.chain import Reader, Writer
 from pyvirtiofsd.worker.dirtylog import DirtyLog
 from pyvirtiofsd.worker.engine import Engine, Status, buffer_address, defer_for
 from pyvirtiofsd.worker.filesystem import FsOptions
-from pyvirtiofsd.worker.fuse_server import FuseServer, Session
+from pyvirtiofsd.worker.fuse_server import SERVER_INIT_FLAGS, FuseServer, Session
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 from pyvirtiofsd.worker.migration import StateService
 from pyvirtiofsd.worker.passthrough import PassthroughFs
@@ -77,6 +78,18 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
         if len(head) >= _PEEK_END:
             return _PEEK.unpack_from(head, 4)
     return 0, 0
+
+
+def _supported_init_flags(fs: PassthroughFs) -> int:
+    """Every INIT flag this daemon may agree to under its options: a session carried over from
+    another daemon must have no other (worker/migration.py)."""
+    # ALLOW_IDMAP is never offered, but a session carried on from the Rust virtiofsd has it,
+    # and the server serves it (worker/fuse_server.py).
+    carried = SERVER_INIT_FLAGS | InitFlag.ALLOW_IDMAP
+    try:
+        return int(carried | fs.init((1 << 64) - 1))
+    except OSError:
+        return int(carried)
 
 
 class Worker:
@@ -131,7 +144,7 @@ class Worker:
               journal: Journal, make_fs: Callable[[JournaledArena], PassthroughFs],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
               poll_us: int = 0, stats: Stats | None = None,
-              options: FsOptions | None = None) -> Worker:
+              options: FsOptions | None = None, mount_fd: int = -1) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
         (its pins and fds), then builds the filesystem over the journaled tables."""
         jq = journal.queue(queue)
@@ -166,7 +179,8 @@ class Worker:
         worker = cls(queue, channel, server, arena, jq, fs, hooks, engine)
         inner = fs.inner
         worker.state = StateService(arena, session, options or FsOptions(), inner._proc,
-                                    inner._mnt_id, queue)
+                                    inner._mnt_id, queue, mount_fd,
+                                    supported_flags=_supported_init_flags(inner))
         return worker
 
     # -- control channel ------------------------------------------------------------------
@@ -254,9 +268,10 @@ class Worker:
             elif isinstance(msg, StatePrepare):
                 service.prepare()
             elif isinstance(msg, StateSave):
-                data = service.take()
+                # Taken after the answer too: a large table takes a while to walk, and the
+                # front-end reads the pipe until the worker closes it.
                 service.outcome = errno.EINPROGRESS
-                self._state_after = lambda out=fd: service.send(out, data)
+                self._state_after = lambda out=fd: service.save(out)
                 fd = None
             elif isinstance(msg, StateLoad):
                 service.outcome = errno.EINPROGRESS

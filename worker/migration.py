@@ -43,6 +43,9 @@ _DELETED = b" (deleted)"
 # Flags a reopen must not repeat: creation and truncation happened once, on the source.
 _REOPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOFOLLOW | os.O_PATH | os.O_NOCTTY
 _LOW32 = 0xFFFFFFFF
+# Names looked at, at most, when inodes the kernel cannot name are searched for in the
+# directories the guest holds (Locator.search).
+SEARCH_LIMIT = 1 << 20
 
 # The options a guest's session depends on, by the names the command line gives them.
 _OPTION_NAMES = {
@@ -131,6 +134,40 @@ class Locator:
                 found = parent, name
         return found
 
+    def search(self, lost: dict[tuple[int, int], int],
+               dirs: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+        """The inodes of `lost` ((dev, ino): nodeid) that the kernel cannot name any more (the
+        name they were looked up by is gone) but that have another name in a directory the
+        guest holds (`dirs`, nodeid: O_PATH fd): a hard link, or a rename the kernel did not
+        see.  At most SEARCH_LIMIT names are looked at."""
+        found: dict[int, tuple[int, bytes]] = {}
+        budget = SEARCH_LIMIT
+        for parent, pfd in dirs.items():
+            if len(found) == len(lost) or budget <= 0:
+                break
+            try:
+                dfd = os.open(b"%d" % pfd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                              dir_fd=self.proc_fd)
+            except OSError:
+                continue
+            try:
+                names = os.listdir(dfd)
+            except OSError:
+                names = []
+            finally:
+                os.close(dfd)
+            for name in names[:budget]:
+                raw = os.fsencode(name)
+                try:
+                    cst = os.stat(raw, dir_fd=pfd, follow_symlinks=False)
+                except OSError:
+                    continue
+                nodeid = lost.get((cst.st_dev, cst.st_ino))
+                if nodeid is not None and nodeid not in found:
+                    found[nodeid] = parent, raw
+            budget -= len(names)
+        return found
+
     def _check(self, rel: bytes, st: os.stat_result,
                by_key: dict[tuple[int, int], int]) -> tuple[int, bytes] | None:
         parent_rel, _, name = rel.rpartition(b"/")
@@ -156,15 +193,22 @@ def collect(arena: Arena, started: bool, minor: int, init_flags: int, max_write:
     fds = {e.nodeid: e.fd for e in entries}
     handles_wanted = (options.migration_mode == "file-handles"
                       or options.migration_verify_handles)
+    stats = {e.nodeid: os.fstat(e.fd) for e in entries if e.fd >= 0}
+    places = {e.nodeid: locator.locate(e.fd, e.nodeid, stats[e.nodeid], by_key, fds)
+              for e in entries if e.nodeid in stats and e.nodeid != devstate.ROOT_NODEID}
+    lost = {(stats[n].st_dev, stats[n].st_ino): n for n, where in places.items() if where is None}
+    if lost:
+        dirs = {n: fds[n] for n, st in stats.items() if stat.S_ISDIR(st.st_mode)}
+        places.update(locator.search(lost, dirs))
     inodes: list[Inode] = []
     for e in entries:
-        st = os.fstat(e.fd) if e.fd >= 0 else None
+        st = stats.get(e.nodeid)
         mode = st.st_mode if st is not None else 0
         if e.nodeid == devstate.ROOT_NODEID:
             inodes.append(Inode(nodeid=e.nodeid, lookups=e.nlookup, parent=0, name=b"",
                                 mode=mode, dev=e.dev, ino=e.ino, mount_id=e.mnt_id))
             continue
-        where = locator.locate(e.fd, e.nodeid, st, by_key, fds) if st is not None else None
+        where = places.get(e.nodeid)
         handle: tuple[int, bytes, int] | None = None
         if handles_wanted and st is not None:
             try:
@@ -214,14 +258,28 @@ def prepare(arena: Arena, locator: Locator) -> int:
     return len(locator.known)
 
 
-def check_compatible(state: DeviceState, options: FsOptions) -> None:
+def check_compatible(state: DeviceState, options: FsOptions,
+                     supported_flags: int | None = None) -> None:
     """StateError (one line) when this daemon cannot serve the guest's session as the source
-    did: an option the source had that is off here."""
+    did: an option the source had that is off here, or a session it cannot continue (a newer
+    FUSE minor, a larger max_write, INIT flags it does not serve)."""
     missing = int(state.session.options) & ~int(session_options(options))
     if missing:
         names = [name for flag, name in _OPTION_NAMES.items() if missing & flag]
         raise StateError("the source served the guest with " + ", ".join(names)
                          + ", which this daemon does not have: start it with the same options")
+    s = state.session
+    if not s.minor:
+        return                      # the guest had not started its FUSE session
+    if s.minor > fa.KERNEL_MINOR_VERSION:
+        raise StateError(f"the guest's FUSE session is 7.{s.minor}; this daemon speaks up to"
+                         f" 7.{fa.KERNEL_MINOR_VERSION}")
+    if s.max_write > MAX_WRITE or s.max_pages > MAX_PAGES:
+        raise StateError(f"the guest may write {s.max_write} bytes ({s.max_pages} pages) at"
+                         f" once; this daemon takes {MAX_WRITE} ({MAX_PAGES})")
+    if supported_flags is not None and s.init_flags & ~supported_flags:
+        raise StateError(f"the guest's FUSE session has INIT flags"
+                         f" {s.init_flags & ~supported_flags:#x} this daemon does not serve")
 
 
 def _parents_first(state: DeviceState) -> list[Inode]:
@@ -243,11 +301,12 @@ def _parents_first(state: DeviceState) -> list[Inode]:
 
 
 def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, root_fd: int,
-          mnt_id_of: Callable[[int], int], start_session: Callable[[int, int], None]) -> int:
+          mnt_id_of: Callable[[int], int], start_session: Callable[[int, int], None],
+          share_mount_fd: int = -1, supported_flags: int | None = None) -> int:
     """Find every inode again and reopen every handle, then put them all into the (fresh)
     tables at once.  Returns how many inodes were put in as invalid.  MigrationError: nothing
     was changed."""
-    check_compatible(state, options)
+    check_compatible(state, options, supported_flags)
     if len(arena.inode_entries()) > 1 or arena.handle_entries():
         raise MigrationError("the guest of this daemon already holds inodes or handles: a"
                              " device state is loaded only into a fresh daemon")
@@ -257,11 +316,14 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
     found: dict[int, tuple[int, int, int]] = {}           # nodeid: dev, ino, mnt_id
     reopened: dict[int, int] = {}
     lost: list[int] = []
-    # open_by_handle_at(2) names the filesystem by an fd that is not O_PATH: the share's root,
-    # reopened for reading (a handle on another mount of the share does not decode through it,
-    # and is then lost like any inode not found again).
-    mount_fd = (os.open(b"%d" % root_fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                        dir_fd=proc_fd) if by_handle else -1)
+    # open_by_handle_at(2) names the filesystem by an fd that is not O_PATH: the one the
+    # supervisor opened on the share before the sandbox, or else the share's root reopened for
+    # reading.  (A handle on another mount inside the share does not decode through it, and is
+    # then lost like any inode not found again.)
+    mount_fd = -1
+    if by_handle and share_mount_fd < 0:
+        mount_fd = os.open(b"%d" % root_fd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                           dir_fd=proc_fd)
 
     def lose(what: str, nodeid: int, why: str) -> None:
         if not guest_error:
@@ -280,8 +342,8 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
                 lose(what, inode.nodeid, "the source could not locate it")
                 continue
             try:
-                fd = _find(inode, opened, mount_fd, by_handle,
-                           options.migration_verify_handles)
+                fd = _find(inode, opened, share_mount_fd if share_mount_fd >= 0 else mount_fd,
+                           by_handle, options.migration_verify_handles)
             except OSError as e:
                 lose(what, inode.nodeid, e.strerror or str(e))
                 continue
@@ -417,15 +479,20 @@ class StateService:
     save or load itself runs after the answer, and its outcome is kept for STATE_CHECK."""
 
     def __init__(self, arena: Arena, session: Session, options: FsOptions, proc_fd: int,
-                 mnt_id_of: Callable[[int], int], queue: int) -> None:
+                 mnt_id_of: Callable[[int], int], queue: int, mount_fd: int = -1,
+                 supported_flags: int | None = None) -> None:
         self.arena = arena
         self.session = session
         self.options = options
         self.proc_fd = proc_fd
         self.mnt_id_of = mnt_id_of
         self.queue = queue
+        self.mount_fd = mount_fd        # the supervisor's, shared by every worker: never closed
+        self.supported_flags = supported_flags    # the INIT flags this daemon may agree to
         self._locator: Locator | None = None
-        self.outcome = 0             # errno of the last save or load; 0: it completed
+        # errno of the last save or load, 0 when it completed; ENODATA before any (a fresh
+        # worker, or a respawned one that never saw the transfer): nothing to vouch for.
+        self.outcome = errno.ENODATA
 
     def _root_fd(self) -> int:
         for e in self.arena.inode_entries():
@@ -461,6 +528,18 @@ class StateService:
             security_label=o.security_label, options=session_options(o))
         return rsstate.decode(data, template)
 
+    def save(self, fd: int) -> None:
+        """Take the state, write it to the front-end's pipe end and close that (EOF ends the
+        state; a state that cannot be taken is an empty one, and STATE_CHECK says why)."""
+        try:
+            data = self.take()
+        except (StateError, MigrationError, OSError) as e:
+            self.outcome = getattr(e, "errno", None) or errno.EINVAL
+            log.error("device state cannot be taken: %s", getattr(e, "strerror", None) or e)
+            os.close(fd)
+            return
+        self.send(fd, data)
+
     def send(self, fd: int, data: bytes) -> None:
         """Write the state to the front-end's pipe end and close it (EOF ends the state)."""
         try:
@@ -479,7 +558,8 @@ class StateService:
             data = read_all(fd)
             state = self.decode(data)
             lost = apply(state, self.arena, self.options, self.proc_fd, self._root_fd(),
-                         self.mnt_id_of, self.session.start)
+                         self.mnt_id_of, self.session.start, self.mount_fd,
+                         self.supported_flags)
             for name, n in state.counters.items():
                 if name.startswith("requests.q") and name[10:].isdigit():
                     self.arena.counters.add(int(name[10:]), n)

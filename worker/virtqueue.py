@@ -27,7 +27,7 @@ from pyvirtiofsd.common.virtio import (
     need_event,
     used_ring_size,
 )
-from pyvirtiofsd.worker.dirtylog import DirtyLog
+from pyvirtiofsd.worker.dirtylog import ChainMarker, DirtyLog
 from pyvirtiofsd.worker.guestmem import GuestMemory, GuestMemoryError
 
 _U16 = struct.Struct("<H")
@@ -77,7 +77,7 @@ class SplitQueue:
         "_mem", "_size", "_mask", "_desc", "_avail", "_used", "_event_idx", "_indirect",
         "_next_avail", "_shadow_avail", "_next_used", "_signalled_used", "_signalled_valid",
         "_used16", "_avail16",
-        "_used_event_off", "_avail_event_off", "_log",
+        "_used_event_off", "_avail_event_off", "_log", "_marker",
     )
 
     def __init__(
@@ -129,6 +129,7 @@ class SplitQueue:
         self._avail_event_off = 4 + 8 * size
         # The dirty log while writes are logged (worker/dirtylog.py), else None.
         self._log: DirtyLog | None = None
+        self._marker: ChainMarker | None = None
 
     @property
     def size(self) -> int:
@@ -239,8 +240,8 @@ class SplitQueue:
 
     def push(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes in its writable part."""
-        if self._log is not None:
-            self._push_logged(head, written, self._log)
+        if self._marker is not None:
+            self._push_logged(head, written, self._marker)
             return
         used = self._used
         n = self._next_used
@@ -294,12 +295,14 @@ class SplitQueue:
     def set_log(self, log: DirtyLog | None) -> None:
         """Log every write to guest memory in `log` from now on (None: stop logging)."""
         self._log = log
+        self._marker = None if log is None else ChainMarker(log, self._mem, self._desc,
+                                                             self._size)
 
-    def _push_logged(self, head: int, written: int, log: DirtyLog) -> None:
+    def _push_logged(self, head: int, written: int, marker: ChainMarker) -> None:
         """push() while logging, in worker/engine.c's push_logged order: the reply's pages
         and the used element marked before the used idx publishes them, the idx after."""
-        for gpa, length in self._writable_spans(head, written):
-            log.mark(gpa, length)
+        marker.mark(head, written)
+        log = marker.log
         used = self._used
         n = self._next_used
         slot = 4 + 8 * (n & self._mask)
@@ -310,44 +313,3 @@ class SplitQueue:
         self._used16[1] = n
         self._next_used = n
         log.mark_used(2, 2)
-
-    def _writable_spans(self, head: int, written: int) -> list[tuple[int, int]]:
-        """Guest-physical spans of the first `written` bytes of the chain's writable part (what
-        used.len covers), walked again from the ring as libvhost-user's vu_log_queue_fill does.
-        Whoever wrote the reply (a Writer, preadv straight into guest memory), these are its
-        bytes.  A chain that no longer walks gives what was reached: only a driver that
-        rewrote its own in-flight descriptors gets there."""
-        spans: list[tuple[int, int]] = []
-        unpack = DESC.unpack_from
-        table: memoryview | bytes = self._desc
-        limit = self._size
-        in_table = False
-        i = head
-        count = 0
-        left = written
-        while left > 0:
-            count += 1
-            if count > limit:
-                break
-            addr, length, flags, nxt = unpack(table, i * DESC_SIZE)
-            if flags & _F_INDIRECT:
-                if in_table or flags & _F_NEXT or length < DESC_SIZE:
-                    break
-                limit = min(length // DESC_SIZE, _MAX_INDIRECT)
-                try:
-                    parts = self._mem.gpa_views(addr, limit * DESC_SIZE)
-                except GuestMemoryError:
-                    break
-                table = parts[0] if len(parts) == 1 else _join_prefix(parts, limit * DESC_SIZE)
-                in_table = True
-                i = 0
-                count = 0
-                continue
-            if flags & _F_WRITE and length:
-                k = min(length, left)
-                spans.append((addr, k))
-                left -= k
-            if not flags & _F_NEXT or nxt >= limit:
-                break
-            i = nxt
-        return spans
