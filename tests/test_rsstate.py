@@ -326,3 +326,9 @@ def test_any_mappable_state_round_trips(state):
                                                    *state.inodes[1:]))
     assert back == state
     assert rsstate.encode(back) == data
+
+
+def test_the_bytes_patched_above_and_annotated_in_the_docs_are_the_real_state():
+    assert fixture("find-paths.bin") == FIND_PATHS
+    doc = (Path(__file__).parent.parent / "docs" / "rust-state-format.md").read_text()
+    assert "`find-paths.bin` (59 bytes)" in doc and len(FIND_PATHS) == 59
