@@ -14,7 +14,7 @@ import os
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
-from pyvirtiofsd.common import snapshot
+from pyvirtiofsd.common import rsstate, snapshot
 from pyvirtiofsd.common.devstate import StateError
 from pyvirtiofsd.common.vhost_user import CROSVM_SUCCESS, VERSION, Header, HeaderFlag, Request
 from tests.conftest import Daemon
@@ -57,15 +57,19 @@ def test_sleep_stops_every_ring_where_it_is_and_wake_resumes(daemon_factory, sha
         assert c.getattr(g.top).attr.ino == os.stat(share / "top.txt").st_ino
 
 
-def test_snapshot_in_one_daemon_restore_in_a_fresh_one(daemon_factory, share):
+@pytest.mark.parametrize("state_format", ["pyvirtiofsd", "virtiofsd"])
+def test_snapshot_in_one_daemon_restore_in_a_fresh_one(daemon_factory, share, state_format):
+    """With --migration-state-format=virtiofsd the snapshot nests virtiofsd's format: the
+    restoring daemon reads it as it reads a state from virtiofsd."""
     populate(share)
-    src: Daemon = daemon_factory()
+    src: Daemon = daemon_factory(f"--migration-state-format={state_format}")
     fe = Frontend.connect(src.socket, process=src.proc)
     c = FuseClient(fe)
     g = use(c)
     crosvm_sleep(fe)
     data = crosvm_snapshot(fe)
     snap = snapshot.decode(data)
+    assert rsstate.is_rust_state(snap.state) == (state_format == "virtiofsd")
     assert snap.acked_features == fe.acked_features
     for index, ring in enumerate(snap.rings):
         q = fe.queue(index)
