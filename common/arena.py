@@ -15,7 +15,9 @@ always happens after the lock is dropped.
 
 Ids.  A nodeid or fh is ``(generation << 32) | slot``, slot >= 1.  A slot's generation is bumped
 every time the slot is freed, so a stale id never reaches the slot's next occupant.  Id 0 is
-never valid; nodeid 1 (generation 0, slot 1) is FUSE_ROOT_ID and is never freed.
+never handed out; nodeid 1 (generation 0, slot 1) is FUSE_ROOT_ID and is never freed.  One
+exception: a state loaded from the Rust virtiofsd, whose fhs count from 0, may put a handle in
+handle slot 0 (fh 0); that slot is never handed out again once it is freed.
 
 The tables are implemented once, in C (common/state.c, declared in common/state.h), and called
 from here through the _native cffi module and directly by the native request engine, so both
@@ -46,7 +48,7 @@ Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes
     ...   inode entries (max_inodes + 1) x 56 bytes, slot 0 unused:
             "=QQIiQQQII" state, nlookup, pins, fd, dev, ino, mnt_id, next_free, (pad)
     ...   inode index   index_buckets x "=I": 0 empty, 0xFFFFFFFF tombstone, else a slot
-    ...   handle entries (max_handles + 1) x 32 bytes, slot 0 unused:
+    ...   handle entries (max_handles + 1) x 32 bytes, slot 0 only restored (fh 0):
             "=QQIiII"    state, nodeid, pins, fd, flags, next_free
 Both kinds of entry start with the same 24 bytes (state, nlookup or nodeid, pins, fd), all that
 the slot core shared by the two tables touches.  Each region starts on a 64-byte boundary.
@@ -477,7 +479,7 @@ class Arena:
         out: list[HandleEntry] = []
         fh, nodeid = _ffi.new("uint64_t[1]"), _ffi.new("uint64_t[1]")
         flags, fd = _ffi.new("uint32_t[1]"), _ffi.new("int[1]")
-        slot = 1
+        slot = 0            # a handle restored from the Rust virtiofsd may be fh 0
         while True:
             rc = _lib.vfs_handle_entry(self._c, slot, fh, nodeid, flags, fd)
             if rc == -errno.EINVAL:

@@ -217,7 +217,7 @@ int vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pi
 
 struct slots {                /* process-local description of one table */
     struct table_hdr *hdr;
-    uint8_t *ent;             /* slot 0 (unused) */
+    uint8_t *ent;             /* slot 0: unused by inodes; for handles, see slot_of_id() */
     uint32_t esize, cap;
     uint32_t next_off;        /* offset of next_free in an entry */
     uint32_t first;           /* first slot the allocator hands out */
@@ -252,10 +252,18 @@ static uint32_t *next_of(const struct slots *t, uint32_t slot)
 
 /* The entry an id names, or NULL when its slot is outside the table (the generation is checked
  * by the caller against the state word). */
+/* Handle slot 0 is never handed out, but a state loaded from the Rust virtiofsd may put a
+ * handle there: its fhs count from 0, and the guest keeps them (common/rsstate.py).  It is
+ * never on the free list (0 ends that list): freed, it only stops counting as live. */
+static int slot_ok(const struct slots *t, uint32_t s)
+{
+    return (s != 0 || !t->inodes) && s <= t->cap;
+}
+
 static struct slot_head *slot_of_id(const struct slots *t, uint64_t id, uint32_t *slot)
 {
     uint32_t s = (uint32_t)(id & LOW32);
-    if (s == 0 || s > t->cap)
+    if (!slot_ok(t, s))
         return NULL;
     *slot = s;
     return slot_at(t, s);
@@ -330,6 +338,8 @@ static void slots_rebuild(const struct slots *t)
             free_head = slot;
         }
     }
+    if (!t->inodes && (slot_at(t, 0)->state & LOW32) != ST_FREE)
+        live++;
     h->free_head = free_head;
     h->hwm = hwm;
     __atomic_store_n(&h->live, live, __ATOMIC_RELAXED);
@@ -511,7 +521,10 @@ static void table_free(const struct vfs_arena *a, const struct slots *t, uint32_
     slot_commit_free(e, e->state);
     if (t->inodes)
         index_remove(a, t, slot, bucket_of(a, inode_at(t, slot)));
-    slots_push_free(t, slot);
+    if (slot)
+        slots_push_free(t, slot);
+    else
+        live_add(t->hdr, (uint32_t)-1);     /* handle slot 0: see slot_of_id() */
 }
 
 /* The state word a live entry named by `id` has: generation << 32 | LIVE. */
@@ -581,7 +594,7 @@ static int table_unpin(const struct vfs_arena *a, const struct slots *t, uint64_
  * in a slot already passed stays, as if it had come after the session ended. */
 static void table_drop_all(const struct vfs_arena *a, const struct slots *t)
 {
-    uint32_t slot = t->first, end;
+    uint32_t slot = t->inodes ? t->first : 0, end;      /* handle slot 0: see slot_of_id() */
     do {
         int fds[CLOSE_BATCH];
         unsigned n = 0;
@@ -1216,7 +1229,7 @@ int vfs_handle_entry(struct vfs_arena *a, uint32_t slot, uint64_t *fh, uint64_t 
 {
     struct slots t = handle_slots(a);
     int rc = -ENOENT;
-    if (slot == 0 || slot > t.cap)
+    if (!slot_ok(&t, slot))
         return -EINVAL;
     table_lock(a, &t);
     if (slot >= hwm_of(&t)) {
@@ -1242,7 +1255,7 @@ static struct slot_head *restore_claim(const struct slots *t, uint64_t id, int *
     uint32_t slot;
     struct slot_head *e = slot_of_id(t, id, &slot);
     *rc = -EINVAL;
-    if (!e || slot < t->first)
+    if (!e || (slot < t->first && slot != 0))
         return NULL;
     *rc = -EEXIST;
     if ((e->state & LOW32) != ST_FREE)

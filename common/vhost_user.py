@@ -18,6 +18,8 @@ MEMORY_BASELINE_NREGIONS = 8  # regions in one SET_MEM_TABLE
 VRING_IDX_MASK = 0xFF
 VRING_NOFD_MASK = 0x100
 MAX_CONFIG_SIZE = 256
+# crosvm's RESTORE carries a whole snapshot as its payload: its own, larger bound.
+MAX_RESTORE_PAYLOAD = 64 << 20
 
 
 class HeaderFlag(enum.IntFlag):
@@ -73,6 +75,14 @@ class Request(enum.IntEnum):
     SET_DEVICE_STATE_FD = 42
     CHECK_DEVICE_STATE = 43
     GET_SHMEM_CONFIG = 44       # crosvm's GET_SHARED_MEMORY_REGIONS (section 1.13)
+    # crosvm's own requests (its vmm_vhost crate from March 2024 until they were replaced there
+    # by GET_VRING_BASE and DEVICE_STATE): sent with flags VERSION alone, each answered with
+    # CROSVM_SUCCESS, SNAPSHOT's answer followed by the state; RESTORE carries the state as its
+    # payload and, as fds, either nothing or one kick eventfd per ring.
+    SLEEP = 1000        # stop every ring where it is, keeping its notifiers
+    WAKE = 1001         # start the rings SLEEP stopped, from where they stopped
+    SNAPSHOT = 1002     # the device's whole state, while asleep
+    RESTORE = 1003      # bring a SNAPSHOT back into a fresh back-end, leaving it asleep
 
 
 class ProtocolFeature(enum.IntFlag):
@@ -128,7 +138,8 @@ class Header:
             self.flags & HeaderFlag.VERSION_MASK == VERSION
             and self.flags & ~0xF == 0
             and not self.flags & HeaderFlag.REPLY
-            and self.size <= MAX_PAYLOAD
+            and self.size <= (MAX_RESTORE_PAYLOAD if self.request == Request.RESTORE
+                              else MAX_PAYLOAD)
         )
 
     @property
@@ -373,6 +384,10 @@ def pack_shmem_config(sizes: list[int]) -> bytes:
 def unpack_shmem_config(data: bytes) -> list[int]:
     _n, *sizes = SHMEM_CONFIG.unpack(data)
     return sizes
+# crosvm's VhostUserSuccess (vmm_vhost message.rs): one signed byte, non-zero for success.
+CROSVM_SUCCESS = struct.Struct("=b")
+
+
 @dataclass(frozen=True, slots=True)
 class LogDescription:
     """VhostUserLog, the SET_LOG_BASE payload: the log is `mmap_size` bytes at `mmap_offset` in

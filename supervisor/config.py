@@ -71,6 +71,12 @@ DAX_DEFAULT_WINDOW = 8 << 30          # cloud-hypervisor's default cache_size
 INODE_FILE_HANDLES = ("never", "prefer", "mandatory")
 MIGRATION_MODES = ("find-paths", "file-handles")
 MIGRATION_ON_ERROR = ("abort", "guest-error")
+# The device state written on a migration's source (SET_DEVICE_STATE_FD SAVE): pyvirtiofsd's own
+# (docs/state-format.md), or the Rust virtiofsd 1.13's for a virtiofsd destination
+# (docs/rust-state-format.md).  QEMU moves the state as opaque bytes and the two back-ends never
+# talk, so nothing tells the source what the destination reads: the operator does.  Loading
+# needs no option, the two formats differ in their first byte.
+MIGRATION_STATE_FORMATS = ("pyvirtiofsd", "virtiofsd")
 # Linux capability names (linux/capability.h, without CAP_), for --modcaps.
 CAPABILITIES = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
@@ -140,6 +146,8 @@ class Config:
     # DAX (supervisor/dax.py): offered when the front-end has a cache window; its size.
     dax: bool = False
     dax_window: int = DAX_DEFAULT_WINDOW
+    # Which daemon's device-state format a migration source writes (MIGRATION_STATE_FORMATS).
+    migration_state_format: str = "pyvirtiofsd"
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -338,6 +346,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "metrics_socket": _nonempty,
     "poll_us": _uint(0, MAX_POLL_US),
     "dax_window": _dax_window,
+    "migration_state_format": _choice(MIGRATION_STATE_FORMATS),
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues", "poll_us",
@@ -468,6 +477,9 @@ def _build_parser() -> _Parser:
          "regions (GET_SHMEM_CONFIG) [default: off]")
     value("dax_window", "size of the cache window, as cloud-hypervisor's cache_size, and the "
           "shared memory region offered to SHMEM front-ends; a multiple of 2M [default: 8G]")
+    value("migration_state_format", "device state a migration source writes: pyvirtiofsd, or "
+          "virtiofsd for a Rust virtiofsd 1.13 destination (loading reads either) "
+          "[default: pyvirtiofsd]")
     return p
 
 

@@ -105,6 +105,7 @@ def fs_options(config: Config) -> FsOptions:
         migration_confirm_paths=config.migration_confirm_paths,
         posix_lock=config.posix_lock,
         flock=config.flock,
+        migration_state_format=config.migration_state_format,
     )
 
 

@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyvirtiofsd.common import virtio
+from pyvirtiofsd.common import snapshot, virtio
 from pyvirtiofsd.common.control import MAX_FDS as CONTROL_MAX_FDS
 from pyvirtiofsd.common.control import RingFlag, RingGeometry
+from pyvirtiofsd.common.devstate import StateError
 from pyvirtiofsd.common.vhost_user import (
+    CROSVM_SUCCESS,
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     HEADER_SIZE,
@@ -107,9 +109,9 @@ def receive(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
             if not hdr.is_valid():
                 raise Disconnect(f"request {hdr.request}: invalid header (flags {hdr.flags:#x},"
                                  f" size {hdr.size})")
-            payload = b""
+            payload = bytearray()       # crosvm's RESTORE may carry megabytes
             while len(payload) < hdr.size:
-                more = conn.recv(hdr.size - len(payload))
+                more = conn.recv(min(hdr.size - len(payload), 1 << 20))
                 if not more:
                     raise Disconnect(f"request {hdr.request}: connection closed inside payload")
                 payload += more
@@ -118,7 +120,7 @@ def receive(conn: socket.socket) -> tuple[Header, bytes, list[int]] | None:
                              f" {MESSAGE_TIMEOUT:.0f} s") from None
         finally:
             conn.settimeout(None)
-        return hdr, payload, fds
+        return hdr, bytes(payload), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -153,6 +155,8 @@ class Vring:
     err: int | None = None
     started: bool = False
     enabled: bool = False
+    # Stopped by crosvm's SLEEP (its notifiers kept): WAKE starts it again.
+    sleeping: bool = False
 
     def close_fds(self, names: tuple[str, ...] = ("kick", "call", "err")) -> None:
         for name in names:
@@ -173,6 +177,9 @@ class Rule:
     replies: bool = False
     gate: ProtocolFeature | None = None
     owner: bool = True
+    # The reply a refused request gets when its definition has its own failure answer
+    # (crosvm's VhostUserSuccess) rather than a REPLY_ACK or a disconnect.
+    failure: bytes | None = None
 
 
 _U64 = U64.size
@@ -231,6 +238,35 @@ RULES: dict[Request, Rule] = {
 # With --dax: the back-end channel, fds over it, and VIRTIO shared memory regions.
 DAX_PROTOCOL_FEATURES = (ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD
                          | ProtocolFeature.SHMEM)
+
+
+# crosvm's SLEEP / WAKE / SNAPSHOT / RESTORE (common/vhost_user.py; docs/crosvm.md): always
+# answered, with one success byte, a refusal included.  RESTORE's fds are nothing or one kick
+# eventfd per ring.
+_CROSVM_FAILED = CROSVM_SUCCESS.pack(0)
+_CROSVM_OK = CROSVM_SUCCESS.pack(1)
+RULES.update({
+    Request.SLEEP: Rule(0, replies=True, failure=_CROSVM_FAILED),
+    Request.WAKE: Rule(0, replies=True, failure=_CROSVM_FAILED),
+    Request.SNAPSHOT: Rule(0, replies=True, failure=_CROSVM_FAILED),
+    Request.RESTORE: Rule(None, fds=(0, MAX_FDS), replies=True, failure=_CROSVM_FAILED),
+})
+
+
+def _channel() -> tuple[int, int]:
+    """A channel for the device state between the supervisor and a worker: a socketpair, since
+    the supervisor's seccomp policy has no pipe (policies/supervisor.policy); the worker reads
+    and writes it as it does QEMU's pipe, to EOF."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return a.detach(), b.detach()
+
+
+def _failure_reply(code: int) -> bytes | None:
+    try:
+        rule = RULES.get(Request(code))
+    except ValueError:
+        return None
+    return rule.failure if rule is not None else None
 
 
 def _name(code: int) -> str:
@@ -309,6 +345,9 @@ class Backend:
             reply = self._handlers[Request(hdr.request)](payload, owned)
         except RequestError as e:
             log.warning("vhost-user %s refused: %s", _name(hdr.request), e)
+            failure = _failure_reply(hdr.request)
+            if failure is not None:
+                return failure
             if self._acks(hdr):
                 return U64.pack(1)
             if hdr.request in RULES and RULES[Request(hdr.request)].replies:
@@ -667,6 +706,145 @@ class Backend:
         self.queues.drop_memory()
         if self.dax is not None:
             self.dax.close()
+
+    # -- crosvm's SLEEP / WAKE / SNAPSHOT / RESTORE (docs/crosvm.md) ------------------------
+    def on_sleep(self, payload: bytes, fds: list[int]) -> bytes:
+        """Every running ring stops where it is, as GET_VRING_BASE stops it, but keeps its
+        kick and call eventfds for WAKE."""
+        for i, vring in enumerate(self.vrings):
+            if vring.started:
+                try:
+                    vring.base = self.queues.stop_ring(i)
+                except OSError as e:
+                    raise RequestError(f"vring {i} cannot be stopped: {e}") from None
+                vring.started = False
+                vring.sleeping = True
+        return _CROSVM_OK
+
+    def on_wake(self, payload: bytes, fds: list[int]) -> bytes:
+        for i, vring in enumerate(self.vrings):
+            if vring.sleeping:
+                self._start(i, vring)
+                vring.sleeping = False
+        return _CROSVM_OK
+
+    def on_snapshot(self, payload: bytes, fds: list[int]) -> bytes:
+        """The rings (asleep) and the device state, for a RESTORE in a fresh back-end."""
+        running = [i for i, v in enumerate(self.vrings) if v.started]
+        if running:
+            raise RequestError(f"SNAPSHOT while vring {running[0]} runs: SLEEP first")
+        rings = tuple(self._ring_snapshot(v) for v in self.vrings)
+        rfd, wfd = _channel()
+        try:
+            try:
+                self.queues.save_state(wfd)
+            finally:
+                os.close(wfd)
+            chunks = []
+            while chunk := os.read(rfd, 1 << 20):
+                chunks.append(chunk)
+            self.queues.check_state()
+        except OSError as e:
+            raise RequestError(f"the device state cannot be taken: {e.strerror or e}") from None
+        finally:
+            os.close(rfd)
+        snap = snapshot.Snapshot(self.acked_features, self.protocol_features, rings,
+                                 b"".join(chunks))
+        return _CROSVM_OK + snapshot.encode(snap)
+
+    def on_restore(self, payload: bytes, fds: list[int]) -> bytes:
+        """A SNAPSHOT brought back: everything is checked and the device state loaded (all or
+        nothing) before the rings and features are set; the rings stay asleep until WAKE."""
+        try:
+            snap = snapshot.decode(payload)
+        except StateError as e:
+            raise RequestError(str(e)) from None
+        if len(snap.rings) != self.num_queues:
+            raise RequestError(f"a snapshot of {len(snap.rings)} rings, this device has "
+                               f"{self.num_queues}")
+        if fds and len(fds) != len(snap.rings):
+            raise RequestError(f"{len(fds)} queue eventfds for {len(snap.rings)} rings")
+        if any(v.started or v.sleeping for v in self.vrings):
+            raise RequestError("RESTORE into a device whose rings were started")
+        if snap.acked_features & ~int(FEATURES) or (
+                snap.acked_protocol_features & ~self.offered_protocol_features):
+            raise RequestError("the snapshot's features were never offered here")
+        if not self.regions:
+            raise RequestError("RESTORE before SET_MEM_TABLE")
+        addrs = []
+        for i, ring in enumerate(snap.rings):
+            if ring.flags & snapshot.RingFlag.RUNNING and not fds:
+                raise RequestError(f"vring {i} was running but RESTORE brought no eventfds")
+            if ring.size > self.max_queue_size:
+                raise RequestError(f"vring {i} of size {ring.size}: more than "
+                                   f"{self.max_queue_size}")
+            addrs.append(self._ring_addr(i, ring)
+                         if ring.flags & snapshot.RingFlag.ADDRESSED else None)
+        self._load_state(snap.state)
+        # Nothing can fail from here on.
+        self.acked_features = snap.acked_features
+        self.protocol_features = snap.acked_protocol_features
+        for i, (vring, ring, addr) in enumerate(zip(self.vrings, snap.rings, addrs,
+                                                    strict=True)):
+            vring.num, vring.addr, vring.base = ring.size, addr, ring.base
+            vring.enabled = bool(ring.flags & snapshot.RingFlag.ENABLED)
+            vring.sleeping = bool(ring.flags & snapshot.RingFlag.RUNNING)
+            if fds:
+                if vring.kick is not None:
+                    os.close(vring.kick)
+                vring.kick = fds[i]
+        fds.clear()
+        return _CROSVM_OK
+
+    def _load_state(self, data: bytes) -> None:
+        rfd, wfd = _channel()
+        try:
+            try:
+                self.queues.load_state(rfd)
+            finally:
+                os.close(rfd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(wfd, view[:1 << 20]):]
+            os.close(wfd)
+            wfd = -1
+            self.queues.check_state()
+        except OSError as e:
+            raise RequestError(f"the device state was not loaded: {e.strerror or e}") from None
+        finally:
+            if wfd >= 0:
+                os.close(wfd)
+
+    def _ring_snapshot(self, vring: Vring) -> snapshot.RingState:
+        """A ring as a snapshot keeps it: guest-physical addresses, since the front-end that
+        restores it may map guest memory elsewhere."""
+        flags = snapshot.RingFlag(0)
+        if vring.enabled:
+            flags |= snapshot.RingFlag.ENABLED
+        if vring.sleeping:
+            flags |= snapshot.RingFlag.RUNNING
+        if vring.addr is None:
+            return snapshot.RingState(vring.num, flags, vring.base, 0, 0, 0)
+        flags |= snapshot.RingFlag.ADDRESSED
+        return snapshot.RingState(vring.num, flags, vring.base, self._gpa(vring.addr.desc),
+                                  self._gpa(vring.addr.avail), self._gpa(vring.addr.used))
+
+    def _gpa(self, uaddr: int) -> int:
+        for r, _fd in self.regions:
+            if r.userspace_addr <= uaddr < r.userspace_addr + r.memory_size:
+                return r.guest_phys_addr + uaddr - r.userspace_addr
+        raise RequestError(f"ring address {uaddr:#x} is in no memory region")
+
+    def _ring_addr(self, index: int, ring: snapshot.RingState) -> VringAddr:
+        def uaddr(gpa: int) -> int:
+            for r, _fd in self.regions:
+                if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
+                    return r.userspace_addr + gpa - r.guest_phys_addr
+            raise RequestError(f"vring {index}: guest address {gpa:#x} is in no memory region")
+        addr = VringAddr(index, 0, uaddr(ring.desc), uaddr(ring.used), uaddr(ring.avail), 0)
+        if not addr.is_valid():
+            raise RequestError(f"vring {index}: misaligned ring address")
+        return addr
 
     # -- dirty-page logging (spec "Migration"; protocol.md 1.10; worker/dirtylog.py) ---------
     # A log for 128 TiB of guest memory; a larger size or offset is a front-end's mistake.

@@ -45,6 +45,7 @@ from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common import virtio
 from pyvirtiofsd.common.native import fence
 from pyvirtiofsd.common.vhost_user import (
+    CROSVM_SUCCESS,
     F_LOG_ALL,
     F_PROTOCOL_FEATURES,
     FS_UNMAP_ALL,
@@ -2062,6 +2063,97 @@ def attach_window(fe: Frontend, window: CacheWindow, family: str = "fs") -> Back
         channel.close()
         raise
     return channel
+# --- moving a guest to another daemon
+
+
+def adopt(src: Frontend, socket_path: str, *, process: subprocess.Popen | None = None,
+          timeout: float | None = None) -> Frontend:
+    """A front-end on a second daemon that takes `src`'s guest over, as a migration's
+    destination does: the same features, the same guest memory and driver queues (their rings,
+    descriptors in flight, kick and call eventfds).  Nothing is sent beyond the negotiation;
+    the caller loads the state and sets the memory table and the rings up.  `src` keeps only
+    its connection, for the caller to close."""
+    fe = Frontend(connect_unix(socket_path, timeout or src.timeout, process),
+                  timeout=timeout or src.timeout, process=process)
+    try:
+        fe.negotiate(event_idx=bool(src.acked_features & Feature.EVENT_IDX),
+                     indirect=bool(src.acked_features & Feature.INDIRECT_DESC),
+                     protocol_features=src.acked_protocol_features)
+    except BaseException:
+        fe.close()
+        raise
+    fe.memory, src.memory = src.memory, None
+    fe.queues, src.queues = src.queues, {}
+    for q in fe.queues.values():
+        q._poll.unregister(src.sock.fileno())
+        q._poll.register(fe.sock.fileno(), select.POLLIN)
+        q.fe = fe
+        q.started = False
+    return fe
+
+
+# --- crosvm's SLEEP / WAKE / SNAPSHOT / RESTORE, framed as crosvm's vhost-user client sent them
+# (its vmm_vhost crate, backend_client.rs, March 2024): flags VERSION alone (no NEED_REPLY),
+# every reply a one-byte VhostUserSuccess, SNAPSHOT's followed by the state; RESTORE's payload is
+# the state, its fds nothing or one kick eventfd per ring.  crosvm itself is not packaged here:
+# this side is ours, written from crosvm's source.
+
+# SNAPSHOT's reply and RESTORE's payload carry a whole state: the driver's own bound for them.
+CROSVM_MAX_STATE = 64 << 20
+
+
+def _crosvm_call(fe: Frontend, request: int, payload: bytes = b"", fds: Sequence[int] = ()
+                 ) -> bytes:
+    """Send one crosvm request; returns the reply's payload after the success byte, raising
+    BackendError when the byte says failure."""
+    fe.send_raw(Header(request, VERSION, len(payload)).pack() + payload, fds)
+    fds_in: list[int] = []
+    what = f"reply to {_req_name(request)}"
+    hdr = Header.unpack(fe._recv_exact(HEADER_SIZE, what, fds_in))
+    if hdr.size > CROSVM_MAX_STATE:
+        _close_fds(fds_in)
+        raise ProtocolViolation(f"{what} announces {hdr.size} payload bytes")
+    body = fe._recv_exact(hdr.size, what, fds_in) if hdr.size else b""
+    _close_fds(fds_in)
+    if hdr.request != request or hdr.flags != VERSION | HeaderFlag.REPLY:
+        raise ProtocolViolation(f"{what} has request {hdr.request} flags {hdr.flags:#x}")
+    if fds_in:
+        raise ProtocolViolation(f"{what} carries file descriptors")
+    if not body:
+        raise ProtocolViolation(f"{what} has no success byte")
+    (ok,) = CROSVM_SUCCESS.unpack_from(body)
+    if not ok:
+        raise BackendError(request, 1)
+    return body[1:]
+
+
+def crosvm_sleep(fe: Frontend) -> None:
+    """SLEEP: every ring stops where it is; the driver's queues are marked stopped."""
+    if _crosvm_call(fe, Request.SLEEP):
+        raise ProtocolViolation("the reply to SLEEP has more than its success byte")
+    for q in fe.queues.values():
+        q.started = False
+
+
+def crosvm_wake(fe: Frontend) -> None:
+    """WAKE: the rings SLEEP stopped run again from where they stopped."""
+    if _crosvm_call(fe, Request.WAKE):
+        raise ProtocolViolation("the reply to WAKE has more than its success byte")
+    for q in fe.queues.values():
+        q.started = True
+        if q.inflight:
+            q.kick(force=True)
+
+
+def crosvm_snapshot(fe: Frontend) -> bytes:
+    return _crosvm_call(fe, Request.SNAPSHOT)
+
+
+def crosvm_restore(fe: Frontend, state: bytes, queue_events: Sequence[int] = ()) -> None:
+    """RESTORE into a fresh back-end (after SET_MEM_TABLE and, per ring, SET_VRING_CALL, as
+    crosvm's vhost_user_restore does); the rings stay asleep until WAKE."""
+    if _crosvm_call(fe, Request.RESTORE, state, queue_events):
+        raise ProtocolViolation("the reply to RESTORE has more than its success byte")
 
 
 # --- running a daemon

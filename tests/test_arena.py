@@ -699,3 +699,48 @@ def test_fd_budget_caps_inodes_and_handles_together(arena, files):
     for bad in (-1, 1 << 32):
         with pytest.raises(ValueError):
             arena.limit_fds(bad)
+
+
+# -- fh 0: a handle restored from the Rust virtiofsd, whose fhs count from 0 (common/rsstate.py)
+
+
+def test_handle_zero_is_only_ever_restored(arena, files):
+    handles = arena.handles
+    fd0 = os.open(files[0], os.O_RDONLY)
+    arena.restore_handle(0, fd0, 5, os.O_RDONLY)
+    arena.restored()
+    assert [(h.fh, h.nodeid) for h in arena.handle_entries()] == [(0, 5)]
+    assert handles.live_count() == 1
+    with handles.pinned(0) as (hfd, nodeid, _flags):
+        assert (hfd, nodeid) == (fd0, 5) and os.pread(hfd, 9, 0) == b"content 0"
+    # New handles never get slot 0, before or after fh 0 is gone.
+    fd1 = os.open(files[1], os.O_RDONLY)
+    fh1 = handles.insert(fd1, 6, os.O_RDONLY)
+    assert fh1 & 0xFFFFFFFF != 0
+    handles.remove(0)
+    assert not _is_open(fd0) and handles.live_count() == 1
+    with pytest.raises(OSError) as e:
+        handles.acquire(0)
+    assert e.value.errno == errno.EBADF
+    fhs = {fh1}
+    for i in range(2, 8):          # the rest of the table (8 slots, 1..8): slot 0 never reused
+        fhs.add(handles.insert(os.open(files[i], os.O_RDONLY), 6, os.O_RDONLY))
+    fhs.add(handles.insert(os.open(files[0], os.O_RDONLY), 6, os.O_RDONLY))
+    assert all(fh & 0xFFFFFFFF for fh in fhs) and handles.live_count() == 8
+
+
+def test_handle_zero_goes_with_the_session(arena, files):
+    fd0 = os.open(files[0], os.O_RDONLY)
+    arena.restore_handle(0, fd0, 5, os.O_RDONLY)
+    arena.restored()
+    arena.handles.remove_all()
+    assert not _is_open(fd0) and arena.handles.live_count() == 0
+    assert arena.handle_entries() == []
+
+
+def test_inode_slot_zero_stays_invalid(arena, files):
+    fd = _opath(files[0])
+    with pytest.raises(OSError) as e:
+        arena.restore_inode(0, fd, 1, *_key(fd), 0)
+    assert e.value.errno == errno.EINVAL
+    os.close(fd)

@@ -752,3 +752,21 @@ def test_lock_options_in_the_file(tmp_path):
     assert (c.posix_lock, c.flock) == (False, False)
     with pytest.raises(ConfigError, match=r"posix-lock.*true or false"):
         parse(["--config", write(tmp_path, "shared-dir = \"/srv\"\nposix-lock = \"no\"\n")])
+# -- --migration-state-format ------------------------------------------------------------------
+
+def test_migration_state_format_from_the_command_line_and_the_file(tmp_path):
+    assert p().migration_state_format == "pyvirtiofsd"
+    assert p("--migration-state-format=virtiofsd").migration_state_format == "virtiofsd"
+    path = tmp_path / "c.toml"
+    path.write_text('migration-state-format = "virtiofsd"\n')
+    assert p("--config", str(path)).migration_state_format == "virtiofsd"
+    assert p("--config", str(path), "--migration-state-format=pyvirtiofsd"
+             ).migration_state_format == "pyvirtiofsd"
+
+
+def test_unknown_migration_state_format_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli([*BASE, "--migration-state-format=rust"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--migration-state-format: invalid value 'rust'" in err

@@ -17,6 +17,7 @@ Budgets: tests/fuzzing.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -175,6 +176,19 @@ class FakeQueues:
 
     def set_enable(self, index: int, enabled: bool) -> None:
         pass
+
+    # The device state needs a worker: refused, as a worker that cannot take it answers.
+    def save_state(self, fd: int) -> None:
+        raise OSError(errno.EIO, "no worker")
+
+    def load_state(self, fd: int) -> None:
+        raise OSError(errno.EIO, "no worker")
+
+    def check_state(self) -> None:
+        raise OSError(errno.EIO, "no worker")
+
+    def prepare_state(self) -> None:
+        raise OSError(errno.EIO, "no worker")
 
     def set_log_base(self, size: int, offset: int, fd) -> None:
         pass

@@ -164,7 +164,8 @@ def _corrupt(data: bytes, monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[by
                           "format version 2.0 is not supported"),
         "wrong crc": (bytes(bad_crc), "checksum mismatch"),
         "empty": (b"", "truncated: 0 bytes"),
-        "foreign": (b"\x00" * 64, "bad magic"),
+        # Neither pyvirtiofsd's magic nor the Rust virtiofsd's first byte (0 or 1).
+        "foreign": (b"\xff" * 64, "bad magic"),
         "dangling handle": (dangling, "inode 57005 is missing"),
     }
 

@@ -103,6 +103,9 @@ class FsOptions:
     # locks are taken on the host; off, the guest kernel keeps them to itself.
     posix_lock: bool = True
     flock: bool = True
+    # Whose format a saved state is in: "pyvirtiofsd", or "virtiofsd" for a Rust virtiofsd 1.13
+    # destination (common/rsstate.py).  A load reads either.
+    migration_state_format: str = "pyvirtiofsd"
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:

@@ -63,6 +63,8 @@ SERVER_INIT_FLAGS = int(
     | InitFlag.CREATE_SUPP_GROUP)
 
 _IN = fa.IN_HEADER
+_INVALID_ID = fa.INVALID_UIDGID
+_ALLOW_IDMAP = int(InitFlag.ALLOW_IDMAP)
 _IN_SIZE = _IN.size
 _OUT_PACK = fa.OUT_HEADER.pack
 _OUT_SIZE = fa.OUT_HEADER.size
@@ -243,6 +245,8 @@ class FuseServer:
         self.ids = IdTranslation.of(options)
         self.queue_index = queue_index
         self.session = session if session is not None else Session()
+        # The ids a request without any runs with (ALLOW_IDMAP, below): the daemon's own.
+        self._own_ids = (os.geteuid(), os.getegid())
         self.stats = stats
         # The DAX window's requests to the supervisor (worker/dax.py); None: no DAX.
         self.dax: DaxClient | None = None
@@ -344,6 +348,13 @@ class FuseServer:
                         raise _einval("extensions longer than the request")
                     groups, secctx = self._extensions(body[body_len - ext_len:])
                     body = body[:body_len - ext_len]
+            if _INVALID_ID in (uid, gid) and self.session.flags & _ALLOW_IDMAP:
+                # Only a session carried on from the Rust virtiofsd has ALLOW_IDMAP (it accepts
+                # the flag, this server does not offer it): the kernel then sends no ids for a
+                # request it needs none for (protocol.md 4.2), and virtiofsd serves such a
+                # request as itself.  So does this server, rather than refuse the guest's
+                # every GETATTR after the move.
+                uid, gid = self._own_ids
             if self.ids is None:
                 ctx = Context(uid, gid, pid, 0, groups)
             else:

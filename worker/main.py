@@ -52,7 +52,7 @@ from pyvirtiofsd.common.control import (
     StateSave,
     Stopped,
 )
-from pyvirtiofsd.common.fuse_abi import OUT_HEADER, WRITE_IN, Opcode
+from pyvirtiofsd.common.fuse_abi import OUT_HEADER, WRITE_IN, InitFlag, Opcode
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
@@ -98,10 +98,13 @@ def _peek(parts: list[memoryview]) -> tuple[int, int]:
 def _supported_init_flags(fs: PassthroughFs) -> int:
     """Every INIT flag this daemon may agree to under its options: a session carried over from
     another daemon must have no other (worker/migration.py)."""
+    # ALLOW_IDMAP is never offered, but a session carried on from the Rust virtiofsd has it,
+    # and the server serves it (worker/fuse_server.py).
+    carried = SERVER_INIT_FLAGS | InitFlag.ALLOW_IDMAP
     try:
-        return int(SERVER_INIT_FLAGS | fs.init((1 << 64) - 1))
+        return int(carried | fs.init((1 << 64) - 1))
     except OSError:
-        return int(SERVER_INIT_FLAGS)
+        return int(carried)
 
 
 class Worker:

@@ -28,7 +28,7 @@ import select
 import stat
 from collections.abc import Callable
 
-from pyvirtiofsd.common import devstate, native
+from pyvirtiofsd.common import devstate, native, rsstate
 from pyvirtiofsd.common import fuse_abi as fa
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.devstate import DeviceState, Handle, Inode, SessionOption, StateError
@@ -348,7 +348,10 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
                 lose(what, inode.nodeid, e.strerror or str(e))
                 continue
             opened[inode.nodeid] = fd
-            found[inode.nodeid] = (inode.dev, inode.ino, mnt_id_of(fd))
+            # What was opened, not what the state says: the same unless the state recorded
+            # nothing (a virtiofsd state), and the tables find inodes by it.
+            st = os.fstat(fd)
+            found[inode.nodeid] = (st.st_dev, st.st_ino, mnt_id_of(fd))
         for h in state.handles:
             ifd = opened.get(h.nodeid, -1)
             if ifd < 0:
@@ -417,7 +420,8 @@ def _find(inode: Inode, opened: dict[int, int], mount_fd: int, by_handle: bool,
         fd = _open_beneath(pfd, inode.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != (inode.dev, inode.ino) or (
+        # A state from the Rust virtiofsd records no dev, ino or mode (0): nothing to compare.
+        if ((inode.dev or inode.ino) and (st.st_dev, st.st_ino) != (inode.dev, inode.ino)) or (
                 inode.mode and stat.S_IFMT(st.st_mode) != stat.S_IFMT(inode.mode)):
             raise OSError(errno.ESTALE, "a different file is there now")
         if (verify and not by_handle and inode.handle is not None
@@ -459,11 +463,15 @@ def read_all(fd: int) -> bytes:
         if not chunk:
             return bytes(buf)
         buf += chunk
+        if not header_read and rsstate.is_rust_state(buf[:len(devstate.MAGIC)]):
+            # The Rust virtiofsd's state has no header: it ends at EOF, within a bound.
+            header_read = True
+            want = rsstate.MAX_STATE
         if not header_read and len(buf) >= devstate.HEADER_SIZE:
             header_read = True
             want = devstate.HEADER_SIZE + devstate.payload_length(bytes(buf[:devstate.HEADER_SIZE]))
         if header_read and len(buf) > want:
-            raise StateError(f"more than the {want} bytes the header announces")
+            raise StateError(f"more than the {want} bytes the state may have")
 
 
 class StateService:
@@ -504,7 +512,21 @@ class StateService:
         state = collect(self.arena, self.session.started, self.session.minor,
                         self.session.flags, MAX_WRITE, MAX_PAGES, self.options, self.locator(),
                         counters)
+        if self.options.migration_state_format == "virtiofsd":
+            return rsstate.encode(state)
         return devstate.encode(state)
+
+    def decode(self, data: bytes) -> DeviceState:
+        """pyvirtiofsd's own state, or the Rust virtiofsd's (told apart by the first byte).
+        virtiofsd's holds no FUSE session: the one virtiofsd serves a Linux guest is taken,
+        with this daemon's options where virtiofsd's state does not say."""
+        if not rsstate.is_rust_state(data):
+            return devstate.decode(data)
+        o = self.options
+        template = rsstate.session_template(
+            fa.KERNEL_MINOR_VERSION, readdirplus=o.readdirplus, killpriv_v2=o.killpriv_v2,
+            security_label=o.security_label, options=session_options(o))
+        return rsstate.decode(data, template)
 
     def save(self, fd: int) -> None:
         """Take the state, write it to the front-end's pipe end and close that (EOF ends the
@@ -534,7 +556,7 @@ class StateService:
         """Read a state to EOF, check it whole, apply it; one line when it is refused."""
         try:
             data = read_all(fd)
-            state = devstate.decode(data)
+            state = self.decode(data)
             lost = apply(state, self.arena, self.options, self.proc_fd, self._root_fd(),
                          self.mnt_id_of, self.session.start, self.mount_fd,
                          self.supported_flags)
