@@ -11,7 +11,8 @@ sandbox: always ``SOCKET.status`` next to a vhost-user socket given by path, and
 ``--metrics-socket PATH``.  ``GET /status`` answers the JSON document `pyvirtiofsd status`
 prints (supervisor/statuscmd.py), ``GET /metrics`` the Prometheus text exposition format
 (version 0.0.4), so ``curl --unix-socket PATH http://localhost/metrics`` or any scraper that
-speaks HTTP over a UNIX socket can read it.
+speaks HTTP over a UNIX socket can read it.  ``SOCKET.status`` alone also takes actions,
+``POST PATH``: ``POST /snapshot`` answers the device state (supervisor/snapshot.py).
 
 The supervisor answers between two vhost-user messages, in its one thread: a client has
 REQUEST_TIMEOUT to send its request and as long to take the answer, so a slow or silent client
