@@ -434,6 +434,7 @@ class Supervisor:
         paused at an exact index and resumed at it afterwards."""
         backend = self.backend
         paused: list[int] = []
+        began = time.monotonic()
         try:
             if backend is not None:
                 paused = backend.pause_rings()
@@ -446,7 +447,8 @@ class Supervisor:
         finally:
             if backend is not None:
                 backend.resume_rings(paused)
-        log.info("snapshot taken: %d bytes, %d ring(s) paused", len(data), len(paused))
+        log.info("snapshot taken: %d bytes, %d ring(s) paused for %.1f ms", len(data),
+                 len(paused), (time.monotonic() - began) * 1e3)
         return data
 
     def _publish_dax(self, size: int) -> None:

@@ -77,8 +77,11 @@ def names(c: FuseClient, nodeid: int, fh: int) -> set[bytes]:
     return {e.name for e in c.readdir_all(nodeid, fh)} - {b".", b".."}
 
 
-def test_a_restarted_daemon_serves_the_same_nodeids_and_fhs(run, tmp_path: Path) -> None:
-    first = run()
+@pytest.mark.parametrize("sandbox", [(), ("--sandbox=namespace", "--seccomp=kill")],
+                         ids=["no-sandbox", "namespace"])
+def test_a_restarted_daemon_serves_the_same_nodeids_and_fhs(run, tmp_path: Path,
+                                                            sandbox: tuple[str, ...]) -> None:
+    first = run(*sandbox)
     fe, c, ids = hold(first)
     out = tmp_path / "state" / "fs.state"
     out.parent.mkdir()
@@ -97,7 +100,7 @@ def test_a_restarted_daemon_serves_the_same_nodeids_and_fhs(run, tmp_path: Path)
     assert c.read(ids["ro"], ids["ro_fh"], 0, 100) == b"read me"
     assert first.stop() == 0
 
-    second = run(f"--restore-from={out}")
+    second = run(*sandbox, f"--restore-from={out}")
     second.wait_for("restored from")
     with fe:
         reconnect(fe, second.socket, second.proc)
