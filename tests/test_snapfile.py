@@ -279,3 +279,27 @@ def test_a_snapshot_needs_a_daemon(tmp_path: Path, data_plane: str) -> None:
     assert r.returncode == 1
     assert len(r.stderr.splitlines()) == 1 and "no status socket" in r.stderr
     assert not (tmp_path / "x.state").exists()
+
+
+def test_a_snapshot_between_two_front_ends(run, tmp_path: Path) -> None:
+    # --reconnect keeps the state while no front-end is connected: it is taken as it is.
+    d = run("--reconnect", f"--metrics-socket={tmp_path}/metrics.sock")
+    fe, _c, ids = hold(d)
+    fe.close()
+    d.wait_frontends_served(1)
+    out = tmp_path / "idle.state"
+    r = snapshot(d.socket, out)
+    assert r.returncode == 0, r.stderr + d.text
+    assert " 0 ring(s) paused" in d.wait_for("snapshot taken")
+    assert {h.fh for h in devstate.read_file(out).handles} == {ids["rw_fh"], ids["ro_fh"],
+                                                               ids["dir_fh"]}
+    # The socket scrapers are pointed at takes no actions.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(f"{tmp_path}/metrics.sock")
+        s.sendall(b"POST /snapshot HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.0 404"), answer
+    assert d.text.count("snapshot taken") == 1
