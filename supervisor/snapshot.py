@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import sys
 from collections.abc import Callable
 
@@ -118,12 +119,11 @@ def _status_socket(target: str) -> str:
     from pyvirtiofsd.supervisor.statuscmd import candidates
 
     for path in candidates(target):
-        if os.path.exists(path) and not path.endswith(".pid"):
-            try:
-                if os.stat(path).st_mode & 0o170000 == 0o140000:     # S_IFSOCK
-                    return path
-            except OSError:
-                pass
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            pass
     raise SnapshotError(f"no status socket for {target} (is the daemon running, and was it"
                         " started with --socket-path?)")
 
