@@ -303,3 +303,24 @@ def test_a_snapshot_between_two_front_ends(run, tmp_path: Path) -> None:
             answer += chunk
     assert answer.startswith(b"HTTP/1.0 404"), answer
     assert d.text.count("snapshot taken") == 1
+
+
+def test_a_request_queued_across_the_restart_is_served_by_the_new_daemon(run,
+                                                                          tmp_path: Path) -> None:
+    first = run()
+    fe, c, ids = hold(first)
+    with fe:
+        # The guest's ring is disabled (paused by the front-end) and a READ waits in it.
+        fe.set_vring_enable(1, False)
+        token = c.submit(fa.Opcode.READ, ids["ro"], fa.ReadIn(ids["ro_fh"], 0, 64).pack(),
+                         out_size=64)
+        out = tmp_path / "fs.state"
+        r = snapshot(first.socket, out)
+        assert r.returncode == 0, r.stderr
+        # The snapshot resumed the ring as it found it: still disabled, the READ still waits.
+        c.vq.expect_no_completion(0.2)
+        assert first.stop() == 0
+        second = run(f"--restore-from={out}")
+        reconnect(fe, second.socket, second.proc)
+        reply = c.result(token)
+        assert (reply.error, reply.body) == (0, b"read me")
