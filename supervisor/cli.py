@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyvirtiofsd.supervisor import statuscmd
 
         return statuscmd.main(args[1:])
+    if args[:1] == ["snapshot"]:
+        from pyvirtiofsd.supervisor import snapshot
+
+        return snapshot.main(args[1:])
     # Before anything else the daemon does: a signal that arrives now waits for the handler of
     # the process that will serve (supervisor/signals.py).
     signals.block()
@@ -73,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         pidfile.release()
         error_exit(str(e))
+    restore = None
+    if config.restore_from is not None:
+        # Read and checked whole before the socket listens: a bad file starts nothing.
+        from pyvirtiofsd.supervisor import snapshot
+
+        try:
+            restore = snapshot.read_restore(config.restore_from)
+        except (OSError, ValueError) as e:
+            pidfile.release()
+            error_exit(f"--restore-from {config.restore_from}: {snapshot.describe(e)}")
     try:
         listener = open_listener(config)
     except OSError as e:
@@ -94,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from pyvirtiofsd.supervisor import daemon
 
-        status = daemon.run(config, listener, status_server, pidfile, starter)
+        status = daemon.run(config, listener, status_server, pidfile, starter, restore)
     finally:
         if os.getpid() == starter:
             if config.socket_path is not None:

@@ -148,6 +148,9 @@ class Config:
     dax_window: int = DAX_DEFAULT_WINDOW
     # Which daemon's device-state format a migration source writes (MIGRATION_STATE_FORMATS).
     migration_state_format: str = "pyvirtiofsd"
+    # A state file (`pyvirtiofsd snapshot`) loaded before the front-end is accepted
+    # (supervisor/snapshot.py); None: start with no state.
+    restore_from: str | None = None
     config_file: str | None = None
     # Deprecated spellings that were used; the supervisor logs one warning line for each.
     deprecations: tuple[str, ...] = field(default=(), compare=False)
@@ -347,6 +350,7 @@ _CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "poll_us": _uint(0, MAX_POLL_US),
     "dax_window": _dax_window,
     "migration_state_format": _choice(MIGRATION_STATE_FORMATS),
+    "restore_from": _nonempty,
 }
 _LIST_FIELDS = frozenset({"uid_map", "gid_map", "translate_uid", "translate_gid"})
 _INT_FIELDS = frozenset({"fd", "thread_pool_size", "rlimit_nofile", "request_queues", "poll_us",
@@ -475,6 +479,8 @@ def _build_parser() -> _Parser:
     flag("dax", "offer DAX (file ranges mapped into the front-end's cache window) when the "
          "front-end has a window: cloud-hypervisor's cache_size, or VIRTIO shared memory "
          "regions (GET_SHMEM_CONFIG) [default: off]")
+    value("restore_from", "load the filesystem state (nodeids, open handles, FUSE session) "
+          "that `pyvirtiofsd snapshot` saved to this file before accepting the front-end")
     value("dax_window", "size of the cache window, as cloud-hypervisor's cache_size, and the "
           "shared memory region offered to SHMEM front-ends; a multiple of 2M [default: 8G]")
     value("migration_state_format", "device state a migration source writes: pyvirtiofsd, or "

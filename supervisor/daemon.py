@@ -23,20 +23,21 @@ import time
 import prctl
 
 from pyvirtiofsd import __version__
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import devstate, native
 from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.devstate import DeviceState, StateError
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.stats import Stats, bucket_bounds_us, queue_entry
 from pyvirtiofsd.common.vhost_user import Header, HeaderFlag
 from pyvirtiofsd.supervisor import log as logsetup
-from pyvirtiofsd.supervisor import signals
+from pyvirtiofsd.supervisor import signals, snapshot
 from pyvirtiofsd.supervisor.config import Config, error_exit
 from pyvirtiofsd.supervisor.dax import DaxWindow
 from pyvirtiofsd.supervisor.pidfile import PidFile
 from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
-from pyvirtiofsd.supervisor.status import StatusServer
+from pyvirtiofsd.supervisor.status import ActionError, StatusServer, status_path
 from pyvirtiofsd.supervisor.systemd import Notifier
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, receive
 from pyvirtiofsd.worker import migration
@@ -110,6 +111,11 @@ def fs_options(config: Config) -> FsOptions:
 
 
 class Supervisor:
+    # The connected front-end's back-end (None while none is), which a snapshot pauses; and
+    # the state --restore-from loads before the front-end is accepted.
+    backend: Backend | None = None
+    restore: DeviceState | None = None
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.num_queues = 1 + config.request_queues
@@ -280,6 +286,9 @@ class Supervisor:
         self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)
         self.sandbox.confine_supervisor()
+        if self.restore is not None and not self.restore_state():
+            self.procs.shutdown()
+            return 2
         for warning in self.config.unimplemented():
             log.warning("%s is accepted but not implemented yet; it has no effect", warning)
         where = self.config.socket_path or f"fd {self.config.fd}"
@@ -369,6 +378,7 @@ class Supervisor:
             self.procs.dax = window.answer
             self.dax = window
         self.connected = True
+        self.backend = backend
         try:
             while True:
                 self.wait(conn, wake)
@@ -393,6 +403,7 @@ class Supervisor:
                         log.info("front-end connection lost: %s", e)
                         return
         finally:
+            self.backend = None
             self.connected = False
             self.frontends_served += 1
             backend.close()
@@ -400,13 +411,54 @@ class Supervisor:
             self.dax = None
             conn.close()
 
+    # -- snapshot and restore (supervisor/snapshot.py) ----------------------------------------
+    def restore_state(self) -> bool:
+        """--restore-from: the state loaded by the first queue's worker, before the front-end
+        is accepted; the guest's FUSE session is the state's (no INIT comes again).  A load
+        applies all of the state or nothing (worker/migration.py apply)."""
+        state = self.restore
+        assert state is not None
+        try:
+            snapshot.give(devstate.encode(state), self.procs.load_state, self.procs.check_state)
+        except OSError as e:
+            log.error("--restore-from %s: the state was not applied (%s): see the refusal"
+                      " above", self.config.restore_from, snapshot.describe(e))
+            return False
+        self.restore = None
+        log.info("restored from %s: %d inodes, %d handles, FUSE session %s",
+                 self.config.restore_from, len(state.inodes), len(state.handles),
+                 f"7.{state.session.minor}" if state.session.minor else "not started")
+        return True
+
+    def snapshot(self) -> bytes:
+        """POST /snapshot on the status socket: the device state, taken with every ring
+        paused at an exact index and resumed at it afterwards."""
+        backend = self.backend
+        paused: list[int] = []
+        began = time.monotonic()
+        try:
+            if backend is not None:
+                paused = backend.pause_rings()
+            data = snapshot.take(self.procs.save_state, self.procs.check_state)
+        except OSError as e:
+            why = snapshot.describe(e)
+            log.warning("snapshot refused: the device state cannot be taken: %s", why)
+            raise ActionError(f"the device state cannot be taken: {why}", 500,
+                              "Internal Server Error") from None
+        finally:
+            if backend is not None:
+                backend.resume_rings(paused)
+        log.info("snapshot taken: %d bytes, %d ring(s) paused for %.1f ms", len(data),
+                 len(paused), (time.monotonic() - began) * 1e3)
+        return data
+
     def _publish_dax(self, size: int) -> None:
         """Tell the workers whether the guest may be offered DAX (FUSE_INIT reads it)."""
         self.session.dax_window = size
 
 
 def run(config: Config, listener: socket.socket, status_server: StatusServer,
-        pidfile: PidFile, starter: int) -> int:
+        pidfile: PidFile, starter: int, restore: DeviceState | None = None) -> int:
     """Everything after the sockets listen (supervisor/cli.py): the supervisor, its sandbox,
     its workers.  A front-end that connects meanwhile waits in the listen backlog."""
     logsetup.setup(config.log_level, config.syslog, "supervisor")
@@ -415,6 +467,21 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
     prctl.set_name("pyvirtiofsd")
     sup = Supervisor(config)
     sup.status = status_server
+    if restore is not None:
+        try:
+            # What the state needs of this daemon's options, before anything starts.
+            migration.check_compatible(restore, fs_options(config))
+        except StateError as e:
+            log.error("--restore-from %s: %s", config.restore_from, e)
+            return 2
+        sup.restore = restore
+    if config.socket_path is not None:
+        # Only SOCKET.status takes actions, never --metrics-socket.
+        control = status_path(config.socket_path)
+        status_server.action_listeners = [
+            sock for sock, path in zip(status_server.listeners, status_server.paths,
+                                       strict=True) if path == control]
+        status_server.actions[snapshot.SNAPSHOT_PATH] = sup.snapshot
     # Connected before the sandbox hides the manager's socket (supervisor/systemd.py).
     sup.notifier = Notifier()
     status_server.warn = log.warning

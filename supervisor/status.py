@@ -11,7 +11,8 @@ sandbox: always ``SOCKET.status`` next to a vhost-user socket given by path, and
 ``--metrics-socket PATH``.  ``GET /status`` answers the JSON document `pyvirtiofsd status`
 prints (supervisor/statuscmd.py), ``GET /metrics`` the Prometheus text exposition format
 (version 0.0.4), so ``curl --unix-socket PATH http://localhost/metrics`` or any scraper that
-speaks HTTP over a UNIX socket can read it.
+speaks HTTP over a UNIX socket can read it.  ``SOCKET.status`` alone also takes actions,
+``POST PATH``: ``POST /snapshot`` answers the device state (supervisor/snapshot.py).
 
 The supervisor answers between two vhost-user messages, in its one thread: a client has
 REQUEST_TIMEOUT to send its request and as long to take the answer, so a slow or silent client
@@ -33,6 +34,9 @@ from typing import Any
 REQUEST_TIMEOUT = 0.25      # seconds a client has to send its request, and to read the answer
 PER_WAKEUP = 4              # clients answered before the loop looks at the front-end again
 MAX_REQUEST = 4096
+# An action's answer (a snapshot: the whole device state) may be large: the client has this
+# long to take it.
+ACTION_SEND_TIMEOUT = 30.0
 STATUS_SUFFIX = ".status"
 
 _NOT_FOUND = b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: 34\r\n\r\n" \
@@ -54,6 +58,11 @@ class StatusServer:
         # Where a failed accept is reported: the daemon sets its logger once logging is set
         # up (this module is imported before, and does not load the logging package).
         self.warn: Callable[[str], None] = lambda message: None
+        # `POST PATH` actions (PATH: callable giving the answer's body, or raising ActionError)
+        # and the listeners that take them: only SOCKET.status, never --metrics-socket, which
+        # scrapers are pointed at.  supervisor/snapshot.py's POST /snapshot is one.
+        self.actions: dict[str, Callable[[], bytes]] = {}
+        self.action_listeners: list[socket.socket] = []
 
     @classmethod
     def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
@@ -114,10 +123,27 @@ class StatusServer:
                 return
             with conn:
                 try:
-                    answer = self._answer(_read_request(conn), collect)
+                    method, path = _read_request_line(conn)
+                    if method == "POST":
+                        _send(conn, self._act(listener, path), ACTION_SEND_TIMEOUT)
+                        continue
+                    answer = self._answer(path if method == "GET" else "", collect)
                     _send(conn, answer)
                 except (OSError, ValueError):
                     pass                      # a client that went away, or was too slow
+
+    def _act(self, listener: socket.socket, path: str) -> bytes:
+        """The answer to `POST path`: 200 with the action's body, or one line saying why not."""
+        action = self.actions.get(path)
+        if action is None or listener not in self.action_listeners:
+            return _text(404, "Not Found", f"no action POST {path} on this socket\n")
+        try:
+            body = action()
+        except ActionError as e:
+            return _text(e.status, e.reason, str(e) + "\n")
+        head = (f"HTTP/1.0 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        return head.encode() + body
 
     @staticmethod
     def _answer(path: str, collect: Callable[[], dict[str, Any]]) -> bytes:
@@ -138,9 +164,32 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _read_request(conn: socket.socket) -> str:
+class ActionError(Exception):
+    """An action that cannot be carried out: the HTTP status and one line saying why."""
+
+    def __init__(self, message: str, status: int = 409, reason: str = "Conflict") -> None:
+        super().__init__(" ".join(message.split()))
+        self.status = status
+        self.reason = reason
+
+
+def _text(status: int, reason: str, body: str) -> bytes:
+    data = body.encode()
+    return (f"HTTP/1.0 {status} {reason}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode() + data
+
+
+def _read_request_line(conn: socket.socket) -> tuple[str, str]:
+    """(method, path) of `METHOD PATH HTTP/1.x`; headers and any body are ignored."""
+    path = _read_request(conn, keep_method=True)
+    method, _, path = path.partition(" ")
+    return method, path
+
+
+def _read_request(conn: socket.socket, keep_method: bool = False) -> str:
     """The path of `GET PATH HTTP/1.x` (headers are read and ignored), within
-    REQUEST_TIMEOUT in all however the client spreads its bytes."""
+    REQUEST_TIMEOUT in all however the client spreads its bytes.  keep_method: "METHOD PATH"
+    for any method."""
     deadline = time.monotonic() + REQUEST_TIMEOUT
     data = b""
     while b"\n\n" not in data.replace(b"\r\n", b"\n"):
@@ -152,14 +201,19 @@ def _read_request(conn: socket.socket) -> str:
         if len(data) >= MAX_REQUEST:
             raise ValueError("request too long")
     words = data.split(b"\n", 1)[0].split()
+    if keep_method:
+        if len(words) < 2:
+            return ""
+        return (words[0].decode("ascii", "replace") + " "
+                + words[1].split(b"?", 1)[0].decode("ascii", "replace"))
     if len(words) < 2 or words[0] != b"GET":
         return ""
     return words[1].split(b"?", 1)[0].decode("ascii", "replace")
 
 
-def _send(conn: socket.socket, data: bytes) -> None:
-    """All of `data` within REQUEST_TIMEOUT, or TimeoutError."""
-    deadline = time.monotonic() + REQUEST_TIMEOUT
+def _send(conn: socket.socket, data: bytes, timeout: float = REQUEST_TIMEOUT) -> None:
+    """All of `data` within `timeout`, or TimeoutError."""
+    deadline = time.monotonic() + timeout
     view = memoryview(data)
     while view:
         conn.settimeout(_left(deadline))

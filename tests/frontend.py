@@ -2222,3 +2222,24 @@ def submit_lock(client: FuseClient, nodeid: int, fh: int, owner: int, start: int
 def interrupt(client: FuseClient, unique: int, timeout: float | None = None) -> Completion:
     """FUSE_INTERRUPT of request `unique`, on the hiprio queue as the spec places it."""
     return client._hiprio(fa.Opcode.INTERRUPT, 0, fa.INTERRUPT_IN.pack(unique), timeout)
+
+
+def reconnect(fe: Frontend, socket_path: str, process: subprocess.Popen | None = None) -> None:
+    """The same guest -- its memory, its rings and whatever is queued in them -- on a new
+    connection, as a front-end that reconnects after the back-end restarted (cloud-hypervisor,
+    QEMU's reconnect): features and memory negotiated again, every ring resumed where its used
+    index stands.  No FUSE_INIT is sent: the guest's FUSE session goes on."""
+    old = fe.sock
+    new = connect_unix(socket_path, fe.timeout, process)
+    for q in fe.queues.values():
+        q._poll.unregister(old.fileno())
+        q._poll.register(new.fileno(), select.POLLIN)
+    old.close()
+    fe.sock = new
+    fe.process = process
+    fe.timeout = fe.timeout
+    fe.acked_protocol_features = 0      # a new session: no REPLY_ACK until negotiated again
+    fe.negotiate()
+    fe.set_mem_table()
+    for i, q in fe.queues.items():
+        fe.start_queue(i, base=q.used_idx())
