@@ -38,6 +38,7 @@ class MsgType(enum.IntEnum):
     SET_ENABLE = 5     # enable (1) / disable (0) processing of a started ring
     SHUTDOWN = 6       # exit cleanly
     MEM_UNMAP = 7      # drop all guest memory (the front-end is gone; its rings are stopped)
+    SET_INFLIGHT = 8   # the queue's part of the vhost-user inflight region (0 or 1 fd)
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker (or standby spawner)
@@ -219,6 +220,29 @@ class MemUnmap(Message):
     TYPE: ClassVar[MsgType] = MsgType.MEM_UNMAP
 
 
+@dataclass(frozen=True, slots=True)
+class SetInflight(Message):
+    """The queue's part of the vhost-user inflight region (common/inflight.py), used from the
+    next RING_START on: `length` bytes at `offset` of the attached memfd, for `desc_num`
+    descriptors.  Without an fd (`has_fd` 0): no region."""
+
+    offset: int
+    length: int
+    desc_num: int
+    has_fd: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SET_INFLIGHT
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQII")
+    FDS: ClassVar[tuple[int, int]] = (0, 1)
+
+    def is_valid(self) -> bool:
+        if self.has_fd > 1 or len(self.fds) != self.has_fd:
+            return False
+        # A queue's part: 8-byte aligned words, the header and desc_num 16-byte entries.
+        return not self.has_fd or (self.offset % 64 == 0 and 0 < self.desc_num <= 32768
+                                   and 16 * self.desc_num + 16 <= self.length <= 1 << 20)
+
+
 # -- supervisor <-> spawner --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Spawn(Message):
@@ -287,13 +311,14 @@ class Failed(Message):
 
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
-                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed)
+                              MemUnmap, SetInflight, Spawn, Spawned, Standby, Ready, Ack,
+                              Stopped, Failed)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP})
+                       MsgType.MEM_UNMAP, MsgType.SET_INFLIGHT})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED})
 TO_SPAWNER = frozenset({MsgType.SPAWN, MsgType.STANDBY, MsgType.SHUTDOWN})
 FROM_SPAWNER = frozenset({MsgType.SPAWNED, MsgType.READY, MsgType.FAILED})

@@ -241,6 +241,13 @@ class QueueJournal:
     def pushed(self, head: int) -> None:
         _pushed(self._q, head)
 
+    def set_inflight(self, address: int, desc_num: int) -> None:
+        """Keep the vhost-user inflight region at `address` (0: none) current from here on
+        (common/inflight.py): the request path writes it next to this journal."""
+        region = native.ffi.cast("void *", address) if address else native.ffi.NULL
+        if native.lib.vfs_jq_set_inflight(self._q, region, desc_num if address else 0):
+            raise ValueError(f"inflight region at {address:#x} for {desc_num} descriptors")
+
     # -- effects of the request being executed ----------------------------------------------------
     def begin_effects(self, counter: int, forgets: int = 0) -> None:
         """Effects from here on belong to the request popped as `counter`.  A replay passes the

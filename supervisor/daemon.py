@@ -11,6 +11,7 @@ signal; the loop acts on it (gunicorn's arbiter habit).
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
@@ -304,11 +305,20 @@ class Supervisor:
                     return
                 if reply is not None:
                     rhdr = Header(hdr.request, 1 | HeaderFlag.REPLY, len(reply))
+                    out = backend.take_reply_fds()
                     try:
-                        conn.sendall(rhdr.pack() + reply)
+                        if out:
+                            # The fds go with the header (spec "Communication").
+                            conn.sendmsg([rhdr.pack() + reply], [(
+                                socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out))])
+                        else:
+                            conn.sendall(rhdr.pack() + reply)
                     except OSError as e:
                         log.info("front-end connection lost: %s", e)
                         return
+                    finally:
+                        for fd in out:
+                            os.close(fd)
         finally:
             self.connected = False
             self.frontends_served += 1

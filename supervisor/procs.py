@@ -70,6 +70,7 @@ from pyvirtiofsd.common.control import (
     RingStop,
     SetCall,
     SetEnable,
+    SetInflight,
     Shutdown,
     Spawn,
     Spawned,
@@ -77,6 +78,7 @@ from pyvirtiofsd.common.control import (
     Stopped,
 )
 from pyvirtiofsd.common.fuse_abi import Opcode
+from pyvirtiofsd.common.inflight import queue_stride
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
 from pyvirtiofsd.common.stats import Stats
@@ -313,6 +315,10 @@ class ProcessTable:
     # worker ends as soon as the daemon is told to stop.
     wake_fd: int = -1
     stopping: Callable[[], bool] = lambda: False
+    # The front-end's inflight region (SET_INFLIGHT_FD): its memfd (the connection's, not
+    # ours to close), where it starts in it, its queue size and number of queues.  Each worker
+    # gets its part before its ring starts, a respawned one too.
+    inflight: tuple[int, int, int, int] | None = None
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -641,8 +647,34 @@ class ProcessTable:
         except WorkerGone:
             pass
 
+    def set_inflight(self, fd: int | None, offset: int = 0, queue_size: int = 0,
+                     num_queues: int = 0) -> None:
+        """Use the inflight region in `fd` from the next ring start on (None: none; workers
+        that had one drop it).  Queues past `num_queues` have no part in it."""
+        had = self.inflight is not None
+        self.inflight = None if fd is None else (fd, offset, queue_size, num_queues)
+        if fd is None and had:
+            for q in list(self.workers):
+                try:
+                    self.request(q, lambda seq: SetInflight(0, 0, 0, 0, seq=seq))
+                except OSError as e:
+                    log.warning("worker for queue %d could not drop the inflight region: %s",
+                                q, e)
+
+    def _send_inflight(self, index: int) -> None:
+        if self.inflight is None:
+            return
+        fd, offset, queue_size, num_queues = self.inflight
+        if index >= num_queues:
+            self.request(index, lambda seq: SetInflight(0, 0, 0, 0, seq=seq))
+            return
+        stride = queue_stride(queue_size)
+        self.request(index, lambda seq: SetInflight(offset + index * stride, stride,
+                                                    queue_size, 1, seq=seq, fds=(fd,)))
+
     def _send_ring(self, index: int, setup: RingSetup, resume: bool = False) -> None:
         g = setup.geometry
+        self._send_inflight(index)
         flags = g.flags & ~(RingFlag.HAS_KICK | RingFlag.HAS_CALL | RingFlag.HAS_ERR
                             | RingFlag.ENABLED | RingFlag.RESUME)
         fds = []
