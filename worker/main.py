@@ -281,6 +281,10 @@ class Worker:
                         " not tracked", self.index, region.desc_num, queue.size)
             return queue
         if resume:
+            # A push the predecessor made but did not record is settled first (recover() would
+            # do it after this), or its head would stay marked and be served again by a later
+            # daemon.
+            self.journal.settle_push(used)
             region.reset(used)
             for rec in self.journal.inflight():
                 region.mark(rec.head, rec.counter)
