@@ -247,3 +247,51 @@ def test_a_respawned_worker_keeps_the_region_current(daemon_factory, monkeypatch
     finally:
         fe.close()
         region.close()
+
+
+def test_resubmission_follows_the_fetch_order_and_survives_a_worker_crash(
+        daemon_factory, monkeypatch) -> None:
+    # A region as another back-end could leave it: a GETATTR, an INIT and a GETATTR, fetched
+    # as INIT, the second GETATTR, the first, none completed.  The new daemon serves them in
+    # that order; its worker dies once the first GETATTR's reply is written, and the successor
+    # completes the rest from the journal -- each exactly once, the ring's used entries in
+    # fetch order.
+    first = daemon_factory()
+    fe, region = bring_up(first)
+    try:
+        c = FuseClient(fe)
+        fe.set_vring_enable(1, False)
+        tokens = [c.submit(fa.Opcode.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0)),
+                  c.submit(fa.Opcode.INIT, 0, fa.InitIn(fa.KERNEL_VERSION,
+                                                        fa.KERNEL_MINOR_VERSION,
+                                                        128 << 10, 0, 0).pack()),
+                  c.submit(fa.Opcode.GETATTR, ROOT, fa.GETATTR_IN.pack(0, 0))]
+        heads = [c.vq.inflight[t].head for t in tokens]
+        fetched = [heads[1], heads[2], heads[0]]
+        q = region.queue(1)
+        used = fe.queue(1).used_idx()
+        assert q.header()[4] == used and region.in_flight(1) == []
+        for counter, head in enumerate(fetched, start=100):
+            q.mark(head, counter)
+        first.stop()
+
+        monkeypatch.setenv("PYVIRTIOFSD_TEST_HOOKS", "1")
+        monkeypatch.setenv("PYVIRTIOFSD_TEST_CRASH", "GETATTR:replied")
+        second = daemon_factory("--seccomp=none")
+        fe.reconnect(second.socket, protocol_features=FEATURES,
+                     inflight=(region.fd, region.desc), process=second.proc)
+        replies = [c.result(t) for t in tokens]
+        assert [r.error for r in replies] == [0, 0, 0]
+        for r in (replies[0], replies[2]):
+            assert fa.AttrOut.unpack(r.body).attr.ino == second.share.stat().st_ino
+        second.wait_for("resubmitting 3 request(s) the inflight region holds")
+        second.wait_for("completing 2 request(s) the previous worker left in flight")
+        ring = fe.queue(1).used
+        order = [int.from_bytes(ring[4 + 8 * ((used + i) % SIZE):][:4], "little")
+                 for i in range(3)]
+        assert order == fetched
+        assert region.in_flight(1) == []
+        assert region.queue(1).header()[4] == fe.queue(1).used_idx() == (used + 3) & 0xFFFF
+    finally:
+        fe.close()
+        region.close()

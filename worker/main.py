@@ -383,8 +383,7 @@ class Worker:
         if self._recover_after is not None:
             # Stopped before the journal was replayed: the next start replays it.
             self._recover_after = None
-        # Resubmissions not done are journaled as popped (none yet): the region still
-        # holds them, for the next start.
+        # Resubmissions not journaled yet: the region still holds them, for the next start.
         self._resubmit = []
         self.journal.set_inflight(0, 0)
         if self.queue is not None:
@@ -433,17 +432,18 @@ class Worker:
     def recover(self, queue: SplitQueue) -> None:
         """Complete, in pop order and exactly once, what the journal holds (recovery.py)."""
         j = self.journal
-        if self._resubmit:
-            self._resubmit_inflight(queue)
-            return
+        resubmitted = bool(self._resubmit)
+        if resubmitted:
+            self._journal_resubmissions(queue)
         j.settle_push(queue.next_used)
         todo = j.inflight()
         if not todo:
             # The predecessor may have died between a push and its notification.
             self.signal()
             return
-        log.info("queue %d: completing %d request(s) the previous worker left in flight",
-                 self.index, len(todo))
+        if not resubmitted:
+            log.info("queue %d: completing %d request(s) the previous worker left in flight",
+                     self.index, len(todo))
         for rec in todo:
             if self.hooks is not None:
                 self.hooks.opcode = rec.opcode
@@ -466,31 +466,22 @@ class Worker:
         # As libvhost-user after reconnecting: one call, whatever the suppression state says.
         self.signal()
 
-    def _resubmit_inflight(self, queue: SplitQueue) -> None:
-        """Serve again, in fetch order, the heads the inflight region holds (spec "Inflight
-        I/O tracking", on reconnect).  Each is journaled as popped from the avail position it
-        must have had (used index + its rank): from here on a crash is recovered from the
-        journal like any other request."""
+    def _journal_resubmissions(self, queue: SplitQueue) -> None:
+        """The heads the inflight region holds (spec "Inflight I/O tracking", on reconnect),
+        journaled as popped, in fetch order, from the avail positions they must have had (used
+        index + rank), all of them before any is served: the journal recovery then serves each
+        exactly once, and a worker killed meanwhile leaves its successor the whole list."""
         pending, self._resubmit = self._resubmit, []
         j = self.journal
         base = (queue.next_avail - len(pending)) & 0xFFFF
         log.info("queue %d: resubmitting %d request(s) the inflight region holds",
                  self.index, len(pending))
         for rank, d in enumerate(pending):
-            pos = (base + rank) & 0xFFFF
             try:
-                chain = queue.walk(d.head)
-            except ChainError as e:
-                j.popped(d.head, pos, 0, 0, effects=False)
-                log.warning("queue %d: inflight descriptor chain %d: %s", self.index, d.head, e)
-                self._complete(queue, d.head, 0)
-                continue
-            opcode, unique = _peek(chain.readable)
-            j.popped(d.head, pos, opcode, unique)
-            if self.hooks is not None:
-                self.hooks.opcode = opcode
-            self._complete(queue, d.head, self._serve(chain))
-        self.signal()
+                opcode, unique = _peek(queue.walk(d.head).readable)
+            except ChainError:
+                opcode, unique = 0, 0            # recovery answers it with used length 0
+            j.popped(d.head, (base + rank) & 0xFFFF, opcode, unique, effects=False)
 
     # -- data plane -----------------------------------------------------------------------
     def signal(self) -> None:
