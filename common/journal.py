@@ -54,7 +54,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 
 __all__ = ["Effect", "Inflight", "Journal", "PreState", "QueueJournal", "SlotState",
            "geometry_key"]
@@ -326,6 +326,12 @@ class QueueJournal:
                 self._fds[i] = 0
                 return
 
+    def forget_fds(self) -> None:
+        """Drop every fd record: they name fds of another fd table (a daemon that took over
+        the journal), which no successor may close."""
+        for i in range(MAX_FDS):
+            self._fds[i] = 0
+
     def owned_fds(self) -> list[int]:
         return [self._fds[i] - 1 for i in range(MAX_FDS) if self._fds[i] > 0]
 
@@ -392,8 +398,9 @@ class QueueJournal:
 class Journal:
     """The whole journal: a global header and one QueueJournal per virtqueue."""
 
-    def __init__(self, mm: mmap.mmap, num_queues: int, capacity: int) -> None:
+    def __init__(self, mm: mmap.mmap, num_queues: int, capacity: int, fd: int = -1) -> None:
         self._mm = mm
+        self.fd = fd
         self._view = memoryview(mm)
         self._base = native.address_of(mm)
         self.num_queues = num_queues
@@ -409,9 +416,9 @@ class Journal:
         if not 0 < num_queues <= 0x8000 or not 0 < capacity <= 32768:
             raise ValueError(f"journal for {num_queues} queues of {capacity} entries")
         size = _GLOBAL_SIZE + num_queues * QueueJournal.region_size(capacity)
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd, mm = shm.create(size, "journal")
         mm[0:8] = _MAGIC
-        return cls(mm, num_queues, capacity)
+        return cls(mm, num_queues, capacity, fd)
 
     def queue(self, index: int) -> QueueJournal:
         return self._queues[index]

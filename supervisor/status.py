@@ -54,6 +54,9 @@ class StatusServer:
         # Where a failed accept is reported: the daemon sets its logger once logging is set
         # up (this module is imported before, and does not load the logging package).
         self.warn: Callable[[str], None] = lambda message: None
+        # GET /upgrade: the connection goes to the daemon, which hands over to the client
+        # (supervisor/upgrade.py); None answers it 404.
+        self.upgrade: Callable[[socket.socket], None] | None = None
 
     @classmethod
     def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
@@ -112,12 +115,15 @@ class StatusServer:
             except OSError as e:
                 self.warn(f"status socket: accept failed: {e.strerror or e}")
                 return
-            with conn:
-                try:
-                    answer = self._answer(_read_request(conn), collect)
-                    _send(conn, answer)
-                except (OSError, ValueError):
-                    pass                      # a client that went away, or was too slow
+            try:
+                path = _read_request(conn)
+                if path == "/upgrade" and self.upgrade is not None:
+                    self.upgrade(conn)        # the daemon's now, open or closed
+                    continue
+                with conn:
+                    _send(conn, self._answer(path, collect))
+            except (OSError, ValueError):
+                conn.close()                  # a client that went away, or was too slow
 
     @staticmethod
     def _answer(path: str, collect: Callable[[], dict[str, Any]]) -> bytes:

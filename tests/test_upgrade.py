@@ -1,0 +1,143 @@
+"""Live upgrade (supervisor/upgrade.py): `pyvirtiofsd upgrade SOCKET` takes over a running
+daemon -- its vhost-user connection, rings, tables and journals -- while the front-end keeps
+submitting, and a handover that fails leaves the old daemon serving.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtiofsd.common import fuse_abi as fa
+from tests.conftest import DAEMON, DATA_PLANES, Daemon
+from tests.frontend import Frontend, FuseClient
+
+pytestmark = pytest.mark.data_planes(*DATA_PLANES)
+
+ROOT = fa.ROOT_ID
+
+
+def start_upgrade(d: Daemon) -> Daemon:
+    """`pyvirtiofsd upgrade SOCKET` from the installed entry point: the new daemon."""
+    proc = subprocess.Popen([str(DAEMON), "upgrade", d.socket], stderr=subprocess.PIPE,
+                            text=True)
+    new = Daemon(proc, d.socket, d.share)
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            new.log.append(line)
+            new.lines.put(line)
+        new.lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return new
+
+
+@pytest.fixture
+def upgraded() -> Iterator[list[Daemon]]:
+    made: list[Daemon] = []
+    yield made
+    for d in made:
+        d.stop()
+        if os.environ.get("PYVIRTIOFSD_TEST_ECHO"):
+            print(d.text)
+
+
+def test_live_upgrade_in_the_middle_of_a_workload(daemon_factory, upgraded) -> None:
+    d = daemon_factory()
+    share: Path = d.share
+    (share / "data").write_bytes(b"")
+    (share / "dir").mkdir()
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(ROOT, "data").nodeid
+        fh = c.open(node, os.O_RDWR).fh
+        dnode = c.lookup(ROOT, "dir").nodeid
+        dfh = c.opendir(dnode).fh
+        # Requests queued before and while the new daemon takes over.
+        def write(i: int) -> int:
+            return c.submit(fa.Opcode.WRITE, node, [fa.WriteIn(fh, i * 8, 8).pack(),
+                                                    b"%08d" % i], out_size=8, indirect=True)
+
+        before = [write(i) for i in range(20)]
+        fe.process = None             # the old daemon exits on the way
+        new = start_upgrade(d)
+        upgraded.append(new)
+        during = [write(i) for i in range(20, 40)]
+        for t in before + during:
+            r = c.result(t, timeout=30)
+            assert r.error == 0
+            assert fa.WRITE_OUT.unpack(r.body)[0] == 8
+        try:
+            assert d.proc.wait(timeout=30) == 0
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the old daemon did not exit:\n" + d.text + new.text) from None
+        new.wait_for("took over from pid")
+        fe.process = new.proc
+        assert "live upgrade: handed over" in d.text
+        # Every write landed once, in place; the handles and nodeids go on.
+        assert (share / "data").read_bytes() == b"".join(b"%08d" % i for i in range(40))
+        assert c.read(node, fh, 8, 8) == b"00000001"
+        assert c.write(node, fh, 320, b"after") == 5
+        assert (share / "data").read_bytes().endswith(b"after")
+        assert [e.name for e in c.readdir_all(dnode, dfh) if e.name[:1] != b"."] == []
+        created = c.create(dnode, "new", 0o600)
+        assert (share / "dir" / "new").exists()
+        c.release(created[0].nodeid, created[1].fh)
+        c.release(node, fh)
+        c.releasedir(dnode, dfh)
+        assert new.status()["upgrades"] == 1
+        assert "Traceback" not in new.text + d.text, new.text + d.text
+    finally:
+        fe.close()
+
+
+def test_a_failed_upgrade_leaves_the_old_daemon_serving(daemon_factory) -> None:
+    # The taker goes away without an answer (as a new daemon that failed would): the old one
+    # restarts its rings where they stopped and serves on, handles included.
+    d = daemon_factory()
+    (d.share / "f").write_bytes(b"still here")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(ROOT, "f").nodeid
+        fh = c.open(node, os.O_RDONLY).fh
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(d.socket + ".status")
+            s.sendall(b"GET /upgrade HTTP/1.0\r\n\r\n")
+            head = s.recv(65536)
+            assert head.startswith(b"HTTP/1.0 200")
+            token = c.submit(fa.Opcode.READ, node, fa.ReadIn(fh, 0, 10).pack(), out_size=10)
+        d.wait_for("live upgrade failed: the new daemon went away without an answer;"
+                   " this daemon serves on")
+        assert c.result(token).body == b"still here"
+        assert c.read(node, fh, 6, 4) == b"here"
+        c.release(node, fh)
+    finally:
+        fe.close()
+
+
+def test_upgrade_refuses_a_sandboxed_daemon(daemon_factory, tmp_path) -> None:
+    d = daemon_factory("--sandbox=chroot")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        run = subprocess.run([str(DAEMON), "upgrade", d.socket], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 1
+        assert "needs --sandbox=none" in run.stderr
+        d.wait_for("live upgrade failed:")
+        assert c.getattr(ROOT).attr.ino == d.share.stat().st_ino
+    finally:
+        fe.close()
