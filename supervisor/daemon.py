@@ -284,8 +284,11 @@ class Supervisor:
                 tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
                       for r, fd in backend.regions), inflight, tuple(vrings))
         listener = self.listener.fileno() if self.listener is not None else None
+        # The command line the daemon was started with (a daemon that took over was started
+        # as `pyvirtiofsd upgrade SOCKET`: its predecessor's).
+        argv = self.adopted.record.argv if self.adopted is not None else tuple(sys.argv[1:])
         return upgrade.Record(
-            tuple(sys.argv[1:]), os.getpid(), self.procs.spawner_pid, listener,
+            argv, os.getpid(), self.procs.spawner_pid, listener,
             conn.fileno() if conn is not None else None,
             {"arena": self.arena.fd, "journal": self.journal.fd, "stats": self.stats.fd,
              "session": self.session.fd}, self.upgrades, frontend)
@@ -359,6 +362,10 @@ class Supervisor:
         log.info("Waiting for vhost-user socket connection...")
         self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
                             "waiting for the front-end")
+        if self.adopted is not None and self.adopted.serving >= 0:
+            os.write(self.adopted.serving, b"serving")      # `pyvirtiofsd upgrade` returns
+            os.close(self.adopted.serving)
+            self.adopted.serving = -1
         status = 0
         why = "stopping on an error"
         self.listener = listener

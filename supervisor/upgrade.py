@@ -271,6 +271,7 @@ class Adopted:
     shared: dict[str, int]
     fds: dict[int, int]           # old supervisor fd number -> ours
     table: list[int]              # fds of the tables, at their numbers in the spawner's table
+    serving: int = -1             # written "serving" (then closed) once the daemon serves
 
     def fd(self, old: int | None) -> int | None:
         return None if old is None else self.fds[old]
@@ -449,13 +450,32 @@ def main(args: list[str]) -> int:
         client.close()
         sys.stderr.write(f"pyvirtiofsd upgrade: {why}\n")
         return 1
+    # The command returns once the new daemon serves (a service manager's reload command
+    # must end); the daemon is its child, which goes on.
+    ours, theirs = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(theirs)
+        word = os.read(ours, 64)
+        if word != b"serving":
+            sys.stderr.write("pyvirtiofsd upgrade: the new daemon did not take over\n")
+            return 1
+        sys.stderr.write(f"pyvirtiofsd upgrade: pid {pid} serves {args[0]}\n")
+        return 0
+    os.close(ours)
+    os.set_inheritable(theirs, False)
+    from pyvirtiofsd.supervisor import cli
+    from pyvirtiofsd.supervisor.systemd import Notifier
+
+    # Under a service manager the new daemon becomes the service's main process before the old
+    # one exits (NotifyAccess=all, as in etc/pyvirtiofsd.service).
+    Notifier(dict(os.environ)).send(MAINPID=str(os.getpid()))
     client.sendall(b"taken\n")
     client.close()
     try:
         _wait_exit(record.pid)
     except OSError as e:
         sys.stderr.write(f"pyvirtiofsd upgrade: {e.strerror}\n")
-        return 1
-    from pyvirtiofsd.supervisor import cli
-
+        cli.exit_now(1)
+    adopted.serving = theirs
     return cli.serve_adopted(config, adopted)

@@ -5,7 +5,10 @@ submitting, and a handover that fails leaves the old daemon serving.
 
 from __future__ import annotations
 
+import mmap
 import os
+import select
+import signal
 import socket
 import subprocess
 import threading
@@ -15,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtiofsd.common import fuse_abi as fa
+from pyvirtiofsd.common import inflight
 from tests.conftest import DAEMON, DATA_PLANES, Daemon
 from tests.frontend import Frontend, FuseClient
 
@@ -23,11 +27,52 @@ pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 ROOT = fa.ROOT_ID
 
 
-def start_upgrade(d: Daemon) -> Daemon:
-    """`pyvirtiofsd upgrade SOCKET` from the installed entry point: the new daemon."""
+class _Running:
+    """What Daemon asks of its process, for a daemon that is not this process's child."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            self.returncode = 0
+        return self.returncode
+
+
+class Upgraded(Daemon):
+    """The daemon `pyvirtiofsd upgrade` started: `proc` is the command, which returns once the
+    daemon (its child) serves; `pid` is the daemon."""
+
+    pid: int = 0
+
+    def took_over(self, timeout: float = 30) -> int:
+        """Wait for the command; the new daemon's pid."""
+        assert self.proc.wait(timeout=timeout) == 0, self.text
+        line = self.wait_for("pyvirtiofsd upgrade: pid ")
+        self.pid = int(line.split()[3])
+        self.proc = _Running(self.pid)          # type: ignore[assignment]
+        return self.pid
+
+    def stop(self) -> int:
+        if not self.pid:
+            return super().stop()
+        pidfd = os.pidfd_open(self.pid)
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            assert select.select([pidfd], [], [], 20)[0], "the upgraded daemon did not stop"
+        finally:
+            os.close(pidfd)
+        return 0
+
+
+def start_upgrade(d: Daemon) -> Upgraded:
+    """`pyvirtiofsd upgrade SOCKET` from the installed entry point."""
     proc = subprocess.Popen([str(DAEMON), "upgrade", d.socket], stderr=subprocess.PIPE,
                             text=True)
-    new = Daemon(proc, d.socket, d.share)
+    new = Upgraded(proc, d.socket, d.share)
 
     def pump() -> None:
         assert proc.stderr is not None
@@ -41,8 +86,8 @@ def start_upgrade(d: Daemon) -> Daemon:
 
 
 @pytest.fixture
-def upgraded() -> Iterator[list[Daemon]]:
-    made: list[Daemon] = []
+def upgraded() -> Iterator[list[Upgraded]]:
+    made: list[Upgraded] = []
     yield made
     for d in made:
         d.stop()
@@ -81,8 +126,9 @@ def test_live_upgrade_in_the_middle_of_a_workload(daemon_factory, upgraded) -> N
             assert d.proc.wait(timeout=30) == 0
         except subprocess.TimeoutExpired:
             raise AssertionError("the old daemon did not exit:\n" + d.text + new.text) from None
-        new.wait_for("took over from pid")
-        fe.process = new.proc
+        pid = new.took_over()
+        new.wait_for(f"took over from pid {d.proc.pid}")
+        assert new.status()["processes"][0]["pid"] == pid
         assert "live upgrade: handed over" in d.text
         # Every write landed once, in place; the handles and nodeids go on.
         assert (share / "data").read_bytes() == b"".join(b"%08d" % i for i in range(40))
@@ -141,3 +187,58 @@ def test_upgrade_refuses_a_sandboxed_daemon(daemon_factory, tmp_path) -> None:
         assert c.getattr(ROOT).attr.ino == d.share.stat().st_ino
     finally:
         fe.close()
+
+
+def test_upgrades_in_a_row_keep_the_region_the_socket_and_the_session(daemon_factory,
+                                                                       upgraded) -> None:
+    # Two upgrades under a front-end with an inflight region; then the front-end goes and a new
+    # one connects to the socket the second daemon took over (--reconnect): same session.
+    d = daemon_factory("--reconnect")
+    (d.share / "f").write_bytes(b"0123456789")
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2, inflight=True)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(ROOT, "f").nodeid
+        fh = c.open(node, os.O_RDWR).fh
+        fe.process = None
+        old_pid = d.proc.pid
+        for n in (1, 2):
+            new = start_upgrade(d)
+            upgraded.append(new)
+            new.took_over()
+            new.wait_for(f"took over from pid {old_pid} (live upgrade {n})")
+            assert c.write(node, fh, n - 1, b"AB"[n - 1:n]) == 1
+            assert new.status()["upgrades"] == n
+            old_pid, d = new.pid, new
+        assert (d.share / "f").read_bytes() == b"AB23456789"
+        assert c.read(node, fh, 0, 4) == b"AB23"
+        # The region handed over goes on being kept by the new daemon's workers.
+        fd, desc = fe.inflight_region
+        mm = mmap.mmap(fd, desc.mmap_size, offset=desc.mmap_offset)
+        with mm, memoryview(mm) as view:
+            q = inflight.QueueRegion(view, inflight.queue_stride(desc.queue_size),
+                                     desc.queue_size)
+            assert q.header()[4] == fe.queue(1).used_idx()
+            assert not any(q.desc(h)[0] for h in range(desc.queue_size))
+    finally:
+        fe.close()
+    d.wait_frontends_served(1)
+    with Frontend.connect(d.socket, queues=2) as fe2:
+        c2 = FuseClient(fe2)
+        assert c2.read(node, fh, 2, 4) == b"2345"
+        c2.release(node, fh)
+    assert "Traceback" not in d.text, d.text
+
+
+def test_upgrade_before_any_front_end(daemon_factory, upgraded) -> None:
+    d = daemon_factory()
+    new = start_upgrade(d)
+    upgraded.append(new)
+    new.took_over()
+    assert d.proc.wait(timeout=30) == 0
+    assert os.path.exists(d.socket)
+    with Frontend.connect(d.socket, queues=2) as fe:
+        c = FuseClient(fe)
+        c.init()
+        assert c.getattr(ROOT).attr.ino == d.share.stat().st_ino
