@@ -242,3 +242,66 @@ def test_upgrade_before_any_front_end(daemon_factory, upgraded) -> None:
         c = FuseClient(fe)
         c.init()
         assert c.getattr(ROOT).attr.ino == d.share.stat().st_ino
+
+
+GOOD_RECORD = {
+    "format": "pyvirtiofsd-handover", "version": 1, "argv": ["--shared-dir=/s"], "pid": 10,
+    "spawner": 11, "listener": 3, "conn": 4,
+    "shared": {"arena": 5, "journal": 6, "stats": 7, "session": 8}, "upgrades": 0,
+    "frontend": {"features": 1 << 32, "protocol_features": 3, "status": 15,
+                 "regions": [[0, 1 << 20, 0x7F0000000000, 0, 9]],
+                 "inflight": [10, 4224, 0, 2, 128],
+                 "vrings": [{"num": 128, "desc": 0x1000, "used": 0x3000, "avail": 0x2000,
+                             "log": 0, "flags": 0, "base": 7, "kick": 11, "call": 12,
+                             "err": None, "enabled": True, "started": True}]},
+}
+
+
+def _changed(path: tuple, value: object) -> bytes:
+    import copy
+    import json
+
+    doc = copy.deepcopy(GOOD_RECORD)
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return json.dumps(doc).encode()
+
+
+def test_a_well_formed_record_reads_back() -> None:
+    import json
+
+    from pyvirtiofsd.supervisor.upgrade import Record
+
+    rec = Record.unpack(json.dumps(GOOD_RECORD).encode())
+    assert rec.frontend is not None and rec.frontend.vrings[0].base == 7
+    assert json.loads(rec.pack()) == GOOD_RECORD
+
+
+@pytest.mark.parametrize(("path", "value", "why"), [
+    (("format",), "something-else", "not a pyvirtiofsd handover record"),
+    (("version",), 2, "version 2"),
+    (("argv",), ["ok", 3], "argv"),
+    (("pid",), -1, "pid"),
+    (("listener",), "3", "listener"),
+    (("conn",), True, "conn"),
+    (("shared", "session"), KeyError, "shared"),
+    (("shared", "arena"), 1 << 40, "arena"),
+    (("frontend", "status"), 256, "status"),
+    (("frontend", "regions"), [[0, 1, 2, 3]], "regions"),
+    (("frontend", "inflight"), [10, 4224, 0, 2], "inflight"),
+    (("frontend", "vrings"), [{"num": 128}], "vring 0"),
+    (("frontend", "vrings", 0, "base"), 1 << 16, "base"),
+    (("frontend", "vrings", 0, "started"), 1, "started"),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_a_malformed_record_is_refused(path: tuple, value: object, why: str) -> None:
+    from pyvirtiofsd.supervisor.upgrade import Record, Refused
+
+    with pytest.raises(Refused, match=why):
+        Record.unpack(_changed(path, value))
+    with pytest.raises(Refused, match="not JSON"):
+        Record.unpack(b"{")
