@@ -305,3 +305,34 @@ def test_a_malformed_record_is_refused(path: tuple, value: object, why: str) -> 
         Record.unpack(_changed(path, value))
     with pytest.raises(Refused, match="not JSON"):
         Record.unpack(b"{")
+
+
+def test_the_new_daemon_becomes_the_services_main_process(daemon_factory, upgraded,
+                                                          tmp_path) -> None:
+    # Under a service manager (NotifyAccess=all): MAINPID= names the new daemon before the old
+    # one exits, then READY=1 comes from it; the old one says nothing (no STOPPING=1).
+    from tests.test_systemd import Manager
+
+    d = daemon_factory()
+    manager = Manager(str(tmp_path / "notify"))
+    try:
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+        proc = subprocess.Popen([str(DAEMON), "upgrade", d.socket], env=env,
+                                stderr=subprocess.PIPE, text=True)
+        new = Upgraded(proc, d.socket, d.share)
+        upgraded.append(new)
+        assert proc.stderr is not None
+        first, sender = manager.receive()
+        assert first == {"MAINPID": str(sender)}
+        assert d.proc.wait(timeout=30) == 0
+        ready, sender2 = manager.receive()
+        assert ready["READY"] == "1" and sender2 == sender
+        assert proc.wait(timeout=30) == 0
+        # The daemon keeps the command's stderr: read up to the command's last line only.
+        line = next(line for line in proc.stderr if line.startswith("pyvirtiofsd upgrade: pid"))
+        new.pid = int(line.split()[3])
+        assert new.pid == sender
+        with Frontend.connect(d.socket, queues=2) as fe:
+            FuseClient(fe).init()
+    finally:
+        manager.close()
