@@ -108,7 +108,9 @@ def _serve(config: Config, listener: socket.socket | None, status_server: Status
         try:
             status = daemon.run(config, listener, status_server, pidfile, starter, adopted)
         except daemon.HandedOver:
-            handed_over, status = True, 0
+            # A sandboxed supervisor says so to the parent that waits for it.
+            handed_over = True
+            status = 0 if os.getpid() == starter else daemon.EXIT_HANDED_OVER
     finally:
         if os.getpid() == starter and not handed_over:
             if config.socket_path is not None:

@@ -72,6 +72,11 @@ class HandedOver(Exception):
     """A new daemon took over: this one ends without touching what it now serves."""
 
 
+# How a sandboxed supervisor that handed over tells its waiting parent, which then leaves the
+# socket and pid file to the new daemon.
+EXIT_HANDED_OVER = 75
+
+
 def guest_fd_budget(limit: int) -> int:
     """How many inodes + handles the guest may hold with an open-file limit of `limit`."""
     reserve = max(int(limit * FD_RESERVE_SHARE), FD_RESERVE_MIN)
@@ -238,9 +243,6 @@ class Supervisor:
         assert client is not None
         stopped: list[int] = []
         try:
-            if self.config.sandbox != "none":
-                raise upgrade.Refused(f"a live upgrade needs --sandbox=none (this daemon runs"
-                                      f" with --sandbox={self.config.sandbox})")
             if backend is not None:
                 for i, vring in enumerate(backend.vrings):
                     if vring.started:
@@ -530,9 +532,16 @@ def run(config: Config, listener: socket.socket | None, status_server: StatusSer
             log.error("cannot set up the %s sandbox: %s", config.sandbox, e)
             return 1
         if child:
-            listener.close()
+            if listener is not None:
+                listener.close()
             status_server.close()
-            return sup.sandbox.wait(child)
+            if adopted is not None:
+                # The sandboxed supervisor has them; this process only waits.
+                adopted.close()
+            status = sup.sandbox.wait(child)
+            if status == EXIT_HANDED_OVER:
+                raise HandedOver
+            return status
         sup.catch_signals()
         if os.getpid() != starter:
             pidfile.release()        # only closes this process's copy; the lock stays

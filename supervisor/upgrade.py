@@ -29,19 +29,22 @@ The record (version 1) is one JSON object, validated field by field before anyth
                     [fd, mmap_size, mmap_offset, num_queues, queue_size]; vrings, one per
                     queue: {num, desc, used, avail, log, flags, base, kick, call, err,
                     enabled, started}
-Fds are numbers in the old supervisor's table; the fds the tables name are read from the
-adopted arena itself (Arena.table_fds), never from the record.
+Fds are numbers in the old supervisor's table; pids the old supervisor's (its own pid
+namespace's, in a namespace or chroot sandbox: the taker translates them); the fds the tables
+name are read from the adopted arena itself (Arena.table_fds), never from the record.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
 import resource
 import select
 import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -276,6 +279,17 @@ class Adopted:
     def fd(self, old: int | None) -> int | None:
         return None if old is None else self.fds[old]
 
+    def close(self) -> None:
+        """Close every fd taken (a process that does not serve them)."""
+        for fd in {*self.fds.values(), *self.table}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self.serving >= 0:
+            os.close(self.serving)
+            self.serving = -1
+
 
 def _request(target: str) -> tuple[socket.socket, bytes]:
     from pyvirtiofsd.supervisor.status import status_path
@@ -352,9 +366,10 @@ def take_over(record: Record, floor: int) -> Adopted:
             arena.close()
         for number in table:
             got = _pidfd_getfd(spawner, number)
+            if got == number:                   # the lowest free number: already in place
+                placed.append(number)
+                continue
             try:
-                if got == number:
-                    raise Refused(f"fd {number} of the tables is free here, unexpectedly")
                 try:
                     os.fstat(number)
                 except OSError:
@@ -388,6 +403,42 @@ def take_over(record: Record, floor: int) -> Adopted:
             os.close(fd)
 
 
+def _nspid(pid: int) -> int | None:
+    """`pid`'s number in its own (innermost) pid namespace."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _host_pid(top: int, nspid: int) -> int:
+    """The process of the daemon whose first process is `top` that is `nspid` in its own pid
+    namespace, as this process sees it."""
+    family = {top}
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            parents[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+    grew = True
+    while grew:
+        more = {p for p, pp in parents.items() if pp in family} - family
+        family |= more
+        grew = bool(more)
+    for pid in sorted(family):
+        if _nspid(pid) == nspid:
+            return pid
+    raise Refused(f"no process {nspid} in the running daemon (pid {top})")
+
+
 def _wait_exit(pid: int) -> None:
     try:
         pidfd = os.pidfd_open(pid)
@@ -407,11 +458,11 @@ def main(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         sys.stderr.write("usage: pyvirtiofsd upgrade SOCKET\n")
         return 2
-    # Everything taken lands high in the table, out of the way of the numbers the tables' fds
-    # must keep.
+    # Everything taken is staged at the top of the table, out of the way of the numbers the
+    # tables' fds must keep (a collision is refused, never resolved by guessing).
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    floor = 1024 if hard >= 4096 else hard // 2
+    floor = hard - 512 if hard >= 2048 else hard // 2
     try:
         client, body = _request(args[0])
     except (Refused, OSError, ValueError) as e:
@@ -427,9 +478,6 @@ def main(args: list[str]) -> int:
                 from None
         if not hasattr(config, "sandbox"):
             raise Refused("the running daemon's options are not a daemon's")
-        if config.sandbox != "none":
-            raise Refused(f"a live upgrade needs --sandbox=none (the daemon runs with"
-                          f" --sandbox={config.sandbox})")
         if config.data_plane == "native":
             # Loaded before anything forks, as a normal start does (config.check_startup):
             # a confined worker cannot map new code.
@@ -439,6 +487,13 @@ def main(args: list[str]) -> int:
                 engine.load()
             except engine.EngineUnavailable as e:
                 raise Refused(f"--data-plane=native: {e}") from None
+        # The pids as this process sees them: with a namespace or chroot sandbox the record's
+        # are the supervisor's own pid namespace's.  The status socket's peer is the process
+        # that made it, the daemon's first (which holds the pid file).
+        top = struct.unpack("=iII", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      12))[0]
+        record = dataclasses.replace(record, pid=_host_pid(top, record.pid),
+                                     spawner=_host_pid(top, record.spawner))
         adopted = take_over(record, floor)
     except (Refused, OSError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -473,7 +528,7 @@ def main(args: list[str]) -> int:
     client.sendall(b"taken\n")
     client.close()
     try:
-        _wait_exit(record.pid)
+        _wait_exit(top)
     except OSError as e:
         sys.stderr.write(f"pyvirtiofsd upgrade: {e.strerror}\n")
         cli.exit_now(1)

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.guest_util import GuestDaemon, Kernel, run_guest
-from tests.test_guest import BOOT_TIMEOUT, PRELUDE, assert_ran, daemon, kernel61  # noqa: F401
+from tests.test_guest import (  # noqa: F401
+    BOOT_TIMEOUT,
+    PRELUDE,
+    SANDBOXED,
+    assert_ran,
+    daemon,
+    kernel61,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -71,8 +78,9 @@ def _daemon_of(share: Path) -> tuple[int, str] | None:
     return None
 
 
+@pytest.mark.parametrize("confinement", [(), SANDBOXED], ids=["as-configured", "sandboxed"])
 def test_guest_loop_through_a_live_upgrade(daemon: GuestDaemon, kernel61: Kernel,  # noqa: F811
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path, confinement: tuple[str, ...]) -> None:
     if daemon.name != "pyvirtiofsd":
         pytest.skip("the live upgrade is pyvirtiofsd's")
     share = tmp_path / "share"
@@ -95,7 +103,7 @@ def test_guest_loop_through_a_live_upgrade(daemon: GuestDaemon, kernel61: Kernel
     # The first daemon ends at the handover; the wrapper stands in for it until the daemon
     # that took over ends too (it removes the socket then), so that the runner does not take
     # the first exit for a lost back-end.
-    wrapper = ["/bin/sh", "-c", WRAPPER, *daemon.command()]
+    wrapper = ["/bin/sh", "-c", WRAPPER, *daemon.command(), *confinement]
     try:
         result = run_guest(wrapper, share, UPGRADE_WORKLOAD, kernel=kernel61,
                            timeout=BOOT_TIMEOUT * 2, on_line=on_line)

@@ -95,8 +95,9 @@ def upgraded() -> Iterator[list[Upgraded]]:
             print(d.text)
 
 
-def test_live_upgrade_in_the_middle_of_a_workload(daemon_factory, upgraded) -> None:
-    d = daemon_factory()
+@pytest.mark.parametrize("sandbox", ["none", "namespace", "chroot"])
+def test_live_upgrade_in_the_middle_of_a_workload(daemon_factory, upgraded, sandbox) -> None:
+    d = daemon_factory(f"--sandbox={sandbox}")
     share: Path = d.share
     (share / "data").write_bytes(b"")
     (share / "dir").mkdir()
@@ -127,8 +128,8 @@ def test_live_upgrade_in_the_middle_of_a_workload(daemon_factory, upgraded) -> N
         except subprocess.TimeoutExpired:
             raise AssertionError("the old daemon did not exit:\n" + d.text + new.text) from None
         pid = new.took_over()
-        new.wait_for(f"took over from pid {d.proc.pid}")
-        assert new.status()["processes"][0]["pid"] == pid
+        new.wait_for("took over from pid")
+        assert new.status()["processes"][0]["pid"] in (pid, 1)
         assert "live upgrade: handed over" in d.text
         # Every write landed once, in place; the handles and nodeids go on.
         assert (share / "data").read_bytes() == b"".join(b"%08d" % i for i in range(40))
@@ -169,22 +170,6 @@ def test_a_failed_upgrade_leaves_the_old_daemon_serving(daemon_factory) -> None:
         assert c.result(token).body == b"still here"
         assert c.read(node, fh, 6, 4) == b"here"
         c.release(node, fh)
-    finally:
-        fe.close()
-
-
-def test_upgrade_refuses_a_sandboxed_daemon(daemon_factory, tmp_path) -> None:
-    d = daemon_factory("--sandbox=chroot")
-    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
-    try:
-        c = FuseClient(fe)
-        c.init()
-        run = subprocess.run([str(DAEMON), "upgrade", d.socket], capture_output=True,
-                             text=True, timeout=60)
-        assert run.returncode == 1
-        assert "needs --sandbox=none" in run.stderr
-        d.wait_for("live upgrade failed:")
-        assert c.getattr(ROOT).attr.ino == d.share.stat().st_ino
     finally:
         fe.close()
 
