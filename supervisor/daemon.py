@@ -350,6 +350,13 @@ class Supervisor:
         for fd in (self.root_fd, *table):
             if fd >= 0:
                 os.close(fd)          # the spawner's fd table holds them now
+        if self.adopted is not None:
+            # The sockets the loop select()s on, down into the numbers the tables' fds held
+            # while the spawner started (select() takes numbers below FD_SETSIZE only).
+            if self.adopted.conn is not None:
+                self.adopted.conn = upgrade.lower(self.adopted.conn)
+            if listener is not None:
+                listener = socket.socket(fileno=upgrade.lower(listener.detach()))
         # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
         self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)

@@ -255,6 +255,18 @@ def _low(fd: int) -> int:
     return moved
 
 
+def lower(fd: int) -> int:
+    """`fd`, moved to the lowest free number if that is lower."""
+    import fcntl
+
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    if moved > fd:
+        os.close(moved)
+        return fd
+    os.close(fd)
+    return moved
+
+
 def _high(fd: int, floor: int) -> int:
     """`fd` moved to the lowest free number >= `floor` (close-on-exec), the old one closed."""
     import fcntl
