@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import resource
-import select
 import signal
 import socket
 import struct
@@ -42,7 +41,12 @@ from pyvirtiofsd.supervisor import log as logsetup
 from pyvirtiofsd.supervisor import signals, upgrade
 from pyvirtiofsd.supervisor.config import Config, error_exit
 from pyvirtiofsd.supervisor.pidfile import PidFile
-from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
+from pyvirtiofsd.supervisor.procs import (
+    EXIT_SETUP_FAILED,
+    FatalDeath,
+    ProcessTable,
+    readable,
+)
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import StatusServer
 from pyvirtiofsd.supervisor.systemd import Notifier
@@ -426,8 +430,8 @@ class Supervisor:
             status = self.status
             listeners = status.listeners if status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
-            ready = [wake] if self.signals else select.select(
-                [sock, wake, *pidfds, *listeners], [], [], self.procs.next_respawn())[0]
+            ready = [wake] if self.signals else readable(
+                [sock, wake, *pidfds, *listeners], self.procs.next_respawn())
             if status is not None:
                 for fd in ready:
                     if fd in listeners:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import signal
@@ -439,7 +440,7 @@ class ProcessTable:
             if wake >= 0:
                 watch.append(wake)
             left = deadline - time.monotonic()
-            ready = select.select(watch, [], [], left)[0] if left > 0 else []
+            ready = readable(watch, left) if left > 0 else []
             if not ready:
                 raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
             if wake in ready:
@@ -548,7 +549,7 @@ class ProcessTable:
 
     def _collect(self, handle: WorkerHandle) -> None:
         """Consume the answers that arrived for requests sent without waiting."""
-        while handle.unanswered and select.select([handle.channel], [], [], 0)[0]:
+        while handle.unanswered and readable([handle.channel], 0):
             msg = control.receive(handle.channel, control.FROM_WORKER)
             if msg is None:
                 raise OSError(errno.ECONNRESET, "hung up")
@@ -706,7 +707,7 @@ class ProcessTable:
         handle = self.workers.get(index)
         if handle is not None:
             # Just killed for not answering: let it die before its journal is read.
-            select.select([handle.pidfd], [], [], ANSWER_TIMEOUT)
+            readable([handle.pidfd], ANSWER_TIMEOUT)
         if setup is not None and not setup.delivered:
             return setup.geometry.next_avail
         if self.journal is None:
@@ -981,8 +982,23 @@ def _rows(regions: list[MemoryRegion]) -> tuple[Region, ...]:
                  for r in regions)
 
 
+def readable(items: list, timeout: float | None) -> list:
+    """Those of `items` (fds, or objects with fileno()) that are readable, closed or in error
+    within `timeout` seconds (None: however long it takes), as select() says, but with poll(2):
+    a daemon that took over another's tables (supervisor/upgrade.py) holds fd numbers far above
+    select()'s FD_SETSIZE."""
+    poller = select.poll()
+    by_fd: dict[int, object] = {}
+    for item in items:
+        fd = item if isinstance(item, int) else item.fileno()
+        by_fd[fd] = item
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, events in poller.poll(ms) if events]
+
+
 def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
+    return bool(readable([pidfd], 0))
 
 
 def _reap(pid: int) -> int:

@@ -457,7 +457,9 @@ def _wait_exit(pid: int) -> None:
     except ProcessLookupError:
         return
     try:
-        if not select.select([pidfd], [], [], EXIT_TIMEOUT)[0]:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        if not poller.poll(int(EXIT_TIMEOUT * 1000)):
             raise OSError(errno.ETIMEDOUT, f"the old daemon (pid {pid}) did not exit")
     finally:
         os.close(pidfd)

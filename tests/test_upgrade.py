@@ -321,3 +321,29 @@ def test_the_new_daemon_becomes_the_services_main_process(daemon_factory, upgrad
             FuseClient(fe).init()
     finally:
         manager.close()
+
+
+def test_an_upgrade_keeps_thousands_of_inodes(daemon_factory, upgraded) -> None:
+    # 1,500 inodes looked up, each an fd in the spawner's table at a number the new daemon
+    # must give it again -- more than select() could watch if the connection landed above them.
+    d = daemon_factory()
+    names = [f"n{i:04d}" for i in range(1500)]
+    for n in names:
+        (d.share / n).write_bytes(n.encode())
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        nodes = {n: c.lookup(ROOT, n).nodeid for n in names}
+        fe.process = None
+        new = start_upgrade(d)
+        upgraded.append(new)
+        new.took_over()
+        assert new.status()["inodes"] >= 1500
+        for n in [*names[::97], names[-1]]:
+            fh = c.open(nodes[n], os.O_RDONLY).fh
+            assert c.read(nodes[n], fh, 0, 5) == n.encode()
+            c.release(nodes[n], fh)
+            assert c.getattr(nodes[n]).attr.ino == (d.share / n).stat().st_ino
+    finally:
+        fe.close()
