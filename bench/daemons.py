@@ -40,6 +40,9 @@ class Daemon:
     argv: tuple[str, ...]         # gets --socket-path=S --shared-dir=D appended
     max_queues: int               # request queues it serves
     queue_args: Callable[[int], list[str]]
+    # Driven by a front-end that hands it a vhost-user inflight region (INFLIGHT_SHMFD), as
+    # cloud-hypervisor does: the request path keeps the region current.
+    inflight: bool = False
 
     def command(self, queues: int = 1) -> list[str]:
         return [*self.argv, *(self.queue_args(queues) if queues > 1 else [])]
@@ -64,6 +67,9 @@ def all_daemons(pyvirtiofsd: str | None = None, poll_us: int | None = None) -> d
         "py": Daemon("py", "pyvirtiofsd", py, (py, "--sandbox=none"),
                      max_queues=16, queue_args=lambda n: [f"--request-queues={n}"]),
         **polling,
+        "py-inflight": Daemon("py-inflight", "pyvirtiofsd, inflight region", py,
+                              (py, "--sandbox=none"), max_queues=16,
+                              queue_args=lambda n: [f"--request-queues={n}"], inflight=True),
         "rs": Daemon("rs", "Rust virtiofsd", ANCHOR, (ANCHOR, "--sandbox=none"),
                      max_queues=1, queue_args=lambda n: []),
         "c": Daemon("c", "C virtiofsd", C_VIRTIOFSD, ("/bin/sh", str(BENCH / "c-virtiofsd.sh")),

@@ -314,7 +314,7 @@ def measure(daemon: Daemon, wl: Workload, queues: int, shared: str, workdir: str
     log = None
     try:
         fe = Frontend.connect(run.socket, queues=1 + queues, queue_size=QUEUE_SIZE,
-                              mem_size=MEM_SIZE, process=run.proc)
+                              mem_size=MEM_SIZE, process=run.proc, inflight=daemon.inflight)
         if not fe.queue(1).indirect_ok:
             raise RuntimeError("the daemon did not offer INDIRECT_DESC")
         client = FuseClient(fe, queue=1)

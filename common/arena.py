@@ -75,7 +75,7 @@ import struct
 import weakref
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 from pyvirtiofsd.common.journal import QueueJournal
 
 __all__ = ["Arena", "HandleTable", "InodeTable", "Pinnable", "Pinned", "QueueCounters"]
@@ -88,6 +88,8 @@ _U64_MAX = (1 << 64) - 1
 # Where the tables' lock words are (the header layout above).
 _INODE_LOCK_OFF = 64
 _HANDLE_LOCK_OFF = 128
+_SLOT_WORD = struct.Struct("=I")
+_SLOT_HEAD = struct.Struct("=QQIi")
 
 # Raw views of table entries (handle_file): state + nodeid, flags, inode (dev, ino).
 _ENTRY_HEAD = struct.Struct("=QQ")
@@ -381,9 +383,11 @@ class Arena:
     handles: HandleTable
     counters: QueueCounters
 
-    def __init__(self, mm: mmap.mmap) -> None:
-        """Attach to a mapping formatted by create() (here or in a parent process)."""
+    def __init__(self, mm: mmap.mmap, fd: int = -1) -> None:
+        """Attach to a mapping formatted by create() (here or in a parent process); `fd`:
+        its memfd, when this process keeps it."""
         self._mm = mm
+        self.fd = fd
         self._base = native.address_of(mm)
         self._c = _ffi.new("struct vfs_arena *")
         if _lib.vfs_arena_attach(self._c, self._base, len(mm), os.getpid()):
@@ -422,7 +426,7 @@ class Arena:
             if not low <= value <= _MAX_SLOTS:
                 raise ValueError(f"{name} must be in {low}..{_MAX_SLOTS}, not {value}")
         size = _lib.vfs_arena_size(max_inodes, max_handles, max_queues)
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd, mm = shm.create(size, "arena")
         base = native.address_of(mm)
         try:
             rc = _lib.vfs_arena_format(base, size, max_inodes, max_handles, max_queues)
@@ -430,8 +434,24 @@ class Arena:
             _ffi.release(base)
         if rc:
             mm.close()
+            os.close(fd)
             raise OSError(-rc, "cannot format the shared arena")
-        return cls(mm)
+        return cls(mm, fd)
+
+    def table_fds(self) -> list[int]:
+        """Every fd number the inode and handle tables hold open (live or closing entries), read
+        from the entries' first 24 bytes (state, -, pins, fd) up to each table's high-water
+        mark: what a daemon taking over the tables must find at the same numbers."""
+        c = self._c
+        out: set[int] = set()
+        for header, first, size, count in ((_INODE_LOCK_OFF, c.inodes_off, 56, c.max_inodes),
+                                          (_HANDLE_LOCK_OFF, c.handles_off, 32, c.max_handles)):
+            hwm = min(_SLOT_WORD.unpack_from(self._mm, header + 8)[0], count + 1)
+            for slot in range(1, hwm):
+                state, _x, _pins, fd = _SLOT_HEAD.unpack_from(self._mm, first + slot * size)
+                if state & 0xFFFFFFFF and fd >= 0:
+                    out.add(fd)
+        return sorted(out)
 
     def handle_file(self, fh: int) -> tuple[int, int, int] | None:
         """(dev, ino, open flags) of the file behind the live handle `fh`, or None.

@@ -45,6 +45,7 @@ class MsgType(enum.IntEnum):
     STATE_PREPARE = 27  # the pre-migration pass: record where every inode is now
     LOG_BASE = 12      # the dirty log: size, offset + its fd (no fd: no log)
     LOG_STATE = 13     # dirty logging on/off, the ring's log flag and used-ring log address
+    SET_INFLIGHT = 8   # the queue's part of the vhost-user inflight region (0 or 1 fd)
     # spawner protocol (supervisor <-> spawner)
     SPAWN = 16         # queue index; fd: the worker's end of its control channel
     SPAWNED = 17       # pid of the new worker (or standby spawner)
@@ -268,6 +269,27 @@ class LogState(Message):
 
     def is_valid(self) -> bool:
         return self.log_all in (0, 1) and self.ring in (0, 1) and not self.fds
+@dataclass(frozen=True, slots=True)
+class SetInflight(Message):
+    """The queue's part of the vhost-user inflight region (common/inflight.py), used from the
+    next RING_START on: `length` bytes at `offset` of the attached memfd, for `desc_num`
+    descriptors.  Without an fd (`has_fd` 0): no region."""
+
+    offset: int
+    length: int
+    desc_num: int
+    has_fd: int
+
+    TYPE: ClassVar[MsgType] = MsgType.SET_INFLIGHT
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQII")
+    FDS: ClassVar[tuple[int, int]] = (0, 1)
+
+    def is_valid(self) -> bool:
+        if self.has_fd > 1 or len(self.fds) != self.has_fd:
+            return False
+        # A queue's part: 8-byte aligned words, the header and desc_num 16-byte entries.
+        return not self.has_fd or (self.offset % 64 == 0 and 0 < self.desc_num <= 32768
+                                   and 16 * self.desc_num + 16 <= self.length <= 1 << 20)
 
 
 # -- supervisor <-> spawner --------------------------------------------------------------------
@@ -455,16 +477,17 @@ STATE_MESSAGES = frozenset({MsgType.STATE_SAVE, MsgType.STATE_LOAD, MsgType.STAT
 
 MESSAGES: dict[MsgType, type[Message]] = {
     cls.TYPE: cls for cls in (MemTable, RingStart, RingStop, SetCall, SetEnable, Shutdown,
-                              MemUnmap, Spawn, Spawned, Standby, Ready, Ack, Stopped, Failed,
-                              DaxMap, DaxUnmap, DaxSync, DaxDone, DaxIo, DaxIoDone, LogBase,
-                              LogState, StateSave, StateLoad, StateCheck, StatePrepare)
+                              MemUnmap, SetInflight, Spawn, Spawned, Standby, Ready, Ack,
+                              Stopped, Failed, DaxMap, DaxUnmap, DaxSync, DaxDone, DaxIo,
+                              DaxIoDone, LogBase, LogState, StateSave, StateLoad, StateCheck,
+                              StatePrepare)
 }
 assert set(MESSAGES) == set(MsgType)
 
 TO_WORKER = frozenset({MsgType.MEM_TABLE, MsgType.RING_START, MsgType.RING_STOP,
                        MsgType.SET_CALL, MsgType.SET_ENABLE, MsgType.SHUTDOWN,
-                       MsgType.MEM_UNMAP, MsgType.DAX_DONE, MsgType.DAX_IO_DONE,
-                       MsgType.LOG_BASE, MsgType.LOG_STATE}) | STATE_MESSAGES
+                       MsgType.MEM_UNMAP, MsgType.SET_INFLIGHT, MsgType.DAX_DONE,
+                       MsgType.DAX_IO_DONE, MsgType.LOG_BASE, MsgType.LOG_STATE}) | STATE_MESSAGES
 WORKER_ASKS = frozenset({MsgType.DAX_MAP, MsgType.DAX_UNMAP, MsgType.DAX_SYNC,
                          MsgType.DAX_IO})
 FROM_WORKER = frozenset({MsgType.READY, MsgType.ACK, MsgType.STOPPED, MsgType.FAILED}

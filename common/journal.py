@@ -57,7 +57,7 @@ import struct
 from _blake2 import blake2b
 from dataclasses import dataclass
 
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 
 __all__ = ["Effect", "Inflight", "Journal", "PreState", "QueueJournal", "SlotState",
            "geometry_key"]
@@ -244,6 +244,13 @@ class QueueJournal:
     def pushed(self, head: int) -> None:
         _pushed(self._q, head)
 
+    def set_inflight(self, address: int, desc_num: int) -> None:
+        """Keep the vhost-user inflight region at `address` (0: none) current from here on
+        (common/inflight.py): the request path writes it next to this journal."""
+        region = native.ffi.cast("void *", address) if address else native.ffi.NULL
+        if native.lib.vfs_jq_set_inflight(self._q, region, desc_num if address else 0):
+            raise ValueError(f"inflight region at {address:#x} for {desc_num} descriptors")
+
     # -- effects of the request being executed ----------------------------------------------------
     def begin_effects(self, counter: int, forgets: int = 0) -> None:
         """Effects from here on belong to the request popped as `counter`.  A replay passes the
@@ -322,6 +329,12 @@ class QueueJournal:
                 self._fds[i] = 0
                 return
 
+    def forget_fds(self) -> None:
+        """Drop every fd record: they name fds of another fd table (a daemon that took over
+        the journal), which no successor may close."""
+        for i in range(MAX_FDS):
+            self._fds[i] = 0
+
     def owned_fds(self) -> list[int]:
         return [self._fds[i] - 1 for i in range(MAX_FDS) if self._fds[i] > 0]
 
@@ -388,8 +401,9 @@ class QueueJournal:
 class Journal:
     """The whole journal: a global header and one QueueJournal per virtqueue."""
 
-    def __init__(self, mm: mmap.mmap, num_queues: int, capacity: int) -> None:
+    def __init__(self, mm: mmap.mmap, num_queues: int, capacity: int, fd: int = -1) -> None:
         self._mm = mm
+        self.fd = fd
         self._view = memoryview(mm)
         self._base = native.address_of(mm)
         self.num_queues = num_queues
@@ -405,9 +419,9 @@ class Journal:
         if not 0 < num_queues <= 0x8000 or not 0 < capacity <= 32768:
             raise ValueError(f"journal for {num_queues} queues of {capacity} entries")
         size = _GLOBAL_SIZE + num_queues * QueueJournal.region_size(capacity)
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd, mm = shm.create(size, "journal")
         mm[0:8] = _MAGIC
-        return cls(mm, num_queues, capacity)
+        return cls(mm, num_queues, capacity, fd)
 
     def queue(self, index: int) -> QueueJournal:
         return self._queues[index]

@@ -121,6 +121,8 @@ CONSTANTS: dict[str, int] = {
     "F_DUPFD": 0, "F_GETFD": 1, "F_SETFD": 2, "F_GETFL": 3, "F_SETFL": 4, "F_GETLK": 5,
     "F_SETLK": 6, "F_SETLKW": 7, "F_OFD_GETLK": 36, "F_OFD_SETLK": 37, "F_OFD_SETLKW": 38,
     "F_DUPFD_CLOEXEC": 1030,
+    # memfd_create(2) flags
+    "MFD_CLOEXEC": 1,
     # ioctl(2) requests (asm-generic/ioctls.h, linux/fs.h)
     "TCGETS": 0x5401, "FIONREAD": 0x541B, "FIONBIO": 0x5421, "FIOCLEX": 0x5451,
     "FS_IOC_GETFLAGS": 0x80086601, "FS_IOC_SETFLAGS": 0x40086602,
@@ -143,6 +145,7 @@ ARG_BITS: dict[tuple[str, int], int] = {
     ("kill", 0): 32,               # pid_t pid
     ("kill", 1): 32,               # int sig
     ("fcntl", 1): 32,              # unsigned int cmd
+    ("memfd_create", 1): 32,       # unsigned int flags
     ("ioctl", 1): 32,              # unsigned int cmd
     ("prctl", 0): 32,              # int option
     ("prctl", 1): 64,              # unsigned long arg2

@@ -968,7 +968,37 @@ int vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity)
     q->capacity = capacity;
     q->head = -1;
     q->word = 0;
+    q->ifl = NULL;
+    q->ifl_num = 0;
+    q->ifl_used = 0;
     return 0;
+}
+
+/* The vhost-user inflight region (protocol.md 1.11, split ring): a 16-byte queue header
+ * (features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16), then one
+ * 16-byte DescStateSplit per head (inflight u8, padding[5], next u16, counter u64).  The
+ * journal's pop counter is the region's fetch counter: both only grow, in pop order. */
+#define IFL_LAST_BATCH_HEAD 12
+#define IFL_USED_IDX 14
+#define IFL_DESC 16
+
+int vfs_jq_set_inflight(struct vfs_jq *q, void *region, uint32_t desc_num)
+{
+    if (region != NULL && (((uintptr_t)region & 7) || desc_num < 1 || desc_num > 32768))
+        return -EINVAL;
+    q->ifl = region;
+    q->ifl_num = region != NULL ? desc_num : 0;
+    return 0;
+}
+
+static uint8_t *ifl_desc(const struct vfs_jq *q, uint16_t head)
+{
+    return q->ifl + IFL_DESC + (uint32_t)head * 16;
+}
+
+static void put16(uint16_t *p, uint16_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
 
 uint64_t vfs_jq_popped(struct vfs_jq *q, uint16_t head, uint16_t pos, uint32_t opcode,
@@ -984,6 +1014,12 @@ uint64_t vfs_jq_popped(struct vfs_jq *q, uint16_t head, uint16_t pos, uint32_t o
     uint64_t word = VFS_JQ_POPPED | (uint64_t)pos << 8 | (counter & JQ_COUNTER_MASK) << 24;
     put64(s, word);                                               /* commit the slot */
     put64(jq_w(q, JQ_NEXT), (counter + 1) << 16 | (uint16_t)(pos + 1));   /* then the index */
+    if (q->ifl != NULL && head < q->ifl_num) {
+        /* Spec "inflight I/O tracking", on fetching: the counter, then the inflight flag. */
+        uint8_t *d = ifl_desc(q, head);
+        __atomic_store_n((uint64_t *)(d + 8), counter, __ATOMIC_RELAXED);
+        __atomic_store_n(d, (uint8_t)1, __ATOMIC_RELEASE);
+    }
     q->head = head;
     q->word = word;
     if (effects)
@@ -1024,6 +1060,14 @@ void vfs_jq_replied(struct vfs_jq *q, uint16_t head, uint32_t used_len, uint16_t
     put64(jq_w(q, JQ_EFF_OWNER), 0);
     put64(jq_w(q, JQ_PUSHING), JQ_PUSHING_FLAG | (uint64_t)used_idx << 16 | head);
     q->head = -1;
+    if (q->ifl != NULL && head < q->ifl_num) {
+        /* On completing (a batch of one): link the head into the batch list before the used
+         * ring's idx moves, so a reconnect can tell whether this push went out. */
+        put16((uint16_t *)(ifl_desc(q, head) + 6),
+              __atomic_load_n((uint16_t *)(q->ifl + IFL_LAST_BATCH_HEAD), __ATOMIC_RELAXED));
+        put16((uint16_t *)(q->ifl + IFL_LAST_BATCH_HEAD), head);
+        q->ifl_used = (uint16_t)(used_idx + 1);
+    }
 }
 
 void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
@@ -1032,6 +1076,11 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
         return;
     put64(jq_slot(q, head), VFS_JQ_FREE);
     put64(jq_w(q, JQ_PUSHING), 0);
+    if (q->ifl != NULL && head < q->ifl_num) {
+        /* The used idx went out: the head is no longer in flight, then the copy of used idx. */
+        __atomic_store_n(ifl_desc(q, head), (uint8_t)0, __ATOMIC_RELEASE);
+        put16((uint16_t *)(q->ifl + IFL_USED_IDX), q->ifl_used);
+    }
 }
 
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)

@@ -100,6 +100,9 @@ enum { VFS_PIN_INODE = 1, VFS_PIN_HANDLE = 2 };
 struct vfs_jq {               /* one queue's journal region (common/journal.py layout) */
     uint8_t *base; uint32_t capacity;
     int32_t head; uint64_t word;   /* the request being executed, as QueueJournal._head/_word */
+    /* The front-end's vhost-user inflight region of this queue (split layout, protocol.md
+     * 1.11; common/inflight.py) or NULL: kept current by popped, replied and pushed. */
+    uint8_t *ifl; uint32_t ifl_num; uint16_t ifl_used;
 };
 uint64_t vfs_jq_region_size(uint32_t capacity, uint32_t page);   /* page: a power of two */
 int vfs_jq_attach(struct vfs_jq *q, void *region, uint32_t capacity);   /* 0 / -EINVAL */
@@ -113,6 +116,8 @@ void vfs_jq_executing(struct vfs_jq *q, uint32_t kind, uint32_t flags, uint64_t 
                       uint64_t v2, uint64_t v3);
 void vfs_jq_replied(struct vfs_jq *q, uint16_t head, uint32_t used_len, uint16_t used_idx);
 void vfs_jq_pushed(struct vfs_jq *q, uint16_t head);
+/* Keep the split-ring inflight region at `region` (desc_num entries) current; NULL: none. */
+int vfs_jq_set_inflight(struct vfs_jq *q, void *region, uint32_t desc_num);   /* 0 / -EINVAL */
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident);          /* slot or -1 */
 void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident);
 void vfs_jq_begin_effects(struct vfs_jq *q, uint64_t counter, uint64_t forgets);

@@ -53,7 +53,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 from pyvirtiofsd.common.fuse_abi import Opcode
 
 __all__ = ["BUCKETS", "OpStats", "QueueSnapshot", "QueueStats", "Stats", "bucket_bounds_us",
@@ -131,8 +131,9 @@ class QueueStats:
 class Stats:
     """The whole region; create() in the supervisor before the workers are forked."""
 
-    def __init__(self, mm: mmap.mmap, queues: int) -> None:
+    def __init__(self, mm: mmap.mmap, queues: int, fd: int = -1) -> None:
         self._mm = mm
+        self.fd = fd
         self.queues = queues
         self._words = memoryview(mm).cast("Q")
         self._base = native.address_of(mm)
@@ -142,10 +143,10 @@ class Stats:
         if not 0 < queues <= 0x10000:
             raise ValueError(f"statistics for {queues} queues")
         size = 8 * (HEADER_WORDS + queues * QUEUE_BLOCK)
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        fd, mm = shm.create(size, "stats")
         _HEADER.pack_into(mm, 0, MAGIC, VERSION, queues, QUEUE_WORDS, ERRNOS, OPCODES, BUCKETS,
                           0)
-        return cls(mm, queues)
+        return cls(mm, queues, fd)
 
     def _offset(self, queue: int) -> int:
         if not 0 <= queue < self.queues:

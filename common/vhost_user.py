@@ -413,3 +413,29 @@ class LogDescription:
     def covers(self) -> int:
         """Guest-physical bytes the log has a bit for."""
         return self.mmap_size * 8 * self.PAGE
+@dataclass(frozen=True, slots=True)
+class InflightDescription:
+    """VhostUserInflight: GET_INFLIGHT_FD / SET_INFLIGHT_FD (spec "Inflight I/O tracking";
+    not packed: 20 bytes of fields and 4 of tail padding)."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("=QQHH4x")
+
+    @classmethod
+    def unpack(cls, data: bytes) -> InflightDescription:
+        return cls(*cls.STRUCT.unpack(data))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(self.mmap_size, self.mmap_offset, self.num_queues,
+                                self.queue_size)
+
+    def is_valid(self) -> bool:
+        """Syntax only: at least one queue of a power-of-two size that a split ring can have,
+        and a mapping that does not overflow."""
+        return (self.num_queues > 0 and 0 < self.queue_size <= 32768
+                and not self.queue_size & (self.queue_size - 1)
+                and self.mmap_offset + self.mmap_size < 1 << 63)

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         from pyvirtiofsd.supervisor import snapshot
 
         return snapshot.main(args[1:])
+    if args[:1] == ["upgrade"]:
+        from pyvirtiofsd.supervisor import upgrade
+
+        return upgrade.main(args[1:])
     # Before anything else the daemon does: a signal that arrives now waits for the handler of
     # the process that will serve (supervisor/signals.py).
     signals.block()
@@ -102,21 +106,53 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(config.socket_path)
         pidfile.release()
         error_exit(f"cannot start: {e.strerror or e} ({e.filename or 'status socket'})")
+    _serve(config, listener, status_server, pidfile, restore=restore)
+
+
+def _serve(config: Config, listener: socket.socket | None, status_server: StatusServer,
+           pidfile: PidFile, adopted: object = None, restore: object = None) -> NoReturn:
     # Only the process that created the sockets and the pid file removes them: inside the
-    # sandbox those paths would name files of the share.
+    # sandbox those paths would name files of the share.  A daemon that handed over to a new
+    # one (supervisor/upgrade.py) leaves them to it.
     starter = os.getpid()
+    handed_over = False
     try:
         from pyvirtiofsd.supervisor import daemon
 
-        status = daemon.run(config, listener, status_server, pidfile, starter, restore)
+        try:
+            status = daemon.run(config, listener, status_server, pidfile, starter,
+                                restore=restore, adopted=adopted)  # type: ignore[arg-type]
+        except daemon.HandedOver:
+            # A sandboxed supervisor says so to the parent that waits for it.
+            handed_over = True
+            status = 0 if os.getpid() == starter else daemon.EXIT_HANDED_OVER
     finally:
-        if os.getpid() == starter:
+        if os.getpid() == starter and not handed_over:
             if config.socket_path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(config.socket_path)
             status_server.unlink()
             pidfile.release()
     exit_now(status)
+
+
+def serve_adopted(config: Config, adopted: object) -> int:
+    """The rest of `pyvirtiofsd upgrade`, once the old daemon is gone: its pid file and status
+    sockets become this daemon's, its vhost-user socket was taken over."""
+    signals.block()
+    pidfile = PidFile()
+    try:
+        if config.socket_path is not None:
+            pidfile.acquire(config.socket_path)
+        status_paths = ([status_path(config.socket_path)] if config.socket_path else []) + (
+            [config.metrics_socket] if config.metrics_socket else [])
+        status_server = StatusServer.open(status_paths, config.socket_group)
+    except (ConfigError, OSError) as e:
+        sys.stderr.write(f"pyvirtiofsd upgrade: cannot take over: {e}\n")
+        return 1
+    fd = adopted.listener                                   # type: ignore[attr-defined]
+    _serve(config, socket.socket(fileno=fd) if fd is not None else None, status_server,
+           pidfile, adopted)
 
 
 def exit_now(status: int) -> NoReturn:

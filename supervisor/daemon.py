@@ -11,35 +11,48 @@ signal; the loop acts on it (gunicorn's arbiter habit).
 
 from __future__ import annotations
 
+import array
 import errno
 import logging
 import os
 import resource
-import select
 import signal
 import socket
+import struct
+import sys
 import time
 
 import prctl
 
 from pyvirtiofsd import __version__
-from pyvirtiofsd.common import devstate, native
+from pyvirtiofsd.common import devstate, native, shm
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.devstate import DeviceState, StateError
 from pyvirtiofsd.common.journal import Journal
 from pyvirtiofsd.common.seccomp import PolicyError
 from pyvirtiofsd.common.stats import Stats, bucket_bounds_us, queue_entry
-from pyvirtiofsd.common.vhost_user import Header, HeaderFlag
+from pyvirtiofsd.common.vhost_user import (
+    Header,
+    HeaderFlag,
+    InflightDescription,
+    MemoryRegion,
+    VringAddr,
+)
 from pyvirtiofsd.supervisor import log as logsetup
-from pyvirtiofsd.supervisor import signals, snapshot
+from pyvirtiofsd.supervisor import signals, snapshot, upgrade
 from pyvirtiofsd.supervisor.config import Config, error_exit
 from pyvirtiofsd.supervisor.dax import DaxWindow
 from pyvirtiofsd.supervisor.pidfile import PidFile
-from pyvirtiofsd.supervisor.procs import EXIT_SETUP_FAILED, FatalDeath, ProcessTable
+from pyvirtiofsd.supervisor.procs import (
+    EXIT_SETUP_FAILED,
+    FatalDeath,
+    ProcessTable,
+    readable,
+)
 from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import ActionError, StatusServer, status_path
 from pyvirtiofsd.supervisor.systemd import Notifier
-from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, receive
+from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, RequestError, receive
 from pyvirtiofsd.worker import migration
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
@@ -56,6 +69,19 @@ FD_RESERVE_MIN = 64
 # Options Config.unimplemented() still lists that the sandbox implements.
 class Shutdown(Exception):
     pass
+
+
+class UpgradeRequested(Exception):
+    """A new daemon asked to take over (status socket, GET /upgrade)."""
+
+
+class HandedOver(Exception):
+    """A new daemon took over: this one ends without touching what it now serves."""
+
+
+# How a sandboxed supervisor that handed over tells its waiting parent, which then leaves the
+# socket and pid file to the new daemon.
+EXIT_HANDED_OVER = 75
 
 
 def guest_fd_budget(limit: int) -> int:
@@ -116,12 +142,22 @@ class Supervisor:
     backend: Backend | None = None
     restore: DeviceState | None = None
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, adopted: upgrade.Adopted | None = None) -> None:
         self.config = config
         self.num_queues = 1 + config.request_queues
         self.signals: list[int] = []
-        self.arena = Arena.create(max_queues=max(64, self.num_queues))
-        self.stats = Stats.create(self.num_queues)
+        # A live upgrade (supervisor/upgrade.py): the state the previous daemon handed over.
+        self.adopted = adopted
+        self.upgrades = adopted.record.upgrades + 1 if adopted is not None else 0
+        self.upgrade_client: socket.socket | None = None
+        self.listener: socket.socket | None = None
+        if adopted is not None:
+            shared = adopted.shared
+            self.arena = Arena(shm.attach(shared["arena"]), shared["arena"])
+            self.stats = Stats(shm.attach(shared["stats"]), self.num_queues, shared["stats"])
+        else:
+            self.arena = Arena.create(max_queues=max(64, self.num_queues))
+            self.stats = Stats.create(self.num_queues)
         self.started = time.monotonic()
         self.connected = False
         self.frontends_served = 0      # connections that ended (status: a reconnect's count)
@@ -129,11 +165,19 @@ class Supervisor:
         # The DAX window of the connected front-end (--dax), for the status document.
         self.dax: DaxWindow | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
-        self.session = Session()
+        self.session = Session(adopted.shared["session"] if adopted is not None else None)
         self.sandbox = Sandbox(config, max(64, self.num_queues))
         # Inflight journals, one per queue: a respawned worker completes what its predecessor
         # left in flight (common/journal.py).
-        self.journal = Journal.create(self.num_queues, config.queue_size)
+        if adopted is not None:
+            fd = adopted.shared["journal"]
+            self.journal = Journal(shm.attach(fd), self.num_queues, config.queue_size, fd)
+            for q in range(self.num_queues):
+                # The fds the previous daemon's workers owned are not in this daemon's table:
+                # their numbers may now name the tables' fds, which no worker may close.
+                self.journal.queue(q).forget_fds()
+        else:
+            self.journal = Journal.create(self.num_queues, config.queue_size)
         self.procs = ProcessTable(self.num_queues, self.worker_entry,
                                   confine_spawner=self.sandbox.confine_spawner,
                                   report=self.sandbox.report, journal=self.journal,
@@ -149,6 +193,8 @@ class Supervisor:
     # -- set-up ----------------------------------------------------------------------------
     def open_share(self) -> None:
         """The share's root as seen from inside the sandbox ("/" once pivoted or chrooted)."""
+        if self.adopted is not None:
+            return               # the adopted inode table holds it, at its old number
         self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(self.root_fd)
         self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
@@ -240,6 +286,7 @@ class Supervisor:
             "inodes": inodes,
             "handles": handles,
             "worker_restarts": procs.respawns,
+            "upgrades": self.upgrades,
             "latency_buckets_us": bucket_bounds_us(),
             **self._dax_status(),
         }
@@ -255,6 +302,105 @@ class Supervisor:
                         "mappings": len(w.mappings) if active else 0,
                         "mapped_bytes": sum(m.length for m in w.mappings) if active else 0}}
 
+    # -- live upgrade (supervisor/upgrade.py) -------------------------------------------------
+    def request_upgrade(self, client: socket.socket) -> None:
+        """A new daemon asks to take over (status socket): only a peer of this daemon's user
+        or root, one at a time; the loop hands over between two vhost-user messages."""
+        uid = struct.unpack("=iII", client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      12))[1]
+        if uid not in (0, os.getuid()) or self.upgrade_client is not None:
+            client.close()
+            return
+        self.upgrade_client = client
+
+    def hand_over(self, backend: Backend | None, conn: socket.socket | None) -> bool:
+        """Stop every started ring at an exact index, offer the state, and end if the new
+        daemon took it (True); else restart the rings where they stopped and serve on."""
+        client, self.upgrade_client = self.upgrade_client, None
+        assert client is not None
+        stopped: list[int] = []
+        try:
+            if backend is not None:
+                for i, vring in enumerate(backend.vrings):
+                    if vring.started:
+                        vring.base = self.procs.stop_ring(i)
+                        vring.started = False
+                        stopped.append(i)
+            upgrade.offer(client, self.handover_record(backend, conn, stopped))
+        except (upgrade.Refused, OSError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            upgrade.refuse(client, why)
+            assert backend is not None or not stopped
+            for i in stopped:
+                try:
+                    backend._start(i, backend.vrings[i])    # type: ignore[union-attr]
+                except RequestError as re:
+                    log.error("vring %d did not restart: %s", i, re)
+            log.error("live upgrade failed: %s; this daemon serves on", why)
+            return False
+        finally:
+            client.close()
+        log.info("live upgrade: handed over to a new daemon after stopping %d ring(s)",
+                 len(stopped))
+        return True
+
+    def handover_record(self, backend: Backend | None, conn: socket.socket | None,
+                        started: list[int]) -> upgrade.Record:
+        frontend = None
+        if backend is not None:
+            vrings = []
+            for i, v in enumerate(backend.vrings):
+                a = v.addr or VringAddr(i, 0, 0, 0, 0, 0)
+                vrings.append(upgrade.Vring(v.num, a.desc, a.used, a.avail, a.log, a.flags,
+                                            v.base, v.kick, v.call, v.err, v.enabled,
+                                            i in started))
+            inflight = None
+            if backend.inflight is not None:
+                fd, d = backend.inflight
+                inflight = (fd, d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size)
+            frontend = upgrade.Frontend(
+                backend.acked_features, backend.protocol_features, backend.status,
+                tuple((r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+                      for r, fd in backend.regions), inflight, tuple(vrings))
+        listener = self.listener.fileno() if self.listener is not None else None
+        # The command line the daemon was started with (a daemon that took over was started
+        # as `pyvirtiofsd upgrade SOCKET`: its predecessor's).
+        argv = self.adopted.record.argv if self.adopted is not None else tuple(sys.argv[1:])
+        return upgrade.Record(
+            argv, os.getpid(), self.procs.spawner_pid, listener,
+            conn.fileno() if conn is not None else None,
+            {"arena": self.arena.fd, "journal": self.journal.fd, "stats": self.stats.fd,
+             "session": self.session.fd}, self.upgrades, frontend)
+
+    def adopt_backend(self, adopted: upgrade.Adopted) -> Backend:
+        """The connection's device state as the previous daemon left it, its rings restarted
+        where they stopped: each worker resumes from its journal."""
+        backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+        fe = adopted.record.frontend
+        if fe is None:
+            return backend
+        backend.owner = True
+        backend.acked_features = fe.features
+        backend.protocol_features = fe.protocol_features
+        backend.status = fe.status
+        backend._apply_regions([(MemoryRegion(g, n, u, o), adopted.fds[fd])
+                                for g, n, u, o, fd in fe.regions])
+        if fe.inflight is not None:
+            fd, size, offset, nq, qs = fe.inflight
+            backend._use_inflight(adopted.fds[fd], InflightDescription(size, offset, nq, qs))
+        for i, v in enumerate(fe.vrings[: self.num_queues]):
+            vring = backend.vrings[i]
+            vring.num, vring.base, vring.enabled = v.num, v.base, v.enabled
+            vring.addr = VringAddr(i, v.flags, v.desc, v.used, v.avail, v.log)
+            vring.kick, vring.call, vring.err = (adopted.fd(v.kick), adopted.fd(v.call),
+                                                 adopted.fd(v.err))
+            if v.started:
+                try:
+                    backend._start(i, vring)
+                except RequestError as e:
+                    log.error("vring %d did not restart after the upgrade: %s", i, e)
+        return backend
+
     def on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
 
@@ -264,7 +410,7 @@ class Supervisor:
         signals.handled_by(dict.fromkeys(signals.HANDLED, self.on_signal))
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self, listener: socket.socket) -> int:
+    def run(self, listener: socket.socket | None) -> int:
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
         wake_w.setblocking(False)
@@ -275,13 +421,20 @@ class Supervisor:
         self.arena.limit_fds(guest_fd_budget(limit))
         log.debug("the guest may hold %d inodes and open files (open-file limit %d)",
                   self.arena.fd_budget, limit)
-        keep = {self.root_fd, self.sandbox.proc_fd, *logsetup.fds()}
-        if self.mount_fd >= 0:
-            keep.add(self.mount_fd)
+        table = self.adopted.table if self.adopted is not None else []
+        keep = {self.root_fd, self.mount_fd, self.sandbox.proc_fd, *logsetup.fds(),
+                *table} - {-1}
         self.procs.start(keep)
-        os.close(self.root_fd)        # the spawner's fd table holds them now
-        if self.mount_fd >= 0:
-            os.close(self.mount_fd)
+        for fd in (self.root_fd, self.mount_fd, *table):
+            if fd >= 0:
+                os.close(fd)          # the spawner's fd table holds them now
+        if self.adopted is not None:
+            # The sockets the loop select()s on, down into the numbers the tables' fds held
+            # while the spawner started (select() takes numbers below FD_SETSIZE only).
+            if self.adopted.conn is not None:
+                self.adopted.conn = upgrade.lower(self.adopted.conn)
+            if listener is not None:
+                listener = socket.socket(fileno=upgrade.lower(listener.detach()))
         # Kept to read /proc/PID/stat of a worker that does not answer (procs.py _answer).
         self.procs.proc_fd = os.dup(self.sandbox.proc_fd)
         os.close(self.sandbox.proc_fd)
@@ -299,13 +452,28 @@ class Supervisor:
         log.info("Waiting for vhost-user socket connection...")
         self.notifier.ready(f"serving {self.config.shared_dir} on {where}; "
                             "waiting for the front-end")
+        if self.adopted is not None and self.adopted.serving >= 0:
+            os.write(self.adopted.serving, b"serving")      # `pyvirtiofsd upgrade` returns
+            os.close(self.adopted.serving)
+            self.adopted.serving = -1
         status = 0
         why = "stopping on an error"
+        self.listener = listener
+        handed_over = False
         try:
-            conn = self.accept(listener, wake_r)
-            if not self.config.reconnect:
+            adopted = self.adopted
+            if adopted is not None:
+                log.info("took over from pid %d (live upgrade %d)", adopted.record.pid,
+                         self.upgrades)
+            if adopted is not None and adopted.conn is not None:
+                conn = socket.socket(fileno=adopted.conn)
+                backend = self.adopt_backend(adopted)
+            else:
+                conn, backend = self.accept(listener, wake_r), None
+            if not self.config.reconnect and listener is not None:
                 listener.close()
-            self.serve(conn, wake_r)
+                self.listener = None
+            self.serve(conn, wake_r, backend)
             # --reconnect: filesystem state (inodes, handles, the FUSE session) stays; each
             # connection is a fresh vhost-user session (protocol.md 1.14).
             while self.config.reconnect:
@@ -313,6 +481,9 @@ class Supervisor:
                 self.notifier.status("front-end disconnected; waiting for the next (--reconnect)")
                 self.serve(self.accept(listener, wake_r), wake_r)
             why = "front-end disconnected"
+        except HandedOver:
+            handed_over = True
+            raise
         except Shutdown:
             log.info("terminating on signal")
             why = "terminating on signal"
@@ -321,7 +492,8 @@ class Supervisor:
             why = f"stopping: {e}"
             status = 1
         finally:
-            self.notifier.stopping(why)
+            if not handed_over:
+                self.notifier.stopping(why)
             counts = self.arena.counters.snapshot()[: self.num_queues]
             log.info("requests served per queue: %s",
                      ", ".join(f"q{q}={n}" for q, n in enumerate(counts)))
@@ -337,13 +509,14 @@ class Supervisor:
             status = self.status
             listeners = status.listeners if status is not None else []
             # Signals caught before the wake-up fd existed have no byte waiting on it.
-            ready = [wake] if self.signals else select.select(
-                [sock, wake, *pidfds, *listeners, *channels], [], [],
-                self.procs.next_respawn())[0]
+            ready = [wake] if self.signals else readable(
+                [sock, wake, *pidfds, *listeners, *channels], self.procs.next_respawn())
             if status is not None:
                 for fd in ready:
                     if fd in listeners:
                         status.serve(fd, self.status_doc)
+            if self.upgrade_client is not None:
+                raise UpgradeRequested
             if wake in ready:
                 try:
                     wake.recv(64)
@@ -364,14 +537,23 @@ class Supervisor:
                 return True
 
     def accept(self, listener: socket.socket, wake: socket.socket) -> socket.socket:
-        self.wait(listener, wake)
+        while True:
+            try:
+                self.wait(listener, wake)
+                break
+            except UpgradeRequested:
+                if self.hand_over(None, None):
+                    raise HandedOver from None
         conn, _ = listener.accept()
         log.info("front-end connected")
         self.notifier.status("front-end connected; serving")
         return conn
 
-    def serve(self, conn: socket.socket, wake: socket.socket) -> None:
-        backend = Backend(self.procs, self.num_queues, self.config.queue_size, self.config.tag)
+    def serve(self, conn: socket.socket, wake: socket.socket,
+              backend: Backend | None = None) -> None:
+        if backend is None:
+            backend = Backend(self.procs, self.num_queues, self.config.queue_size,
+                              self.config.tag)
         if self.config.dax:
             window = DaxWindow(self.config.dax_window, self.arena, self._publish_dax)
             backend.dax = window
@@ -381,7 +563,12 @@ class Supervisor:
         self.backend = backend
         try:
             while True:
-                self.wait(conn, wake)
+                try:
+                    self.wait(conn, wake)
+                except UpgradeRequested:
+                    if self.hand_over(backend, conn):
+                        raise HandedOver from None
+                    continue
                 try:
                     msg = receive(conn)
                     if msg is None:
@@ -397,11 +584,20 @@ class Supervisor:
                     return
                 if reply is not None:
                     rhdr = Header(hdr.request, 1 | HeaderFlag.REPLY, len(reply))
+                    out = backend.take_reply_fds()
                     try:
-                        conn.sendall(rhdr.pack() + reply)
+                        if out:
+                            # The fds go with the header (spec "Communication").
+                            conn.sendmsg([rhdr.pack() + reply], [(
+                                socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out))])
+                        else:
+                            conn.sendall(rhdr.pack() + reply)
                     except OSError as e:
                         log.info("front-end connection lost: %s", e)
                         return
+                    finally:
+                        for fd in out:
+                            os.close(fd)
         finally:
             self.backend = None
             self.connected = False
@@ -457,15 +653,16 @@ class Supervisor:
         self.session.dax_window = size
 
 
-def run(config: Config, listener: socket.socket, status_server: StatusServer,
-        pidfile: PidFile, starter: int, restore: DeviceState | None = None) -> int:
+def run(config: Config, listener: socket.socket | None, status_server: StatusServer,
+        pidfile: PidFile, starter: int, restore: DeviceState | None = None,
+        adopted: upgrade.Adopted | None = None) -> int:
     """Everything after the sockets listen (supervisor/cli.py): the supervisor, its sandbox,
     its workers.  A front-end that connects meanwhile waits in the listen backlog."""
     logsetup.setup(config.log_level, config.syslog, "supervisor")
     for line in config.deprecations:
         log.warning("%s", line)
     prctl.set_name("pyvirtiofsd")
-    sup = Supervisor(config)
+    sup = Supervisor(config, adopted)
     sup.status = status_server
     if restore is not None:
         try:
@@ -482,6 +679,7 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
             sock for sock, path in zip(status_server.listeners, status_server.paths,
                                        strict=True) if path == control]
         status_server.actions[snapshot.SNAPSHOT_PATH] = sup.snapshot
+    status_server.upgrade = sup.request_upgrade
     # Connected before the sandbox hides the manager's socket (supervisor/systemd.py).
     sup.notifier = Notifier()
     status_server.warn = log.warning
@@ -497,9 +695,16 @@ def run(config: Config, listener: socket.socket, status_server: StatusServer,
             log.error("cannot set up the %s sandbox: %s", config.sandbox, e)
             return 1
         if child:
-            listener.close()
+            if listener is not None:
+                listener.close()
             status_server.close()
-            return sup.sandbox.wait(child)
+            if adopted is not None:
+                # The sandboxed supervisor has them; this process only waits.
+                adopted.close()
+            status = sup.sandbox.wait(child)
+            if status == EXIT_HANDED_OVER:
+                raise HandedOver
+            return status
         sup.catch_signals()
         if os.getpid() != starter:
             pidfile.release()        # only closes this process's copy; the lock stays

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import signal
@@ -73,6 +74,7 @@ from pyvirtiofsd.common.control import (
     RingStop,
     SetCall,
     SetEnable,
+    SetInflight,
     Shutdown,
     Spawn,
     Spawned,
@@ -84,6 +86,7 @@ from pyvirtiofsd.common.control import (
     Stopped,
 )
 from pyvirtiofsd.common.fuse_abi import Opcode
+from pyvirtiofsd.common.inflight import queue_stride
 from pyvirtiofsd.common.journal import Journal, SlotState
 from pyvirtiofsd.common.seccomp import SigsysReport
 from pyvirtiofsd.common.stats import Stats
@@ -331,6 +334,10 @@ class ProcessTable:
     # state (log_all, ring, used_gpa), for the workers started later.
     dirty_log: tuple[int, int, int] | None = None
     log_states: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # The front-end's inflight region (SET_INFLIGHT_FD): its memfd (the connection's, not
+    # ours to close), where it starts in it, its queue size and number of queues.  Each worker
+    # gets its part before its ring starts, a respawned one too.
+    inflight: tuple[int, int, int, int] | None = None
 
     # -- start and stop --------------------------------------------------------------------
     def start(self, keep_fds: set[int]) -> None:
@@ -454,7 +461,7 @@ class ProcessTable:
             if wake >= 0:
                 watch.append(wake)
             left = deadline - time.monotonic()
-            ready = select.select(watch, [], [], left)[0] if left > 0 else []
+            ready = readable(watch, left) if left > 0 else []
             if not ready:
                 raise OSError(errno.ETIMEDOUT, f"{who} did not answer")
             if wake in ready:
@@ -567,7 +574,7 @@ class ProcessTable:
 
     def _collect(self, handle: WorkerHandle) -> None:
         """Consume the answers that arrived for requests sent without waiting."""
-        while handle.unanswered and select.select([handle.channel], [], [], 0)[0]:
+        while handle.unanswered and readable([handle.channel], 0):
             msg = control.receive(handle.channel, control.FROM_WORKER)
             if msg is None:
                 raise OSError(errno.ECONNRESET, "hung up")
@@ -711,8 +718,34 @@ class ProcessTable:
         except WorkerGone:
             pass
 
+    def set_inflight(self, fd: int | None, offset: int = 0, queue_size: int = 0,
+                     num_queues: int = 0) -> None:
+        """Use the inflight region in `fd` from the next ring start on (None: none; workers
+        that had one drop it).  Queues past `num_queues` have no part in it."""
+        had = self.inflight is not None
+        self.inflight = None if fd is None else (fd, offset, queue_size, num_queues)
+        if fd is None and had:
+            for q in list(self.workers):
+                try:
+                    self.request(q, lambda seq: SetInflight(0, 0, 0, 0, seq=seq))
+                except OSError as e:
+                    log.warning("worker for queue %d could not drop the inflight region: %s",
+                                q, e)
+
+    def _send_inflight(self, index: int) -> None:
+        if self.inflight is None:
+            return
+        fd, offset, queue_size, num_queues = self.inflight
+        if index >= num_queues:
+            self.request(index, lambda seq: SetInflight(0, 0, 0, 0, seq=seq))
+            return
+        stride = queue_stride(queue_size)
+        self.request(index, lambda seq: SetInflight(offset + index * stride, stride,
+                                                    queue_size, 1, seq=seq, fds=(fd,)))
+
     def _send_ring(self, index: int, setup: RingSetup, resume: bool = False) -> None:
         g = setup.geometry
+        self._send_inflight(index)
         flags = g.flags & ~(RingFlag.HAS_KICK | RingFlag.HAS_CALL | RingFlag.HAS_ERR
                             | RingFlag.ENABLED | RingFlag.RESUME)
         fds = []
@@ -744,7 +777,7 @@ class ProcessTable:
         handle = self.workers.get(index)
         if handle is not None:
             # Just killed for not answering: let it die before its journal is read.
-            select.select([handle.pidfd], [], [], ANSWER_TIMEOUT)
+            readable([handle.pidfd], ANSWER_TIMEOUT)
         if setup is not None and not setup.delivered:
             return setup.geometry.next_avail
         if self.journal is None:
@@ -1084,8 +1117,23 @@ def _rows(regions: list[MemoryRegion]) -> tuple[Region, ...]:
                  for r in regions)
 
 
+def readable(items: list, timeout: float | None) -> list:
+    """Those of `items` (fds, or objects with fileno()) that are readable, closed or in error
+    within `timeout` seconds (None: however long it takes), as select() says, but with poll(2):
+    a daemon that took over another's tables (supervisor/upgrade.py) holds fd numbers far above
+    select()'s FD_SETSIZE."""
+    poller = select.poll()
+    by_fd: dict[int, object] = {}
+    for item in items:
+        fd = item if isinstance(item, int) else item.fileno()
+        by_fd[fd] = item
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return [by_fd[fd] for fd, events in poller.poll(ms) if events]
+
+
 def _exited(pidfd: int) -> bool:
-    return bool(select.select([pidfd], [], [], 0)[0])
+    return bool(readable([pidfd], 0))
 
 
 def _reap(pid: int) -> int:

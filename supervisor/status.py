@@ -63,6 +63,9 @@ class StatusServer:
         # scrapers are pointed at.  supervisor/snapshot.py's POST /snapshot is one.
         self.actions: dict[str, Callable[[], bytes]] = {}
         self.action_listeners: list[socket.socket] = []
+        # GET /upgrade: the connection goes to the daemon, which hands over to the client
+        # (supervisor/upgrade.py); None answers it 404.
+        self.upgrade: Callable[[socket.socket], None] | None = None
 
     @classmethod
     def open(cls, paths: list[str], group: str | None = None) -> StatusServer:
@@ -121,16 +124,19 @@ class StatusServer:
             except OSError as e:
                 self.warn(f"status socket: accept failed: {e.strerror or e}")
                 return
-            with conn:
-                try:
-                    method, path = _read_request_line(conn)
+            try:
+                method, path = _read_request_line(conn)
+                if (method, path) == ("GET", "/upgrade") and self.upgrade is not None \
+                        and listener in self.action_listeners:
+                    self.upgrade(conn)        # the daemon's now, open or closed
+                    continue
+                with conn:
                     if method == "POST":
                         _send(conn, self._act(listener, path), ACTION_SEND_TIMEOUT)
-                        continue
-                    answer = self._answer(path if method == "GET" else "", collect)
-                    _send(conn, answer)
-                except (OSError, ValueError):
-                    pass                      # a client that went away, or was too slow
+                    else:
+                        _send(conn, self._answer(path if method == "GET" else "", collect))
+            except (OSError, ValueError):
+                conn.close()                  # a client that went away, or was too slow
 
     def _act(self, listener: socket.socket, path: str) -> bytes:
         """The answer to `POST path`: 200 with the action's body, or one line saying why not."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pyvirtiofsd.common import snapshot, virtio
+from pyvirtiofsd.common import inflight, snapshot, virtio
 from pyvirtiofsd.common.control import MAX_FDS as CONTROL_MAX_FDS
 from pyvirtiofsd.common.control import RingFlag, RingGeometry
 from pyvirtiofsd.common.devstate import StateError
@@ -33,6 +33,7 @@ from pyvirtiofsd.common.vhost_user import (
     U64,
     ConfigSpace,
     Header,
+    InflightDescription,
     LogDescription,
     MemoryRegion,
     ProtocolFeature,
@@ -62,6 +63,7 @@ BASE_PROTOCOL_FEATURES = (
     | ProtocolFeature.STATUS
     | ProtocolFeature.DEVICE_STATE
     | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.INFLIGHT_SHMFD
 )
 # Every region's fd reaches the workers in one control message.
 MAX_MEM_SLOTS = CONTROL_MAX_FDS
@@ -143,6 +145,8 @@ class QueueControl(Protocol):
     def prepare_state(self) -> None: ...
     def set_log_base(self, size: int, offset: int, fd: int | None) -> None: ...
     def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None: ...
+    def set_inflight(self, fd: int | None, offset: int = 0, queue_size: int = 0,
+                     num_queues: int = 0) -> None: ...
 
 
 @dataclass
@@ -234,6 +238,10 @@ RULES: dict[Request, Rule] = {
     Request.SET_DEVICE_STATE_FD: Rule(DEVICE_STATE_PARAMS.size, fds=(1, 1), replies=True,
                                       gate=ProtocolFeature.DEVICE_STATE),
     Request.CHECK_DEVICE_STATE: Rule(0, replies=True, gate=ProtocolFeature.DEVICE_STATE),
+    Request.GET_INFLIGHT_FD: Rule(InflightDescription.STRUCT.size, replies=True,
+                                  gate=ProtocolFeature.INFLIGHT_SHMFD),
+    Request.SET_INFLIGHT_FD: Rule(InflightDescription.STRUCT.size, fds=(1, 1),
+                                  gate=ProtocolFeature.INFLIGHT_SHMFD),
 }
 # With --dax: the back-end channel, fds over it, and VIRTIO shared memory regions.
 DAX_PROTOCOL_FEATURES = (ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD
@@ -294,6 +302,10 @@ class Backend:
     # later; and the logging state each ring's worker was last given (log_all, ring, address).
     dirty_log: tuple[LogDescription, int] | None = None
     log_sent: dict[int, tuple[bool, bool, int]] = field(default_factory=dict)
+    # The inflight region of this connection (INFLIGHT_SHMFD): its memfd and description.
+    inflight: tuple[int, InflightDescription] | None = None
+    # Fds that go with the next reply (GET_INFLIGHT_FD); the sender closes them once sent.
+    reply_fds: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.vrings = [Vring() for _ in range(self.num_queues)]
@@ -720,6 +732,69 @@ class Backend:
             vring.enabled = False
             vring.close_fds()
 
+    # -- inflight I/O tracking (protocol.md 1.11) ------------------------------------------
+    def on_get_inflight_fd(self, payload: bytes, fds: list[int]) -> bytes:
+        """A zeroed region for the queues asked for, as libvhost-user lays it out (a memfd,
+        offset 0); this connection uses it at once, and the front-end keeps it and hands
+        it back with SET_INFLIGHT_FD on every (re)connection."""
+        want = self._inflight_description(InflightDescription.unpack(payload))
+        size = inflight.region_size(want.num_queues, want.queue_size)
+        try:
+            fd = os.memfd_create("pyvirtiofsd-inflight", os.MFD_CLOEXEC)
+        except OSError as e:
+            raise RequestError(f"cannot allocate an inflight region: {e.strerror}") from None
+        try:
+            os.ftruncate(fd, size)
+            mine = os.dup(fd)
+        except OSError as e:
+            os.close(fd)
+            raise RequestError(f"cannot allocate an inflight region of {size} bytes:"
+                               f" {e.strerror}") from None
+        got = InflightDescription(size, 0, want.num_queues, want.queue_size)
+        self._use_inflight(mine, got)
+        self.reply_fds.append(fd)
+        return got.pack()
+
+    def on_set_inflight_fd(self, payload: bytes, fds: list[int]) -> None:
+        got = self._inflight_description(InflightDescription.unpack(payload))
+        need = inflight.region_size(got.num_queues, got.queue_size)
+        if got.mmap_size < need or got.mmap_offset % inflight.ALIGNMENT:
+            raise RequestError(f"SET_INFLIGHT_FD: {got.mmap_size} bytes at offset"
+                               f" {got.mmap_offset} for {got.num_queues} queues of"
+                               f" {got.queue_size} (need {need} bytes, {inflight.ALIGNMENT}-byte"
+                               " aligned)")
+        try:
+            size = os.fstat(fds[0]).st_size
+        except OSError as e:
+            raise RequestError(f"SET_INFLIGHT_FD: {e.strerror}") from None
+        if size < got.mmap_offset + need:
+            raise RequestError(f"SET_INFLIGHT_FD: the file holds {size} bytes, the region ends"
+                               f" at {got.mmap_offset + need}")
+        self._use_inflight(fds.pop(), got)
+
+    def _inflight_description(self, d: InflightDescription) -> InflightDescription:
+        if not d.is_valid() or d.num_queues > self.num_queues \
+                or d.queue_size > self.max_queue_size:
+            raise RequestError(f"inflight region for {d.num_queues} queues of {d.queue_size}"
+                               f" descriptors (this device: 1..{self.num_queues} queues,"
+                               f" power-of-two sizes up to {self.max_queue_size})")
+        return d
+
+    def _use_inflight(self, fd: int, d: InflightDescription) -> None:
+        self.drop_inflight()
+        self.inflight = (fd, d)
+        self.queues.set_inflight(fd, d.mmap_offset, d.queue_size, d.num_queues)
+
+    def drop_inflight(self) -> None:
+        if self.inflight is not None:
+            self.queues.set_inflight(None)
+            os.close(self.inflight[0])
+            self.inflight = None
+
+    def take_reply_fds(self) -> list[int]:
+        fds, self.reply_fds = self.reply_fds, []
+        return fds
+
     def close(self) -> None:
         """End of the connection: stop rings, drop memory and notifiers."""
         self.stop_all()
@@ -728,6 +803,9 @@ class Backend:
         self.queues.drop_memory()
         if self.dax is not None:
             self.dax.close()
+        self.drop_inflight()
+        for fd in self.take_reply_fds():
+            os.close(fd)
 
     # -- crosvm's SLEEP / WAKE / SNAPSHOT / RESTORE (docs/crosvm.md) ------------------------
     def on_sleep(self, payload: bytes, fds: list[int]) -> bytes:

@@ -61,6 +61,7 @@ from pyvirtiofsd.common.vhost_user import (
     FsMapFlag,
     Header,
     HeaderFlag,
+    InflightDescription,
     LogDescription,
     MemoryRegion,
     ProtocolFeature,
@@ -463,6 +464,7 @@ class Frontend:
         self.queue_num: int | None = None
         self.memory: GuestMemory | None = None
         self.queues: dict[int, DriverQueue] = {}
+        self.inflight_region: tuple[int, InflightDescription] | None = None
         self._closed = False
 
     @property
@@ -482,18 +484,27 @@ class Frontend:
                 mem_size: int = 64 << 20, regions: int = 1, event_idx: bool = True,
                 indirect: bool = True, reply_ack: bool = True,
                 protocol_features: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-                process: subprocess.Popen | None = None) -> Frontend:
+                process: subprocess.Popen | None = None, inflight: bool = False) -> Frontend:
         """Connect and bring the device up the way QEMU does (protocol.md 1.7, 1.14).
 
         GET_FEATURES, SET_OWNER, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_FEATURES,
+        (with `inflight`: GET_INFLIGHT_FD, SET_INFLIGHT_FD, kept as `inflight_region`)
         SET_MEM_TABLE, then per ring NUM, BASE, ADDR, KICK, CALL, ENABLE.
         """
         fe = cls(connect_unix(socket_path, timeout, process), timeout=timeout, process=process)
         try:
+            if inflight:
+                protocol_features = (DEFAULT_PROTOCOL_FEATURES if protocol_features is None
+                                     else protocol_features) | ProtocolFeature.INFLIGHT_SHMFD
             fe.negotiate(event_idx=event_idx, indirect=indirect, reply_ack=reply_ack,
                          protocol_features=protocol_features)
             if fe.queue_num is not None and queues > fe.queue_num:
                 raise ValueError(f"{queues} queues asked, daemon has {fe.queue_num}")
+            if inflight:
+                if not fe.acked_protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+                    raise ValueError("the daemon does not offer INFLIGHT_SHMFD")
+                fe.inflight_region = fe.get_inflight_fd(queues, queue_size)
+                fe.set_inflight_fd(*fe.inflight_region)
             fe.memory = GuestMemory(mem_size, regions)
             fe.set_mem_table()
             for i in range(queues):
@@ -916,6 +927,52 @@ class Frontend:
         self.queues.clear()
         if self.memory is not None:
             self.memory.close()
+        if self.inflight_region is not None:
+            _close_fds((self.inflight_region[0],))
+            self.inflight_region = None
+
+    # -- inflight I/O tracking (protocol.md 1.11) and reconnecting as QEMU does
+
+    def get_inflight_fd(self, num_queues: int,
+                        queue_size: int) -> tuple[int, InflightDescription]:
+        """GET_INFLIGHT_FD: the region's fd (the caller's to close) and its description."""
+        msg = self._call(Request.GET_INFLIGHT_FD,
+                         InflightDescription(0, 0, num_queues, queue_size).pack())
+        if len(msg.fds) != 1 or len(msg.payload) != InflightDescription.STRUCT.size:
+            _close_fds(msg.fds)
+            raise ProtocolViolation(f"GET_INFLIGHT_FD reply of {len(msg.payload)} bytes with"
+                                    f" {len(msg.fds)} fds")
+        return msg.fds[0], InflightDescription.unpack(msg.payload)
+
+    def set_inflight_fd(self, fd: int, desc: InflightDescription) -> None:
+        self.send(Request.SET_INFLIGHT_FD, desc.pack(), [fd])
+
+    def reconnect(self, socket_path: str, *, protocol_features: int | None = None,
+                  inflight: tuple[int, InflightDescription] | None = None,
+                  process: subprocess.Popen | None = None) -> None:
+        """Bring the same device -- memory, rings, chains in flight -- up on a new connection
+        (to the same daemon or another), as QEMU does after it lost its back-end: a new session
+        (protocol.md 1.14), the inflight region handed back, and every ring restarted at its
+        used index, since GET_VRING_BASE could not be asked."""
+        new = connect_unix(socket_path, process=process or self.process)
+        if process is not None:
+            self.process = process
+        old = self.sock
+        for q in self.queues.values():
+            with contextlib.suppress(KeyError, ValueError):
+                q._poll.unregister(old.fileno())
+            q._poll.register(new.fileno(), select.POLLIN)
+        with contextlib.suppress(OSError):
+            old.close()
+        self.sock = new
+        self.timeout = self.timeout
+        self.acked_protocol_features = 0
+        self.negotiate(protocol_features=protocol_features)
+        if inflight is not None:
+            self.set_inflight_fd(*inflight)
+        self.set_mem_table()
+        for i, q in self.queues.items():
+            self.start_queue(i, base=q.used_idx())
 
     def __enter__(self) -> Frontend:
         return self

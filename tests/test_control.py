@@ -28,6 +28,8 @@ GOLDEN = [
     (control.SetEnable(1, seq=3), "0500000003000000" "01000000"),
     (control.Shutdown(seq=4), "0600000004000000"),
     (control.MemUnmap(seq=6), "0700000006000000"),
+    (control.SetInflight(0x840, 0x840, 128, 0, seq=7),
+     "0800000007000000" "4008000000000000" "4008000000000000" "80000000" "00000000"),
     (control.Spawn(2, seq=2), "1000000002000000" "02000000"),
     (control.Spawned(4242, seq=2), "1100000002000000" "92100000"),
     (control.Standby(seq=0xFFFFFFFF), "12000000ffffffff"),
@@ -130,3 +132,25 @@ def test_fd_allowance(msg: control.Message, most: int) -> None:
         for fd in fds:
             with pytest.raises(OSError):
                 os.fstat(fd)
+
+
+@pytest.mark.parametrize(("msg", "nfds", "ok"), [
+    (control.SetInflight(0x840, 0x840, 128, 1, seq=1), 1, True),
+    (control.SetInflight(0x840, 0x840, 128, 1, seq=1), 0, False),
+    (control.SetInflight(0, 0, 0, 0, seq=1), 0, True),
+    (control.SetInflight(0, 0, 0, 0, seq=1), 1, False),
+    (control.SetInflight(0x20, 0x840, 128, 1, seq=1), 1, False),     # not 64-byte aligned
+    (control.SetInflight(0, 0x800, 128, 1, seq=1), 1, False),        # no room for the header
+    (control.SetInflight(0, 0x840, 0, 1, seq=1), 1, False),          # no descriptors
+])
+def test_set_inflight_fds_follow_its_flag(msg: control.SetInflight, nfds: int, ok: bool) -> None:
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(nfds)]
+    if ok:
+        assert control.decode(msg.pack(), fds, control.TO_WORKER).fds == tuple(fds)
+        control.close_fds(fds)
+        return
+    with pytest.raises(control.ProtocolError, match="SET_INFLIGHT with"):
+        control.decode(msg.pack(), fds, control.TO_WORKER)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -33,6 +33,7 @@ from pyvirtiofsd.common.vhost_user import (
     HEADER_SIZE,
     U64,
     Header,
+    InflightDescription,
     MemoryRegion,
     ProtocolFeature,
     Request,
@@ -83,6 +84,11 @@ def payloads(draw, req: int) -> bytes:
         return pack_memory_table(draw(st.lists(regions, min_size=0, max_size=9)))
     if req in (Request.ADD_MEM_REG, Request.REM_MEM_REG):
         return pack_single_region(draw(regions))
+    if req in (Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD):
+        return InflightDescription(draw(st.sampled_from([0, 100, 4224, 8448, 1 << 20])),
+                                   draw(st.sampled_from([0, 32, 4096])),
+                                   draw(st.sampled_from([0, 1, NUM_QUEUES, NUM_QUEUES + 1])),
+                                   draw(st.sampled_from([0, 3, 128, 1024, 32768]))).pack()
     if req == Request.GET_CONFIG:
         return struct.pack("=III", draw(st.integers(0, 300)), draw(st.integers(0, 300)), 0) \
             + bytes(draw(st.integers(0, 300)))
@@ -107,13 +113,16 @@ def messages(draw) -> tuple[bytes, list[str]]:
     if req in (Request.SET_VRING_KICK, Request.SET_VRING_CALL, Request.SET_VRING_ERR) \
             and draw(st.booleans()):
         fds = ["eventfd"]
+    if req == Request.SET_INFLIGHT_FD and draw(st.booleans()):
+        fds = [draw(st.sampled_from(["memfd", "memfd-small"]))]
     return Header(req & 0xFFFFFFFF, flags, size & 0xFFFFFFFF).pack() + payload, fds
 
 
 def _start() -> list[tuple[bytes, list[str]]]:
     """The usual opening, so that sequences get past SET_OWNER and feature negotiation."""
     feats = F_PROTOCOL_FEATURES | (1 << 32) | (1 << 28) | (1 << 29)
-    pf = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    pf = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS
+             | ProtocolFeature.INFLIGHT_SHMFD)
     return [(Header(Request.SET_OWNER, 1, 0).pack(), []),
             (Header(Request.SET_PROTOCOL_FEATURES, 1, 8).pack() + U64.pack(pf), []),
             (Header(Request.SET_FEATURES, 9, 8).pack() + U64.pack(feats), []),
@@ -194,6 +203,10 @@ class FakeQueues:
         pass
 
     def set_log_state(self, index: int, log_all: bool, ring: bool, used_gpa: int) -> None:
+        pass
+
+    def set_inflight(self, fd, offset: int = 0, queue_size: int = 0,
+                     num_queues: int = 0) -> None:
         pass
 
 

@@ -361,6 +361,9 @@ def _kill_nobody(sig: int, pid: int = NOBODY_PID) -> Callable[[], None]:
     # the supervisor reads files but cannot write or create one
     ("supervisor", lambda: os.close(os.open("/dev/null", os.O_RDONLY)), True),
     ("supervisor", lambda: os.open("/dev/null", os.O_WRONLY), False),
+    # ... and makes the inflight region's memfd, close-on-exec
+    ("supervisor", lambda: os.close(os.memfd_create("inflight", os.MFD_CLOEXEC)), True),
+    ("supervisor", lambda: os.memfd_create("inflight", 0), False),
 ])
 def test_argument_filters(role: str, call, allowed: bool) -> None:
     status = run_confined(filter_for(role), "kill", call)
@@ -396,7 +399,7 @@ _PROBE_ARGS: dict[str, tuple[int, ...]] = {
     "rt_sigaction": (0, 0, 0, 8), "kill": (0x3FFFFFF0, 0), "fcntl": ((1 << 32) - 1, 0, 0),
     "ioctl": ((1 << 32) - 1, 0, 0), "prctl": (0, 0, 0, 0, 0),
     "socket": (0, socket.SOCK_DGRAM, 0), "socketpair": (0, socket.SOCK_DGRAM, 0, 0),
-    "seccomp": (0, 0, 0), "openat": ((1 << 32) - 1, 0, 0, 0),
+    "seccomp": (0, 0, 0), "openat": ((1 << 32) - 1, 0, 0, 0), "memfd_create": (0, 0),
     "tgkill": (0x3FFFFFF0, 0x3FFFFFF0, 0),      # no such thread: ESRCH
 }
 _HIGH_HALVES = (1 << 32, 0xFFFFFFFF << 32, 0x80000000 << 32)

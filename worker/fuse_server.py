@@ -36,7 +36,7 @@ import struct
 import time
 
 from pyvirtiofsd.common import fuse_abi as fa
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 from pyvirtiofsd.common.fuse_abi import InitFlag, Opcode
 from pyvirtiofsd.common.idmap import IdMap
 from pyvirtiofsd.common.stats import QueueStats
@@ -107,9 +107,12 @@ class Session:
     before the workers are forked.
     """
 
-    def __init__(self) -> None:
-        self._mm = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_SHARED,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    def __init__(self, fd: int | None = None) -> None:
+        """A new session, or (`fd`) the one in that memfd."""
+        if fd is None:
+            self.fd, self._mm = shm.create(mmap.PAGESIZE, "session")
+        else:
+            self.fd, self._mm = fd, shm.attach(fd)
         self._base = native.address_of(self._mm)
         self._word = native.u64_ptr(self._base, 0)
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
 import struct
 from collections.abc import Callable, Iterable
 
-from pyvirtiofsd.common import control
+from pyvirtiofsd.common import control, native
 from pyvirtiofsd.common.arena import Arena
 from pyvirtiofsd.common.control import (
     Ack,
@@ -45,6 +46,7 @@ from pyvirtiofsd.common.control import (
     RingStop,
     SetCall,
     SetEnable,
+    SetInflight,
     Shutdown,
     StateCheck,
     StateLoad,
@@ -53,6 +55,7 @@ from pyvirtiofsd.common.control import (
     Stopped,
 )
 from pyvirtiofsd.common.fuse_abi import OUT_HEADER, WRITE_IN, InitFlag, Opcode
+from pyvirtiofsd.common.inflight import InflightDesc, QueueRegion, map_region
 from pyvirtiofsd.common.journal import Journal, QueueJournal, SlotState, geometry_key
 from pyvirtiofsd.common.stats import Stats
 from pyvirtiofsd.worker import testhooks
@@ -168,6 +171,12 @@ class Worker:
         self.dirty_log = DirtyLog()
         # Buffers outside guest RAM may be in the DAX window while it exists (guestmem.py).
         self.mem.window = lambda: server.session.dax_window if server.dax is not None else 0
+        # The queue's part of the front-end's inflight region (SET_INFLIGHT), kept current by
+        # the journal's C writes while a ring runs; and what a ring start found in it to
+        # resubmit (a new daemon process, or a journal that does not describe the ring).
+        self.inflight: QueueRegion | None = None
+        self._inflight_map: mmap.mmap | None = None
+        self._resubmit: list[InflightDesc] = []
 
     @classmethod
     def build(cls, queue: int, channel: socket.socket, arena: Arena, session: Session,
@@ -292,6 +301,8 @@ class Worker:
             self.set_log_base(msg)
         elif isinstance(msg, LogState):
             self.set_log_state(msg)
+        elif isinstance(msg, SetInflight):
+            self.set_inflight(msg)
         elif isinstance(msg, MemUnmap):
             if self.queue is not None:
                 log.warning("queue %d: guest memory dropped under a running ring", self.index)
@@ -354,6 +365,75 @@ class Worker:
         self.mem.clear()
         self.mem = new
 
+    def set_inflight(self, msg: SetInflight) -> None:
+        """Map the queue's part of the inflight region (or drop it); used from the next ring
+        start on (vhost-user sets it before the rings start)."""
+        mapped = None
+        try:
+            if msg.has_fd:
+                mapped = map_region(msg.fds[0], msg.offset, msg.length)
+        finally:
+            control.close_fds(msg.fds)     # the mapping keeps the memfd
+        self._drop_inflight()
+        if mapped is not None:
+            self._inflight_map, off = mapped
+            self.inflight = QueueRegion(memoryview(self._inflight_map), off, msg.desc_num)
+
+    def _drop_inflight(self) -> None:
+        self.journal.set_inflight(0, 0)
+        if self.inflight is not None:
+            self.inflight.view.release()
+            self.inflight = None
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+            self._inflight_map = None
+
+    def _inflight_start(self, queue: SplitQueue, resume: bool) -> SplitQueue:
+        """Bring the inflight region in line with the ring being started, and attach it.
+        Resumed from the journal, the region is made to say what the journal holds; otherwise
+        the spec's reconnect step says what is still in flight (common/inflight.py), and those
+        heads are resubmitted before anything new is taken: popping resumes at used index +
+        their number, as libvhost-user does."""
+        region = self.inflight
+        assert region is not None and self.geometry is not None
+        used = queue.next_used
+        pending: list[InflightDesc] = []
+        if region.desc_num != queue.size:
+            log.warning("queue %d: the inflight region is for %d descriptors, the ring has %d:"
+                        " not tracked", self.index, region.desc_num, queue.size)
+            return queue
+        if resume:
+            # A push the predecessor made but did not record is settled first (recover() would
+            # do it after this), or its head would stay marked and be served again by a later
+            # daemon.
+            self.journal.settle_push(used)
+            region.reset(used)
+            for rec in self.journal.inflight():
+                region.mark(rec.head, rec.counter)
+        else:
+            try:
+                pending = region.resubmit(used)
+            except ValueError as e:
+                log.warning("queue %d: %s; it is started afresh", self.index, e)
+                region.reset(used)
+        assert self._inflight_map is not None
+        # The mapping's address, without keeping a buffer export (which would stop its close).
+        ptr = native.ffi.from_buffer("uint8_t[]", self._inflight_map, require_writable=True)
+        try:
+            address = int(native.ffi.cast("uintptr_t", ptr))
+        finally:
+            native.ffi.release(ptr)
+        self.journal.set_inflight(address + region.offset, region.desc_num)
+        if not pending:
+            return queue
+        num, desc, avail, used_addr, event_idx, indirect = self.geometry
+        queue = SplitQueue(self.mem, num, desc, avail, used_addr, used + len(pending),
+                           event_idx=event_idx, indirect=indirect)
+        self.journal.reset(used, geometry_key(num, desc, avail, used_addr), num)
+        self._resubmit = pending
+        self._recover_after = queue
+        return queue
+
     def start_ring(self, msg: RingStart) -> None:
         num, flags, desc, avail, used = msg.num, msg.flags, msg.desc, msg.avail, msg.used
         next_avail = msg.next_avail
@@ -390,9 +470,11 @@ class Worker:
         else:
             self._abandon()
             j.reset(next_avail, key, num)
+        self.geometry = (num, desc, avail, used, event_idx, indirect)
+        if self.inflight is not None:
+            queue = self._inflight_start(queue, resume)
         self.queue = queue
         self._apply_log()
-        self.geometry = (num, desc, avail, used, event_idx, indirect)
         self.kick = kick
         if kick is not None:
             self.poll.register(kick, select.POLLIN)
@@ -449,6 +531,9 @@ class Worker:
         if self._recover_after is not None:
             # Stopped before the journal was replayed: the next start replays it.
             self._recover_after = None
+        # Resubmissions not journaled yet: the region still holds them, for the next start.
+        self._resubmit = []
+        self.journal.set_inflight(0, 0)
         if self.queue is not None:
             self.stopped_at = self._next_avail()
         had_ring = self.queue is not None
@@ -498,14 +583,18 @@ class Worker:
     def recover(self, queue: SplitQueue) -> None:
         """Complete, in pop order and exactly once, what the journal holds (recovery.py)."""
         j = self.journal
+        resubmitted = bool(self._resubmit)
+        if resubmitted:
+            self._journal_resubmissions(queue)
         j.settle_push(queue.next_used)
         todo = j.inflight()
         if not todo:
             # The predecessor may have died between a push and its notification.
             self.signal()
             return
-        log.info("queue %d: completing %d request(s) the previous worker left in flight",
-                 self.index, len(todo))
+        if not resubmitted:
+            log.info("queue %d: completing %d request(s) the previous worker left in flight",
+                     self.index, len(todo))
         for rec in todo:
             if self.hooks is not None:
                 self.hooks.opcode = rec.opcode
@@ -530,6 +619,23 @@ class Worker:
             self._complete(queue, rec.head, used)
         # As libvhost-user after reconnecting: one call, whatever the suppression state says.
         self.signal()
+
+    def _journal_resubmissions(self, queue: SplitQueue) -> None:
+        """The heads the inflight region holds (spec "Inflight I/O tracking", on reconnect),
+        journaled as popped, in fetch order, from the avail positions they must have had (used
+        index + rank), all of them before any is served: the journal recovery then serves each
+        exactly once, and a worker killed meanwhile leaves its successor the whole list."""
+        pending, self._resubmit = self._resubmit, []
+        j = self.journal
+        base = (queue.next_avail - len(pending)) & 0xFFFF
+        log.info("queue %d: resubmitting %d request(s) the inflight region holds",
+                 self.index, len(pending))
+        for rank, d in enumerate(pending):
+            try:
+                opcode, unique = _peek(queue.walk(d.head).readable)
+            except ChainError:
+                opcode, unique = 0, 0            # recovery answers it with used length 0
+            j.popped(d.head, (base + rank) & 0xFFFF, opcode, unique, effects=False)
 
     # -- data plane -----------------------------------------------------------------------
     def signal(self) -> None:
