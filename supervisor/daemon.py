@@ -53,7 +53,7 @@ from pyvirtiofsd.supervisor.sandbox import Sandbox, SandboxError
 from pyvirtiofsd.supervisor.status import ActionError, StatusServer, status_path
 from pyvirtiofsd.supervisor.systemd import Notifier
 from pyvirtiofsd.supervisor.vhost import Backend, Disconnect, RequestError, receive
-from pyvirtiofsd.worker import migration
+from pyvirtiofsd.worker import locks, migration
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import Session
 from pyvirtiofsd.worker.main import Worker
@@ -166,6 +166,9 @@ class Supervisor:
         self.dax: DaxWindow | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
         self.session = Session(adopted.shared["session"] if adopted is not None else None)
+        if adopted is not None:
+            # Which guest lock owner holds which open file description (worker/locks.py).
+            locks.BOARD.adopt(adopted.shared["locks"])
         self.sandbox = Sandbox(config, max(64, self.num_queues))
         # Inflight journals, one per queue: a respawned worker completes what its predecessor
         # left in flight (common/journal.py).
@@ -348,6 +351,15 @@ class Supervisor:
                         started: list[int]) -> upgrade.Record:
         frontend = None
         if backend is not None:
+            # Connection state the handover record does not carry yet: refused, and this
+            # daemon serves on (docs/restart.md).
+            if backend.dirty_log is not None:
+                raise upgrade.Refused("dirty logging is on (a migration is under way);"
+                                      " upgrade once it is over")
+            if backend.dax is not None and backend.dax.channel is not None:
+                raise upgrade.Refused("the DAX back-end channel cannot be handed over")
+            if any(v.sleeping for v in backend.vrings):
+                raise upgrade.Refused("the rings are asleep (crosvm SLEEP); upgrade after WAKE")
             vrings = []
             for i, v in enumerate(backend.vrings):
                 a = v.addr or VringAddr(i, 0, 0, 0, 0, 0)
@@ -370,7 +382,7 @@ class Supervisor:
             argv, os.getpid(), self.procs.spawner_pid, listener,
             conn.fileno() if conn is not None else None,
             {"arena": self.arena.fd, "journal": self.journal.fd, "stats": self.stats.fd,
-             "session": self.session.fd}, self.upgrades, frontend)
+             "session": self.session.fd, "locks": locks.BOARD.fd}, self.upgrades, frontend)
 
     def adopt_backend(self, adopted: upgrade.Adopted) -> Backend:
         """The connection's device state as the previous daemon left it, its rings restarted

@@ -22,7 +22,7 @@ The record (version 1) is one JSON object, validated field by field before anyth
     pid, spawner    the old supervisor's and spawner's pids
     listener, conn  fds of the vhost-user socket and connection (null: none; without
                     --reconnect the socket is closed once a front-end connected)
-    shared          {"arena", "journal", "stats", "session"}: memfds (common/shm.py)
+    shared          {"arena", "journal", "stats", "session", "locks"}: memfds (common/shm.py)
     upgrades        upgrades so far
     frontend        null, or the connection's device state: features, protocol_features,
                     status; regions [[gpa, size, uaddr, mmap_offset, fd]]; inflight null or
@@ -148,9 +148,10 @@ class Record:
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise Refused("handover record: argv is not a list of strings")
         shared = doc.get("shared")
-        names = ("arena", "journal", "stats", "session")
+        names = ("arena", "journal", "stats", "session", "locks")
         if not isinstance(shared, dict) or set(shared) != set(names):
-            raise Refused("handover record: shared must name arena, journal, stats, session")
+            raise Refused("handover record: shared must name arena, journal, stats, session,"
+                          " locks")
         return cls(tuple(argv), _int(doc.get("pid"), "pid", 31),
                    _int(doc.get("spawner"), "spawner", 31),
                    _fd(doc.get("listener"), "listener", True),

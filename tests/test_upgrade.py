@@ -232,7 +232,8 @@ def test_upgrade_before_any_front_end(daemon_factory, upgraded) -> None:
 GOOD_RECORD = {
     "format": "pyvirtiofsd-handover", "version": 1, "argv": ["--shared-dir=/s"], "pid": 10,
     "spawner": 11, "listener": 3, "conn": 4,
-    "shared": {"arena": 5, "journal": 6, "stats": 7, "session": 8}, "upgrades": 0,
+    "shared": {"arena": 5, "journal": 6, "stats": 7, "session": 8, "locks": 30},
+    "upgrades": 0,
     "frontend": {"features": 1 << 32, "protocol_features": 3, "status": 15,
                  "regions": [[0, 1 << 20, 0x7F0000000000, 0, 9]],
                  "inflight": [10, 4224, 0, 2, 128],
@@ -347,3 +348,68 @@ def test_an_upgrade_keeps_thousands_of_inodes(daemon_factory, upgraded) -> None:
             assert c.getattr(nodes[n]).attr.ino == (d.share / n).stat().st_ino
     finally:
         fe.close()
+
+
+def test_guest_locks_live_on_through_an_upgrade(daemon_factory, upgraded) -> None:
+    """The board saying which guest owner holds which open file description is handed over
+    with the tables (worker/locks.py): after the upgrade the holder still conflicts with
+    others and can let go, and the host sees both."""
+    from tests.test_locks import EOF, RD, UN, WR, host_ofd_test
+
+    d = daemon_factory()
+    path = d.share / "f"
+    path.write_bytes(b"x" * 4096)
+    fe = Frontend.connect(d.socket, process=d.proc)
+    try:
+        c = FuseClient(fe, pid=101)
+        c.init()
+        node = c.lookup(ROOT, "f").nodeid
+        fh, fh2 = c.open(node, os.O_RDWR).fh, c.open(node, os.O_RDWR).fh
+        c.setlk(node, fh, 0xA, 0, 99, WR, pid=101)
+        assert host_ofd_test(path, RD, 0, 10) == WR
+        fe.process = None
+        new = start_upgrade(d)
+        upgraded.append(new)
+        assert d.proc.wait(timeout=30) == 0, d.text + new.text
+        new.took_over()
+        # Still held by owner A, as the guest was told.
+        assert c.getlk(node, fh2, 0xB, 50, 60, RD) == (0, 99, WR, 101)
+        assert host_ofd_test(path, RD, 0, 10) == WR
+        # Owner A lets go through the board the new daemon adopted: nothing is left behind.
+        c.setlk(node, fh, 0xA, 0, EOF, UN)
+        assert host_ofd_test(path, WR, 0, 0) == UN
+        c.setlk(node, fh2, 0xB, 0, 9, WR, pid=202)
+        assert host_ofd_test(path, RD, 0, 10) == WR
+        assert "Traceback" not in new.text + d.text, new.text + d.text
+    finally:
+        fe.close()
+
+
+def test_an_upgrade_during_a_migration_is_refused_and_the_daemon_serves_on(daemon_factory,
+                                                                           upgraded) -> None:
+    """The handover record does not carry the dirty log: refused with one line, the old
+    daemon restarts its rings and goes on logging."""
+    from tests.frontend import DirtyLog
+
+    d = daemon_factory()
+    (d.share / "f").write_bytes(b"still here")
+    fe = Frontend.connect(d.socket, process=d.proc)
+    log = DirtyLog(fe.memory)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        node = c.lookup(ROOT, "f").nodeid
+        fh = c.open(node, os.O_RDONLY).fh
+        fe.set_log_base(log)
+        fe.set_logging(True)
+        new = start_upgrade(d)
+        upgraded.append(new)
+        assert new.proc.wait(timeout=30) != 0
+        d.wait_for("live upgrade failed: dirty logging is on")
+        log.clear()
+        assert c.read(node, fh, 0, 10) == b"still here"
+        assert log.pages(), "the old daemon stopped logging"
+        assert d.proc.poll() is None
+    finally:
+        fe.close()
+        log.close()

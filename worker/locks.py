@@ -47,7 +47,6 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
-import mmap
 import os
 import signal
 import struct
@@ -55,7 +54,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from pyvirtiofsd.common import native
+from pyvirtiofsd.common import native, shm
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -107,13 +106,30 @@ def flock_range(l_start: int, l_len: int) -> tuple[int, int]:
 
 
 class LockBoard:
-    """The lock state every worker shares: one anonymous MAP_SHARED mapping, made before the
-    workers are forked.  Changed by the workers' main threads only, under the board's lock;
+    """The lock state every worker shares: one MAP_SHARED mapping, made before the workers are
+    forked.  Changed by the workers' main threads only, under the board's lock;
     a helper thread only reads whether its request was interrupted."""
 
     def __init__(self) -> None:
-        self._mm = mmap.mmap(-1, _SIZE, flags=mmap.MAP_SHARED,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # A memfd (common/shm.py), so that a daemon taking over in a live upgrade
+        # (supervisor/upgrade.py) maps the very same board: the guest's locks live on in the
+        # handle table's open file descriptions, and the board says which owner holds which.
+        self.fd, self._mm = shm.create(_SIZE, "locks")
+        self._map()
+
+    def adopt(self, fd: int) -> None:
+        """Use the board of the daemon this one took over from (before any worker forks)."""
+        mm = shm.attach(fd)
+        if len(mm) != _SIZE:
+            mm.close()
+            raise ValueError(f"a lock board of {len(mm)} bytes, not {_SIZE}")
+        # The board made at import stays mapped (its address was handed out to C): unused.
+        os.close(self.fd)
+        self._unused = self._mm
+        self.fd, self._mm = fd, mm
+        self._map()
+
+    def _map(self) -> None:
         self._base = native.address_of(self._mm)
         self._word = native.u32_ptr(self._base, _LOCK_OFF)
         self._live = native.u32_ptr(self._base, _LIVE_OFF)
