@@ -52,7 +52,7 @@ import signal
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pyvirtiofsd.common import native, shm
 
@@ -201,38 +201,24 @@ class LockBoard:
         _n, _o, fh, _via, pid = _OWNER.unpack_from(self._mm, at)
         return fh, pid
 
-    def owners_of(self, nodeid: int) -> list[tuple[int, int, int]]:
-        """(owner, fh, pid) of every owner slot of `nodeid`."""
-        out = []
+    def _slots_of(self, nodeid: int) -> Iterator[tuple[int, int, int, int]]:
+        """(owner, fh, via, pid) of every owner slot of `nodeid`."""
         if not self._live[0]:
-            return out
-        mm = self._mm
+            return
         key = _U64.pack(nodeid)
         at = _OWNERS_OFF
-        while True:
-            at = self._find(key, at, self._owners_end(), _OWNER.size)
-            if at < 0:
-                return out
-            _n, o, fh, _via, pid = _OWNER.unpack_from(mm, at)
-            out.append((o, fh, pid))
+        while (at := self._find(key, at, self._owners_end(), _OWNER.size)) >= 0:
+            _n, owner, fh, via, pid = _OWNER.unpack_from(self._mm, at)
+            yield owner, fh, via, pid
             at += _OWNER.size
+
+    def owners_of(self, nodeid: int) -> list[tuple[int, int, int]]:
+        """(owner, fh, pid) of every owner slot of `nodeid`."""
+        return [(owner, fh, pid) for owner, fh, _via, pid in self._slots_of(nodeid)]
 
     def owners_via(self, nodeid: int, fh: int) -> list[int]:
         """The owners of `nodeid` whose OFD was made for a lock through the guest's `fh`."""
-        out = []
-        if not self._live[0]:
-            return out
-        mm = self._mm
-        key = _U64.pack(nodeid)
-        at = _OWNERS_OFF
-        while True:
-            at = self._find(key, at, self._owners_end(), _OWNER.size)
-            if at < 0:
-                return out
-            _n, o, _fh, via, _pid = _OWNER.unpack_from(mm, at)
-            if via == fh:
-                out.append(o)
-            at += _OWNER.size
+        return [owner for owner, _fh, via, _pid in self._slots_of(nodeid) if via == fh]
 
     def add_owner(self, nodeid: int, owner: int, fh: int, via: int, pid: int) -> int | None:
         """Record the owner's OFD `fh`, made for a lock through the guest's handle `via`;
