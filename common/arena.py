@@ -76,7 +76,8 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 from pyvirtiofsd.common import native
 from pyvirtiofsd.common.journal import QueueJournal
 
-__all__ = ["Arena", "HandleTable", "InodeTable", "Pinnable", "Pinned", "QueueCounters"]
+__all__ = ["Arena", "HandleTable", "InodeEntry", "InodeTable", "Pinnable", "Pinned",
+           "QueueCounters"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -213,11 +214,14 @@ class InodeTable(_SlotTable):
             self._opened.append((nodeid, fd))
         return fd
 
-    def _close_opened(self, nodeid: int) -> None:
+    def _close_opened(self, nodeid: int, journal: QueueJournal | None = None) -> None:
         opened = self._opened
         for i in range(len(opened) - 1, -1, -1):
             if opened[i][0] == nodeid:
-                os.close(opened.pop(i)[1])
+                fd = opened.pop(i)[1]
+                if journal is not None:
+                    journal.disown_fd(fd)   # before the close: never a number reused since
+                os.close(fd)
                 return
 
     def set_root(self, fd: int, dev: int, ino: int) -> None:
@@ -283,7 +287,7 @@ class InodeTable(_SlotTable):
         try:
             self._by_id(nodeid, _lib.vfs_inode_release_j, self._c, journal.cdata, nodeid)
         finally:
-            self._close_opened(nodeid)
+            self._close_opened(nodeid, journal)
 
     def forget_journaled(self, journal: QueueJournal, nodeid: int, nlookup: int) -> None:
         """forget, announced in the journal with the lookup count it found and counted after

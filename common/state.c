@@ -1021,6 +1021,8 @@ uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue)
 #define JQ_EFF_COUNT 5        /* u32 count, u32 overflow */
 #define JQ_EFF_FORGETS 6
 #define JQ_PENDING_NODE 7
+#define JQ_FDS 8              /* 16 x i32, fd + 1 (0: empty): QueueJournal.own_fd */
+#define JQ_MAX_FDS 16
 #define JQ_PINS 16
 #define JQ_PIN_KINDS_OFF (24 * 8)
 #define JQ_PENDING_BEFORE 25
@@ -1138,6 +1140,30 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
     put64(jq_w(q, JQ_PUSHING), 0);
 }
 
+/* QueueJournal.own_fd / disown_fd: an fd this worker holds in the fd table its queue's
+ * successor inherits, which that successor closes (JournaledArena.reclaim). */
+void vfs_jq_own_fd(struct vfs_jq *q, int fd)
+{
+    int32_t *fds = (int32_t *)jq_w(q, JQ_FDS);
+    for (unsigned i = 0; i < JQ_MAX_FDS; i++) {
+        if (__atomic_load_n(&fds[i], __ATOMIC_RELAXED) == 0) {
+            __atomic_store_n(&fds[i], fd + 1, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+void vfs_jq_disown_fd(struct vfs_jq *q, int fd)
+{
+    int32_t *fds = (int32_t *)jq_w(q, JQ_FDS);
+    for (unsigned i = 0; i < JQ_MAX_FDS; i++) {
+        if (__atomic_load_n(&fds[i], __ATOMIC_RELAXED) == fd + 1) {
+            __atomic_store_n(&fds[i], 0, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
@@ -1221,6 +1247,8 @@ int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t d
 int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd)
 {
     int rc = vfs_inode_acquire(a, nodeid, fd);
+    if (rc == VFS_OPENED)
+        vfs_jq_own_fd(q, *fd);   /* a successor closes it if this worker dies holding it */
     if (rc >= 0)
         vfs_jq_pin(q, VFS_PIN_INODE, nodeid);   /* -1 (no room): the pin may leak, no worse */
     return rc;
@@ -1380,20 +1408,26 @@ int vfs_inode_restore(struct vfs_arena *a, uint64_t nodeid, int fd, uint64_t nlo
                       uint64_t dev, uint64_t ino, uint64_t mnt_id)
 {
     struct slots t = inode_slots(a);
-    int rc;
+    struct inode_fh fh = {0, 0, {0}};
+    /* Found again by a load, an inode is kept as the lookups of this daemon keep it. */
+    int rc, by_handle = fd >= 0 && handle_of(a, fd, mnt_id, &fh);
     table_lock(a, &t);
     struct inode_entry *e = (struct inode_entry *)restore_claim(&t, nodeid, &rc);
     if (e) {
         e->h.aux = nlookup;
         e->h.pins = 0;
-        e->h.fd = fd;
+        e->h.fd = by_handle ? VFS_FD_BY_HANDLE : fd;
         e->dev = dev;
         e->ino = ino;
         e->mnt_id = mnt_id;
         e->next_free = 0;
+        if (by_handle)
+            *fh_at(a, (uint32_t)(nodeid & LOW32)) = fh;   /* counted by vfs_arena_restored */
         slot_commit(&e->h, (nodeid & ~LOW32) | ST_LIVE);
     }
     table_unlock(&t);
+    if (e && by_handle)
+        close_owned(fd);
     return rc;
 }
 

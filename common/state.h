@@ -134,6 +134,10 @@ void vfs_jq_executing(struct vfs_jq *q, uint32_t kind, uint32_t flags, uint64_t 
 void vfs_jq_replied(struct vfs_jq *q, uint16_t head, uint32_t used_len, uint16_t used_idx);
 void vfs_jq_pushed(struct vfs_jq *q, uint16_t head);
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident);          /* slot or -1 */
+/* Record / drop an fd a successor must close (an inode's fd opened from its file handle):
+ * recorded after it is opened, dropped before it is closed.  No room: it may leak. */
+void vfs_jq_own_fd(struct vfs_jq *q, int fd);
+void vfs_jq_disown_fd(struct vfs_jq *q, int fd);
 void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident);
 void vfs_jq_begin_effects(struct vfs_jq *q, uint64_t counter, uint64_t forgets);
 void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident);

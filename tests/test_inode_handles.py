@@ -14,11 +14,15 @@ from collections.abc import Iterator
 
 import pytest
 
+from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
 from tests import test_daemon_fuse as suite
+from tests import test_migration as migration
+from tests import test_recovery as recovery
 from tests.conftest import DATA_PLANES
 from tests.frontend import Frontend, FuseClient
 from tests.test_daemon_fuse import Session, _settled, _worker_fds, errno_of, outside  # noqa: F401
+from tests.test_recovery import rig  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.data_planes(*DATA_PLANES)
 ROOT = fa.ROOT_ID
@@ -189,3 +193,53 @@ def test_same_inodes_looked_up_on_two_queues_at_once(open_session) -> None:
     assert q2.read(ids["n07"], q2.open(ids["n07"], os.O_RDONLY).fh, 0, 10) == b"n07"
     q1.batch_forget([(i, 1) for i in ids.values()])
     assert errno_of(q1.getattr, ids["n07"]) == errno.EBADF       # counted exactly twice
+
+
+# --- migration: file handles and paths, into a daemon that keeps handles too -------------------
+
+@pytest.mark.parametrize("mode", migration.MODES)
+@pytest.mark.parametrize("sandbox", [(), ("--sandbox=namespace", "--seccomp=kill")],
+                         ids=["no-sandbox", "namespace"])
+def test_migration_with_prefer(daemon_factory, mode: str, sandbox: tuple[str, ...]) -> None:
+    """test_migration's scenario with prefer on both sides: the source's inodes kept as file
+    handles are saved (opened for the walk, closed after), and the destination keeps the ones
+    it finds again as file handles: once a file is deleted on the host its nodeid answers
+    ESTALE, where an O_PATH fd would have kept it alive."""
+    src = daemon_factory(PREFER, f"--migration-mode={mode}", *sandbox)
+    dst = daemon_factory(PREFER, f"--migration-mode={mode}", *sandbox)
+    g = migration.hold(src)
+    data = g.fe.save_state()
+    if not sandbox:                                  # (the sandbox's spawner is deeper down)
+        stopped = _worker_fds(src)
+        assert g.fe.save_state() == data
+        assert _worker_fds(src) == stopped           # the walk's fds are closed again
+    held = {i.nodeid for i in devstate.decode(data).inodes}
+    assert {ROOT, g.dir_id, g.rw_id, g.ro_id, g.nested_id} <= held
+    g.fe.close()
+    fe, c = migration.resume(dst, data)
+    with fe:
+        assert c.read(g.rw_id, g.rw_fh, 0, 100) == b"before"
+        assert c.write(g.rw_id, g.rw_fh, 6, b" and after") == 10
+        assert (dst.share / "dir" / "rw.txt").read_bytes() == b"before and after"
+        assert migration.names(c, g.dir_id, g.dir_fh) == {b"sub", b"rw.txt"}
+        assert c.getattr(g.nested_id).attr.size == 4
+        assert c.lookup(g.dir_id, "rw.txt").nodeid == g.rw_id
+        os.unlink(dst.share / "dir" / "sub" / "deep.txt")
+        assert errno_of(c.getattr, g.nested_id) == errno.ESTALE
+    assert "Traceback" not in src.text + dst.text
+    assert "seccomp refused" not in src.text + dst.text
+
+
+# --- recovery: a worker killed in the middle of a request -------------------------------------
+
+@pytest.mark.parametrize("point", recovery.POINTS)
+@pytest.mark.parametrize("opcode", ["LOOKUP", "READ", "RENAME", "MKDIR", "SETATTR"])
+def test_worker_killed_inside_a_request(rig, opcode: str, point: str) -> None:  # noqa: F811
+    """test_recovery's scenarios with prefer: the fd a pin opened from a file handle is in
+    the journal, so the successor closes it -- the fd table is back where it was."""
+    r = rig(f"{opcode}:{point}", PREFER)
+    base = r.table_fds()
+    recovery.CASES[opcode](r)
+    r.settled()
+    assert r.table_fds() == base, r.daemon.text
+    assert r.daemon.text.count("test hook") == 1

@@ -678,8 +678,10 @@ static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
      * as PassthroughFs does. */
     if (rc < 0)
         return rc == -EBADF || rc == -EINVAL ? -EBADF : rc;
-    if (rc == VFS_OPENED)
+    if (rc == VFS_OPENED) {
         e->opened[e->nopened++] = (struct vfs_engine_opened){nodeid, *fd};
+        vfs_jq_own_fd(e->jq, *fd);   /* closed by a successor if this worker dies now */
+    }
     vfs_jq_pin(e->jq, VFS_PIN_INODE, nodeid);
     return 0;
 }
@@ -692,6 +694,7 @@ static void unpin_inode(struct vfs_engine *e, uint64_t nodeid) {
         if (e->opened[i].nodeid == nodeid) {
             int fd = e->opened[i].fd;
             e->opened[i] = e->opened[--e->nopened];
+            vfs_jq_disown_fd(e->jq, fd);
             /* Checked and ignored: an O_PATH fd, released by Linux whatever close says. */
             int rc = close(fd);
             (void)rc;
