@@ -36,18 +36,21 @@ the unsafe way).
 
 Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes):
 
-    0     header        "=8sIIIII"   magic "PVFSARN2", version 2, max_inodes, index_buckets,
+    0     header        "=8sIIIII"   magic "PVFSARN2", version 3, max_inodes, index_buckets,
                                      max_handles, max_queues
     32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
                                      limit); see ``limit_fds``
-    64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
-    128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
+    64    inode header  "=IIIIIII"   lock, free_head, hwm, live, index_used, repairs, by_handle
+    128   handle header "=IIIIIII"   lock, free_head, hwm, live, (unused), repairs, (unused)
     192   counters      max_queues x "=Q"                      (request count per queue)
     ...   inode entries (max_inodes + 1) x 56 bytes, slot 0 unused:
             "=QQIiQQQII" state, nlookup, pins, fd, dev, ino, mnt_id, next_free, (pad)
     ...   inode index   index_buckets x "=I": 0 empty, 0xFFFFFFFF tombstone, else a slot
     ...   handle entries (max_handles + 1) x 32 bytes, slot 0 unused:
             "=QQIiII"    state, nodeid, pins, fd, flags, next_free
+    ...   inode file handles (max_inodes + 1) x 48 bytes, slot 0 unused:
+            "=iI40s"     handle type, length, handle -- of an inode entry whose fd is -2
+                         (--inode-file-handles: kept as a file handle, opened for each pin)
 Both kinds of entry start with the same 24 bytes (state, nlookup or nodeid, pins, fd), all that
 the slot core shared by the two tables touches.  Each region starts on a 64-byte boundary.
 free_head chains free slots through next_free (0 ends the list); slots at or above the
