@@ -16,11 +16,12 @@ import pytest
 
 from pyvirtiofsd.common import devstate
 from pyvirtiofsd.common import fuse_abi as fa
+from tests import test_availability as availability
 from tests import test_daemon_fuse as suite
 from tests import test_migration as migration
 from tests import test_recovery as recovery
 from tests.conftest import DATA_PLANES
-from tests.frontend import Frontend, FuseClient
+from tests.frontend import Frontend, FuseClient, FuseError
 from tests.test_daemon_fuse import Session, _settled, _worker_fds, errno_of, outside  # noqa: F401
 from tests.test_recovery import rig  # noqa: F401 (a fixture)
 
@@ -243,3 +244,34 @@ def test_worker_killed_inside_a_request(rig, opcode: str, point: str) -> None:  
     r.settled()
     assert r.table_fds() == base, r.daemon.text
     assert r.daemon.text.count("test hook") == 1
+
+
+def test_inodes_past_the_fd_budget(daemon_factory, share) -> None:
+    """test_availability's fd budget with prefer: inodes kept as handles hold no fd, so the
+    guest looks up four times as many as the budget lets it hold as fds (all refused with
+    ENFILE past the budget without prefer), and they all answer; open files still count."""
+    nofile = availability.NOFILE
+    budget = availability.guest_fd_budget(nofile)
+    n = 4 * nofile
+    for i in range(n):
+        (share / f"f{i}").write_bytes(b"x")
+    d = daemon_factory("--request-queues=1", f"--rlimit-nofile={nofile}", PREFER)
+    fe = Frontend.connect(d.socket, process=d.proc, queues=2)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        held = _lookup_many(c, n)
+        assert len(set(held)) == n > budget
+        assert all(c.getattr(nid).attr.size == 1 for nid in held[::37])
+        handles = []
+        with pytest.raises(FuseError) as ei:
+            for nid in held:
+                handles.append(c.open(nid, os.O_RDONLY).fh)
+        assert ei.value.errno == errno.ENFILE
+        assert len(handles) == budget - 1           # the root's fd is one of them
+        for nid, fh in zip(held[:len(handles)], handles, strict=True):
+            c.release(nid, fh)
+        c.batch_forget([(nid, 1) for nid in held])
+    finally:
+        fe.close()
+    assert "Traceback" not in d.text, d.text
