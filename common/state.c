@@ -722,6 +722,21 @@ static int open_fh(const struct vfs_arena *a, uint32_t slot)
     return fd >= 0 ? fd : -err;
 }
 
+/* Whether the entry in `slot`, kept as a file handle, is another file than the one whose handle
+ * is `fh` although (dev, ino) match: its file was deleted -- nothing held it open, as an fd
+ * would -- and the inode number went to a new file (a new generation in the handle).  The
+ * stale entry must not answer for the new file (virtiofsd looks inodes up by handle first);
+ * it stays, answering ESTALE, until the guest forgets it. */
+static int other_file(const struct vfs_arena *a, uint32_t slot, const struct inode_entry *e,
+                      int by_handle, const struct inode_fh *fh)
+{
+    if (!by_handle || e->h.fd != VFS_FD_BY_HANDLE)
+        return 0;
+    const struct inode_fh *kept = fh_at(a, slot);
+    return kept->type != fh->type || kept->len != fh->len ||
+           memcmp(kept->bytes, fh->bytes, fh->len) != 0;
+}
+
 int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino,
                                uint64_t mnt_id, uint64_t *nodeid, int *inserted)
 {
@@ -748,7 +763,7 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
             continue;
         const struct inode_entry *e = inode_at(&t, s);
         if (e->ino == ino && e->dev == dev && e->mnt_id == mnt_id &&
-            (e->h.state & LOW32) == ST_LIVE) {
+            (e->h.state & LOW32) == ST_LIVE && !other_file(a, s, e, by_handle, &fh)) {
             slot = s;
             break;
         }

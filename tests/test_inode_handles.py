@@ -275,3 +275,27 @@ def test_inodes_past_the_fd_budget(daemon_factory, share) -> None:
     finally:
         fe.close()
     assert "Traceback" not in d.text, d.text
+
+
+def test_an_inode_number_reused_by_a_new_file_is_a_new_inode(session: Session) -> None:
+    """A file deleted while the guest holds its nodeid: nothing keeps its inode (no fd), so the
+    filesystem may give its number to the next file.  That file's handle differs (another
+    generation): it gets a new nodeid, and the old one goes on answering ESTALE."""
+    c = session.client
+    (session.share / "old").write_bytes(b"old")
+    old_ino = os.stat(session.share / "old").st_ino
+    old = c.lookup(ROOT, "old").nodeid
+    os.unlink(session.share / "old")
+    reused = None
+    for i in range(64):                 # ext4 hands a freed inode number out again at once
+        p = session.share / f"new{i}"
+        p.write_bytes(b"new!")
+        if os.stat(p).st_ino == old_ino:
+            reused = p.name
+            break
+    assert reused is not None, "the filesystem gave the freed inode number to no new file"
+    e = c.lookup(ROOT, reused)
+    assert e.nodeid != old and e.attr.ino == old_ino
+    assert c.getattr(e.nodeid).attr.size == 4
+    assert errno_of(c.getattr, old) == errno.ESTALE
+    assert c.lookup(ROOT, reused).nodeid == e.nodeid
