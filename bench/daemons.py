@@ -72,6 +72,14 @@ def all_daemons(pyvirtiofsd: str | None = None, poll_us: int | None = None) -> d
                               queue_args=lambda n: [f"--request-queues={n}"], inflight=True),
         "rs": Daemon("rs", "Rust virtiofsd", ANCHOR, (ANCHOR, "--sandbox=none"),
                      max_queues=1, queue_args=lambda n: []),
+        # Inodes kept as file handles (--inode-file-handles=prefer), run only when named in
+        # --daemons: the cost of opening an inode by handle for every request.
+        "py-fh": Daemon("py-fh", "pyvirtiofsd --inode-file-handles=prefer", py,
+                        (py, "--sandbox=none", "--inode-file-handles=prefer"), max_queues=16,
+                        queue_args=lambda n: [f"--request-queues={n}"]),
+        "rs-fh": Daemon("rs-fh", "Rust virtiofsd --inode-file-handles=prefer", ANCHOR,
+                        (ANCHOR, "--sandbox=none", "--inode-file-handles=prefer"),
+                        max_queues=1, queue_args=lambda n: []),
         "c": Daemon("c", "C virtiofsd", C_VIRTIOFSD, ("/bin/sh", str(BENCH / "c-virtiofsd.sh")),
                     max_queues=1, queue_args=lambda n: []),
     }

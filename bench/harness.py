@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.poll_us is not None and "py-poll" not in keys:
         keys.insert(keys.index("py") + 1 if "py" in keys else 0, "py-poll")
     if unknown := [k for k in keys if k not in daemons]:
-        log(f"unknown daemon(s) {unknown}: use py, py-inflight, rs, c (py-poll with"
-            " --poll-us)")
+        log(f"unknown daemon(s) {unknown}: use py, py-inflight, rs, c, py-fh, rs-fh (py-poll"
+            " with --poll-us)")
         return 2
     chosen = [daemons[k] for k in keys]
     wanted = set(args.workloads.split(",")) if args.workloads else None

@@ -91,6 +91,21 @@ def getattr_root(ctx: Ctx):
     return ctx.lanes(lane), None
 
 
+def getattr_file(ctx: Ctx):
+    """GETATTR of a file looked up once: an inode that --inode-file-handles keeps as a file
+    handle, opened for every request (the root always keeps its fd)."""
+    nodeid = ctx.client.lookup(fa.ROOT_ID, DIR_NAME).nodeid
+    nodeid = ctx.client.lookup(nodeid, entry_name(0)).nodeid
+
+    def lane(ring: Ring, _i: int) -> Lane:
+        s = Slot(ring, [fa.GETATTR_IN.size], [fa.ATTR_OUT.size])
+        fa.GETATTR_IN.pack_into(s.args[0], 0, 0, 0)
+        while True:
+            yield s.request(Op.GETATTR, nodeid)
+            s.reply()
+    return ctx.lanes(lane), None
+
+
 def lookup_getattr(ctx: Ctx):
     """LOOKUP of a name in the 10,000-entry directory, then GETATTR of the inode it gave."""
     parent = ctx.client.lookup(fa.ROOT_ID, DIR_NAME).nodeid
@@ -263,6 +278,8 @@ class Workload:
 FRONTEND = [
     Workload("getattr-d1", "GETATTR, depth 1", "ops/s", "syscall", 1, getattr_root),
     Workload("getattr-d64", "GETATTR, depth 64", "ops/s", "syscall", 64, getattr_root),
+    Workload("getattr-file-d1", "GETATTR of a file, depth 1", "ops/s", "syscall", 1,
+             getattr_file),
     Workload("lookup-getattr", "LOOKUP+GETATTR, 10,000-entry dir", "pairs/s", "syscall", 1,
              lookup_getattr),
     Workload("create-cycle", "CREATE+WRITE 4K+RELEASE+UNLINK", "cycles/s", "syscall", 1,

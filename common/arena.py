@@ -38,18 +38,21 @@ the unsafe way).
 
 Layout of the mapping (all integers native-endian, '=' structs; offsets in bytes):
 
-    0     header        "=8sIIIII"   magic "PVFSARN2", version 2, max_inodes, index_buckets,
+    0     header        "=8sIIIII"   magic "PVFSARN2", version 3, max_inodes, index_buckets,
                                      max_handles, max_queues
     32    fd budget     "=I"         most inodes + handles the guest may hold open (0: no
                                      limit); see ``limit_fds``
-    64    inode header  "=IIIIII"    lock, free_head, hwm, live, index_used, repairs
-    128   handle header "=IIIIII"    lock, free_head, hwm, live, (unused), repairs
+    64    inode header  "=IIIIIII"   lock, free_head, hwm, live, index_used, repairs, by_handle
+    128   handle header "=IIIIIII"   lock, free_head, hwm, live, (unused), repairs, (unused)
     192   counters      max_queues x "=Q"                      (request count per queue)
     ...   inode entries (max_inodes + 1) x 56 bytes, slot 0 unused:
             "=QQIiQQQII" state, nlookup, pins, fd, dev, ino, mnt_id, next_free, (pad)
     ...   inode index   index_buckets x "=I": 0 empty, 0xFFFFFFFF tombstone, else a slot
     ...   handle entries (max_handles + 1) x 32 bytes, slot 0 only restored (fh 0):
             "=QQIiII"    state, nodeid, pins, fd, flags, next_free
+    ...   inode file handles (max_inodes + 1) x 48 bytes, slot 0 unused:
+            "=iI40s"     handle type, length, handle -- of an inode entry whose fd is -2
+                         (--inode-file-handles: kept as a file handle, opened for each pin)
 Both kinds of entry start with the same 24 bytes (state, nlookup or nodeid, pins, fd), all that
 the slot core shared by the two tables touches.  Each region starts on a 64-byte boundary.
 free_head chains free slots through next_free (0 ends the list); slots at or above the
@@ -78,7 +81,8 @@ from typing import Generic, NamedTuple, Protocol, TypeVar
 from pyvirtiofsd.common import native, shm
 from pyvirtiofsd.common.journal import QueueJournal
 
-__all__ = ["Arena", "HandleTable", "InodeTable", "Pinnable", "Pinned", "QueueCounters"]
+__all__ = ["Arena", "HandleTable", "InodeEntry", "InodeTable", "Pinnable", "Pinned",
+           "QueueCounters"]
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -87,6 +91,7 @@ _MAX_SLOTS = 1 << 30
 _U64_MAX = (1 << 64) - 1
 # Where the tables' lock words are (the header layout above).
 _INODE_LOCK_OFF = 64
+_VFS_OPENED = 1  # state.h: vfs_inode_acquire opened the fd from a file handle
 _HANDLE_LOCK_OFF = 128
 _SLOT_WORD = struct.Struct("=I")
 _SLOT_HEAD = struct.Struct("=QQIi")
@@ -168,9 +173,9 @@ class _SlotTable:
         self._u32 = _ffi.new("uint32_t[1]")
         self._int = _ffi.new("int[1]")
 
-    def _by_id(self, ident: int, fn, *args) -> None:
-        """Call the C function `fn(*args)` about `ident`: a non-zero result (-EBADF), or an id
-        no u64 can hold, is an unknown or stale id."""
+    def _by_id(self, ident: int, fn, *args) -> int:
+        """Call the C function `fn(*args)` about `ident`: a negative result (-EBADF), or an id
+        no u64 can hold, is an unknown or stale id; a positive one (VFS_OPENED) is returned."""
         try:
             rc = fn(*args)
         except OverflowError:
@@ -178,16 +183,53 @@ class _SlotTable:
         if rc == -errno.EIO:
             # Restored from a device state but not found again (vfs_inode_restore).
             raise OSError(errno.EIO, f"{self._kind} {ident:#x} was lost in a migration")
-        if rc:
+        if rc in (-errno.EBADF, -errno.EINVAL):
             raise _bad_id(self._kind, ident)
+        if rc < 0:
+            # open_by_handle_at(2) of an inode kept as a file handle: ESTALE for a file gone.
+            raise OSError(-rc, f"{self._kind} {ident:#x} cannot be opened by its file handle")
+        return rc
 
 
 
 class InodeTable(_SlotTable):
-    """Inodes known to the guest, keyed by (dev, ino, mnt_id), each owning an O_PATH fd."""
+    """Inodes known to the guest, keyed by (dev, ino, mnt_id), each owning an O_PATH fd -- or,
+    with --inode-file-handles=prefer (use_file_handles), its file handle, opened again for each
+    pin and closed at its release."""
 
     ROOT: int = 1  # FUSE_ROOT_ID
     _kind = "nodeid"
+
+    def __init__(self, c, capacity: int, lock_off: int) -> None:
+        super().__init__(c, capacity, lock_off)
+        # (nodeid, fd) of the pins whose fd was opened from a file handle, latest last: a
+        # request holds a few at most, closed by the release of their nodeid.
+        self._opened: list[tuple[int, int]] = []
+
+    def use_file_handles(self, mount_fd: int, mnt_id: int) -> None:
+        """Keep new inodes on the mount `mnt_id` as file handles, opened through `mount_fd`
+        (the share's filesystem, not O_PATH; not owned by the table)."""
+        _lib.vfs_arena_use_file_handles(self._c, mount_fd, mnt_id)
+
+    def by_handle_count(self) -> int:
+        """Live entries kept as a file handle, holding no fd."""
+        return _lib.vfs_inode_by_handle(self._c)
+
+    def _pinned_fd(self, nodeid: int, rc: int) -> int:
+        fd = self._int[0]
+        if rc == _VFS_OPENED:
+            self._opened.append((nodeid, fd))
+        return fd
+
+    def _close_opened(self, nodeid: int, journal: QueueJournal | None = None) -> None:
+        opened = self._opened
+        for i in range(len(opened) - 1, -1, -1):
+            if opened[i][0] == nodeid:
+                fd = opened.pop(i)[1]
+                if journal is not None:
+                    journal.disown_fd(fd)   # before the close: never a number reused since
+                os.close(fd)
+                return
 
     def set_root(self, fd: int, dev: int, ino: int) -> None:
         """Install the shared directory's O_PATH fd as nodeid 1; the table owns `fd`."""
@@ -209,14 +251,18 @@ class InodeTable(_SlotTable):
         return out[0], inserted[0] != 0
 
     def acquire(self, nodeid: int) -> int:
-        """Pin `nodeid` and return its fd; EBADF if unknown, stale or forgotten."""
-        fd = self._int
-        self._by_id(nodeid, _lib.vfs_inode_acquire, self._c, nodeid, fd)
-        return fd[0]
+        """Pin `nodeid` and return its fd; EBADF if unknown, stale or forgotten (ESTALE: kept
+        as a file handle whose file is gone)."""
+        rc = self._by_id(nodeid, _lib.vfs_inode_acquire, self._c, nodeid, self._int)
+        return self._pinned_fd(nodeid, rc)
 
     def release(self, nodeid: int) -> None:
-        """Unpin `nodeid`; closes its fd if it was forgotten and this was the last pin."""
-        self._by_id(nodeid, _lib.vfs_inode_release, self._c, nodeid)
+        """Unpin `nodeid`; closes its fd if it was forgotten and this was the last pin (or the
+        fd its pin opened from a file handle)."""
+        try:
+            self._by_id(nodeid, _lib.vfs_inode_release, self._c, nodeid)
+        finally:
+            self._close_opened(nodeid)
 
     def pinned(self, nodeid: int) -> Pinned[int]:
         """``with inodes.pinned(nodeid) as fd:`` -- the fd stays open for the block."""
@@ -239,13 +285,16 @@ class InodeTable(_SlotTable):
 
     def acquire_journaled(self, journal: QueueJournal, nodeid: int) -> int:
         """acquire, then the pin recorded in the queue's journal."""
-        fd = self._int
-        self._by_id(nodeid, _lib.vfs_inode_acquire_j, self._c, journal.cdata, nodeid, fd)
-        return fd[0]
+        rc = self._by_id(nodeid, _lib.vfs_inode_acquire_j, self._c, journal.cdata, nodeid,
+                         self._int)
+        return self._pinned_fd(nodeid, rc)
 
     def release_journaled(self, journal: QueueJournal, nodeid: int) -> None:
         """The pin's record dropped, then release."""
-        self._by_id(nodeid, _lib.vfs_inode_release_j, self._c, journal.cdata, nodeid)
+        try:
+            self._by_id(nodeid, _lib.vfs_inode_release_j, self._c, journal.cdata, nodeid)
+        finally:
+            self._close_opened(nodeid, journal)
 
     def forget_journaled(self, journal: QueueJournal, nodeid: int, nlookup: int) -> None:
         """forget, announced in the journal with the lookup count it found and counted after
@@ -367,6 +416,7 @@ class InodeEntry(NamedTuple):
     ino: int
     mnt_id: int
     fd: int
+    opened: bool = False  # `fd` was opened from the entry's file handle: the caller closes it
 
 
 class HandleEntry(NamedTuple):
@@ -491,8 +541,9 @@ class Arena:
             rc = _lib.vfs_inode_entry(self._c, slot, nodeid, nlookup, dev, ino, mnt, fd)
             if rc == -errno.EINVAL:
                 return out
-            if rc == 0:
-                out.append(InodeEntry(nodeid[0], nlookup[0], dev[0], ino[0], mnt[0], fd[0]))
+            if rc >= 0:
+                out.append(InodeEntry(nodeid[0], nlookup[0], dev[0], ino[0], mnt[0], fd[0],
+                                      rc == _VFS_OPENED))
             slot += 1
 
     def handle_entries(self) -> list[HandleEntry]:

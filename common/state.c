@@ -14,10 +14,12 @@
 #include "state.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <stddef.h>
 #include <string.h>
+#include <sys/fsuid.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -82,7 +84,7 @@ void vfs_unlock(uint32_t *word)
 /* -- the arena layout (common/arena.py) ---------------------------------------------------------- */
 
 #define ARENA_MAGIC "PVFSARN2"
-#define ARENA_VERSION 2u
+#define ARENA_VERSION 3u
 #define INODE_HDR_OFF 64
 #define HANDLE_HDR_OFF 128
 #define COUNTERS_OFF 192
@@ -95,6 +97,7 @@ struct arena_header {
 
 struct table_hdr {            /* at INODE_HDR_OFF / HANDLE_HDR_OFF; all derived but `lock` */
     uint32_t lock, free_head, hwm, live, index_used, repairs;
+    uint32_t by_handle;       /* live entries kept as a file handle: they hold no fd */
 };
 
 /* Both kinds of entry start with the same 24 bytes, which is all the slot core touches. */
@@ -116,8 +119,19 @@ struct handle_entry {
     uint32_t flags, next_free;
 };
 
+/* The file handle of inode slot N, in a side table of max_inodes + 1 entries after the handle
+ * table: written before the entry is committed with fd VFS_FD_BY_HANDLE and not changed while
+ * the entry lives, so a pinned entry's handle is read without the lock.  Kept apart from the
+ * inode entry so that the index probes, which read entries, stay within 56 bytes a slot. */
+struct inode_fh {
+    int32_t type;
+    uint32_t len;
+    uint8_t bytes[VFS_FH_MAX];
+};
+
 _Static_assert(sizeof(struct arena_header) == 28, "arena header layout");
-_Static_assert(sizeof(struct table_hdr) == 24, "table header layout");
+_Static_assert(sizeof(struct table_hdr) == 28, "table header layout");
+_Static_assert(sizeof(struct inode_fh) == 48, "inode file handle layout");
 _Static_assert(sizeof(struct inode_entry) == 56, "inode entry layout");
 _Static_assert(sizeof(struct handle_entry) == 32, "handle entry layout");
 _Static_assert(offsetof(struct inode_entry, next_free) == 48, "inode next_free");
@@ -136,7 +150,7 @@ static uint64_t align64(uint64_t n) { return (n + 63) & ~(uint64_t)63; }
 /* Offsets of the regions for these capacities; 0 when a capacity is out of range. */
 static int layout(uint32_t max_inodes, uint32_t max_handles, uint32_t max_queues,
                   uint32_t *buckets, uint64_t *inodes_off, uint64_t *index_off,
-                  uint64_t *handles_off, uint64_t *size)
+                  uint64_t *handles_off, uint64_t *fh_off, uint64_t *size)
 {
     if (max_inodes < 1 || max_inodes > VFS_ARENA_MAX_SLOTS || max_handles < 1 ||
         max_handles > VFS_ARENA_MAX_SLOTS || max_queues < 1 || max_queues > VFS_ARENA_MAX_SLOTS)
@@ -148,15 +162,16 @@ static int layout(uint32_t max_inodes, uint32_t max_handles, uint32_t max_queues
     *inodes_off = align64(COUNTERS_OFF + 8 * (uint64_t)max_queues);
     *index_off = align64(*inodes_off + sizeof(struct inode_entry) * ((uint64_t)max_inodes + 1));
     *handles_off = align64(*index_off + 4 * b);
-    *size = *handles_off + sizeof(struct handle_entry) * ((uint64_t)max_handles + 1);
+    *fh_off = align64(*handles_off + sizeof(struct handle_entry) * ((uint64_t)max_handles + 1));
+    *size = *fh_off + sizeof(struct inode_fh) * ((uint64_t)max_inodes + 1);
     return 0;
 }
 
 uint64_t vfs_arena_size(uint32_t max_inodes, uint32_t max_handles, uint32_t max_queues)
 {
     uint32_t buckets;
-    uint64_t io, xo, ho, size;
-    if (layout(max_inodes, max_handles, max_queues, &buckets, &io, &xo, &ho, &size))
+    uint64_t io, xo, ho, fo, size;
+    if (layout(max_inodes, max_handles, max_queues, &buckets, &io, &xo, &ho, &fo, &size))
         return 0;
     return size;
 }
@@ -166,9 +181,9 @@ int vfs_arena_format(void *base, uint64_t size, uint32_t max_inodes, uint32_t ma
 {
     struct arena_header h;
     uint32_t buckets;
-    uint64_t io, xo, ho, need;
+    uint64_t io, xo, ho, fo, need;
     if (!base || ((uintptr_t)base & 63) ||
-        layout(max_inodes, max_handles, max_queues, &buckets, &io, &xo, &ho, &need) ||
+        layout(max_inodes, max_handles, max_queues, &buckets, &io, &xo, &ho, &fo, &need) ||
         size < need)
         return -EINVAL;
     memcpy(h.magic, ARENA_MAGIC, 8);
@@ -179,7 +194,7 @@ int vfs_arena_format(void *base, uint64_t size, uint32_t max_inodes, uint32_t ma
     h.max_queues = max_queues;
     memcpy(base, &h, sizeof h);
     /* Slot 1 is reserved for the root, so the inode high-water mark starts at 2. */
-    struct table_hdr ih = {0, 0, 2, 0, 0, 0}, hh = {0, 0, 1, 0, 0, 0};
+    struct table_hdr ih = {0, 0, 2, 0, 0, 0, 0}, hh = {0, 0, 1, 0, 0, 0, 0};
     memcpy((uint8_t *)base + INODE_HDR_OFF, &ih, sizeof ih);
     memcpy((uint8_t *)base + HANDLE_HDR_OFF, &hh, sizeof hh);
     return 0;
@@ -189,12 +204,12 @@ int vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pi
 {
     struct arena_header h;
     uint32_t buckets;
-    uint64_t io, xo, ho, need;
+    uint64_t io, xo, ho, fo, need;
     if (!base || ((uintptr_t)base & 63) || size < sizeof h)
         return -EINVAL;
     memcpy(&h, base, sizeof h);
     if (memcmp(h.magic, ARENA_MAGIC, 8) || h.version != ARENA_VERSION ||
-        layout(h.max_inodes, h.max_handles, h.max_queues, &buckets, &io, &xo, &ho, &need) ||
+        layout(h.max_inodes, h.max_handles, h.max_queues, &buckets, &io, &xo, &ho, &fo, &need) ||
         buckets != h.buckets || size < need)
         return -EINVAL;
     a->base = base;
@@ -206,8 +221,17 @@ int vfs_arena_attach(struct vfs_arena *a, void *base, uint64_t size, uint32_t pi
     a->inodes_off = io;
     a->index_off = xo;
     a->handles_off = ho;
+    a->fh_off = fo;
     a->pid = pid;
+    a->mount_fd = -1;
+    a->fh_mnt_id = 0;
     return 0;
+}
+
+void vfs_arena_use_file_handles(struct vfs_arena *a, int mount_fd, uint64_t mnt_id)
+{
+    a->mount_fd = mount_fd;
+    a->fh_mnt_id = mnt_id;
 }
 
 /* -- the slot-table core shared by both tables --------------------------------------------------- */
@@ -317,6 +341,8 @@ static void slot_commit_free(struct slot_head *e, uint64_t state)
 /* Put a slot freed by slot_commit_free() back on the free list. */
 static void slots_push_free(const struct slots *t, uint32_t slot)
 {
+    if (slot_at(t, slot)->fd == VFS_FD_BY_HANDLE)
+        __atomic_store_n(&t->hdr->by_handle, t->hdr->by_handle - 1, __ATOMIC_RELAXED);
     *next_of(t, slot) = t->hdr->free_head;
     VFS_CRASH_POINT();
     t->hdr->free_head = slot;
@@ -329,11 +355,12 @@ static void slots_rebuild(const struct slots *t)
 {
     struct table_hdr *h = t->hdr;
     uint32_t hwm = h->hwm < t->first ? t->first : hwm_of(t);
-    uint32_t live = 0, free_head = 0;
+    uint32_t live = 0, by_handle = 0, free_head = 0;
     for (uint32_t slot = hwm - 1; slot >= 1; slot--) {
-        if ((slot_at(t, slot)->state & LOW32) != ST_FREE)
+        if ((slot_at(t, slot)->state & LOW32) != ST_FREE) {
             live++;
-        else if (slot >= t->first) {
+            by_handle += slot_at(t, slot)->fd == VFS_FD_BY_HANDLE;
+        } else if (slot >= t->first) {
             *next_of(t, slot) = free_head;
             free_head = slot;
         }
@@ -343,6 +370,7 @@ static void slots_rebuild(const struct slots *t)
     h->free_head = free_head;
     h->hwm = hwm;
     __atomic_store_n(&h->live, live, __ATOMIC_RELAXED);
+    __atomic_store_n(&h->by_handle, by_handle, __ATOMIC_RELAXED);
     h->index_used = 0;
 }
 
@@ -354,6 +382,8 @@ static void slots_repair(const struct slots *t)
 
 static void close_owned(int fd)
 {
+    if (fd < 0)
+        return;               /* an invalid entry's -1, or one kept as a file handle */
     /* Checked and deliberately ignored: the entry is gone whatever close() says (an O_PATH fd,
      * or a file whose write-back errors FLUSH/FSYNC reported already), and Linux releases the
      * fd even when it returns EINTR or EIO. */
@@ -407,7 +437,7 @@ static void index_rebuild(const struct vfs_arena *a, const struct slots *t)
     memset(idx, 0, 4 * (uint64_t)a->buckets);
     for (uint32_t slot = 2; slot < hwm; slot++) {
         const struct inode_entry *e = inode_at(t, slot);
-        if ((e->h.state & LOW32) != ST_LIVE || e->h.fd < 0)
+        if ((e->h.state & LOW32) != ST_LIVE || e->h.fd == -1)
             continue;         /* an invalid entry must not answer a LOOKUP of a new inode */
         uint32_t b = bucket_of(a, e);
         while (idx[b] != IDX_EMPTY)
@@ -493,9 +523,11 @@ static int over_budget(const struct vfs_arena *a)
     uint32_t budget = vfs_arena_fd_budget(a);
     if (!budget)
         return 0;
+    const struct table_hdr *ih = (const struct table_hdr *)(a->base + INODE_HDR_OFF);
+    /* Inodes kept as file handles hold no fd. */
     uint64_t held =
-        (uint64_t)__atomic_load_n(&((struct table_hdr *)(a->base + INODE_HDR_OFF))->live,
-                                  __ATOMIC_RELAXED) +
+        (uint64_t)__atomic_load_n(&ih->live, __ATOMIC_RELAXED) -
+        __atomic_load_n(&ih->by_handle, __ATOMIC_RELAXED) +
         __atomic_load_n(&((struct table_hdr *)(a->base + HANDLE_HDR_OFF))->live,
                         __ATOMIC_RELAXED);
     return held >= budget;
@@ -550,7 +582,7 @@ static int table_pin(const struct vfs_arena *a, const struct slots *t, uint64_t 
     if (!e)
         return rc;
     table_lock(a, t);
-    if (e->state == live_word(id) && !dropped(t, slot, e) && e->fd < 0) {
+    if (e->state == live_word(id) && !dropped(t, slot, e) && e->fd == -1) {
         rc = -EIO;            /* restored as invalid: its inode could not be found again */
     } else if (e->state == live_word(id) && !dropped(t, slot, e)) {
         e->pins++;
@@ -649,10 +681,81 @@ int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino)
     return rc;
 }
 
+static struct inode_fh *fh_at(const struct vfs_arena *a, uint32_t slot)
+{
+    return (struct inode_fh *)(a->base + a->fh_off + (uint64_t)slot * sizeof(struct inode_fh));
+}
+
+/* The file handle of the inode behind `fd`, when one can be kept for it: on the share's own
+ * mount (the only filesystem `mount_fd` names) and no longer than VFS_FH_MAX.  Asked before
+ * the lock is taken, as virtiofsd asks for it on every lookup. */
+static int handle_of(const struct vfs_arena *a, int fd, uint64_t mnt_id, struct inode_fh *out)
+{
+    union {
+        struct file_handle fh;
+        uint8_t raw[sizeof(struct file_handle) + VFS_FH_MAX];
+    } u;
+    int mnt;
+    if (a->mount_fd < 0 || mnt_id != a->fh_mnt_id)
+        return 0;
+    u.fh.handle_bytes = VFS_FH_MAX;
+    /* EOVERFLOW (a longer handle), EOPNOTSUPP (a filesystem without them): keep the fd. */
+    if (name_to_handle_at(fd, "", &u.fh, &mnt, AT_EMPTY_PATH) != 0)
+        return 0;
+    out->type = u.fh.handle_type;
+    out->len = u.fh.handle_bytes;
+    memcpy(out->bytes, u.fh.f_handle, u.fh.handle_bytes);
+    return 1;
+}
+
+/* open_by_handle_at(2) of a pinned entry's handle, as an O_PATH fd: the fd, or -errno. */
+static int open_fh(const struct vfs_arena *a, uint32_t slot)
+{
+    const struct inode_fh *h = fh_at(a, slot);
+    union {
+        struct file_handle fh;
+        uint8_t raw[sizeof(struct file_handle) + VFS_FH_MAX];
+    } u;
+    if (h->len > VFS_FH_MAX)
+        return -EIO;          /* never written so: a corrupt mapping */
+    u.fh.handle_bytes = h->len;
+    u.fh.handle_type = h->type;
+    memcpy(u.fh.f_handle, h->bytes, h->len);
+    /* open_by_handle_at needs CAP_DAC_READ_SEARCH, which a request served with the caller's
+     * fsuid has lost from the effective set (capabilities(7), "Effect of user ID changes on
+     * capabilities"): open as the daemon, then give the caller's fsuid back.  setfsuid(-1)
+     * changes nothing and tells the fsuid in force. */
+    uid_t daemon = geteuid(), caller = (uid_t)setfsuid((uid_t)-1);
+    if (caller != daemon)
+        setfsuid(daemon);
+    int fd = open_by_handle_at(a->mount_fd, &u.fh, O_PATH | O_CLOEXEC);
+    int err = errno;
+    if (caller != daemon)
+        setfsuid(caller);
+    return fd >= 0 ? fd : -err;
+}
+
+/* Whether the entry in `slot`, kept as a file handle, is another file than the one whose handle
+ * is `fh` although (dev, ino) match: its file was deleted -- nothing held it open, as an fd
+ * would -- and the inode number went to a new file (a new generation in the handle).  The
+ * stale entry must not answer for the new file (virtiofsd looks inodes up by handle first);
+ * it stays, answering ESTALE, until the guest forgets it. */
+static int other_file(const struct vfs_arena *a, uint32_t slot, const struct inode_entry *e,
+                      int by_handle, const struct inode_fh *fh)
+{
+    if (!by_handle || e->h.fd != VFS_FD_BY_HANDLE)
+        return 0;
+    const struct inode_fh *kept = fh_at(a, slot);
+    return kept->type != fh->type || kept->len != fh->len ||
+           memcmp(kept->bytes, fh->bytes, fh->len) != 0;
+}
+
 int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino,
                                uint64_t mnt_id, uint64_t *nodeid, int *inserted)
 {
     struct slots t = inode_slots(a);
+    struct inode_fh fh = {0, 0, {0}};
+    int by_handle = handle_of(a, fd, mnt_id, &fh);
     uint32_t *idx = index_of(a), mask = a->buckets - 1;
     uint32_t h = (uint32_t)(vfs_inode_hash(dev, ino, mnt_id) & mask), b = h, slot = 0;
     int rc = 0;
@@ -673,7 +776,7 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
             continue;
         const struct inode_entry *e = inode_at(&t, s);
         if (e->ino == ino && e->dev == dev && e->mnt_id == mnt_id &&
-            (e->h.state & LOW32) == ST_LIVE) {
+            (e->h.state & LOW32) == ST_LIVE && !other_file(a, s, e, by_handle, &fh)) {
             slot = s;
             break;
         }
@@ -694,17 +797,25 @@ int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64
     uint64_t gen_word = e->h.state & ~LOW32;
     e->h.aux = 1;
     e->h.pins = 0;
-    e->h.fd = fd;
+    e->h.fd = by_handle ? VFS_FD_BY_HANDLE : fd;
     e->dev = dev;
     e->ino = ino;
     e->mnt_id = mnt_id;
     e->next_free = 0;
+    if (by_handle) {
+        *fh_at(a, slot) = fh;
+        /* Counted before the commit: a crash between the two leaves a count one too high
+         * (the fd budget one entry stricter) until the next repair recounts. */
+        __atomic_store_n(&t.hdr->by_handle, t.hdr->by_handle + 1, __ATOMIC_RELAXED);
+    }
     slot_commit(&e->h, gen_word | ST_LIVE);
     index_put(a, &t, slot, h);
     *nodeid = gen_word | slot;
     *inserted = 1;
 out:
     table_unlock(&t);
+    if (*inserted && by_handle)
+        close_owned(fd);      /* the table keeps the handle: this fd is owned and not kept */
     return rc;
 }
 
@@ -713,9 +824,21 @@ int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd)
     struct slots t = inode_slots(a);
     struct slot_head got;
     int rc = table_pin(a, &t, nodeid, &got, NULL);
-    if (rc == 0)
+    if (rc != 0)
+        return rc;
+    if (got.fd != VFS_FD_BY_HANDLE) {
         *fd = got.fd;
-    return rc;
+        return 0;
+    }
+    /* Pinned, so the slot and its handle stay as they are: open it without the lock.  A file
+     * deleted since answers ESTALE, which the request gets (as virtiofsd answers it). */
+    int opened = a->mount_fd >= 0 ? open_fh(a, (uint32_t)(nodeid & LOW32)) : -EIO;
+    if (opened < 0) {
+        table_unpin(a, &t, nodeid);
+        return opened;
+    }
+    *fd = opened;
+    return VFS_OPENED;
 }
 
 int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid)
@@ -798,6 +921,15 @@ uint32_t vfs_inode_live(struct vfs_arena *a)
 {
     struct slots t = inode_slots(a);
     return table_live(a, &t);
+}
+
+uint32_t vfs_inode_by_handle(struct vfs_arena *a)
+{
+    struct slots t = inode_slots(a);
+    table_lock(a, &t);
+    uint32_t n = t.hdr->by_handle;
+    table_unlock(&t);
+    return n;
 }
 
 uint32_t vfs_inode_repairs(struct vfs_arena *a)
@@ -917,6 +1049,8 @@ uint64_t vfs_counter_get(struct vfs_arena *a, uint32_t queue)
 #define JQ_EFF_COUNT 5        /* u32 count, u32 overflow */
 #define JQ_EFF_FORGETS 6
 #define JQ_PENDING_NODE 7
+#define JQ_FDS 8              /* 16 x i32, fd + 1 (0: empty): QueueJournal.own_fd */
+#define JQ_MAX_FDS 16
 #define JQ_PINS 16
 #define JQ_PIN_KINDS_OFF (24 * 8)
 #define JQ_PENDING_BEFORE 25
@@ -1083,6 +1217,30 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head)
     }
 }
 
+/* QueueJournal.own_fd / disown_fd: an fd this worker holds in the fd table its queue's
+ * successor inherits, which that successor closes (JournaledArena.reclaim). */
+void vfs_jq_own_fd(struct vfs_jq *q, int fd)
+{
+    int32_t *fds = (int32_t *)jq_w(q, JQ_FDS);
+    for (unsigned i = 0; i < JQ_MAX_FDS; i++) {
+        if (__atomic_load_n(&fds[i], __ATOMIC_RELAXED) == 0) {
+            __atomic_store_n(&fds[i], fd + 1, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
+void vfs_jq_disown_fd(struct vfs_jq *q, int fd)
+{
+    int32_t *fds = (int32_t *)jq_w(q, JQ_FDS);
+    for (unsigned i = 0; i < JQ_MAX_FDS; i++) {
+        if (__atomic_load_n(&fds[i], __ATOMIC_RELAXED) == fd + 1) {
+            __atomic_store_n(&fds[i], 0, __ATOMIC_RELEASE);
+            return;
+        }
+    }
+}
+
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident)
 {
     uint8_t *kinds = q->base + JQ_PIN_KINDS_OFF;
@@ -1166,7 +1324,9 @@ int vfs_inode_lookup_j(struct vfs_arena *a, struct vfs_jq *q, int fd, uint64_t d
 int vfs_inode_acquire_j(struct vfs_arena *a, struct vfs_jq *q, uint64_t nodeid, int *fd)
 {
     int rc = vfs_inode_acquire(a, nodeid, fd);
-    if (rc == 0)
+    if (rc == VFS_OPENED)
+        vfs_jq_own_fd(q, *fd);   /* a successor closes it if this worker dies holding it */
+    if (rc >= 0)
         vfs_jq_pin(q, VFS_PIN_INODE, nodeid);   /* -1 (no room): the pin may leak, no worse */
     return rc;
 }
@@ -1270,6 +1430,12 @@ int vfs_inode_entry(struct vfs_arena *a, uint32_t slot, uint64_t *nodeid, uint64
         }
     }
     table_unlock(&t);
+    if (rc == 0 && *fd == VFS_FD_BY_HANDLE) {
+        /* Walked while no queue serves: nothing frees the entry meanwhile. */
+        int opened = a->mount_fd >= 0 ? open_fh(a, slot) : -EIO;
+        *fd = opened >= 0 ? opened : -1;
+        rc = opened >= 0 ? VFS_OPENED : 0;
+    }
     return rc;
 }
 
@@ -1319,20 +1485,26 @@ int vfs_inode_restore(struct vfs_arena *a, uint64_t nodeid, int fd, uint64_t nlo
                       uint64_t dev, uint64_t ino, uint64_t mnt_id)
 {
     struct slots t = inode_slots(a);
-    int rc;
+    struct inode_fh fh = {0, 0, {0}};
+    /* Found again by a load, an inode is kept as the lookups of this daemon keep it. */
+    int rc, by_handle = fd >= 0 && handle_of(a, fd, mnt_id, &fh);
     table_lock(a, &t);
     struct inode_entry *e = (struct inode_entry *)restore_claim(&t, nodeid, &rc);
     if (e) {
         e->h.aux = nlookup;
         e->h.pins = 0;
-        e->h.fd = fd;
+        e->h.fd = by_handle ? VFS_FD_BY_HANDLE : fd;
         e->dev = dev;
         e->ino = ino;
         e->mnt_id = mnt_id;
         e->next_free = 0;
+        if (by_handle)
+            *fh_at(a, (uint32_t)(nodeid & LOW32)) = fh;   /* counted by vfs_arena_restored */
         slot_commit(&e->h, (nodeid & ~LOW32) | ST_LIVE);
     }
     table_unlock(&t);
+    if (e && by_handle)
+        close_owned(fd);
     return rc;
 }
 

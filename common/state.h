@@ -22,8 +22,13 @@ void vfs_unlock(uint32_t *word);
 struct vfs_arena {            /* a process-local view of the shared mapping; filled by attach */
     uint8_t *base; uint64_t size;
     uint32_t max_inodes, buckets, max_handles, max_queues;
-    uint64_t inodes_off, index_off, handles_off;
+    uint64_t inodes_off, index_off, handles_off, fh_off;
     uint32_t pid;             /* lock owner id; the Python side refreshes it after fork/clone */
+    /* --inode-file-handles=prefer (vfs_arena_use_file_handles): the share's filesystem, opened
+     * by the supervisor (not O_PATH, as open_by_handle_at(2) needs), and its mount id; -1 when
+     * inodes keep O_PATH fds.  Process-local: every process that pins inodes sets it. */
+    int mount_fd;
+    uint64_t fh_mnt_id;
 };
 
 /* Bytes a mapping for these capacities needs (0: a capacity outside 1..VFS_ARENA_MAX_SLOTS). */
@@ -43,13 +48,25 @@ uint64_t vfs_inode_hash(uint64_t dev, uint64_t ino, uint64_t mnt_id);
 void vfs_arena_limit_fds(struct vfs_arena *a, uint32_t budget);
 uint32_t vfs_arena_fd_budget(const struct vfs_arena *a);
 
+/* --inode-file-handles=prefer: from now on a new inode on the share's own mount whose file
+ * handle (name_to_handle_at(2)) fits VFS_FH_MAX bytes is kept as that handle, not as its fd
+ * (which the insert then closes), and opened again with open_by_handle_at(2) through
+ * `mount_fd` at each pin.  Inodes without a usable handle keep their fd. */
+#define VFS_FH_MAX 40u
+#define VFS_FD_BY_HANDLE (-2)    /* an entry's fd field: kept as a file handle */
+#define VFS_OPENED 1             /* vfs_inode_acquire: the fd was opened for this pin */
+void vfs_arena_use_file_handles(struct vfs_arena *a, int mount_fd, uint64_t mnt_id);
+
 /* Inodes.  The table owns `fd` once it is stored; -EEXIST: root already set. */
 int vfs_inode_set_root(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino);
 /* Count one lookup; *inserted = 1 when a new entry now owns `fd` (else the caller closes it).
  * -ENFILE: table full or the fd budget reached. */
 int vfs_inode_lookup_or_insert(struct vfs_arena *a, int fd, uint64_t dev, uint64_t ino,
                                uint64_t mnt_id, uint64_t *nodeid, int *inserted);
-int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd);   /* pin */
+/* Pin: 0 with the entry's own fd, or VFS_OPENED with an O_PATH fd opened from its file handle,
+ * which the caller closes once it has released the pin (-errno of open_by_handle_at, e.g.
+ * -ESTALE for a file gone, and the pin undone, when it cannot be opened). */
+int vfs_inode_acquire(struct vfs_arena *a, uint64_t nodeid, int *fd);
 int vfs_inode_release(struct vfs_arena *a, uint64_t nodeid);            /* unpin; may close */
 /* Drop up to `nlookup` lookups; *before = the count found (0 when -EBADF). */
 int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uint64_t *before);
@@ -57,7 +74,8 @@ int vfs_inode_forget(struct vfs_arena *a, uint64_t nodeid, uint64_t nlookup, uin
 int vfs_inode_forget_all(struct vfs_arena *a);
 int vfs_inode_info(struct vfs_arena *a, uint64_t nodeid, uint64_t *nlookup, uint32_t *pins,
                    int *fd);
-uint32_t vfs_inode_live(struct vfs_arena *a);      /* entries with an open fd, root included */
+uint32_t vfs_inode_live(struct vfs_arena *a);      /* live entries, root included */
+uint32_t vfs_inode_by_handle(struct vfs_arena *a); /* ... of which kept as a file handle */
 uint32_t vfs_inode_repairs(struct vfs_arena *a);   /* takeovers from a dead lock owner */
 
 /* Handles.  The table owns `fd` unless this returns -ENFILE (table full or fd budget). */
@@ -76,6 +94,8 @@ uint32_t vfs_handle_repairs(struct vfs_arena *a);
  * -EINVAL outside the table or the root's slot); the table owns `fd` on success.  An inode
  * restored with fd < 0 is invalid (not found again): pinning it fails with -EIO, FORGET still
  * counts.  vfs_arena_restored() rebuilds the free lists and the index once all are in. */
+/* vfs_inode_entry of an inode kept as a file handle opens it (VFS_OPENED: the caller closes
+ * `*fd`; fd -1 if it cannot be opened any more). */
 int vfs_inode_entry(struct vfs_arena *a, uint32_t slot, uint64_t *nodeid, uint64_t *nlookup,
                     uint64_t *dev, uint64_t *ino, uint64_t *mnt_id, int *fd);
 int vfs_handle_entry(struct vfs_arena *a, uint32_t slot, uint64_t *fh, uint64_t *nodeid,
@@ -119,6 +139,10 @@ void vfs_jq_pushed(struct vfs_jq *q, uint16_t head);
 /* Keep the split-ring inflight region at `region` (desc_num entries) current; NULL: none. */
 int vfs_jq_set_inflight(struct vfs_jq *q, void *region, uint32_t desc_num);   /* 0 / -EINVAL */
 int vfs_jq_pin(struct vfs_jq *q, int kind, uint64_t ident);          /* slot or -1 */
+/* Record / drop an fd a successor must close (an inode's fd opened from its file handle):
+ * recorded after it is opened, dropped before it is closed.  No room: it may leak. */
+void vfs_jq_own_fd(struct vfs_jq *q, int fd);
+void vfs_jq_disown_fd(struct vfs_jq *q, int fd);
 void vfs_jq_unpin(struct vfs_jq *q, int kind, uint64_t ident);
 void vfs_jq_begin_effects(struct vfs_jq *q, uint64_t counter, uint64_t forgets);
 void vfs_jq_add_effect(struct vfs_jq *q, int kind, uint64_t ident);

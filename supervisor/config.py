@@ -168,11 +168,9 @@ class Config:
     def unimplemented(self) -> list[str]:
         """Options that are set but that the daemon does not act on yet, as command-line text."""
         out: list[str] = []
-        # The --migration-* options act on device-state migration (worker/migration.py), and
-        # --inode-file-handles=mandatory on every inode the guest is given; "prefer" only
-        # checks that handles work: inodes are still kept as O_PATH fds.
-        if self.inode_file_handles == "prefer":
-            out.append("--inode-file-handles=prefer")
+        # None left: the --migration-* options act on device-state migration
+        # (worker/migration.py), and --inode-file-handles prefer/mandatory keep inodes as file
+        # handles (common/state.c).  An option accepted before it is acted on goes here.
         return out
 
 

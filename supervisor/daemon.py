@@ -190,6 +190,9 @@ class Supervisor:
         # --inode-file-handles): a plain directory fd, which O_PATH is not; -1 if it cannot be
         # opened for reading (the worker then reopens the root through /proc).
         self.mount_fd = -1
+        # --inode-file-handles prefer/mandatory, usable on this share: the workers keep new
+        # inodes as file handles opened through mount_fd (common/state.c), not as O_PATH fds.
+        self.inode_handles = False
         # The service manager, if any (systemd's NOTIFY_SOCKET); main() connects it.
         self.notifier = Notifier({})
 
@@ -217,6 +220,7 @@ class Supervisor:
             return None
         why = file_handles_unusable(self.root_fd, self.mount_fd)
         if why is None:
+            self.inode_handles = True
             return None
         if mode == "mandatory":
             return f"--inode-file-handles=mandatory: {why}"
@@ -248,7 +252,8 @@ class Supervisor:
                               owned_fds=(proc_fd, channel.fileno()),
                               data_plane=self.config.data_plane,
                               poll_us=self.config.poll_us, stats=self.stats,
-                              options=options, mount_fd=self.mount_fd)
+                              options=options, mount_fd=self.mount_fd,
+                              inode_handles=self.inode_handles)
         try:
             self.sandbox.confine_worker(queue)
         except OSError as e:

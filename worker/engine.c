@@ -670,10 +670,18 @@ static int as_caller(struct vfs_engine *e) {
 /* Pin an inode / a handle, journaled as JournaledInodes/JournaledHandles do it: the pin is
  * recorded after it is taken and forgotten before it is released. */
 static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
-    /* -EIO: an inode a restored state could not find again (vfs_inode_restore). */
+    if (e->nopened == sizeof e->opened / sizeof e->opened[0])
+        return -EMFILE;
     int rc = vfs_inode_acquire(e->arena, nodeid, fd);
-    if (rc != 0)
-        return rc == -EIO ? -EIO : -EBADF;
+    /* -EIO: an inode a restored state could not find again (vfs_inode_restore); an inode
+     * kept as a file handle answers what open_by_handle_at(2) said (ESTALE: the file is gone),
+     * as PassthroughFs does. */
+    if (rc < 0)
+        return rc == -EBADF || rc == -EINVAL ? -EBADF : rc;
+    if (rc == VFS_OPENED) {
+        e->opened[e->nopened++] = (struct vfs_engine_opened){nodeid, *fd};
+        vfs_jq_own_fd(e->jq, *fd);   /* closed by a successor if this worker dies now */
+    }
     vfs_jq_pin(e->jq, VFS_PIN_INODE, nodeid);
     return 0;
 }
@@ -681,6 +689,18 @@ static int pin_inode(struct vfs_engine *e, uint64_t nodeid, int *fd) {
 static void unpin_inode(struct vfs_engine *e, uint64_t nodeid) {
     vfs_jq_unpin(e->jq, VFS_PIN_INODE, nodeid);
     vfs_inode_release(e->arena, nodeid);
+    /* The fd opened for the latest pin of `nodeid`, if it was kept as a file handle. */
+    for (uint32_t i = e->nopened; i-- > 0;) {
+        if (e->opened[i].nodeid == nodeid) {
+            int fd = e->opened[i].fd;
+            e->opened[i] = e->opened[--e->nopened];
+            vfs_jq_disown_fd(e->jq, fd);
+            /* Checked and ignored: an O_PATH fd, released by Linux whatever close says. */
+            int rc = close(fd);
+            (void)rc;
+            return;
+        }
+    }
 }
 
 /* PassthroughFs._pin_handle: EBADF unless `fh` belongs to `nodeid` (virtiofsd). */

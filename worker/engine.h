@@ -82,6 +82,11 @@ struct vfs_engine_log {
     uint32_t ring;            /* 1: the used ring's writes are logged too (VHOST_VRING_F_LOG) */
 };
 
+struct vfs_engine_opened {   /* an fd pin_inode opened from an inode's file handle */
+    uint64_t nodeid;
+    int fd;
+};
+
 struct vfs_engine {
     struct vfs_engine_region regions[VFS_ENGINE_MAX_REGIONS];
     uint32_t nregions;
@@ -123,6 +128,11 @@ struct vfs_engine {
     void (*probe)(uint32_t opcode, uint32_t point);
     uint64_t probe_ops[2];
     int8_t openat2;           /* openat2(2) usable: 0 not asked yet, 1 yes, -1 no */
+    /* Inodes kept as file handles (--inode-file-handles=prefer): the fds pin_inode opened for
+     * the request being served, each closed by the unpin_inode of its nodeid.  A request pins
+     * at most three inodes; a fourth would be refused with EMFILE, never leaked. */
+    struct vfs_engine_opened opened[4];
+    uint32_t nopened;
 };
 
 /* The kill points of a request (worker/testhooks.py POINTS), where struct vfs_engine's probe

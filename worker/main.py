@@ -183,9 +183,12 @@ class Worker:
               journal: Journal, make_fs: Callable[[JournaledArena], PassthroughFs],
               owned_fds: Iterable[int] = (), data_plane: str = "python",
               poll_us: int = 0, stats: Stats | None = None,
-              options: FsOptions | None = None, mount_fd: int = -1) -> Worker:
+              options: FsOptions | None = None, mount_fd: int = -1,
+              inode_handles: bool = False) -> Worker:
         """The worker for `queue`, in its own process: takes over what a dead predecessor left
-        (its pins and fds), then builds the filesystem over the journaled tables."""
+        (its pins and fds), then builds the filesystem over the journaled tables.
+        `inode_handles`: new inodes on the share's mount are kept as file handles opened
+        through `mount_fd` (--inode-file-handles, checked usable by the supervisor)."""
         jq = journal.queue(queue)
         tables = JournaledArena(arena, jq)
         tables.reclaim()
@@ -196,6 +199,8 @@ class Worker:
         if hooks is not None:
             hooks.at_boot()
         fs = JournaledFs(make_fs(tables), tables, hooks)
+        if inode_handles and mount_fd >= 0:
+            arena.inodes.use_file_handles(mount_fd, fs.inner._mnt_id(mount_fd))
         server = FuseServer(fs, queue, session,
                             stats=stats.queue(queue) if stats is not None else None,
                             options=options)

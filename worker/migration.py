@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from pyvirtiofsd.common import devstate, native, rsstate
 from pyvirtiofsd.common import fuse_abi as fa
-from pyvirtiofsd.common.arena import Arena
+from pyvirtiofsd.common.arena import Arena, InodeEntry
 from pyvirtiofsd.common.devstate import DeviceState, Handle, Inode, SessionOption, StateError
 from pyvirtiofsd.worker.filesystem import FsOptions
 from pyvirtiofsd.worker.fuse_server import _MAX_PAGES as MAX_PAGES
@@ -182,11 +182,28 @@ class Locator:
         return parent, name
 
 
+def _close_opened(entries: list[InodeEntry]) -> None:
+    """Close the fds Arena.inode_entries() opened from inodes kept as file handles."""
+    for e in entries:
+        if e.opened:
+            os.close(e.fd)
+
+
 def collect(arena: Arena, started: bool, minor: int, init_flags: int, max_write: int,
             max_pages: int, options: FsOptions, locator: Locator,
             counters: dict[str, int] | None = None) -> DeviceState:
     """The device state of the tables as they are now (every ring stopped)."""
     entries = arena.inode_entries()
+    try:
+        return _collect(entries, arena, started, minor, init_flags, max_write, max_pages,
+                        options, locator, counters)
+    finally:
+        _close_opened(entries)
+
+
+def _collect(entries: list[InodeEntry], arena: Arena, started: bool, minor: int,
+             init_flags: int, max_write: int, max_pages: int, options: FsOptions,
+             locator: Locator, counters: dict[str, int] | None) -> DeviceState:
     by_key: dict[tuple[int, int], int] = {}
     for e in entries:
         by_key.setdefault((e.dev, e.ino), e.nodeid)
@@ -246,15 +263,18 @@ def prepare(arena: Arena, locator: Locator) -> int:
     by_key = {(e.dev, e.ino): e.nodeid for e in entries}
     fds = {e.nodeid: e.fd for e in entries}
     locator.known.clear()
-    for e in entries:
-        if e.nodeid == devstate.ROOT_NODEID or e.fd < 0:
-            continue
-        try:
-            where = locator.locate(e.fd, e.nodeid, os.fstat(e.fd), by_key, fds)
-        except OSError:
-            where = None
-        if where is not None:
-            locator.known[e.nodeid] = where
+    try:
+        for e in entries:
+            if e.nodeid == devstate.ROOT_NODEID or e.fd < 0:
+                continue
+            try:
+                where = locator.locate(e.fd, e.nodeid, os.fstat(e.fd), by_key, fds)
+            except OSError:
+                where = None
+            if where is not None:
+                locator.known[e.nodeid] = where
+    finally:
+        _close_opened(entries)
     return len(locator.known)
 
 
@@ -307,7 +327,9 @@ def apply(state: DeviceState, arena: Arena, options: FsOptions, proc_fd: int, ro
     tables at once.  Returns how many inodes were put in as invalid.  MigrationError: nothing
     was changed."""
     check_compatible(state, options, supported_flags)
-    if len(arena.inode_entries()) > 1 or arena.handle_entries():
+    held = arena.inode_entries()
+    _close_opened(held)
+    if len(held) > 1 or arena.handle_entries():
         raise MigrationError("the guest of this daemon already holds inodes or handles: a"
                              " device state is loaded only into a fresh daemon")
     guest_error = options.migration_on_error == "guest-error"
@@ -495,7 +517,9 @@ class StateService:
         self.outcome = errno.ENODATA
 
     def _root_fd(self) -> int:
-        for e in self.arena.inode_entries():
+        entries = self.arena.inode_entries()
+        _close_opened(entries)      # the root keeps its own fd, never a file handle
+        for e in entries:
             if e.nodeid == devstate.ROOT_NODEID:
                 return e.fd
         raise OSError(errno.ENOENT, "the share's root is not in the inode table")
