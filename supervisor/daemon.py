@@ -199,11 +199,13 @@ class Supervisor:
     # -- set-up ----------------------------------------------------------------------------
     def open_share(self) -> None:
         """The share's root as seen from inside the sandbox ("/" once pivoted or chrooted)."""
-        if self.adopted is not None:
-            return               # the adopted inode table holds it, at its old number
-        self.root_fd = os.open(self.sandbox.share_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        st = os.fstat(self.root_fd)
-        self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+        if self.adopted is None:     # else the adopted inode table holds it, at its old number
+            self.root_fd = os.open(self.sandbox.share_path,
+                                   os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            st = os.fstat(self.root_fd)
+            self.arena.inodes.set_root(self.root_fd, st.st_dev, st.st_ino)
+        # Opened anew after a live upgrade too: the inodes kept as file handles are opened
+        # through it (--inode-file-handles).
         try:
             self.mount_fd = os.open(self.sandbox.share_path,
                                     os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -218,7 +220,9 @@ class Supervisor:
         mode = self.config.inode_file_handles
         if mode == "never":
             return None
-        why = file_handles_unusable(self.root_fd, self.mount_fd)
+        # After a live upgrade the root is in the adopted table; the mount fd names it too.
+        root = self.root_fd if self.adopted is None else self.mount_fd
+        why = file_handles_unusable(root, self.mount_fd)
         if why is None:
             self.inode_handles = True
             return None

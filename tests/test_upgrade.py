@@ -413,3 +413,30 @@ def test_an_upgrade_during_a_migration_is_refused_and_the_daemon_serves_on(daemo
     finally:
         fe.close()
         log.close()
+
+
+def test_inodes_kept_as_file_handles_open_after_an_upgrade(daemon_factory, upgraded) -> None:
+    """--inode-file-handles=prefer: the new daemon opens the share's mount fd again, through
+    which the inodes the adopted table keeps as handles are opened."""
+    d = daemon_factory("--inode-file-handles=prefer")
+    (d.share / "dir").mkdir()
+    (d.share / "dir" / "f").write_bytes(b"by handle")
+    fe = Frontend.connect(d.socket, process=d.proc)
+    try:
+        c = FuseClient(fe)
+        c.init()
+        dnode = c.lookup(ROOT, "dir").nodeid
+        node = c.lookup(dnode, "f").nodeid
+        fe.process = None
+        new = start_upgrade(d)
+        upgraded.append(new)
+        assert d.proc.wait(timeout=30) == 0, d.text + new.text
+        new.took_over()
+        assert c.getattr(node).attr.size == len(b"by handle")
+        fh = c.open(node, os.O_RDONLY).fh
+        assert c.read(node, fh, 0, 9) == b"by handle"
+        assert c.lookup(dnode, "f").nodeid == node
+        c.create(dnode, "g", 0o600)
+        assert (d.share / "dir" / "g").exists()
+    finally:
+        fe.close()
