@@ -469,14 +469,15 @@ class Arena:
 
     @classmethod
     def create(cls, max_inodes: int = 1 << 18, max_handles: int = 1 << 16,
-               max_queues: int = 64) -> Arena:
-        """Map a zeroed shared arena.  max_inodes counts the root; ids fit 32-bit slots."""
+               max_queues: int = 64, keep_fd: bool = False) -> Arena:
+        """Map a zeroed shared arena.  max_inodes counts the root; ids fit 32-bit slots.
+        keep_fd: keep its memfd (the supervisor, for a live upgrade)."""
         for name, value, low in (("max_inodes", max_inodes, 1), ("max_handles", max_handles, 1),
                                  ("max_queues", max_queues, 1)):
             if not low <= value <= _MAX_SLOTS:
                 raise ValueError(f"{name} must be in {low}..{_MAX_SLOTS}, not {value}")
         size = _lib.vfs_arena_size(max_inodes, max_handles, max_queues)
-        fd, mm = shm.create(size, "arena")
+        fd, mm = shm.create(size, "arena", keep_fd)
         base = native.address_of(mm)
         try:
             rc = _lib.vfs_arena_format(base, size, max_inodes, max_handles, max_queues)

@@ -414,12 +414,13 @@ class Journal:
         self._hooks = native.u64_ptr(self._base, _HOOKS_OFF)
 
     @classmethod
-    def create(cls, num_queues: int, capacity: int) -> Journal:
-        """Map a zeroed journal for `num_queues` rings of at most `capacity` entries."""
+    def create(cls, num_queues: int, capacity: int, keep_fd: bool = False) -> Journal:
+        """Map a zeroed journal for `num_queues` rings of at most `capacity` entries.
+        keep_fd: keep its memfd (the supervisor, for a live upgrade)."""
         if not 0 < num_queues <= 0x8000 or not 0 < capacity <= 32768:
             raise ValueError(f"journal for {num_queues} queues of {capacity} entries")
         size = _GLOBAL_SIZE + num_queues * QueueJournal.region_size(capacity)
-        fd, mm = shm.create(size, "journal")
+        fd, mm = shm.create(size, "journal", keep_fd)
         mm[0:8] = _MAGIC
         return cls(mm, num_queues, capacity, fd)
 

@@ -14,16 +14,20 @@ import os
 __all__ = ["attach", "create"]
 
 
-def create(size: int, name: str) -> tuple[int, mmap.mmap]:
-    """A zeroed shared mapping of `size` bytes and its memfd (close-on-exec, the caller's)."""
+def create(size: int, name: str, keep_fd: bool = True) -> tuple[int, mmap.mmap]:
+    """A zeroed shared mapping of `size` bytes and its memfd (close-on-exec, the caller's);
+    keep_fd=False: the mapping alone (fd -1), for a process that will never hand it over."""
     fd = os.memfd_create(f"pyvirtiofsd-{name}", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        return fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         raise
+    if not keep_fd:
+        os.close(fd)
+        fd = -1
+    return fd, mm
 
 
 def attach(fd: int) -> mmap.mmap:

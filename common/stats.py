@@ -139,11 +139,12 @@ class Stats:
         self._base = native.address_of(mm)
 
     @classmethod
-    def create(cls, queues: int) -> Stats:
+    def create(cls, queues: int, keep_fd: bool = False) -> Stats:
+        """keep_fd: keep its memfd (the supervisor, for a live upgrade)."""
         if not 0 < queues <= 0x10000:
             raise ValueError(f"statistics for {queues} queues")
         size = 8 * (HEADER_WORDS + queues * QUEUE_BLOCK)
-        fd, mm = shm.create(size, "stats")
+        fd, mm = shm.create(size, "stats", keep_fd)
         _HEADER.pack_into(mm, 0, MAGIC, VERSION, queues, QUEUE_WORDS, ERRNOS, OPCODES, BUCKETS,
                           0)
         return cls(mm, queues, fd)

@@ -156,8 +156,8 @@ class Supervisor:
             self.arena = Arena(shm.attach(shared["arena"]), shared["arena"])
             self.stats = Stats(shm.attach(shared["stats"]), self.num_queues, shared["stats"])
         else:
-            self.arena = Arena.create(max_queues=max(64, self.num_queues))
-            self.stats = Stats.create(self.num_queues)
+            self.arena = Arena.create(max_queues=max(64, self.num_queues), keep_fd=True)
+            self.stats = Stats.create(self.num_queues, keep_fd=True)
         self.started = time.monotonic()
         self.connected = False
         self.frontends_served = 0      # connections that ended (status: a reconnect's count)
@@ -165,7 +165,8 @@ class Supervisor:
         # The DAX window of the connected front-end (--dax), for the status document.
         self.dax: DaxWindow | None = None
         # The FUSE session (INIT state) is shared by every queue, like the arena.
-        self.session = Session(adopted.shared["session"] if adopted is not None else None)
+        self.session = Session(adopted.shared["session"] if adopted is not None else None,
+                               keep_fd=True)
         if adopted is not None:
             # Which guest lock owner holds which open file description (worker/locks.py).
             locks.BOARD.adopt(adopted.shared["locks"])
@@ -180,7 +181,7 @@ class Supervisor:
                 # their numbers may now name the tables' fds, which no worker may close.
                 self.journal.queue(q).forget_fds()
         else:
-            self.journal = Journal.create(self.num_queues, config.queue_size)
+            self.journal = Journal.create(self.num_queues, config.queue_size, keep_fd=True)
         self.procs = ProcessTable(self.num_queues, self.worker_entry,
                                   confine_spawner=self.sandbox.confine_spawner,
                                   report=self.sandbox.report, journal=self.journal,

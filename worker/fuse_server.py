@@ -107,10 +107,11 @@ class Session:
     before the workers are forked.
     """
 
-    def __init__(self, fd: int | None = None) -> None:
-        """A new session, or (`fd`) the one in that memfd."""
+    def __init__(self, fd: int | None = None, keep_fd: bool = False) -> None:
+        """A new session (keep_fd: with its memfd, for a live upgrade), or (`fd`) the one in
+        that memfd."""
         if fd is None:
-            self.fd, self._mm = shm.create(mmap.PAGESIZE, "session")
+            self.fd, self._mm = shm.create(mmap.PAGESIZE, "session", keep_fd)
         else:
             self.fd, self._mm = fd, shm.attach(fd)
         self._base = native.address_of(self._mm)

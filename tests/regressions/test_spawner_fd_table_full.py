@@ -30,8 +30,11 @@ def test_a_full_fd_table_delays_the_worker_until_fds_are_free(daemon_factory) ->
         kids = {n: p for p, n in children(d.proc.pid).items()}
         spawner = kids["pyvfs-spawner"]
         limits = resource.prlimit(spawner, resource.RLIMIT_NOFILE)
-        used = len(os.listdir(f"/proc/{spawner}/fd"))
-        resource.prlimit(spawner, resource.RLIMIT_NOFILE, (used, limits[1]))
+        # The lowest free number: with the limit there, no fd can be had (the table may have
+        # holes higher up, which a limit at the count of open fds would leave free).
+        used = {int(n) for n in os.listdir(f"/proc/{spawner}/fd")}
+        lowest_free = min(set(range(len(used) + 1)) - used)
+        resource.prlimit(spawner, resource.RLIMIT_NOFILE, (lowest_free, limits[1]))
         try:
             os.kill(kids["pyvfs-q1"], signal.SIGKILL)
             d.wait_for("could not start the worker")
