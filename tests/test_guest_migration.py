@@ -276,9 +276,11 @@ def test_qemu_migration_while_the_host_deletes_and_renames_held_files(
     """find-paths: the renamed file is found under its new name; the deleted one cannot be
     found again.  abort: the destination refuses the state, the migration fails and the guest
     runs on on the source with all its files.  guest-error: the guest moves, and only the
-    deleted file's fd answers EIO."""
+    deleted file's fd answers EIO.  --cache=never: the read after the move reaches the daemon
+    (a page the guest still caches would answer it without asking)."""
     r = migrate_guest(tmp_path, qemu10, kernel612,
-                      ("--migration-mode=find-paths", f"--migration-on-error={on_error}"),
+                      ("--migration-mode=find-paths", f"--migration-on-error={on_error}",
+                       "--cache=never"),
                       before=_delete_and_rename)
     share = tmp_path / "share"
     if on_error == "abort":
