@@ -174,9 +174,9 @@ def daemon_factory(tmp_path: Path, share: Path, data_plane: str | None) -> Itera
 @pytest.fixture(autouse=True)
 def _keep_umask() -> Iterator[None]:
     """An in-process PassthroughFs sets the process umask to 0 (the guest kernel applies the
-    caller's); no test may leave that to the next one."""
+    caller's), and a shared fixture may have made one before this test: every test starts with
+    the umask the permission tests assume, and leaves the one it found."""
     old = os.umask(0o022)
-    os.umask(old)
     yield
     os.umask(old)
 
