@@ -222,23 +222,29 @@ class DaxWindow:
             raise Refused(errno.EINVAL, f"range {moffset:#x}+{length:#x} goes past the end of"
                                         f" the {self.size:#x}-byte window")
 
+    def _file_of(self, msg: DaxMap | DaxIo) -> tuple[os.stat_result, int]:
+        """The fd a request brought is the file of its live handle `fh`, a regular file, and a
+        file range that fits file offsets: its stat and access mode (O_ACCMODE)."""
+        if msg.foffset + msg.length >= 1 << 63:
+            raise Refused(errno.EINVAL, "file range past the largest file offset")
+        known = self.arena.handle_file(msg.fh)
+        if known is None:
+            raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not an open file")
+        fd = msg.fds[0]
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != known[:2] or not stat.S_ISREG(st.st_mode):
+            raise Refused(errno.EBADF, f"the fd sent is not the file of fh {msg.fh:#x}")
+        return st, fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+
     def _map(self, msg: DaxMap) -> None:
         self._range(msg.moffset, msg.length)
         if msg.foffset % PAGE:
             raise Refused(errno.EINVAL, f"file offset {msg.foffset:#x} is not aligned")
-        if msg.foffset + msg.length >= 1 << 63:
-            raise Refused(errno.EINVAL, "file range past the largest file offset")
         if msg.flags & ~_MAP_FLAGS or not msg.flags & _MAP_FLAGS:
             raise Refused(errno.EINVAL, f"mapping flags {msg.flags:#x}")
         writable = bool(msg.flags & SETUPMAPPING_FLAG_WRITE)
+        st, mode = self._file_of(msg)
         fd = msg.fds[0]
-        known = self.arena.handle_file(msg.fh)
-        if known is None:
-            raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not an open file")
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != known[:2] or not stat.S_ISREG(st.st_mode):
-            raise Refused(errno.EBADF, f"the fd sent is not the file of fh {msg.fh:#x}")
-        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
         if mode == os.O_WRONLY or (writable and mode != os.O_RDWR):
             raise Refused(errno.EACCES, f"fh {msg.fh:#x} is not open for "
                                         f"{'reading and writing' if writable else 'reading'}")
@@ -321,18 +327,10 @@ class DaxWindow:
         where = f"guest range {msg.gpa:#x}+{msg.length:#x}"
         if msg.length == 0 or msg.length > self.size or msg.gpa + msg.length > _U64_LIMIT:
             raise Refused(errno.EFAULT, f"{where} cannot lie in the {self.size:#x}-byte window")
-        if msg.foffset + msg.length >= 1 << 63:
-            raise Refused(errno.EINVAL, "file range past the largest file offset")
         if msg.write not in (0, 1):
             raise Refused(errno.EINVAL, f"I/O direction {msg.write}")
+        _st, mode = self._file_of(msg)
         fd = msg.fds[0]
-        known = self.arena.handle_file(msg.fh)
-        if known is None:
-            raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not an open file")
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != known[:2] or not stat.S_ISREG(st.st_mode):
-            raise Refused(errno.EBADF, f"the fd sent is not the file of fh {msg.fh:#x}")
-        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
         if mode == (os.O_RDONLY if msg.write else os.O_WRONLY):
             raise Refused(errno.EBADF, f"fh {msg.fh:#x} is not open for "
                                        f"{'writing' if msg.write else 'reading'}")
